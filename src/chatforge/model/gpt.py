@@ -1,0 +1,324 @@
+"""The GPT: a decoder-only, Llama-compatible transformer in one file.
+
+Token embedding -> N x [RMSNorm -> attention (RoPE, grouped-query, SDPA) -> residual,
+RMSNorm -> SwiGLU MLP (or a mixture of experts) -> residual] -> RMSNorm -> LM head.
+No biases; the input and output embeddings may be tied.
+
+Parameter names are exactly those of HF `LlamaForCausalLM` without the leading `model.`
+(`layers.0.self_attn.q_proj.weight`, ...), and RoPE uses the same "rotate half" layout, so a
+dense model's weights load into `LlamaForCausalLM` as they are (see `hf_state_dict`).
+
+Shapes in comments: B batch, T new tokens, S keys (cached + new), C model width,
+nh heads, nkv key/value heads, hs head size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chatforge.errors import ChatforgeError
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 8192
+    max_seq_len: int = 512       # longest context; RoPE tables are built for this length
+    d_model: int = 384
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int = 2           # < n_head: grouped-query attention (smaller KV cache)
+    d_ff: int = 1024             # SwiGLU hidden width
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # share the token embedding with the LM head
+    dropout: float = 0.0         # on attention weights and on both residual branches
+    n_experts: int = 0           # 0 = dense MLP; > 1 = mixture of experts
+    experts_per_token: int = 2
+    moe_aux_weight: float = 0.01  # weight of the load-balancing loss added to the LM loss
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ChatforgeError(f"invalid model config: {msg}")
+
+        need(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+        need(self.max_seq_len > 0, f"max_seq_len must be positive, got {self.max_seq_len}")
+        need(self.n_layer > 0 and self.d_model > 0 and self.d_ff > 0, "n_layer, d_model, d_ff must be positive")
+        need(self.n_head > 0 and self.d_model % self.n_head == 0,
+             f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        need((self.d_model // self.n_head) % 2 == 0, "head size (d_model / n_head) must be even for RoPE")
+        need(0 < self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0,
+             f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.n_experts == 0 or (self.n_experts > 1 and 0 < self.experts_per_token <= self.n_experts),
+             "n_experts must be 0 (dense) or > 1 with 0 < experts_per_token <= n_experts")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ChatforgeError(f"unknown model config keys {sorted(unknown)}; is this a chatforge config.json?")
+        return cls(**d)
+
+
+# The vocabulary size here is the typical one; a real model takes its tokenizer's.
+PRESETS: dict[str, dict] = {
+    # ~1M parameters: for tests and smoke runs.
+    "tiny": dict(vocab_size=8192, d_model=96, n_layer=4, n_head=4, n_kv_head=2, d_ff=256, max_seq_len=256),
+    # ~13M: the default for the CPU demo.
+    "small": dict(vocab_size=8192, d_model=384, n_layer=6, n_head=6, n_kv_head=2, d_ff=1024, max_seq_len=512),
+    # ~125M (GPT-2 small class).
+    "base": dict(vocab_size=32768, d_model=768, n_layer=12, n_head=12, n_kv_head=4, d_ff=2048,
+                 max_seq_len=1024, tie_embeddings=False),
+    # ~370M: for GPUs.
+    "large": dict(vocab_size=32768, d_model=1024, n_layer=24, n_head=16, n_kv_head=8, d_ff=3072,
+                  max_seq_len=2048, tie_embeddings=False),
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    """The named preset's config with `overrides` (e.g. vocab_size) applied."""
+    if name not in PRESETS:
+        raise ChatforgeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Llama does) so bf16 activations do not lose the small variances.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, (max_len, head_dim), in the 'rotate half' layout of HF Llama."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, n, T, hs); cos/sin: (B, 1, T, hs)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, cache=None, attn_mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)                                 # (B, nkv, S, hs)
+        if self.n_kv_head != self.n_head:
+            # Each group of n_head / n_kv_head query heads shares one key/value head.
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)   # (B, nh, S, hs)
+        S = k.shape[2]
+        # Without an explicit mask: a fresh sequence is plainly causal; one new token may see all
+        # keys; several new tokens after a cached prefix need the causal mask shifted by the prefix.
+        is_causal = attn_mask is None and T > 1 and S == T
+        if attn_mask is None and T > 1 and S != T:
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)             # (B, T, C)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """A mixture of SwiGLU experts: each token goes to its top-k experts by a learned router.
+
+    The load-balancing loss (Switch Transformer style: n_experts * sum_i f_i * P_i, where f_i is
+    the fraction of routed slots that chose expert i and P_i its mean router probability) is 1.0
+    when routing is uniform and grows as experts are starved or crowded.
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.k = cfg.experts_per_token
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg.d_model, cfg.d_ff) for _ in range(cfg.n_experts))
+        self.aux_loss = torch.zeros(())
+        self.last_choice: torch.Tensor | None = None  # (B*T, k) expert ids, kept for inspection
+
+    def forward(self, x):
+        B, T, C = x.shape
+        flat = x.reshape(-1, C)                                              # (N, C)
+        probs = F.softmax(self.router(flat).float(), dim=-1)                 # (N, E)
+        weights, choice = probs.topk(self.k, dim=-1)                         # (N, k)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        self.last_choice = choice
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = (choice == e).nonzero(as_tuple=True)
+            if token_idx.numel():
+                out.index_add_(0, token_idx, expert(flat[token_idx]) * weights[token_idx, slot, None])
+        n_exp = len(self.experts)
+        frac = torch.bincount(choice.flatten(), minlength=n_exp).float() / choice.numel()
+        self.aux_loss = n_exp * (frac * probs.mean(0)).sum()
+        return out.view(B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg.d_model, cfg.d_ff)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None, attn_mask=None):
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask))
+        x = x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        # Not saved in checkpoints: they are a pure function of the config.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.aux_loss = torch.zeros(())
+        self.apply(self._init_weights)
+        # Scale the projections that write into the residual stream so its variance does not
+        # grow with depth (GPT-2's trick).
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 per weight plus the attention scores.
+
+        For a mixture of experts only the k active experts count.
+        """
+        cfg = self.config
+        T = seq_len or cfg.max_seq_len
+        # Tied: the shared matrix counts once, as the head (a lookup costs no FLOPs).
+        n = self.num_params() if cfg.tie_embeddings else self.num_params(non_embedding=True)
+        if cfg.n_experts:
+            per_expert = 3 * cfg.d_model * cfg.d_ff
+            n -= cfg.n_layer * per_expert * (cfg.n_experts - cfg.experts_per_token)
+        return 6 * n + 12 * cfg.n_layer * cfg.d_model * T  # the PaLM paper's count, as MFU figures use
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                last_only: bool = False):
+        """Logits (B, T, vocab) (or (B, 1, vocab) with last_only) and the loss if targets are given.
+
+        targets: (B, T) next-token ids, -100 where no loss is wanted.
+        cache: a KV cache (see docs/ARCHITECTURE.md); positions: (B, T) RoPE positions;
+        attn_mask: (B, 1, T, S) boolean, True = may attend.
+        """
+        B, T = idx.shape
+        if positions is None:
+            start = cache.pos if cache is not None else 0
+            if start + T > self.config.max_seq_len:
+                raise ChatforgeError(f"sequence of {start + T} tokens is longer than the model's context "
+                                     f"({self.config.max_seq_len}); shorten the input")
+            positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
+        cos = self.rope_cos[positions].unsqueeze(1)  # (B or 1, 1, T, hs)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        x = self.embed_tokens(idx)                   # (B, T, C)
+        for block in self.layers:
+            x = block(x, cos, sin, cache, attn_mask)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)
+        loss = None
+        if self.config.n_experts:
+            self.aux_loss = sum(b.mlp.aux_loss for b in self.layers) / self.config.n_layer
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            if self.config.n_experts:
+                loss = loss + self.config.moe_aux_weight * self.aux_loss
+        return logits, loss
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under HF `LlamaForCausalLM` names (dense models only)."""
+        if self.config.n_experts:
+            raise ChatforgeError("a mixture-of-experts model has no LlamaForCausalLM equivalent")
+        out = {}
+        for name, t in self.state_dict().items():
+            out[name if name.startswith("lm_head") else f"model.{name}"] = t
+        return out
+
+    def hf_config(self) -> dict:
+        """The matching HF `LlamaConfig` fields."""
+        c = self.config
+        return dict(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
+                    num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                    max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                    tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False,
+                    hidden_act="silu", model_type="llama", architectures=["LlamaForCausalLM"])
