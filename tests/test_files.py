@@ -1,0 +1,48 @@
+"""Atomic writes: a failure leaves the previous file or folder exactly as it was."""
+
+import os
+
+import pytest
+
+from chatforge import files
+
+
+def test_atomic_open_replaces_whole_file(tmp_path):
+    p = tmp_path / "a.txt"
+    files.write_text(p, "old")
+    files.write_text(p, "new")
+    assert p.read_text() == "new"
+    assert [x.name for x in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_atomic_open_failure_keeps_previous(tmp_path):
+    p = tmp_path / "a.txt"
+    files.write_text(p, "old")
+    with pytest.raises(RuntimeError):
+        with files.atomic_open(p) as f:
+            f.write("half")
+            raise RuntimeError("disk full")
+    assert p.read_text() == "old"
+    assert [x.name for x in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_atomic_dir_failure_keeps_previous(tmp_path):
+    out = tmp_path / "out"
+    with files.atomic_dir(out) as d:
+        (d / "x").write_text("1")
+    with pytest.raises(ValueError):
+        with files.atomic_dir(out) as d:
+            (d / "x").write_text("2")
+            raise ValueError("bad input")
+    assert (out / "x").read_text() == "1"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_atomic_dir_replaces(tmp_path):
+    out = tmp_path / "out"
+    with files.atomic_dir(out) as d:
+        (d / "x").write_text("1")
+    with files.atomic_dir(out) as d:
+        (d / "y").write_text("2")
+    assert sorted(os.listdir(out)) == ["y"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
