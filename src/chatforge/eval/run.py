@@ -1,0 +1,319 @@
+"""`chatforge eval`: perplexity, BLEU, ROUGE and retrieval hit-rate of a model, with an HTML report.
+
+    chatforge eval --model runs/demo/sft --data runs/demo/data --docs examples/my_docs --out runs/demo/eval
+
+What it measures
+- perplexity on the validation split: the data folder's token shards made with this model's
+  tokenizer (`DATA/tokens-<hash>/val.bin`) when present, else `DATA/val.jsonl` tokenized here.
+- for each question (`--questions FILE.jsonl`, default `DATA/qa_val.jsonl`; lines are
+  `{"question", "answer"[, "source"]}` or `{"messages": [...][, "source"]}`, where the last
+  assistant message is the reference and earlier turns are history): a greedy answer, batched
+  through the engine, grounded in the top `--k` passages of `--docs` (the prompt format of
+  `chatforge.infer.retrieval`), scored with BLEU and ROUGE-1/2/L F1 after the answer's
+  "(source: ...)" citation is removed.
+- with documents, retrieval hit@1 / hit@3: a top passage comes from the document holding the
+  reference answer, which is the question's `source` field, or, without one, the document of the
+  passage closest to the reference (highest ROUGE-L among its 20 best BM25 passages). A question
+  whose `source` is not among the documents (a chat transcript, say) is left out of hit@k.
+- baselines, scored the same way: "extractive" (the reply is the top retrieved passage) and
+  "no_retrieval" (the model answers the bare question).
+
+Outputs in `--out`: `eval.json` (`perplexity`, `bleu`, `rouge1`, `rouge2`, `rougeL`, `hit@1`,
+`hit@3`, and `baselines: {"extractive": {...}, "no_retrieval": {...}}`), `examples.jsonl` (one
+line per question) and `report.html` (training curves from the model folder's `metrics.jsonl`
+and those of its sibling stage folders). The metric table is printed too.
+`evaluate(model_dir, out_dir, ...)` does the same from Python (the pipeline calls it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from chatforge import files
+from chatforge.cli import leaf
+from chatforge.errors import ChatforgeError
+from chatforge.eval.report import METRICS, fmt, load_curves, metric_rows, write_report
+
+GOLD_CANDIDATES = 20     # BM25 candidates searched for the passage closest to a reference
+_QUESTIONS_EXPECTED = ('expected {"question": str, "answer": str} or {"messages": [...]} ending with '
+                       'an assistant reply, optionally with "source"')
+
+
+# --------------------------------------------------------------------------- inputs
+
+def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Questions from a JSONL file: [{"question", "reference", "source", "history"}, ...].
+
+    A malformed line is a `ChatforgeError` naming FILE:LINE.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ChatforgeError(f"questions file {path} does not exist")
+    out: list[dict] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if limit is not None and len(out) >= limit:
+                break
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ChatforgeError(f"{where}: not valid JSON ({e}); {_QUESTIONS_EXPECTED}") from None
+            out.append(_question(obj, where))
+    if not out:
+        raise ChatforgeError(f"{path} holds no questions; {_QUESTIONS_EXPECTED}")
+    return out
+
+
+def _question(obj: Any, where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise ChatforgeError(f"{where}: {_QUESTIONS_EXPECTED}")
+    source = obj.get("source")
+    if source is not None and not isinstance(source, str):
+        raise ChatforgeError(f'{where}: "source" must be a string')
+    if isinstance(obj.get("question"), str) and isinstance(obj.get("answer"), str):
+        return {"question": obj["question"], "reference": obj["answer"], "source": source, "history": []}
+    msgs = obj.get("messages")
+    ok = isinstance(msgs, list) and all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                                        and isinstance(m.get("content"), str) for m in msgs)
+    if ok:
+        last_a = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        last_q = None if last_a is None else max(
+            (i for i, m in enumerate(msgs[:last_a]) if m["role"] == "user"), default=None)
+        if last_q is not None:
+            history = [{"role": m["role"], "content": m["content"]} for m in msgs[:last_q] if m["role"] != "system"]
+            return {"question": msgs[last_q]["content"], "reference": msgs[last_a]["content"],
+                    "source": source, "history": history}
+    raise ChatforgeError(f"{where}: {_QUESTIONS_EXPECTED}")
+
+
+def _sha12(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def val_tokens(data_dir: Path, model_dir: Path, tokenizer, max_tokens: int) -> Any:
+    """The validation tokens: the shards built with this tokenizer if present, else val.jsonl encoded."""
+    import numpy as np
+
+    tok_file = model_dir / "tokenizer.json"
+    shards = data_dir / f"tokens-{_sha12(tok_file)}" if tok_file.is_file() else None
+    if shards is not None and (shards / "val.bin").is_file() and (shards / "meta.json").is_file():
+        from chatforge.data.shards import load_tokens
+
+        return load_tokens(shards, "val")
+    path = data_dir / "val.jsonl"
+    if not path.is_file():
+        raise ChatforgeError(f"{path} is missing; point --data at the output of `chatforge data build`")
+    ids: list[int] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                raise ChatforgeError(f'{path}:{lineno}: expected {{"text": str, ...}}') from None
+            ids += tokenizer.encode(text) + [tokenizer.eot_id]
+            if len(ids) >= max_tokens:
+                break
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _curve_files(model_dir: Path) -> list[Path]:
+    """metrics.jsonl of the model folder, then of the other stage folders of its run folder."""
+    paths = [model_dir / "metrics.jsonl"]
+    parent = model_dir.resolve().parent
+    for sibling in sorted(parent.glob("*/metrics.jsonl")):
+        if sibling.parent.resolve() != model_dir.resolve():
+            paths.append(sibling)
+    return [p for p in paths if p.is_file()]
+
+
+# --------------------------------------------------------------------------- generation
+
+class Answerer:
+    """Greedy answers for many conversations at once, through the engine."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int):
+        from chatforge.infer.engine import Engine, GenerationConfig
+
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.engine = Engine(model, tokenizer)
+        # truncate_prompt: a prompt longer than the context loses its oldest tokens instead of failing.
+        self.cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens, truncate_prompt=True)
+
+    def answer(self, conversations: Sequence[list[dict]], desc: str = "generate") -> list[str]:
+        from tqdm import tqdm
+
+        prompts = [self.tokenizer.render_chat(c, add_generation_prompt=True)[0] for c in conversations]
+        # Batches of similar lengths waste less on left padding; answers go back in order.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        replies: list[str] = [""] * len(prompts)
+        for start in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", disable=None):
+            rows = order[start:start + self.batch_size]
+            for i, result in zip(rows, self.engine.generate([prompts[i] for i in rows], self.cfg)):
+                replies[i] = (result.text or "").strip()
+        return replies
+
+
+def _scores(hyps: list[str], refs: list[str]) -> dict:
+    from chatforge.eval.metrics import bleu, rouge
+
+    return {"bleu": bleu(hyps, refs), **rouge(hyps, refs)}
+
+
+# --------------------------------------------------------------------------- evaluate
+
+def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path | None = None,
+             docs: Sequence[str | Path] | None = None, data: str | Path | None = None,
+             retrieval: bool = True, max_questions: int | None = 200, max_new_tokens: int = 96,
+             batch_size: int = 8, k: int = 3, index_cache: str | Path | None = None,
+             max_ppl_batches: int = 20, seq_len: int | None = None, verbose: bool = True) -> dict:
+    """Evaluate a model folder; write eval.json, examples.jsonl and report.html into `out_dir`.
+
+    Returns the eval.json dict. See the module docstring for what is measured.
+    """
+    import torch
+
+    from chatforge.eval.metrics import hit_at_k, perplexity, rouge_l
+    from chatforge.infer.retrieval import PassageIndex, grounded_messages, strip_citation
+    from chatforge.train.checkpoint import load_model
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    data_dir = Path(data) if data is not None else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise ChatforgeError(f"data folder {data_dir} does not exist; build it with `chatforge data build`")
+    if questions is None and data_dir is not None and (data_dir / "qa_val.jsonl").is_file():
+        questions = data_dir / "qa_val.jsonl"
+    if k < 1 or batch_size < 1 or (max_questions is not None and max_questions < 1):
+        raise ChatforgeError("--k, --batch-size and --max-questions must be at least 1")
+    qs = load_questions(questions, max_questions) if questions is not None else []
+    index = PassageIndex.load_or_build(list(docs), index_cache) if docs else None
+
+    torch.set_num_threads(min(torch.get_num_threads(), 2))   # a shared laptop: stay modest
+    model, tokenizer = load_model(model_dir)
+    ctx = model.config.max_seq_len
+    results: dict[str, Any] = {"model": str(model_dir), "questions": len(qs),
+                               "retrieval": bool(index is not None and retrieval), "perplexity": None}
+    if data_dir is not None:
+        n = seq_len or ctx
+        tokens = val_tokens(data_dir, model_dir, tokenizer, max_tokens=max_ppl_batches * 8 * (n + 1))
+        results["perplexity"] = perplexity(model, tokens, n, max_ppl_batches)
+
+    examples: list[dict] = [{"question": q["question"], "reference": q["reference"],
+                             **({"source": q["source"]} if q["source"] else {})} for q in qs]
+    baselines: dict[str, dict] = {}
+    if qs:
+        refs = [q["reference"] for q in qs]
+        answerer = Answerer(model, tokenizer, max_new_tokens, batch_size)
+        plain = [[*q["history"], {"role": "user", "content": q["question"]}] for q in qs]
+        if index is not None:
+            hits = [index.search(q["question"], max(k, 3)) for q in qs]
+            gold = [_gold_docs(index, q, rouge_l) for q in qs]
+            retrieved = [[p.doc for p in h] for h in hits]
+            hit = {"hit@1": hit_at_k(retrieved, gold, 1), "hit@3": hit_at_k(retrieved, gold, 3)}
+            extractive = [h[0].text if h else "" for h in hits]
+            baselines["extractive"] = {"perplexity": None, **_scores(extractive, refs), **hit}
+            for e, h, ext in zip(examples, hits, extractive):
+                e["extractive"], e["retrieved"] = ext, [p.source for p in h[:k]]
+            if retrieval:
+                # Leave room for the question, the template and the answer within the context.
+                budget = max(64, min(320, ctx - max_new_tokens - 96))
+                grounded = [grounded_messages(q["question"], h[:k], history=q["history"],
+                                              max_context_tokens=budget, tokenizer=tokenizer)
+                            for q, h in zip(qs, hits)]
+                answers = answerer.answer(grounded, "answer (grounded)")
+                bare = answerer.answer(plain, "answer (no retrieval)")
+                baselines["no_retrieval"] = {"perplexity": None, **_scores(bare, refs), "hit@1": None, "hit@3": None}
+                for e, b in zip(examples, bare):
+                    e["no_retrieval"] = b
+            else:
+                answers = answerer.answer(plain, "answer (no retrieval)")
+            results.update(hit if retrieval else {"hit@1": None, "hit@3": None})
+        else:
+            answers = answerer.answer(plain, "answer")
+            results.update({"hit@1": None, "hit@3": None})
+        for e, a in zip(examples, answers):
+            e["answer"] = a
+        results.update(_scores([strip_citation(a) for a in answers], refs))
+    else:
+        results.update({m: None for m in METRICS if m != "perplexity"})
+    results["baselines"] = baselines
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files.write_json(out_dir / "eval.json", results)
+    with files.atomic_open(out_dir / "examples.jsonl") as f:
+        for e in examples:
+            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    write_report(out_dir / "report.html", results, examples, load_curves(_curve_files(model_dir)),
+                 title=f"chatforge evaluation: {model_dir.name}")
+    if verbose:
+        print(format_table(results))
+        print(f"wrote {out_dir / 'eval.json'}, {out_dir / 'examples.jsonl'}, {out_dir / 'report.html'}")
+    return results
+
+
+def _gold_docs(index, q: dict, rouge_l) -> list[str] | None:
+    """The docs holding a question's answer: those its `source` names (None when none is indexed:
+    the question is left out of hit@k), else the doc of the passage closest to the reference."""
+    if q["source"]:
+        return index.matching_docs(q["source"]) or None
+    candidates = index.search(q["reference"], GOLD_CANDIDATES)
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda p: rouge_l(p.text, q["reference"]))
+    return [best.doc]
+
+
+def format_table(results: dict) -> str:
+    """The metric table as text: one row for the model, one per baseline."""
+    lines = [f"{'system':<14}" + "".join(f"{m:>12}" for m in METRICS)]
+    for name, row in metric_rows(results):
+        lines.append(f"{name:<14}" + "".join(f"{fmt(m, row.get(m)):>12}" for m in METRICS))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the command
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("example:\n  chatforge eval --model runs/demo/sft --data runs/demo/data "
+                     "--docs examples/my_docs --out runs/demo/eval")
+    parser.add_argument("--model", metavar="DIR", default=None, help="model folder to evaluate (needed)")
+    parser.add_argument("--data", metavar="DIR", default=None,
+                        help="data folder (chatforge data build): val.jsonl for perplexity, qa_val.jsonl as questions")
+    parser.add_argument("--questions", metavar="FILE.jsonl", default=None,
+                        help='questions: {"question","answer"} or {"messages"} lines; without it, DATA/qa_val.jsonl')
+    parser.add_argument("--docs", metavar="PATH", nargs="+", default=None,
+                        help="documents to retrieve passages from (files or folders)")
+    parser.add_argument("--no-retrieval", action="store_true", default=False,
+                        help="the model answers without passages (hit@k and the extractive baseline still use --docs)")
+    parser.add_argument("--max-questions", type=int, default=200, help="evaluate at most this many questions")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="longest answer, in tokens")
+    parser.add_argument("--batch-size", type=int, default=8, help="questions generated together")
+    parser.add_argument("--k", type=int, default=3, help="passages put in the prompt")
+    parser.add_argument("--max-ppl-batches", type=int, default=20, help="batches of 8 windows for perplexity")
+    parser.add_argument("--index-cache", metavar="DIR", default=None,
+                        help="where the passage index is cached; without it, .chatforge-index beside the first --docs")
+    parser.add_argument("--out", metavar="DIR", default=None, help="output folder; without it, MODEL/eval")
+    leaf(parser, run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.model:
+        raise ChatforgeError("--model is required: the model folder to evaluate (e.g. runs/demo/sft)")
+    if not args.data and not args.questions:
+        raise ChatforgeError("nothing to evaluate: give --data (validation text and Q&A) and/or --questions FILE.jsonl")
+    out = args.out or str(Path(args.model) / "eval")
+    evaluate(args.model, out, questions=args.questions, docs=args.docs, data=args.data,
+             retrieval=not args.no_retrieval, max_questions=args.max_questions,
+             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k=args.k,
+             index_cache=args.index_cache, max_ppl_batches=args.max_ppl_batches)
+    sys.stdout.flush()
+    return 0

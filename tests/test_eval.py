@@ -1,0 +1,108 @@
+"""`chatforge eval` on a tiny untrained model: the outputs, their keys, and clear input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatforge import cli
+from chatforge.errors import ChatforgeError
+from chatforge.eval.run import evaluate, load_questions
+from test_retrieval import ACCOUNTS, BILLING, NETWORK, QA, make_docs
+
+KEYS = ("perplexity", "bleu", "rouge1", "rouge2", "rougeL", "hit@1", "hit@3")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    from chatforge.data.tokenizer import train_tokenizer
+    from chatforge.model.gpt import GPT, preset
+    from chatforge.train.checkpoint import save_model
+
+    root = tmp_path_factory.mktemp("eval")
+    docs = make_docs(root / "docs")
+    texts = [BILLING, NETWORK, ACCOUNTS] + [f"{q} {a}" for q, a, _ in QA]
+    tok = train_tokenizer(texts * 3, 400, root / "tok")
+    torch.manual_seed(0)
+    run = root / "run"
+    model_dir = save_model(run / "sft", GPT(preset("tiny", vocab_size=tok.vocab_size)), tok)
+    (model_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 6 - s, "val_loss": 6.2 - s}) + "\n"
+                                                     for s in range(1, 4)))
+    (run / "pretrain").mkdir()
+    (run / "pretrain" / "metrics.jsonl").write_text('{"step": 1, "loss": 8.0}\n{"step": 2, "loss": 7.0}\n')
+    data = root / "data"
+    data.mkdir()
+    (data / "val.jsonl").write_text("".join(json.dumps({"text": t, "source": "docs"}) + "\n" for t in texts))
+    (data / "qa_val.jsonl").write_text("".join(json.dumps(
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "source": s}) + "\n"
+        for q, a, s in QA[:4]))
+    questions = root / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a, _ in QA[4:]))
+    return {"root": root, "docs": docs, "model": model_dir, "data": data, "questions": questions}
+
+
+def test_eval_cli_writes_json_examples_and_report(setup, capsys):
+    out = setup["root"] / "out"
+    code = cli.main(["eval", "--model", str(setup["model"]), "--data", str(setup["data"]), "--docs", str(setup["docs"]),
+                     "--max-new-tokens", "8", "--max-ppl-batches", "2", "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "eval.json").read_text())
+    for key in KEYS:
+        assert key in res
+    assert res["perplexity"] > 1 and res["questions"] == 4
+    assert set(res["baselines"]) == {"extractive", "no_retrieval"}
+    for row in res["baselines"].values():
+        assert set(KEYS) <= set(row)
+    # The extractive reply is the top passage; with sources given, retrieval finds their documents.
+    assert res["hit@3"] == res["baselines"]["extractive"]["hit@3"] and res["hit@3"] >= 0.75
+    examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    assert len(examples) == 4 and {"question", "reference", "answer", "extractive", "no_retrieval"} <= set(examples[0])
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and "pretrain: loss" in html and "sft: loss" in html
+    table = capsys.readouterr().out
+    assert "extractive" in table and "no_retrieval" in table and "hit@1" in table
+
+
+def test_eval_questions_file_without_sources(setup):
+    # No "source" field: the gold document is the one whose passage is closest to the reference.
+    res = evaluate(setup["model"], setup["root"] / "out2", questions=setup["questions"], docs=[setup["docs"]],
+                   max_new_tokens=4, verbose=False)
+    assert res["perplexity"] is None and res["questions"] == 3
+    assert res["hit@1"] is not None and res["bleu"] >= 0
+
+    # A source that is not among the documents (a chat transcript) leaves the question out of hit@k.
+    other = setup["root"] / "transcripts.jsonl"
+    other.write_text(json.dumps({"question": "Which port must be forwarded?", "answer": "8443",
+                                 "source": "support/chats.csv"}) + "\n")
+    res = evaluate(setup["model"], setup["root"] / "out2b", questions=other, docs=[setup["docs"]],
+                   max_new_tokens=2, verbose=False)
+    assert res["hit@1"] is None and res["baselines"]["extractive"]["bleu"] >= 0
+
+
+def test_eval_without_documents(setup):
+    res = evaluate(setup["model"], setup["root"] / "out3", questions=setup["questions"], max_questions=2,
+                   max_new_tokens=4, verbose=False)
+    assert res["questions"] == 2 and res["hit@1"] is None and res["baselines"] == {}
+
+
+def test_malformed_questions_file_is_exit_2(setup, capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok?", "answer": "yes"}\n{"question": "no answer"}\n')
+    code = cli.main(["eval", "--model", str(setup["model"]), "--questions", str(bad), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert f"{bad}:2" in capsys.readouterr().err
+    bad.write_text("not json\n")
+    with pytest.raises(ChatforgeError, match=r"bad.jsonl:1: not valid JSON"):
+        load_questions(bad)
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(ChatforgeError, match=r"bad.jsonl:1"):
+        load_questions(bad)
+
+
+def test_missing_model_is_exit_2(capsys, tmp_path):
+    assert cli.main(["eval", "--questions", "x.jsonl"]) == 2
+    assert "--model is required" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(tmp_path / "none"), "--data", str(tmp_path)]) == 2

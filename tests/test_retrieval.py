@@ -1,0 +1,210 @@
+"""Retrieval: passages, BM25 search, the index cache, the grounded prompt and grounded SFT examples."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from chatforge.infer.retrieval import (GROUNDED_SYSTEM_PROMPT, NOT_FOUND_REPLY, Passage, PassageIndex,
+                                       format_context, grounded_messages, grounded_sft_examples,
+                                       split_passages, strip_citation)
+
+BILLING = """# Billing
+
+Invoices are issued on the first day of every month and sent to the account owner by e-mail.
+You can pay invoices by credit card or by bank transfer; card payments are charged automatically.
+
+## Refunds
+
+A refund is possible within 30 days of a payment. Open Billing, choose the invoice and press
+Request refund; the money reaches your card within five working days.
+"""
+
+NETWORK = """# Network setup
+
+The router must forward TCP port 8443 to the backup appliance so that remote agents can connect.
+Firewalls that inspect TLS traffic break the agent handshake; add an exception for the appliance.
+
+## Proxy
+
+Agents honour the HTTPS_PROXY environment variable. Authentication with NTLM proxies is not supported.
+"""
+
+ACCOUNTS = """# Accounts
+
+To reset a forgotten password, open the sign-in page and click Forgot password. A reset link is
+mailed to you and expires after one hour.
+
+## Two-factor authentication
+
+Enable two-factor authentication under Profile, Security. Scan the QR code with an authenticator app.
+"""
+
+
+def make_docs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "billing.md").write_text(BILLING)
+    (folder / "network.md").write_text(NETWORK)
+    (folder / "accounts.txt").write_text(ACCOUNTS)
+    return folder
+
+
+@pytest.fixture()
+def docs(tmp_path: Path) -> Path:
+    return make_docs(tmp_path / "docs")
+
+
+@pytest.mark.parametrize("question, doc", [
+    ("How can I get a refund for an invoice?", "docs/billing.md"),
+    ("Which port does the router need to forward?", "docs/network.md"),
+    ("I forgot my password, how do I reset it?", "docs/accounts.txt"),
+    ("Does the agent work behind an NTLM proxy?", "docs/network.md"),
+    ("How do I turn on two-factor authentication?", "docs/accounts.txt"),
+])
+def test_search_finds_the_right_document(docs, tmp_path, question, doc):
+    index = PassageIndex.build([docs], tmp_path / "cache")
+    hits = index.search(question, k=2)
+    assert hits[0].doc == doc
+    assert hits[0].score > 0 and hits[0].score >= hits[1].score
+    assert hits[0].source.startswith(doc)
+
+
+def test_passages_carry_sections_and_sizes(docs, tmp_path):
+    index = PassageIndex.build([docs], tmp_path / "cache")
+    sources = {p.source for p in index.passages}
+    assert "docs/billing.md > Refunds" in sources
+    assert "docs/network.md > Proxy" in sources
+    assert {p.doc for p in index.passages} == {"docs/billing.md", "docs/network.md", "docs/accounts.txt"}
+
+
+def test_long_text_is_split_into_bounded_passages():
+    sentence = "The backup agent copies changed blocks to the appliance every hour. "
+    text = "Overview\n\n" + "\n\n".join(sentence * 6 for _ in range(10)) + "\n\n" + sentence * 60
+    passages = split_passages(text, "manual.txt")
+    assert len(passages) > 3
+    assert all(len(p.text.split()) <= 200 for p in passages)
+    assert all(len(p.text.split()) >= 80 for p in passages[:-1])
+    assert all(p.source == "manual.txt > Overview" for p in passages)
+
+
+def test_cache_is_reused_and_rebuilt_on_change(docs, tmp_path):
+    cache = tmp_path / "cache"
+    first = PassageIndex.load_or_build([docs], cache)
+    (folder,) = list(cache.iterdir())
+    assert {"meta.json", "passages.jsonl", "bm25"} <= {p.name for p in folder.iterdir()}
+    assert not list(folder.rglob("*.pkl")) and not list(folder.rglob("*.pickle"))
+    stamp = (folder / "meta.json").stat().st_mtime_ns
+    again = PassageIndex.load_or_build([docs], cache)
+    assert (folder / "meta.json").stat().st_mtime_ns == stamp          # not rebuilt
+    assert [p.text for p in again.passages] == [p.text for p in first.passages]
+    assert again.search("refund", 1)[0].doc == "docs/billing.md"
+
+    (docs / "shipping.md").write_text("# Shipping\n\nParcels with replacement disks ship from Rotterdam by courier.\n")
+    changed = PassageIndex.load_or_build([docs], cache)
+    assert "docs/shipping.md" in changed.docs
+    assert changed.search("Where do replacement disks ship from?", 1)[0].doc == "docs/shipping.md"
+    assert len(list(cache.iterdir())) == 1
+
+    # An edit that keeps the size still changes the mtime.
+    time.sleep(0.01)
+    text = (docs / "shipping.md").read_text().replace("Rotterdam", "Amsterda")
+    (docs / "shipping.md").write_text(text + " " * (len("Rotterdam") - len("Amsterda")))
+    os.utime(docs / "shipping.md", ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert "Amsterda" in PassageIndex.load_or_build([docs], cache).search("replacement disks", 1)[0].text
+
+
+def test_default_cache_is_beside_the_folder(docs):
+    PassageIndex.load_or_build([docs])
+    assert (docs.parent / ".chatforge-index").is_dir()
+
+
+def test_missing_docs_is_a_clear_error(tmp_path):
+    from chatforge.errors import ChatforgeError
+
+    with pytest.raises(ChatforgeError, match="does not exist"):
+        PassageIndex.build([tmp_path / "nope"], tmp_path / "cache")
+
+
+def test_prompt_format_and_budget():
+    passages = [Passage("Refunds are possible within 30 days. " * 20, "billing.md > Refunds", doc="billing.md"),
+                Passage("Port 8443 must be open.", "network.md", doc="network.md")]
+    msgs = grounded_messages("How do refunds work?", passages, max_context_tokens=400)
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert msgs[0]["content"] == GROUNDED_SYSTEM_PROMPT
+    user = msgs[1]["content"]
+    assert user.startswith("Context:\n[1] (source: billing.md > Refunds) Refunds are possible")
+    assert "\n[2] (source: network.md) Port 8443 must be open." in user
+    assert user.endswith("\n\nQuestion: How do refunds work?")
+
+    for budget in (40, 80, 120):
+        block = format_context(passages, max_context_tokens=budget)
+        assert (len(block) + 3) // 4 <= budget + 1          # ~4 characters a token
+        assert block.startswith("Context:\n[1] (source: billing.md > Refunds)") and block.endswith("...")
+
+    class WordTokenizer:   # one token a word: the budget uses the tokenizer when one is given
+        def encode(self, text):
+            return text.split()
+
+    block = format_context(passages, max_context_tokens=50, tokenizer=WordTokenizer())
+    assert len(block.split()) <= 50 and "[1]" in block
+
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]
+    msgs = grounded_messages("And refunds?", [], system="Be brief.", history=history)
+    assert msgs[0] == {"role": "system", "content": "Be brief."} and msgs[1:3] == history
+    assert msgs[-1]["content"] == "Context:\n(none)\n\nQuestion: And refunds?"
+
+
+def test_strip_citation():
+    assert strip_citation("Press Request refund. (source: docs/billing.md > Refunds)") == "Press Request refund."
+    assert strip_citation("No citation here.") == "No citation here."
+
+
+QA = [
+    ("How can I get a refund?", "Open Billing, choose the invoice and press Request refund.", "docs/billing.md"),
+    ("When are invoices issued?", "On the first day of every month.", "docs/billing.md"),
+    ("Which port must be forwarded?", "TCP port 8443, to the backup appliance.", "docs/network.md"),
+    ("Are NTLM proxies supported?", "No, authentication with NTLM proxies is not supported.", "docs/network.md"),
+    ("How do I reset my password?", "Click Forgot password on the sign-in page.", "docs/accounts.txt"),
+    ("How long is a reset link valid?", "One hour.", "docs/accounts.txt"),
+    ("How do I enable two-factor authentication?", "Under Profile, Security; scan the QR code.", "docs/accounts.txt"),
+]
+
+
+def test_grounded_sft_examples(docs, tmp_path):
+    index = PassageIndex.build([docs], tmp_path / "cache")
+    pairs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "source": s}
+             for q, a, s in QA * 3]
+    pairs.append({"question": "Unrelated?", "answer": "Yes.", "source": "elsewhere/chat.csv"})   # not indexed
+    examples = grounded_sft_examples(pairs, index, k=2, missing_fraction=0.15, seed=1)
+    assert len(examples) == len(QA) * 3
+    missing = [e for e in examples if e["missing"]]
+    assert len(missing) == round(0.15 * len(QA) * 3)
+    for e, (q, a, s) in zip(examples, QA * 3):
+        system, user, reply = e["messages"]
+        assert system["content"] == GROUNDED_SYSTEM_PROMPT and reply["role"] == "assistant"
+        assert user["content"].startswith("Context:\n[1] (source: ")
+        assert user["content"].endswith(f"Question: {q}")
+        if e["missing"]:
+            assert reply["content"] == NOT_FOUND_REPLY
+            assert f"(source: {s}" not in user["content"]          # every passage of the source removed
+        else:
+            assert reply["content"].startswith(a + " (source: " + s)
+            assert reply["content"].endswith(")")
+            cited = reply["content"][len(a) + len(" (source: "):-1]
+            assert f"(source: {cited})" in user["content"]          # the cited passage is in the context
+    # Deterministic for a seed, different for another.
+    again = grounded_sft_examples(pairs, index, k=2, missing_fraction=0.15, seed=1)
+    assert again == examples
+    other = grounded_sft_examples(pairs, index, k=2, missing_fraction=0.15, seed=2)
+    assert [e["missing"] for e in other] != [e["missing"] for e in examples]
+
+
+def test_gold_passage_survives_a_tight_budget(docs, tmp_path):
+    index = PassageIndex.build([docs], tmp_path / "cache")
+    pairs = [{"question": q, "answer": a, "source": s} for q, a, s in QA]
+    for e in grounded_sft_examples(pairs, index, k=3, missing_fraction=0.0, max_context_tokens=90):
+        cited = e["messages"][-1]["content"].rsplit("(source: ", 1)[1][:-1]
+        assert f"(source: {cited})" in e["messages"][1]["content"]
