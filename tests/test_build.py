@@ -1,0 +1,188 @@
+"""`chatforge data build`: outputs, report, split determinism, error handling and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chatforge.cli import main
+from chatforge.data import sources
+from chatforge.data.build import build, split_chunks
+from chatforge.errors import ChatforgeError
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "my_docs"
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    monkeypatch.setenv("CHATFORGE_QUIET", "1")
+    # Keep these tests independent of faq.py (another module with its own tests).
+    monkeypatch.setattr(sources, "_faq_tried", True)
+    monkeypatch.setattr(sources, "_extract_pairs", None)
+
+
+def paragraph(i: int) -> str:
+    return (f"Document {i} explains topic number {i} for the support team. " * 3
+            + f"It has enough words to pass the length filter, and its own id {i * 7919}.")
+
+
+def make_inputs(root: Path, n: int = 40) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"doc{i:03d}.txt").write_text(paragraph(i), encoding="utf-8")
+    return root
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_build_outputs_and_report(tmp_path):
+    src = make_inputs(tmp_path / "docs", 10)
+    (src / "copy.txt").write_text(paragraph(3).upper(), encoding="utf-8")          # exact duplicate
+    near = paragraph(4) + " " + paragraph(4).replace("support team", "help desk", 1)
+    (src / "near_a.txt").write_text(near, encoding="utf-8")
+    (src / "near_b.txt").write_text(near.replace("its own id", "its id"), encoding="utf-8")
+    (src / "tiny.txt").write_text("too short", encoding="utf-8")
+    (src / "chat.csv").write_text("speaker,message\ncustomer,My mail is a.b@example.com\n"
+                                  "agent,Thanks! Call +1-202-555-0173 if needed.\n", encoding="utf-8")
+    (src / "qa.jsonl").write_text(
+        '{"question": "How do I reset?", "answer": "Press reset."}\n'
+        '{"question": "how do I  RESET?", "answer": "Another answer."}\n'
+        '{"question": "Empty answer?", "answer": "  "}\n', encoding="utf-8")
+    out = tmp_path / "out"
+    report = build([src], out)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["corpus.jsonl", "qa.jsonl", "qa_train.jsonl", "qa_val.jsonl", "report.json",
+                     "train.jsonl", "val.jsonl"]
+    assert json.loads((out / "report.json").read_text()) == report
+    corpus = read_jsonl(out / "corpus.jsonl")
+    assert len(corpus) == 11 and all(set(d) == {"text", "source"} for d in corpus)
+    kept = {d["source"] for d in corpus}
+    # The first of two duplicates (in sorted file order) is the one kept.
+    assert "docs/copy.txt" in kept and "docs/doc003.txt" not in kept
+    assert "docs/near_a.txt" in kept and "docs/near_b.txt" not in kept and "docs/tiny.txt" not in kept
+    assert report["dedup"] == {"exact_documents": 1, "near_documents": 1, "qa": 1}
+    assert report["filters"]["too_short"] == {"kept": 13, "removed": 1}
+    assert report["filters"]["qa_empty"] == {"kept": 3, "removed": 1}
+    assert report["pii"]["EMAIL"] == 1 and report["pii"]["PHONE"] == 1
+    s = report["sources"]["docs"]
+    assert s["files"] == 16 and s["documents"] == 11 and s["pairs"] == 1 and s["conversations"] == 1
+    assert s["bytes_in"] > s["bytes_out"] > 0
+    qa = read_jsonl(out / "qa.jsonl")
+    assert qa[0]["messages"][0]["content"] == "My mail is <EMAIL>"
+    assert qa[1] == {"messages": [{"role": "user", "content": "How do I reset?"},
+                                  {"role": "assistant", "content": "Press reset."}], "source": "docs/qa.jsonl"}
+    # train + val partition the corpus and the Q&A set.
+    train, val = read_jsonl(out / "train.jsonl"), read_jsonl(out / "val.jsonl")
+    assert sorted(map(json.dumps, train + val)) == sorted(map(json.dumps, corpus))
+    assert len(val) >= 1 and len(read_jsonl(out / "qa_val.jsonl")) >= 1
+    assert report["outputs"]["corpus"] == 11 and report["sizes"]["corpus.jsonl"] > 0
+
+
+def test_split_is_deterministic_and_stable(tmp_path):
+    src = make_inputs(tmp_path / "docs", 200)
+    a, b = tmp_path / "a", tmp_path / "b"
+    build([src], a, val_fraction=0.2)
+    build([src], b, val_fraction=0.2)
+    for name in ("corpus.jsonl", "train.jsonl", "val.jsonl", "qa.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    val_before = {d["text"] for d in read_jsonl(a / "val.jsonl")}
+    assert 20 <= len(val_before) <= 60
+    # More documents: none of the old ones crosses the split.
+    make_inputs(src, 260)
+    c = tmp_path / "c"
+    build([src], c, val_fraction=0.2)
+    val_after = {d["text"] for d in read_jsonl(c / "val.jsonl")}
+    train_after = {d["text"] for d in read_jsonl(c / "train.jsonl")}
+    old = {d["text"] for d in read_jsonl(a / "corpus.jsonl")}
+    assert val_before == val_after & old and not (val_before & train_after)
+    # Another seed gives another split.
+    d = tmp_path / "d"
+    build([src], d, val_fraction=0.2, seed=1)
+    assert {x["text"] for x in read_jsonl(d / "val.jsonl")} != val_after
+
+
+def test_tiny_input_still_gets_a_validation_document(tmp_path):
+    src = make_inputs(tmp_path / "docs", 3)
+    report = build([src], tmp_path / "out")
+    assert report["outputs"]["val"] == 1 and report["outputs"]["train"] == 2
+    again = build([src], tmp_path / "again")
+    assert (tmp_path / "out" / "val.jsonl").read_bytes() == (tmp_path / "again" / "val.jsonl").read_bytes()
+    assert again["outputs"] == report["outputs"]
+
+
+def test_split_chunks_bounds_and_sections():
+    paras = [f"Section {i}" if i % 5 == 0 else ("word " * 60).strip() for i in range(60)]
+    text = "\n\n".join(paras)
+    chunks = split_chunks(text, 2000)
+    assert all(len(c) <= 2000 for c in chunks) and len(chunks) > 5
+    assert "\n\n".join(chunks).split() == text.split()          # nothing lost or reordered
+    assert sum(c.startswith("Section") for c in chunks) >= len(chunks) // 2
+    long_line = "x" * 5000
+    assert split_chunks("intro\n\n" + long_line, 1000) == ["intro", long_line]
+    assert split_chunks("short", 1000) == ["short"]
+
+
+def test_malformed_jsonl_is_an_error_and_leaves_output_alone(tmp_path):
+    src = make_inputs(tmp_path / "docs", 3)
+    (src / "data.jsonl").write_text('{"text": "fine"}\n' * 6 + '{"txt": "typo"}\n', encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old output")
+    with pytest.raises(ChatforgeError) as e:
+        build([src], out)
+    assert "data.jsonl:7: expected a JSON object with" in str(e.value)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no temp folder left
+
+
+def test_binary_file_is_skipped_with_a_warning(tmp_path, capsys):
+    src = make_inputs(tmp_path / "docs", 3)
+    (src / "manual.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00" + bytes(200))
+    report = build([src], tmp_path / "out")
+    assert any("manual.txt: binary file, skipped" in w for w in report["warnings"])
+    assert "manual.txt: binary file, skipped" in capsys.readouterr().err
+    assert report["outputs"]["corpus"] == 3
+
+
+def test_empty_result_exits_2_without_output(tmp_path, capsys):
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "a.txt").write_text("tiny", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["data", "build", "--input", str(src), "--out", str(out)]) == 2
+    assert "error: nothing to write" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["data", "build", "--input", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["data", "build", "--input", str(src), "--out", str(out), "--val-fraction", "1.5"]) == 2
+    assert not out.exists()
+
+
+def test_cli_builds_the_example_folder(tmp_path, capsys):
+    out = tmp_path / "built"
+    assert main(["data", "build", "--input", str(EXAMPLES), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "PII replaced" in printed and "my_docs" in printed
+    report = json.loads((out / "report.json").read_text())
+    for name in ("corpus.jsonl", "train.jsonl", "val.jsonl", "qa.jsonl", "qa_train.jsonl", "qa_val.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    s = report["sources"]["my_docs"]
+    assert s["files"] == 7 and s["documents"] >= 4 and s["conversations"] >= 4 and s["pairs"] >= 3
+    assert report["pii"]["EMAIL"] >= 2 and report["pii"]["PHONE"] >= 2
+    assert report["pii"]["CARD"] == 1 and report["pii"]["IP"] == 1
+    assert report["dedup"]["near_documents"] == 1      # archive/faq-2023.md repeats faq.md
+    assert report["dedup"]["qa"] == 1                  # "Can I back up a NAS?" asked twice
+    corpus = read_jsonl(out / "corpus.jsonl")
+    sources_seen = {d["source"] for d in corpus}
+    assert {"my_docs/faq.md", "my_docs/getting-started.txt", "my_docs/troubleshooting.html",
+            "my_docs/admin-guide.rst"} <= sources_seen
+    by_source = {d["source"]: d["text"] for d in corpus}
+    assert "analytics" not in by_source["my_docs/troubleshooting.html"]      # <script> dropped
+    assert "**Back up now**" not in by_source["my_docs/faq.md"] and "Back up now" in by_source["my_docs/faq.md"]
+    assert "doesn't finish" in by_source["my_docs/getting-started.txt"]      # mojibake repaired
+    qa_text = (out / "qa.jsonl").read_text()
+    assert "4111 1111" not in qa_text and "maria.lopez@" not in qa_text and "<CARD>" in qa_text
