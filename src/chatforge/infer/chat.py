@@ -1,0 +1,347 @@
+"""`chatforge chat`: talk to a model in the terminal, optionally grounded in your documents.
+
+    chatforge chat --model runs/demo/sft
+    chatforge chat --model runs/demo/sft --system examples/system_prompt.md --docs examples/my_docs
+    printf 'How do I reset my password?\\nAnd my e-mail?\\n' | chatforge chat --model runs/demo/sft
+
+What this file holds
+- `ChatSession`: one conversation with a model: history rendered through the ChatML template,
+  oldest turns dropped when the context is full, optional retrieval (`--docs`), replies streamed
+  through the safety filter (`infer/safety.py`). The HTTP server reuses it.
+- `converse(...)`: the read-reply loop, for a terminal and for pipes.
+- `configure(parser)` / `run(args)`: the command.
+
+In a terminal: a `you>` prompt, replies streamed as they are generated, `/help`, `/reset`,
+`/exit` (or Ctrl-D); Ctrl-C during a reply stops that reply only. When stdin is not a terminal
+the chat is scriptable: no prompt or banner, one output line per input line (a reply's line
+breaks become spaces), flushed per line; notes (sources, dropped turns, errors) go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from typing import Callable, Iterator, TextIO
+
+from chatforge.cli import leaf
+from chatforge.errors import ChatforgeError
+from chatforge.infer.prompting import SystemPrompt, load_system_prompt
+from chatforge.infer.safety import ACTIONS, DEFAULT_REFUSAL, ReplyFilter, load_blocked_terms
+
+COMMANDS_HELP = """\
+Commands:
+  /help    show this help
+  /reset   forget the conversation so far (the system prompt stays)
+  /exit    leave (Ctrl-D does the same)
+Ctrl-C while a reply is being written stops that reply."""
+COMMANDS = ("/help", "/reset", "/exit")
+MIN_CONTEXT_TOKENS = 16   # below this a retrieved context is not worth sending
+
+
+class ChatSession:
+    """A conversation with a model. `reply(text)` streams the answer and extends `history`.
+
+    `history` holds the plain user and assistant turns (never the retrieved context, to save
+    space); the system prompt and its few-shot examples are kept apart and always sent. When
+    the prompt would not leave room for `gen_cfg.max_new_tokens` (at most half the context),
+    the oldest turns are dropped for good: `last_dropped` says how many messages (user and
+    assistant turns) the last reply dropped, `dropped` how many this conversation has. `last_sources` names the documents the
+    last reply was given. Replies are filtered by `guard` (PII always, blocked terms if any)
+    before they are yielded, and the history keeps the filtered text, what the user saw.
+    """
+
+    def __init__(self, model, tokenizer, system: SystemPrompt | str | None = None, index=None,
+                 gen_cfg=None, guard: ReplyFilter | None = None, engine=None, passages: int = 3):
+        from chatforge.infer.engine import Engine, GenerationConfig
+
+        self.tokenizer, self.index, self.k = tokenizer, index, passages
+        self.gen_cfg = gen_cfg or GenerationConfig(strategy="sample", temperature=0.7, top_p=0.9)
+        self.guard = guard or ReplyFilter()
+        if engine is None:
+            # A new <|im_start|> means the model began another turn: its reply is over.
+            stops = [tokenizer.eot_id, tokenizer.im_end_id, tokenizer.im_start_id]
+            engine = Engine(model, tokenizer, stop_ids=stops)
+        self.engine = engine
+        self.prompt = SystemPrompt(system.strip()) if isinstance(system, str) else system
+        self.context = model.config.max_seq_len
+        reserve = min(self.gen_cfg.max_new_tokens, self.context // 2)
+        self.budget = self.context - reserve          # prompt tokens allowed before the reply
+        self.history: list[dict[str, str]] = []
+        self.dropped = self.last_dropped = 0
+        self.last_sources: list[str] = []
+        fixed = len(self._render(self._messages("", [], [], MIN_CONTEXT_TOKENS)))
+        if fixed >= self.budget:
+            raise ChatforgeError(
+                f"the system prompt and its examples take {fixed} tokens, but the model's context is "
+                f"{self.context} tokens with {reserve} kept for the reply; shorten the system prompt "
+                "or lower --max-new-tokens")
+
+    def reset(self) -> None:
+        """Start a new conversation (the system prompt and examples stay)."""
+        self.history.clear()
+        self.dropped = self.last_dropped = 0
+        self.last_sources = []
+
+    def reply(self, user_text: str) -> Iterator[str]:
+        """Yield the filtered reply to `user_text` in pieces; the turn joins `history` at the end,
+        or when the generator is closed or interrupted (with the part that was shown)."""
+        ids = self._prompt_ids(user_text)
+        stream = self.guard.stream()
+        shown: list[str] = []
+        try:
+            for piece in self._generate(ids):
+                safe = stream.push(piece)
+                if safe:
+                    shown.append(safe)
+                    yield safe
+            safe = stream.finish()
+            if safe:
+                shown.append(safe)
+                yield safe
+        finally:
+            self.history += [{"role": "user", "content": user_text},
+                             {"role": "assistant", "content": "".join(shown).strip()}]
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _generate(self, ids: list[int]) -> Iterator[str]:
+        if self.gen_cfg.strategy == "beam":
+            # Beam search knows its best sequence only at the end: one piece.
+            yield self.engine.generate([ids], self.gen_cfg)[0].text or ""
+        else:
+            yield from self.engine.stream(ids, self.gen_cfg)
+
+    def _render(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+
+    def _messages(self, user_text: str, history: list[dict], passages: list, context_tokens: int) -> list[dict]:
+        examples = self.prompt.examples if self.prompt else []
+        system = self.prompt.text if self.prompt and self.prompt.text else None
+        if self.index is None:
+            head = [{"role": "system", "content": system}] if system else []
+            return [*head, *examples, *history, {"role": "user", "content": user_text}]
+        from chatforge.infer.retrieval import grounded_messages
+
+        # system=None gives retrieval's grounded system prompt, the one grounded SFT teaches.
+        return grounded_messages(user_text, passages, system=system, history=[*examples, *history],
+                                 max_context_tokens=context_tokens, tokenizer=self.tokenizer)
+
+    def _prompt_ids(self, user_text: str) -> list[int]:
+        """The prompt for `user_text`: drop the oldest turns, then shrink the retrieved context,
+        until it fits in `budget`."""
+        passages = self.index.search(user_text, self.k) if self.index is not None else []
+        fixed = len(self._render(self._messages("", [], [], MIN_CONTEXT_TOKENS)))
+        context_tokens = max(MIN_CONTEXT_TOKENS, (self.budget - fixed) * 2 // 3)
+        skip = 0                                       # oldest history messages left out
+        while True:
+            messages = self._messages(user_text, self.history[skip:], passages, context_tokens)
+            ids = self._render(messages)
+            if len(ids) <= self.budget:
+                break
+            if skip < len(self.history):
+                skip += 2                              # one user turn and its reply
+            elif passages and context_tokens > MIN_CONTEXT_TOKENS:
+                context_tokens = max(MIN_CONTEXT_TOKENS, context_tokens // 2)
+            elif passages:
+                passages = []
+            else:
+                raise ChatforgeError(
+                    f"the message is too long: with the system prompt it takes {len(ids)} tokens and the "
+                    f"model's context holds {self.budget} before the reply; shorten it")
+        # Only now that the prompt fits are the turns dropped for good (a failed message keeps them).
+        del self.history[:skip]
+        self.last_dropped = skip
+        self.dropped += skip
+        self.last_sources = _sources_used(passages, messages[-1]["content"])
+        return ids
+
+
+def _sources_used(passages: list, user_content: str) -> list[str]:
+    """The distinct sources of the passages that made it into the context block, in order."""
+    out: list[str] = []
+    for i, p in enumerate(passages):
+        if f"[{i + 1}] (source: {p.source})" in user_content and p.source not in out:
+            out.append(p.source)
+    return out
+
+
+# ---------------------------------------------------------------------------------- the loop
+
+def _style(color: bool) -> Callable[[str, str], str]:
+    codes = {"dim": "2", "bold": "1", "cyan": "36"}
+    return (lambda text, s: f"\x1b[{codes[s]}m{text}\x1b[0m") if color else (lambda text, s: text)
+
+
+def tty_reader(prompt: str, out: TextIO) -> Callable[[], str | None]:
+    """Read a line from the terminal; None on Ctrl-D. Ctrl-C at the prompt clears the line."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+
+    def read() -> str | None:
+        while True:
+            try:
+                return input(prompt)
+            except EOFError:
+                out.write("\n")
+                return None
+            except KeyboardInterrupt:
+                out.write("\n(type /exit or press Ctrl-D to leave)\n")
+
+    return read
+
+
+def pipe_reader(stream: TextIO) -> Callable[[], str | None]:
+    def read() -> str | None:
+        line = stream.readline()
+        return line.rstrip("\r\n") if line else None
+    return read
+
+
+def converse(session: ChatSession, read: Callable[[], str | None], out: TextIO, notes: TextIO,
+             interactive: bool, color: bool = False) -> int:
+    """Run the conversation until /exit or end of input; returns the exit code.
+
+    Interactive: replies stream to `out` behind an `assistant>` label, notes are dim on `out`.
+    Scripted: one line on `out` per input line (empty for commands and errors), notes and
+    errors on `notes`; exit code 2 if any turn failed.
+    """
+    style = _style(color)
+    failed = told_dropped = False
+
+    def note(text: str) -> None:
+        notes.write((style(text, "dim") if interactive else text) + "\n")
+        notes.flush()
+
+    def blank() -> None:                  # keeps output line N = input line N when scripted
+        if not interactive:
+            out.write("\n")
+            out.flush()
+
+    while (line := read()) is not None:
+        text = line.strip()
+        word = text.split(maxsplit=1)[0].lower() if text else ""
+        if word in COMMANDS or (word.startswith("/") and "/" not in word[1:] and text == word):
+            if word == "/exit":
+                break
+            if word == "/help":
+                note(COMMANDS_HELP)
+            elif word == "/reset":
+                session.reset()
+                told_dropped = False
+                note("(conversation cleared)")
+            else:
+                note(f"unknown command {word}; type /help for the commands")
+            blank()
+            continue
+        if not text:
+            blank()
+            continue
+        if interactive:
+            out.write(style("assistant> ", "cyan"))
+            out.flush()
+        error = None
+        try:
+            with contextlib.closing(session.reply(text)) as pieces:
+                for piece in pieces:
+                    if interactive:
+                        out.write(piece)
+                        out.flush()
+                    else:
+                        out.write(piece.replace("\r", "").replace("\n", " "))
+        except KeyboardInterrupt:
+            out.write(style(" [stopped]", "dim"))
+        except ChatforgeError as e:
+            error = f"error: {e}"
+        out.write("\n")
+        out.flush()
+        if error:
+            failed = True
+            notes.write(error + "\n")
+            notes.flush()
+        if session.last_dropped and not told_dropped:
+            note(f"(the conversation no longer fits the model's {session.context}-token context: "
+                 "the oldest turns are being dropped)")
+            told_dropped = True
+        if session.last_sources:
+            note("sources: " + "; ".join(session.last_sources))
+        if interactive:
+            out.write("\n")
+    return 2 if failed and not interactive else 0
+
+
+# ------------------------------------------------------------------------------- the command
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("example:\n  chatforge chat --model runs/demo/sft --system examples/system_prompt.md "
+                     "--docs examples/my_docs\n  printf 'hello\\n' | chatforge chat --model runs/demo/sft")
+    parser.add_argument("--model", metavar="DIR", default=None, help="model folder (the output of sft); required")
+    parser.add_argument("--system", metavar="FILE", default=None,
+                        help="system prompt: plain text, or Markdown sections (# Role, # Goal, # Do not, "
+                             "# Output format, # Examples); see examples/system_prompt.md")
+    parser.add_argument("--docs", metavar="PATH", nargs="+", default=None,
+                        help="files or folders to answer from: each question retrieves passages from them")
+    parser.add_argument("--no-retrieval", action="store_true", default=False,
+                        help="ignore --docs (e.g. one set in a --config file) and chat without retrieval")
+    parser.add_argument("--passages", type=int, default=3, help="passages retrieved per question with --docs")
+    parser.add_argument("--index-cache", metavar="DIR", default=None,
+                        help="where the passage index is cached "
+                             "(default: .chatforge-index beside the first --docs path)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
+    parser.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="sample", help="decoding strategy")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (1 = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.1, help="> 1 discourages repeating (1 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (replies become reproducible)")
+    parser.add_argument("--blocked-terms", metavar="FILE", default=None,
+                        help="terms never shown in a reply: one a line, /regex/ for a regular expression")
+    parser.add_argument("--blocked-action", choices=ACTIONS, default="mask",
+                        help="mask a blocked term with *s, or replace the whole reply with --refusal")
+    parser.add_argument("--refusal", default=DEFAULT_REFUSAL,
+                        help="the reply shown instead, with --blocked-action refuse")
+    parser.add_argument("--device", default="cpu", help="torch device to run the model on")
+    leaf(parser, run)
+
+
+def _use_color(stream: TextIO) -> bool:
+    return stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.model:
+        raise ChatforgeError("--model is required: the folder of a trained model (the output of sft)")
+    if args.passages < 1:
+        raise ChatforgeError(f"--passages must be at least 1, got {args.passages}")
+    # Cheap checks first, so a typo fails at once, before torch and the model load.
+    system = load_system_prompt(args.system) if args.system else None
+    blocked = load_blocked_terms(args.blocked_terms) if args.blocked_terms else []
+    guard = ReplyFilter(blocked, action=args.blocked_action, refusal=args.refusal)
+
+    from chatforge.infer.engine import GenerationConfig
+
+    gen_cfg = GenerationConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+    from chatforge.train.checkpoint import load_model
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    index = None
+    if args.docs and not args.no_retrieval:
+        from chatforge.infer.retrieval import PassageIndex
+
+        index = PassageIndex.load_or_build(args.docs, args.index_cache)
+    session = ChatSession(model, tokenizer, system=system, index=index, gen_cfg=gen_cfg, guard=guard,
+                          passages=args.passages)
+
+    if not sys.stdin.isatty():
+        return converse(session, pipe_reader(sys.stdin), sys.stdout, sys.stderr, interactive=False)
+    color = _use_color(sys.stdout)
+    n_params = sum(p.numel() for p in model.parameters())
+    grounded = f", answering from {len(index)} passages" if index is not None else ""
+    print(_style(color)(f"chatforge chat: {args.model} ({n_params / 1e6:.1f}M parameters, "
+                        f"{session.context}-token context{grounded})", "bold"))
+    print("Type a message and press Enter; /help for commands, /exit or Ctrl-D to leave.\n")
+    return converse(session, tty_reader("you> ", sys.stdout), sys.stdout, sys.stdout, interactive=True, color=color)
