@@ -1,0 +1,106 @@
+"""The GPT: causality, parity with HF LlamaForCausalLM, mixture-of-experts routing and learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT, GPTConfig, preset
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine is shared: one thread avoids oversubscription stalls and is deterministic.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def small_config(**kw) -> GPTConfig:
+    return GPTConfig(**{**dict(vocab_size=97, max_seq_len=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2,
+                               d_ff=64), **kw})
+
+
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_changing_a_later_token_never_changes_earlier_logits(n_experts):
+    torch.manual_seed(0)
+    model = GPT(small_config(n_experts=n_experts)).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    assert torch.equal(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_logits_match_hf_llama(tied, n_kv_head):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = GPT(small_config(tie_embeddings=tied, n_kv_head=n_kv_head)).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.hf_config())).eval()
+    missing, unexpected = hf.load_state_dict(model.hf_state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_hf_loss_matches_too():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    model = GPT(small_config()).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.hf_config())).eval()
+    hf.load_state_dict(model.hf_state_dict(), strict=False)
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        _, ours = model(idx[:, :-1], idx[:, 1:])
+        theirs = hf(idx, labels=idx).loss
+    assert abs(ours.item() - theirs.item()) < 1e-4
+
+
+def test_moe_sends_each_token_to_exactly_k_experts():
+    torch.manual_seed(0)
+    model = GPT(small_config(n_experts=4, experts_per_token=2)).eval()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (3, 12)))
+    for block in model.layers:
+        choice = block.mlp.last_choice                                  # (N, k)
+        assert choice.shape == (3 * 12, 2)
+        assert all(len(set(row.tolist())) == 2 for row in choice)       # k distinct experts a token
+        assert choice.min() >= 0 and choice.max() < 4
+    assert model.aux_loss.item() >= 1.0 - 1e-4                          # 1.0 = perfectly balanced
+
+
+def test_a_tiny_moe_model_learns():
+    torch.manual_seed(0)
+    model = GPT(small_config(n_experts=4, experts_per_token=2))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # A learnable pattern: each sequence counts up modulo the vocabulary from a random start.
+    start = torch.randint(0, 97, (16, 1))
+    seq = (start + torch.arange(17)) % 97
+    losses = []
+    for _ in range(40):
+        _, loss = model(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_too_long_input_and_bad_config_are_clear_errors():
+    model = GPT(small_config())
+    with pytest.raises(ChatforgeError, match="longer than the model's context"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ChatforgeError, match="unknown preset"):
+        preset("huge")
+    with pytest.raises(ChatforgeError, match="multiple of n_kv_head"):
+        small_config(n_kv_head=3)
