@@ -46,7 +46,7 @@ DEFAULTS: dict[str, dict] = {
     "fetch": {},
     "build": {},
     "tokenizer": {"vocab_size": 8192},
-    "pretrain": {"preset": "small", "max_tokens": 4_000_000},
+    "pretrain": {"preset": "small", "max_tokens": 1_500_000},
     "sft": {"method": "full"},
     "eval": {"max_questions": 60},
 }
@@ -287,9 +287,20 @@ def show_conversation(model_dir: Path, docs: list[Path], questions: list[str]) -
     """A short grounded conversation with the finished assistant, so the demo ends by talking."""
     if not questions or not (model_dir / "config.json").exists():
         return
-    try:
-        from chatforge.infer.chat import demo_conversation
-    except ImportError:
-        return
+    from chatforge.infer.chat import ChatSession
+    from chatforge.infer.engine import GenerationConfig
+    from chatforge.infer.retrieval import PassageIndex
+    from chatforge.train.checkpoint import load_model
+
+    model, tokenizer = load_model(model_dir)
+    index = PassageIndex.load_or_build(docs) if docs else None
+    # Greedy with a mild repetition penalty: the demo's answers are the same on every run.
+    gen = GenerationConfig(strategy="greedy", max_new_tokens=96, repetition_penalty=1.1)
+    session = ChatSession(model, tokenizer, index=index, gen_cfg=gen)
     print("\n== a short grounded conversation")
-    demo_conversation(model_dir, docs, questions)
+    for q in questions:
+        print(f"you> {q}")
+        reply = "".join(session.reply(q)).strip()
+        print(f"assistant> {reply}")
+        if session.last_sources:
+            print(f"   sources: {', '.join(session.last_sources)}")

@@ -1,0 +1,172 @@
+"""Benchmark: chatforge's inference engine against HF `generate` on the same weights.
+
+    .venv/bin/python benchmarks/bench_generate.py [--new-tokens 128] [--prompt-len 32] [--repeats 3]
+
+The model is the 13.8M Llama shape (d_model 384, 6 layers, 6 heads, 6 KV heads, d_ff 1024,
+vocab 8192, tied embeddings), random weights; the same weights go into HF `LlamaForCausalLM`.
+Workloads: batch 1 and batch 8, greedy and beam search with 4 beams, 128 new tokens, no stop
+token (both sides generate every token). tokens/s counts the returned new tokens (batch x 128;
+for beam search the best sequence of each prompt, not every beam).
+
+Timing: chatforge and HF run in this one process, interleaved (c, h, h, c, h, h, ...), and the
+median of the repeats is reported; the machine is shared, so absolute figures drift but ratios
+hold. HF runs both with 1 thread and with torch's default; the speedup is against the faster of
+the two, since the engine itself uses 1 thread for a model this small.
+
+Memory: torch's CPU allocator keeps no statistics (and tracemalloc does not see torch), so each
+workload is also run once in a fresh child process that reports the growth of its peak resident
+set size (`ru_maxrss`) during generation, after the model is loaded and one warm-up call on a
+2-token run. This is the extra memory the generation needed (KV cache, activations, buffers),
+to within the allocator's page granularity.
+
+The last line printed is one JSON object: {"bench": "generate", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPE = dict(vocab_size=8192, d_model=384, n_layer=6, n_head=6, n_kv_head=6, d_ff=1024, max_seq_len=512,
+             tie_embeddings=True)
+WORKLOADS = [("greedy", 1), ("greedy", 8), ("beam4", 1), ("beam4", 8)]
+
+
+def build(seed: int = 0):
+    """The chatforge model and an HF LlamaForCausalLM with the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatforge.model.gpt import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**SHAPE)).eval()
+    hf = LlamaForCausalLM(LlamaConfig(**model.hf_config())).eval()
+    hf.load_state_dict(model.hf_state_dict(), strict=False)
+    hf.generation_config.pad_token_id = 0
+    hf.generation_config.eos_token_id = None
+    return model, hf
+
+
+def prompts(batch: int, length: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(batch * 1000 + length)
+    return torch.randint(1, SHAPE["vocab_size"], (batch, length), generator=g)
+
+
+def run_chatforge(engine, ids: torch.Tensor, kind: str, new: int) -> int:
+    from chatforge.infer.engine import GenerationConfig
+
+    cfg = (GenerationConfig(max_new_tokens=new) if kind == "greedy"
+           else GenerationConfig(strategy="beam", num_beams=4, max_new_tokens=new))
+    out = engine.generate(ids.tolist(), cfg)
+    return sum(len(r.tokens) for r in out)
+
+
+def run_hf(hf, ids: torch.Tensor, kind: str, new: int, threads: int | None = None) -> int:
+    beams = 1 if kind == "greedy" else 4
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, num_beams=beams)
+    torch.set_num_threads(before)
+    return (out.shape[1] - ids.shape[1]) * ids.shape[0]
+
+
+def timed(fn) -> tuple[float, int]:
+    t = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - t, n
+
+
+def memory_child(impl: str, kind: str, batch: int, new: int, plen: int) -> None:
+    """In a fresh process: print the peak RSS growth (KiB) of one generation."""
+    from chatforge.infer.engine import Engine
+
+    model, hf = build()
+    engine = Engine(model, stop_ids=[])
+    ids = prompts(batch, plen)
+    run = (lambda n: run_chatforge(engine, ids, kind, n)) if impl == "chatforge" else (lambda n: run_hf(hf, ids, kind, n))
+    run(2)  # warm-up: lazy initialisation is not generation memory
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run(new)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(after - before)
+
+
+def peak_memory_mib(impl: str, kind: str, batch: int, new: int, plen: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", impl, kind, str(batch), str(new), str(plen)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "CHATFORGE_QUIET": "1"})
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-workload memory child processes")
+    ap.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        impl, kind, batch, new, plen = args.memory_child
+        memory_child(impl, kind, int(batch), int(new), int(plen))
+        return
+
+    from chatforge.infer.engine import Engine
+
+    model, hf = build()
+    engine = Engine(model, stop_ids=[])
+    print(f"model: {model.num_params() / 1e6:.1f}M parameters, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
+    results: dict[str, dict] = {}
+    n_threads = torch.get_num_threads()
+    for kind, batch in WORKLOADS:
+        ids = prompts(batch, args.prompt_len)
+        run_chatforge(engine, ids, kind, 4), run_hf(hf, ids, kind, 4)  # warm-up
+        cf, hf1, hfn = [], [], []
+        for _ in range(args.repeats):
+            t, n = timed(lambda: run_chatforge(engine, ids, kind, args.new_tokens))
+            cf.append(n / t)
+            t, n = timed(lambda: run_hf(hf, ids, kind, args.new_tokens, threads=1))
+            hf1.append(n / t)
+            t, n = timed(lambda: run_hf(hf, ids, kind, args.new_tokens))
+            hfn.append(n / t)
+        key = f"{kind}_b{batch}"
+        r = results[key] = {"chatforge_tok_s": statistics.median(cf), "hf_1thread_tok_s": statistics.median(hf1),
+                            f"hf_{n_threads}threads_tok_s": statistics.median(hfn)}
+        # The ratio is against HF's better thread setting, so the engine's own thread choice
+        # (1 thread for a small model) is not what makes the difference.
+        r["hf_tok_s"] = max(r["hf_1thread_tok_s"], r[f"hf_{n_threads}threads_tok_s"])
+        r["speedup"] = r["chatforge_tok_s"] / r["hf_tok_s"]
+        print(f"  {key}: chatforge {r['chatforge_tok_s']:.0f} tok/s, HF {r['hf_1thread_tok_s']:.0f} (1 thread) / "
+              f"{r[f'hf_{n_threads}threads_tok_s']:.0f} ({n_threads} threads)", flush=True)
+        if not args.no_memory:
+            for impl in ("chatforge", "hf"):
+                results[key][f"{impl}_peak_mib"] = peak_memory_mib(impl, kind, batch, args.new_tokens, args.prompt_len)
+
+    print(f"\n{'workload':<12}{'chatforge tok/s':>16}{'HF best tok/s':>15}{'speedup':>9}"
+          f"{'chatforge MiB':>15}{'HF MiB':>9}")
+    for key, r in results.items():
+        mem = (f"{r['chatforge_peak_mib']:>15.1f}{r['hf_peak_mib']:>9.1f}" if "hf_peak_mib" in r else "")
+        print(f"{key:<12}{r['chatforge_tok_s']:>16.0f}{r['hf_tok_s']:>15.0f}{r['speedup']:>8.1f}x{mem}")
+    scaling = results["greedy_b8"]["chatforge_tok_s"] / results["greedy_b1"]["chatforge_tok_s"]
+    print(f"\nbatch 8 / batch 1 greedy throughput (chatforge): {scaling:.1f}x")
+    print("memory: peak RSS growth during one generation, in a fresh process per workload")
+    summary = {"bench": "generate", "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
+               "threads": torch.get_num_threads(), "batch8_over_batch1_greedy": round(scaling, 2)}
+    for key, r in results.items():
+        for name, value in r.items():
+            summary[f"{key}_{name}"] = round(value, 2)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

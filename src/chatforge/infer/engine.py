@@ -1,0 +1,558 @@
+"""The inference engine: token ids in, token ids (and text) out.
+
+`Engine(model, tokenizer=None, stop_ids=None).generate(prompts, cfg)` runs a batch of prompts
+through one prefill and a token-by-token decode over a preallocated KV cache (`KVCache`), with
+greedy decoding, sampling (temperature, top-k, top-p, min-p, seeded) or beam search, and returns
+one `GenerationResult` per prompt. `Engine.stream(prompt_ids, cfg)` yields text pieces as they
+are generated. Everything that generates text (`chatforge generate`, `chat`, evaluation, the HTTP
+server, PPO rollouts) goes through this class.
+
+The engine knows token ids, not prompts: chat formatting lives in `infer/chat.py`. A tokenizer
+(anything with `decode(ids) -> str`) is only used to fill `text`, to stream and to match stop
+strings.
+
+Batching: prompts of different lengths are left-padded; each row gets its own RoPE positions
+(counted from its first real token) and an attention mask that hides the padding, so a prompt's
+output in a batch is the same as its output alone.
+
+Semantics follow HF `generate` where it has an equivalent (the tests check them against it):
+repetition penalty as `RepetitionPenaltyLogitsProcessor`, the warpers as `TopK/TopP/MinPLogitsWarper`
+applied in the order temperature, top-k, top-p, min-p, and beam search with HF's length penalty
+(score = sum of log-probs / generated_length ** length_penalty), `early_stopping` and n-best.
+"""
+
+from __future__ import annotations
+
+import math
+import contextlib
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from chatforge.errors import ChatforgeError
+from chatforge.infer.sampling import LogitsPipeline, StopStrings
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclass
+class GenerationConfig:
+    """How to generate. Validated on creation: a bad value raises `ChatforgeError`."""
+
+    strategy: str = "greedy"             # greedy | sample | beam
+    max_new_tokens: int = 128
+    temperature: float = 1.0             # sample only; 0 means greedy (as in the OpenAI API)
+    top_k: int = 0                       # sample only; 0 = off
+    top_p: float = 1.0                   # sample only; in (0, 1], 1 = off
+    min_p: float = 0.0                   # sample only; in [0, 1], 0 = off
+    repetition_penalty: float = 1.0      # > 0; 1 = off (HF semantics, over prompt + generated)
+    no_repeat_ngram_size: int = 0        # 0 = off
+    num_beams: int = 4                   # beam only
+    length_penalty: float = 1.0          # beam only: score = sum logprobs / len ** length_penalty
+    early_stopping: bool | str = False   # beam only: True, False or "never" (HF's meanings)
+    num_return_sequences: int = 1        # beam: <= num_beams best; sample: independent samples
+    seed: int | None = None              # sample: a seed makes the output reproducible
+    stop_strings: tuple[str, ...] = ()   # the text is cut before the first one that appears
+    truncate_prompt: bool = False        # drop the oldest prompt tokens instead of failing
+
+    def __post_init__(self) -> None:
+        self.stop_strings = tuple(self.stop_strings or ())
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ChatforgeError(f"invalid generation setting: {msg}")
+
+        need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+             f"max_new_tokens must be a positive integer, got {self.max_new_tokens}")
+        need(self.temperature >= 0 and math.isfinite(self.temperature),
+             f"temperature must be >= 0, got {self.temperature}")
+        need(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        need(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        need(self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
+             f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        need(isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0,
+             f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
+        need(isinstance(self.num_beams, int) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
+        need(math.isfinite(self.length_penalty), f"length_penalty must be finite, got {self.length_penalty}")
+        need(self.early_stopping in (True, False, "never"),
+             f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        need(isinstance(self.num_return_sequences, int) and self.num_return_sequences >= 1,
+             f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.strategy == "beam":
+            need(self.num_return_sequences <= self.num_beams,
+                 f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})")
+        if self.strategy == "greedy" or (self.strategy == "sample" and self.temperature == 0):
+            need(self.num_return_sequences == 1, "greedy decoding returns one sequence; use sample or beam for more")
+        need(all(isinstance(s, str) and s for s in self.stop_strings), "stop strings must be non-empty text")
+
+    @property
+    def greedy(self) -> bool:
+        return self.strategy == "greedy" or (self.strategy == "sample" and self.temperature == 0)
+
+
+@dataclass
+class Completion:
+    """One generated continuation."""
+
+    tokens: list[int]              # generated ids, without the stop token that ended them
+    text: str | None               # decoded `tokens`, cut before a stop string (None without tokenizer)
+    finish_reason: str             # "stop" (a stop token or string) or "length" (max_new_tokens / context)
+    stop: int | str | None = None  # the stop token id or stop string that ended it
+    score: float | None = None     # beam search: sum of log-probs / length ** length_penalty
+
+
+@dataclass
+class GenerationResult:
+    """The outcome for one prompt: its completions, best first (one unless n-best was asked)."""
+
+    completions: list[Completion]
+    prompt_tokens: int                   # prompt length actually used (after any truncation)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.completions[0].tokens
+
+    @property
+    def text(self) -> str | None:
+        return self.completions[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.completions[0].finish_reason
+
+    @property
+    def score(self) -> float | None:
+        return self.completions[0].score
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once as (n_layer, B, n_kv_head, max_len, head_dim).
+
+    `update` writes the new keys/values in place at `pos` and returns views up to the new length:
+    nothing grows or is copied per token. `pos` advances after the last layer has written.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.n_layer, self.max_len, self.batch = n_layer, max_len, batch
+        self.pos = 0
+        # Per-layer views, taken once: indexing the 5-d tensor each call costs dispatches per token.
+        self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch: int, max_len: int) -> "KVCache":
+        cfg = model.config
+        p = next(model.parameters())
+        return cls(cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim, p.dtype, p.device)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (b, nkv, T, hs) with b <= the allocated batch (prefill may fill the first rows only).
+        b, T = k.shape[0], k.shape[2]
+        end = self.pos + T
+        if end > self.max_len:
+            raise ChatforgeError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        k_all, v_all = self._k_layers[layer_idx], self._v_layers[layer_idx]        # (batch, nkv, max_len, hs)
+        if b != self.batch:
+            k_all, v_all = k_all[:b], v_all[:b]
+        k_all[:, :, self.pos:end] = k
+        v_all[:, :, self.pos:end] = v
+        if layer_idx == self.n_layer - 1:
+            self.pos = end
+        return k_all[:, :, :end], v_all[:, :, :end]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Make row i hold what row rows[i] held (beam reordering, fanning a prompt out to n rows)."""
+        n = rows.shape[0]
+        self.k[:, :n, :, :self.pos] = self.k[:, rows, :, :self.pos]
+        self.v[:, :n, :, :self.pos] = self.v[:, rows, :, :self.pos]
+
+
+class _Batch:
+    """Left-padded prompts and the per-row state the decode loop needs (positions, masks)."""
+
+    def __init__(self, prompts: list[list[int]], fan_out: int, new_tokens: int, pad_id: int, device):
+        self.lengths = [len(p) for p in prompts]
+        self.n_prompts, self.fan_out = len(prompts), fan_out
+        L = max(self.lengths)
+        self.prompt_len, self.total_len = L, L + new_tokens
+        pads = torch.tensor([L - n for n in self.lengths], device=device)
+        self.ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts], device=device)   # (P, L)
+        cols = torch.arange(L, device=device)
+        self.positions = (cols[None, :] - pads[:, None]).clamp(min=0)                               # (P, L)
+        self.padded = bool(pads.any())
+        rows = torch.arange(self.n_prompts, device=device).repeat_interleave(fan_out)
+        self.rows = rows                                                                           # (R,)
+        # Per-row next RoPE position, advanced in place every step: (R, 1)
+        self.next_pos = torch.tensor(self.lengths, device=device)[rows].unsqueeze(1).clone()
+        self.prefill_mask = self.decode_mask = None
+        if self.padded:
+            # Keys of padding are hidden. A padding query may see itself so that its softmax row is
+            # not empty (an all-masked row is NaN, and NaN keys would poison later layers).
+            valid = torch.ones(len(prompts), self.total_len, dtype=torch.bool, device=device)
+            valid[:, :L] = cols[None, :] >= pads[:, None]
+            causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+            eye = torch.eye(L, dtype=torch.bool, device=device)
+            self.prefill_mask = (causal & (valid[:, None, :L] | eye))[:, None]                 # (P, 1, L, L)
+            self.decode_mask = valid[rows][:, None, None, :]                                   # (R, 1, 1, S_max)
+
+
+class Engine:
+    """Generation over token ids for one model. Reuse one Engine for many calls."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, stop_ids: Iterable[int] | None = None,
+                 pad_id: int | None = None, threads: int | None = None):
+        """`threads`: torch intra-op threads while the model runs. By default a small model (under
+        50M parameters) on CPU uses 1: its decode steps are matrix-vector products too small to
+        split, and on a busy machine a second thread waiting for a shared core made decoding up to
+        5x slower. The caller's setting is restored when the engine returns or yields."""
+        self.model = getattr(model, "_orig_mod", model).eval()
+        self.config = self.model.config
+        self.tokenizer = tokenizer
+        if stop_ids is None:
+            # The tokenizer's end-of-text and end-of-turn tokens, when it has them.
+            stop_ids = [getattr(tokenizer, a) for a in ("eot_id", "im_end_id") if getattr(tokenizer, a, None) is not None]
+        self.stop_ids = sorted(set(int(i) for i in stop_ids))
+        self.pad_id = pad_id if pad_id is not None else getattr(tokenizer, "pad_id", None) or 0
+        self.device = next(self.model.parameters()).device
+        if threads is None and self.device.type == "cpu":
+            threads = 1 if sum(p.numel() for p in self.model.parameters()) < 50e6 else None
+        self.threads = threads
+
+    # ----------------------------------------------------------------------------------- public
+
+    def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig | None = None) -> list[GenerationResult]:
+        """Complete every prompt (a list of token ids); one result per prompt, in order."""
+        cfg = cfg or GenerationConfig()
+        prompts = self._check_prompts(prompts, cfg)
+        if not prompts:
+            return []
+        with torch.inference_mode(), self._thread_limit():
+            if cfg.strategy == "beam":
+                outs = self._beam_search(prompts, cfg)
+            else:
+                outs = self._decode(prompts, cfg)
+        return [GenerationResult(c, len(p)) for c, p in zip(outs, prompts)]
+
+    def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig | None = None) -> Iterator[str]:
+        """Yield the completion of one prompt as text pieces, as soon as they are whole characters.
+
+        A byte-level BPE token may end in the middle of a UTF-8 character; such bytes are held back
+        until the character is complete, and so is any text that could be the start of a stop string.
+        """
+        cfg = cfg or GenerationConfig()
+        if self.tokenizer is None:
+            raise ChatforgeError("streaming needs a tokenizer: pass one to Engine(model, tokenizer)")
+        if cfg.strategy == "beam" or cfg.num_return_sequences != 1:
+            raise ChatforgeError("streaming works with greedy or sample and one sequence; beam search "
+                                 "only knows its best sequence at the end")
+        (prompt,) = self._check_prompts([prompt_ids], cfg)
+        text = _TextStream(self.tokenizer, cfg.stop_strings)
+        steps = self._decode_steps([prompt], cfg, _new_state(1))
+        while True:
+            # The limit holds while the engine works, not while the caller handles a piece.
+            with torch.inference_mode(), self._thread_limit():
+                step = next(steps, None)
+            if step is None:
+                break
+            tok = step[0]
+            if tok is None:
+                continue
+            piece = text.push(tok)
+            if piece:
+                yield piece
+            if text.stopped:
+                return
+        tail = text.finish()
+        if tail:
+            yield tail
+
+    # --------------------------------------------------------------------------------- helpers
+
+    @contextlib.contextmanager
+    def _thread_limit(self) -> Iterator[None]:
+        """Run with `self.threads` torch threads, then restore the caller's setting."""
+        before = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def _check_prompts(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> list[list[int]]:
+        ctx, vocab = self.config.max_seq_len, self.config.vocab_size
+        out = []
+        for i, p in enumerate(prompts):
+            p = [int(t) for t in p]
+            if not p:
+                raise ChatforgeError(f"prompt {i} is empty; give at least one token")
+            if any(t < 0 or t >= vocab for t in p):
+                raise ChatforgeError(f"prompt {i} has token ids outside the model's vocabulary (0..{vocab - 1}); "
+                                     "was it encoded with this model's tokenizer?")
+            if len(p) >= ctx:
+                if not cfg.truncate_prompt:
+                    raise ChatforgeError(f"prompt {i} has {len(p)} tokens but the model's context is {ctx}; "
+                                         "shorten it (or allow truncation of its oldest tokens)")
+                p = p[len(p) - ctx + 1:]  # keep room for at least one new token
+            out.append(p)
+        return out
+
+    def _new_tokens(self, batch_prompt_len: int, cfg: GenerationConfig) -> int:
+        return min(cfg.max_new_tokens, self.config.max_seq_len - batch_prompt_len)
+
+    def _forward(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor, mask) -> torch.Tensor:
+        logits, _ = self.model(ids, cache=cache, positions=positions, attn_mask=mask, last_only=True)
+        return logits[:, -1, :].float()                                                       # (B, V)
+
+    def _prefill(self, batch: _Batch) -> tuple[torch.Tensor, KVCache]:
+        """Run the prompts once, then fan the cache out to `fan_out` rows per prompt."""
+        cache = KVCache.for_model(self.model, len(batch.rows), batch.total_len)
+        logits = self._forward(batch.ids, cache, batch.positions, batch.prefill_mask)         # (P, V)
+        if batch.fan_out > 1:
+            cache.select_rows(batch.rows)
+            logits = logits[batch.rows]
+        return logits, cache
+
+    def _decode_step(self, tokens: torch.Tensor, cache: KVCache, batch: _Batch) -> torch.Tensor:
+        mask = None if batch.decode_mask is None else batch.decode_mask[..., :cache.pos + 1]
+        logits = self._forward(tokens, cache, batch.next_pos, mask)
+        batch.next_pos += 1
+        return logits
+
+    def _stop_strings(self, cfg: GenerationConfig) -> StopStrings | None:
+        if not cfg.stop_strings:
+            return None
+        if self.tokenizer is None:
+            raise ChatforgeError("stop strings need a tokenizer: pass one to Engine(model, tokenizer)")
+        return StopStrings(self.tokenizer, cfg.stop_strings)
+
+    def _completion(self, tokens: list[int], reason: str, stop: int | str | None, score=None) -> Completion:
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(tokens)
+            if isinstance(stop, str):
+                text = text[: text.find(stop)] if stop in text else text
+        return Completion(tokens, text, reason, stop, score)
+
+    # ------------------------------------------------------------------- greedy and sampling
+
+    def _decode_steps(self, prompts: list[list[int]], cfg: GenerationConfig,
+                      state: dict[str, list]) -> Iterator[list[int | None]]:
+        """Greedy/sampled decoding; yields each step's new token per row (None once a row is done).
+
+        `state` (from `_new_state`) collects each row's tokens and why it finished.
+        """
+        fan = cfg.num_return_sequences
+        new_tokens = self._new_tokens(max(map(len, prompts)), cfg)
+        batch = _Batch(prompts, fan, new_tokens, self.pad_id, self.device)
+        R = len(batch.rows)
+        histories = [list(prompts[r // fan]) for r in range(R)]
+        pipeline = LogitsPipeline(cfg, histories, self.config.vocab_size, self.device, for_beam=False)
+        stops = self._stop_strings(cfg)
+        gen = None
+        if not cfg.greedy and cfg.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        stop_set = set(self.stop_ids)
+        done = [False] * R
+        tokens = torch.full((R, 1), self.pad_id, dtype=torch.long, device=self.device)
+
+        logits, cache = self._prefill(batch)
+        for step in range(new_tokens):
+            if step:
+                logits = self._decode_step(tokens, cache, batch)
+            logits = pipeline(logits)
+            if cfg.greedy:
+                nxt = logits.argmax(-1)
+            else:
+                probs = torch.softmax(pipeline.warp(logits), dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            ids = nxt.tolist()
+            out: list[int | None] = [None] * R
+            for r, t in enumerate(ids):
+                if done[r]:
+                    ids[r] = self.pad_id
+                    continue
+                if t in stop_set:
+                    done[r], state["reason"][r], state["stop"][r] = True, "stop", t
+                    ids[r] = self.pad_id
+                    continue
+                state["tokens"][r].append(t)
+                out[r] = t
+                if stops is not None:
+                    hit = stops.match(state["tokens"][r])
+                    if hit is not None:
+                        done[r], state["reason"][r], state["stop"][r] = True, "stop", hit
+            yield out
+            if all(done):
+                break
+            pipeline.append(ids, done)
+            tokens.copy_(torch.tensor(ids, device=self.device).unsqueeze(1))
+
+    def _decode(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[Completion]]:
+        fan = cfg.num_return_sequences
+        state = _new_state(len(prompts) * fan)
+        for _ in self._decode_steps(prompts, cfg, state):
+            pass
+        comps = [self._completion(t, r, s) for t, r, s in zip(state["tokens"], state["reason"], state["stop"])]
+        return [comps[i * fan:(i + 1) * fan] for i in range(len(prompts))]
+
+    # --------------------------------------------------------------------------- beam search
+
+    def _beam_search(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[Completion]]:
+        """HF-equivalent beam search, all prompts at once (num_beams rows per prompt).
+
+        Each step keeps the 2 * num_beams (more with several stop ids) best continuations of each
+        prompt by summed log-prob; those among the top num_beams that end (stop token, stop string
+        or last step) become finished hypotheses scored sum / length ** length_penalty, and the best
+        num_beams unfinished ones continue.
+        """
+        nb, P = cfg.num_beams, len(prompts)
+        new_tokens = self._new_tokens(max(map(len, prompts)), cfg)
+        batch = _Batch(prompts, nb, new_tokens, self.pad_id, self.device)
+        V, R = self.config.vocab_size, P * nb
+        histories = [list(prompts[r // nb]) for r in range(R)]
+        pipeline = LogitsPipeline(cfg, histories, V, self.device, for_beam=True)
+        stops = self._stop_strings(cfg)
+        stop_set = set(self.stop_ids)
+        keep = max(2, 1 + len(self.stop_ids)) * nb
+        lp = cfg.length_penalty
+
+        # Only the first beam of each prompt starts alive, so the first step does not pick the
+        # same continuation nb times.
+        running = torch.zeros(P, nb, device=self.device)
+        running[:, 1:] = -1e9
+        seqs: list[list[int]] = [[] for _ in range(R)]
+        finished: list[list[tuple[float, list[int], str, int | str | None]]] = [[] for _ in range(P)]
+        improvable = [True] * P
+        tokens = torch.zeros(R, 1, dtype=torch.long, device=self.device)
+        base = torch.arange(P, device=self.device).unsqueeze(1) * nb                        # (P, 1)
+
+        logits, cache = self._prefill(batch)
+        for step in range(new_tokens):
+            if step:
+                logits = self._decode_step(tokens, cache, batch)
+            logprobs = pipeline(F.log_softmax(logits, dim=-1))                                # (R, V)
+            total = (logprobs.view(P, nb, V) + running.unsqueeze(2)).view(P, nb * V)
+            top_scores, top_idx = total.topk(keep, dim=1)                                     # (P, keep)
+            src_beam, tok = top_idx // V, top_idx % V
+            last = step == new_tokens - 1
+            scores_l, src_l, tok_l = top_scores.tolist(), src_beam.tolist(), tok.tolist()
+            next_src, next_tok, next_score = [], [], []
+            for p in range(P):
+                full = len(finished[p]) >= nb
+                may_add = improvable[p] and not (full and cfg.early_stopping is True)
+                alive: list[tuple[int, int, float]] = []
+                for rank in range(keep):
+                    row, t, s = p * nb + src_l[p][rank], tok_l[p][rank], scores_l[p][rank]
+                    stop: int | str | None = t if t in stop_set else None
+                    if stop is None and stops is not None:
+                        stop = stops.match(seqs[row] + [t])
+                    if stop is not None or last:
+                        if rank < nb and may_add:
+                            # A stop token is not part of the output; a stop string's token is.
+                            cand = seqs[row] if isinstance(stop, int) else seqs[row] + [t]
+                            reason = "stop" if stop is not None else "length"
+                            finished[p].append((s / ((step + 1) ** lp), cand, reason, stop))
+                    elif len(alive) < nb:
+                        alive.append((row, t, s))
+                # Fewer than nb unfinished candidates (only with stop strings or at the last
+                # step): pad with the best ones, dead (-1e9) so they never win.
+                while len(alive) < nb:
+                    alive.append((p * nb, self.pad_id, -1e9))
+                finished[p].sort(key=lambda h: -h[0])
+                del finished[p][nb:]
+                for row, t, s in alive:
+                    next_src.append(row), next_tok.append(t), next_score.append(s)
+            if last:
+                break
+            seqs = [seqs[r] + [t] for r, t in zip(next_src, next_tok)]
+            running = torch.tensor(next_score, device=self.device).view(P, nb)
+            src = torch.tensor(next_src, device=self.device)
+            tokens.copy_(torch.tensor(next_tok, device=self.device).unsqueeze(1))
+            if next_src != list(range(R)):
+                cache.select_rows(src)
+            pipeline.reorder(src, next_tok)
+            # HF's stopping test: can a running beam still beat the worst finished hypothesis?
+            gen_len = step + 1
+            if cfg.early_stopping == "never" and lp > 0:
+                gen_len = new_tokens
+            for p in range(P):
+                best = next_score[p * nb] / (gen_len ** lp)
+                worst = finished[p][-1][0] if len(finished[p]) >= nb else -1e9
+                improvable[p] = improvable[p] and best > worst
+            if all(not improvable[p] or (cfg.early_stopping is True and len(finished[p]) >= nb) for p in range(P)):
+                break
+        return [[self._completion(toks, reason, stop, score)
+                 for score, toks, reason, stop in finished[p][:cfg.num_return_sequences]] for p in range(P)]
+
+
+def _new_state(rows: int) -> dict[str, list]:
+    """Per-row outcome of greedy/sampled decoding: tokens, finish reason, what stopped it."""
+    return {"reason": ["length"] * rows, "stop": [None] * rows, "tokens": [[] for _ in range(rows)]}
+
+
+class _TextStream:
+    """Turns tokens into text pieces that never end inside a UTF-8 character or a stop string.
+
+    Tokens since the last clean cut are decoded together; U+FFFD at the end means the bytes of a
+    character are still incomplete, so that part waits.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+        self.tokenizer, self.stop_strings = tokenizer, tuple(stop_strings)
+        self.pending: list[int] = []   # tokens whose text is not all emitted yet
+        self.pending_emitted = 0       # characters of decode(pending) already emitted
+        self.emitted = ""              # the whole text emitted so far
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        whole = len(text.rstrip("\ufffd"))
+        return self._emit(text, whole, final=False)
+
+    def finish(self) -> str:
+        if self.stopped or not self.pending:
+            return ""
+        text = self.tokenizer.decode(self.pending)
+        return self._emit(text, len(text), final=True)
+
+    def _emit(self, text: str, whole: int, final: bool) -> str:
+        new = text[self.pending_emitted:whole]
+        if self.stop_strings:
+            # Look for a stop string in the emitted tail plus the new text.
+            longest = max(len(s) for s in self.stop_strings)
+            tail = self.emitted[-longest:]
+            window = tail + new
+            cut = min((window.find(s) for s in self.stop_strings if s in window), default=-1)
+            if cut >= 0:
+                self.stopped = True
+                piece = window[len(tail):cut] if cut >= len(tail) else ""
+                self.emitted += piece
+                return piece
+            if not final:
+                # Hold back a suffix that could grow into a stop string.
+                hold = 0
+                for s in self.stop_strings:
+                    for k in range(min(len(s) - 1, len(window)), 0, -1):
+                        if window.endswith(s[:k]):
+                            hold = max(hold, k)
+                            break
+                keep = max(0, len(new) - hold)
+                new = new[:keep]
+                whole = self.pending_emitted + keep
+        self.emitted += new
+        self.pending_emitted = whole
+        if whole == len(text):
+            # Everything decoded so far is out: start afresh (keeps decoding cost per token small).
+            self.pending, self.pending_emitted = [], 0
+        return new

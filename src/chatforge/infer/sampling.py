@@ -1,0 +1,142 @@
+"""Logits processing for the engine: penalties, warpers and stop strings.
+
+Each function has the semantics of its HF `transformers` namesake (the tests compare them on the
+same input), so settings carry over from HF recipes:
+- `repetition_penalty` = `RepetitionPenaltyLogitsProcessor`: for every token already in the prompt
+  or the output, a positive logit is divided by the penalty and a negative one multiplied.
+- `top_k_filter`, `top_p_filter`, `min_p_filter` = `TopKLogitsWarper`, `TopPLogitsWarper`,
+  `MinPLogitsWarper` (each keeps at least one token), applied after the temperature in that order.
+- `no_repeat_ngram` = `NoRepeatNGramLogitsProcessor`: a token that would repeat an n-gram already in
+  the sequence is banned.
+`LogitsPipeline` holds the per-row state (which tokens were seen, the histories) across steps.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from chatforge.infer.engine import GenerationConfig
+
+NEG_INF = float("-inf")
+
+
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (B, V); seen (B, V) bool, True for tokens in the prompt or output."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept too)."""
+    k = min(max(k, 1), logits.shape[-1])
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities add up to more than p."""
+    sorted_logits, order = logits.sort(dim=-1)                    # ascending
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cum <= (1 - p)                                  # the unlikely tail
+    drop_sorted[..., -1] = False                                  # always keep the best token
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times that of the most likely token."""
+    probs = logits.softmax(dim=-1)
+    drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    drop.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def banned_ngram_tokens(history: Sequence[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in `history`."""
+    if len(history) + 1 < n:
+        return []
+    prefix = list(history[len(history) - (n - 1):]) if n > 1 else []
+    return [history[i + n - 1] for i in range(len(history) - n + 1) if list(history[i:i + n - 1]) == prefix]
+
+
+class LogitsPipeline:
+    """The processors a `GenerationConfig` asks for, with their per-row state.
+
+    `__call__` applies the penalties (every strategy); `warp` applies temperature and the filters
+    (sampling only). Beam search calls `__call__` on log-probabilities, as HF does.
+    """
+
+    def __init__(self, cfg: "GenerationConfig", histories: list[list[int]], vocab_size: int,
+                 device: torch.device, for_beam: bool):
+        self.cfg = cfg
+        self.ngram = cfg.no_repeat_ngram_size
+        self.histories = histories if self.ngram else None          # only n-gram blocking needs them
+        self.seen = None
+        if cfg.repetition_penalty != 1.0:
+            self.seen = torch.zeros(len(histories), vocab_size, dtype=torch.bool, device=device)
+            for r, h in enumerate(histories):
+                self.seen[r, torch.tensor(h, device=device)] = True
+        self.active = self.seen is not None or bool(self.ngram)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return logits
+        if self.seen is not None:
+            logits = repetition_penalty(logits, self.seen, self.cfg.repetition_penalty)
+        if self.ngram:
+            for r, h in enumerate(self.histories):
+                banned = banned_ngram_tokens(h, self.ngram)
+                if banned:
+                    logits[r, banned] = NEG_INF
+        return logits
+
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.temperature != 1.0:
+            logits = logits / cfg.temperature
+        if cfg.top_k:
+            logits = top_k_filter(logits, cfg.top_k)
+        if cfg.top_p < 1.0:
+            logits = top_p_filter(logits, cfg.top_p)
+        if cfg.min_p > 0.0:
+            logits = min_p_filter(logits, cfg.min_p)
+        return logits
+
+    def append(self, tokens: list[int], done: list[bool]) -> None:
+        """Record each row's new token (rows that are done are left alone)."""
+        if self.seen is not None:
+            self.seen.scatter_(1, torch.tensor(tokens, device=self.seen.device).unsqueeze(1), True)
+        if self.histories is not None:
+            for h, t, d in zip(self.histories, tokens, done):
+                if not d:
+                    h.append(t)
+
+    def reorder(self, rows: torch.Tensor, tokens: list[int]) -> None:
+        """Beam search: row i continues row rows[i] with tokens[i]."""
+        if self.seen is not None:
+            self.seen = self.seen[rows]
+            self.seen.scatter_(1, torch.tensor(tokens, device=self.seen.device).unsqueeze(1), True)
+        if self.histories is not None:
+            src = rows.tolist()
+            self.histories = [self.histories[s] + [t] for s, t in zip(src, tokens)]
+
+
+class StopStrings:
+    """Finds user stop strings at the end of generated text without decoding all of it each step.
+
+    A string of n UTF-8 bytes spans at most n tokens; a few more cover a character cut at the
+    window's start.
+    """
+
+    def __init__(self, tokenizer, strings: Sequence[str]):
+        self.tokenizer, self.strings = tokenizer, tuple(strings)
+        self.window = max(len(s.encode("utf-8")) for s in self.strings) + 5
+
+    def match(self, tokens: Sequence[int]) -> str | None:
+        """The stop string that appears first in the last tokens' text, or None."""
+        text = self.tokenizer.decode(list(tokens[-self.window:]))
+        hits = [(text.find(s), s) for s in self.strings if s in text]
+        return min(hits)[1] if hits else None

@@ -1,0 +1,322 @@
+"""The inference engine: KV cache, batching, greedy / beam / sampling, HF parity, streaming, stops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers.generation import logits_process as hf_lp
+
+from chatforge.errors import ChatforgeError
+from chatforge.infer import sampling
+from chatforge.infer.engine import Engine, GenerationConfig, KVCache
+from chatforge.model.gpt import GPT, GPTConfig
+
+VOCAB = 96
+EOS = 7
+
+
+def tiny_model(n_kv_head: int = 2, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_ff=64,
+                          max_seq_len=64)).eval()
+    with torch.no_grad():  # random-init outputs are nearly uniform: sharpen them
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def hf_twin(model: GPT) -> transformers.LlamaForCausalLM:
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.hf_config())).eval()
+    hf.load_state_dict(model.hf_state_dict(), strict=False)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return tiny_model()
+
+
+PROMPTS = [[3, 14, 15, 92, 65], [35, 89], [79, 32, 38, 46, 26, 43, 38, 32, 79]]
+
+
+def hf_generate(hf, prompt, **kw):
+    with torch.inference_mode():
+        return hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           pad_token_id=0, **kw)
+
+
+def strip_eos(tokens: list[int]) -> tuple[list[int], bool]:
+    return (tokens[:tokens.index(EOS)], True) if EOS in tokens else (tokens, False)
+
+
+# ------------------------------------------------------------------------------ cache, batching
+
+def test_cached_greedy_equals_full_recompute(model):
+    engine = Engine(model, stop_ids=[])
+    for prompt in PROMPTS:
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(20):
+                logits, _ = model(torch.tensor([seq]))
+                seq.append(int(logits[0, -1].argmax()))
+        out = engine.generate([prompt], GenerationConfig(max_new_tokens=20))[0]
+        assert out.tokens == seq[len(prompt):]
+        assert out.finish_reason == "length" and out.prompt_tokens == len(prompt)
+
+
+def test_kv_cache_writes_in_place():
+    cache = KVCache(n_layer=2, batch=3, n_kv_head=2, max_len=10, head_dim=4)
+    ptr = cache.k.data_ptr()
+    for step in range(4):
+        for layer in range(2):
+            k = torch.full((3, 2, 1, 4), float(step))
+            k_all, v_all = cache.update(layer, k, k)
+            assert k_all.shape == (3, 2, step + 1, 4) and k_all.data_ptr() == cache.k[layer].data_ptr()
+    assert cache.pos == 4 and cache.k.data_ptr() == ptr
+    assert cache.k[1, :, :, 3].eq(3).all()
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 4])
+def test_batch_equals_each_prompt_alone(n_kv_head):
+    model = tiny_model(n_kv_head)
+    engine = Engine(model, stop_ids=[EOS])
+    for cfg in (GenerationConfig(max_new_tokens=12),
+                GenerationConfig(max_new_tokens=12, repetition_penalty=1.3, no_repeat_ngram_size=2),
+                GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=10, num_return_sequences=2)):
+        together = engine.generate(PROMPTS, cfg)
+        for prompt, got in zip(PROMPTS, together):
+            alone = engine.generate([prompt], cfg)[0]
+            assert [c.tokens for c in got.completions] == [c.tokens for c in alone.completions]
+            assert [c.finish_reason for c in got.completions] == [c.finish_reason for c in alone.completions]
+            if cfg.strategy == "beam":
+                assert [c.score for c in got.completions] == pytest.approx([c.score for c in alone.completions], abs=1e-4)
+
+
+def test_beam_width_one_equals_greedy(model):
+    engine = Engine(model, stop_ids=[EOS])
+    greedy = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=15))
+    beam = engine.generate(PROMPTS, GenerationConfig(strategy="beam", num_beams=1, early_stopping=True,
+                                                     max_new_tokens=15))
+    assert [r.tokens for r in greedy] == [r.tokens for r in beam]
+
+
+# ------------------------------------------------------------------------------------ HF parity
+
+@pytest.mark.parametrize("n_kv_head", [2, 4])
+def test_greedy_matches_hf(n_kv_head):
+    model = tiny_model(n_kv_head, seed=1)
+    hf, engine = hf_twin(model), Engine(model, stop_ids=[EOS])
+    for prompt in PROMPTS:
+        ours = engine.generate([prompt], GenerationConfig(max_new_tokens=25))[0]
+        theirs, stopped = strip_eos(hf_generate(hf, prompt, max_new_tokens=25, do_sample=False,
+                                                eos_token_id=EOS)[0, len(prompt):].tolist())
+        assert ours.tokens == theirs
+        assert (ours.finish_reason == "stop") == stopped
+
+
+def test_greedy_with_penalties_matches_hf(model):
+    hf, engine = hf_twin(model), Engine(model, stop_ids=[])
+    for prompt in PROMPTS:
+        for rp, ngram in ((1.5, 0), (0.7, 0), (1.0, 2), (1.2, 3)):
+            ours = engine.generate([prompt], GenerationConfig(max_new_tokens=20, repetition_penalty=rp,
+                                                              no_repeat_ngram_size=ngram))[0]
+            theirs = hf_generate(hf, prompt, max_new_tokens=20, do_sample=False, repetition_penalty=rp,
+                                 no_repeat_ngram_size=ngram, eos_token_id=None)
+            assert ours.tokens == theirs[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("num_beams,length_penalty,early_stopping",
+                         [(2, 1.0, False), (4, 1.0, False), (4, 0.5, True), (3, 2.0, False), (4, -1.0, "never")])
+def test_beam_search_matches_hf(num_beams, length_penalty, early_stopping):
+    model = tiny_model(seed=2)
+    hf, engine = hf_twin(model), Engine(model, stop_ids=[EOS])
+    n_return = min(2, num_beams)
+    hits_eos = 0
+    for prompt in PROMPTS + [[EOS - 1, 50, 60], [11] * 6]:
+        cfg = GenerationConfig(strategy="beam", num_beams=num_beams, length_penalty=length_penalty,
+                               early_stopping=early_stopping, max_new_tokens=12, num_return_sequences=n_return)
+        ours = engine.generate([prompt], cfg)[0]
+        out = hf_generate(hf, prompt, max_new_tokens=12, do_sample=False, num_beams=num_beams,
+                          length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=EOS,
+                          num_return_sequences=n_return, return_dict_in_generate=True, output_scores=True)
+        for c, seq, score in zip(ours.completions, out.sequences, out.sequences_scores):
+            tokens, stopped = strip_eos(seq[len(prompt):].tolist())
+            assert c.tokens == tokens
+            assert (c.finish_reason == "stop") == stopped
+            assert c.score == pytest.approx(float(score), abs=1e-4)
+            hits_eos += stopped
+    assert hits_eos, "the fixture should make some beams end on EOS"
+
+
+# ---------------------------------------------------------------------------------- processors
+
+@pytest.fixture
+def scores() -> torch.Tensor:
+    torch.manual_seed(3)
+    s = torch.randn(4, 50) * 3
+    s[1, :10] = 5.0  # ties
+    return s
+
+
+def test_repetition_penalty_matches_hf(scores):
+    ids = torch.tensor([[1, 2, 2, 40], [0, 5, 9, 49], [3, 3, 3, 3], [10, 11, 12, 13]])
+    seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, ids, True)
+    for penalty in (1.3, 0.8):
+        want = hf_lp.RepetitionPenaltyLogitsProcessor(penalty)(ids, scores.clone())
+        assert torch.equal(sampling.repetition_penalty(scores, seen, penalty), want)
+
+
+@pytest.mark.parametrize("k", [1, 5, 10, 50, 80])
+def test_top_k_matches_hf(scores, k):
+    assert torch.equal(sampling.top_k_filter(scores, k), hf_lp.TopKLogitsWarper(k)(None, scores.clone()))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9, 0.999, 1.0])
+def test_top_p_matches_hf(scores, p):
+    assert torch.equal(sampling.top_p_filter(scores, p), hf_lp.TopPLogitsWarper(p)(None, scores.clone()))
+
+
+@pytest.mark.parametrize("p", [0.01, 0.2, 0.9, 1.0])
+def test_min_p_matches_hf(scores, p):
+    assert torch.equal(sampling.min_p_filter(scores, p), hf_lp.MinPLogitsWarper(p)(None, scores.clone()))
+
+
+def test_no_repeat_ngram_matches_hf():
+    history = [1, 2, 3, 1, 2, 4, 1, 2]
+    for n in (1, 2, 3, 4):
+        want = hf_lp.NoRepeatNGramLogitsProcessor(n)(torch.tensor([history]), torch.zeros(1, 10))
+        banned = set(sampling.banned_ngram_tokens(history, n))
+        assert banned == set(torch.nonzero(want[0] == float("-inf")).flatten().tolist())
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+def test_seeded_sampling_is_reproducible(model):
+    engine = Engine(model, stop_ids=[])
+    cfg = GenerationConfig(strategy="sample", temperature=0.9, top_k=20, top_p=0.95, min_p=0.02, seed=123,
+                           max_new_tokens=20, num_return_sequences=3)
+    a, b = engine.generate(PROMPTS, cfg), engine.generate(PROMPTS, cfg)
+    assert [[c.tokens for c in r.completions] for r in a] == [[c.tokens for c in r.completions] for r in b]
+    other = engine.generate(PROMPTS, GenerationConfig(**{**cfg.__dict__, "seed": 124}))
+    assert [r.tokens for r in a] != [r.tokens for r in other]
+    assert len({tuple(c.tokens) for c in a[0].completions}) > 1  # the n samples differ
+
+
+def test_sampling_degenerate_cases_equal_greedy(model):
+    engine = Engine(model, stop_ids=[])
+    greedy = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=10))
+    for cfg in (GenerationConfig(strategy="sample", top_k=1, seed=1, max_new_tokens=10),
+                GenerationConfig(strategy="sample", temperature=0, max_new_tokens=10),
+                GenerationConfig(strategy="sample", top_p=1e-6, seed=1, max_new_tokens=10)):
+        assert [r.tokens for r in engine.generate(PROMPTS, cfg)] == [r.tokens for r in greedy]
+
+
+# -------------------------------------------------------------------------- limits and errors
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=1.5), dict(top_p=0.0), dict(num_beams=0),
+                                 dict(max_new_tokens=0), dict(strategy="nucleus"), dict(top_k=-1),
+                                 dict(min_p=2.0), dict(repetition_penalty=0.0), dict(early_stopping="sometimes"),
+                                 dict(strategy="beam", num_beams=2, num_return_sequences=3),
+                                 dict(num_return_sequences=2), dict(stop_strings=[""])])
+def test_bad_settings_are_clear_errors(bad):
+    with pytest.raises(ChatforgeError):
+        GenerationConfig(**bad)
+
+
+def test_prompt_longer_than_context(model):
+    engine, long = Engine(model, stop_ids=[]), list(range(1, 80))
+    with pytest.raises(ChatforgeError, match="context"):
+        engine.generate([long], GenerationConfig(max_new_tokens=5))
+    out = engine.generate([long], GenerationConfig(max_new_tokens=5, truncate_prompt=True))[0]
+    assert out.prompt_tokens == 63 and len(out.tokens) == 1 and out.finish_reason == "length"
+    with pytest.raises(ChatforgeError, match="vocabulary"):
+        engine.generate([[1, VOCAB]], GenerationConfig())
+    with pytest.raises(ChatforgeError, match="empty"):
+        engine.generate([[]], GenerationConfig())
+
+
+def test_generation_stops_at_the_context_end(model):
+    out = Engine(model, stop_ids=[]).generate([list(range(1, 60))], GenerationConfig(max_new_tokens=50))[0]
+    assert len(out.tokens) == 64 - 59 and out.finish_reason == "length"
+
+
+# ------------------------------------------------------------------- streaming and stop strings
+
+TEXT = ("Héllo wörld! Ça va? Grüße aus Köln. 日本語のテキストです。 Emoji: 🙂🚀👍🏽 and ü, ß, é, ñ. "
+        "Support asks: how do I reset my password? Answer: open settings and choose reset.\n") * 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from chatforge.data.tokenizer import train_tokenizer
+
+    return train_tokenizer([TEXT, "plain ascii text about printers and passwords"] * 5, 300,
+                           tmp_path_factory.mktemp("tok"))
+
+
+class ScriptedModel(torch.nn.Module):
+    """A stand-in model that always predicts the next token of `script`, whatever the prompt.
+
+    It goes through the KV cache like the GPT (one layer, one head) so the engine runs its usual path.
+    """
+
+    def __init__(self, script: list[int], vocab_size: int, prompt_len: int):
+        super().__init__()
+        self.script, self.prompt_len = script, prompt_len
+        self.config = GPTConfig(vocab_size=vocab_size, d_model=2, n_layer=1, n_head=1, n_kv_head=1, d_ff=2,
+                                max_seq_len=prompt_len + len(script) + 8)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx, targets=None, *, cache=None, positions=None, attn_mask=None, last_only=False):
+        B, T = idx.shape
+        kv = torch.zeros(B, 1, T, 2)
+        cache.update(0, kv, kv)
+        logits = torch.zeros(B, 1, self.config.vocab_size)
+        for b in range(B):
+            i = int(positions[b, -1]) + 1 - self.prompt_len
+            logits[b, 0, self.script[i] if i < len(self.script) else 0] = 10.0
+        return logits, None
+
+
+def test_tokenizer_splits_characters_across_tokens(tokenizer):
+    # The UTF-8 tests below only mean something if some token ends inside a character.
+    pieces = [tokenizer.decode([t]) for t in tokenizer.encode(TEXT)]
+    assert any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.parametrize("stops", [(), ("Answer:",), ("🚀",), ("Köln", "wörld")])
+def test_stream_never_splits_a_character(tokenizer, stops):
+    script = tokenizer.encode(TEXT)
+    model = ScriptedModel(script + [tokenizer.eot_id], tokenizer.vocab_size, prompt_len=2)
+    engine = Engine(model, tokenizer)
+    cfg = GenerationConfig(max_new_tokens=len(script) + 5, stop_strings=stops)
+    pieces = list(engine.stream([5, 6], cfg))
+    assert all("\ufffd" not in p for p in pieces) and len(pieces) >= 5
+    want = TEXT
+    if stops:
+        want = TEXT[:min(TEXT.find(s) for s in stops)]
+    assert "".join(pieces) == want
+    result = engine.generate([[5, 6]], cfg)[0]
+    assert result.text == want
+    assert result.finish_reason == "stop"
+    assert result.tokens == (script[:len(result.tokens)] if stops else script)
+
+
+def test_stop_strings_in_a_batch_and_in_beam_search(tokenizer):
+    script = tokenizer.encode(TEXT)
+    model = ScriptedModel(script, tokenizer.vocab_size, prompt_len=3)
+    engine = Engine(model, tokenizer, stop_ids=[])
+    for strategy in ("greedy", "beam"):
+        cfg = GenerationConfig(strategy=strategy, num_beams=2, max_new_tokens=60, stop_strings=["Köln", "Grüße"])
+        out = engine.generate([[1, 2, 3], [4, 5, 6]], cfg)
+        for r in out:
+            assert r.text == "Héllo wörld! Ça va? " and r.finish_reason == "stop" and r.completions[0].stop == "Grüße"
+    out = engine.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=4, stop_strings=["never there"]))[0]
+    assert out.finish_reason == "length" and out.text == tokenizer.decode(script[:4])
+
+
+def test_stream_rejects_beam_search(tokenizer):
+    engine = Engine(ScriptedModel([1], tokenizer.vocab_size, 1), tokenizer)
+    with pytest.raises(ChatforgeError, match="stream"):
+        list(engine.stream([1], GenerationConfig(strategy="beam")))
