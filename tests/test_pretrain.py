@@ -126,8 +126,16 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(inputs, tmp_path):
 def torchrun(inputs: Path, out: Path, *extra: str) -> None:
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "chatforge",
            *args(inputs, out, "--steps", "6", "--eval-every", "3", "--warmup", "2"), "--batch-size", "2", *extra]
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # A session of its own, so that on a hang the workers die with torchrun instead of lingering.
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
 
 
 @pytest.mark.e2e
