@@ -1,0 +1,103 @@
+"""Small heads that sit on a GPT backbone's final hidden states instead of its LM head.
+
+- `ClassifierHead`: pooled features -> class logits (text classification, `chatforge classify`).
+- `ValueHead`: per-token hidden state -> a scalar (PPO's value function).
+- `RewardHead`: pooled features -> one scalar score (a reward model for preference data).
+
+`hidden_states(model, idx)` returns the backbone's final, normalised hidden states (B, T, C);
+`pool(hidden, mask, how)` turns them into one vector per sequence. Heads are kept tiny on
+purpose: the backbone carries the knowledge, the head only reads it out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+POOLINGS = ("mean", "last")
+
+
+def hidden_states(model: nn.Module, idx: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+    """The backbone's output after its final norm, (B, T, C), without computing all the logits.
+
+    A hook on `model.norm` catches the full hidden states while `last_only=True` keeps the LM
+    head's work to one position: the GPT's own forward runs, so LoRA wrappers, masks and
+    positions behave exactly as they do in training.
+    """
+    caught: list[torch.Tensor] = []
+    handle = model.norm.register_forward_hook(lambda _m, _inp, out: caught.append(out))
+    try:
+        model(idx, last_only=True, **forward_kwargs)
+    finally:
+        handle.remove()
+    return caught[0]
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """One vector per sequence from (B, T, C) hidden states and a (B, T) mask of real tokens.
+
+    "mean" averages the real tokens; "last" takes the last real token (with causal attention it
+    is the only position that has seen the whole text). Padding must be on the right.
+    """
+    mask = mask.to(hidden.dtype)
+    if how == "mean":
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+    if how == "last":
+        last = (mask.sum(1).long() - 1).clamp(min=0)                     # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling {how!r}; choose one of {POOLINGS}")
+
+
+class ClassifierHead(nn.Module):
+    """Standardise, dropout, one linear layer: pooled features (B, C) -> class logits (B, n_classes).
+
+    Pooled features of a small backbone differ between texts by little compared with their
+    common offset, so each feature is first standardised with the training set's mean and
+    standard deviation (`set_feature_stats`; saved with the head as buffers).
+    """
+
+    def __init__(self, d_model: int, n_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(d_model))
+        self.register_buffer("feature_std", torch.ones(d_model))
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(d_model, n_classes)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """Take the per-feature mean and standard deviation of (N, C) training features."""
+        self.feature_mean.copy_(features.float().mean(0))
+        self.feature_std.copy_(features.float().std(0).clamp(min=1e-6))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = (features - self.feature_mean) / self.feature_std
+        return self.proj(self.dropout(x.to(self.proj.weight.dtype)))
+
+
+class ValueHead(nn.Module):
+    """Per-token scalar: hidden states (B, T, C) -> values (B, T). Starts at zero output."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, 1)
+        # Zero init: the first PPO updates see value 0 everywhere rather than noise.
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden).squeeze(-1)
+
+
+class RewardHead(nn.Module):
+    """Sequence scalar: pooled features (B, C) -> scores (B,). Only score differences matter."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, 1)
+        nn.init.normal_(self.proj.weight, std=1.0 / (d_model + 1) ** 0.5)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features).squeeze(-1)

@@ -1,0 +1,221 @@
+"""Low-rank adapters (LoRA) for any model built from `nn.Linear` layers, such as `GPT`.
+
+LoRA (Hu et al., 2021) freezes a weight W and learns a low-rank update B @ A beside it:
+
+    y = x W^T + (alpha / rank) * dropout(x) A^T B^T        A: (rank, in), B: (out, rank)
+
+A starts random and B starts at zero, so a freshly wrapped model computes exactly what the base
+model did; only A and B are trained (a few percent of the parameters), and `merge_lora` folds
+B @ A back into W so that the result is a plain `GPT` again, with no inference cost.
+
+    model = apply_lora(model, rank=8, alpha=16, dropout=0.05)   # wraps q/k/v/o and the MLP
+    ... train the parameters with requires_grad ...
+    save_lora(model, "runs/demo/sft")       # adapter.safetensors + adapter_config.json
+    merge_lora(model)                       # plain GPT, save with checkpoint.save_model
+
+Parameter names keep the wrapped layer under `base_layer` (as PEFT does), so the adapter's
+tensors are named `layers.0.self_attn.q_proj.lora_A.weight` and so on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from chatforge import files
+from chatforge.errors import ChatforgeError
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0        # the update is scaled by alpha / rank, so rank can change without retuning lr
+    dropout: float = 0.0       # on the adapter's input only; the frozen path sees x unchanged
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # module-name suffixes
+
+    def validate(self) -> None:
+        if self.rank <= 0:
+            raise ChatforgeError(f"LoRA rank must be positive, got {self.rank}")
+        if self.alpha <= 0:
+            raise ChatforgeError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ChatforgeError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ChatforgeError("LoRA needs at least one target module name (e.g. q_proj)")
+
+
+class LoRALinear(nn.Module):
+    """An `nn.Linear` plus a trainable low-rank update; the wrapped layer is left untouched."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer = base_layer
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        w = base_layer.weight
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=w.device, dtype=w.dtype)
+        # A like a default Linear init, B zero: the update B @ A is zero until training moves B.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight, so code that reads `layer.weight` keeps working."""
+        return self.base_layer.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               targets: list[str] | tuple[str, ...] | None = None) -> nn.Module:
+    """Freeze every parameter of `model` and wrap the matching `nn.Linear` layers with adapters.
+
+    `targets` are module-name suffixes (`q_proj`, or `self_attn.q_proj` for attention only).
+    Modifies `model` in place and returns it; the adapter settings are kept in `model.lora_config`.
+    """
+    cfg = LoRAConfig(rank, float(alpha), float(dropout), list(targets or DEFAULT_TARGETS))
+    cfg.validate()
+    if lora_modules(model):
+        raise ChatforgeError("this model already has LoRA adapters; merge or load them instead of adding more")
+    chosen = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(name, cfg.targets)]
+    if not chosen:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ChatforgeError(f"no linear layer matches the LoRA targets {cfg.targets}; "
+                             f"the model's linear layers are named {', '.join(linear)}")
+    # A tied head shares its weight with the embedding: merging into it would change the
+    # embedding too, so the head is not a valid target when tied.
+    if getattr(getattr(model, "config", None), "tie_embeddings", False) and "lm_head" in chosen:
+        raise ChatforgeError("lm_head is tied to the token embedding and cannot take a LoRA adapter; "
+                             "leave it out of --lora-targets")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        _set_child(model, name, LoRALinear(model.get_submodule(name), cfg.rank, cfg.alpha, cfg.dropout))
+    model.lora_config = cfg
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and remove the wrappers (in place; returns `model`).
+
+    Afterwards the model is the plain architecture again (same parameter names as before
+    `apply_lora`), and all its parameters are trainable, as a freshly built model's are.
+    """
+    for name, m in lora_modules(model).items():
+        with torch.no_grad():
+            m.base_layer.weight += m.delta_weight().to(m.base_layer.weight.dtype)
+        _set_child(model, name, m.base_layer)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors only (`...q_proj.lora_A.weight`, `...q_proj.lora_B.weight`), taken
+    from `state` (a full state dict of the wrapped model) or from the model itself."""
+    state = model.state_dict() if state is None else state
+    return {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The plain model's state dict with every adapter folded in, leaving `model` wrapped.
+
+    `state` is a full state dict of the wrapped model (default: its current one), e.g. the copy
+    the training loop hands to its save function. Merged weights are computed in fp32.
+    """
+    state = model.state_dict() if state is None else state
+    out = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
+    for name, m in lora_modules(model).items():
+        base = out.pop(f"{name}.base_layer.weight")
+        delta = (state[f"{name}.lora_B.weight"].float() @ state[f"{name}.lora_A.weight"].float()) * m.scaling
+        out[f"{name}.weight"] = (base.float() + delta.to(base.device)).to(base.dtype)
+    return out
+
+
+def save_lora(model: nn.Module, out: str | Path, state: dict[str, torch.Tensor] | None = None, **extra) -> Path:
+    """Write `adapter.safetensors` and `adapter_config.json` into the folder `out`.
+
+    The tensors come from `state` (a full state dict of the wrapped model) or the model itself;
+    `extra` keys (e.g. `base="runs/demo/pretrain"`) are stored in the config for the reader.
+    """
+    from safetensors.torch import save
+
+    cfg: LoRAConfig | None = getattr(model, "lora_config", None)
+    if cfg is None or not lora_modules(model):
+        raise ChatforgeError("the model has no LoRA adapters to save")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model, state).items()}
+    files.write_bytes(out / ADAPTER_WEIGHTS, save(state, metadata={"format": "pt"}))
+    files.write_json(out / ADAPTER_CONFIG, {"format": "chatforge-lora", **asdict(cfg), **extra})
+    return out
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ChatforgeError(f"{folder} holds no LoRA adapter: {ADAPTER_CONFIG} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ChatforgeError(f"{path} is corrupt ({e}); save the adapter again") from None
+
+
+def load_lora(model: nn.Module, path: str | Path) -> nn.Module:
+    """Add the adapter saved in folder `path` to `model` (wrapping it if needed) and load its weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    if folder.is_file():  # accept the safetensors file itself
+        folder = folder.parent
+    meta = read_adapter_config(folder)
+    if not lora_modules(model):
+        apply_lora(model, meta["rank"], meta["alpha"], meta.get("dropout", 0.0), meta["targets"])
+    try:
+        state = load_file(str(folder / ADAPTER_WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ChatforgeError(f"{folder / ADAPTER_WEIGHTS} is missing or corrupt ({e})") from None
+    expected = set(lora_state_dict(model))
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise ChatforgeError(f"{folder / ADAPTER_WEIGHTS} does not fit this model "
+                             f"(missing {missing}, unexpected {unexpected}); was it trained on another base?")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # same names, other shapes: another rank or another model size
+        raise ChatforgeError(f"{folder / ADAPTER_WEIGHTS} does not fit this model: {str(e).splitlines()[-1].strip()}") from None
+    return model

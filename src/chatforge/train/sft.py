@@ -1,0 +1,375 @@
+"""`chatforge sft`: supervised fine-tuning of a pretrained model into a chat assistant.
+
+    chatforge sft --base runs/demo/pretrain --data runs/demo/data --out runs/demo/sft
+    chatforge sft ... --method lora --lora-rank 8 --lora-save adapter
+    chatforge sft ... --method freeze --freeze-top 2
+    chatforge sft ... --resume                 # continue from runs/demo/sft/last/
+
+Data: the data stage's `qa_train.jsonl` / `qa_val.jsonl` (FAQ pairs and multi-turn
+conversations, `{"messages": [...]}` or `{"prompt", "completion"}` lines), rendered in ChatML
+and packed into fixed-length rows (`chatforge.data.chat_data`). The loss counts assistant
+tokens only. Grounded examples are mixed in: for `--grounded-fraction` of the single-turn
+pairs, the question comes with passages retrieved from the documents (`--docs`, or the data
+folder's `corpus.jsonl`) in the prompt format `chat` uses (`infer/retrieval.py`), so the model
+learns to answer from the context and to name its source.
+
+Methods (`--method`):
+- `full`: every parameter trains (default lr 3e-4, lower than pretraining's).
+- `lora`: low-rank adapters on `--lora-targets` (`model/lora.py`); the base stays frozen
+  (default lr 1e-3, as adapters start from zero and are small). The output is merged into a
+  plain model; `--lora-save adapter` also keeps `adapter.safetensors` + `adapter_config.json`
+  (whose `base` key points at `--base`).
+- `freeze`: only the top `--freeze-top` blocks, the final norm and the LM head train. With
+  tied embeddings the head IS the token embedding matrix: it trains too (the head is where the
+  model learns to end its turn with `<|im_end|>`), so the input embeddings change with it;
+  every lower block stays bit-identical.
+
+The training itself is `chatforge.train.loop.train` (validation loss and perplexity on
+qa_val, the best checkpoint kept, `last/` for `--resume`). `--out` ends up a model folder
+(`load_model` works on it) for every method. With `--method lora`, `last/` holds the wrapped
+(unmerged) weights, which is what `--resume` needs. `OUT/sft.json` records the data statistics
+(examples kept / truncated / dropped, padding fraction) and the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+from chatforge import files
+from chatforge.cli import leaf
+from chatforge.errors import ChatforgeError
+
+METHODS = ("full", "lora", "freeze")
+DEFAULT_LR = {"full": 3e-4, "lora": 1e-3, "freeze": 3e-4}
+# = model.lora.DEFAULT_TARGETS, spelled out so that `--help` does not import torch.
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+
+def _set_default(p: argparse.ArgumentParser, dest: str, default: Any, help: str | None = None) -> None:
+    """Change the default (and help) of an option added by a shared helper."""
+    for action in p._actions:
+        if action.dest == dest:
+            action.default = default
+            if help is not None:
+                action.help = help
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    from chatforge.train.pretrain import add_loop_options
+
+    p.add_argument("--base", default=None, help="model folder to start from (the output of `chatforge pretrain`)")
+    p.add_argument("--data", default=None, help="data folder from `chatforge data build` (qa_train.jsonl, qa_val.jsonl)")
+    p.add_argument("--out", default=None, help="output folder (default: an `sft` folder beside --base)")
+    p.add_argument("--method", default="full", choices=METHODS,
+                   help="full: all weights; lora: low-rank adapters; freeze: only the top blocks and the head")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA: rank of each adapter")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA: the update is scaled by alpha / rank")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA: dropout on the adapters' input")
+    p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS,
+                   help="LoRA: comma-separated names (suffixes) of the linear layers to adapt")
+    p.add_argument("--lora-save", default="merged", choices=["merged", "adapter"],
+                   help="LoRA: merged = a plain model folder; adapter = that plus adapter.safetensors")
+    p.add_argument("--freeze-top", type=int, default=2, help="freeze: number of top blocks that train")
+    p.add_argument("--docs", nargs="*", default=None,
+                   help="documents (files or folders) for grounded examples (default: the data folder's corpus.jsonl)")
+    p.add_argument("--grounded-fraction", type=float, default=0.3,
+                   help="share of single-turn Q&A pairs that also get a grounded copy (0 = none)")
+    p.add_argument("--seq-len", type=int, default=0, help="tokens per packed row (0 = the model's context)")
+    p.add_argument("--truncate", default="left", choices=["left", "drop"],
+                   help="too-long examples: cut the prompt from the left, or drop them")
+    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training rows (ignored with --steps)")
+    add_loop_options(p, lr=None)
+    _set_default(p, "steps", None, "optimizer steps (overrides --epochs)")
+    _set_default(p, "lr", None, "peak learning rate (default: 3e-4 full / freeze, 1e-3 lora)")
+    _set_default(p, "eval_every", 0, "steps between validations and checkpoints (0 = once an epoch)")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "example:\n  chatforge sft --base runs/demo/pretrain --data runs/demo/data --out runs/demo/sft"
+    add_options(parser)
+    leaf(parser, run)
+
+
+def default_options() -> dict[str, Any]:
+    p = argparse.ArgumentParser(add_help=False)
+    add_options(p)
+    return vars(p.parse_args([]))
+
+
+def loop_config(o: dict[str, Any], steps: int, seq_len: int, lr: float, eval_every: int):
+    """A `TrainConfig` from the shared loop options (as `add_loop_options` names them)."""
+    from chatforge.train.loop import TrainConfig
+
+    warmup = o["warmup"] if o["warmup"] is not None else min(200, max(1, steps // 20))
+    return TrainConfig(max_steps=steps, lr=lr, min_lr_ratio=o["min_lr_ratio"], warmup_steps=warmup,
+                       schedule=o["schedule"], decay_frac=o["decay_frac"], weight_decay=o["weight_decay"],
+                       grad_clip=o["grad_clip"], batch_size=o["batch_size"], seq_len=seq_len,
+                       tokens_per_step=o["tokens_per_step"], eval_every=eval_every, save_every=o["save_every"],
+                       log_every=o["log_every"], early_stop_patience=o["early_stop"], precision=o["precision"],
+                       compile=o["compile"], fsdp=o["fsdp"], device=o["device"], seed=o["seed"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def sft_loss(model, batch: dict):
+    """Mean next-token loss over the assistant tokens of the packed rows, and their count."""
+    _, loss = model(batch["input_ids"], batch["labels"], positions=batch["positions"], attn_mask=batch["attn_mask"])
+    return loss, (batch["labels"] != -100).sum()
+
+
+def freeze_all_but_top(model, n_top: int) -> list:
+    """Freeze every parameter except the top `n_top` blocks, the final norm and the LM head.
+
+    Returns the trainable parameters. With tied embeddings the head's matrix is the embedding
+    (one tensor), so it stays trainable as the head (see the module docstring).
+    """
+    n_layer = len(model.layers)
+    if not 1 <= n_top <= n_layer:
+        raise ChatforgeError(f"--freeze-top must be between 1 and the model's {n_layer} blocks, got {n_top}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in [*model.layers[n_layer - n_top:], model.norm, model.lm_head]:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def read_records(data: Path, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, val) `{"messages", "source"}` records of a data folder; without qa_val.jsonl, a
+    seeded 10% of qa_train.jsonl is held out."""
+    from chatforge.data.chat_data import read_chat_records
+
+    if not data.is_dir():
+        raise ChatforgeError(f"data folder {data} does not exist; run `chatforge data build --out {data}`")
+    train = read_chat_records(data / "qa_train.jsonl")
+    if (data / "qa_val.jsonl").is_file():
+        return train, read_chat_records(data / "qa_val.jsonl")
+    if len(train) < 2:
+        raise ChatforgeError(f"{data}/qa_train.jsonl has {len(train)} example(s): too few to hold out a validation set")
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    k = max(1, len(train) // 10)
+    return [train[i] for i in order[k:]], [train[i] for i in order[:k]]
+
+
+def document_paths(data: Path, docs: list[str] | None) -> list[Path]:
+    """The documents to ground in: `--docs`, else the inputs the data folder's report.json lists."""
+    if docs:
+        return [Path(d) for d in docs]
+    report = data / "report.json"
+    if not report.is_file():
+        return []
+    try:
+        inputs = files.read_json(report).get("inputs") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [Path(p) for p in inputs if Path(p).exists()]
+
+
+MIN_CONTEXT_TOKENS = 64  # below this the context cannot hold a useful passage: no grounded copy
+
+
+def grounded_records(records: list[dict], index, fraction: float, seed: int, tokenizer, seq_len: int,
+                     missing_fraction: float = 0.15) -> list[dict]:
+    """Grounded copies of a seeded `fraction` of `records` (`{"messages", "source"}` dicts).
+
+    Each copy's context budget is what the row has left after the system prompt, the question
+    and the answer, at most 320 tokens, so that the example fits whole: cutting it from the
+    left would remove the instructions and perhaps the passage that holds the answer. Records
+    with too long an answer get no copy. A seeded `missing_fraction` of the copies get only
+    passages from other documents and learn to say the answer is not there.
+    """
+    from chatforge.infer.retrieval import GROUNDED_SYSTEM_PROMPT, grounded_sft_examples
+
+    if fraction <= 0 or not records:
+        return []
+    rng = random.Random(seed)
+    chosen = [r for r in records if r["source"]]
+    rng.shuffle(chosen)
+    chosen = chosen[:round(fraction * len(chosen))]
+    missing = set(rng.sample(range(len(chosen)), round(missing_fraction * len(chosen))))
+    fixed = len(tokenizer.encode(GROUNDED_SYSTEM_PROMPT)) + 24  # the template and "Question:"
+    out = []
+    for i, rec in enumerate(chosen):
+        text = sum(len(tokenizer.encode(m["content"])) for m in rec["messages"] if m["role"] != "system")
+        budget = min(320, seq_len - fixed - text)
+        # The citation's length is known only once the answer's passage is found: measure, and
+        # shrink the context by the overflow once.
+        for _ in range(2):
+            if budget < MIN_CONTEXT_TOKENS:
+                break
+            ex = grounded_sft_examples([rec], index, k=3, missing_fraction=1.0 if i in missing else 0.0,
+                                       seed=seed + i, tokenizer=tokenizer, max_context_tokens=budget)
+            over = len(tokenizer.render_chat(ex[0]["messages"])[0]) - (seq_len + 1) if ex else 0
+            if over <= 0:
+                out += ex
+                break
+            budget -= over
+    return out
+
+
+def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, data: Path, o: dict):
+    """(train rows, val rows, grounded summary): the records plus grounded copies, tokenized and packed."""
+    from chatforge.data.chat_data import pack, tokenize_examples
+
+    doc_paths = document_paths(data, o["docs"]) if o["grounded_fraction"] > 0 else []
+    grounded = {"train": 0, "val": 0, "documents": [str(p) for p in doc_paths]}
+    if doc_paths:
+        from chatforge.infer.retrieval import PassageIndex
+
+        index = PassageIndex.load_or_build(doc_paths)
+        g_train = grounded_records(train_recs, index, o["grounded_fraction"], o["seed"], tok, seq_len)
+        g_val = grounded_records(val_recs, index, o["grounded_fraction"], o["seed"] + 1, tok, seq_len)
+        grounded.update(train=len(g_train), val=len(g_val), passages=len(index))
+        train_recs, val_recs = train_recs + g_train, val_recs + g_val
+    elif o["docs"]:
+        raise ChatforgeError(f"none of the --docs paths exist: {', '.join(o['docs'])}")
+
+    train_ex, train_stats = tokenize_examples((r["messages"] for r in train_recs), tok, seq_len, o["truncate"])
+    val_ex, val_stats = tokenize_examples((r["messages"] for r in val_recs), tok, seq_len, o["truncate"])
+    if not val_ex:
+        raise ChatforgeError(f"no validation example fits in {seq_len} tokens; raise --seq-len or check qa_val.jsonl")
+    return pack(train_ex, seq_len, tok.pad_id, train_stats), pack(val_ex, seq_len, tok.pad_id, val_stats), grounded
+
+
+def reply_sample(model, tokenizer, messages: list[dict], max_new_tokens: int = 48) -> str:
+    """The model's greedy reply to `messages` (the engine switches to eval; restore the mode)."""
+    from chatforge.infer.engine import Engine, GenerationConfig
+
+    was_training = model.training
+    prompt, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
+    limit = model.config.max_seq_len - max_new_tokens
+    try:
+        result = Engine(model, tokenizer).generate([prompt[-limit:]], GenerationConfig(max_new_tokens=max_new_tokens))
+        return result[0].text or ""
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _prepare_model(model, method: str, o: dict) -> list:
+    """Set up `model` for `method` in place; return the parameters to train."""
+    from chatforge.model.lora import apply_lora
+
+    if method == "lora":
+        targets = [t.strip() for t in str(o["lora_targets"]).split(",") if t.strip()]
+        apply_lora(model, o["lora_rank"], o["lora_alpha"], o["lora_dropout"], targets)
+    elif method == "freeze":
+        freeze_all_but_top(model, o["freeze_top"])
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _save_fn(method: str, out: Path, tokenizer, o: dict, base: Path):
+    """The loop's save function. LoRA: the best model is saved merged (a plain model folder,
+    plus the adapter with `--lora-save adapter`); `last/` keeps the wrapped weights for resume."""
+    from chatforge.model.lora import merged_state_dict, save_lora
+    from chatforge.train.checkpoint import save_model
+
+    def save(folder: Path, model, state: dict) -> None:
+        if method != "lora" or Path(folder).resolve() != out.resolve():
+            save_model(folder, model, tokenizer, state=state)
+            return
+        save_model(folder, model, tokenizer, state=merged_state_dict(model, state))
+        if o["lora_save"] == "adapter":
+            save_lora(model, folder, state=state, base=str(base.resolve()))
+    return save
+
+
+def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, **options: Any) -> dict:
+    """Fine-tune `base` on the chat data in `data` into `out`; returns the report (also `OUT/sft.json`).
+
+    `options` are the command's options by their Python names (`method="lora"`, `lora_rank=8`,
+    `steps=200`, ...); the rest take the command's defaults.
+    """
+    import torch
+
+    from chatforge.data.chat_data import PackedBatches, eval_batches
+    from chatforge.train.checkpoint import load_model
+    from chatforge.train.loop import train
+
+    o = default_options()
+    unknown = set(options) - set(o)
+    if unknown:
+        raise ChatforgeError(f"unknown sft option(s) {sorted(unknown)}; valid: {', '.join(sorted(o))}")
+    o.update(options)
+    if not base:
+        raise ChatforgeError("pass --base DIR: the model folder to fine-tune (the output of `chatforge pretrain`)")
+    if not data:
+        raise ChatforgeError("pass --data DIR: the folder written by `chatforge data build`")
+    base, data = Path(base), Path(data)
+    out = Path(out) if out else base.parent / "sft"
+    method = o["method"]
+    if method not in METHODS:
+        raise ChatforgeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not 0 <= o["grounded_fraction"] <= 1:
+        raise ChatforgeError(f"--grounded-fraction must be in [0, 1], got {o['grounded_fraction']}")
+    if o["epochs"] <= 0 and not o["steps"]:
+        raise ChatforgeError(f"--epochs must be positive, got {o['epochs']}")
+
+    model, tok = load_model(base)
+    model.train()
+    seq_len = o["seq_len"] or model.config.max_seq_len
+    if not 16 <= seq_len <= model.config.max_seq_len:
+        raise ChatforgeError(f"--seq-len must be between 16 and the model's context ({model.config.max_seq_len}), "
+                             f"got {seq_len}")
+
+    train_recs, val_recs = read_records(data, o["seed"])
+    train_rows, val_rows, grounded = build_rows(train_recs, val_recs, tok, seq_len, data, o)
+
+    torch.manual_seed(o["seed"])  # LoRA's A matrices
+    params = _prepare_model(model, method, o)
+    source = PackedBatches(train_rows, o["batch_size"], seed=o["seed"])
+    micro_tokens = o["batch_size"] * seq_len
+    accum = max(1, math.ceil(o["tokens_per_step"] / micro_tokens)) if o["tokens_per_step"] else 1
+    steps_per_epoch = max(1, math.ceil(source.batches_per_epoch / accum))
+    steps = o["steps"] or max(1, math.ceil(o["epochs"] * steps_per_epoch))
+    lr = o["lr"] if o["lr"] is not None else DEFAULT_LR[method]
+    cfg = loop_config(o, steps, seq_len, lr, o["eval_every"] or min(steps, steps_per_epoch))
+    n_train = sum(p.numel() for p in params)
+    print(f"sft ({method}): {train_rows.n_examples} train / {val_rows.n_examples} val examples "
+          f"({grounded['train']} + {grounded['val']} grounded) in {len(train_rows)} + {len(val_rows)} rows "
+          f"of {seq_len} tokens, padding {train_rows.padding_fraction:.1%}; truncated {train_rows.stats['truncated']}, "
+          f"dropped {train_rows.stats['dropped']}; training {n_train / 1e6:.2f}M of {model.num_params() / 1e6:.2f}M "
+          f"parameters for {steps} steps at lr {lr:g}")
+
+    sample_messages = val_recs[0]["messages"]
+    sample_messages = sample_messages[:max(i for i, m in enumerate(sample_messages) if m["role"] == "user") + 1]
+    out.mkdir(parents=True, exist_ok=True)
+    result = train(model, source, sft_loss, cfg, out, val_batches=eval_batches(val_rows, o["batch_size"]),
+                   sample_fn=lambda m: reply_sample(m, tok, sample_messages), tokenizer=tok,
+                   resume=o["resume"], params=params, save_fn=_save_fn(method, out, tok, o, base))
+    report = {
+        "base": str(base), "data": str(data), "method": method, "steps": result.step, "lr": lr,
+        "trainable_parameters": n_train, "parameters": model.num_params(),
+        "train": train_rows.stats, "val": val_rows.stats, "grounded": grounded,
+        "val_loss": result.val_loss, "best_val_loss": result.best_val_loss,
+        "best_val_ppl": math.exp(min(result.best_val_loss, 50)) if result.best_val_loss is not None else None,
+        "seconds": round(result.seconds, 1), "interrupted": result.interrupted,
+    }
+    if method == "lora":
+        report["lora"] = {k: o[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_save")}
+    if method == "freeze":
+        report["freeze_top"] = o["freeze_top"]
+    files.write_json(out / "sft.json", report)
+    if result.best_val_loss is not None:
+        print(f"validation loss {result.best_val_loss:.4f} (perplexity {report['best_val_ppl']:.2f}) -> {out}")
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("config", "base", "data", "out")}
+    report = run_sft(args.base, args.data, args.out, **options)
+    return 130 if report["interrupted"] else 0

@@ -1,0 +1,205 @@
+"""SFT: every method lowers validation loss, freeze/LoRA leave the base alone, the CLI writes a model folder."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from chatforge.cli import main
+from chatforge.data.chat_data import eval_batches, pack, tokenize_examples
+from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.train.checkpoint import load_model
+from chatforge.train.loop import TrainConfig, evaluate, train
+from chatforge.train.pretrain import RandomWindows, lm_loss
+from chatforge.train.sft import freeze_all_but_top, run_sft, sft_loss
+
+MODULES = ["json", "textwrap", "shutil", "string", "difflib", "heapq", "functools", "pathlib", "csv", "random"]
+
+
+def module_text(name: str) -> str:
+    """A module's documentation as a plain-text manual: its docstring, then a section per function."""
+    mod = importlib.import_module(name)
+    parts = [name, inspect.getdoc(mod) or ""]
+    for attr, obj in sorted(vars(mod).items()):
+        doc = inspect.getdoc(obj) if inspect.isfunction(obj) or inspect.isclass(obj) else None
+        if not attr.startswith("_") and doc and len(doc) >= 40:
+            parts += [f"{name}.{attr}", doc]
+    return "\n\n".join(parts) + "\n"
+
+
+def docstring_pairs() -> list[dict]:
+    """Real Q&A text: "What does json.dumps do?" answered by the first paragraph of its docstring."""
+    records = []
+    for name in MODULES:
+        mod = importlib.import_module(name)
+        for attr, obj in sorted(vars(mod).items()):
+            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                continue
+            doc = inspect.getdoc(obj)
+            if not doc or len(doc) < 40:
+                continue
+            answer = " ".join(doc.split("\n\n")[0].split())[:300]
+            records.append({"messages": [{"role": "user", "content": f"What does {name}.{attr} do?"},
+                                         {"role": "assistant", "content": answer}],
+                            "source": f"pydoc/{name}.txt"})
+    return records
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A data folder (qa_train / qa_val, a multi-turn conversation, documents) and a tiny base model."""
+    from chatforge.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("sft")
+    records = docstring_pairs()
+    records.append({"messages": [{"role": "user", "content": "Hi, can you help me with json?"},
+                                 {"role": "assistant", "content": "Of course. What do you need?"},
+                                 {"role": "user", "content": "What does json.dumps do?"},
+                                 {"role": "assistant", "content": records[0]["messages"][1]["content"]}],
+                    "source": "chat/1"})
+    data = root / "data"
+    data.mkdir()
+    val = records[::8]
+    train_part = [r for i, r in enumerate(records) if i % 8]
+    for name, part in (("qa_train", train_part), ("qa_val", val)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+    docs = root / "pydoc"
+    docs.mkdir()
+    for name in MODULES:
+        (docs / f"{name}.txt").write_text(module_text(name), encoding="utf-8")
+    texts = [m["content"] for r in records for m in r["messages"]]
+    tok = train_tokenizer(texts, 600, root / "tok")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, max_seq_len=384, d_model=64, n_layer=3, n_head=4,
+                          n_kv_head=2, d_ff=128))
+    # A briefly pretrained base (on the module docs, not the Q&A), so that adapters have
+    # features to work with, as they would on a real base.
+    prose = [module_text(n) for n in MODULES]
+    tokens = np.array([t for text in prose for t in tok.encode(text) + [tok.eot_id]], dtype=np.int64)
+    cfg = TrainConfig(max_steps=40, lr=3e-3, warmup_steps=4, batch_size=8, seq_len=128, eval_every=1000,
+                      log_every=1000, precision="fp32")
+    train(model, RandomWindows(tokens, 8, 128, seed=0), lm_loss, cfg, root / "base", tokenizer=tok)
+    base = root / "base"
+    return {"root": root, "data": data, "base": base, "docs": docs, "tok": tok, "val": val}
+
+
+def base_val_loss(setup, seq_len: int = 192) -> float:
+    model, tok = load_model(setup["base"])
+    examples, _ = tokenize_examples([r["messages"] for r in setup["val"]], tok, seq_len)
+    rows = pack(examples, seq_len, tok.pad_id)
+    return evaluate(model, eval_batches(rows, 8), sft_loss, torch.device("cpu"), "fp32")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and much faster on a machine shared with others."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+FAST = dict(seq_len=192, steps=25, batch_size=8, tokens_per_step=0, eval_every=25, grounded_fraction=0.0, precision="fp32",
+            warmup=2, log_every=5)
+
+
+def test_sft_loss_counts_assistant_tokens_only():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, max_seq_len=16, d_model=16, n_layer=1, n_head=2, n_kv_head=1, d_ff=32))
+    ids = torch.randint(0, 32, (1, 8))
+    labels = torch.full((1, 8), -100)
+    labels[0, 5:] = ids[0, 5:]
+    batch = {"input_ids": ids, "labels": labels, "positions": torch.arange(8)[None],
+             "attn_mask": torch.ones(8, 8, dtype=torch.bool).tril()[None, None]}
+    loss, n = sft_loss(model, batch)
+    logits = model(ids)[0]
+    expected = torch.nn.functional.cross_entropy(logits[0, 5:], ids[0, 5:])
+    assert int(n) == 3 and torch.allclose(loss, expected, atol=1e-6)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", ["full", "lora", "freeze"])
+def test_each_method_lowers_validation_loss(setup, tmp_path, method):
+    before = base_val_loss(setup)
+    report = run_sft(setup["base"], setup["data"], tmp_path / method, method=method, lr=3e-3, lora_rank=8,
+                     freeze_top=1, **FAST)
+    # Measured: full -0.33, freeze -0.3, LoRA -0.15 (adapters of a 64-wide model move slowly).
+    margin = 0.08 if method == "lora" else 0.15
+    assert report["best_val_loss"] < before - margin, (method, before, report["best_val_loss"])
+    assert report["train"]["padding_fraction"] < 0.2
+    model, _ = load_model(tmp_path / method)  # a plain model folder for every method
+    assert isinstance(model, GPT)
+    if method != "full":
+        assert report["trainable_parameters"] < report["parameters"]
+
+
+@pytest.mark.e2e
+def test_freeze_leaves_lower_blocks_bit_identical(setup, tmp_path):
+    run_sft(setup["base"], setup["data"], tmp_path / "f", method="freeze", freeze_top=1, lr=3e-3, **FAST)
+    base, _ = load_model(setup["base"])
+    tuned, _ = load_model(tmp_path / "f")
+    b, t = base.state_dict(), tuned.state_dict()
+    for name in b:
+        if name.startswith(("layers.0.", "layers.1.")):
+            assert torch.equal(b[name], t[name]), name
+    assert not torch.equal(b["layers.2.mlp.up_proj.weight"], t["layers.2.mlp.up_proj.weight"])
+    assert not torch.equal(b["embed_tokens.weight"], t["embed_tokens.weight"])  # tied: the head trains
+
+
+def test_default_lora_targets_match_the_model_module():
+    from chatforge.model.lora import DEFAULT_TARGETS
+    from chatforge.train.sft import DEFAULT_LORA_TARGETS
+
+    assert DEFAULT_LORA_TARGETS == ",".join(DEFAULT_TARGETS)
+
+
+def test_freeze_validates_top():
+    model = GPT(GPTConfig(vocab_size=32, max_seq_len=16, d_model=16, n_layer=2, n_head=2, n_kv_head=1, d_ff=32))
+    params = freeze_all_but_top(model, 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith(("layers.1.", "norm.", "embed_tokens"))}
+    assert len(params) == len(trainable)
+    from chatforge.errors import ChatforgeError
+    with pytest.raises(ChatforgeError, match="freeze-top"):
+        freeze_all_but_top(model, 3)
+
+
+@pytest.mark.e2e
+def test_cli_lora_adapter_with_grounded_examples(setup, tmp_path, capsys):
+    from chatforge.model.lora import load_lora
+
+    out = tmp_path / "sft"
+    argv = ["sft", "--base", str(setup["base"]), "--data", str(setup["data"]), "--out", str(out),
+            "--method", "lora", "--lora-rank", "4", "--lora-save", "adapter", "--docs", str(setup["docs"]),
+            "--grounded-fraction", "0.5", "--steps", "6", "--eval-every", "3", "--tokens-per-step", "0",
+            "--precision", "fp32", "--seq-len", "384", "--batch-size", "4"]
+    assert main(argv) == 0
+    report = json.loads((out / "sft.json").read_text())
+    assert report["grounded"]["train"] > 0 and report["grounded"]["val"] > 0
+    assert (out / "adapter.safetensors").is_file()
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["base"] == str(setup["base"].resolve()) and adapter_cfg["rank"] == 4
+    merged, _ = load_model(out)
+    with_adapter = load_lora(load_model(adapter_cfg["base"])[0], out).eval()
+    x = torch.randint(0, setup["tok"].vocab_size, (2, 20))
+    assert torch.allclose(merged(x)[0], with_adapter(x)[0], atol=1e-5)
+    assert (out / "last" / "state.json").is_file()
+    assert math.isfinite(report["best_val_loss"])
+
+
+def test_cli_errors_exit_2(setup, tmp_path, capsys):
+    assert main(["sft", "--base", str(tmp_path / "nope"), "--data", str(setup["data"]), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "qa_train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"messages": [\n', encoding="utf-8")
+    assert main(["sft", "--base", str(setup["base"]), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "qa_train.jsonl:2" in capsys.readouterr().err
+    assert main(["sft", "--data", str(setup["data"])]) == 2
+    assert "--base" in capsys.readouterr().err
