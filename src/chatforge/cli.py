@@ -49,9 +49,8 @@ def leaf(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], in
     if yaml_config:
         parser.add_argument("--config", metavar="FILE.yaml", default=None,
                             help="YAML file whose keys set this command's options (the command line overrides it)")
+        _LEAVES[tuple(parser.prog.split()[1:])] = parser
     parser.set_defaults(_run=run)
-    path = tuple(parser.prog.split()[1:])
-    _LEAVES[path] = parser
 
 
 def subcommands(parser: argparse.ArgumentParser, title: str = "commands") -> argparse._SubParsersAction:
