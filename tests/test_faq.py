@@ -310,3 +310,18 @@ def test_non_faq_files_return_none_quickly():
 
 def test_a_faq_without_answers_is_none():
     assert extract_pairs(Path("perlfaq1.pod"), "=head1 NAME\n\nperlfaq1 - x\n\n=head2 Why?\n\n=head2 How?\n") is None
+
+
+def test_markdown_faq_headings_become_pairs():
+    text = ("# Acme FAQ\n\nIntro text.\n\n## How do I reset my **password**?\n\nOpen [Settings](https://x.example)"
+            " and press `Reset`.\n\n```\nacme reset --me\n```\n\n## Pricing\n\nNot a question.\n\n"
+            "### Can I pay yearly?\n\nYes, with a 10% discount.\n")
+    pairs = extract_pairs(Path("faq.md"), text)
+    assert pairs == [
+        ("How do I reset my password?", "Open Settings and press Reset.\n\n    acme reset --me"),
+        ("Can I pay yearly?", "Yes, with a 10% discount."),
+    ]
+
+
+def test_markdown_without_question_headings_is_not_a_faq():
+    assert extract_pairs(Path("guide.md"), "# Guide\n\n## Install\n\nRun it.\n\n## Is it fast?\n\nYes.\n") is None

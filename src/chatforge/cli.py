@@ -43,6 +43,14 @@ _LEAVES: dict[tuple[str, ...], argparse.ArgumentParser] = {}
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults and keep the examples in epilogs as written."""
 
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        # Options whose help already explains the default, or whose default is "not set", say
+        # nothing more: "(default: None)" tells a user nothing.
+        if "default" in text or action.default in (None, argparse.SUPPRESS, False):
+            return text
+        return super()._get_help_string(action)
+
 
 def leaf(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None], yaml_config: bool = True) -> None:
     """Mark `parser` as a runnable command: `run(args)` is called with the parsed arguments."""

@@ -78,6 +78,10 @@ def _detect(path: Path, text: str) -> Callable[[str], Pairs] | None:
     if name.endswith(".txt") or "." not in name:
         if name.startswith("debian-faq") or "The Debian GNU/Linux FAQ" in head:
             return _debian_pairs
+    if name.endswith((".md", ".markdown")):
+        # A company's own FAQ is most often Markdown with one question per heading.
+        if len(_MD_QUESTION.findall(text)) >= 2:
+            return _md_pairs
     return None
 
 
@@ -540,3 +544,49 @@ def _gitfaq_html_pairs(text: str) -> Pairs:
     parser.close()
     parser._flush()
     return parser.pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown FAQs: `## Question?` headings, each answered by the text up to the next heading.
+
+_MD_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+_MD_QUESTION = re.compile(r"^#{1,6}\s+.+\?\s*#*\s*$", re.M)
+_MD_FENCE = re.compile(r"^\s*(```|~~~)")
+_MD_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
+_MD_EMPH = re.compile(r"(\*\*|__|\*|_)(\S(?:.*?\S)?)\1")
+_MD_CODE = re.compile(r"`([^`]+)`")
+
+
+def _md_inline(s: str) -> str:
+    s = _MD_LINK.sub(r"\1", s)
+    s = _MD_CODE.sub(r"\1", s)
+    return _MD_EMPH.sub(r"\2", s)
+
+
+def _md_pairs(text: str) -> Pairs:
+    pairs: Pairs = []
+    question: str | None = None
+    body: list[str] = []
+    in_code = False
+
+    def flush() -> None:
+        if question is not None:
+            pairs.append((question, "\n".join(body)))
+
+    for line in text.split("\n"):
+        if _MD_FENCE.match(line):
+            in_code = not in_code
+            continue                      # the fence itself goes; its lines stay, indented
+        if in_code:
+            body.append("    " + line)
+            continue
+        m = _MD_HEADING.match(line)
+        if m:
+            flush()
+            title = _md_inline(m.group(2))
+            question, body = (title, []) if title.endswith("?") else (None, [])
+            continue
+        if question is not None:
+            body.append(_md_inline(line))
+    flush()
+    return pairs
