@@ -1,6 +1,6 @@
 """Benchmark: chatforge's inference engine against HF `generate` on the same weights.
 
-    .venv/bin/python benchmarks/bench_generate.py [--new-tokens 128] [--prompt-len 32] [--repeats 3]
+    .venv/bin/python benchmarks/bench_generate.py [--new-tokens 128] [--prompt-len 32] [--repeats 3] [--bf16]
 
 The model is the 13.8M Llama shape (d_model 384, 6 layers, 6 heads, 6 KV heads, d_ff 1024,
 vocab 8192, tied embeddings), random weights; the same weights go into HF `LlamaForCausalLM`.
@@ -11,7 +11,9 @@ for beam search the best sequence of each prompt, not every beam).
 Timing: chatforge and HF run in this one process, interleaved (c, h, h, c, h, h, ...), and the
 median of the repeats is reported; the machine is shared, so absolute figures drift but ratios
 hold. HF runs both with 1 thread and with torch's default; the speedup is against the faster of
-the two, since the engine itself uses 1 thread for a model this small.
+the two, since the engine itself uses 1 thread for a model this small. With --bf16 the engine is also
+timed with `Engine(..., dtype="bfloat16")` (a bf16 copy of the weights; not HF-exact, so it is an
+extra column, not the headline speedup).
 
 Memory: torch's CPU allocator keeps no statistics (and tracemalloc does not see torch), so each
 workload is also run once in a fresh child process that reports the growth of its peak resident
@@ -113,6 +115,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-workload memory child processes")
+    ap.add_argument("--bf16", action="store_true", help="also time the engine with a bfloat16 copy of the weights")
     ap.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -124,6 +127,7 @@ def main() -> None:
 
     model, hf = build()
     engine = Engine(model, stop_ids=[])
+    engine_bf16 = Engine(model, stop_ids=[], dtype="bfloat16") if args.bf16 else None
     print(f"model: {model.num_params() / 1e6:.1f}M parameters, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
     results: dict[str, dict] = {}
@@ -131,10 +135,15 @@ def main() -> None:
     for kind, batch in WORKLOADS:
         ids = prompts(batch, args.prompt_len)
         run_chatforge(engine, ids, kind, 4), run_hf(hf, ids, kind, 4)  # warm-up
-        cf, hf1, hfn = [], [], []
+        if engine_bf16 is not None:
+            run_chatforge(engine_bf16, ids, kind, 4)
+        cf, hf1, hfn, cf16 = [], [], [], []
         for _ in range(args.repeats):
             t, n = timed(lambda: run_chatforge(engine, ids, kind, args.new_tokens))
             cf.append(n / t)
+            if engine_bf16 is not None:
+                t, n = timed(lambda: run_chatforge(engine_bf16, ids, kind, args.new_tokens))
+                cf16.append(n / t)
             t, n = timed(lambda: run_hf(hf, ids, kind, args.new_tokens, threads=1))
             hf1.append(n / t)
             t, n = timed(lambda: run_hf(hf, ids, kind, args.new_tokens))
@@ -146,7 +155,11 @@ def main() -> None:
         # (1 thread for a small model) is not what makes the difference.
         r["hf_tok_s"] = max(r["hf_1thread_tok_s"], r[f"hf_{n_threads}threads_tok_s"])
         r["speedup"] = r["chatforge_tok_s"] / r["hf_tok_s"]
-        print(f"  {key}: chatforge {r['chatforge_tok_s']:.0f} tok/s, HF {r['hf_1thread_tok_s']:.0f} (1 thread) / "
+        bf16 = ""
+        if cf16:
+            r["chatforge_bf16_tok_s"] = statistics.median(cf16)
+            bf16 = f", chatforge bf16 {r['chatforge_bf16_tok_s']:.0f}"
+        print(f"  {key}: chatforge {r['chatforge_tok_s']:.0f} tok/s{bf16}, HF {r['hf_1thread_tok_s']:.0f} (1 thread) / "
               f"{r[f'hf_{n_threads}threads_tok_s']:.0f} ({n_threads} threads)", flush=True)
         if not args.no_memory:
             for impl in ("chatforge", "hf"):
@@ -156,7 +169,8 @@ def main() -> None:
           f"{'chatforge MiB':>15}{'HF MiB':>9}")
     for key, r in results.items():
         mem = (f"{r['chatforge_peak_mib']:>15.1f}{r['hf_peak_mib']:>9.1f}" if "hf_peak_mib" in r else "")
-        print(f"{key:<12}{r['chatforge_tok_s']:>16.0f}{r['hf_tok_s']:>15.0f}{r['speedup']:>8.1f}x{mem}")
+        bf16 = f"   (bf16: {r['chatforge_bf16_tok_s']:.0f} tok/s)" if "chatforge_bf16_tok_s" in r else ""
+        print(f"{key:<12}{r['chatforge_tok_s']:>16.0f}{r['hf_tok_s']:>15.0f}{r['speedup']:>8.2f}x{mem}{bf16}")
     scaling = results["greedy_b8"]["chatforge_tok_s"] / results["greedy_b1"]["chatforge_tok_s"]
     print(f"\nbatch 8 / batch 1 greedy throughput (chatforge): {scaling:.1f}x")
     print("memory: peak RSS growth during one generation, in a fresh process per workload")

@@ -77,6 +77,41 @@ def test_kv_cache_writes_in_place():
     assert cache.k[1, :, :, 3].eq(3).all()
 
 
+def test_kv_cache_select_rows_moves_only_what_changes():
+    cache = KVCache(n_layer=2, batch=4, n_kv_head=1, max_len=6, head_dim=2)
+    for layer in range(2):
+        kv = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 5, 2) + 10 * layer
+        cache.update(layer, kv, -kv)
+    before = cache.k.clone()
+    rows = [1, 0, 0, 3]                       # rows 0 and 1 swap, row 2 copies row 0, row 3 stays
+    cache.select_rows(rows, start=2)
+    want = before.clone()
+    want[:, :, :, 2:5] = before[:, rows, :, 2:5]
+    assert torch.equal(cache.k[:, :, :, :5], want[:, :, :, :5])
+    assert torch.equal(cache.v[:, :, :, :5], -want[:, :, :, :5])
+    cache.select_rows(torch.tensor([0, 0, 2, 2]))  # a tensor, from position 0 (prefill fan-out)
+    assert torch.equal(cache.k[:, 1, :, :5], want[:, 0, :, :5])
+    assert torch.equal(cache.k[:, 3, :, :5], want[:, 2, :, :5])
+
+
+def test_bf16_copy_leaves_the_model_alone(model):
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        with pytest.warns(UserWarning, match="native"):
+            engine = Engine(model, stop_ids=[], dtype="bfloat16")
+        assert engine.model is model
+        return
+    engine = Engine(model, stop_ids=[], dtype="bfloat16")
+    assert next(engine.model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32 and engine.model is not model
+    assert engine.model.lm_head.weight is engine.model.embed_tokens.weight  # still tied
+    out = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=8))
+    assert all(len(r.tokens) == 8 for r in out)
+    beam = engine.generate(PROMPTS, GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=8))
+    assert all(r.score is not None for r in beam)
+    with pytest.raises(ChatforgeError, match="dtype"):
+        Engine(model, dtype="int3")
+
+
 @pytest.mark.parametrize("n_kv_head", [1, 4])
 def test_batch_equals_each_prompt_alone(n_kv_head):
     model = tiny_model(n_kv_head)
