@@ -61,7 +61,7 @@ def test_pipeline_settings(tmp_path):
     cfg = tmp_path / "p.yaml"
     cfg.write_text("pretrain:\n  preset: tiny\n  max-tokens: 1000\ntokenizer:\n  vocab_size: 512\n")
     s = load_settings(str(cfg))
-    assert s["pretrain"] == {"preset": "tiny", "max_tokens": 1000}
+    assert s["pretrain"]["preset"] == "tiny" and s["pretrain"]["max_tokens"] == 1000
     assert s["tokenizer"]["vocab_size"] == 512
     bad = tmp_path / "bad.yaml"
     bad.write_text("pretrian:\n  preset: tiny\n")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 from typing import Callable
 
 from chatforge.errors import ChatforgeError
@@ -75,17 +74,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help: str, example: s
 
 
 def _apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
-    import yaml
+    from chatforge.files import read_yaml_mapping
 
-    p = Path(path)
-    if not p.is_file():
-        raise ChatforgeError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ChatforgeError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ChatforgeError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "a mapping of option: value")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     defaults = {}
     for key, value in data.items():

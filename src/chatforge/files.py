@@ -64,6 +64,42 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def iter_jsonl(path: str | os.PathLike, missing_hint: str = "") -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for every non-blank line; a bad line is a ChatforgeError
+    naming the file and line, so callers only check the shape of each object."""
+    from chatforge.errors import ChatforgeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ChatforgeError(f"{path} does not exist" + (f"; {missing_hint}" if missing_hint else ""))
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ChatforgeError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete the line") from None
+
+
+def read_yaml_mapping(path: str | os.PathLike, expected: str) -> dict:
+    """A YAML file that must hold a mapping; `expected` says what the mapping should contain."""
+    import yaml
+
+    from chatforge.errors import ChatforgeError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ChatforgeError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ChatforgeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ChatforgeError(f"{path}: expected {expected}, got {type(data).__name__}")
+    return data
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -46,7 +46,10 @@ DEFAULTS: dict[str, dict] = {
     "fetch": {},
     "build": {},
     "tokenizer": {"vocab_size": 8192},
-    "pretrain": {"preset": "small", "max_tokens": 1_500_000},
+    # Small steps at a high learning rate learn most from a CPU-sized budget: at 409,600 tokens
+    # the validation loss was 7.15 / 6.73 / 6.64 for 8192 / 4096 / 2048 tokens per step at
+    # lr 1e-3 / 2e-3 / 3e-3 (the `small` preset on the default corpus).
+    "pretrain": {"preset": "small", "max_tokens": 1_500_000, "tokens_per_step": 2048, "lr": 3e-3},
     "sft": {"method": "full", "grounded_fraction": 1.0},
     "eval": {"max_questions": 60},
 }
@@ -74,17 +77,7 @@ def load_settings(path: str | None) -> dict[str, dict]:
     settings = copy.deepcopy(DEFAULTS)
     if not path:
         return settings
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ChatforgeError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ChatforgeError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ChatforgeError(f"{path}: expected sections {', '.join(DEFAULTS)}")
+    data = files.read_yaml_mapping(path, f"sections {', '.join(DEFAULTS)}")
     for section, values in data.items():
         if section not in settings:
             raise ChatforgeError(f"{path}: unknown section {section!r}; valid sections: {', '.join(DEFAULTS)}")

@@ -27,7 +27,6 @@ A batch is a dict of tensors, named as the pretraining batches are: `input_ids` 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from chatforge import files
 from chatforge.errors import ChatforgeError
 
 ROLES = ("system", "user", "assistant")
@@ -70,23 +70,14 @@ def parse_chat_record(obj: object) -> list[dict]:
 
 def read_chat_records(path: str | Path) -> list[dict]:
     """Every record of a chat JSONL file as `{"messages": [...], "source": str | None}`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"{path} does not exist; run `chatforge data build` or point --data at its output")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                messages = parse_chat_record(obj)
-            except json.JSONDecodeError as e:
-                raise ChatforgeError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete the line") from None
-            except ValueError as e:
-                raise ChatforgeError(f"{path}:{lineno}: {e}") from None
-            source = obj.get("source")
-            out.append({"messages": messages, "source": source if isinstance(source, str) else None})
+    for lineno, obj in files.iter_jsonl(path, "run `chatforge data build` or point --data at its output"):
+        try:
+            messages = parse_chat_record(obj)
+        except ValueError as e:
+            raise ChatforgeError(f"{path}:{lineno}: {e}") from None
+        source = obj.get("source")
+        out.append({"messages": messages, "source": source if isinstance(source, str) else None})
     return out
 
 

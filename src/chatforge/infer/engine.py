@@ -465,7 +465,6 @@ class Engine:
         finished: list[list[tuple[float, list[int], str, int | str | None]]] = [[] for _ in range(P)]
         improvable = [True] * P
         tokens = torch.zeros(R, 1, dtype=torch.long, device=self.device)
-        base = torch.arange(P, device=self.device).unsqueeze(1) * nb                        # (P, 1)
 
         logits, cache = self._prefill(batch)
         for step in range(new_tokens):

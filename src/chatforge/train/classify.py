@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -53,23 +52,14 @@ VADER_NEGATIVE, VADER_POSITIVE = -0.5, 0.5
 def read_labelled_jsonl(path: str | Path, label_field: str = "label",
                         text_field: str = "text") -> tuple[list[str], list[str]]:
     """(texts, labels) from `{"text", "label"}` lines; a bad line is an error naming file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"{path} does not exist; pass --data FILE.jsonl with {{\"text\", \"{label_field}\"}} lines")
     texts, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChatforgeError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete the line") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str) or rec.get(label_field) is None:
-                raise ChatforgeError(f"{path}:{lineno}: expected {{\"{text_field}\": a string, "
-                                     f"\"{label_field}\": a label}} (see --label-field)")
-            texts.append(rec[text_field])
-            labels.append(str(rec[label_field]))
+    hint = f"pass --data FILE.jsonl with {{\"text\", \"{label_field}\"}} lines"
+    for lineno, rec in files.iter_jsonl(path, hint):
+        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str) or rec.get(label_field) is None:
+            raise ChatforgeError(f"{path}:{lineno}: expected {{\"{text_field}\": a string, "
+                                 f"\"{label_field}\": a label}} (see --label-field)")
+        texts.append(rec[text_field])
+        labels.append(str(rec[label_field]))
     if len(set(labels)) < 2:
         raise ChatforgeError(f"{path}: a classifier needs at least two different labels, found {sorted(set(labels))}")
     return texts, labels
@@ -86,29 +76,23 @@ def vader_label(score: float, negative: float = VADER_NEGATIVE, positive: float 
 
 def read_vader(path: str | Path) -> tuple[list[str], list[str]]:
     """(texts, labels) from the fetched vader `sentiment.jsonl` (`{"text", "score"}` lines)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"{path} does not exist; run `chatforge data fetch --sources vader` first")
     texts, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                label = vader_label(float(rec["score"]))
-                text = rec["text"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise ChatforgeError(f"{path}:{lineno}: expected {{\"text\", \"score\"}}") from None
-            if label is not None and isinstance(text, str) and text.strip():
-                texts.append(text)
-                labels.append(label)
+    for lineno, rec in files.iter_jsonl(path, "run `chatforge data fetch --sources vader` first"):
+        try:
+            label = vader_label(float(rec["score"]))
+            text = rec["text"]
+        except (KeyError, TypeError, ValueError):
+            raise ChatforgeError(f"{path}:{lineno}: expected {{\"text\", \"score\"}}") from None
+        if label is not None and isinstance(text, str) and text.strip():
+            texts.append(text)
+            labels.append(label)
     return texts, labels
 
 
 def default_vader_path() -> Path:
-    cache = Path(os.environ.get("CHATFORGE_CACHE") or Path.home() / ".cache" / "chatforge")
-    return cache / "sources" / "vader" / "sentiment.jsonl"
+    from chatforge.data.fetch import default_cache
+
+    return default_cache() / "sources" / "vader" / "sentiment.jsonl"
 
 
 def stratified_split(labels: Sequence[str], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
