@@ -298,7 +298,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_ANSI = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[=>])")
 
 
 class Terminal:
@@ -311,7 +311,8 @@ class Terminal:
                 os.execve(sys.executable, [sys.executable, "-m", "chatforge", *args], _env())
             finally:
                 os._exit(127)
-        self.seen = ""              # everything printed so far (ANSI codes removed)
+        self.raw = ""               # everything printed so far
+        self.seen = ""              # the same with ANSI codes removed
         self.pos = 0                # where the next `expect` starts looking
         self.exited = False
 
@@ -336,7 +337,9 @@ class Terminal:
             data = os.read(self.fd, 4096)
         except OSError:             # EIO: the child closed the terminal
             return False
-        self.seen += _ANSI.sub("", data.decode(errors="replace").replace("\r\n", "\n"))
+        # Strip escape codes from the whole text, not per chunk: a read may end inside one.
+        self.raw += data.decode(errors="replace").replace("\r\n", "\n")
+        self.seen = _ANSI.sub("", self.raw)
         return bool(data)
 
     def wait(self, timeout: float = 30) -> int:
