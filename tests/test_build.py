@@ -19,8 +19,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "my_docs"
 def quiet(monkeypatch):
     monkeypatch.setenv("CHATFORGE_QUIET", "1")
     # Keep these tests independent of faq.py (another module with its own tests).
-    monkeypatch.setattr(sources, "_faq_tried", True)
-    monkeypatch.setattr(sources, "_extract_pairs", None)
+    monkeypatch.setattr(sources, "extract_pairs", lambda path, text: None)
 
 
 def paragraph(i: int) -> str:

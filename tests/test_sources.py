@@ -29,9 +29,8 @@ def docs_of(*paths: Path, warnings: list | None = None) -> list:
 
 @pytest.fixture(autouse=True)
 def no_faq_parser(monkeypatch):
-    """Readers are tested without faq.py (another module); the FAQ hook has its own test."""
-    monkeypatch.setattr(sources, "_faq_tried", True)
-    monkeypatch.setattr(sources, "_extract_pairs", None)
+    """Readers are tested with no FAQ parsing (faq.py has its own tests); the hook has its own test."""
+    monkeypatch.setattr(sources, "extract_pairs", lambda path, text: None)
 
 
 def test_file_formats():
@@ -189,7 +188,7 @@ def test_faq_hook(tmp_path, monkeypatch):
         calls.append(path.name)
         return [("What is it?", "It is this.")] if "faq" in path.name else None
 
-    monkeypatch.setattr(sources, "_extract_pairs", fake_extract)
+    monkeypatch.setattr(sources, "extract_pairs", fake_extract)
     write(tmp_path / "faq.md", "# FAQ\n\n## What is **it**?\n\nIt is `this`.\n")
     write(tmp_path / "guide.md", "# Guide\n\ntext\n")
     write(tmp_path / "q.jsonl", '{"text": "x"}\n')
@@ -204,7 +203,7 @@ def test_faq_parser_failure_is_a_warning(tmp_path, monkeypatch):
     def broken(path, text):
         raise ValueError("boom")
 
-    monkeypatch.setattr(sources, "_extract_pairs", broken)
+    monkeypatch.setattr(sources, "extract_pairs", broken)
     write(tmp_path / "faq.txt", "Q?\nA.\n")
     warnings: list[str] = []
     [doc] = docs_of(tmp_path, warnings=warnings)

@@ -104,14 +104,10 @@ def to_flags(options: dict) -> list[str]:
 
 
 def fingerprint(paths: list[Path]) -> str:
-    """A cheap fingerprint of files: path, size and mtime of every file below `paths`."""
-    h = hashlib.sha256()
-    for root in paths:
-        items = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for p in items:
-            st = p.stat()
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+    """A cheap fingerprint of the input files: path, size and mtime of every file a build reads."""
+    from chatforge.data.sources import file_stats
+
+    return hashlib.sha256(json.dumps(file_stats(paths)).encode()).hexdigest()
 
 
 class Runner:

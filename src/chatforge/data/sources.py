@@ -46,9 +46,10 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from chatforge.data.clean import strip_markup
+from chatforge.data.faq import extract_pairs
 from chatforge.errors import ChatforgeError
 
 Warn = Callable[[str], None]
@@ -110,6 +111,16 @@ def _source_label(folder: Path) -> str:
         except (OSError, ValueError, AttributeError):
             pass
     return folder.resolve().name or "input"
+
+
+def file_stats(paths: Sequence[Path]) -> list[list]:
+    """[path, size, mtime_ns] of every file `read_documents(paths)` reads: what a cache built
+    from them (a passage index, a pipeline stage) depends on."""
+    out = []
+    for f in iter_files(list(paths), warn=lambda m: None):
+        st = f.path.stat()
+        out.append([str(f.path.resolve()), st.st_size, st.st_mtime_ns])
+    return out
 
 
 def iter_files(paths: list[Path], warn: Warn = _warn_stderr) -> list[InputFile]:
@@ -187,28 +198,13 @@ def _read_text(f: InputFile, warn: Warn) -> str | None:
 
 # --------------------------------------------------------------------------- FAQ hook
 
-_extract_pairs: Callable | None = None
-_faq_tried = False
-
-
 def faq_pairs(path: Path, text: str, warn: Warn = _warn_stderr) -> list[tuple[str, str]] | None:
     """The Q&A pairs of a FAQ file via `chatforge.data.faq.extract_pairs`, or None.
 
-    faq.py is optional: without it nothing is parsed as a FAQ. A parser failure on one file
-    is a warning, not the end of the build.
+    A parser failure on one file is a warning, not the end of the build.
     """
-    global _extract_pairs, _faq_tried
-    if not _faq_tried:
-        _faq_tried = True
-        try:
-            from chatforge.data.faq import extract_pairs
-            _extract_pairs = extract_pairs
-        except ImportError:
-            _extract_pairs = None
-    if _extract_pairs is None:
-        return None
     try:
-        return _extract_pairs(path, text)
+        return extract_pairs(path, text)
     except Exception as e:  # noqa: BLE001 - one odd file must not stop a whole build
         warn(f"{path}: FAQ parsing failed ({type(e).__name__}: {e}); read as plain text")
         return None

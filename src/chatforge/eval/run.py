@@ -51,22 +51,11 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
 
     A malformed line is a `ChatforgeError` naming FILE:LINE.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"questions file {path} does not exist")
     out: list[dict] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if limit is not None and len(out) >= limit:
-                break
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise ChatforgeError(f"{where}: not valid JSON ({e}); {_QUESTIONS_EXPECTED}") from None
-            out.append(_question(obj, where))
+    for lineno, obj in files.iter_jsonl(path, _QUESTIONS_EXPECTED):
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(_question(obj, f"{path}:{lineno}"))
     if not out:
         raise ChatforgeError(f"{path} holds no questions; {_QUESTIONS_EXPECTED}")
     return out

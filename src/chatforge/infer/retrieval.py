@@ -71,6 +71,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from chatforge import files
+from chatforge.data.clean import normalize, scrub_pii
+from chatforge.data.sources import file_stats, read_documents
 from chatforge.errors import ChatforgeError
 
 GROUNDED_SYSTEM_PROMPT = (
@@ -165,46 +167,13 @@ def split_passages(text: str, doc: str) -> list[Passage]:
 
 # --------------------------------------------------------------------------- reading
 
-def _fallback_files(paths: Sequence[Path]) -> list[tuple[Path, str]]:
-    """(file, source id) of .txt/.md files, for when the data stage's reader is not available."""
-    out = []
-    for path in paths:
-        if path.is_file():
-            out.append((path, path.name))
-            continue
-        for p in sorted(path.rglob("*")):
-            if p.is_file() and p.suffix.lower() in (".txt", ".md") and not p.name.startswith("."):
-                out.append((p, f"{path.resolve().name}/{p.relative_to(path).as_posix()}"))
-    return out
-
-
-def _input_files(paths: Sequence[Path]) -> list[Path]:
-    """The files behind `paths` (for the fingerprint)."""
-    try:
-        from chatforge.data.sources import iter_files
-    except ImportError:
-        return [p for p, _ in _fallback_files(paths)]
-    return [f.path for f in iter_files(list(paths), warn=lambda m: None)]
-
-
 def _clean(text: str) -> str:
-    try:
-        from chatforge.data.clean import normalize, scrub_pii
-    except ImportError:
-        return text
     return scrub_pii(normalize(text))[0]
 
 
 def read_passages(paths: Sequence[Path]) -> list[Passage]:
     """Every passage of the documents under `paths`, in a deterministic order."""
     passages: list[Passage] = []
-    try:
-        from chatforge.data.sources import read_documents
-    except ImportError:
-        for path, doc in _fallback_files(paths):
-            text = path.read_text(encoding="utf-8", errors="replace")
-            passages += split_passages(_clean(text), doc)
-        return passages
     for d in read_documents(list(paths)):
         if d.kind == "conversation":
             continue
@@ -245,11 +214,7 @@ def _hash(obj: Any) -> str:
 
 def fingerprint(paths: Sequence[Path], stem: bool = True) -> dict:
     """What an index depends on: every input file's path, size and mtime, and the settings."""
-    entries = []
-    for p in _input_files(paths):
-        st = p.stat()
-        entries.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-    return {"version": FORMAT_VERSION, "stem": stem, "words": [MIN_WORDS, MAX_WORDS], "files": entries}
+    return {"version": FORMAT_VERSION, "stem": stem, "words": [MIN_WORDS, MAX_WORDS], "files": file_stats(paths)}
 
 
 def default_cache_dir(paths: Sequence[Path]) -> Path:
