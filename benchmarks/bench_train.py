@@ -8,9 +8,12 @@ run interleaved (A B C A B C ...) and each figure is the median step time, becau
 is shared and noisy: compare the ratios, not the absolute numbers. MFU is against the fp32 and
 bf16 matmul peaks measured at the start of the same run.
 
-Rows: HF and chatforge at fp32 and bf16 autocast with the same fused AdamW (the model's speed),
-HF with torch's default (foreach) AdamW (the out-of-the-box peer), and chatforge's default
-configuration (what `chatforge pretrain` runs: `precision=auto`, fused AdamW, no compile).
+Rows: HF and chatforge at fp32 and bf16 autocast with the same fused AdamW, eager and under
+`torch.compile` (chatforge's training loop compiles runs of 300+ micro-batches by default, see
+`runtime.resolve_compile`; HF compiled is shown too, so the gain is not mistaken for the model's
+own), HF with torch's default (foreach) AdamW (the out-of-the-box peer), and chatforge's default
+configuration (what `chatforge pretrain` runs on a long run: `precision=auto`, fused AdamW,
+compiled). Compile time is reported per compiled row, not counted in tokens/s.
 Then a short real-text run (Python's own docstrings) from the same initial weights and batches:
 validation loss at equal tokens, chatforge default vs HF fp32, must agree within 1%.
 The last line is one JSON object.
@@ -48,8 +51,10 @@ def hf_twin(model: GPT):
     return hf.train()
 
 
-def make_step(kind: str, model, precision: str, fused: bool = True):
+def make_step(kind: str, model, precision: str, fused: bool = True, compiled: bool = False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused, foreach=None if fused else True)
+    if compiled:
+        model = torch.compile(model)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         with runtime.autocast(torch.device("cpu"), precision):
@@ -68,32 +73,41 @@ def speed(rounds: int) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
     cf = GPT(GPTConfig(**SHAPE)).train()
     hf = hf_twin(cf)
-    cf_default_precision = runtime.resolve_precision("auto", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    prec = runtime.resolve_precision("auto", cpu)
+    comp = runtime.resolve_compile("auto", cpu, runtime.COMPILE_MIN_MICRO_STEPS)
+    default_name = f"chatforge default ({prec}{', compiled' if comp else ''})"
     rows = {  # name -> (model kind, precision, step function)
         "HF fp32, foreach AdamW": ("hf", "fp32", make_step("hf", hf, "fp32", fused=False)),
         "HF fp32": ("hf", "fp32", make_step("hf", hf, "fp32")),
         "chatforge fp32": ("cf", "fp32", make_step("cf", cf, "fp32")),
+        "HF fp32 compiled": ("hf", "fp32", make_step("hf", hf, "fp32", compiled=True)),
+        "chatforge fp32 compiled": ("cf", "fp32", make_step("cf", cf, "fp32", compiled=True)),
         "HF bf16": ("hf", "bf16", make_step("hf", hf, "bf16")),
         "chatforge bf16": ("cf", "bf16", make_step("cf", cf, "bf16")),
-        f"chatforge default ({cf_default_precision})": ("cf", cf_default_precision,
-                                                         make_step("cf", cf, cf_default_precision)),
+        "HF bf16 compiled": ("hf", "bf16", make_step("hf", hf, "bf16", compiled=True)),
+        "chatforge bf16 compiled": ("cf", "bf16", make_step("cf", cf, "bf16", compiled=True)),
+        default_name: ("cf", prec, make_step("cf", cf, prec, compiled=comp)),
     }
     x = torch.randint(0, SHAPE["vocab_size"], (BATCH, SEQ + 1))
     times: dict[str, list[float]] = {name: [] for name in rows}
-    for r in range(rounds + 1):
+    warmup: dict[str, float] = {}
+    for r in range(rounds + 2):
         for name, (kind, _, step) in rows.items():
             # HF shifts labels itself; chatforge takes inputs and next-token targets.
             args = (x[:, :-1], x[:, :-1]) if kind == "hf" else (x[:, :-1], x[:, 1:])
             t = time.perf_counter()
             step(*args)
-            if r:  # round 0 warms up (allocator, oneDNN kernel choice)
+            if r == 0:
+                warmup[name] = time.perf_counter() - t
+            elif r > 1:  # rounds 0-1 warm up (compilation, allocator, oneDNN kernel choice)
                 times[name].append(time.perf_counter() - t)
     peaks = {p: runtime.matmul_peak(torch.device("cpu"), p) for p in ("fp32", "bf16")}
     flops = cf.flops_per_token(SEQ)
     out = []
     for name, (kind, precision, _) in rows.items():
         tps = BATCH * SEQ / statistics.median(times[name])
-        out.append({"name": name, "precision": precision, "tokens_per_s": tps,
+        out.append({"name": name, "precision": precision, "tokens_per_s": tps, "first_step_s": warmup[name],
                     "mfu_fp32_peak": tps * flops / peaks["fp32"], "mfu_bf16_peak": tps * flops / peaks["bf16"]})
     return out, peaks
 
@@ -140,13 +154,16 @@ def loss_check(steps: int) -> dict:
     torch.manual_seed(0)
     cf = GPT(GPTConfig(**SHAPE)).train()
     hf = hf_twin(cf)
-    precision = runtime.resolve_precision("auto", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    precision = runtime.resolve_precision("auto", cpu)
+    compiled = runtime.resolve_compile("auto", cpu, runtime.COMPILE_MIN_MICRO_STEPS)
     results = {}
     for name, kind, model, prec in (("chatforge default", "cf", cf, precision), ("HF fp32", "hf", hf, "fp32")):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+        run = torch.compile(model) if kind == "cf" and compiled else model
         for b in batches:
-            with runtime.autocast(torch.device("cpu"), prec):
-                loss = model(input_ids=b[:, :-1], labels=b[:, :-1]).loss if kind == "hf" else model(b[:, :-1], b[:, 1:])[1]
+            with runtime.autocast(cpu, prec):
+                loss = run(input_ids=b[:, :-1], labels=b[:, :-1]).loss if kind == "hf" else run(b[:, :-1], b[:, 1:])[1]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -164,13 +181,15 @@ def loss_check(steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5, help="timed steps per row (after one warm-up round)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed steps per row (after two warm-up rounds)")
     ap.add_argument("--loss-steps", type=int, default=25, help="steps of the real-text loss check (0 = skip)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; shape {SHAPE}, batch {BATCH}x{SEQ}")
     rows, peaks = speed(args.rounds)
     by = {r["name"]: r["tokens_per_s"] for r in rows}
     default_name = next(n for n in by if n.startswith("chatforge default"))
+    print("first step (includes compilation): " + ", ".join(f"{r['name']} {r['first_step_s']:.1f} s" for r in rows
+                                                           if "compiled" in r["name"]))
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print(f"{'configuration':<32} {'tokens/s':>9} {'MFU fp32 pk':>11} {'MFU bf16 pk':>11}")
     for r in rows:
@@ -179,6 +198,10 @@ def main() -> None:
     ratios = {
         "fp32_vs_hf_fp32": by["chatforge fp32"] / by["HF fp32"],
         "bf16_vs_hf_bf16": by["chatforge bf16"] / by["HF bf16"],
+        "fp32_compiled_vs_hf_fp32": by["chatforge fp32 compiled"] / by["HF fp32"],
+        "bf16_compiled_vs_hf_bf16": by["chatforge bf16 compiled"] / by["HF bf16"],
+        "fp32_compiled_vs_hf_fp32_compiled": by["chatforge fp32 compiled"] / by["HF fp32 compiled"],
+        "bf16_compiled_vs_hf_bf16_compiled": by["chatforge bf16 compiled"] / by["HF bf16 compiled"],
         "default_vs_hf_fp32": by[default_name] / by["HF fp32"],
         "default_vs_hf_fp32_foreach": by[default_name] / by["HF fp32, foreach AdamW"],
         "fp32_vs_hf_fp32_foreach": by["chatforge fp32"] / by["HF fp32, foreach AdamW"],

@@ -99,7 +99,7 @@ class TrainConfig:
     log_every: int = 10            # steps between metrics.jsonl lines
     early_stop_patience: int = 0   # stop after N evaluations without improvement; 0 = never
     precision: str = "auto"        # auto (bf16 where supported, measured faster) | fp32 | bf16
-    compile: bool = False          # torch.compile the model (measured: no gain on this CPU)
+    compile: str = "auto"          # torch.compile: auto (long runs, when a backend exists) | on | off
     fsdp: bool = False             # shard with FSDP instead of DDP when distributed
     device: str = "auto"           # auto = cuda > mps > cpu
     seed: int = 1337
@@ -128,6 +128,10 @@ class TrainConfig:
         need(self.eval_every > 0 and self.log_every > 0, "eval-every and log-every must be positive")
         need(self.save_every >= 0 and self.early_stop_patience >= 0, "save-every and patience must be >= 0")
         need(self.precision in PRECISIONS, f"precision {self.precision!r}; choose {', '.join(PRECISIONS)}")
+        if isinstance(self.compile, bool):   # older checkpoints saved a flag
+            self.compile = "on" if self.compile else "off"
+        need(self.compile in runtime.COMPILE_MODES,
+             f"compile {self.compile!r}; choose {', '.join(runtime.COMPILE_MODES)}")
 
     def grad_accum(self, world_size: int = 1) -> int:
         """Micro-batches per optimizer step so that the global batch reaches `tokens_per_step`."""
@@ -194,7 +198,7 @@ def make_optimizer(model: nn.Module, train_names: set[str], cfg: TrainConfig,
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **extra)
 
 
-def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device, compiled: bool) -> nn.Module:
     """compile, then DDP or FSDP when distributed."""
     if cfg.fsdp and runtime.is_distributed():
         from torch.distributed.fsdp import fully_shard
@@ -203,7 +207,7 @@ def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module
         for block in getattr(model, "layers", []):
             fully_shard(block)
         fully_shard(model)
-    if cfg.compile:
+    if compiled:
         model = torch.compile(model)
     if runtime.is_distributed() and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -356,7 +360,8 @@ def train(model: nn.Module, train_source: BatchSource, loss_fn: LossFn, cfg: Tra
     else:
         torch.manual_seed(cfg.seed + rank)
 
-    wrapped = _wrap(raw, cfg, device)
+    compiled = runtime.resolve_compile(cfg.compile, device, (cfg.max_steps - step) * accum)
+    wrapped = _wrap(raw, cfg, device, compiled)
     optimizer = make_optimizer(raw, train_names, cfg, device)
     if opt_state is not None:
         _load_optimizer(raw, optimizer, opt_state, cfg)
@@ -382,7 +387,7 @@ def train(model: nn.Module, train_source: BatchSource, loss_fn: LossFn, cfg: Tra
     flops = raw.flops_per_token(cfg.seq_len) if hasattr(raw, "flops_per_token") else None
     log = Logger(out_dir, master, total=cfg.max_steps, start=step, flops_per_token=flops,
                  peak=runtime.matmul_peak(device, precision) if master and flops else None)
-    log.info(f"training on {device} x{world} ({precision}{', compiled' if cfg.compile else ''}"
+    log.info(f"training on {device} x{world} ({precision}{', compiled' if compiled else ''}"
              f"{', FSDP' if cfg.fsdp and world > 1 else ''}): {cfg.batch_size} x {cfg.seq_len} tokens "
              f"x {accum} accumulation x {world} ranks per step, steps {step}->{cfg.max_steps}")
 

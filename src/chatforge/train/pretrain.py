@@ -44,7 +44,9 @@ def add_loop_options(p: argparse.ArgumentParser, lr: float = 1e-3, steps: int | 
                    help="stop after N validations without improvement (0 = never)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast where the hardware supports it (CUDA, AVX512-BF16/AMX CPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (helps on GPUs, not on CPU)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model: auto = for runs of 300+ micro-batches when a backend "
+                        "(C++ compiler on CPU, triton on CUDA) exists; costs ~20 s once, then ~1.3x faster")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP instead of DDP")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, default=1337, help="random seed (weights, data order, dropout)")
