@@ -21,6 +21,10 @@ set size (`ru_maxrss`) during generation, after the model is loaded and one warm
 2-token run. This is the extra memory the generation needed (KV cache, activations, buffers),
 to within the allocator's page granularity.
 
+Ceiling: after the workloads, the weight matmuls of one batch-1 decode step are timed alone
+(fp32, bf16 and weight-only int8; 1 and 2 threads). At batch 1 decoding streams every weight
+once per token, so this is the fastest any implementation with those weights can go here.
+
 The last line printed is one JSON object: {"bench": "generate", ...}.
 """
 
@@ -109,6 +113,46 @@ def peak_memory_mib(impl: str, kind: str, batch: int, new: int, plen: int) -> fl
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
+def roofline(model, repeats: int = 30) -> dict:
+    """The floor of one batch-1 decode step on this machine: only the model's weight matmuls
+    (every linear layer and the LM head, one token row), nothing else. No implementation that
+    keeps the weights in a given dtype can decode faster than 1 / this time. int8 is torch's
+    weight-only int8 kernel (`_weight_int8pack_mm`, bf16 activations), when this build has it."""
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    before = torch.get_num_threads()
+    out = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", None)):
+            if dtype is None:
+                if not hasattr(torch, "_weight_int8pack_mm"):
+                    continue
+                packed = []
+                for w in weights:
+                    scale = w.abs().amax(1).clamp(min=1e-8) / 127
+                    packed.append(((w / scale[:, None]).round().to(torch.int8), scale.to(torch.bfloat16)))
+                xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=torch.bfloat16) for w in weights}
+
+                def step():
+                    for q, sc in packed:
+                        torch._weight_int8pack_mm(xs[q.shape[1]], q, sc)
+            else:
+                ws = [w.to(dtype) for w in weights]
+                xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in ws}
+
+                def step():
+                    for w in ws:
+                        torch.nn.functional.linear(xs[w.shape[1]], w)
+            for _ in range(3):
+                step()
+            t = time.perf_counter()
+            for _ in range(repeats):
+                step()
+            out[f"{name}_{threads}t"] = repeats / (time.perf_counter() - t)
+    torch.set_num_threads(before)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -171,11 +215,16 @@ def main() -> None:
         mem = (f"{r['chatforge_peak_mib']:>15.1f}{r['hf_peak_mib']:>9.1f}" if "hf_peak_mib" in r else "")
         bf16 = f"   (bf16: {r['chatforge_bf16_tok_s']:.0f} tok/s)" if "chatforge_bf16_tok_s" in r else ""
         print(f"{key:<12}{r['chatforge_tok_s']:>16.0f}{r['hf_tok_s']:>15.0f}{r['speedup']:>8.2f}x{mem}{bf16}")
+    roof = roofline(model)
+    hf_b1 = results["greedy_b1"]["hf_tok_s"]
+    print("\nbatch-1 ceiling: the weight matmuls alone of one decode step, in tokens/s (x HF greedy b1):")
+    print("  " + ", ".join(f"{k} {v:.0f} ({v / hf_b1:.1f}x)" for k, v in roof.items()))
     scaling = results["greedy_b8"]["chatforge_tok_s"] / results["greedy_b1"]["chatforge_tok_s"]
     print(f"\nbatch 8 / batch 1 greedy throughput (chatforge): {scaling:.1f}x")
     print("memory: peak RSS growth during one generation, in a fresh process per workload")
     summary = {"bench": "generate", "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
-               "threads": torch.get_num_threads(), "batch8_over_batch1_greedy": round(scaling, 2)}
+               "threads": torch.get_num_threads(), "batch8_over_batch1_greedy": round(scaling, 2),
+               "batch1_ceiling_tok_s": {k: round(v, 1) for k, v in roof.items()}}
     for key, r in results.items():
         for name, value in r.items():
             summary[f"{key}_{name}"] = round(value, 2)

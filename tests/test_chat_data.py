@@ -141,6 +141,39 @@ def test_packed_example_computes_what_it_would_alone():
         assert torch.isfinite(packed).all()
 
 
+def test_bucketed_rows_compute_what_each_example_would_alone():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, max_seq_len=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=64)).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = (7, 5, 9, 3, 12, 4, 8)
+    examples = [Example(torch.randint(1, 50, (n,), generator=g).tolist(), [1] * n) for n in lengths]
+    rows = pack(examples, seq_len=16, pad_id=0, bucket_size=3)
+    assert len(rows) == 7 and rows.n_examples == 7 and rows.stats["packing"] == "bucketed by 3"
+    # Longest first, in groups of 3 cut to their longest: widths 12, 7, 3.
+    assert rows.padding_fraction == pytest.approx(1 - sum(lengths) / (3 * 12 + 3 * 7 + 1 * 3))
+    batches = eval_batches(rows, batch_size=3)
+    assert [b["input_ids"].shape for b in batches] == [(3, 12), (3, 7), (1, 3)]
+    assert all("attn_mask" not in b for b in batches)
+    with torch.no_grad():
+        for b in batches:
+            out = model(b["input_ids"], positions=b["positions"])[0]
+            for r in range(b["input_ids"].shape[0]):
+                ids = [t for t, lab in zip(b["input_ids"][r].tolist(), b["labels"][r].tolist()) if lab != IGNORE]
+                alone = model(torch.tensor([ids]))[0][0]
+                torch.testing.assert_close(out[r, :len(ids)], alone, atol=1e-5, rtol=1e-5)
+    # Training batches are whole groups, shuffled per epoch; resuming continues exactly.
+    src = PackedBatches(rows, 3, seed=4)
+    assert src.batches_per_epoch == 3
+    shapes = sorted(src.next_batch()["input_ids"].shape[1] for _ in range(3))
+    assert shapes == [3, 7, 12]
+    state = src.state_dict()
+    again = PackedBatches(rows, 3, seed=4)
+    again.load_state_dict(state)
+    assert torch.equal(src.next_batch()["input_ids"], again.next_batch()["input_ids"])
+    with pytest.raises(ChatforgeError, match="groups of 3"):
+        PackedBatches(rows, 4)
+
+
 def test_batches_are_deterministic_and_resume_exactly():
     examples = [Example([i + 1] * (1 + i % 4), [1] * (1 + i % 4)) for i in range(30)]
     rows = pack(examples, seq_len=8, pad_id=0)

@@ -104,3 +104,19 @@ def test_too_long_input_and_bad_config_are_clear_errors():
         preset("huge")
     with pytest.raises(ChatforgeError, match="multiple of n_kv_head"):
         small_config(n_kv_head=3)
+
+
+def test_extending_the_context_keeps_what_the_model_already_computes():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, max_seq_len=16, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=64)).eval()
+    ids = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        before = model(ids[:, :16])[0]
+        with pytest.raises(ChatforgeError, match="longer than the model's context"):
+            model(ids)
+        model.extend_context(40)
+        after = model(ids)[0]
+    assert model.config.max_seq_len == 40 and after.shape == (2, 40, 64)
+    torch.testing.assert_close(after[:, :16], before, atol=1e-5, rtol=1e-5)
+    model.extend_context(8)   # never shrinks
+    assert model.config.max_seq_len == 40

@@ -19,7 +19,7 @@ from _pretrain_fixtures import make_data, make_tokenizer  # noqa: E402
 from chatforge.data.shards import build_shards, load_tokens  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
-from chatforge.train import checkpoint  # noqa: E402
+from chatforge.train import checkpoint, runtime  # noqa: E402
 from chatforge.train.loop import TrainConfig, lr_factor, make_optimizer, train  # noqa: E402
 from chatforge.train.pretrain import RandomWindows, lm_loss, validation_batches  # noqa: E402
 
@@ -65,6 +65,32 @@ def run(corpus, out: Path, c: TrainConfig, resume: bool = False, **kw):
 def test_bad_config_values_are_clear_errors(bad):
     with pytest.raises(ChatforgeError, match="invalid training option"):
         cfg(**bad)
+
+
+def test_compile_auto_only_for_long_runs_with_a_backend(monkeypatch):
+    cpu = torch.device("cpu")
+    long_run = runtime.COMPILE_MIN_MICRO_STEPS
+    assert runtime.resolve_compile("off", cpu, 10**6) is False and runtime.resolve_compile("on", cpu, 1) is True
+    assert runtime.resolve_compile(True, cpu, 1) is True            # older checkpoints saved a flag
+    assert runtime.resolve_compile("auto", cpu, long_run - 1) is False
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)
+    assert runtime.resolve_compile("auto", cpu, long_run) is True
+    monkeypatch.setattr("shutil.which", lambda name: None)           # inductor needs a C++ compiler
+    assert runtime.resolve_compile("auto", cpu, long_run) is False
+    assert runtime.resolve_compile("auto", torch.device("mps"), long_run) is False
+    with pytest.raises(ChatforgeError, match="compile 'sometimes'"):
+        cfg(compile="sometimes")
+    assert cfg(compile=False).compile == "off"
+
+
+@pytest.mark.e2e
+def test_compiled_training_matches_eager(corpus, tmp_path, capsys):
+    _, eager = run(corpus, tmp_path / "eager", cfg(max_steps=6, eval_every=6, compile="off"))
+    assert "compiled" not in capsys.readouterr().out
+    _, compiled = run(corpus, tmp_path / "compiled", cfg(max_steps=6, eval_every=6, compile="on"))
+    assert "(fp32, compiled)" in capsys.readouterr().out
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-3)
+    assert compiled.val_loss < 6.0   # it learned: a uniform guess over 384 tokens is ln 384 = 5.95
 
 
 def test_schedules_warm_up_then_decay_to_the_floor():

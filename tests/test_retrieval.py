@@ -10,7 +10,7 @@ import pytest
 
 from chatforge.infer.retrieval import (GROUNDED_SYSTEM_PROMPT, NOT_FOUND_REPLY, Passage, PassageIndex,
                                        format_context, grounded_messages, grounded_sft_examples,
-                                       split_passages, strip_citation)
+                                       section_sft_examples, split_passages, strip_citation)
 
 BILLING = """# Billing
 
@@ -208,3 +208,37 @@ def test_gold_passage_survives_a_tight_budget(docs, tmp_path):
     for e in grounded_sft_examples(pairs, index, k=3, missing_fraction=0.0, max_context_tokens=90):
         cited = e["messages"][-1]["content"].rsplit("(source: ", 1)[1][:-1]
         assert f"(source: {cited})" in e["messages"][1]["content"]
+
+
+SCHEDULE = """## How do I change the backup schedule?
+
+Open Settings and choose Schedule. Pick the days and the hour of the nightly backup, then press
+Save. The new schedule applies from the next run. Backups already running are not interrupted.
+A schedule can also be set per machine from the agent's own settings page.
+
+## Common problems
+
+A backup that fails three nights in a row sends an alert to the account owner by e-mail so that
+somebody can look at the agent log before more nights are lost to the same cause.
+"""
+
+
+def test_section_sft_examples_copy_the_answering_passage(docs, tmp_path):
+    (docs / "schedule.md").write_text(SCHEDULE)
+    (docs / "alerts.md").write_text(SCHEDULE.split("## Common problems")[1].join(["## Common problems", ""]))
+    index = PassageIndex.build([docs], tmp_path / "cache")
+    examples = section_sft_examples(index, 10, k=2, seed=3, max_reply_words=25)
+    questions = [e["messages"][1]["content"].rsplit("Question: ", 1)[1] for e in examples]
+    assert questions[0] == "How do I change the backup schedule?"        # question headings come first
+    assert not any("Common problems" in q for q in questions)             # a name two documents share
+    assert any("Network setup" in q for q in questions)                   # other names, templated
+    for e in examples:
+        system, user, reply = e["messages"]
+        assert system["content"] == GROUNDED_SYSTEM_PROMPT and reply["role"] == "assistant"
+        answer = strip_citation(reply["content"])
+        cited = reply["content"][len(answer) + len(" (source: "):-1]
+        line = next(x for x in user["content"].splitlines() if x.startswith("[") and f"(source: {cited})" in x)
+        assert line.split(f"(source: {cited}) ", 1)[1].startswith(answer)  # copied from the passage's start
+        assert len(answer.split()) <= 25 and answer.endswith(".")          # whole sentences within the cap
+    assert examples == section_sft_examples(index, 10, k=2, seed=3, max_reply_words=25)
+    assert section_sft_examples(index, 10, exclude_docs=["docs/schedule.md"], seed=3)[0]["source"] != "docs/schedule.md"

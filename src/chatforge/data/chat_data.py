@@ -15,6 +15,11 @@
    keeps a segment id per token and RoPE positions that restart at 0 for every example;
    `attention_mask(segments)` builds the (B, 1, T, T) block-diagonal causal mask, so no token
    attends across examples and a packed example computes exactly what it would alone.
+   `pack(..., bucket_size=B)` buckets by length instead: one example per row, rows sorted
+   longest first, and each batch is B neighbouring rows cut to its longest example, with no
+   mask at all (plain causal attention: padding only follows the example). On CPU this is
+   the faster of the two (SDPA's fused causal kernel takes no mask; measured ~2x per token at
+   1024-token rows), at the price of some padding.
 4. `PackedBatches`: the training loop's batch source (`next_batch()`, `state_dict()`,
    `load_state_dict()`): rows shuffled per epoch from a seed, with a cursor so that `--resume`
    continues with the very next batch. Its base `ShuffledBatches` serves any indexable data
@@ -22,7 +27,7 @@
 
 A batch is a dict of tensors, named as the pretraining batches are: `input_ids` (B, T),
 `labels` (B, T) with -100 where nothing is scored, and the `GPT.forward` keywords `positions`
-(B, T) and `attn_mask` (B, 1, T, T).
+(B, T) and, for packed rows, `attn_mask` (B, 1, T, T).
 """
 
 from __future__ import annotations
@@ -164,12 +169,18 @@ class PackedRows:
     segments: torch.Tensor   # (N, T) long, 0, 1, 2... per example in the row; -1 on padding
     n_examples: int = 0
     stats: dict = field(default_factory=dict)
+    bucket_size: int = 0     # > 0: one example per row, longest first, batched in groups of this size
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
     @property
     def padding_fraction(self) -> float:
+        if self.bucket_size:   # of the batches as trimmed to their longest row
+            lengths = (self.segments >= 0).sum(1).tolist()
+            groups = [lengths[i:i + self.bucket_size] for i in range(0, len(lengths), self.bucket_size)]
+            total = sum(len(g) * max(g) for g in groups)
+            return 1.0 - sum(lengths) / total if total else 0.0
         total = self.segments.numel()
         return float((self.segments < 0).sum()) / total if total else 0.0
 
@@ -196,12 +207,17 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack(examples: list[Example], seq_len: int, pad_id: int, stats: TokenizeStats | None = None) -> PackedRows:
-    """Pack examples (each at most `seq_len` long) into rows of exactly `seq_len` tokens."""
+def pack(examples: list[Example], seq_len: int, pad_id: int, stats: TokenizeStats | None = None,
+         bucket_size: int = 0) -> PackedRows:
+    """Pack examples (each at most `seq_len` long) into rows of exactly `seq_len` tokens; with
+    `bucket_size`, one example per row, longest first (length bucketing, see the module docstring)."""
     if not examples:
         raise ChatforgeError("no SFT examples left to train on (all empty or too long); "
                              "check the data or raise --seq-len")
-    bins = first_fit_decreasing([len(e.ids) for e in examples], seq_len)
+    if bucket_size:
+        bins = [[i] for i in sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))]
+    else:
+        bins = first_fit_decreasing([len(e.ids) for e in examples], seq_len)
     N = len(bins)
     ids = torch.full((N, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((N, seq_len), IGNORE, dtype=torch.long)
@@ -217,8 +233,9 @@ def pack(examples: list[Example], seq_len: int, pad_id: int, stats: TokenizeStat
             segments[r, at:at + n] = s
             at += n
         positions[r, at:] = torch.arange(seq_len - at)  # padding: harmless positions, never scored
-    rows = PackedRows(ids, labels, positions, segments, n_examples=len(examples))
+    rows = PackedRows(ids, labels, positions, segments, n_examples=len(examples), bucket_size=bucket_size)
     rows.stats = {**(stats.to_dict() if stats else {}), "rows": N, "seq_len": seq_len,
+                  "packing": f"bucketed by {bucket_size}" if bucket_size else "packed",
                   "padding_fraction": round(rows.padding_fraction, 4), "target_tokens": rows.n_target_tokens}
     return rows
 
@@ -238,6 +255,10 @@ def attention_mask(segments: torch.Tensor) -> torch.Tensor:
 def make_batch(rows: PackedRows, index: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
     index = torch.as_tensor(index, dtype=torch.long)
     segments = rows.segments[index]
+    if rows.bucket_size:   # one example per row: cut to the longest, plain causal attention
+        T = int((segments >= 0).sum(1).max())
+        return {"input_ids": rows.ids[index, :T], "labels": rows.labels[index, :T],
+                "positions": rows.positions[index, :T]}
     return {"input_ids": rows.ids[index], "labels": rows.labels[index], "positions": rows.positions[index],
             "attn_mask": attention_mask(segments)}
 
@@ -299,10 +320,18 @@ class PackedBatches(ShuffledBatches):
 
     def __init__(self, rows: PackedRows, batch_size: int, seed: int = 0, shuffle: bool = True):
         self.rows = rows
-        super().__init__(len(rows), batch_size, lambda index: make_batch(rows, index), seed, shuffle)
+        if not rows.bucket_size:
+            super().__init__(len(rows), batch_size, lambda index: make_batch(rows, index), seed, shuffle)
+            return
+        if batch_size != rows.bucket_size:
+            raise ChatforgeError(f"rows bucketed in groups of {rows.bucket_size} cannot be served {batch_size} at a time")
+        # The groups of neighbouring rows are the items: shuffled per epoch, never split.
+        groups = [list(range(i, min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)]
+        super().__init__(len(groups), 1, lambda index: make_batch(rows, groups[int(index[0])]), seed, shuffle)
 
 
 def eval_batches(rows: PackedRows, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Every row once, in order: the validation set as a list of batches."""
+    """Every row once, in order: the validation set as a list of batches (for bucketed rows,
+    `batch_size` should be their bucket size: the batches are then the buckets)."""
     return [make_batch(rows, list(range(i, min(i + batch_size, len(rows)))))
             for i in range(0, len(rows), batch_size)]

@@ -514,3 +514,70 @@ def grounded_sft_examples(qa_pairs: Iterable[Any], index: PassageIndex, k: int =
         examples.append({"messages": messages + [{"role": "assistant", "content": reply}],
                          "source": docs[0] if i in missing else gold.doc, "missing": i in missing})
     return examples
+
+
+def _first_sentences(text: str, max_words: int) -> str:
+    """The longest run of whole sentences from the start of `text` within `max_words` words
+    (at least the first `max_words` words when the first sentence alone is longer)."""
+    out: list[str] = []
+    count = 0
+    for sentence in _SENTENCE_END.split(text):
+        n = len(sentence.split())
+        if out and count + n > max_words:
+            break
+        out.append(sentence)
+        count += n
+    reply = " ".join(out)
+    return reply if count <= max_words else " ".join(reply.split()[:max_words])
+
+
+def section_sft_examples(index: PassageIndex, n: int, k: int = 3, seed: int = 0,
+                         max_context_tokens: int = DEFAULT_CONTEXT_TOKENS, tokenizer: Any | None = None,
+                         max_reply_words: int = 120, exclude_docs: Iterable[str] = ()) -> list[dict]:
+    """Reading-comprehension examples made from the documents alone, in the grounded format.
+
+    Q&A pairs are few (hundreds), while a small model needs thousands of examples to learn to
+    find the passage that answers and copy from it. The first passage of each named section
+    gives one: the question asks about the section (a heading that is a question is asked as it
+    is; only names of two or more words that one document alone uses, questions first), the
+    context holds the passage among `k` retrieved for that question (at a seeded position; first
+    if the budget would cut it), and the reply is the passage's opening sentences, copied as they
+    appear in the context (at most `max_reply_words` words), with its citation. Up to `n`
+    passages are drawn (seeded) from documents not in `exclude_docs`; a passage that does not fit
+    the budget whole is skipped. Each example: {"messages", "source", "missing": False}.
+    """
+    rng = random.Random(seed)
+    skip = set(exclude_docs)
+    # A section name several documents share ("Examples", "Removed") does not say which passage
+    # answers: only names unique to one document are asked about, questions ("How do I ...?") first.
+    docs_of: dict[str, set] = {}
+    for p in index.passages:
+        docs_of.setdefault(p.section.lower(), set()).add(p.doc)
+    # The first passage of each section: later ones continue it and do not answer from their start.
+    first: dict[tuple[str, str], Passage] = {}
+    for p in index.passages:
+        first.setdefault((p.doc, p.section), p)
+    named = [p for p in first.values() if p.section and p.doc not in skip and len(p.text.split()) >= 20
+             and len(docs_of[p.section.lower()]) == 1 and len(p.section.split()) >= 2]
+    rng.shuffle(named)
+    named.sort(key=lambda p: not p.section.endswith("?"))
+    count = _counter(tokenizer)
+    templates = ("What does the documentation say about {}?", "Tell me about {}.", "{}", "How does {} work?")
+    examples = []
+    for gold in named:
+        if len(examples) >= n:
+            break
+        section = gold.section.rstrip(":").strip()
+        question = section if section.endswith("?") else rng.choice(templates).format(section)
+        text = " ".join(gold.text.split())
+        if count(f"Context:\n[1] (source: {gold.source}) {text}") > max_context_tokens:
+            continue
+        passages = [p for p in index.search(question, k) if p.id != gold.id][:k - 1]
+        passages.insert(rng.randint(0, len(passages)), gold)
+        if _context(passages, max_context_tokens, tokenizer)[1] <= passages.index(gold):
+            passages.insert(0, passages.pop(passages.index(gold)))
+        messages = grounded_messages(question, passages, max_context_tokens=max_context_tokens, tokenizer=tokenizer)
+        reply = cite(_first_sentences(text, max_reply_words), gold.source)
+        examples.append({"messages": messages + [{"role": "assistant", "content": reply}],
+                         "source": gold.doc, "missing": False})
+    return examples

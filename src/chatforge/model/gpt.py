@@ -255,6 +255,17 @@ class GPT(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def extend_context(self, max_seq_len: int) -> None:
+        """Let the model take `max_seq_len` tokens (e.g. to fine-tune on longer rows than it was
+        pretrained on). Only the RoPE tables grow: no weight depends on the length, and the
+        positions beyond the old context are learned by the training that follows."""
+        if max_seq_len <= self.config.max_seq_len:
+            return
+        self.config.max_seq_len = max_seq_len
+        cos, sin = rope_tables(self.config.head_dim, max_seq_len, self.config.rope_theta)
+        device = self.rope_cos.device
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

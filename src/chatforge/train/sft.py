@@ -7,11 +7,16 @@
 
 Data: the data stage's `qa_train.jsonl` / `qa_val.jsonl` (FAQ pairs and multi-turn
 conversations, `{"messages": [...]}` or `{"prompt", "completion"}` lines), rendered in ChatML
-and packed into fixed-length rows (`chatforge.data.chat_data`). The loss counts assistant
+and batched by length (`--packing bucket`, the default) or packed several to a row with a
+block-diagonal mask (`--packing pack`; `chatforge.data.chat_data`). The loss counts assistant
 tokens only. Grounded examples are mixed in: for `--grounded-fraction` of the single-turn
 pairs, the question comes with passages retrieved from the documents (`--docs`, or the data
 folder's `corpus.jsonl`) in the prompt format `chat` uses (`infer/retrieval.py`), so the model
-learns to answer from the context and to name its source.
+learns to answer from the context and to name its source; `--section-examples N` adds N
+reading-comprehension examples made from the documents' own sections (a question about a
+section, the reply copied from its passage), because Q&A pairs alone are too few for a small
+model to learn to copy from its context. `--seq-len` above the base model's context extends
+it (`GPT.extend_context`).
 
 Methods (`--method`):
 - `full`: every parameter trains (default lr 3e-4, lower than pretraining's).
@@ -82,7 +87,14 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="documents (files or folders) for grounded examples (default: the data folder's corpus.jsonl)")
     p.add_argument("--grounded-fraction", type=float, default=0.3,
                    help="share of single-turn Q&A pairs that also get a grounded copy (0 = none)")
-    p.add_argument("--seq-len", type=int, default=0, help="tokens per packed row (0 = the model's context)")
+    p.add_argument("--section-examples", type=int, default=0,
+                   help="reading-comprehension examples made from the documents' named sections "
+                        "(question about a section, reply copied from its passage); 10%% more go to validation")
+    p.add_argument("--seq-len", type=int, default=0,
+                   help="tokens per packed row (0 = the model's context; longer extends the context)")
+    p.add_argument("--packing", default="bucket", choices=["bucket", "pack"],
+                   help="bucket: batches of similar length, plain causal attention (faster on CPU); "
+                        "pack: several examples per row with a block-diagonal mask (least padding)")
     p.add_argument("--truncate", default="left", choices=["left", "drop"],
                    help="too-long examples: cut the prompt from the left, or drop them")
     p.add_argument("--epochs", type=float, default=3.0, help="passes over the training rows (ignored with --steps)")
@@ -123,7 +135,8 @@ def loop_config(o: dict[str, Any], steps: int, seq_len: int, lr: float, eval_eve
 
 def sft_loss(model, batch: dict):
     """Mean next-token loss over the assistant tokens of the packed rows, and their count."""
-    _, loss = model(batch["input_ids"], batch["labels"], positions=batch["positions"], attn_mask=batch["attn_mask"])
+    _, loss = model(batch["input_ids"], batch["labels"], positions=batch["positions"],
+                    attn_mask=batch.get("attn_mask"))
     return loss, (batch["labels"] != -100).sum()
 
 
@@ -176,6 +189,7 @@ def document_paths(data: Path, docs: list[str] | None) -> list[Path]:
     return [Path(p) for p in inputs if Path(p).exists()]
 
 
+MAX_SEQ_LEN = 32768     # --seq-len above the model's context extends it (RoPE), up to this
 MIN_CONTEXT_TOKENS = 64  # below this the context cannot hold a useful passage: no grounded copy
 
 
@@ -218,6 +232,24 @@ def grounded_records(records: list[dict], index, fraction: float, seed: int, tok
     return out
 
 
+def section_records(index, n: int, seed: int, tokenizer, seq_len: int) -> tuple[list[dict], list[dict]]:
+    """(validation, train) reading-comprehension examples (`section_sft_examples`): `n` for
+    training and n / 10 (at least 1) for validation, from different passages, each fitting a row."""
+    from chatforge.infer.retrieval import GROUNDED_SYSTEM_PROMPT, section_sft_examples
+
+    n_val = max(1, n // 10)
+    max_words = 120
+    # Room for the system prompt, the template, a question and a reply of max_words words.
+    fixed = len(tokenizer.encode(GROUNDED_SYSTEM_PROMPT)) + 40 + 2 * max_words
+    budget = min(320, seq_len - fixed)
+    if budget < MIN_CONTEXT_TOKENS:
+        return [], []
+    examples = section_sft_examples(index, n + n_val, seed=seed, tokenizer=tokenizer, max_context_tokens=budget,
+                                    max_reply_words=max_words)
+    examples = [e for e in examples if len(tokenizer.render_chat(e["messages"])[0]) <= seq_len + 1]
+    return examples[:n_val], examples[n_val:]
+
+
 def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, data: Path, o: dict):
     """(train rows, val rows, grounded summary): the records plus grounded copies, tokenized and packed."""
     from chatforge.data.chat_data import pack, tokenize_examples
@@ -230,16 +262,24 @@ def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, 
         index = PassageIndex.load_or_build(doc_paths)
         g_train = grounded_records(train_recs, index, o["grounded_fraction"], o["seed"], tok, seq_len)
         g_val = grounded_records(val_recs, index, o["grounded_fraction"], o["seed"] + 1, tok, seq_len)
+        if o["section_examples"] > 0:
+            s_val, s_train = section_records(index, o["section_examples"], o["seed"], tok, seq_len)
+            g_train, g_val = g_train + s_train, g_val + s_val
+            grounded["sections"] = len(s_train) + len(s_val)
         grounded.update(train=len(g_train), val=len(g_val), passages=len(index))
         train_recs, val_recs = train_recs + g_train, val_recs + g_val
     elif o["docs"]:
         raise ChatforgeError(f"none of the --docs paths exist: {', '.join(o['docs'])}")
+    elif o["section_examples"] > 0:
+        raise ChatforgeError("--section-examples needs documents: give --docs or a data folder with report.json")
 
     train_ex, train_stats = tokenize_examples((r["messages"] for r in train_recs), tok, seq_len, o["truncate"])
     val_ex, val_stats = tokenize_examples((r["messages"] for r in val_recs), tok, seq_len, o["truncate"])
     if not val_ex:
         raise ChatforgeError(f"no validation example fits in {seq_len} tokens; raise --seq-len or check qa_val.jsonl")
-    return pack(train_ex, seq_len, tok.pad_id, train_stats), pack(val_ex, seq_len, tok.pad_id, val_stats), grounded
+    bucket = o["batch_size"] if o["packing"] == "bucket" else 0
+    return (pack(train_ex, seq_len, tok.pad_id, train_stats, bucket),
+            pack(val_ex, seq_len, tok.pad_id, val_stats, bucket), grounded)
 
 
 def reply_sample(model, tokenizer, messages: list[dict], max_new_tokens: int = 48) -> str:
@@ -322,9 +362,11 @@ def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, *
     model, tok = load_model(base)
     model.train()
     seq_len = o["seq_len"] or model.config.max_seq_len
-    if not 16 <= seq_len <= model.config.max_seq_len:
-        raise ChatforgeError(f"--seq-len must be between 16 and the model's context ({model.config.max_seq_len}), "
-                             f"got {seq_len}")
+    if not 16 <= seq_len <= MAX_SEQ_LEN:
+        raise ChatforgeError(f"--seq-len must be between 16 and {MAX_SEQ_LEN}, got {seq_len}")
+    if seq_len > model.config.max_seq_len:
+        print(f"extending the model's context from {model.config.max_seq_len} to {seq_len} tokens")
+        model.extend_context(seq_len)
 
     train_recs, val_recs = read_records(data, o["seed"])
     train_rows, val_rows, grounded = build_rows(train_recs, val_recs, tok, seq_len, data, o)
@@ -341,7 +383,7 @@ def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, *
     n_train = sum(p.numel() for p in params)
     print(f"sft ({method}): {train_rows.n_examples} train / {val_rows.n_examples} val examples "
           f"({grounded['train']} + {grounded['val']} grounded) in {len(train_rows)} + {len(val_rows)} rows "
-          f"of {seq_len} tokens, padding {train_rows.padding_fraction:.1%}; truncated {train_rows.stats['truncated']}, "
+          f"of up to {seq_len} tokens ({train_rows.stats['packing']}), padding {train_rows.padding_fraction:.1%}; truncated {train_rows.stats['truncated']}, "
           f"dropped {train_rows.stats['dropped']}; training {n_train / 1e6:.2f}M of {model.num_params() / 1e6:.2f}M "
           f"parameters for {steps} steps at lr {lr:g}")
 
