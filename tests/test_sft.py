@@ -140,6 +140,14 @@ def test_each_method_lowers_validation_loss(setup, tmp_path, method):
 
 
 @pytest.mark.e2e
+def test_length_buckets_learn_as_well(setup, tmp_path):
+    before = base_val_loss(setup)
+    report = run_sft(setup["base"], setup["data"], tmp_path / "bucket", lr=3e-3, packing="bucket", **FAST)
+    assert report["train"]["packing"] == "bucketed by 8" and report["train"]["padding_fraction"] < 0.2
+    assert report["best_val_loss"] < before - 0.15, (before, report["best_val_loss"])
+
+
+@pytest.mark.e2e
 def test_freeze_leaves_lower_blocks_bit_identical(setup, tmp_path):
     run_sft(setup["base"], setup["data"], tmp_path / "f", method="freeze", freeze_top=1, lr=3e-3, **FAST)
     base, _ = load_model(setup["base"])
