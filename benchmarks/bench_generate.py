@@ -16,10 +16,10 @@ timed with `Engine(..., dtype="bfloat16")` (a bf16 copy of the weights; not HF-e
 extra column, not the headline speedup).
 
 Memory: torch's CPU allocator keeps no statistics (and tracemalloc does not see torch), so each
-workload is also run once in a fresh child process that reports the growth of its peak resident
-set size (`ru_maxrss`) during generation, after the model is loaded and one warm-up call on a
-2-token run. This is the extra memory the generation needed (KV cache, activations, buffers),
-to within the allocator's page granularity.
+workload is also run once in a fresh child process that reports how far its peak resident set
+size (Linux `VmHWM`, reset through /proc/self/clear_refs after loading the model and a 2-token
+warm-up) rose above the resident size before generating: the extra memory the generation needed
+(KV cache, activations, buffers), to within the allocator's page granularity.
 
 Ceiling: after the workloads, the weight matmuls of one batch-1 decode step are timed alone
 (fp32, bf16 and weight-only int8; 1 and 2 threads). At batch 1 decoding streams every weight
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,6 +91,11 @@ def timed(fn) -> tuple[float, int]:
     return time.perf_counter() - t, n
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def memory_child(impl: str, kind: str, batch: int, new: int, plen: int) -> None:
     """In a fresh process: print the peak RSS growth (KiB) of one generation."""
     from chatforge.infer.engine import Engine
@@ -101,10 +105,16 @@ def memory_child(impl: str, kind: str, batch: int, new: int, plen: int) -> None:
     ids = prompts(batch, plen)
     run = (lambda n: run_chatforge(engine, ids, kind, n)) if impl == "chatforge" else (lambda n: run_hf(hf, ids, kind, n))
     run(2)  # warm-up: lazy initialisation is not generation memory
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import gc
+
+    gc.collect()
+    # Reset the kernel's peak-RSS mark (VmHWM), else loading the model (two copies of the
+    # weights for a moment) is the peak and every generation shows 0 growth.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
     run(new)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(after - before)
+    print(_status_kib("VmHWM") - before)
 
 
 def peak_memory_mib(impl: str, kind: str, batch: int, new: int, plen: int) -> float:

@@ -6,6 +6,7 @@ only the stages after it.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,13 @@ def test_pipeline_on_own_docs(tmp_path, monkeypatch, capsys):
 
     # A changed SFT setting re-runs sft and eval only.
     cfg.write_text(TINY.replace("steps: 20", "steps: 21"))
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "== pretrain: up to date" in out
+    assert "== sft: up to date" not in out and "== eval: up to date" not in out
+
+    # A stage that re-runs with unchanged settings (its output was deleted) re-runs what follows.
+    shutil.rmtree(run / "sft")
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "== pretrain: up to date" in out

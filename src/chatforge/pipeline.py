@@ -120,6 +120,11 @@ class Runner:
         self.times: list[tuple[str, float, str]] = []
         self.upstream = ""  # the previous stage's stamp: a change upstream re-runs everything after
 
+    def _chain(self, stamp: str, finished: str) -> None:
+        # The next stage's stamp holds this one's settings AND when it last produced its output:
+        # a stage that re-ran (output deleted, stamp removed) re-runs everything after it too.
+        self.upstream = hashlib.sha256(f"{stamp}:{finished}".encode()).hexdigest()
+
     def stage(self, name: str, argv: list[str], output: Path, extra: str = "", always: bool = False) -> None:
         """Run `chatforge ARGV` unless up to date. `always` stages (fetch, whose own cache makes a
         re-run cheap) run every time and do not enter the chain of stamps."""
@@ -127,12 +132,12 @@ class Runner:
 
         stamp = hashlib.sha256(json.dumps([name, argv, extra, self.upstream]).encode()).hexdigest()
         stamp_file = self.stamps / f"{name}.json"
-        done = stamp_file.exists() and json.loads(stamp_file.read_text()).get("stamp") == stamp
-        if not always:
-            self.upstream = stamp
+        record = json.loads(stamp_file.read_text()) if stamp_file.exists() else {}
+        done = record.get("stamp") == stamp
         if done and output.exists() and not self.force and not always:
             print(f"\n== {name}: up to date ({output}), skipped", flush=True)
             self.times.append((name, 0.0, "skipped"))
+            self._chain(stamp, record.get("finished", ""))
             return
         print(f"\n== {name}: chatforge {' '.join(argv)}", flush=True)
         t0 = time.time()
@@ -141,7 +146,10 @@ class Runner:
         if code != 0:
             raise ChatforgeError(f"stage {name} failed (exit {code}); fix the error above and run the pipeline "
                                  "again: finished stages are skipped")
-        files.write_json(stamp_file, {"stamp": stamp, "argv": argv, "seconds": round(seconds, 1)})
+        finished = f"{time.time():.6f}"
+        files.write_json(stamp_file, {"stamp": stamp, "argv": argv, "seconds": round(seconds, 1), "finished": finished})
+        if not always:
+            self._chain(stamp, finished)
         self.times.append((name, seconds, "ran"))
         print(f"== {name}: done in {seconds:.1f}s", flush=True)
 
