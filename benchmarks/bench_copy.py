@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 
-def copy_losses(model_dir: str, texts: list[str], n_tokens: int) -> dict:
+def copy_losses(model_dir: str, texts: list[str], n_tokens: int, limit: int) -> dict:
     from chatforge.train.checkpoint import load_model
 
     model, tok = load_model(model_dir)
@@ -29,6 +29,8 @@ def copy_losses(model_dir: str, texts: list[str], n_tokens: int) -> dict:
     first, second, n = 0.0, 0.0, 0
     with torch.no_grad():
         for text in texts:
+            if n == limit:
+                break
             ids = tok.encode(text)[:n_tokens]
             if len(ids) < n_tokens:
                 continue
@@ -59,7 +61,7 @@ def main() -> None:
                 break
     rows = []
     for m in args.models:
-        r = copy_losses(m, texts, args.tokens)
+        r = copy_losses(m, texts, args.tokens, args.texts)
         rows.append(r)
         print(f"{m}: loss {r['first_reading']:.2f} on the first reading, {r['second_reading']:.2f} on the "
               f"second ({r['texts']} passages of {args.tokens} tokens)")
