@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 import pkgutil
 import statistics
 import sys

@@ -13,15 +13,6 @@ from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster on a machine shared with others)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     from chatforge.data.tokenizer import train_tokenizer

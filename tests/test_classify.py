@@ -34,14 +34,6 @@ def reviews(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     from chatforge.data.tokenizer import train_tokenizer

@@ -9,15 +9,6 @@ from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig, preset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared: one thread avoids oversubscription stalls and is deterministic.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def small_config(**kw) -> GPTConfig:
     return GPTConfig(**{**dict(vocab_size=97, max_seq_len=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2,
                                d_ff=64), **kw})

@@ -24,14 +24,6 @@ from chatforge.train.loop import TrainConfig, lr_factor, make_optimizer, train  
 from chatforge.train.pretrain import RandomWindows, lm_loss, validation_batches  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")

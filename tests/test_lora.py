@@ -13,15 +13,6 @@ from chatforge.model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, load_
                                   lora_state_dict, merge_lora, merged_state_dict, save_lora)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster on a machine shared with others)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(tie: bool = True) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=64, max_seq_len=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2,

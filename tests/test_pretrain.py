@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -22,14 +21,6 @@ from chatforge.cli import main  # noqa: E402
 
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CHATFORGE_QUIET": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

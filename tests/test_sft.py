@@ -96,15 +96,6 @@ def base_val_loss(setup, seq_len: int = 192) -> float:
     return evaluate(model, eval_batches(rows, 8), sft_loss, torch.device("cpu"), "fp32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and much faster on a machine shared with others."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 FAST = dict(seq_len=192, steps=25, batch_size=8, tokens_per_step=0, eval_every=25, grounded_fraction=0.0, precision="fp32",
             warmup=2, log_every=5)
 
