@@ -129,23 +129,21 @@ def lm_loss(model, batch: dict):
 
 
 def greedy_sample(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
-    """A short greedy continuation, recomputing the whole prefix each token (no KV cache)."""
-    import torch
+    """A short greedy continuation through the inference engine, to watch the model learn.
+
+    Greedy alone makes an early model loop ("the the the", blank lines), which hides what it
+    has learned; a repetition penalty and no repeated 3-grams keep the sample readable while
+    it stays deterministic (no random numbers are drawn, so resuming is unaffected)."""
+    from chatforge.infer.engine import Engine, GenerationConfig
 
     was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    ids = torch.tensor([tokenizer.encode(prompt) or [tokenizer.eot_id]], device=device)
-    start = ids.shape[1]
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits, _ = model(ids[:, -model.config.max_seq_len:], last_only=True)
-            nxt = logits[0, -1].argmax().view(1, 1)
-            if nxt.item() == tokenizer.eot_id:
-                break
-            ids = torch.cat([ids, nxt], dim=1)
-    model.train(was_training)
-    return prompt + tokenizer.decode(ids[0, start:].tolist())
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.3, no_repeat_ngram_size=3,
+                           truncate_prompt=True)
+    try:
+        out = Engine(model, tokenizer).generate([tokenizer.encode(prompt) or [tokenizer.eot_id]], cfg)
+        return prompt + (out[0].text or "")
+    finally:
+        model.train(was_training)
 
 
 def _same_vocabulary(a: Path, b: Path) -> bool:
