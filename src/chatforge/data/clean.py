@@ -169,8 +169,8 @@ def strip_html(page: str) -> str:
 
 # --------------------------------------------------------------------------- Markdown
 
-_MD_FENCE = re.compile(r"^\s*(```|~~~)")
-_MD_HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
+MD_FENCE = re.compile(r"^\s*(```|~~~)")
+MD_HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
 _MD_SETEXT = re.compile(r"^(=+|-+)\s*$")
 _MD_RULE = re.compile(r"^\s*([-*_])(\s*\1){2,}\s*$")
 _MD_REFDEF = re.compile(r"^\s{0,3}\[[^\]]+\]:\s+\S+.*$")
@@ -185,7 +185,8 @@ _MD_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$"
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(\s[^<>]*)?/?>")
 
 
-def _md_inline(line: str) -> str:
+def md_inline(line: str) -> str:
+    """One line of Markdown without its inline markup (links, images, tags, code, emphasis)."""
     line = _MD_IMAGE.sub(r"\1", line)
     line = _MD_LINK.sub(r"\1", line)
     line = _MD_REFLINK.sub(r"\1", line)
@@ -210,7 +211,7 @@ def strip_markdown(text: str) -> str:
     out: list[str] = []
     in_fence = False
     for line in text.split("\n"):
-        if _MD_FENCE.match(line):
+        if MD_FENCE.match(line):
             in_fence = not in_fence
             out.append("")
             continue
@@ -220,9 +221,9 @@ def strip_markdown(text: str) -> str:
         if line.startswith(("    ", "\t")):        # indented code block: verbatim
             out.append(line)
             continue
-        m = _MD_HEADING.match(line)
+        m = MD_HEADING.match(line)
         if m:
-            out.extend(("", _md_inline(m.group(1)), ""))
+            out.extend(("", md_inline(m.group(1)), ""))
             continue
         if (_MD_SETEXT.match(line) and out and out[-1].strip()) or _MD_RULE.match(line) \
                 or _MD_REFDEF.match(line) or _MD_TABLE_RULE.match(line):
@@ -232,7 +233,7 @@ def strip_markdown(text: str) -> str:
         while stripped.startswith(">"):           # block quotes
             stripped = stripped[1:].lstrip()
             line = stripped
-        out.append(_md_inline(line))
+        out.append(md_inline(line))
     return "\n".join(out)
 
 

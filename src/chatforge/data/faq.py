@@ -30,6 +30,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Callable
 
+from chatforge.data.clean import MD_FENCE, MD_HEADING, md_inline
+
 Pairs = list[tuple[str, str]]
 
 
@@ -549,18 +551,7 @@ def _gitfaq_html_pairs(text: str) -> Pairs:
 # ---------------------------------------------------------------------------------------------
 # Markdown FAQs: `## Question?` headings, each answered by the text up to the next heading.
 
-_MD_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
 _MD_QUESTION = re.compile(r"^#{1,6}\s+.+\?\s*#*\s*$", re.M)
-_MD_FENCE = re.compile(r"^\s*(```|~~~)")
-_MD_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
-_MD_EMPH = re.compile(r"(\*\*|__|\*|_)(\S(?:.*?\S)?)\1")
-_MD_CODE = re.compile(r"`([^`]+)`")
-
-
-def _md_inline(s: str) -> str:
-    s = _MD_LINK.sub(r"\1", s)
-    s = _MD_CODE.sub(r"\1", s)
-    return _MD_EMPH.sub(r"\2", s)
 
 
 def _md_pairs(text: str) -> Pairs:
@@ -574,19 +565,19 @@ def _md_pairs(text: str) -> Pairs:
             pairs.append((question, "\n".join(body)))
 
     for line in text.split("\n"):
-        if _MD_FENCE.match(line):
+        if MD_FENCE.match(line):
             in_code = not in_code
             continue                      # the fence itself goes; its lines stay, indented
         if in_code:
             body.append("    " + line)
             continue
-        m = _MD_HEADING.match(line)
+        m = MD_HEADING.match(line)
         if m:
             flush()
-            title = _md_inline(m.group(2))
+            title = md_inline(m.group(1))
             question, body = (title, []) if title.endswith("?") else (None, [])
             continue
         if question is not None:
-            body.append(_md_inline(line))
+            body.append(md_inline(line))
     flush()
     return pairs
