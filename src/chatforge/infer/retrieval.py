@@ -463,6 +463,13 @@ def _qa(item: Any) -> tuple[str, str, str | None, list[dict]]:
     return item["question"], item["answer"], item.get("source"), []
 
 
+def _keep_in_context(passages: list[Passage], gold: Passage, max_context_tokens: int, tokenizer: Any | None) -> None:
+    """Move the answer's passage first (in place) if the token budget would cut it off."""
+    position = next(j for j, p in enumerate(passages) if p.id == gold.id)
+    if position >= _context(passages, max_context_tokens, tokenizer)[1]:
+        passages.insert(0, passages.pop(position))
+
+
 def grounded_sft_examples(qa_pairs: Iterable[Any], index: PassageIndex, k: int = 3,
                           missing_fraction: float = 0.15, seed: int = 0,
                           max_context_tokens: int = DEFAULT_CONTEXT_TOKENS,
@@ -504,10 +511,7 @@ def grounded_sft_examples(qa_pairs: Iterable[Any], index: PassageIndex, k: int =
             if all(p.id != gold.id for p in passages):
                 passages = passages[:k - 1]
                 passages.insert(rng.randint(0, len(passages)), gold)
-            # The budget may cut the last passages off: then the answer's passage goes first.
-            position = next(j for j, p in enumerate(passages) if p.id == gold.id)
-            if position >= _context(passages, max_context_tokens, tokenizer)[1]:
-                passages.insert(0, passages.pop(position))
+            _keep_in_context(passages, gold, max_context_tokens, tokenizer)
             reply = cite(a, gold.source)
         messages = grounded_messages(q, passages, history=history,
                                      max_context_tokens=max_context_tokens, tokenizer=tokenizer)
@@ -574,8 +578,7 @@ def section_sft_examples(index: PassageIndex, n: int, k: int = 3, seed: int = 0,
             continue
         passages = [p for p in index.search(question, k) if p.id != gold.id][:k - 1]
         passages.insert(rng.randint(0, len(passages)), gold)
-        if _context(passages, max_context_tokens, tokenizer)[1] <= passages.index(gold):
-            passages.insert(0, passages.pop(passages.index(gold)))
+        _keep_in_context(passages, gold, max_context_tokens, tokenizer)
         messages = grounded_messages(question, passages, max_context_tokens=max_context_tokens, tokenizer=tokenizer)
         reply = cite(_first_sentences(text, max_reply_words), gold.source)
         examples.append({"messages": messages + [{"role": "assistant", "content": reply}],
