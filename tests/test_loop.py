@@ -63,7 +63,7 @@ def test_compile_auto_only_for_long_runs_with_a_backend(monkeypatch):
     cpu = torch.device("cpu")
     long_run = runtime.COMPILE_MIN_MICRO_STEPS
     assert runtime.resolve_compile("off", cpu, 10**6) is False and runtime.resolve_compile("on", cpu, 1) is True
-    assert runtime.resolve_compile(True, cpu, 1) is True            # older checkpoints saved a flag
+    assert cfg(compile=True).compile == "on"                          # older checkpoints saved a flag
     assert runtime.resolve_compile("auto", cpu, long_run - 1) is False
     monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)
     assert runtime.resolve_compile("auto", cpu, long_run) is True

@@ -538,20 +538,15 @@ def _in_dtype(model: torch.nn.Module, dtype: torch.dtype | str | None) -> torch.
     if param.dtype == dtype:
         return model
     if param.device.type == "cpu" and dtype != torch.float32:
-        native = dtype == torch.bfloat16 and _cpu_has_bf16()
+        from chatforge.train.runtime import bf16_supported
+
+        native = dtype == torch.bfloat16 and bf16_supported(param.device)
         if not native:
             warnings.warn(f"this CPU has no native {dtype} matrix products; generating in {param.dtype}")
             return model
     # A copy, so training code holding the model keeps its fp32 weights (tied embeddings stay
     # tied: deepcopy keeps shared tensors shared). The RoPE tables are cast too, as HF does.
     return copy.deepcopy(model).to(dtype)
-
-
-def _cpu_has_bf16() -> bool:
-    try:  # oneDNN's own check for AVX512-BF16 / AMX (a private op, hence the guard)
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _new_state(rows: int) -> dict[str, list]:

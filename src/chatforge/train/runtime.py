@@ -92,14 +92,11 @@ COMPILE_MODES = ("auto", "on", "off")
 COMPILE_MIN_MICRO_STEPS = 300
 
 
-def resolve_compile(mode: str | bool, device: torch.device, micro_steps: int) -> bool:
-    """Whether to torch.compile. `auto` compiles long runs where a backend is available: on CPU
-    inductor needs a C++ compiler, on CUDA triton. Measured on the 2-core AVX512-BF16 EPYC
-    (benchmarks/bench_train.py): fp32 ~1.4x and bf16 ~1.3x the eager speed. MPS stays eager."""
-    if isinstance(mode, bool):
-        mode = "on" if mode else "off"
-    if mode not in COMPILE_MODES:
-        raise ChatforgeError(f"--compile {mode!r}; choose {', '.join(COMPILE_MODES)}")
+def resolve_compile(mode: str, device: torch.device, micro_steps: int) -> bool:
+    """Whether to torch.compile for `mode` (one of COMPILE_MODES; `TrainConfig` validates it).
+    `auto` compiles long runs where a backend is available: on CPU inductor needs a C++
+    compiler, on CUDA triton. Measured on the 2-core AVX512-BF16 EPYC (benchmarks/bench_train.py):
+    fp32 ~1.4x and bf16 ~1.3x the eager speed. MPS stays eager."""
     if mode != "auto":
         return mode == "on"
     if micro_steps < COMPILE_MIN_MICRO_STEPS or not hasattr(torch, "compile"):
