@@ -247,8 +247,8 @@ def run(args: argparse.Namespace) -> int:
 def first_questions(path: Path, n: int) -> list[str]:
     out = []
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            msgs = json.loads(line).get("messages") or []
+        for _, obj in files.iter_jsonl(path):
+            msgs = obj.get("messages") or []
             if msgs and msgs[0].get("role") == "user":
                 out.append(msgs[0]["content"])
             if len(out) == n:

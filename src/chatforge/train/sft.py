@@ -11,8 +11,8 @@ and packed several to a row with a block-diagonal mask (`--packing pack`, the de
 batched by length with plain causal attention (`--packing bucket`; `chatforge.data.chat_data`).
 Measured on this 2-core CPU: with 512-token rows of mostly short examples the two cost about
 the same per example (packing 0.084 s, buckets 0.094 s), with 1024-token rows of long grounded
-examples buckets trained ~1.7x faster (the masked attention path grows with the row length). The loss counts assistant
-tokens only. Grounded examples are mixed in: for `--grounded-fraction` of the single-turn
+examples buckets trained ~1.7x faster (the masked attention path grows with the row length).
+The loss counts assistant tokens only. Grounded examples are mixed in: for `--grounded-fraction` of the single-turn
 pairs, the question comes with passages retrieved from the documents (`--docs`, or the data
 folder's `corpus.jsonl`) in the prompt format `chat` uses (`infer/retrieval.py`), so the model
 learns to answer from the context and to name its source; `--section-examples N` adds N
