@@ -22,7 +22,7 @@ import torch
 
 
 def copy_losses(model_dir: str, texts: list[str], n_tokens: int, limit: int) -> dict:
-    from chatforge.train.checkpoint import load_model
+    from chatforge.model.folder import load_model
 
     model, tok = load_model(model_dir)
     model.eval()

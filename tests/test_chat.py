@@ -43,7 +43,7 @@ def _train_tiny_model(out: Path) -> Path:
     """A tokenizer and a tiny GPT fitted to CONVERSATIONS (assistant tokens only), saved to `out`."""
     from chatforge.data.tokenizer import train_tokenizer
     from chatforge.model.gpt import GPT, preset
-    from chatforge.train.checkpoint import save_model
+    from chatforge.model.folder import save_model
 
     tok = train_tokenizer([f"{q}\n{a}" for q, a in CONVERSATIONS] * 20, 400, None)
     torch.manual_seed(0)
@@ -79,7 +79,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(model_dir):
-    from chatforge.train.checkpoint import load_model
+    from chatforge.model.folder import load_model
 
     return load_model(model_dir)
 
@@ -395,7 +395,7 @@ def test_terminal_ctrl_c_stops_a_reply_not_the_chat(tmp_path):
     # An untrained model with a long context never stops by itself: its reply lasts seconds.
     from chatforge.data.tokenizer import train_tokenizer
     from chatforge.model.gpt import GPT, preset
-    from chatforge.train.checkpoint import save_model
+    from chatforge.model.folder import save_model
 
     tok = train_tokenizer(["hello world, some text here."] * 20, 300, None)
     torch.manual_seed(1)

@@ -11,7 +11,7 @@ import torch
 from chatforge.cli import main
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.heads import ClassifierHead, RewardHead, ValueHead, hidden_states, pool
-from chatforge.train.checkpoint import save_model
+from chatforge.model.folder import save_model
 from chatforge.train.classify import (accuracy, bow_logreg, load_classifier, macro_f1, majority_baseline, predict,
                                       read_vader, stratified_split, vader_label)
 
@@ -122,7 +122,7 @@ def test_cli_train_beats_majority_and_predicts(base, tmp_path, capsys):
 
 @pytest.mark.e2e
 def test_lora_classifier_saves_a_loadable_folder(base, tmp_path):
-    from chatforge.train.checkpoint import load_model
+    from chatforge.model.folder import load_model
 
     data = tmp_path / "reviews.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in reviews(120)), encoding="utf-8")

@@ -20,7 +20,7 @@ KEYS = ("perplexity", "bleu", "rouge1", "rouge2", "rougeL", "hit@1", "hit@3")
 def setup(tmp_path_factory) -> dict[str, Path]:
     from chatforge.data.tokenizer import train_tokenizer
     from chatforge.model.gpt import GPT, preset
-    from chatforge.train.checkpoint import save_model
+    from chatforge.model.folder import save_model
 
     root = tmp_path_factory.mktemp("eval")
     docs = make_docs(root / "docs")

@@ -9,7 +9,7 @@ import torch
 
 from chatforge.cli import main
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.train.checkpoint import save_model
+from chatforge.model.folder import save_model
 
 TEXT = "Héllo wörld! How do I reset my password? Open the settings page and choose reset. 🙂\n" * 20
 

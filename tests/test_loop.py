@@ -19,6 +19,7 @@ from _pretrain_fixtures import make_data, make_tokenizer  # noqa: E402
 from chatforge.data.shards import build_shards, load_tokens  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
+from chatforge.model import folder as model_folder  # noqa: E402
 from chatforge.train import checkpoint, runtime  # noqa: E402
 from chatforge.train.loop import TrainConfig, lr_factor, make_optimizer, train  # noqa: E402
 from chatforge.train.pretrain import RandomWindows, lm_loss, validation_batches  # noqa: E402
@@ -114,7 +115,7 @@ def test_loss_falls_on_real_text_and_outputs_are_written(corpus, tmp_path):
     assert result.step == 40 and result.tokens == 40 * 4 * 32
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "last" / "state.json").is_file()
     assert any((tmp_path / "tb").iterdir())
-    best, _ = checkpoint.load_model(tmp_path)   # the best model is a normal model folder
+    best, _ = model_folder.load_model(tmp_path)   # the best model is a normal model folder
     assert best.config == model.config
 
 

@@ -14,7 +14,7 @@ import torch
 from chatforge.cli import main
 from chatforge.data.chat_data import eval_batches, pack, tokenize_examples
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.train.checkpoint import load_model
+from chatforge.model.folder import load_model
 from chatforge.train.loop import TrainConfig, evaluate, train
 from chatforge.train.pretrain import RandomWindows, lm_loss
 from chatforge.train.sft import freeze_all_but_top, run_sft, sft_loss

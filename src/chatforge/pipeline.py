@@ -304,7 +304,7 @@ def show_conversation(model_dir: Path, docs: list[Path], questions: list[str]) -
     from chatforge.infer.chat import ChatSession
     from chatforge.infer.engine import GenerationConfig
     from chatforge.infer.retrieval import PassageIndex
-    from chatforge.train.checkpoint import load_model
+    from chatforge.model.folder import load_model
 
     model, tokenizer = load_model(model_dir)
     index = PassageIndex.load_or_build(docs) if docs else None

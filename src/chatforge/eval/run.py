@@ -173,7 +173,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
 
     from chatforge.eval.metrics import hit_at_k, perplexity, rouge_l
     from chatforge.infer.retrieval import PassageIndex, grounded_messages, strip_citation
-    from chatforge.train.checkpoint import load_model
+    from chatforge.model.folder import load_model
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     data_dir = Path(data) if data is not None else None

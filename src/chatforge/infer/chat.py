@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                repetition_penalty=args.repetition_penalty, seed=args.seed)
 
-    from chatforge.train.checkpoint import load_model
+    from chatforge.model.folder import load_model
 
     model, tokenizer = load_model(args.model, device=args.device)
     index = None

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                            max_new_tokens=args.max_new_tokens, seed=args.seed, stop_strings=tuple(args.stop),
                            num_return_sequences=args.num_return, truncate_prompt=args.truncate)
 
-    from chatforge.train.checkpoint import load_model
+    from chatforge.model.folder import load_model
 
     model, tokenizer = load_model(args.model, device=args.device)
     if args.chat:

@@ -24,7 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run_info(args: argparse.Namespace) -> int:
     from chatforge.model.gpt import GPT, PRESETS, preset
-    from chatforge.train.checkpoint import load_config
+    from chatforge.model.folder import load_config
 
     rows = []
     if args.model:

@@ -11,7 +11,7 @@ B @ A back into W so that the result is a plain `GPT` again, with no inference c
     model = apply_lora(model, rank=8, alpha=16, dropout=0.05)   # wraps q/k/v/o and the MLP
     ... train the parameters with requires_grad ...
     save_lora(model, "runs/demo/sft")       # adapter.safetensors + adapter_config.json
-    merge_lora(model)                       # plain GPT, save with checkpoint.save_model
+    merge_lora(model)                       # plain GPT, save with folder.save_model
 
 Parameter names keep the wrapped layer under `base_layer` (as PEFT does), so the adapter's
 tensors are named `layers.0.self_attn.q_proj.lora_A.weight` and so on.

@@ -294,7 +294,7 @@ def load_classifier(folder: str | Path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from chatforge.train.checkpoint import load_model
+    from chatforge.model.folder import load_model
 
     folder = Path(folder)
     if not (folder / CLASSIFIER_CONFIG).is_file():
@@ -331,24 +331,24 @@ def _save_fn(method: str, out: Path, tokenizer, meta: dict):
     """The loop's save function: at the top of `out` a classifier folder (backbone model folder,
     LoRA merged, + head + classifier.json); in `last/` the raw trained module, for --resume."""
     from chatforge.model.lora import merged_state_dict
-    from chatforge.train import checkpoint
+    from chatforge.model import folder as model_folder
 
     backbone_saved = []  # the frozen backbone never changes: write it at the first save only
 
     def save(folder: Path, model, state: dict) -> None:
         if Path(folder).resolve() != out.resolve():
             # Clones: a tied embedding appears twice in the state and safetensors refuses shared memory.
-            checkpoint.save_weights(Path(folder) / checkpoint.WEIGHTS, model, {k: v.clone() for k, v in state.items()})
+            model_folder.save_weights(Path(folder) / model_folder.WEIGHTS, model, {k: v.clone() for k, v in state.items()})
             return
         if method == "frozen":
             _save_head(folder, state)
             if not backbone_saved:
-                checkpoint.save_model(folder, meta["_backbone"], tokenizer)
+                model_folder.save_model(folder, meta["_backbone"], tokenizer)
                 backbone_saved.append(True)
         else:
             _save_head(folder, {k[5:]: v for k, v in state.items() if k.startswith("head.")})
             backbone_state = {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}
-            checkpoint.save_model(folder, model.backbone, tokenizer,
+            model_folder.save_model(folder, model.backbone, tokenizer,
                                   state=merged_state_dict(model.backbone, backbone_state))
         files.write_json(Path(folder) / CLASSIFIER_CONFIG, {k: v for k, v in meta.items() if not k.startswith("_")})
     return save
@@ -362,7 +362,7 @@ def train_classifier(base: str | Path, texts: Sequence[str], labels: Sequence[st
     from chatforge.data.chat_data import ShuffledBatches
     from chatforge.model.heads import POOLINGS
     from chatforge.model.lora import apply_lora
-    from chatforge.train.checkpoint import load_model
+    from chatforge.model.folder import load_model
     from chatforge.train.loop import train
     from chatforge.train.sft import loop_config
 

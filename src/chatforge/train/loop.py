@@ -30,7 +30,7 @@ Contract
 - `tokenizer`: a `ChatTokenizer` or its folder, saved into model folders by the default `save_fn`.
 - `params`: the parameters to train (default: those with `requires_grad`). AdamW decays only
   matrices (dim >= 2) that are not embeddings.
-- `save_fn(folder, model, state_dict)`: writes a model folder (default: `checkpoint.save_model`
+- `save_fn(folder, model, state_dict)`: writes a model folder (default: `model.folder.save_model`
   with `tokenizer`); `state_dict` is the full state on CPU (gathered from the shards under FSDP).
 
 Outputs in `out_dir`: the best model (lowest validation loss; without validation, the final one)
@@ -64,6 +64,7 @@ import torch.nn as nn
 
 from chatforge import files
 from chatforge.errors import ChatforgeError
+from chatforge.model import folder as model_folder
 from chatforge.train import checkpoint, runtime
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -335,7 +336,7 @@ def train(model: nn.Module, train_source: BatchSource, loss_fn: LossFn, cfg: Tra
     accum = cfg.grad_accum(world)
     if save_fn is None:
         def save_fn(folder: Path, m: nn.Module, state: dict) -> None:
-            checkpoint.save_model(folder, m, tokenizer, state=state)
+            model_folder.save_model(folder, m, tokenizer, state=state)
 
     raw = model.to(device)
     raw.train()
@@ -351,7 +352,7 @@ def train(model: nn.Module, train_source: BatchSource, loss_fn: LossFn, cfg: Tra
         if not last.is_dir():
             raise ChatforgeError(f"cannot resume: {last} does not exist; run without --resume first")
         opt_state, state, rng = checkpoint.load_training_state(last)
-        checkpoint.load_weights(last / checkpoint.WEIGHTS, raw, device)
+        model_folder.load_weights(last / model_folder.WEIGHTS, raw, device)
         step, tokens = state["step"], state["tokens"]
         best = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         bad_evals = state["bad_evals"]

@@ -161,12 +161,12 @@ def _model_and_tokenizer(args: argparse.Namespace):
     """(model, tokenizer, tokenizer folder): a fresh preset model, or --init-from's."""
     from chatforge.data.tokenizer import ChatTokenizer
     from chatforge.model.gpt import GPT, PRESETS, preset
-    from chatforge.train import checkpoint
+    from chatforge.model import folder as model_folder
 
     tok_dir = Path(args.tokenizer) if args.tokenizer else None
     if args.init_from:
         init = Path(args.init_from)
-        model, init_tok = checkpoint.load_model(init)
+        model, init_tok = model_folder.load_model(init)
         if tok_dir is None:
             return model.train(), init_tok, init
         tok = ChatTokenizer.load(tok_dir)

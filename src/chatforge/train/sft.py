@@ -319,7 +319,7 @@ def _save_fn(method: str, out: Path, tokenizer, o: dict, base: Path):
     """The loop's save function. LoRA: the best model is saved merged (a plain model folder,
     plus the adapter with `--lora-save adapter`); `last/` keeps the wrapped weights for resume."""
     from chatforge.model.lora import merged_state_dict, save_lora
-    from chatforge.train.checkpoint import save_model
+    from chatforge.model.folder import save_model
 
     def save(folder: Path, model, state: dict) -> None:
         if method != "lora" or Path(folder).resolve() != out.resolve():
@@ -340,7 +340,7 @@ def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, *
     import torch
 
     from chatforge.data.chat_data import PackedBatches, eval_batches
-    from chatforge.train.checkpoint import load_model
+    from chatforge.model.folder import load_model
     from chatforge.train.loop import train
 
     o = default_options()
