@@ -58,6 +58,12 @@ def test_eval_cli_writes_json_examples_and_report(setup, capsys):
         assert set(KEYS) <= set(row)
     # The extractive reply is the top passage; with sources given, retrieval finds their documents.
     assert res["hit@3"] == res["baselines"]["extractive"]["hit@3"] and res["hit@3"] >= 0.75
+    # Grounded precision: the extractive reply is copied from its context by construction; a
+    # tiny untrained model's answers are measured against the same passages (any value in 0-1).
+    assert res["baselines"]["extractive"]["grounded"] == 1.0
+    for g in (res.get("grounded"), res["baselines"]["no_retrieval"]["grounded"]):
+        assert g is None or 0.0 <= g <= 1.0
+    assert "grounded" in (out / "report.html").read_text()
     examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
     assert len(examples) == 4 and {"question", "reference", "answer", "extractive", "no_retrieval"} <= set(examples[0])
     html = (out / "report.html").read_text()

@@ -97,3 +97,24 @@ def test_perplexity_of_a_real_gpt_is_finite_and_eval_mode_restored():
     ppl = perplexity(model, tokens, seq_len=32, max_batches=2, batch_size=2)
     assert math.isfinite(ppl) and 100 < ppl < 1000     # an untrained model is close to uniform (300)
     assert model.training
+
+
+def test_grounded_precision_counts_copied_word_4grams():
+    from chatforge.eval.metrics import grounded_counts, grounded_precision
+
+    passage = "Run git gc to pack loose objects. It also prunes old reflog entries."
+    # Copied verbatim (case and punctuation do not matter): every 4-gram is found.
+    assert grounded_counts("run git GC, to pack loose objects", [passage]) == (4, 4)
+    # Half invented: "to pack loose objects" is copied, "then reboot the server" is not.
+    found, total = grounded_counts("to pack loose objects then reboot the server", [passage])
+    assert (found, total) == (1, 5)
+    # An n-gram must sit inside one passage, not span two.
+    assert grounded_counts("gc to pack loose", ["gc to", "pack loose"]) == (0, 1)
+    # Fewer than four words: nothing to measure, and pooling skips it.
+    assert grounded_counts("git gc", [passage]) == (0, 0)
+    pooled = grounded_precision(["run git gc to pack loose objects", "reboot the server right now", "ok"],
+                                [[passage], [passage], [passage]])
+    assert pooled == pytest.approx(4 / 6)
+    assert grounded_precision(["ok"], [[passage]]) is None
+    with pytest.raises(ChatforgeError, match="pair up"):
+        grounded_precision(["a b c d"], [])

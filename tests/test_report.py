@@ -88,7 +88,7 @@ def test_report_tables_svg_and_escaping(tmp_path):
 
     metrics = doc.tables["metrics"]
     header, rows = metrics[0], {r[0]: dict(zip(metrics[0], r)) for r in metrics[1:]}
-    assert header == ["system", "perplexity", "bleu", "rouge1", "rouge2", "rougeL", "hit@1", "hit@3"]
+    assert header == ["system", "perplexity", "bleu", "rouge1", "rouge2", "rougeL", "grounded", "hit@1", "hit@3"]
     assert list(rows) == ["model", "extractive", "no_retrieval"]
     assert rows["model"]["perplexity"] == "12.35" and rows["model"]["bleu"] == "21.50"
     assert rows["model"]["rouge1"] == "0.457" and rows["model"]["hit@3"] == "1.000"

@@ -281,7 +281,7 @@ def print_summary(runner: Runner, total: float, *eval_dirs: Path) -> None:
     for name, seconds, status in runner.times:
         print(f"{name:<12} {seconds:>8.1f}  {status}")
     print(f"{'total':<12} {total:>8.1f}")
-    keys = ["perplexity", "bleu", "rouge1", "rouge2", "rougeL", "hit@1", "hit@3"]
+    keys = ["perplexity", "bleu", "rouge1", "rouge2", "rougeL", "grounded", "hit@1", "hit@3"]
     for d in eval_dirs:
         path = d / "eval.json"
         if not path.exists():

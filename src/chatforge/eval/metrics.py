@@ -5,6 +5,9 @@ Scales follow the libraries that define them, so figures compare with published 
 - `rouge`: rouge-score F1 (Porter stemming), averaged over the pairs, 0-1.
 - `hit_at_k`: the fraction of questions (0-1) whose gold source is among the top k retrieved.
 - `perplexity`: exp(mean next-token negative log-likelihood) over windows of held-out tokens.
+- `grounded_precision`: the share (0-1) of an answer's word 4-grams that occur in the passages it
+  was given, pooled over the answers: 1.0 means every run of four words was copied from the
+  context, so what it measures is invention, not correctness.
 """
 
 from __future__ import annotations
@@ -71,6 +74,50 @@ def hit_at_k(retrieved_sources_per_question: Sequence[Sequence[str]],
         total += 1
         hits += any(s in accept for s in list(retrieved)[:k])
     return hits / total if total else None
+
+
+GROUNDING_N = 4   # word n-gram size of grounded precision: long enough that chance matches are rare
+
+
+def _words(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"\w+", text.lower())
+
+
+def _ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def grounded_counts(answer: str, passages: Sequence[str], n: int = GROUNDING_N) -> tuple[int, int]:
+    """(word n-grams of `answer` found in `passages`, all word n-grams of `answer`).
+
+    Words are lower-cased runs of letters, digits and underscores, so punctuation and spacing do
+    not count; an n-gram must sit inside one passage. An answer of fewer than n words has none.
+    """
+    grams = _ngrams(_words(answer), n)
+    if not grams:
+        return 0, 0
+    seen: set[tuple[str, ...]] = set()
+    for p in passages:
+        seen.update(_ngrams(_words(p), n))
+    return sum(g in seen for g in grams), len(grams)
+
+
+def grounded_precision(answers: Sequence[str], passages: Sequence[Sequence[str]],
+                       n: int = GROUNDING_N) -> float | None:
+    """The share of all answers' word n-grams that occur in the passages each answer was given.
+
+    Pooled over the n-grams (a long answer weighs more than a short one); None when no answer has
+    n words (nothing to measure). Callers leave out fixed replies such as "not in the documents".
+    """
+    if len(answers) != len(passages):
+        raise ChatforgeError(f"{len(answers)} answers but {len(passages)} passage lists; they must pair up")
+    found = total = 0
+    for a, ps in zip(answers, passages):
+        f, t = grounded_counts(a, ps, n)
+        found, total = found + f, total + t
+    return found / total if total else None
 
 
 # --------------------------------------------------------------------------- perplexity

@@ -21,8 +21,8 @@ from typing import Any, Iterable, Sequence
 
 from chatforge import files
 
-METRICS = ("perplexity", "bleu", "rouge1", "rouge2", "rougeL", "hit@1", "hit@3")
-BAR_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "hit@1", "hit@3")
+METRICS = ("perplexity", "bleu", "rouge1", "rouge2", "rougeL", "grounded", "hit@1", "hit@3")
+BAR_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "grounded", "hit@1", "hit@3")
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 EXAMPLE_COLUMNS = (("question", "question"), ("reference", "reference"), ("answer", "answer"),
                    ("extractive", "extractive baseline"), ("no_retrieval", "without retrieval"),

@@ -17,9 +17,14 @@ What it measures
   whose `source` is not among the documents (a chat transcript, say) is left out of hit@k.
 - baselines, scored the same way: "extractive" (the reply is the top retrieved passage) and
   "no_retrieval" (the model answers the bare question).
+- grounded precision (`grounded`): the share of the answers' word 4-grams that occur in the
+  passages put in the prompt (`chatforge.eval.metrics.grounded_precision`), for the model, and
+  for the model without retrieval against the passages it would have been given (how much of
+  its answer it could have copied), so invention is measured. The "not in the documents" reply
+  is left out (it copies nothing on purpose). 1.0 for the extractive baseline by construction.
 
 Outputs in `--out`: `eval.json` (`perplexity`, `bleu`, `rouge1`, `rouge2`, `rougeL`, `hit@1`,
-`hit@3`, and `baselines: {"extractive": {...}, "no_retrieval": {...}}`), `examples.jsonl` (one
+`hit@3`, `grounded`, and `baselines: {"extractive": {...}, "no_retrieval": {...}}`), `examples.jsonl` (one
 line per question) and `report.html` (training curves from the model folder's `metrics.jsonl`
 and those of its sibling stage folders). The metric table is printed too.
 `evaluate(model_dir, out_dir, ...)` does the same from Python (the pipeline calls it).
@@ -209,7 +214,9 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
             retrieved = [[p.doc for p in h] for h in hits]
             hit = {"hit@1": hit_at_k(retrieved, gold, 1), "hit@3": hit_at_k(retrieved, gold, 3)}
             extractive = [h[0].text if h else "" for h in hits]
-            baselines["extractive"] = {"perplexity": None, **_scores(extractive, refs), **hit}
+            given = [[p.text for p in h[:k]] for h in hits]   # the passages a grounded prompt holds
+            baselines["extractive"] = {"perplexity": None, **_scores(extractive, refs), **hit,
+                                       "grounded": _grounded(extractive, given)}
             for e, h, ext in zip(examples, hits, extractive):
                 e["extractive"], e["retrieved"] = ext, [p.source for p in h[:k]]
             if retrieval:
@@ -220,9 +227,13 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                             for q, h in zip(qs, hits)]
                 answers = answerer.answer(grounded, "answer (grounded)")
                 bare = answerer.answer(plain, "answer (no retrieval)")
-                baselines["no_retrieval"] = {"perplexity": None, **_scores(bare, refs), "hit@1": None, "hit@3": None}
+                baselines["no_retrieval"] = {"perplexity": None, **_scores(bare, refs), "hit@1": None, "hit@3": None,
+                                             "grounded": _grounded(bare, given)}
                 for e, b in zip(examples, bare):
                     e["no_retrieval"] = b
+                results["grounded"] = _grounded(answers, given)
+                for e, a, g in zip(examples, answers, given):
+                    e["grounded"] = _grounded([a], [g])
             else:
                 answers = answerer.answer(plain, "answer (no retrieval)")
             results.update(hit if retrieval else {"hit@1": None, "hit@3": None})
@@ -247,6 +258,16 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
         print(format_table(results))
         print(f"wrote {out_dir / 'eval.json'}, {out_dir / 'examples.jsonl'}, {out_dir / 'report.html'}")
     return results
+
+
+def _grounded(answers: Sequence[str], passages: Sequence[Sequence[str]]) -> float | None:
+    """Grounded precision of `answers` (citations stripped, "not in the documents" replies left out)."""
+    from chatforge.eval.metrics import grounded_precision
+    from chatforge.infer.retrieval import NOT_FOUND_REPLY, strip_citation
+
+    kept = [(strip_citation(a), ps) for a, ps in zip(answers, passages)
+            if strip_citation(a).strip() != NOT_FOUND_REPLY]
+    return grounded_precision([a for a, _ in kept], [ps for _, ps in kept])
 
 
 def _gold_docs(index, q: dict, rouge_l) -> list[str] | None:
