@@ -15,6 +15,8 @@ from chatforge.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """
+run:
+  base: scratch
 tokenizer:
   vocab-size: 600
 pretrain:
@@ -72,3 +74,26 @@ def test_pipeline_on_own_docs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "== pretrain: up to date" in out
     assert "== sft: up to date" not in out and "== eval: up to date" not in out
+
+
+def test_settings_follow_the_base(tmp_path):
+    from chatforge.pipeline import DEFAULT_BASE, load_settings
+
+    # Default: the pretrained base, LoRA SFT, long answers in eval.
+    s = load_settings(None)
+    assert s["run"]["base"] == DEFAULT_BASE and s["sft"]["method"] == "lora" and s["eval"]["max_new_tokens"] == 256
+    # From scratch: the small preset is pretrained and fully fine-tuned.
+    s = load_settings(None, "scratch")
+    assert s["sft"]["method"] == "full" and s["pretrain"]["preset"] == "small"
+    # The file's run.base picks the defaults, its own values win over them, and --base wins over the file.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run:\n  base: scratch\nsft:\n  method: lora\n")
+    s = load_settings(str(cfg))
+    assert s["run"]["base"] == "scratch" and s["sft"]["method"] == "lora" and s["pretrain"]["preset"] == "small"
+    s = load_settings(str(cfg), "model.gguf")
+    assert s["run"]["base"] == "model.gguf" and "preset" not in s["pretrain"]
+
+
+def test_unknown_base_is_a_clear_error(tmp_path, capsys):
+    assert main(["pipeline", "--base", str(tmp_path / "nope.gguf"), "--name", "x"]) == 2
+    assert "neither a model source" in capsys.readouterr().err

