@@ -111,3 +111,63 @@ def test_extending_the_context_keeps_what_the_model_already_computes():
     torch.testing.assert_close(after[:, :16], before, atol=1e-5, rtol=1e-5)
     model.extend_context(8)   # never shrinks
     assert model.config.max_seq_len == 40
+
+
+# --- the switches for imported checkpoints (Qwen2: qkv_bias, Qwen3: qk_norm + explicit head size)
+
+def _hf_peer(model: GPT):
+    """The HF class `hf_config` names, holding the model's weights."""
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(model.hf_config())
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    hf.eval()
+    missing, unexpected = hf.load_state_dict(model.hf_state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return hf
+
+
+@pytest.mark.parametrize("switches,hf_class", [
+    (dict(qkv_bias=True), "Qwen2ForCausalLM"),
+    (dict(qk_norm=True), "Qwen3ForCausalLM"),
+    (dict(qk_norm=True, head_size=16), "Qwen3ForCausalLM"),      # 4 heads x 16 = 64 wide, d_model 32
+    (dict(head_size=16), "LlamaForCausalLM"),
+])
+def test_switched_models_match_their_hf_class(switches, hf_class):
+    torch.manual_seed(0)
+    model = GPT(small_config(**switches)).eval()
+    with torch.no_grad():
+        # Random, not the initial zeros / ones: the biases and norm weights must really be used.
+        for name, p in model.named_parameters():
+            if name.endswith(("_proj.bias", "q_norm.weight", "k_norm.weight")):
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("norm.weight") else 0.0))
+    hf = _hf_peer(model)
+    assert type(hf).__name__ == hf_class
+    if switches.get("head_size"):
+        assert model.layers[0].self_attn.q_proj.weight.shape == (4 * 16, 32)
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_switches_default_off_and_old_config_files_still_load():
+    old = dict(vocab_size=97, max_seq_len=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=64,
+               rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, dropout=0.0, n_experts=0,
+               experts_per_token=2, moe_aux_weight=0.01)      # a config.json from before the switches
+    cfg = GPTConfig.from_dict(old)
+    assert (cfg.head_size, cfg.qkv_bias, cfg.qk_norm) == (None, False, False) and cfg.head_dim == 8
+    names = set(GPT(cfg).state_dict())
+    assert not any(n.endswith((".bias", "q_norm.weight", "k_norm.weight")) for n in names)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    assert GPT(cfg).hf_config()["model_type"] == "llama"
+
+
+def test_switch_errors_are_clear():
+    with pytest.raises(ChatforgeError, match="head size .* must be even"):
+        small_config(head_size=7)
+    with pytest.raises(ChatforgeError, match="divisible by n_head"):
+        small_config(d_model=30)
+    small_config(d_model=30, head_size=8)            # an explicit head size needs no divisibility
+    with pytest.raises(ChatforgeError, match="matches no HF model class"):
+        GPT(small_config(qkv_bias=True, qk_norm=True)).hf_config()

@@ -8,6 +8,12 @@ Parameter names are exactly those of HF `LlamaForCausalLM` without the leading `
 (`layers.0.self_attn.q_proj.weight`, ...), and RoPE uses the same "rotate half" layout, so a
 dense model's weights load into `LlamaForCausalLM` as they are (see `hf_state_dict`).
 
+Three config switches, all off by default, exist for imported checkpoints (`model/importer.py`):
+`qkv_bias` (Qwen2: biases on the q/k/v projections), `qk_norm` (Qwen3: an RMSNorm over each
+head's queries and keys before RoPE, as `q_norm` / `k_norm`, HF's names) and `head_size` (a head
+width other than d_model / n_head, as Qwen3 has). With them on, the names and the maths are those
+of HF `Qwen2ForCausalLM` / `Qwen3ForCausalLM`, and `hf_config` names that class.
+
 Shapes in comments: B batch, T new tokens, S keys (cached + new), C model width,
 nh heads, nkv key/value heads, hs head size.
 """
@@ -40,6 +46,11 @@ class GPTConfig:
     n_experts: int = 0           # 0 = dense MLP; > 1 = mixture of experts
     experts_per_token: int = 2
     moe_aux_weight: float = 0.01  # weight of the load-balancing loss added to the LM loss
+    # Switches for imported checkpoints; the defaults keep the model 1:1 with LlamaForCausalLM,
+    # and config.json files written before they existed still load (they take the defaults).
+    head_size: int | None = None  # width of one attention head; None = d_model // n_head (Qwen3 sets it)
+    qkv_bias: bool = False       # biases on the q, k and v projections (Qwen2; o_proj has none)
+    qk_norm: bool = False        # RMSNorm over each head's q and k before RoPE (Qwen3)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -52,9 +63,13 @@ class GPTConfig:
         need(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
         need(self.max_seq_len > 0, f"max_seq_len must be positive, got {self.max_seq_len}")
         need(self.n_layer > 0 and self.d_model > 0 and self.d_ff > 0, "n_layer, d_model, d_ff must be positive")
-        need(self.n_head > 0 and self.d_model % self.n_head == 0,
-             f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        need((self.d_model // self.n_head) % 2 == 0, "head size (d_model / n_head) must be even for RoPE")
+        need(self.n_head > 0, f"n_head must be positive, got {self.n_head}")
+        if self.head_size is None:
+            need(self.d_model % self.n_head == 0,
+                 f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        else:
+            need(self.head_size > 0, f"head_size must be positive (or null), got {self.head_size}")
+        need(self.head_dim % 2 == 0, f"head size ({self.head_dim}) must be even for RoPE")
         need(0 < self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0,
              f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
@@ -63,7 +78,7 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.head_size if self.head_size is not None else self.d_model // self.n_head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,16 +153,24 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            # One weight vector per projection, shared by all heads, normalising each head's vector.
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, cache=None, attn_mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)                     # (B, T, nh, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)                  # (B, T, nkv, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                   # (B, nh|nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -167,7 +190,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            **({"enable_gqa": True} if gqa else {}))
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)             # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)             # (B, T, nh*hs)
         return self.o_proj(y)
 
 
@@ -270,6 +293,8 @@ class GPT(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -289,7 +314,8 @@ class GPT(nn.Module):
         if cfg.n_experts:
             per_expert = 3 * cfg.d_model * cfg.d_ff
             n -= cfg.n_layer * per_expert * (cfg.n_experts - cfg.experts_per_token)
-        return 6 * n + 12 * cfg.n_layer * cfg.d_model * T  # the PaLM paper's count, as MFU figures use
+        # The PaLM paper's count, as MFU figures use (the attention width is n_head * head size).
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
@@ -326,7 +352,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under HF `LlamaForCausalLM` names (dense models only)."""
+        """The weights under the names of the HF class `hf_config` names (dense models only)."""
         if self.config.n_experts:
             raise ChatforgeError("a mixture-of-experts model has no LlamaForCausalLM equivalent")
         out = {}
@@ -335,10 +361,21 @@ class GPT(nn.Module):
         return out
 
     def hf_config(self) -> dict:
-        """The matching HF `LlamaConfig` fields."""
+        """The matching HF config fields: `LlamaConfig`, or `Qwen2Config` with qkv_bias, or
+        `Qwen3Config` with qk_norm (the model's maths is then exactly that class's)."""
         c = self.config
-        return dict(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
-                    num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-                    max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                    tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False,
-                    hidden_act="silu", model_type="llama", architectures=["LlamaForCausalLM"])
+        if c.qkv_bias and c.qk_norm:
+            raise ChatforgeError("a model with both qkv_bias and qk_norm matches no HF model class")
+        out = dict(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
+                   num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                   max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                   tie_word_embeddings=c.tie_embeddings, hidden_act="silu")
+        if c.head_size is not None or c.qk_norm:
+            out["head_dim"] = c.head_dim          # Qwen3Config's default (128) is not d_model / n_head
+        if c.qkv_bias:
+            return {**out, "use_sliding_window": False, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
+        if c.qk_norm:
+            return {**out, "attention_bias": False, "use_sliding_window": False, "model_type": "qwen3",
+                    "architectures": ["Qwen3ForCausalLM"]}
+        return {**out, "attention_bias": False, "mlp_bias": False, "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"]}
