@@ -1,22 +1,26 @@
-"""The tokenizer: byte-level BPE with a ChatML chat template, and `chatforge tokenizer train`.
+"""The tokenizer: ChatML chat tokenizers (chatforge's own or pretrained), and `chatforge tokenizer train`.
 
     chatforge tokenizer train --data runs/demo/data --vocab-size 8192 --out runs/demo/tokenizer
 
 What this file holds
-- `ChatTokenizer`: load / save a tokenizer folder, encode and decode text, render conversations
-  to ids plus a loss mask (see the class docstring for the exact rules).
+- `ChatTokenizer`: a HF `tokenizers.Tokenizer` plus ChatML rendering: load / save a tokenizer
+  folder, encode and decode text, render conversations to ids plus a loss mask (see the class
+  docstring for the exact rules). It takes chatforge's own tokenizers and pretrained ChatML-family
+  ones (SmolLM2, Qwen2); `data/gguf_tokenizer.py` rebuilds one from a GGUF file.
+- `chat_template_default_system(template)`: checks that a Jinja chat template renders ChatML and
+  returns the system message it inserts when a conversation does not start with one.
 - `train_tokenizer(texts, vocab_size, out_dir)`: train a new one with HF `tokenizers`.
 - `tokens_per_byte(tok, texts)`: the compression figure reported after training.
 - `configure(parser)` / `run_train(args)`: the command.
 
-The tokenizer
+chatforge's own tokenizer (`train_tokenizer`)
 - Byte-level BPE: text is UTF-8 bytes, each byte one of 256 base symbols, so every string is
   representable and `decode(encode(s)) == s` exactly (there is no normalizer, no unknown token).
 - Pre-tokenization splits text with a GPT-4-style regex before BPE (merges never cross a split).
   One deliberate change from GPT-4's pattern: a piece holds at most ONE line break, so the `\n`
   that ends a ChatML header (`<|im_start|>user\n`) is always a piece of its own and the message
-  content starts a fresh piece. That is what lets `render_chat` encode header and content apart
-  and still get exactly the ids of encoding the whole rendered text (HF's `apply_chat_template`).
+  content starts a fresh piece: the tokens of a message's content are then the same whether it
+  is an assistant reply being learned or the start of one being generated after the prompt.
   The price is that a blank line (`\n\n`) costs two tokens instead of one.
 - Special tokens, fixed ids: 0 `<|endoftext|>` (ends a pretraining document), 1 `<|im_start|>`,
   2 `<|im_end|>` (ends a chat turn; the `eos_token` in `tokenizer_config.json`, so HF, llama.cpp
@@ -24,11 +28,23 @@ The tokenizer
   printable stand-ins, not by byte value), then come the merges.
   There is no BOS token and no UNK token.
 
+Pretrained tokenizers (`ChatTokenizer.load` on a HF tokenizer folder, or `tokenizer_from_gguf`)
+- The vocabulary must hold `<|im_start|>` and `<|im_end|>`. Special ids come from the tokens'
+  names: `eot_id` is `<|endoftext|>` if the vocabulary has it, else the eos token; `pad_id` is the
+  pad token, else the eos token (SmolLM2 has no pad token: pad = eos = `<|im_end|>`).
+- The chat template (`chat_template` in tokenizer_config.json, or a `chat_template.jinja` file) is
+  rendered on probe conversations in a sandboxed Jinja environment (a template is untrusted
+  input). It must give ChatML text, optionally with a default system message inserted when the
+  first message is not a system message (SmolLM2, Qwen2.5 do that); any other template is refused.
+  chatforge renders prompts itself, inserting that same default, so the text a model is trained on
+  and the prompt it sees at chat time are the ones HF, llama.cpp and Ollama render from the
+  template, which `save` writes back verbatim.
+
 The folder (what `save` writes, each file atomically): `tokenizer.json` (HF `tokenizers`),
 `tokenizer_config.json` (class, special-token fields, `model_max_length` and the Jinja
 `chat_template`), `special_tokens_map.json`. `transformers.AutoTokenizer.from_pretrained(folder)`
 loads it, and its `apply_chat_template` gives the same text and ids as `render_chat_text` /
-`render_chat` (the tests check this).
+`render_chat` (the tests check this, for chatforge's own tokenizer and for pretrained-style ones).
 """
 
 from __future__ import annotations
@@ -36,10 +52,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from chatforge import files
 from chatforge.cli import add_parser, leaf, subcommands
@@ -55,13 +72,13 @@ ROLES = ("system", "user", "assistant")
 DEFAULT_VOCAB_SIZE = 8192
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # the special tokens plus every byte
 DEFAULT_MODEL_MAX_LENGTH = 2048
+# The special-token fields of tokenizer_config.json / special_tokens_map.json.
+SPECIAL_FIELDS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 # GPT-4's split pattern (contractions, words with one leading non-letter, numbers of up to three
 # digits, punctuation runs, line breaks, other whitespace) except for the line-break branch:
 # GPT-4 has `\s*[\r\n]+` (a run of blank lines is one piece); ours takes trailing spaces and ONE
 # line break, so a header's `\n` never merges with the content after it (see module docstring).
-# No anchors and no look-behind: where a piece starts, the pieces after it do not depend on the
-# text before it, which is what makes per-part encoding compose.
 SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
     r"|[^\r\n\p{L}\p{N}]?\p{L}+"
@@ -79,6 +96,7 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where newer HF folders keep the template
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -88,7 +106,7 @@ Message = Mapping[str, Any]
 
 
 class ChatTokenizer:
-    """Byte-level BPE tokenizer with ChatML rendering; a thin layer over a HF `tokenizers.Tokenizer`.
+    """A HF `tokenizers.Tokenizer` with ChatML rendering (`<|im_start|>role\\ncontent<|im_end|>\\n`).
 
     `encode(text)` treats special-token strings inside the text as plain text: a user who types
     `<|im_end|><|im_start|>system` gets the characters, never the control tokens, so they cannot
@@ -101,33 +119,70 @@ class ChatTokenizer:
     tokens an assistant turn should learn to produce: the assistant's content and its closing
     `<|im_end|>` (so the model learns to stop). It is 0 on `<|im_start|>assistant\\n` (the prompt
     gives it), on the `\\n` after `<|im_end|>` (a separator that generation never produces, since
-    it stops at `<|im_end|>`), and on every system and user token.
+    it stops at `<|im_end|>`), and on every system and user token. If the template inserts a
+    default system message (`default_system`), `render_chat` / `render_chat_text` insert it too.
+
+    Construct it with `load(folder)`, `train_tokenizer(...)` or `tokenizer_from_gguf(reader)`; the
+    keyword arguments name the special tokens as a tokenizer_config.json does.
     """
 
-    def __init__(self, tokenizer: Any, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> None:
-        ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
-        missing = [t for t, i in ids.items() if i is None]
+    def __init__(self, tokenizer: Any, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH, *,
+                 chat_template: str | None = None, bos_token: str | None = None,
+                 eos_token: str | None = IM_END, pad_token: str | None = PAD,
+                 unk_token: str | None = None, add_bos_token: bool = False) -> None:
+        from tokenizers import AddedToken
+
+        def token_id(token: str | None) -> int | None:
+            return None if token is None else tokenizer.token_to_id(token)
+
+        missing = [t for t in (IM_START, IM_END) if token_id(t) is None]
         if missing:
-            raise ChatforgeError(f"the tokenizer has no {', '.join(missing)} token; it was not made by "
-                                 "chatforge: train one with `chatforge tokenizer train`")
+            raise ChatforgeError(f"the tokenizer has no {' or '.join(missing)} token; chatforge needs a ChatML "
+                                 "tokenizer: train one with `chatforge tokenizer train` or import a ChatML "
+                                 "model (SmolLM2, Qwen2)")
+        names = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token, "pad_token": pad_token}
+        for field, name in names.items():
+            if name is not None and token_id(name) is None:
+                raise ChatforgeError(f"the {field} {name!r} is not in the tokenizer's vocabulary; fix "
+                                     f"{field} in {TOKENIZER_CONFIG} or use the tokenizer.json it belongs to")
+        eot = EOT if token_id(EOT) is not None else eos_token
+        if eot is None:
+            raise ChatforgeError(f"the tokenizer has no {EOT} token and no eos_token; chatforge needs one to end "
+                                 f"documents: set eos_token in {TOKENIZER_CONFIG}")
+        pad = pad_token if pad_token is not None else eos_token
+        if pad is None:
+            raise ChatforgeError(f"the tokenizer has no pad_token and no eos_token to pad with; set one of them "
+                                 f"in {TOKENIZER_CONFIG}")
+        # Control tokens must be special added tokens: matched whole by HF in a rendered template,
+        # and kept as plain text by `encode` (the guard below only protects special tokens).
+        special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+        controls = dict.fromkeys(t for t in (EOT, IM_START, IM_END, *names.values())
+                                 if t is not None and token_id(t) is not None and t not in special)
+        if controls:
+            tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in controls])
         self._tok = tokenizer
         # Special-token strings in user text stay plain text (see the class docstring). This flag is
         # not part of tokenizer.json, so saved files keep HF's normal behaviour for the template.
         self._tok.encode_special_tokens = True
         self.model_max_length = int(model_max_length)
-        self.eot_id: int = ids[EOT]
-        self.im_start_id: int = ids[IM_START]
-        self.im_end_id: int = ids[IM_END]
-        self.pad_id: int = ids[PAD]
-        # Fixed pieces of every rendered turn, encoded once.
-        self._headers = {role: self.encode(f"{role}\n") for role in ROLES}
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
+        self.add_bos_token = bool(add_bos_token)
+        self.eot_id: int = token_id(eot)
+        self.im_start_id: int = token_id(IM_START)
+        self.im_end_id: int = token_id(IM_END)
+        self.pad_id: int = token_id(pad)
+        self.chat_template: str = CHAT_TEMPLATE if chat_template is None else chat_template
+        self.default_system: str | None = chat_template_default_system(self.chat_template, self.special_tokens_map())
+        # Fixed pieces, encoded once: the separator after <|im_end|> and the generation prompt.
         self._newline = self.encode("\n")
+        self._prompt = self.encode("assistant\n")
 
     # ---- files -------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "ChatTokenizer":
-        """Load a folder written by `save` (or by `chatforge tokenizer train`)."""
+        """Load a tokenizer folder: one written by `save` / `chatforge tokenizer train`, or a
+        pretrained HF one (tokenizer.json + tokenizer_config.json) with a ChatML vocabulary."""
         from tokenizers import Tokenizer
 
         folder = Path(folder)
@@ -148,39 +203,51 @@ class ChatTokenizer:
             raise ChatforgeError(f"{folder / TOKENIZER_CONFIG} is corrupt ({e}); train the tokenizer again") from None
         if not isinstance(config, dict):
             raise ChatforgeError(f"{folder / TOKENIZER_CONFIG} should hold a JSON object; train the tokenizer again")
-        # render_chat implements exactly one template; a different one would make chatforge and
-        # HF / llama.cpp prompts disagree silently, so refuse it.
-        if config.get("chat_template", CHAT_TEMPLATE) != CHAT_TEMPLATE:
-            raise ChatforgeError(f"{folder / TOKENIZER_CONFIG} has a chat_template that is not chatforge's ChatML "
-                                 "template; chatforge renders only its own, so restore it or retrain the tokenizer")
+        names = {field: _token_name(config.get(field), field, folder / TOKENIZER_CONFIG) for field in SPECIAL_FIELDS}
         max_len = config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH)
         if not isinstance(max_len, int) or max_len <= 0:
             max_len = DEFAULT_MODEL_MAX_LENGTH
-        return cls(tok, model_max_length=max_len)
+        try:
+            return cls(tok, model_max_length=max_len, chat_template=_read_chat_template(folder, config),
+                       add_bos_token=config.get("add_bos_token") is True, **names)
+        except ChatforgeError as e:
+            raise ChatforgeError(f"{folder}: {e}") from None
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the three tokenizer files into `folder` (created if missing; other files are kept).
 
-        Each file is written atomically. tokenizer.json goes first: the other two only name special
-        tokens and hold the template, which never change, so any crash leaves a loadable folder.
+        Each file is written atomically, tokenizer.json first; the chat template goes verbatim into
+        tokenizer_config.json so HF, llama.cpp and Ollama render the prompts chatforge renders.
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         files.write_text(folder / TOKENIZER_JSON, self._tok.to_str(pretty=False))
-        files.write_json(folder / SPECIAL_TOKENS_MAP, _special_tokens_map())
+        files.write_json(folder / SPECIAL_TOKENS_MAP, self.special_tokens_map())
         files.write_json(folder / TOKENIZER_CONFIG, self._hf_config())
         return folder
+
+    def special_tokens_map(self) -> dict[str, Any]:
+        """The special-token fields HF expects (also the names a chat template may use)."""
+        named = {self.bos_token, self.eos_token, self.unk_token, self.pad_token}
+        return {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "pad_token": self.pad_token,
+            "additional_special_tokens": [t for t in (EOT, IM_START, IM_END)
+                                          if t not in named and self._tok.token_to_id(t) is not None],
+        }
 
     def _hf_config(self) -> dict[str, Any]:
         return {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            **_special_tokens_map(),
+            **self.special_tokens_map(),
             "model_max_length": self.model_max_length,
             "padding_side": "right",
             "clean_up_tokenization_spaces": False,  # decode must give back the exact text
-            "add_bos_token": False,
+            "add_bos_token": self.add_bos_token,
             "add_eos_token": False,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": self.chat_template,
         }
 
     # ---- text --------------------------------------------------------------------------------
@@ -214,33 +281,51 @@ class ChatTokenizer:
 
     # ---- chat --------------------------------------------------------------------------------
 
+    def conversation(self, messages: Sequence[Message]) -> list[Message]:
+        """`messages` checked, with the template's default system message in front if it has one
+        and the conversation does not start with a system message."""
+        msgs = validate_messages(messages)
+        if self.default_system is not None and msgs and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": self.default_system}, *msgs]
+        return msgs
+
     def render_chat_text(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         """The ChatML text of `messages` (what HF's `apply_chat_template(tokenize=False)` gives)."""
-        parts = [f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in validate_messages(messages)]
-        if add_generation_prompt:
-            parts.append(f"{IM_START}assistant\n")
-        return "".join(parts)
+        return chatml_text(self.conversation(messages), add_generation_prompt)
 
     def render_chat(self, messages: Sequence[Message],
                     add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """(ids, mask) of the ChatML rendering of `messages`; see the class docstring for the mask.
 
-        Built part by part (`<|im_start|>`, header, content, `<|im_end|>`, `\\n`): the split pattern
-        makes this equal to encoding the whole text with special tokens recognised, and the parts
-        say exactly which tokens are assistant content.
+        The control tokens are put in as ids and the text between two of them (`role\\ncontent`,
+        `\\n`) is encoded as one string, which is what HF does with the whole rendered text: it
+        cuts it at special tokens and encodes each piece alone. So the ids equal
+        `apply_chat_template(tokenize=True)` whatever the pre-tokenizer (a pretrained one may merge
+        the header's `\\n` with whitespace that starts the content). The mask comes from token
+        offsets: a token is content when it starts after the header; one that straddles the
+        header's `\\n` and the content (only with such a pre-tokenizer) counts as header.
         """
         ids: list[int] = []
         mask: list[int] = []
-        for m in validate_messages(messages):
-            header = self._headers[m["role"]]
-            content = self.encode(m["content"])
+        for m in self.conversation(messages):
+            header = f"{m['role']}\n"
+            enc = self._tok.encode(header + m["content"], add_special_tokens=False)
             learn = 1 if m["role"] == "assistant" else 0
-            ids += [self.im_start_id, *header, *content, self.im_end_id, *self._newline]
-            mask += [0] * (1 + len(header)) + [learn] * (len(content) + 1) + [0] * len(self._newline)
+            ids += [self.im_start_id, *enc.ids, self.im_end_id, *self._newline]
+            mask += [0] + [learn if start >= len(header) else 0 for start, _ in enc.offsets]
+            mask += [learn] + [0] * len(self._newline)
         if add_generation_prompt:
-            ids += [self.im_start_id, *self._headers["assistant"]]
-            mask += [0] * (1 + len(self._headers["assistant"]))
+            ids += [self.im_start_id, *self._prompt]
+            mask += [0] * (1 + len(self._prompt))
         return ids, mask
+
+
+def chatml_text(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    """Plain ChatML text of `messages` (nothing inserted)."""
+    parts = [f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages]
+    if add_generation_prompt:
+        parts.append(f"{IM_START}assistant\n")
+    return "".join(parts)
 
 
 def validate_messages(messages: Sequence[Message]) -> list[Message]:
@@ -259,14 +344,137 @@ def validate_messages(messages: Sequence[Message]) -> list[Message]:
     return list(messages)
 
 
-def _special_tokens_map() -> dict[str, Any]:
-    return {
-        "bos_token": None,     # no BOS: documents are separated by <|endoftext|> at their end
-        "eos_token": IM_END,   # generation of a chat turn ends here
-        "unk_token": None,     # byte-level: nothing is ever unknown
-        "pad_token": PAD,
-        "additional_special_tokens": [EOT, IM_START],
-    }
+# ---- chat templates ------------------------------------------------------------------------------
+
+def _msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+# Probe conversations: every shape chatforge renders (system first or not, a generation prompt or
+# a final assistant turn, several turns) and content with leading / trailing whitespace, which a
+# template that strips or trims content would change.
+_PROBE_USER = [_msg("user", "Where is my parcel?")]
+_PROBES: list[tuple[list[dict[str, str]], bool]] = [
+    (_PROBE_USER, False),
+    (_PROBE_USER, True),
+    ([_msg("system", "You answer briefly."), _msg("user", "Hi there")], True),
+    ([_msg("system", "You answer briefly."), _msg("user", "Hi"), _msg("assistant", "Hello! How can I help?")], False),
+    ([_msg("user", "First question"), _msg("assistant", "First answer"), _msg("user", "Second one")], True),
+    ([_msg("system", "Rules:\n- be kind"), _msg("user", "a"), _msg("assistant", "b"), _msg("user", "c"),
+      _msg("assistant", "d")], False),
+    ([_msg("user", " \n  spaced question\n\n"), _msg("assistant", "\tan answer with a tab \n")], False),
+]
+_DEFAULT_SYSTEM = re.compile(re.escape(IM_START) + r"system\n(.*)" + re.escape(IM_END) + r"\n", re.DOTALL)
+
+
+def chat_template_default_system(template: str, special: Mapping[str, Any] | None = None) -> str | None:
+    """Check that the Jinja chat `template` renders ChatML and return the system message it
+    inserts when the first message is not a system message (None when it inserts none).
+
+    The template is rendered (sandboxed, as HF renders it) on probe conversations; its text must
+    equal ChatML, with that default message in front where the first message is not a system
+    message. The default message is read from the template's own output for a lone user message.
+    `special` holds the special-token names HF passes to templates (bos_token, eos_token, ...).
+    Anything else raises ChatforgeError: chatforge renders prompts itself and would silently
+    disagree with HF, llama.cpp and Ollama.
+    """
+    render = _compile_template(template, dict(special or {}))
+    default = None
+    plain = chatml_text(_PROBE_USER)
+    got = render(_PROBE_USER, False)
+    if got != plain:
+        found = _DEFAULT_SYSTEM.fullmatch(got[:-len(plain)]) if got.endswith(plain) else None
+        if found is None or IM_START in found.group(1) or IM_END in found.group(1):
+            raise _not_chatml(_PROBE_USER, False, plain, got)
+        default = found.group(1)
+    for messages, gen in _PROBES:
+        with_default = messages if default is None or messages[0]["role"] == "system" \
+            else [_msg("system", default), *messages]
+        expected = chatml_text(with_default, gen)
+        got = render(messages, gen)
+        if got != expected:
+            raise _not_chatml(messages, gen, expected, got)
+    return default
+
+
+def _not_chatml(messages: list[dict[str, str]], gen: bool, expected: str, got: str) -> ChatforgeError:
+    roles = "/".join(m["role"] for m in messages) + (" + generation prompt" if gen else "")
+    return ChatforgeError(f"the chat_template is not a ChatML template: for a {roles} conversation it renders "
+                          f"{_clip(got)} where ChatML is {_clip(expected)}; chatforge renders ChatML itself (so "
+                          "training and chat see the same prompt), so use a ChatML model or drop the template "
+                          "to get chatforge's")
+
+
+def _clip(text: str, n: int = 160) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def _compile_template(template: str, special: dict[str, Any]) -> Callable[[list[dict[str, str]], bool], str]:
+    """`render(messages, add_generation_prompt) -> text` for `template`, in a sandboxed Jinja
+    environment set up like HF's (trim_blocks, lstrip_blocks, loop controls, raise_exception)."""
+    from datetime import datetime
+
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if not isinstance(template, str):
+        raise ChatforgeError(f"the chat_template must be text, got {type(template).__name__}")
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    # Never a plain Environment: a template is untrusted input and must not reach Python objects.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        compiled = env.from_string(template)
+    except TemplateError as e:
+        raise ChatforgeError(f"the chat_template is not valid Jinja ({e}); fix it or drop it to get chatforge's "
+                             "ChatML template") from None
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        try:
+            return compiled.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                                   tools=None, documents=None, **special)
+        except Exception as e:  # noqa: BLE001 - whatever an untrusted template raises is the template's fault
+            roles = "/".join(m["role"] for m in messages)
+            raise ChatforgeError(f"the chat_template fails on a plain {roles} conversation ({type(e).__name__}: "
+                                 f"{e}); chatforge needs a ChatML template") from None
+
+    return render
+
+
+def _read_chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
+    """The folder's chat template: `chat_template.jinja` (newer HF folders; it wins, as in HF), else
+    `chat_template` of tokenizer_config.json (a string, or HF's list of named templates, of which
+    the "default" one). None when there is none: chatforge's ChatML template is then used."""
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise ChatforgeError(f"{folder / TOKENIZER_CONFIG} has named chat templates ({', '.join(map(str, named))}) "
+                                 "but no 'default' one; chatforge renders the default template")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise ChatforgeError(f"{folder / TOKENIZER_CONFIG}: chat_template must be text, got {type(template).__name__}")
+    return template
+
+
+def _token_name(value: Any, field: str, path: Path) -> str | None:
+    """A special-token field of tokenizer_config.json: a string, {"content": str, ...} or null."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    if value is None or isinstance(value, str):
+        return value
+    raise ChatforgeError(f"{path}: {field} must be a token string or {{\"content\": ...}}, got {value!r}")
 
 
 def _new_tokenizer() -> Any:
