@@ -218,7 +218,8 @@ class _Metadata:
         self._fields = getattr(reader, "fields", None)
         if self._fields is None:
             raise ChatforgeError(f"expected a gguf.GGUFReader, got {type(reader).__name__}")
-        self.where = str(getattr(reader, "path", None) or "the GGUF file")
+        # GGUFReader keeps no path of its own; its memory map knows the file name.
+        self.where = str(getattr(getattr(reader, "data", None), "filename", None) or "the GGUF file")
 
     def get(self, key: str, default: Any = None) -> Any:
         field = self._fields.get(key)
