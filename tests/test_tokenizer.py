@@ -234,6 +234,224 @@ def test_parity_with_transformers(tok: ChatTokenizer, tok_dir: Path, msgs, gen: 
     assert hf(plain, add_special_tokens=True)["input_ids"] == tok.encode(plain)  # no BOS/EOS added
 
 
+# ---- pretrained (HF) tokenizers ----------------------------------------------------------------
+
+SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# SmolLM2's shape: ChatML plus a default system message when the first message is not a system one.
+SMOL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + SMOL_SYSTEM + "<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Qwen2.5's shape: whitespace-controlled blocks, a tools branch, the default written separately.
+QWEN_SYSTEM = "You are Quill, a patient assistant."
+QWEN_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' + (tools | tojson) + '<|im_end|>\\n' }}
+{%- elif messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- else %}
+    {{- '<|im_start|>system\\n""" + QWEN_SYSTEM + """<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if not (loop.first and message.role == 'system') %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+
+def added_token(content: str) -> dict:
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": True}
+
+
+def pretrained_folder(out: Path, template: str | None = SMOL_TEMPLATE, **config) -> Path:
+    """A SmolLM2-like HF folder: byte-level BPE with GPT-2's regex after a digit split (so a
+    header's `\\n` can merge with whitespace that starts the content), `<|endoftext|>` 0,
+    `<|im_start|>` 1, `<|im_end|>` 2, no pad token; special tokens as HF writes them (objects)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=[EOT, IM_START, IM_END, "<repo_name>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    base = {"tokenizer_class": "GPT2Tokenizer", "bos_token": added_token(IM_START), "eos_token": added_token(IM_END),
+            "unk_token": EOT, "pad_token": None, "add_bos_token": False, "clean_up_tokenization_spaces": False,
+            "model_max_length": 8192,
+            "added_tokens_decoder": {str(i): added_token(t) for i, t in enumerate([EOT, IM_START, IM_END])}}
+    if template is not None:
+        base["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps({**base, **config}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pre_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pretrained_folder(tmp_path_factory.mktemp("pretrained"))
+
+
+@pytest.fixture(scope="module")
+def pre_tok(pre_dir: Path) -> ChatTokenizer:
+    return ChatTokenizer.load(pre_dir)
+
+
+@pytest.fixture(scope="module")
+def pre_raw(pre_dir: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(pre_dir / "tokenizer.json"))
+
+
+# Content that a GPT-2-style pre-tokenizer splits differently when it follows the header's `\n`.
+PRETRAINED_CHATS = [
+    CHAT,
+    CHAT[1:3],
+    [{"role": "user", "content": "\n\nTwo blank lines first"}, {"role": "assistant", "content": "   three spaces"}],
+    [{"role": "user", "content": "Order 12345?"}, {"role": "assistant", "content": "\t\tTabs, then 42.\n\n"},
+     {"role": "user", "content": "def f():\n    return 1"}, {"role": "assistant", "content": " ok 🙂 café"}],
+    [{"role": "system", "content": "  Spaced system\n"}, {"role": "user", "content": ""}],
+]
+
+
+def test_pretrained_special_ids(pre_tok: ChatTokenizer) -> None:
+    assert (pre_tok.eot_id, pre_tok.im_start_id, pre_tok.im_end_id) == (0, 1, 2)
+    assert pre_tok.pad_id == pre_tok.im_end_id  # no pad token: pad = eos
+    assert pre_tok.default_system == SMOL_SYSTEM
+    assert pre_tok.model_max_length == 8192
+    assert not {0, 1, 2, 3} & set(pre_tok.encode(f"{EOT}{IM_START}{IM_END}<repo_name>"))  # still plain text
+
+
+def test_pretrained_default_system(pre_tok: ChatTokenizer) -> None:
+    user = [{"role": "user", "content": "hi"}]
+    assert pre_tok.render_chat_text(user) == f"{IM_START}system\n{SMOL_SYSTEM}{IM_END}\n{IM_START}user\nhi{IM_END}\n"
+    own = [{"role": "system", "content": "Be brief."}, *user]
+    assert pre_tok.render_chat_text(own) == pre_tok.render_chat_text(own)  # no default before a system message
+    assert SMOL_SYSTEM not in pre_tok.render_chat_text(own)
+    assert pre_tok.render_chat_text([], add_generation_prompt=True) == f"{IM_START}assistant\n"
+    ids, mask = pre_tok.render_chat(user + [{"role": "assistant", "content": "hello"}])
+    assert pre_tok.decode(ids).startswith(f"{IM_START}system\n{SMOL_SYSTEM}")
+    assert [pre_tok.decode(r) for r in masked_runs(ids, mask)] == ["hello" + IM_END]
+
+
+@pytest.mark.parametrize("gen", [False, True])
+@pytest.mark.parametrize("index", range(len(PRETRAINED_CHATS)))
+def test_pretrained_parity_with_transformers(pre_tok: ChatTokenizer, pre_dir: Path, tmp_path: Path,
+                                             index: int, gen: bool) -> None:
+    transformers = pytest.importorskip("transformers")
+    msgs = PRETRAINED_CHATS[index]
+    pre_tok.save(tmp_path)  # chatforge's own copy must render the same as the original folder
+    for folder in (pre_dir, tmp_path):
+        hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+        text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        assert text == pre_tok.render_chat_text(msgs, add_generation_prompt=gen)
+        assert hf_ids(hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)) == \
+            pre_tok.render_chat(msgs, add_generation_prompt=gen)[0]
+    assert hf.pad_token_id == pre_tok.pad_id and hf.eos_token == IM_END
+
+
+def test_pretrained_ids_differ_from_per_part_encoding(pre_tok: ChatTokenizer) -> None:
+    """The case render_chat must handle: the header's `\\n` merges with leading whitespace."""
+    msgs = [{"role": "user", "content": "   three spaces"}]
+    ids, _ = pre_tok.render_chat(msgs)
+    per_part = [pre_tok.im_start_id, *pre_tok.encode("system\n" + SMOL_SYSTEM), pre_tok.im_end_id,
+                *pre_tok.encode("\n"), pre_tok.im_start_id, *pre_tok.encode("user\n"),
+                *pre_tok.encode("   three spaces"), pre_tok.im_end_id, *pre_tok.encode("\n")]
+    assert pre_tok.decode(per_part) == pre_tok.decode(ids) and per_part != ids
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(turns=st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]), TEXT), max_size=4),
+       gen=st.booleans())
+def test_pretrained_render_chat_is_whole_text_encoding(pre_tok: ChatTokenizer, pre_raw, turns, gen: bool) -> None:
+    msgs = [{"role": r, "content": c} for r, c in turns
+            if not any(s in c for s in (EOT, IM_START, IM_END, "<repo_name>"))]
+    ids, mask = pre_tok.render_chat(msgs, add_generation_prompt=gen)
+    assert ids == pre_raw.encode(pre_tok.render_chat_text(msgs, gen), add_special_tokens=False).ids
+    # One learned run per assistant turn (after the inserted default system message): the reply
+    # and its <|im_end|>, less leading whitespace fused with the header's newline.
+    replies = [m["content"] + IM_END for m in pre_tok.conversation(msgs) if m["role"] == "assistant"]
+    runs = [pre_tok.decode(r) for r in masked_runs(ids, mask)]
+    assert len(runs) == len(replies)
+    for run, reply in zip(runs, replies):
+        assert reply.endswith(run) and len(run) >= len(reply.lstrip())
+
+
+def test_pretrained_template_file_and_named_templates(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    msgs = [{"role": "user", "content": "hi"}]
+    named = pretrained_folder(tmp_path / "named", template=[
+        {"name": "default", "template": QWEN_TEMPLATE}, {"name": "tool_use", "template": "{{ raise_exception('x') }}"}])
+    assert ChatTokenizer.load(named).default_system == QWEN_SYSTEM
+
+    jinja = pretrained_folder(tmp_path / "jinja", template=None)
+    (jinja / "chat_template.jinja").write_text(QWEN_TEMPLATE)
+    tok = ChatTokenizer.load(jinja)
+    assert tok.default_system == QWEN_SYSTEM
+    hf = transformers.AutoTokenizer.from_pretrained(str(jinja))
+    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        tok.render_chat_text(msgs, add_generation_prompt=True)
+    tok.save(tmp_path / "saved")  # the template moves into tokenizer_config.json, verbatim
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["chat_template"] == QWEN_TEMPLATE
+
+    plain = pretrained_folder(tmp_path / "plain", template=None)  # no template: chatforge's ChatML
+    assert ChatTokenizer.load(plain).default_system is None
+    assert ChatTokenizer.load(plain).chat_template == CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("template, match", [
+    # ChatML tokens, but the content is trimmed: not what chatforge renders.
+    (CHAT_TEMPLATE.replace("message['content']", "message['content'] | trim"), "not a ChatML template"),
+    # Zephyr-style
+    ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}", "not a ChatML template"),
+    # a default system message that is not a plain system turn
+    (SMOL_TEMPLATE.replace("<|im_start|>system\n", "<|im_start|>developer\n"), "not a ChatML template"),
+    # ChatML but the generation prompt is missing
+    (CHAT_TEMPLATE.replace("<|im_start|>assistant\\n", ""), "not a ChatML template"),
+    ("{% for m in messages %}", "not valid Jinja"),
+    ("{{ raise_exception('only user and assistant roles are supported') }}", "fails on a plain"),
+    # the sandbox stops a template from reaching Python internals
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "fails on a plain"),
+    ("{{ messages.append({'role': 'user', 'content': 'x'}) }}", "fails on a plain"),
+])
+def test_pretrained_template_refused(tmp_path: Path, template: str, match: str) -> None:
+    assert template not in (CHAT_TEMPLATE, SMOL_TEMPLATE)
+    with pytest.raises(ChatforgeError, match=match):
+        ChatTokenizer.load(pretrained_folder(tmp_path, template=template))
+
+
+def test_pretrained_missing_special_tokens(tmp_path: Path) -> None:
+    with pytest.raises(ChatforgeError, match="eos_token '<\\|eos\\|>' is not in the tokenizer's vocabulary"):
+        ChatTokenizer.load(pretrained_folder(tmp_path / "a", eos_token="<|eos|>"))
+    with pytest.raises(ChatforgeError, match="no pad_token and no eos_token"):
+        ChatTokenizer.load(pretrained_folder(tmp_path / "b", eos_token=None))
+    with pytest.raises(ChatforgeError, match="must be a token string"):
+        ChatTokenizer.load(pretrained_folder(tmp_path / "c", pad_token=7))
+    # A pad token of its own is used when the folder names one.
+    assert ChatTokenizer.load(pretrained_folder(tmp_path / "d", pad_token=EOT)).pad_id == 0
+
+
+def test_pretrained_save_round_trip(pre_tok: ChatTokenizer, tmp_path: Path) -> None:
+    pre_tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == SMOL_TEMPLATE
+    assert (config["bos_token"], config["eos_token"], config["pad_token"], config["unk_token"]) == \
+        (IM_START, IM_END, IM_END, EOT)
+    again = ChatTokenizer.load(tmp_path)
+    assert again.default_system == SMOL_SYSTEM and again.pad_id == pre_tok.pad_id
+    for msgs in PRETRAINED_CHATS:
+        assert again.render_chat(msgs, True) == pre_tok.render_chat(msgs, True)
+
+
 # ---- files -------------------------------------------------------------------------------------
 
 

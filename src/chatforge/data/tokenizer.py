@@ -165,7 +165,9 @@ class ChatTokenizer:
         # not part of tokenizer.json, so saved files keep HF's normal behaviour for the template.
         self._tok.encode_special_tokens = True
         self.model_max_length = int(model_max_length)
-        self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
+        # The pad token written back is the one padding really uses (eos when the folder names none),
+        # so HF pads saved folders the way chatforge does.
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad
         self.add_bos_token = bool(add_bos_token)
         self.eot_id: int = token_id(eot)
         self.im_start_id: int = token_id(IM_START)
