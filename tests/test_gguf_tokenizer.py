@@ -142,7 +142,7 @@ def train_original(pre: str, out: Path, template: str = SMOL_TEMPLATE) -> "objec
 
 
 def write_gguf(path: Path, tok, pre: str | None, *, model: str = "gpt2", template: str | None = SMOL_TEMPLATE,
-               ids: dict[str, int] | None = None) -> Path:
+               ids: dict[str, int] | None = None, add_bos: bool | None = False) -> Path:
     """A GGUF holding `tok`'s vocabulary the way llama.cpp's converter writes it, and one tensor."""
     import numpy as np
 
@@ -169,7 +169,8 @@ def write_gguf(path: Path, tok, pre: str | None, *, model: str = "gpt2", templat
     for key, token in (ids or {"bos": IM_START, "eos": IM_END, "unk": EOT, "pad": IM_END}).items():
         getattr(w, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "unk": "add_unk_token_id",
                     "pad": "add_pad_token_id"}[key])(tokens.index(token))
-    w.add_add_bos_token(False)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
     if template is not None:
         w.add_chat_template(template)
     w.add_tensor("token_embd.weight", np.zeros((n, 8), dtype=np.float32))
@@ -376,6 +377,24 @@ def test_non_chatml_template_is_refused(smol_raw, tmp_path: Path) -> None:
     reader = gguf.GGUFReader(str(write_gguf(tmp_path / "m.gguf", smol_raw, "smollm", template=LLAMA3_TEMPLATE)))
     with pytest.raises(ChatforgeError, match="m.gguf.*not a ChatML template"):
         tokenizer_from_gguf(reader)
+
+
+def test_add_bos_token(smol_raw, tmp_path: Path) -> None:
+    """A file that asks for BOS gets it from `tokenizer(text)` (as llama.cpp and transformers add it),
+    never from ChatTokenizer.encode or render_chat (the template writes what a prompt needs)."""
+    write_gguf(tmp_path / "m.gguf", smol_raw, "smollm", add_bos=True)
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    raw, tok = hf_tokenizer_from_gguf(reader), tokenizer_from_gguf(reader)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    text = "Hello world, order 12."
+    assert raw.encode(text).ids == hf(text)["input_ids"] == [tok.im_start_id, *tok.encode(text)]
+    assert tok.add_bos_token and tok.render_chat([{"role": "user", "content": "hi"}])[0][:2] == \
+        [tok.im_start_id, tok.encode("system")[0]]  # no BOS in front
+    # A Llama 3 file that does not say: llama.cpp adds BOS for that pre-tokenizer.
+    write_gguf(tmp_path / "l.gguf", smol_raw, "llama-bpe", add_bos=None)
+    assert tokenizer_from_gguf(gguf.GGUFReader(str(tmp_path / "l.gguf"))).add_bos_token
+    write_gguf(tmp_path / "s.gguf", smol_raw, "smollm", add_bos=None)
+    assert not tokenizer_from_gguf(gguf.GGUFReader(str(tmp_path / "s.gguf"))).add_bos_token
 
 
 def test_no_template_means_plain_chatml(smol_raw, tmp_path: Path) -> None:

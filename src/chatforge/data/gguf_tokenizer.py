@@ -83,13 +83,15 @@ def _splits(*patterns: str) -> Callable[[], Any]:
 
 @dataclass(frozen=True)
 class PreTokenizer:
-    """What a `tokenizer.ggml.pre` name means: the HF pre-tokenizer and the BPE `ignore_merges` flag."""
+    """What a `tokenizer.ggml.pre` name means: the HF pre-tokenizer, the BPE `ignore_merges` flag,
+    and whether llama.cpp adds BOS when the file does not say (`tokenizer.ggml.add_bos_token`)."""
 
     build: Callable[[], Any]
     ignore_merges: bool = False
+    add_bos: bool = False
 
 
-_LLAMA3 = PreTokenizer(_splits(LLAMA3_SPLIT), ignore_merges=True)
+_LLAMA3 = PreTokenizer(_splits(LLAMA3_SPLIT), ignore_merges=True, add_bos=True)
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "default": PreTokenizer(_splits(*DEFAULT_SPLITS)),
     **dict.fromkeys(["gpt-2", "phi-2", "mpt", "olmo"], PreTokenizer(_gpt2)),
@@ -109,6 +111,7 @@ def tokenizer_from_gguf(reader: Any) -> ChatTokenizer:
     meta = _Metadata(reader)
     tokenizer = hf_tokenizer_from_gguf(reader)
     tokens = meta.get("tokenizer.ggml.tokens")
+    pre = PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre", "default")]
 
     def name(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}")
@@ -130,7 +133,7 @@ def tokenizer_from_gguf(reader: Any) -> ChatTokenizer:
             eos_token=name("eos_token_id"),
             unk_token=name("unknown_token_id"),
             pad_token=name("padding_token_id"),
-            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", pre.add_bos)),
         )
     except ChatforgeError as e:
         raise ChatforgeError(f"{meta.where}: {e}") from None
@@ -176,7 +179,7 @@ def hf_tokenizer_from_gguf(reader: Any) -> Any:
                                ignore_merges=pre.ignore_merges))
     tok.pre_tokenizer = pre.build()
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = _post_processor(meta, tokens)
+    tok.post_processor = _post_processor(meta, tokens, pre)
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     # Added at their own ids (the content is in the vocabulary): control tokens as special tokens,
     # user-defined ones as plain added tokens that are still matched whole, as llama.cpp does.
@@ -190,13 +193,14 @@ def hf_tokenizer_from_gguf(reader: Any) -> Any:
     return tok
 
 
-def _post_processor(meta: "_Metadata", tokens: list[str]) -> Any:
+def _post_processor(meta: "_Metadata", tokens: list[str], pre: PreTokenizer) -> Any:
     """BOS / EOS added by `tokenizer(text)` when the file asks for it (as llama.cpp adds them);
     otherwise byte-level offsets only. chatforge's own encode never adds them."""
     from tokenizers import processors
 
+    defaults = {"bos": pre.add_bos, "eos": False}
     add = [(key, meta.get(f"tokenizer.ggml.{key}_token_id")) for key in ("bos", "eos")
-           if meta.get(f"tokenizer.ggml.add_{key}_token", False)]
+           if meta.get(f"tokenizer.ggml.add_{key}_token", defaults[key])]
     for key, i in add:
         if i is None or not 0 <= int(i) < len(tokens):
             raise ChatforgeError(f"{meta.where}: add_{key}_token is set but the {key} token id is missing or invalid")
