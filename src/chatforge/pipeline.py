@@ -129,11 +129,13 @@ def load_settings(path: str | None, base: str | None = None) -> dict[str, dict]:
 def base_source(base: str, cache: str) -> tuple[str | None, Path | None]:
     """(model source to fetch, path to import) for a pretrained `base`: a name `chatforge data
     fetch` knows (the GGUF it fetched), or a local .gguf file or HF model folder."""
-    from chatforge.data.fetch import SOURCES
+    from chatforge.data.fetch import SOURCES, model_file
 
-    if base in SOURCES:
-        found = sorted((Path(cache) / "sources" / base).glob("*.gguf"))
-        return base, (found[0] if found else None)
+    if base in SOURCES and SOURCES[base].kind == "model":
+        try:
+            return base, model_file(base, Path(cache))
+        except ChatforgeError:
+            return base, None          # not fetched yet: the fetch stage gets it, then we look again
     path = Path(base).expanduser()
     if not path.exists():
         raise ChatforgeError(f"base {base!r} is neither a model source `chatforge data fetch` knows "
@@ -265,6 +267,8 @@ def run(args: argparse.Namespace) -> int:
         base = pre
     else:
         # 3. import the pretrained model; its tokenizer and chat template serve every later stage.
+        if base_path is None:
+            base_path = base_source(cfg["base"], cache)[1]
         if base_path is None:
             raise ChatforgeError(f"the model source {model_source} was not fetched (see the fetch stage above); "
                                  "check the registry connection or pass --base PATH to a local model")
