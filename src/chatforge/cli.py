@@ -26,7 +26,7 @@ from chatforge.errors import ChatforgeError
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("chatforge.data.commands", "fetch real corpora; build a clean, PII-scrubbed, deduplicated corpus"),
     "tokenizer": ("chatforge.data.tokenizer", "train a byte-level BPE tokenizer with a ChatML template"),
-    "model": ("chatforge.model.info", "inspect model presets (parameters, FLOPs per token)"),
+    "model": ("chatforge.model.commands", "inspect models; import a pretrained GGUF file or HF model folder"),
     "pretrain": ("chatforge.train.pretrain", "pretrain a GPT from scratch or continue a local checkpoint"),
     "sft": ("chatforge.train.sft", "fine-tune a model to chat (full, LoRA or frozen backbone)"),
     "classify": ("chatforge.train.classify", "train / run a text classifier on a model's backbone"),
