@@ -85,8 +85,9 @@ def config_from_gguf(reader, where: str, notes: list[str]) -> tuple[str, GPTConf
             raise ChatforgeError(f"{where}: metadata {arch}.{key} is missing; the file is incomplete")
         return value
 
-    tokens = _meta(reader, "tokenizer.ggml.tokens")
-    vocab = len(tokens) if tokens is not None else _meta(reader, f"{arch}.vocab_size")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    # An array field's `data` indexes its items: the count without decoding 50k+ strings.
+    vocab = len(tokens.data) if tokens is not None else _meta(reader, f"{arch}.vocab_size")
     if vocab is None:
         raise ChatforgeError(f"{where}: no tokenizer.ggml.tokens (and no {arch}.vocab_size): the vocabulary size "
                              "is unknown")
@@ -104,9 +105,10 @@ def config_from_gguf(reader, where: str, notes: list[str]) -> tuple[str, GPTConf
     if rope_dims is not None and int(rope_dims) != head:
         raise ChatforgeError(f"{where}: RoPE over {rope_dims} of the {head} dimensions of a head (partial RoPE) "
                              "is not supported")
+    tensor_names = {t.name for t in reader.tensors}
     scaling = _meta(reader, f"{arch}.rope.scaling.type")
     factor = _meta(reader, f"{arch}.rope.scaling.factor")
-    if scaling not in (None, "none") or factor not in (None, 0.0, 1.0) or "rope_freqs.weight" in _tensor_names(reader):
+    if scaling not in (None, "none") or factor not in (None, 0.0, 1.0) or "rope_freqs.weight" in tensor_names:
         raise ChatforgeError(f"{where}: RoPE scaling ({scaling or 'rope_freqs'}) is not implemented by chatforge "
                              "(only plain RoPE); this model cannot be imported")
     config = GPTConfig(
@@ -116,15 +118,11 @@ def config_from_gguf(reader, where: str, notes: list[str]) -> tuple[str, GPTConf
         norm_eps=float(need("attention.layer_norm_rms_epsilon")),
         max_seq_len=context_length(int(need("context_length")),
                                    _meta(reader, f"{arch}.attention.sliding_window"), notes),
-        tie_embeddings="output.weight" not in _tensor_names(reader),
+        tie_embeddings="output.weight" not in tensor_names,
         head_size=head if d_model % int(n_head) or head != d_model // int(n_head) else None,
         qkv_bias=arch == "qwen2",
         qk_norm=arch == "qwen3")
     return arch, config
-
-
-def _tensor_names(reader) -> set[str]:
-    return {t.name for t in reader.tensors}
 
 
 def read_gguf(reader, path: str | Path) -> Checkpoint:
