@@ -464,6 +464,14 @@ def test_output_folder_rules(tmp_path, bpe):
     assert no_leftovers(tmp_path) == []
 
 
+def test_a_folder_without_a_usable_tokenizer_is_refused(tmp_path, bpe):
+    src, _ = hf_folder(tmp_path, bpe, "llama")
+    (src / "tokenizer.json").unlink()
+    with pytest.raises(ChatforgeError, match="its tokenizer cannot be used: .*tokenizer.json"):
+        import_model(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, bpe):
     folder = tmp_path / "small-emb"
     hf_model("llama", bpe.get_vocab_size() - 10).save_pretrained(folder)

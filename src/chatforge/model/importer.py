@@ -195,5 +195,9 @@ def import_model(src: str | Path, out: str | Path) -> ImportResult:
     t0 = time.perf_counter()
     _check_out(Path(src), Path(out))             # before seconds of reading, not after
     ckpt, tokenizer = read_checkpoint(src)
-    out = write_model(ckpt, tokenizer(), out)
+    try:
+        tok = tokenizer()
+    except ChatforgeError as e:
+        raise ChatforgeError(f"the weights of {src} are fine, but its tokenizer cannot be used: {e}") from None
+    out = write_model(ckpt, tok, out)
     return ImportResult(out, ckpt, time.perf_counter() - t0)
