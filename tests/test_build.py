@@ -185,3 +185,16 @@ def test_cli_builds_the_example_folder(tmp_path, capsys):
     assert "doesn't finish" in by_source["my_docs/getting-started.txt"]      # mojibake repaired
     qa_text = (out / "qa.jsonl").read_text()
     assert "4111 1111" not in qa_text and "maria.lopez@" not in qa_text and "<CARD>" in qa_text
+
+
+def test_default_inputs_leave_out_model_sources(tmp_path):
+    import json as _json
+
+    from chatforge.data.build import default_inputs
+
+    for name, kind in (("debian-faq", "faq"), ("smollm2-135m-instruct", "model"), ("broken", None)):
+        folder = tmp_path / "sources" / name
+        folder.mkdir(parents=True)
+        (folder / "SOURCE.json").write_text(_json.dumps({"name": name, "kind": kind}) if kind else "{not json")
+    # A fetched model is imported, not read as text; a damaged SOURCE.json still counts as text.
+    assert [p.name for p in default_inputs(tmp_path)] == ["broken", "debian-faq"]

@@ -56,12 +56,21 @@ def default_cache(cache: str | os.PathLike | None = None) -> Path:
 
 
 def default_inputs(cache: str | os.PathLike | None = None) -> list[Path]:
-    """The fetched sources in the cache, minus `DEFAULT_EXCLUDED`, sorted by name."""
+    """The fetched text sources in the cache, minus `DEFAULT_EXCLUDED` and model sources (a
+    fetched GGUF is a model to import, not text), sorted by name."""
     root = default_cache(cache) / "sources"
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir()
-                  if (p / "SOURCE.json").is_file() and p.name not in DEFAULT_EXCLUDED)
+                  if (p / "SOURCE.json").is_file() and p.name not in DEFAULT_EXCLUDED
+                  and _source_kind(p) != "model")
+
+
+def _source_kind(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "SOURCE.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # --------------------------------------------------------------------------- passages
