@@ -46,3 +46,18 @@ def test_atomic_dir_replaces(tmp_path):
         (d / "y").write_text("2")
     assert sorted(os.listdir(out)) == ["y"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_written_files_have_ordinary_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        files.write_text(tmp_path / "a.txt", "x")
+        with files.atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+    finally:
+        os.umask(mask)
+    # Not mkstemp's private 0600: other users and tools may read what chatforge writes.
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
