@@ -1,16 +1,18 @@
-"""Retrieval: passages, BM25 search, the index cache, the grounded prompt and grounded SFT examples."""
+"""Retrieval: structured passages, BM25 with a heading field, the index cache, the grounded prompt and SFT examples."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from chatforge.infer.retrieval import (GROUNDED_SYSTEM_PROMPT, NOT_FOUND_REPLY, Passage, PassageIndex,
+from chatforge.infer.retrieval import (GROUNDED_SYSTEM_PROMPT, MAX_WORDS, NOT_FOUND_REPLY, Passage, PassageIndex,
                                        format_context, grounded_messages, grounded_sft_examples,
-                                       section_sft_examples, split_passages, strip_citation)
+                                       markup_headings, section_sft_examples, split_passages, strip_citation)
 
 BILLING = """# Billing
 
@@ -72,41 +74,158 @@ def test_search_finds_the_right_document(docs, tmp_path, question, doc):
     assert hits[0].source.startswith(doc)
 
 
-def test_passages_carry_sections_and_sizes(docs, tmp_path):
+def test_passages_carry_title_and_section(docs, tmp_path):
     index = PassageIndex.build([docs], tmp_path / "cache")
     sources = {p.source for p in index.passages}
-    assert "docs/billing.md > Refunds" in sources
-    assert "docs/network.md > Proxy" in sources
+    assert "docs/billing.md > Billing > Refunds" in sources           # DOC > TITLE > SECTION
+    assert "docs/network.md > Network setup > Proxy" in sources
+    assert "docs/billing.md > Billing" in sources                     # the intro: title = section, once
+    refunds = next(p for p in index.passages if p.section == "Refunds")
+    assert refunds.title == "Billing" and refunds.doc == "docs/billing.md"
+    assert refunds.text.startswith("A refund is possible") and "Refunds" not in refunds.text
     assert {p.doc for p in index.passages} == {"docs/billing.md", "docs/network.md", "docs/accounts.txt"}
 
 
-def test_long_text_is_split_into_bounded_passages():
-    sentence = "The backup agent copies changed blocks to the appliance every hour. "
-    text = "Overview\n\n" + "\n\n".join(sentence * 6 for _ in range(10)) + "\n\n" + sentence * 60
+def words(n: int, word: str = "backup") -> str:
+    return " ".join([word] * n)
+
+
+def test_long_section_is_cut_between_paragraphs_into_even_passages():
+    sentence = "The backup agent copies changed blocks to the appliance every hour. "     # 11 words
+    paragraphs = [f"Paragraph p{i} starts here. " + sentence * 6 for i in range(10)]  # 70 words each
+    text = "Overview\n\n" + "\n\n".join(paragraphs) + "\n\n" + sentence * 60          # + one of 660 words
     passages = split_passages(text, "manual.txt")
-    assert len(passages) > 3
-    assert all(len(p.text.split()) <= 200 for p in passages)
-    assert all(len(p.text.split()) >= 80 for p in passages[:-1])
-    assert all(p.source == "manual.txt > Overview" for p in passages)
+    sizes = [len(p.text.split()) for p in passages]
+    assert sum(sizes) == 70 * 10 + 660                                              # nothing lost
+    assert max(sizes) <= MAX_WORDS and min(sizes) >= 0.75 * max(sizes)              # even, no fragments
+    assert all(p.source == "manual.txt > Overview" and p.section == p.title == "Overview" for p in passages)
+    for para in paragraphs:                                                          # cut between paragraphs
+        assert sum(para.strip() in p.text for p in passages) == 1
+    assert all(p.text.endswith("hour.") for p in passages)                          # ... and sentences
+
+
+def test_short_sections_stay_whole():
+    text = "Guide\n\nInstalling\n\n" + words(30) + "\n\n" + words(40) + "\n\nRemoving\n\n" + words(5, "remove")
+    passages = split_passages(text, "guide.txt")
+    assert [(p.section, len(p.text.split())) for p in passages] == [("Installing", 70), ("Removing", 5)]
+    assert {p.title for p in passages} == {"Guide"}
+
+
+def test_numbered_steps_stay_together():
+    steps = "\n\n".join(f"{i}. Step {i}: " + words(20, "press") + "." for i in range(1, 9))   # 8 x 23 words
+    text = ("Restoring\n\n" + words(60, "prose") + ".\n\nTo restore a whole machine:\n\n" + steps
+            + "\n\n" + words(60, "after") + ".")
+    passages = split_passages(text, "restore.txt")
+    assert len(passages) > 1 and all(len(p.text.split()) <= MAX_WORDS for p in passages)
+    with_steps = [p for p in passages if "Step 1:" in p.text]
+    assert len(with_steps) == 1
+    assert all(f"Step {i}:" in with_steps[0].text for i in range(1, 9))
+    assert with_steps[0].text.startswith("To restore a whole machine:")      # with the line that introduces them
+
+    bullets = "- open Settings\n  (the gear icon)\n- press Save"          # items and their indented lines
+    (p,) = split_passages("Tips\n\nDo this:\n\n" + bullets + "\n\nDone.", "tips.txt")
+    assert p.text == "Do this:\n" + bullets + "\nDone."
+
+
+FAQ = """# Tidewater FAQ
+
+Tidewater keeps copies of your files. This page answers common questions.
+
+## How do I restore a deleted folder?
+
+{answer}
+
+## Is my data encrypted?
+
+Yes, with AES-256 on your device before it leaves it.
+
+## Contact
+
+Write to the support team from the console.
+"""
+
+
+def test_faq_entry_is_one_passage(tmp_path):
+    answer = "\n\n".join(f"Paragraph {i} of the restore procedure. " + words(60, "restore") for i in range(5))
+    (tmp_path / "faq").mkdir()
+    (tmp_path / "faq" / "faq.md").write_text(FAQ.format(answer=answer))
+    index = PassageIndex.build([tmp_path / "faq"], tmp_path / "cache")
+    by_section = {p.section: p for p in index.passages}
+    entry = by_section["How do I restore a deleted folder?"]
+    assert len(entry.text.split()) > MAX_WORDS                       # the whole answer, longer than prose passages
+    assert entry.text.startswith("Paragraph 0") and "Paragraph 4" in entry.text
+    assert entry.source == "faq/faq.md > Tidewater FAQ > How do I restore a deleted folder?"
+    assert by_section["Is my data encrypted?"].text == "Yes, with AES-256 on your device before it leaves it."
+    # The FAQ's other sections (its introduction, a non-question heading) are indexed too.
+    assert by_section["Tidewater FAQ"].text.startswith("Tidewater keeps copies")
+    assert by_section["Contact"].text == "Write to the support team from the console."
+    assert len(index) == 4
+    assert index.search("Is my data encrypted?", 1)[0].section == "Is my data encrypted?"
+
+
+def test_markup_declares_the_headings():
+    rst = "==========\nUser guide\n==========\n\nIntro text.\n\nBackups\n-------\n\nThis prints::\n\n    x\n"
+    assert markup_headings(rst, "rst") == {"User guide", "Backups"}
+    pod = "=head1 NAME\n\nbackup - the B<backup> tool\n\n=head2 Running C<backup>\n\n=item This prints\n"
+    assert markup_headings(pod, "pod") == {"NAME", "Running backup"}
+    page = "<html><head><title>Help</title></head><body><h2>Disk <b>full</b></h2><p>Short line</p></body></html>"
+    assert markup_headings(page, "html") == {"Help", "Disk full"}
+    md = "# Guide\n\n```\n# not a heading\n```\n\nSetup\n=====\n\ntext\n"
+    assert markup_headings(md, "md") == {"Guide", "Setup"}
+
+
+def test_pod_title_and_headings(tmp_path):
+    pod = ("=head1 NAME\n\nbackuptool - keep copies of your files\n\n=head1 DESCRIPTION\n\n"
+           "The tool copies files every night.\n\nThis prints\n\n    backuptool --list\n\n"
+           "=head2 Restoring files\n\nUse the restore command with the name of the snapshot.\n")
+    (tmp_path / "backuptool.pod").write_text(pod)
+    passages = PassageIndex.build([tmp_path / "backuptool.pod"], tmp_path / "cache").passages
+    assert [p.section for p in passages] == ["DESCRIPTION", "Restoring files"]  # "This prints" is no heading
+    assert {p.title for p in passages} == {"keep copies of your files"}           # NAME, without "name - "
+    assert "This prints" in passages[0].text and "backuptool --list" in passages[0].text
+    assert passages[1].source == "backuptool.pod > keep copies of your files > Restoring files"
+
+
+def test_ranking_uses_headings(docs, tmp_path):
+    (docs / "relay.md").write_text(
+        "# Appliance administration\n\n## Configuring the Zephyr relay\n\n"
+        "Open the settings page of the appliance and enter the host name and the port. Press Save.\n\n"
+        "## Changing the admin password\n\nOpen the settings page of the appliance, type the old and the new "
+        "password and press Save. The relay host name and port stay as they are.\n")
+    index = PassageIndex.build([docs], tmp_path / "cache")
+    # "zephyr" and "relay" are words of a heading only (and of a title: "administration"),
+    # not of the text under it.
+    hit = index.search("How do I configure the Zephyr relay?", 1)[0]
+    assert hit.section == "Configuring the Zephyr relay" and "Zephyr" not in hit.text
+    assert index.search("appliance administration", 1)[0].doc == "docs/relay.md"
+    # Without the heading field the other section, which has "relay" in its text, competes.
+    index.heading_weight = 0.0
+    plain = index.scores("How do I configure the Zephyr relay?")
+    index.heading_weight = 1.0
+    weighted = index.scores("How do I configure the Zephyr relay?")
+    assert weighted[hit.id] - plain[hit.id] > 0 and (weighted > plain).sum() >= 1
 
 
 def test_cache_is_reused_and_rebuilt_on_change(docs, tmp_path):
     cache = tmp_path / "cache"
     first = PassageIndex.load_or_build([docs], cache)
     (folder,) = list(cache.iterdir())
-    assert {"meta.json", "passages.jsonl", "bm25"} <= {p.name for p in folder.iterdir()}
+    assert folder.name.startswith("passages-")
+    assert {"meta.json", "passages.jsonl", "bm25", "bm25-heading"} <= {p.name for p in folder.iterdir()}
     assert not list(folder.rglob("*.pkl")) and not list(folder.rglob("*.pickle"))
     stamp = (folder / "meta.json").stat().st_mtime_ns
     again = PassageIndex.load_or_build([docs], cache)
     assert (folder / "meta.json").stat().st_mtime_ns == stamp          # not rebuilt
-    assert [p.text for p in again.passages] == [p.text for p in first.passages]
+    assert [(p.text, p.source, p.title, p.section) for p in again.passages] == \
+        [(p.text, p.source, p.title, p.section) for p in first.passages]
     assert again.search("refund", 1)[0].doc == "docs/billing.md"
+    assert again.search("Two-factor", 1)[0].id == first.search("Two-factor", 1)[0].id   # heading field loaded
 
     (docs / "shipping.md").write_text("# Shipping\n\nParcels with replacement disks ship from Rotterdam by courier.\n")
     changed = PassageIndex.load_or_build([docs], cache)
     assert "docs/shipping.md" in changed.docs
     assert changed.search("Where do replacement disks ship from?", 1)[0].doc == "docs/shipping.md"
-    assert len(list(cache.iterdir())) == 1
+    assert len(list(cache.iterdir())) == 1                             # rebuilt in place
 
     # An edit that keeps the size still changes the mtime.
     time.sleep(0.01)
@@ -115,10 +234,47 @@ def test_cache_is_reused_and_rebuilt_on_change(docs, tmp_path):
     os.utime(docs / "shipping.md", ns=(time.time_ns(), time.time_ns() + 10**9))
     assert "Amsterda" in PassageIndex.load_or_build([docs], cache).search("replacement disks", 1)[0].text
 
+    # Another set of inputs is another index; a build drops the indexes whose documents are gone.
+    other = make_docs(tmp_path / "other")
+    PassageIndex.load_or_build([other], cache)
+    assert len(list(cache.iterdir())) == 2
+    shutil.rmtree(other)
+    PassageIndex.load_or_build([docs / "billing.md"], cache)
+    assert len(list(cache.iterdir())) == 2 and folder.is_dir()
+    assert json.loads((folder / "meta.json").read_text())["paths"] == [str(docs.resolve())]
 
-def test_default_cache_is_beside_the_folder(docs):
-    PassageIndex.load_or_build([docs])
-    assert (docs.parent / ".chatforge-index").is_dir()
+
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_default_cache_is_chatforges_and_nothing_is_written_beside_the_docs(tmp_path, monkeypatch):
+    docs = make_docs(tmp_path / "share" / "docs")
+    cache = tmp_path / "chatforge-cache"
+    monkeypatch.setenv("CHATFORGE_CACHE", str(cache))
+    before = tree(docs.parent)
+    for p in [docs, *docs.iterdir()]:
+        p.chmod(0o555 if p.is_dir() else 0o444)                          # a read-only share
+    try:
+        index = PassageIndex.load_or_build([docs])
+        assert index.search("refund", 1)[0].doc == "docs/billing.md"
+    finally:
+        for p in [docs, *docs.iterdir()]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert tree(docs.parent) == before                                  # nothing beside the documents
+    (folder,) = list((cache / "index").iterdir())
+    assert folder.name.startswith("passages-") and (folder / "meta.json").is_file()
+    stamp = (folder / "meta.json").stat().st_mtime_ns
+    PassageIndex.load_or_build([docs], None)
+    assert (folder / "meta.json").stat().st_mtime_ns == stamp           # reused
+
+
+def test_an_unwritable_cache_still_gives_an_index(docs, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    index = PassageIndex.load_or_build([docs], blocker)
+    assert index.search("refund", 1)[0].doc == "docs/billing.md"
+    assert blocker.is_file()
 
 
 def test_missing_docs_is_a_clear_error(tmp_path):

@@ -4,33 +4,58 @@ A small model cannot memorise a manual, so the assistant answers from passages r
 each question. This module holds the passage index, the grounded prompt format and the grounded
 SFT examples that teach a model that format.
 
-    index = PassageIndex.load_or_build([Path("examples/my_docs")])   # cached beside the folder
+    index = PassageIndex.load_or_build([Path("examples/my_docs")])   # cached in ~/.cache/chatforge/index
     hits = index.search("How do I reset my password?", k=3)         # [Passage(text, source, score), ...]
     messages = grounded_messages("How do I reset my password?", hits, tokenizer=tok)
 
 Passages
 --------
-Documents are read with `chatforge.data.sources.read_documents` (every format the data stage
-reads). Prose is split at blank lines into paragraphs; a paragraph that is a single short line
-(at most 12 words) starting with a capital letter or digit and not ending in . , ; or : (a
-heading, or a FAQ question) starts a new section and names it.
-Paragraphs of one section are grouped into passages of about 80-200 words (a longer paragraph is
-cut at sentence ends). Q&A-pair documents (JSONL/CSV question/answer files) give one passage per
-pair ("question\\nanswer"); conversations (chat transcripts) are not reference material and are
-not indexed. Passage text is normalised and PII-scrubbed like the corpus.
-Each passage has `doc` (the document's source id, "<source name>/<relative path>", the same id
-the data stage writes in the `source` field of its JSONL lines) and `source`, the name shown to
-the model and the user: "DOC > SECTION" when the section is known, else "DOC".
+Documents are read with the data stage's readers (`chatforge.data.sources`, every format it
+reads) and cut along their own structure:
+- A FAQ (`Document.pairs`: Markdown `## Question?` FAQs, the Debian, Python, Perl and git FAQs)
+  gives one passage per entry: its question is the passage's section and its whole answer the
+  text, however long. JSONL/CSV question/answer files are read the same way. A FAQ in markup
+  (Markdown, rst, POD) also gives its other sections (an introduction, "Contact") as below; a
+  plain-text one (Debian, git) only its entries: outside them is a title page and a table of
+  contents. Chat transcripts are not reference material and are not indexed.
+- Other documents are cut into sections at their headings: for Markdown, reStructuredText, POD
+  and HTML the headings the markup declares (`markup_headings`); for plain text a short
+  one-line paragraph (at most 12 words, 16 when numbered like "1.2. Title") that starts with a
+  capital or a digit, at the left margin, and does not end in . , ; or :, or a line underlined
+  with === / --- . A section of at most MAX_WORDS (200) words is one passage; a longer one is
+  cut between paragraphs into passages of about equal size, never more than MAX_WORDS (a single
+  longer paragraph is cut between sentences). Numbered steps and bullet items in a row, with
+  what is indented under them, stay in one block, and so does a paragraph ending in ":" with
+  the one it introduces; a block is only cut when it alone is longer than MAX_WORDS.
+- Each passage carries its document's `title` (the line under a NAME heading, as in POD and
+  man pages, without its "name - " prefix; else the heading that opens the document) and its
+  `section` (the nearest heading).
+  `doc` is the document's source id ("<source name>/<relative path>", the same id the data
+  stage writes in the `source` field of its JSONL lines) and `source`, the name shown to the
+  model and the user, is "DOC > TITLE > SECTION" (a missing or repeated part left out).
+Passage text is normalised and PII-scrubbed like the corpus.
+
+Ranking
+-------
+BM25 (`bm25s`, Lucene variant) over lower-cased words of two or more characters, English
+stopwords removed, Porter-stemmed, on two fields: the passage (title, section and text) and its
+heading alone (title and section). A passage scores `bm25(passage) + HEADING_WEIGHT *
+bm25(heading)`, so a question whose words are those of a heading (a FAQ question, a manual's
+"Configuring the proxy") finds that section first. `benchmarks/bench_retrieval.py` measures
+the choices (hit@1 / hit@3 on the demo's validation questions and the unseen git FAQ).
 
 Index and cache
 ---------------
-BM25 (`bm25s`, Lucene variant) over lower-cased words of two or more characters, English
-stopwords removed, Porter-stemmed. `PassageIndex.build(paths, cache_dir)` writes
-`CACHE/passages-<hash of the paths>/` atomically: bm25s's own files (numpy arrays and JSON, no
-pickle), `passages.jsonl` and `meta.json` with a fingerprint of the inputs (every file's path,
-size and mtime, plus the chunking settings). `load_or_build` reuses it while the fingerprint is
-unchanged and rebuilds it otherwise. The default cache folder is `.chatforge-index/` beside the
-first input path.
+The index is a cache, kept in chatforge's cache folder, never beside the documents (which may
+be read-only): `DIR/passages-<hash>/` with DIR = `cache_dir` when given (`--index-cache`), else
+`$CHATFORGE_CACHE/index`, else `~/.cache/chatforge/index` (the cache `chatforge data fetch`
+uses). The hash names the input paths; the folder holds bm25s's own files (numpy arrays and
+JSON, no pickle) for both fields, `passages.jsonl` and `meta.json` with the input paths and a
+fingerprint of the inputs (every file's path, size and mtime, plus the chunking settings).
+`PassageIndex.load_or_build` reuses it while the fingerprint is unchanged and rebuilds it in
+place (atomically) otherwise; a build also removes the cached indexes whose documents are all
+gone. When the cache folder cannot be written the index still works from memory and is rebuilt
+on the next run.
 
 The prompt format (fixed: the SFT examples and every caller use it)
 --------------------------------------------------------------------
@@ -59,20 +84,26 @@ Reply conventions (the SFT examples; `strip_citation` removes the citation befor
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
+import html
 import json
+import math
 import os
 import random
 import re
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import numpy as np
 
 from chatforge import files
-from chatforge.data.clean import normalize, scrub_pii
-from chatforge.data.sources import file_stats, read_documents
+from chatforge.data.clean import MD_FENCE, MD_HEADING, md_inline, normalize, scrub_pii, strip_html, strip_markup
+from chatforge.data.fetch import default_cache
+from chatforge.data.sources import file_format, file_stats, iter_files, read_file
 from chatforge.errors import ChatforgeError
 
 GROUNDED_SYSTEM_PROMPT = (
@@ -83,16 +114,18 @@ GROUNDED_SYSTEM_PROMPT = (
 NOT_FOUND_REPLY = ("I could not find that in the documentation I have. "
                    "Please rephrase the question or contact a support agent.")
 DEFAULT_CONTEXT_TOKENS = 320
-MIN_WORDS, MAX_WORDS = 80, 200       # passage size target
+MAX_WORDS = 200                      # longest prose passage (a FAQ entry is kept whole)
+HEADING_WEIGHT = 1.0                 # weight of the heading field's BM25 score (bench_retrieval.py)
 MIN_CUT_TOKENS = 16                  # a truncated passage shorter than this is dropped instead
-CACHE_NAME = ".chatforge-index"
-FORMAT_VERSION = 1
+INDEX_DIR = "index"                  # the indexes' folder inside chatforge's cache
+FORMAT_VERSION = 2
 _CITATION = re.compile(r"\s*\(source:[^()]*(?:\([^()]*\)[^()]*)*\)\s*$")
 
 
 @dataclass
 class Passage:
-    """A piece of a document: `text`, display `source`, BM25 `score` (0 until searched), `doc` id."""
+    """A piece of a document: `text`, display `source`, BM25 `score` (0 until searched), `doc` id,
+    its `section` heading and its document's `title`."""
 
     text: str
     source: str
@@ -100,68 +133,225 @@ class Passage:
     doc: str = ""
     section: str = ""
     id: int = -1      # position in the index
+    title: str = ""
+
+    @property
+    def heading(self) -> str:
+        """Title and section, as ranked in the heading field (a repeated part once)."""
+        return " ".join(_distinct(self.title, self.section))
+
+
+def _distinct(*parts: str) -> list[str]:
+    """The non-empty `parts`, each left out when it repeats the one before (case-insensitive)."""
+    out: list[str] = []
+    for p in parts:
+        if p and (not out or p.lower() != out[-1].lower()):
+            out.append(p)
+    return out
+
+
+def source_name(doc: str, title: str = "", section: str = "") -> str:
+    """The name a passage is cited by: "DOC > TITLE > SECTION", a missing or repeated part left out."""
+    return " > ".join([doc, *_distinct(title, section)])
+
+
+# --------------------------------------------------------------------------- headings
+
+_RST_UNDERLINE = re.compile(r"""^([=\-`:'"~^_*+#<>.])\1{2,}\s*$""")
+_POD_HEAD = re.compile(r"^=head\d\s+(.+)", re.M)
+_HTML_HEAD = re.compile(r"<(h[1-6]|title)\b[^>]*>(.*?)</\1\s*>", re.I | re.S)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def markup_headings(raw: str, fmt: str) -> set[str]:
+    """The headings a Markdown, reStructuredText, POD or HTML source declares, as they read in
+    the plain text `strip_markup` makes of it (whitespace collapsed, before `normalize`)."""
+    found: list[str] = []
+    lines = raw.replace("\r\n", "\n").split("\n")
+    if fmt == "md":
+        fenced = False
+        for i, line in enumerate(lines):
+            if MD_FENCE.match(line):
+                fenced = not fenced
+            elif not fenced:
+                m = MD_HEADING.match(line)
+                if m:
+                    found.append(md_inline(m.group(1)))
+                elif i and lines[i - 1].strip() and re.match(r"^(=+|-+)\s*$", line) and len(line.strip()) >= 3:
+                    found.append(md_inline(lines[i - 1]))      # a setext heading
+    elif fmt == "rst":
+        for i in range(len(lines) - 1):
+            title, under = lines[i], lines[i + 1]
+            if not title.strip() or _RST_UNDERLINE.match(title) or not _RST_UNDERLINE.match(under):
+                continue
+            overlined = i > 0 and _RST_UNDERLINE.match(lines[i - 1]) is not None
+            # A title is underlined at least as long as itself; only an overlined one is indented.
+            if len(under.rstrip()) >= len(title.strip()) and (overlined or not title[0].isspace()):
+                found.append(strip_markup(title, "rst"))
+    elif fmt == "pod":
+        found += [strip_markup(f"=head1 {m.group(1)}", "pod") for m in _POD_HEAD.finditer(raw)]
+    elif fmt == "html":
+        found += [strip_html(m.group(2)) if m.group(1).lower() != "title" else html.unescape(m.group(2))
+                  for m in _HTML_HEAD.finditer(raw)]
+    return {h for h in map(_one_line, found) if h}
+
+
+_NUMBERED = re.compile(r"^\d+(\.\d+)*\.?\s")
+_UNDERLINE = re.compile(r"^\s*([=\-~^*#+])\1{2,}\s*$")
+
+
+def _text_heading(para: str, first: bool) -> tuple[str, str] | None:
+    """(heading, the rest of the paragraph) when a plain-text paragraph opens with a heading:
+    a line underlined with === or ---, or one short line at the left margin (the document's
+    first paragraph may be indented: a centred title); else None."""
+    lines = para.split("\n")
+    if len(lines) >= 2 and _UNDERLINE.match(lines[1]) and lines[0].strip():
+        return _one_line(lines[0]), "\n".join(lines[2:])
+    if len(lines) != 1 or (para[:1].isspace() and not first):
+        return None
+    line = para.strip().lstrip("#").strip()
+    numbered = bool(_NUMBERED.match(line))
+    if not line or not (line[0].isupper() or line[0].isdigit()) or line.endswith((".", ",", ";", ":")):
+        return None
+    return (line, "") if len(line.split()) <= (16 if numbered else 12) and len(line) <= 120 else None
 
 
 # --------------------------------------------------------------------------- splitting
 
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_ITEM = re.compile(r"^\s*(?:\d{1,3}[.)]|[-*+\u2022]|\(?[a-z]\)|step\s+\d+[.:)]?)\s+\S", re.I)
 
 
-def _is_heading(para: str) -> bool:
-    """A one-line paragraph of a few words, capitalised, without closing punctuation (or a question)."""
-    para = para.lstrip("#").strip()
-    if "\n" in para or not para or not (para[0].isupper() or para[0].isdigit()):
-        return False
-    words = para.split()
-    return 0 < len(words) <= 12 and len(para) <= 100 and not para.rstrip().endswith((".", ",", ";", ":"))
+def _words(text: str) -> int:
+    return len(text.split())
 
 
-def _split_long(para: str) -> list[str]:
-    """Cut a paragraph of more than MAX_WORDS words into pieces at sentence ends (else at words)."""
-    pieces, current = [], []
-    for sentence in _SENTENCE_END.split(para):
+def _indent(para: str) -> int:
+    return len(para) - len(para.lstrip())
+
+
+def _sentences(para: str, max_words: int) -> list[str]:
+    """A paragraph's sentences (a sentence longer than `max_words` words cut at words)."""
+    out = []
+    for sentence in _SENTENCE_END.split(para.strip()):
         words = sentence.split()
-        while len(words) > MAX_WORDS:            # a sentence longer than a passage: cut at words
-            if current:
-                pieces.append(" ".join(current))
-                current = []
-            pieces.append(" ".join(words[:MAX_WORDS]))
-            words = words[MAX_WORDS:]
-        if current and len(current) + len(words) > MAX_WORDS:
-            pieces.append(" ".join(current))
-            current = []
-        current += words
-    if current:
-        pieces.append(" ".join(current))
-    return pieces
+        out += [" ".join(words[i:i + max_words]) for i in range(0, len(words), max_words)]
+    return out
 
 
-def split_passages(text: str, doc: str) -> list[Passage]:
-    """Passages of one document's plain text (see the module docstring for the rules)."""
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    out: list[Passage] = []
-    section, group, count = "", [], 0
-
-    def flush() -> None:
-        nonlocal group, count
-        if group:
-            name = f"{doc} > {section}" if section else doc
-            out.append(Passage("\n".join(group), name, doc=doc, section=section))
-        group, count = [], 0
-
+def _blocks(paragraphs: list[str]) -> list[list[str]]:
+    """Paragraphs grouped into blocks that are kept together: a run of numbered steps or bullet
+    items with what is indented under them, and a paragraph ending in ":" with the next one."""
+    blocks: list[list[str]] = []
+    item_indent = -1                 # indentation of the current block's list items, -1: no list
     for para in paragraphs:
-        if _is_heading(para):
-            flush()
-            section = " ".join(para.lstrip("#").split())
+        item = _ITEM.match(para) is not None
+        if blocks and (blocks[-1][-1].rstrip().endswith(":")
+                       or item_indent >= 0 and (item or _indent(para) > item_indent)):
+            blocks[-1].append(para)
+            if item and item_indent < 0:
+                item_indent = _indent(para)
             continue
-        for piece in (_split_long(para) if len(para.split()) > MAX_WORDS else [para]):
-            n = len(piece.split())
-            if group and count >= MIN_WORDS or group and count + n > MAX_WORDS:
-                flush()
-            group.append(piece)
-            count += n
-    flush()
+        blocks.append([para])
+        item_indent = _indent(para) if item else -1
+    return blocks
+
+
+def _pack(blocks: list[list[str]], max_words: int) -> list[str]:
+    """The texts of one section's passages: the whole section when it fits in `max_words`, else
+    consecutive blocks in passages of about equal size; a block too long alone is cut between
+    its paragraphs, and a paragraph too long alone between its sentences."""
+    units: list[tuple[str, int, int]] = []     # (text, words, paragraph number): the pieces packed
+    for block in blocks:
+        text = "\n".join(block)
+        if _words(text) <= max_words:
+            units.append((text, _words(text), len(units)))
+            continue
+        for para in block:
+            number = len(units)
+            pieces = [para] if _words(para) <= max_words else _sentences(para, max_words)
+            units += [(piece, _words(piece), number) for piece in pieces]
+    # Cut points that minimise the sum of squared shortfalls (max_words - passage words): few,
+    # full passages of about equal size, and no short leftover at the end (word-wrap's rule).
+    ends = [0]
+    for _, n, _ in units:
+        ends.append(ends[-1] + n)
+    cost, cut = [0.0] + [math.inf] * len(units), [0] * (len(units) + 1)
+    for j in range(1, len(units) + 1):
+        i = j - 1
+        while i >= 0 and (ends[j] - ends[i] <= max_words or i == j - 1):
+            c = cost[i] + (max_words - (ends[j] - ends[i])) ** 2
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+            i -= 1
+    bounds, j = [], len(units)
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    passages = [units[i:j] for i, j in reversed(bounds)]
+    out = []
+    for group in passages:
+        text = group[0][0]
+        for (piece, _, number), (_, _, before) in zip(group[1:], group):
+            text += (" " if number == before else "\n") + piece    # sentences of one paragraph: one line
+        out.append(text)
+    return out
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.rstrip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
+
+
+def _sections(paragraphs: list[str], headings: Collection[str] | None) -> list[tuple[str, list[str]]]:
+    """[(heading, body paragraphs)] in order; the text before the first heading has heading ""."""
+    sections: list[tuple[str, list[str]]] = [("", [])]
+    for i, para in enumerate(paragraphs):
+        found: tuple[str, str] | None
+        if headings is not None:
+            line = _one_line(para)
+            found = (line, "") if line in headings else None
+            if found is None and _POD_HEAD.match(para) and len(line.split()) > 1:
+                found = (line.split(None, 1)[1], "")    # strip_pod leaves a few "=head2 ..." lines
+        else:
+            found = _text_heading(para, first=i == 0)
+        if found is None:
+            sections[-1][1].append(para)
+            continue
+        heading, rest = found
+        sections.append((heading, [rest] if rest.strip() else []))
+    return sections
+
+
+def _title(sections: list[tuple[str, list[str]]], doc: str) -> str:
+    """The document's title: the line under a NAME heading (POD, man pages) without its
+    "name - " prefix, else the heading that opens the document, else ""."""
+    for heading, body in sections:
+        if heading == "NAME" and body:
+            name = _one_line(body[0])
+            stem = Path(doc).name.split(".")[0]
+            return name.split(" - ", 1)[1] if name.lower().startswith(stem.lower() + " - ") else name
+    return sections[1][0] if len(sections) > 1 and not sections[0][1] else ""
+
+
+def split_passages(text: str, doc: str, headings: Collection[str] | None = None,
+                   max_words: int = MAX_WORDS) -> list[Passage]:
+    """Passages of one document's plain text (see the module docstring for the rules).
+
+    `headings`: the headings its markup declares (`markup_headings`, whitespace collapsed); None
+    for plain text, whose headings are recognised by their look.
+    """
+    sections = _sections(_paragraphs(text), headings)
+    title = _title(sections, doc)
+    out: list[Passage] = []
+    for heading, body in sections:
+        if heading == "NAME" and title and _one_line(body[0] if body else "").endswith(title):
+            body = body[1:]                       # POD's NAME line is the title, not content
+        for piece in _pack(_blocks(body), max_words) if body else ():
+            out.append(Passage(piece, source_name(doc, title, heading), doc=doc, section=heading, title=title))
     return out
 
 
@@ -171,18 +361,51 @@ def _clean(text: str) -> str:
     return scrub_pii(normalize(text))[0]
 
 
+def _raw_text(path: Path) -> str:
+    """A file's text for finding its headings (the readers have already judged it readable)."""
+    data = path.read_bytes()
+    if path.name.lower().endswith(".gz"):
+        data = gzip.decompress(data)
+    return data.decode("utf-8-sig", errors="replace")
+
+
 def read_passages(paths: Sequence[Path]) -> list[Passage]:
     """Every passage of the documents under `paths`, in a deterministic order."""
     passages: list[Passage] = []
-    for d in read_documents(list(paths)):
-        if d.kind == "conversation":
-            continue
-        if d.kind == "pairs":
-            for q, a in d.pairs or ():
-                passages.append(Passage(_clean(f"{q.strip()}\n{a.strip()}"), d.source, doc=d.source))
-        elif d.text.strip():
-            passages += split_passages(_clean(d.text), d.source)
+    for f in iter_files(list(paths)):
+        fmt = file_format(f.path.name)
+        headings: set[str] | None = None
+        for d in read_file(f):
+            if d.kind == "conversation" or not (d.text.strip() or d.pairs):
+                continue
+            if d.kind in ("text", "faq") and fmt in ("md", "rst", "pod", "html") and headings is None:
+                headings = {_one_line(_clean(h)) for h in markup_headings(_raw_text(f.path), fmt)}
+            if d.pairs:
+                passages += _faq_passages(d.source, _clean(d.text), d.pairs, headings)
+            else:
+                passages += split_passages(_clean(d.text), d.source, headings)
     return passages
+
+
+def _fold(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def _faq_passages(doc: str, text: str, pairs: list[tuple[str, str]], headings: set[str] | None) -> list[Passage]:
+    """One passage per FAQ entry (the question its section, the whole answer its text), then,
+    when the markup declares the headings, the sections that are not entries (an introduction)."""
+    title = _title(_sections(_paragraphs(text), headings), doc) if text else ""
+    out = []
+    for q, a in pairs:
+        q, a = _one_line(_clean(q)), _clean(a).strip()
+        if q and a:
+            out.append(Passage(a, source_name(doc, title, q), doc=doc, section=q, title=title))
+    if headings is not None and text:
+        # Plain-text FAQs (Debian, git) are left at their entries: their headings are guessed,
+        # and what lies outside the entries is a title page and a table of contents.
+        questions = {_fold(p.section) for p in out}
+        out += [p for p in split_passages(text, doc, headings) if _fold(p.section) not in questions]
+    return out
 
 
 # --------------------------------------------------------------------------- BM25
@@ -214,19 +437,57 @@ def _hash(obj: Any) -> str:
 
 def fingerprint(paths: Sequence[Path], stem: bool = True) -> dict:
     """What an index depends on: every input file's path, size and mtime, and the settings."""
-    return {"version": FORMAT_VERSION, "stem": stem, "words": [MIN_WORDS, MAX_WORDS], "files": file_stats(paths)}
+    return {"version": FORMAT_VERSION, "stem": stem, "max_words": MAX_WORDS, "files": file_stats(paths)}
 
 
-def default_cache_dir(paths: Sequence[Path]) -> Path:
-    first = Path(paths[0]).expanduser().resolve()
-    return first.parent / CACHE_NAME
+def default_cache_dir() -> Path:
+    """Where indexes are cached without `cache_dir`: CHATFORGE_CACHE/index (~/.cache/chatforge/index)."""
+    return default_cache() / INDEX_DIR
+
+
+def _resolved(paths: Sequence[str | os.PathLike]) -> list[str]:
+    return sorted(str(Path(p).expanduser().resolve()) for p in paths)
+
+
+def _prune(root: Path) -> None:
+    """Remove the cached indexes whose documents are all gone (a deleted folder, a test's
+    temporary one), so that the cache does not grow without bound."""
+    for folder in root.glob("passages-*"):
+        try:
+            paths = files.read_json(folder / "meta.json")["paths"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue      # not ours, or being replaced right now
+        if paths and not any(Path(p).exists() for p in paths):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _bm25(docs: list[list[str]]) -> Any | None:
+    """A bm25s index of tokenised `docs` (None when no doc has a term: bm25s cannot index that)."""
+    import bm25s
+
+    if not any(docs):
+        return None
+    retriever = bm25s.BM25()
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)     # 0/0 for empty headings: scored 0
+        retriever.index(docs, show_progress=False)
+    return retriever
+
+
+def _bm25_scores(retriever: Any | None, query: list[str], n: int) -> np.ndarray:
+    q = [t for t in query if retriever is not None and t in retriever.vocab_dict]
+    if not q:
+        return np.zeros(n, dtype=np.float32)
+    return np.asarray(retriever.get_scores(q), dtype=np.float32)
 
 
 class PassageIndex:
     """BM25 over the passages of a set of documents. Build with `build` or `load_or_build`."""
 
-    def __init__(self, passages: list[Passage], retriever: Any, stem: bool = True):
+    def __init__(self, passages: list[Passage], retriever: Any, stem: bool = True,
+                 heading_retriever: Any | None = None, heading_weight: float = HEADING_WEIGHT):
         self.passages, self.retriever, self.stem = passages, retriever, stem
+        self.heading_retriever, self.heading_weight = heading_retriever, heading_weight
         self._by_doc: dict[str, list[int]] = {}
         for i, p in enumerate(passages):
             p.id = i
@@ -242,22 +503,22 @@ class PassageIndex:
     # ---- building and caching ----------------------------------------------------------------
 
     @classmethod
-    def from_passages(cls, passages: list[Passage], stem: bool = True) -> "PassageIndex":
-        import bm25s
-
+    def from_passages(cls, passages: list[Passage], stem: bool = True,
+                      heading_weight: float = HEADING_WEIGHT) -> "PassageIndex":
+        """An index of `passages` in memory: the passage field is heading + text, the heading
+        field the heading alone."""
         if not passages:
             raise ChatforgeError("no passages to index: the documents hold no text "
                                  "(give folders or files of .txt, .md, .rst, .html, ... with --docs)")
-        retriever = bm25s.BM25()
-        retriever.index([terms(p.text, stem) for p in passages], show_progress=False)
-        return cls(passages, retriever, stem)
+        body = _bm25([terms(f"{p.heading}\n{p.text}", stem) for p in passages])
+        heading = _bm25([terms(p.heading, stem) for p in passages])
+        return cls(passages, body, stem, heading, heading_weight)
 
     @staticmethod
-    def _folder(paths: Sequence[Path], cache_dir: Path | None, stem: bool) -> Path:
-        paths = [Path(p).expanduser() for p in paths]
-        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(paths)
-        key = _hash({"paths": sorted(str(p.resolve()) for p in paths), "stem": stem})[:16]
-        return cache_dir / f"passages-{key}"
+    def _folder(paths: Sequence[Path], cache_dir: str | os.PathLike | None, stem: bool) -> Path:
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        # One folder per set of inputs: a change of their files or of the settings rebuilds it in place.
+        return root / f"passages-{_hash({'paths': _resolved(paths), 'stem': stem})[:16]}"
 
     @staticmethod
     def _check_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -272,7 +533,8 @@ class PassageIndex:
     @classmethod
     def build(cls, paths: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None = None,
               stem: bool = True) -> "PassageIndex":
-        """Read, split and index the documents under `paths`; save the index in `cache_dir`."""
+        """Read, split and index the documents under `paths`; save the index under `cache_dir`
+        (None: chatforge's cache, see `default_cache_dir`)."""
         paths = cls._check_paths(paths)
         fp = fingerprint(paths, stem)
         index = cls.from_passages(read_passages(paths), stem)
@@ -280,14 +542,18 @@ class PassageIndex:
         try:
             with files.atomic_dir(folder) as tmp:
                 index.retriever.save(str(tmp / "bm25"), show_progress=False)
+                if index.heading_retriever is not None:
+                    index.heading_retriever.save(str(tmp / "bm25-heading"), show_progress=False)
                 with files.atomic_open(tmp / "passages.jsonl") as f:
                     for p in index.passages:
                         f.write(json.dumps({"text": p.text, "source": p.source, "doc": p.doc,
-                                            "section": p.section}, ensure_ascii=False) + "\n")
-                files.write_json(tmp / "meta.json", {"fingerprint": fp, "passages": len(index)})
+                                            "section": p.section, "title": p.title}, ensure_ascii=False) + "\n")
+                files.write_json(tmp / "meta.json", {"fingerprint": fp, "paths": _resolved(paths),
+                                                     "passages": len(index)})
+            _prune(folder.parent)
         except OSError:
-            # A read-only place for the cache: the index in memory still works, it is just not
-            # cached, and the next run builds it again.
+            # A cache folder that cannot be written: the index in memory still works, it is just
+            # not cached, and the next run builds it again.
             pass
         return index
 
@@ -301,14 +567,18 @@ class PassageIndex:
         with open(folder / "passages.jsonl", encoding="utf-8") as f:
             for line in f:
                 d = json.loads(line)
-                passages.append(Passage(d["text"], d["source"], doc=d["doc"], section=d.get("section", "")))
+                passages.append(Passage(d["text"], d["source"], doc=d["doc"], section=d["section"], title=d["title"]))
         retriever = bm25s.BM25.load(str(folder / "bm25"), load_corpus=False)
-        return cls(passages, retriever, meta["fingerprint"]["stem"])
+        heading = None
+        if (folder / "bm25-heading").is_dir():
+            heading = bm25s.BM25.load(str(folder / "bm25-heading"), load_corpus=False)
+        return cls(passages, retriever, meta["fingerprint"]["stem"], heading)
 
     @classmethod
     def load_or_build(cls, paths: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None = None,
                       stem: bool = True) -> "PassageIndex":
-        """The cached index when its inputs are unchanged, else a fresh `build`."""
+        """The cached index when its inputs are unchanged, else a fresh `build` (`cache_dir`
+        None: chatforge's cache folder)."""
         paths = cls._check_paths(paths)
         folder = cls._folder(paths, cache_dir, stem)
         try:
@@ -322,12 +592,14 @@ class PassageIndex:
     # ---- search ------------------------------------------------------------------------------
 
     def scores(self, query: str) -> np.ndarray:
-        """BM25 score of every passage for `query` (zeros when no query term is in the index)."""
-        vocab = self.retriever.vocab_dict
-        q = [t for t in terms(query, self.stem) if t in vocab]
-        if not q:
-            return np.zeros(len(self.passages), dtype=np.float32)
-        return np.asarray(self.retriever.get_scores(q), dtype=np.float32)
+        """The score of every passage for `query`: BM25 on the passage plus `heading_weight` times
+        BM25 on its heading (zeros when no query term is in the index)."""
+        q = terms(query, self.stem)
+        n = len(self.passages)
+        out = _bm25_scores(self.retriever, q, n)
+        if self.heading_weight:
+            out = out + self.heading_weight * _bm25_scores(self.heading_retriever, q, n)
+        return out
 
     def _ranked(self, scores: np.ndarray, candidates: Iterable[int] | None, k: int) -> list[Passage]:
         ids = np.arange(len(scores)) if candidates is None else np.fromiter(candidates, dtype=np.int64)
@@ -336,7 +608,7 @@ class PassageIndex:
         out = []
         for i in order:
             p = self.passages[int(i)]
-            out.append(Passage(p.text, p.source, float(scores[i]), p.doc, p.section, p.id))
+            out.append(Passage(p.text, p.source, float(scores[i]), p.doc, p.section, p.id, p.title))
         return out
 
     def search(self, query: str, k: int = 3, exclude_docs: Iterable[str] = ()) -> list[Passage]:
