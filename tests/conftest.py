@@ -2,7 +2,8 @@
 
 Tests use one torch thread: the models here are tiny, and on a 2-core machine that is also
 running other work, OpenMP's spinning threads make small ops many times slower.
-Registry fetching is opt-in (`CHATFORGE_NETWORK_TESTS=1`).
+Registry fetching is opt-in (`CHATFORGE_NETWORK_TESTS=1`); other tests get their own
+CHATFORGE_CACHE.
 """
 
 import os
@@ -19,6 +20,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(request, tmp_path_factory, monkeypatch):
+    """Tests keep out of the user's chatforge cache (passage indexes, downloads); the network
+    tests fetch into the usual one, so that a second run is a cache hit."""
+    if "network" not in request.keywords:
+        monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path_factory.mktemp("chatforge-cache")))
+    yield
 
 
 def pytest_collection_modifyitems(config, items):
