@@ -316,7 +316,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "as in SFT; the model's context minus the answer when smaller)")
     parser.add_argument("--max-ppl-batches", type=int, default=20, help="batches of 8 windows for perplexity")
     parser.add_argument("--index-cache", metavar="DIR", default=None,
-                        help="where the passage index is cached; without it, .chatforge-index beside the first --docs")
+                        help="where the passage index is cached; without it, $CHATFORGE_CACHE/index "
+                             "or ~/.cache/chatforge/index")
     parser.add_argument("--out", metavar="DIR", default=None, help="output folder; without it, MODEL/eval")
     leaf(parser, run)
 

@@ -287,7 +287,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passages", type=int, default=3, help="passages retrieved per question with --docs")
     parser.add_argument("--index-cache", metavar="DIR", default=None,
                         help="where the passage index is cached "
-                             "(default: .chatforge-index beside the first --docs path)")
+                             "(default: $CHATFORGE_CACHE/index or ~/.cache/chatforge/index)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
     parser.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="sample", help="decoding strategy")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
