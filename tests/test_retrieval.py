@@ -398,3 +398,31 @@ def test_section_sft_examples_copy_the_answering_passage(docs, tmp_path):
         assert len(answer.split()) <= 25 and answer.endswith(".")          # whole sentences within the cap
     assert examples == section_sft_examples(index, 10, k=2, seed=3, max_reply_words=25)
     assert section_sft_examples(index, 10, exclude_docs=["docs/schedule.md"], seed=3)[0]["source"] != "docs/schedule.md"
+
+
+def test_grounded_reply_is_cut_where_the_context_is_cut(tmp_path):
+    from chatforge.infer.retrieval import copyable_answer
+
+    # Only what the prompt shows can be copied: whole sentences, whitespace aside.
+    shown = "Open Billing. Choose the invoice and press Request refund. Refunds take five"
+    assert copyable_answer("Open Billing.\nChoose the invoice and press Request refund.", shown) == \
+        "Open Billing.\nChoose the invoice and press Request refund."
+    assert copyable_answer("Open Billing. Choose the invoice and press Request refund. Refunds take five days.",
+                           shown) == "Open Billing. Choose the invoice and press Request refund."
+    assert copyable_answer("Call us. We answer at once.", shown) is None
+    assert copyable_answer("Open Billing.", "") is None
+
+    # End to end: a long FAQ answer under a small budget is cut back to what the context holds.
+    long_answer = " ".join(f"Step {i} of the restore is to check the disk number {i} carefully." for i in range(40))
+    faq = tmp_path / "docs" / "faq.md"
+    faq.parent.mkdir()
+    faq.write_text("# FAQ\n\n## How do I restore a backup?\n\n" + long_answer + "\n\n## Other?\n\nOther text here.\n")
+    index = PassageIndex.build([faq.parent], tmp_path / "cache")
+    pair = {"question": "How do I restore a backup?", "answer": long_answer, "source": "docs/faq.md"}
+    [ex] = grounded_sft_examples([pair], index, k=2, missing_fraction=0.0, max_context_tokens=120)
+    reply = strip_citation(ex["messages"][-1]["content"])
+    context = " ".join(ex["messages"][-2]["content"].split())
+    assert reply and reply in context and len(reply) < len(long_answer) and reply.endswith("carefully.")
+    # A budget that holds it all keeps the whole answer.
+    [ex] = grounded_sft_examples([pair], index, k=2, missing_fraction=0.0, max_context_tokens=4000)
+    assert strip_citation(ex["messages"][-1]["content"]) == long_answer

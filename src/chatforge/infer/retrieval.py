@@ -742,6 +742,38 @@ def _keep_in_context(passages: list[Passage], gold: Passage, max_context_tokens:
         passages.insert(0, passages.pop(position))
 
 
+def _shown_text(user_content: str, gold: Passage) -> str:
+    """The answer's passage as a grounded prompt shows it (cut ones without their "..."), or ""."""
+    mark = f"(source: {gold.source}) "
+    for line in user_content.split("\n"):
+        head, sep, text = line.partition(mark)
+        if sep and head.startswith("[") and head.rstrip().endswith("]"):
+            return text[:-3] if text.endswith("...") else text
+    return ""
+
+
+def copyable_answer(answer: str, shown: str) -> str | None:
+    """`answer` if the prompt shows all of it, else its longest run of whole sentences from the
+    start that the prompt shows, else None. Whitespace does not count (the context collapses it).
+
+    A grounded reply must be copied from its context: an answer that runs on past a cut-off
+    passage would teach the model to invent the rest.
+    """
+    visible = _norm(shown)
+    if not visible:
+        return None
+    if _norm(answer) in visible:
+        return answer.strip()
+    for end in reversed([m.start() for m in _SENTENCE_END.finditer(answer)]):
+        if _norm(answer[:end]) in visible:
+            return answer[:end].strip()
+    return None
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
 def grounded_sft_examples(qa_pairs: Iterable[Any], index: PassageIndex, k: int = 3,
                           missing_fraction: float = 0.15, seed: int = 0,
                           max_context_tokens: int = DEFAULT_CONTEXT_TOKENS,
@@ -753,7 +785,11 @@ def grounded_sft_examples(qa_pairs: Iterable[Any], index: PassageIndex, k: int =
     documents that best matches question + answer. Normal examples make sure it is in the context
     (if retrieval missed it, it replaces the last hit, at a seeded random position; if the token
     budget would cut it off, it moves first) and reply "ANSWER (source: NAME)" with NAME that
-    passage's source. A seeded `missing_fraction` of the examples (rounded) instead get `k`
+    passage's source. When ANSWER is a verbatim part of its document (FAQ answers are) and the
+    budget cut the passage, ANSWER is cut back to the whole sentences the prompt shows
+    (`copyable_answer`), and a pair whose answer the prompt does not show at all gets no example:
+    the reply is copied from the context, never continued past it. An answer written in other
+    words than the document's (a support team's own Q&A) is kept whole. A seeded `missing_fraction` of the examples (rounded) instead get `k`
     passages from OTHER documents only and reply NOT_FOUND_REPLY. Pairs whose source is not
     indexed (chat transcripts) are skipped. Pairs are dicts as in qa_train.jsonl
     ({"messages", "source"}: the last user turn is the question, the last assistant turn the
@@ -784,9 +820,15 @@ def grounded_sft_examples(qa_pairs: Iterable[Any], index: PassageIndex, k: int =
                 passages = passages[:k - 1]
                 passages.insert(rng.randint(0, len(passages)), gold)
             _keep_in_context(passages, gold, max_context_tokens, tokenizer)
-            reply = cite(a, gold.source)
         messages = grounded_messages(q, passages, history=history,
                                      max_context_tokens=max_context_tokens, tokenizer=tokenizer)
+        if i not in missing:
+            answer = a
+            if _norm(a) in _norm(gold.text):   # the answer is a verbatim part of its document
+                answer = copyable_answer(a, _shown_text(messages[-1]["content"], gold))
+                if answer is None:
+                    continue
+            reply = cite(answer, gold.source)
         examples.append({"messages": messages + [{"role": "assistant", "content": reply}],
                          "source": docs[0] if i in missing else gold.doc, "missing": i in missing})
     return examples

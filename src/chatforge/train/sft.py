@@ -90,6 +90,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="documents (files or folders) for grounded examples (default: the data folder's corpus.jsonl)")
     p.add_argument("--grounded-fraction", type=float, default=0.3,
                    help="share of single-turn Q&A pairs that also get a grounded copy (0 = none)")
+    p.add_argument("--grounded-only", action="store_true",
+                   help="pairs whose source is among the documents are trained only in grounded form "
+                        "(no plain copy without passages); other pairs (chat transcripts) stay plain")
     p.add_argument("--context-tokens", type=int, default=None,
                    help="most tokens of retrieved passages in a grounded example (default: the retrieval "
                         "module's, the same budget eval uses)")
@@ -277,6 +280,13 @@ def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, 
             g_train, g_val = g_train + s_train, g_val + s_val
             grounded["sections"] = len(s_train) + len(s_val)
         grounded.update(train=len(g_train), val=len(g_val), passages=len(index))
+        if o["grounded_only"]:
+            # Pairs answered from the documents are learned only with their passages in front
+            # of them: the plain copy would teach reciting the manual from memory instead.
+            def plain(recs: list[dict]) -> list[dict]:
+                return [r for r in recs if not (r["source"] and index.matching_docs(r["source"]))]
+            grounded["plain_dropped"] = len(train_recs) - len(plain(train_recs))
+            train_recs, val_recs = plain(train_recs), plain(val_recs)
         train_recs, val_recs = train_recs + g_train, val_recs + g_val
     elif o["docs"]:
         raise ChatforgeError(f"none of the --docs paths exist: {', '.join(o['docs'])}")
