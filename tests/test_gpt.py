@@ -171,3 +171,21 @@ def test_switch_errors_are_clear():
     small_config(d_model=30, head_size=8)            # an explicit head size needs no divisibility
     with pytest.raises(ChatforgeError, match="matches no HF model class"):
         GPT(small_config(qkv_bias=True, qk_norm=True)).hf_config()
+
+
+def test_loss_only_equals_the_full_loss_and_its_gradients():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, max_seq_len=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=64))
+    x = torch.randint(0, 97, (3, 20))
+    y = torch.randint(0, 97, (3, 20))
+    y[:, :12] = -100                      # a prompt: no targets there
+    y[1] = -100                           # a row with no target at all
+    logits, full = model(x, y)
+    full.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    none, part = model(x, y, loss_only=True)
+    part.backward()
+    assert none is None and torch.allclose(full, part, atol=1e-6) and logits.shape == (3, 20, 97)
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-6), n

@@ -319,10 +319,13 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                last_only: bool = False):
+                last_only: bool = False, loss_only: bool = False):
         """Logits (B, T, vocab) (or (B, 1, vocab) with last_only) and the loss if targets are given.
 
         targets: (B, T) next-token ids, -100 where no loss is wanted.
+        loss_only: with targets, apply the LM head only where a target is (logits come back None).
+        The head is a 576 x 49152 matmul for a model like SmolLM2-135M, a fifth of its forward
+        FLOPs; in SFT most positions are prompt tokens without a target, so this skips most of it.
         cache: a KV cache (see docs/ARCHITECTURE.md); positions: (B, T) RoPE positions;
         attn_mask: (B, 1, T, S) boolean, True = may attend.
         """
@@ -341,12 +344,18 @@ class GPT(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:, :]
-        logits = self.lm_head(x)
+        if loss_only and targets is not None:
+            keep = targets.reshape(-1) != -100
+            logits, targets = None, targets.reshape(-1)[keep]
+            flat = self.lm_head(x.reshape(-1, x.size(-1))[keep])                       # (N, vocab)
+        else:
+            logits = self.lm_head(x)
+            flat = logits.view(-1, logits.size(-1))
         loss = None
         if self.config.n_experts:
             self.aux_loss = sum(b.mlp.aux_loss for b in self.layers) / self.config.n_layer
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(flat.float(), targets.reshape(-1), ignore_index=-100)
             if self.config.n_experts:
                 loss = loss + self.config.moe_aux_weight * self.aux_loss
         return logits, loss

@@ -145,7 +145,7 @@ def loop_config(o: dict[str, Any], steps: int, seq_len: int, lr: float, eval_eve
 def sft_loss(model, batch: dict):
     """Mean next-token loss over the assistant tokens of the packed rows, and their count."""
     _, loss = model(batch["input_ids"], batch["labels"], positions=batch["positions"],
-                    attn_mask=batch.get("attn_mask"))
+                    attn_mask=batch.get("attn_mask"), loss_only=True)
     return loss, (batch["labels"] != -100).sum()
 
 
