@@ -194,6 +194,26 @@ def test_cli_lora_adapter_with_grounded_examples(setup, tmp_path, capsys):
     assert math.isfinite(report["best_val_loss"])
 
 
+def test_lora_in_top_blocks_only(setup):
+    from chatforge.model.lora import apply_lora, lora_modules
+    from chatforge.train.sft import top_block_targets
+
+    model, _ = load_model(setup["base"])      # 3 blocks
+    names = top_block_targets(model, ["q_proj", "down_proj"], 1)
+    assert names == ["layers.2.self_attn.q_proj", "layers.2.mlp.down_proj"]
+    assert top_block_targets(model, ["q_proj"], 0) == ["q_proj"]
+    with pytest.raises(Exception, match="--lora-layers must be between 1 and"):
+        top_block_targets(model, ["q_proj"], 4)
+    apply_lora(model, 4, 8.0, 0.0, names)
+    assert sorted(lora_modules(model)) == sorted(names)
+    # Nothing below the adapted block needs a gradient: the backward pass stops at block 2.
+    x = torch.randint(0, setup["tok"].vocab_size, (2, 16))
+    _, loss = model(x, x)
+    loss.backward()
+    assert all(p.grad is None for p in model.layers[0].parameters())
+    assert any(p.grad is not None for p in model.layers[2].parameters())
+
+
 def test_grounded_only_drops_the_plain_copies(setup, tmp_path):
     from chatforge.infer.retrieval import PassageIndex
     from chatforge.train.sft import build_rows, default_options, read_records

@@ -83,6 +83,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA: dropout on the adapters' input")
     p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS,
                    help="LoRA: comma-separated names (suffixes) of the linear layers to adapt")
+    p.add_argument("--lora-layers", type=int, default=0,
+                   help="LoRA: adapt only the top N blocks (0 = all); the backward pass then stops below them")
     p.add_argument("--lora-save", default="merged", choices=["merged", "adapter"],
                    help="LoRA: merged = a plain model folder; adapter = that plus adapter.safetensors")
     p.add_argument("--freeze-top", type=int, default=2, help="freeze: number of top blocks that train")
@@ -326,10 +328,26 @@ def _prepare_model(model, method: str, o: dict) -> list:
 
     if method == "lora":
         targets = [t.strip() for t in str(o["lora_targets"]).split(",") if t.strip()]
+        targets = top_block_targets(model, targets, o["lora_layers"])
         apply_lora(model, o["lora_rank"], o["lora_alpha"], o["lora_dropout"], targets)
     elif method == "freeze":
         freeze_all_but_top(model, o["freeze_top"])
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def top_block_targets(model, targets: list[str], n_top: int) -> list[str]:
+    """`targets` (name suffixes) limited to the top `n_top` blocks, as full module names (0 = all).
+
+    Adapters only in the top blocks mean the backward pass stops there: nothing below needs a
+    gradient, so a step costs the forward plus the top blocks' backward."""
+    n_layer = len(model.layers)
+    if n_top == 0:
+        return targets
+    if not 1 <= n_top <= n_layer:
+        raise ChatforgeError(f"--lora-layers must be between 1 and the model's {n_layer} blocks (0 = all), got {n_top}")
+    top = tuple(f"layers.{i}." for i in range(n_layer - n_top, n_layer))
+    return [name for name, _ in model.named_modules()
+            if name.startswith(top) and any(name == t or name.endswith("." + t) for t in targets)]
 
 
 def _save_fn(method: str, out: Path, tokenizer, o: dict, base: Path):
@@ -425,7 +443,8 @@ def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, *
         "seconds": round(result.seconds, 1), "interrupted": result.interrupted,
     }
     if method == "lora":
-        report["lora"] = {k: o[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_save")}
+        report["lora"] = {k: o[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers",
+                                            "lora_save")}
     if method == "freeze":
         report["freeze_top"] = o["freeze_top"]
     files.write_json(out / "sft.json", report)
