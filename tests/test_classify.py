@@ -1,4 +1,6 @@
-"""The classifier: metrics and baselines, vader labels, train / predict through the CLI, bad input."""
+"""The classifier: metrics and baselines, vader labels, middle layers and pooling against HF Llama
+with a pad-less (pad = eos) pretrained tokenizer, the feature cache, sub-sampled training, length
+batches, train / predict through the CLI (frozen and LoRA), bad input."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import torch
 
 from chatforge.cli import main
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.model.heads import ClassifierHead, RewardHead, ValueHead, hidden_states, pool
+from chatforge.model.heads import ClassifierHead, RewardHead, ValueHead, hidden_states, layer_states, pool
 from chatforge.model.folder import save_model
-from chatforge.train.classify import (accuracy, bow_logreg, load_classifier, macro_f1, majority_baseline, predict,
-                                      read_vader, stratified_split, vader_label)
+from chatforge.train.classify import (accuracy, bow_logreg, cached_features, cap_training, encode_texts,
+                                      length_groups, load_classifier, lora_layer_targets, macro_f1,
+                                      majority_baseline, model_fingerprint, pooled_features, predict, read_vader,
+                                      stratified_split, train_classifier, vader_label)
 
 GOOD = ["works perfectly", "arrived quickly and works great", "is excellent, thank you", "solved my problem",
         "is fast and reliable", "made me very happy", "is the best purchase this year", "is wonderful"]
@@ -145,3 +149,188 @@ def test_bad_input_exits_2(base, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["classify", "predict", "--model", str(tmp_path), "--text", "hi"]) == 2
     assert "not a classifier folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained backbones: middle layers, padding with pad = eos, the feature cache
+
+
+def tiny_gpt(vocab: int, seed: int = 0, n_layer: int = 3) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab, max_seq_len=64, d_model=32, n_layer=n_layer, n_head=4, n_kv_head=2,
+                         d_ff=64)).eval()
+
+
+@pytest.fixture(scope="module")
+def smol_like(tmp_path_factory):
+    """A model folder shaped like an imported SmolLM2: a pretrained HF tokenizer with no pad token
+    (padding uses eos `<|im_end|>`, id 2) and a 3-layer backbone."""
+    from chatforge.data.tokenizer import ChatTokenizer
+    from test_tokenizer import pretrained_folder
+
+    root = tmp_path_factory.mktemp("smol_like")
+    tok = ChatTokenizer.load(pretrained_folder(root / "hf"))
+    return save_model(root / "model", tiny_gpt(tok.vocab_size, seed=3), tok)
+
+
+def test_layer_states_match_hf_llama_and_skip_the_blocks_above():
+    transformers = pytest.importorskip("transformers")
+    model = tiny_gpt(97, n_layer=4)
+    hf = transformers.LlamaModel(transformers.LlamaConfig(**model.hf_config())).eval()
+    hf.load_state_dict({k[6:]: v for k, v in model.hf_state_dict().items() if k.startswith("model.")})
+    idx = torch.randint(0, 97, (2, 11))
+    ran = []
+    model.layers[3].register_forward_hook(lambda *_: ran.append(True))
+    with torch.no_grad():
+        ours = layer_states(model, idx, [1, 2])
+        theirs = hf(idx, output_hidden_states=True).hidden_states  # [embeddings, block 1, ..., normed last]
+    assert set(ours) == {1, 2} and not ran  # block 4 never ran
+    for layer in (1, 2):
+        assert torch.allclose(ours[layer], theirs[layer], atol=1e-5)
+    with torch.no_grad():
+        final = hidden_states(model, idx)
+    assert ran and torch.allclose(final, theirs[-1], atol=1e-5)
+    with pytest.raises(ValueError, match="layers must be in 0..3"):
+        layer_states(model, idx, [4])
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("how", ["mean", "last"])
+def test_pooling_ignores_eos_padding(smol_like, layer, how):
+    """Right padding with the pad-less tokenizer's eos: a text's features do not depend on the
+    batch it is in, and equal HF's hidden states of the text alone, pooled over its tokens."""
+    transformers = pytest.importorskip("transformers")
+    from chatforge.model.folder import load_model
+
+    model, tok = load_model(smol_like)
+    assert tok.pad_id == tok.im_end_id == 2 and tok.eot_id == 0  # no pad token of its own
+    texts = ["Refund please, the order never arrived and nobody answers my mails.", "ok", "Thanks!"]
+    ids, mask = encode_texts(tok, texts, max_len=64)
+    assert (ids[1, mask[1].sum():] == tok.pad_id).all() and mask[1].sum() < ids.shape[1]
+    batched = pooled_features(model, ids, mask, [(layer, how)])[(layer, how)]
+    hf = transformers.LlamaModel(transformers.LlamaConfig(**model.hf_config())).eval()
+    hf.load_state_dict({k[6:]: v for k, v in model.hf_state_dict().items() if k.startswith("model.")})
+    for i, text in enumerate(texts):
+        alone = torch.tensor([tok.encode(text)])
+        with torch.no_grad():
+            h = hf(alone, output_hidden_states=True).hidden_states[layer if layer else -1][0]
+        expected = h.mean(0) if how == "mean" else h[-1]
+        assert torch.allclose(batched[i], expected, atol=1e-5), (i, text)
+
+
+def test_bf16_features_are_close_to_fp32(smol_like):
+    from chatforge.model.folder import load_model
+
+    model, tok = load_model(smol_like)
+    ids, mask = encode_texts(tok, [r["text"] for r in reviews(12)], 32)
+    fp32 = pooled_features(model, ids, mask, [(0, "mean")])[(0, "mean")]
+    bf16 = pooled_features(model, ids, mask, [(0, "mean")], precision="bf16")[(0, "mean")]
+    assert bf16.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32  # a copy was cast
+    assert torch.nn.functional.cosine_similarity(fp32, bf16).min() > 0.99
+
+
+def test_feature_cache_computes_each_text_once(smol_like, tmp_path, capsys):
+    from chatforge.model.folder import load_model
+
+    model, tok = load_model(smol_like)
+    texts = [r["text"] for r in reviews(30, seed=4)]
+    ids, mask = encode_texts(tok, texts, 32)
+    specs, key = [(0, "mean"), (2, "last")], model_fingerprint(smol_like)
+    fresh = pooled_features(model, ids, mask, specs)
+    first = cached_features(model, ids[:20], mask[:20], specs, tmp_path, key)
+    assert "computing features of" in capsys.readouterr().out
+    # Rows 10..29: 10 are cached, only the 10 new ones (fewer: the reviews repeat) are computed.
+    both = cached_features(model, ids[10:], mask[10:], specs, tmp_path, key)
+    new_texts = len(set(texts[20:]) - set(texts[:20]))
+    assert f"computing features of {new_texts} texts" in capsys.readouterr().out
+    again = cached_features(model, ids, mask, specs, tmp_path, key)
+    assert "computing" not in capsys.readouterr().out
+    for spec in specs:
+        assert torch.allclose(first[spec], fresh[spec][:20], atol=1e-6)
+        assert torch.allclose(both[spec], fresh[spec][10:], atol=1e-6)
+        assert torch.allclose(again[spec], fresh[spec], atol=1e-6)
+    # Another model (other weights) does not hit these entries; an unreadable file is recomputed.
+    assert model_fingerprint(save_model(tmp_path / "other", tiny_gpt(tok.vocab_size, seed=4), tok)) != key
+    for f in (tmp_path / key).glob("*/*.safetensors"):
+        f.write_bytes(b"not safetensors")
+    redone = cached_features(model, ids, mask, specs, tmp_path, key)
+    assert "computing features of" in capsys.readouterr().out
+    assert torch.allclose(redone[(2, "last")], fresh[(2, "last")], atol=1e-6)
+
+
+def test_cap_training_and_length_groups():
+    fit, val = list(range(0, 900)), list(range(900, 1000))
+    small_fit, small_val = cap_training(fit, val, 90, 0.1, seed=5)
+    assert len(small_fit) == 90 and len(small_val) == 10
+    assert set(small_fit) <= set(fit) and set(small_val) <= set(val)
+    assert cap_training(fit, val, 0, 0.1, 5) == (fit, val) and cap_training(fit, val, 5000, 0.1, 5) == (fit, val)
+    lengths = [random.Random(1).randint(1, 40) for _ in range(103)]
+    groups = length_groups(lengths, 16, seed=2)
+    assert sorted(i for g in groups for i in g) == list(range(103))
+    assert [len(g) for g in groups] == [16] * 6 + [7]
+    assert all(max(lengths[i] for i in a) <= min(lengths[i] for i in b) for a, b in zip(groups, groups[1:]))
+
+
+def test_lora_targets_stay_below_the_layer():
+    model = tiny_gpt(50, n_layer=4)
+    assert lora_layer_targets(model, ["q_proj", "v_proj"], 0) == ["q_proj", "v_proj"]
+    chosen = lora_layer_targets(model, ["q_proj", "v_proj"], 2)
+    assert chosen == ["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj",
+                      "layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"]
+    assert lora_layer_targets(model, ["down_proj"], 3, top=1) == ["layers.2.mlp.down_proj"]
+    assert lora_layer_targets(model, ["down_proj"], 0, top=2) == ["layers.2.mlp.down_proj", "layers.3.mlp.down_proj"]
+    assert lora_layer_targets(model, ["down_proj"], 0, top=9) == ["down_proj"]  # every block
+
+
+def test_max_train_keeps_the_held_out_set(base, tmp_path):
+    data = reviews(300, seed=6)
+    texts, labels = [d["text"] for d in data], [d["label"] for d in data]
+    common = dict(steps=3, precision="fp32", feature_cache=str(tmp_path / "cache"))
+    full = train_classifier(base, texts, labels, tmp_path / "full", **common)
+    small = train_classifier(base, texts, labels, tmp_path / "small", max_train=50, **common)
+    assert full["split"]["held_out"] == small["split"]["held_out"] == 60
+    assert small["split"]["train"] == 50 and small["split"]["val"] == 6
+    assert full["held_out"]["bow_logreg"] == small["held_out"]["bow_logreg"]  # same held-out set, same baseline
+    assert "bow_logreg_same_sample" in small["held_out"] and "bow_logreg_same_sample" not in full["held_out"]
+    assert set(small["seconds"]) == {"features", "train", "evaluation", "total"}
+    assert 0 <= small["validation"]["accuracy"] <= 1
+
+
+@pytest.mark.e2e
+def test_middle_layer_classifiers_on_a_pad_less_tokenizer(smol_like, tmp_path):
+    """Frozen and LoRA classifiers reading block 2 of 3 on the SmolLM2-shaped folder: they learn,
+    their folders load, and LoRA adapters went only into the blocks that run."""
+    from chatforge.model.folder import load_model
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in reviews(300, seed=7)), encoding="utf-8")
+    common = ["--base", str(smol_like), "--data", str(data), "--layer", "2", "--precision", "fp32"]
+    assert main(["classify", "train", *common, "--out", str(tmp_path / "frozen"), "--epochs", "20",
+                 "--pooling", "last"]) == 0
+    report = json.loads((tmp_path / "frozen" / "metrics.json").read_text())
+    held = report["held_out"]
+    assert report["layer"] == 2 and held["model"]["accuracy"] > held["majority"]["accuracy"] + 0.15, held
+    assert predict(tmp_path / "frozen", ["The printer never arrived."])[0][0] == "negative"
+
+    base_model, _ = load_model(smol_like)
+    lora = common + ["--out", str(tmp_path / "lora"), "--method", "lora", "--batch-size", "16", "--lora-rank", "4",
+                     "--pooling", "last"]
+    assert main(["classify", "train", *lora, "--steps", "60", "--lr", "1e-2"]) == 0
+    merged, _ = load_model(tmp_path / "lora")
+    changed = {name.split(".")[1] for name, p in merged.state_dict().items()
+               if name.startswith("layers.") and not torch.equal(p, base_model.state_dict()[name])}
+    assert changed == {"0", "1"}  # the adapters of blocks 1-2 were merged; block 3 never ran
+    clf, _, meta = load_classifier(tmp_path / "lora")
+    assert meta["layer"] == 2 and clf.layer == 2
+    held = json.loads((tmp_path / "lora" / "metrics.json").read_text())["held_out"]
+    assert held["model"]["accuracy"] > held["majority"]["accuracy"] + 0.15, held
+
+    # LoRA in the top block only: block 1 stays as it was.
+    lora[lora.index("--out") + 1] = str(tmp_path / "lora_top")
+    assert main(["classify", "train", *lora, "--steps", "60", "--lr", "1e-2", "--lora-layers", "1"]) == 0
+    merged, _ = load_model(tmp_path / "lora_top")
+    changed = {name.split(".")[1] for name, p in merged.state_dict().items()
+               if name.startswith("layers.") and not torch.equal(p, base_model.state_dict()[name])}
+    assert changed == {"1"}
+    held = json.loads((tmp_path / "lora_top" / "metrics.json").read_text())["held_out"]
+    assert held["model"]["accuracy"] > held["majority"]["accuracy"] + 0.15, held

@@ -4,12 +4,16 @@
 - `ValueHead`: per-token hidden state -> a scalar (PPO's value function).
 - `RewardHead`: pooled features -> one scalar score (a reward model for preference data).
 
-`hidden_states(model, idx)` returns the backbone's final, normalised hidden states (B, T, C);
-`pool(hidden, mask, how)` turns them into one vector per sequence. Heads are kept tiny on
-purpose: the backbone carries the knowledge, the head only reads it out.
+`hidden_states(model, idx, layer=0)` returns the backbone's final, normalised hidden states
+(B, T, C), or a middle layer's (`layer_states` gives several layers from one forward pass and
+skips the blocks above the deepest); `pool(hidden, mask, how)` turns them into one vector per
+sequence. Heads are kept tiny on purpose: the backbone carries the knowledge, the head only
+reads it out.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -17,20 +21,52 @@ import torch.nn as nn
 POOLINGS = ("mean", "last")
 
 
-def hidden_states(model: nn.Module, idx: torch.Tensor, **forward_kwargs) -> torch.Tensor:
-    """The backbone's output after its final norm, (B, T, C), without computing all the logits.
+class _Enough(Exception):
+    """Raised by a hook once the deepest wanted layer has run: the layers above it are skipped."""
 
-    A hook on `model.norm` catches the full hidden states while `last_only=True` keeps the LM
-    head's work to one position: the GPT's own forward runs, so LoRA wrappers, masks and
-    positions behave exactly as they do in training.
+
+def layer_states(model: nn.Module, idx: torch.Tensor, layers: Sequence[int], **forward_kwargs) -> dict[int, torch.Tensor]:
+    """Hidden states (B, T, C) of several layers in one forward pass: {layer: states}.
+
+    Layer 0 is the model's final output (after the last block and the final norm, what the LM
+    head reads); layer L in 1..n_layer-1 is the residual stream after block L (a middle layer,
+    not normalised). Hooks catch the states while the GPT's own forward runs, so LoRA wrappers,
+    masks and positions behave exactly as in training; the forward stops after the deepest layer
+    asked for (a middle layer costs only the blocks below it), and with layer 0 `last_only=True`
+    keeps the LM head's work to one position.
     """
-    caught: list[torch.Tensor] = []
-    handle = model.norm.register_forward_hook(lambda _m, _inp, out: caught.append(out))
+    n_layer = len(model.layers)
+    wanted = sorted(set(layers))
+    if not wanted or any(not 0 <= layer < n_layer for layer in wanted):
+        raise ValueError(f"layers must be in 0..{n_layer - 1} (0 = the final output), got {list(layers)}")
+    # Without layer 0 the forward can stop at the deepest layer asked for; with it, every block
+    # runs anyway and only the one-position LM head is left after the final norm.
+    stop_at = None if wanted[0] == 0 else wanted[-1]
+    caught: dict[int, torch.Tensor] = {}
+
+    def catcher(layer: int):
+        def hook(_module, _inputs, out):
+            caught[layer] = out
+            if layer == stop_at:
+                raise _Enough
+        return hook
+
+    handles = [(model.norm if layer == 0 else model.layers[layer - 1]).register_forward_hook(catcher(layer))
+               for layer in wanted]
     try:
         model(idx, last_only=True, **forward_kwargs)
+    except _Enough:
+        pass
     finally:
-        handle.remove()
-    return caught[0]
+        for h in handles:
+            h.remove()
+    return caught
+
+
+def hidden_states(model: nn.Module, idx: torch.Tensor, layer: int = 0, **forward_kwargs) -> torch.Tensor:
+    """One layer's hidden states (B, T, C); layer 0 (the default) is the final, normalised output.
+    See `layer_states`."""
+    return layer_states(model, idx, [layer], **forward_kwargs)[layer]
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
