@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
+import torch.nn as nn
 
 from chatforge.errors import ChatforgeError
+from chatforge.model import lora
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, load_lora, lora_modules,
                                   lora_state_dict, merge_lora, merged_state_dict, save_lora)
@@ -127,3 +130,67 @@ def test_merged_state_dict_leaves_model_wrapped():
     model.eval(), plain.eval()
     x, _ = batch(5)
     assert torch.allclose(plain(x)[0], model(x)[0], atol=1e-5)
+
+
+# ------------------------------------------------------------------------ the fused layer
+
+@pytest.mark.parametrize("bias, p", [(False, 0.0), (True, 0.3)])
+def test_fused_layer_equals_the_formula(monkeypatch, bias, p):
+    """Output and gradients (input, A, B) of the one-node layer equal the formula written as
+    separate ops, with the same dropout mask."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 20, bias=bias).requires_grad_(False)
+    layer = LoRALinear(base, rank=4, alpha=8, dropout=p).train()
+    nn.init.normal_(layer.lora_B.weight)
+    keep = torch.rand(3, 5, 12) > p
+    monkeypatch.setattr(lora, "_keep_mask", lambda shape, p_, device: keep)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    gy = torch.randn(3, 5, 20)
+
+    def run(forward) -> list[torch.Tensor]:
+        x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+        y = forward(x)
+        y.backward(gy)
+        return [y.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
+
+    fused = run(layer)
+    reference = run(lambda x: base(x) + layer.lora_B(layer.lora_A(x * keep / (1 - p))) * layer.scaling)
+    for got, want in zip(fused, reference):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert base.weight.grad is None
+
+
+def test_dropout_mask_keeps_one_minus_p():
+    keep = lora._keep_mask(torch.Size([400, 500]), 0.05, torch.device("cpu"))
+    assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.95) < 0.005
+
+
+def test_bf16_autocast_casts_the_frozen_weight_once():
+    model = apply_lora(tiny(), rank=4, alpha=8)
+    plain = tiny()
+    x, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # B is zero: the wrapped model computes exactly what autocast computes for the plain one.
+        assert torch.equal(model(x)[0], plain(x)[0])
+    layer = lora_modules(model)["layers.0.self_attn.q_proj"]
+    cached = layer._cast["weight"][1]
+    assert cached.dtype == torch.bfloat16 and torch.equal(cached, layer.weight.to(torch.bfloat16))
+    nn.init.normal_(layer.lora_B.weight)
+    h = torch.randn(2, 8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(h)
+    assert layer._cast["weight"][1] is cached                        # reused, not cast again
+    want = layer.base_layer(h) + layer.lora_B(layer.lora_A(h)) * layer.scaling
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), want, atol=0.05, rtol=0.02)
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(2)                               # changed in place: cast again
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(h)
+    assert layer._cast["weight"][1] is not cached
+    assert copy.deepcopy(layer)._cast == {}                          # a copy does not carry it
+    # Training under autocast: fp32 gradients on the adapters only.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, y)[1]
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".lora_" in n and g.dtype == torch.float32 for n, g in grads.items())

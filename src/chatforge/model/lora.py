@@ -15,6 +15,12 @@ B @ A back into W so that the result is a plain `GPT` again, with no inference c
 
 Parameter names keep the wrapped layer under `base_layer` (as PEFT does), so the adapter's
 tensors are named `layers.0.self_attn.q_proj.lora_A.weight` and so on.
+
+Speed: a wrapped layer runs as one autograd node (`_LoRAFunction`) that computes the same formula
+with fewer passes over the activations, and under autocast it keeps its frozen base weight cast to
+the autocast dtype (bf16) instead of casting it at every forward. Under `torch.compile` it is the
+plain formula, which inductor fuses itself. `benchmarks/bench_sft.py` measures a LoRA step
+against peft + TRL.
 """
 
 from __future__ import annotations
@@ -52,6 +58,69 @@ class LoRAConfig:
             raise ChatforgeError("LoRA needs at least one target module name (e.g. q_proj)")
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in here: autocast's when it is on, else the input's."""
+    kind = x.device.type
+    if hasattr(torch, "get_autocast_dtype"):            # torch >= 2.4
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+    elif kind == "cpu" and torch.is_autocast_cpu_enabled():
+        return torch.get_autocast_cpu_dtype()
+    elif kind == "cuda" and torch.is_autocast_enabled():
+        return torch.get_autocast_gpu_dtype()
+    return x.dtype
+
+
+def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Dropout's keep mask, True with probability 1 - p. A bool tensor drawn in one kernel: a
+    quarter of the memory of F.dropout's float mask, which it also scales in a second pass
+    (measured, 2 threads: 13 ms against 34-42 ms for F.dropout on a 4096 x 576 input; a LoRA
+    step of the 135M model draws 210 of them)."""
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """y = x W^T + b + k * ((x * keep) A^T) B^T, with k = scaling / (1 - dropout), as one autograd node.
+
+    Every tensor arrives already in the compute dtype. Compared with the same formula written as
+    separate ops (what autograd records for `base(x) + B(A(dropout(x))) * scaling`), this saves the
+    passes over the (tokens, width) activations that dominated a CPU LoRA step: the dropout is a
+    bool mask applied once, the scaling lands on the (tokens, rank) product, B's product is added
+    into the base output in place (addmm), and in backward the input gradient is one addmm onto
+    the adapter's part. The frozen weight W gets no gradient and x is not saved (W's backward needs
+    only W). Measured on the 135M model (batch 8 x 512, bf16 autocast, 2 threads, both versions
+    interleaved in one process on the shared machine): 55 against 50 tokens/s for a forward and
+    backward; the rest of a step is the model's own (attention, norms, the loss).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, keep, k: float):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])                                        # (N, in)
+        xd = x2 if keep is None else x2 * keep.view(x2.shape)                # (N, in)
+        h = torch.mm(xd, lora_a.t()).mul_(k)                                 # (N, r)
+        y = torch.nn.functional.linear(x2, weight, bias)                     # (N, out)
+        y.addmm_(h, lora_b.t())
+        ctx.save_for_backward(weight, lora_a, lora_b, xd, h, keep)
+        ctx.k, ctx.shape = k, shape
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        weight, lora_a, lora_b, xd, h, keep = ctx.saved_tensors
+        gy = gy.reshape(-1, gy.shape[-1])                                    # (N, out)
+        g = torch.mm(gy, lora_b).mul_(ctx.k)                                 # (N, r): d loss / d (xd A^T)
+        grad_a = torch.mm(g.t(), xd) if ctx.needs_input_grad[3] else None    # (r, in)
+        grad_b = torch.mm(gy.t(), h) if ctx.needs_input_grad[4] else None    # (out, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, lora_a)                                     # (N, in)
+            if keep is not None:
+                grad_x.mul_(keep.view(grad_x.shape))
+            grad_x = grad_x.addmm_(gy, weight).view(ctx.shape)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
 class LoRALinear(nn.Module):
     """An `nn.Linear` plus a trainable low-rank update; the wrapped layer is left untouched."""
 
@@ -67,6 +136,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._cast: dict[str, tuple[tuple, torch.Tensor]] = {}   # frozen tensors in the compute dtype
 
     @property
     def weight(self) -> torch.Tensor:
@@ -76,8 +146,39 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
 
+    def _in_dtype(self, name: str, t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """`t` in `dtype`. A frozen tensor's cast copy is kept and reused while the tensor is
+        unchanged (same storage, same version counter): under bf16 autocast the base weights are
+        cast once, not at every forward as autocast does for tensors that need no gradient."""
+        if t is None or t.dtype == dtype:
+            return t
+        if t.requires_grad:
+            return t.to(dtype)
+        key = (t.data_ptr(), t._version, t.device, dtype)
+        hit = self._cast.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._cast[name] = (key, t.detach().to(dtype))
+        return hit[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        base = self.base_layer
+        frozen = not any(t is not None and t.requires_grad for t in (base.weight, base.bias))
+        if torch.compiler.is_compiling() or not frozen or type(base.weight.data) is not torch.Tensor:
+            # The plain formula: under torch.compile inductor fuses it (and the dropout) itself; a
+            # base layer someone made trainable needs its weight gradient; sharded (FSDP) weights.
+            return base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        dtype = _compute_dtype(x)
+        p = getattr(self.dropout, "p", 0.0) if self.training else 0.0
+        keep = _keep_mask(x.shape, p, x.device) if p > 0 else None
+        return _LoRAFunction.apply(x.to(dtype), self._in_dtype("weight", base.weight, dtype),
+                                   self._in_dtype("bias", base.bias, dtype), self.lora_A.weight.to(dtype),
+                                   self.lora_B.weight.to(dtype), keep, self.scaling / (1.0 - p))
+
+    def __getstate__(self) -> dict:
+        # A deep copy (the engine's bf16 copy of a model) should not drag the cast cache along.
+        state = dict(self.__dict__)
+        state["_cast"] = {}
+        return state
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}"
