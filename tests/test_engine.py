@@ -53,7 +53,7 @@ def strip_eos(tokens: list[int]) -> tuple[list[int], bool]:
 # ------------------------------------------------------------------------------ cache, batching
 
 def test_cached_greedy_equals_full_recompute(model):
-    engine = Engine(model, stop_ids=[])
+    engine = Engine(model, stop_ids=[], dtype="float32")
     for prompt in PROMPTS:
         seq = list(prompt)
         with torch.no_grad():
@@ -94,20 +94,32 @@ def test_kv_cache_select_rows_moves_only_what_changes():
     assert torch.equal(cache.k[:, 3, :, :5], want[:, 2, :, :5])
 
 
-def test_bf16_copy_leaves_the_model_alone(model):
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        with pytest.warns(UserWarning, match="native"):
-            engine = Engine(model, stop_ids=[], dtype="bfloat16")
-        assert engine.model is model
-        return
-    engine = Engine(model, stop_ids=[], dtype="bfloat16")
-    assert next(engine.model.parameters()).dtype == torch.bfloat16
+def test_bf16_weights_by_default_where_native(model, monkeypatch):
+    from chatforge.train import runtime
+
+    native = runtime.bf16_supported(torch.device("cpu"))
+    fp32 = Engine(model, stop_ids=[], dtype="float32")
+    assert fp32.model is model and fp32.cache_dtype == torch.float32 and fp32.threads == 1
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: False)
+    assert Engine(model, stop_ids=[]).model is model             # auto: fp32 where bf16 is emulated
+    with pytest.warns(UserWarning, match="native"):
+        assert Engine(model, stop_ids=[], dtype="bfloat16").model is model
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: True)
+    engine = Engine(model, stop_ids=[])                           # auto: bf16 where native
+    assert next(engine.model.parameters()).dtype == torch.bfloat16 and engine.model.rope_cos.dtype == torch.bfloat16
     assert next(model.parameters()).dtype == torch.float32 and engine.model is not model
     assert engine.model.lm_head.weight is engine.model.embed_tokens.weight  # still tied
-    out = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=8))
-    assert all(len(r.tokens) == 8 for r in out)
-    beam = engine.generate(PROMPTS, GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=8))
-    assert all(r.score is not None for r in beam)
+    assert engine.cache_dtype == torch.float32                    # attention over the cache in fp32
+    if native:  # bf16 kernels run (fast) only where native: greedy over the fp32 cache equals a
+        # full bf16 recompute at each step.
+        for prompt in PROMPTS:
+            seq = list(prompt)
+            with torch.no_grad():
+                for _ in range(8):
+                    seq.append(int(engine.model(torch.tensor([seq]))[0][0, -1].argmax()))
+            assert engine.generate([prompt], GenerationConfig(max_new_tokens=8))[0].tokens == seq[len(prompt):]
+        beam = engine.generate(PROMPTS, GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=8))
+        assert all(r.score is not None and len(r.tokens) == 8 for r in beam)
     with pytest.raises(ChatforgeError, match="dtype"):
         Engine(model, dtype="int3")
 
@@ -115,7 +127,7 @@ def test_bf16_copy_leaves_the_model_alone(model):
 @pytest.mark.parametrize("n_kv_head", [1, 4])
 def test_batch_equals_each_prompt_alone(n_kv_head):
     model = tiny_model(n_kv_head)
-    engine = Engine(model, stop_ids=[EOS])
+    engine = Engine(model, stop_ids=[EOS], dtype="float32")
     for cfg in (GenerationConfig(max_new_tokens=12),
                 GenerationConfig(max_new_tokens=12, repetition_penalty=1.3, no_repeat_ngram_size=2),
                 GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=10, num_return_sequences=2)):
@@ -129,7 +141,7 @@ def test_batch_equals_each_prompt_alone(n_kv_head):
 
 
 def test_beam_width_one_equals_greedy(model):
-    engine = Engine(model, stop_ids=[EOS])
+    engine = Engine(model, stop_ids=[EOS], dtype="float32")
     greedy = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=15))
     beam = engine.generate(PROMPTS, GenerationConfig(strategy="beam", num_beams=1, early_stopping=True,
                                                      max_new_tokens=15))
@@ -141,7 +153,7 @@ def test_beam_width_one_equals_greedy(model):
 @pytest.mark.parametrize("n_kv_head", [2, 4])
 def test_greedy_matches_hf(n_kv_head):
     model = tiny_model(n_kv_head, seed=1)
-    hf, engine = hf_twin(model), Engine(model, stop_ids=[EOS])
+    hf, engine = hf_twin(model), Engine(model, stop_ids=[EOS], dtype="float32")
     for prompt in PROMPTS:
         ours = engine.generate([prompt], GenerationConfig(max_new_tokens=25))[0]
         theirs, stopped = strip_eos(hf_generate(hf, prompt, max_new_tokens=25, do_sample=False,
@@ -151,7 +163,7 @@ def test_greedy_matches_hf(n_kv_head):
 
 
 def test_greedy_with_penalties_matches_hf(model):
-    hf, engine = hf_twin(model), Engine(model, stop_ids=[])
+    hf, engine = hf_twin(model), Engine(model, stop_ids=[], dtype="float32")
     for prompt in PROMPTS:
         for rp, ngram in ((1.5, 0), (0.7, 0), (1.0, 2), (1.2, 3)):
             ours = engine.generate([prompt], GenerationConfig(max_new_tokens=20, repetition_penalty=rp,
@@ -165,7 +177,7 @@ def test_greedy_with_penalties_matches_hf(model):
                          [(2, 1.0, False), (4, 1.0, False), (4, 0.5, True), (3, 2.0, False), (4, -1.0, "never")])
 def test_beam_search_matches_hf(num_beams, length_penalty, early_stopping):
     model = tiny_model(seed=2)
-    hf, engine = hf_twin(model), Engine(model, stop_ids=[EOS])
+    hf, engine = hf_twin(model), Engine(model, stop_ids=[EOS], dtype="float32")
     n_return = min(2, num_beams)
     hits_eos = 0
     for prompt in PROMPTS + [[EOS - 1, 50, 60], [11] * 6]:

@@ -93,3 +93,15 @@ def test_tokenizer_mismatch(model_dir, tmp_path, capsys):
             shutil.copy(tmp_path / "tok2" / name, other / name)
     code, _, err = run(capsys, "--model", str(other), "--prompt", "hi")
     assert code == 2 and "tokenizer" in err
+
+
+def test_dtype_float32_is_the_fp32_model(model_dir, capsys):
+    from chatforge.infer.engine import Engine, GenerationConfig
+    from chatforge.model.folder import load_model
+
+    model, tok = load_model(model_dir)
+    want = Engine(model, tok, stop_ids=[tok.eot_id, tok.im_end_id], dtype="float32").generate(
+        [tok.encode("How do I")], GenerationConfig(max_new_tokens=10))[0].text
+    code, out, _ = run(capsys, "--model", str(model_dir), "--prompt", "How do I", "--max-new-tokens", "10",
+                       "--dtype", "float32")
+    assert code == 0 and out == want + "\n"

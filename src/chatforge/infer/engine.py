@@ -153,10 +153,12 @@ class KVCache:
         self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, batch: int, max_len: int) -> "KVCache":
+    def for_model(cls, model: torch.nn.Module, batch: int, max_len: int,
+                  dtype: torch.dtype | None = None) -> "KVCache":
+        """A cache for `model`, in `dtype` (default: the model's weights' dtype)."""
         cfg = model.config
         p = next(model.parameters())
-        return cls(cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim, p.dtype, p.device)
+        return cls(cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim, dtype or p.dtype, p.device)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: (b, nkv, T, hs) with b <= the allocated batch (prefill may fill the first rows only).
@@ -231,20 +233,27 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, stop_ids: Iterable[int] | None = None,
                  pad_id: int | None = None, threads: int | None = None,
-                 dtype: torch.dtype | str | None = None):
-        """`threads`: torch intra-op threads while the model runs. By default a small model (under
-        50M parameters) on CPU uses 1: its decode steps are matrix-vector products too small to
-        split, and on a busy machine a second thread waiting for a shared core made decoding up to
-        5x slower. The caller's setting is restored when the engine returns or yields.
+                 dtype: torch.dtype | str | None = "auto"):
+        """`threads`: torch intra-op threads while the model runs. By default a model under 1B
+        parameters on CPU uses 1. Its decode steps are matrix-vector products bound by memory
+        bandwidth, which a second core adds little to (the 135M model's weight matmuls: fp32
+        1.0-1.15x faster with 2 threads), while on a busy machine every op waits for the thread
+        whose core is taken: with 2 threads on the shared 2-core machine the 135M model decoded 4x
+        (fp32) and over 10x (bf16) slower, and a 512-token prefill took 2-16x longer. The caller's
+        setting is restored when the engine returns or yields.
 
-        `dtype` (e.g. "bfloat16"): generate with a copy of the weights (and a KV cache) in this
-        dtype; the model passed in is left as it is. Decoding reads every weight per token, so
-        half-size weights are faster (measured on a 13.8M model, 1 CPU thread: ~1.1x at batch 1,
-        ~1.3x at batch 8), but the output is no longer that of the fp32 model, so the default
-        (None) keeps the model's own dtype. The copy is taken here: weights the caller changes
-        afterwards (training) are not seen, so make a new Engine then. Asking for bfloat16 on a
-        CPU without native bf16 instructions warns and keeps fp32: emulated bf16 matrix products
-        are slower."""
+        `dtype`: the weights to generate with. "auto" (the default) takes a bfloat16 copy where the
+        device computes bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX, `runtime.bf16_supported`)
+        and the model's own weights elsewhere; "float32" (or "fp32") keeps fp32 weights, whose
+        output equals HF's fp32 `generate` (the parity tests pin it); None keeps the model's dtype.
+        Decoding reads every weight once per token, so half-size weights are faster: the 135M
+        model decoded ~1.4x faster in bf16 at batch 1 (see benchmarks/bench_generate.py). A copy
+        leaves the model passed in as it is and is taken here: weights the caller changes
+        afterwards (training) are not seen, so make a new Engine then. Asking for bfloat16
+        explicitly on a CPU without native bf16 instructions warns and keeps fp32: emulated bf16
+        matrix products are slower. With bf16 weights on CPU the KV cache stays fp32: the bf16
+        attention kernel over a cache was 5x (one prompt, 600 keys) to 10x (batch 8) slower than
+        the fp32 one for a single new token, and prefill costs the same in either."""
         self.model = _in_dtype(getattr(model, "_orig_mod", model), dtype).eval()
         self.config = self.model.config
         self.tokenizer = tokenizer
@@ -253,9 +262,11 @@ class Engine:
             stop_ids = [getattr(tokenizer, a) for a in ("eot_id", "im_end_id") if getattr(tokenizer, a, None) is not None]
         self.stop_ids = sorted(set(int(i) for i in stop_ids))
         self.pad_id = pad_id if pad_id is not None else getattr(tokenizer, "pad_id", None) or 0
-        self.device = next(self.model.parameters()).device
+        weights = next(self.model.parameters())
+        self.device, self.dtype = weights.device, weights.dtype
+        self.cache_dtype = torch.float32 if self.device.type == "cpu" and self.dtype != torch.float32 else self.dtype
         if threads is None and self.device.type == "cpu":
-            threads = 1 if sum(p.numel() for p in self.model.parameters()) < 50e6 else None
+            threads = 1 if sum(p.numel() for p in self.model.parameters()) < 1e9 else None
         self.threads = threads
 
     # ----------------------------------------------------------------------------------- public
@@ -346,7 +357,7 @@ class Engine:
 
     def _prefill(self, batch: _Batch) -> tuple[torch.Tensor, KVCache]:
         """Run the prompts once, then fan the cache out to `fan_out` rows per prompt."""
-        cache = KVCache.for_model(self.model, len(batch.rows), batch.total_len)
+        cache = KVCache.for_model(self.model, len(batch.rows), batch.total_len, self.cache_dtype)
         logits = self._forward(batch.ids, cache, batch.positions, batch.prefill_mask)         # (P, V)
         if batch.fan_out > 1:
             cache.select_rows(batch.rows)
@@ -525,28 +536,40 @@ class Engine:
 
 
 def _in_dtype(model: torch.nn.Module, dtype: torch.dtype | str | None) -> torch.nn.Module:
-    """`model`, or a copy of it in `dtype` when that differs and the device computes it natively."""
+    """`model`, or a copy of it in `dtype` when that differs and the device computes it natively
+    ("auto": bfloat16 where native, else the model as it is)."""
+    from chatforge.train.runtime import bf16_supported
+
+    param = next(model.parameters())
+    if dtype == "auto":
+        native = param.dtype == torch.float32 and bf16_supported(param.device)
+        dtype = torch.bfloat16 if native else None
     if dtype is None:
         return model
     if isinstance(dtype, str):
         names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                  "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
         if dtype not in names:
-            raise ChatforgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
+            raise ChatforgeError(f"unknown dtype {dtype!r}; choose auto or one of {', '.join(names)}")
         dtype = names[dtype]
-    param = next(model.parameters())
     if param.dtype == dtype:
         return model
     if param.device.type == "cpu" and dtype != torch.float32:
-        from chatforge.train.runtime import bf16_supported
-
         native = dtype == torch.bfloat16 and bf16_supported(param.device)
         if not native:
             warnings.warn(f"this CPU has no native {dtype} matrix products; generating in {param.dtype}")
             return model
-    # A copy, so training code holding the model keeps its fp32 weights (tied embeddings stay
-    # tied: deepcopy keeps shared tensors shared). The RoPE tables are cast too, as HF does.
-    return copy.deepcopy(model).to(dtype)
+    # A copy, so training code holding the model keeps its fp32 weights. Each floating tensor is
+    # converted on its own and handed to deepcopy, so the model is never copied whole in fp32
+    # first, and tied weights stay tied (one tensor, one copy). The RoPE tables are cast too, as
+    # HF does.
+    memo: dict[int, object] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+        if id(t) in memo or not t.is_floating_point():
+            continue
+        cast = t.detach().to(dtype)
+        memo[id(t)] = torch.nn.Parameter(cast, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else cast
+    return copy.deepcopy(model, memo)
 
 
 def _new_state(rows: int) -> dict[str, list]:

@@ -175,6 +175,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                                 # (B, nkv, S, hs)
+            # A cache may be wider than the weights (the engine keeps fp32 keys/values for bf16
+            # weights on CPU, where bf16 attention over a cache was 5-10x slower): attend in its dtype.
+            q = q.to(k.dtype)
         gqa = self.n_kv_head != self.n_head
         if gqa and not _SDPA_GQA:
             # Each group of n_head / n_kv_head query heads shares one key/value head.
@@ -190,7 +193,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            **({"enable_gqa": True} if gqa else {}))
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)             # (B, T, nh*hs)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim).to(x.dtype)  # (B, T, nh*hs)
         return self.o_proj(y)
 
 
