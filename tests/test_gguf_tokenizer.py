@@ -18,6 +18,7 @@ import pytest
 from chatforge.data.gguf_tokenizer import hf_tokenizer_from_gguf, tokenizer_from_gguf
 from chatforge.data.tokenizer import EOT, IM_END, IM_START, ChatTokenizer
 from chatforge.errors import ChatforgeError
+from test_tokenizer import SMOL_SYSTEM, SMOL_TEMPLATE  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -27,15 +28,7 @@ THINK = "<think>"         # a user-defined token (type 4): matched whole, not sp
 REPO = "<repo_name>"      # another control token (type 3), as SmolLM2 has
 SPECIALS = [EOT, IM_START, IM_END, REPO]
 
-# A template in SmolLM2's shape: ChatML, with a default system message when the first message is
-# not a system message.
-SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-SMOL_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\n" + SMOL_SYSTEM + "<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# SmolLM2's template shape (ChatML + a default system message), shared with test_tokenizer.
 # One in Qwen2.5's shape (a tools branch, a different default, whitespace-controlled blocks).
 QWEN_SYSTEM = "You are a careful assistant built for tests."
 QWEN_TEMPLATE = """{%- if tools %}
