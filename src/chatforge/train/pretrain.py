@@ -140,7 +140,8 @@ def greedy_sample(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> st
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.3, no_repeat_ngram_size=3,
                            truncate_prompt=True)
     try:
-        out = Engine(model, tokenizer).generate([tokenizer.encode(prompt) or [tokenizer.eot_id]], cfg)
+        # The live model, not a bf16 copy: it changes every step (and an FSDP model cannot be copied).
+        out = Engine(model, tokenizer, dtype=None).generate([tokenizer.encode(prompt) or [tokenizer.eot_id]], cfg)
         return prompt + (out[0].text or "")
     finally:
         model.train(was_training)

@@ -312,7 +312,8 @@ def reply_sample(model, tokenizer, messages: list[dict], max_new_tokens: int = 4
     prompt, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
     limit = model.config.max_seq_len - max_new_tokens
     try:
-        result = Engine(model, tokenizer).generate([prompt[-limit:]], GenerationConfig(max_new_tokens=max_new_tokens))
+        # The live model, not a bf16 copy: it changes every step (and an FSDP model cannot be copied).
+        result = Engine(model, tokenizer, dtype=None).generate([prompt[-limit:]], GenerationConfig(max_new_tokens=max_new_tokens))
         return result[0].text or ""
     finally:
         model.train(was_training)
