@@ -361,9 +361,7 @@ def train(model: nn.Module, train_source: BatchSource, loss_fn: LossFn, cfg: Tra
     else:
         torch.manual_seed(cfg.seed + rank)
 
-    flops = raw.flops_per_token(cfg.seq_len) if hasattr(raw, "flops_per_token") else None
-    compiled = runtime.resolve_compile(cfg.compile, device, (cfg.max_steps - step) * accum,
-                                       (flops or 0.0) * cfg.batch_size * cfg.seq_len)
+    compiled = runtime.resolve_compile(cfg.compile, device, (cfg.max_steps - step) * accum)
     wrapped = _wrap(raw, cfg, device, compiled)
     optimizer = make_optimizer(raw, train_names, cfg, device)
     if opt_state is not None:
@@ -387,6 +385,7 @@ def train(model: nn.Module, train_source: BatchSource, loss_fn: LossFn, cfg: Tra
         if master:
             save_fn(out_dir, raw, model_state)
 
+    flops = raw.flops_per_token(cfg.seq_len) if hasattr(raw, "flops_per_token") else None
     log = Logger(out_dir, master, total=cfg.max_steps, start=step, flops_per_token=flops,
                  peak=runtime.matmul_peak(device, precision) if master and flops else None)
     log.info(f"training on {device} x{world} ({precision}{', compiled' if compiled else ''}"

@@ -88,26 +88,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 COMPILE_MODES = ("auto", "on", "off")
 # A run must be at least this many micro-batches for `auto` to compile: compiling the `small`
 # preset took ~20 s here and then saved ~0.2-0.5 s per 8 x 256 micro-batch, so it repays itself
-# after ~100 micro-batches; tests and tiny runs stay eager.
+# after ~100 micro-batches; tests and tiny runs stay eager. A bigger model does not simply repay
+# it sooner: LoRA on the 135M SmolLM2 (8 x 512 tokens, bf16, 2 threads; benchmarks/bench_sft.py)
+# ran 1.18x faster compiled on a busy machine but 0.94x on a quiet one, after ~3 min of compiling.
 COMPILE_MIN_MICRO_STEPS = 300
-# ... or this much work (training FLOPs of the run, from the model's flops_per_token): a bigger
-# model repays compiling in fewer micro-batches. Measured for LoRA on the 135M SmolLM2 (30 layers,
-# 8 x 512 tokens, bf16, 2 threads; benchmarks/bench_sft.py): compiling cost ~180 s, then each
-# micro-batch (6 * 135M * 4096 = 3.3 TFLOP) ran ~8.5 s faster (90 against 76 tokens/s), so it paid
-# after ~21 micro-batches (~7e13 FLOPs); 3x that, as above, is ~64 such micro-batches.
-COMPILE_MIN_FLOPS = 2e14
 
 
-def resolve_compile(mode: str, device: torch.device, micro_steps: int, micro_flops: float = 0.0) -> bool:
+def resolve_compile(mode: str, device: torch.device, micro_steps: int) -> bool:
     """Whether to torch.compile for `mode` (one of COMPILE_MODES; `TrainConfig` validates it).
-    `auto` compiles long runs (`micro_steps` micro-batches of `micro_flops` training FLOPs each,
-    when known) where a backend is available: on CPU inductor needs a C++ compiler, on CUDA
-    triton. Measured on the 2-core AVX512-BF16 EPYC (benchmarks/bench_train.py): fp32 ~1.4x and
-    bf16 ~1.3x the eager speed for the `small` preset. MPS stays eager."""
+    `auto` compiles long runs where a backend is available: on CPU inductor needs a C++
+    compiler, on CUDA triton. Measured on the 2-core AVX512-BF16 EPYC (benchmarks/bench_train.py):
+    fp32 ~1.4x and bf16 ~1.3x the eager speed. MPS stays eager."""
     if mode != "auto":
         return mode == "on"
-    long_run = micro_steps >= COMPILE_MIN_MICRO_STEPS or micro_steps * micro_flops >= COMPILE_MIN_FLOPS
-    if not long_run or not hasattr(torch, "compile"):
+    if micro_steps < COMPILE_MIN_MICRO_STEPS or not hasattr(torch, "compile"):
         return False
     if device.type == "cpu":
         import shutil
