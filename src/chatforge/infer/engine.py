@@ -251,9 +251,9 @@ class Engine:
         leaves the model passed in as it is and is taken here: weights the caller changes
         afterwards (training) are not seen, so make a new Engine then. Asking for bfloat16
         explicitly on a CPU without native bf16 instructions warns and keeps fp32: emulated bf16
-        matrix products are slower. With bf16 weights on CPU the KV cache stays fp32: the bf16
-        attention kernel over a cache was 5x (one prompt, 600 keys) to 10x (batch 8) slower than
-        the fp32 one for a single new token, and prefill costs the same in either."""
+        matrix products are slower. With bf16 weights on CPU the KV cache stays fp32: for one new
+        token the bf16 attention kernel was 5x (64 cached keys) to 9x (600 keys, batch 1 or 8)
+        slower than the fp32 one, and a 512-token prefill costs the same in either."""
         self.model = _in_dtype(getattr(model, "_orig_mod", model), dtype).eval()
         self.config = self.model.config
         self.tokenizer = tokenizer
@@ -564,7 +564,7 @@ def _in_dtype(model: torch.nn.Module, dtype: torch.dtype | str | None) -> torch.
     # first, and tied weights stay tied (one tensor, one copy). The RoPE tables are cast too, as
     # HF does.
     memo: dict[int, object] = {}
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+    for _, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
         if id(t) in memo or not t.is_floating_point():
             continue
         cast = t.detach().to(dtype)

@@ -176,7 +176,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                                 # (B, nkv, S, hs)
             # A cache may be wider than the weights (the engine keeps fp32 keys/values for bf16
-            # weights on CPU, where bf16 attention over a cache was 5-10x slower): attend in its dtype.
+            # weights on CPU, where bf16 attention over a cache was 5-9x slower): attend in its dtype.
             q = q.to(k.dtype)
         gqa = self.n_kv_head != self.n_head
         if gqa and not _SDPA_GQA:
