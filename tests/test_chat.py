@@ -28,53 +28,14 @@ from chatforge.infer.engine import GenerationConfig
 from chatforge.infer.prompting import parse_system_prompt
 from chatforge.infer.safety import ReplyFilter, compile_term
 
-CONVERSATIONS = [
-    ("hello", "Hello! How can I help you today?"),
-    ("How do I contact support?", "Write to help.desk@acme-support.example and we answer within a day."),
-    ("How do I reset my password?", "Open the sign-in page and choose Forgot password."),
-    ("What does the free plan include?", "The free plan includes five gigabytes of storage."),
-]
-EMAIL = "help.desk@acme-support.example"
-CONTEXT = 256          # the tiny model's context: small, so that a few turns overflow it
+from _tiny_chat_model import CONTEXT, CONVERSATIONS, EMAIL, train_tiny_chat_model
+
 GREEDY = GenerationConfig(strategy="greedy", max_new_tokens=40)
-
-
-def _train_tiny_model(out: Path) -> Path:
-    """A tokenizer and a tiny GPT fitted to CONVERSATIONS (assistant tokens only), saved to `out`."""
-    from chatforge.data.tokenizer import train_tokenizer
-    from chatforge.model.gpt import GPT, preset
-    from chatforge.model.folder import save_model
-
-    tok = train_tokenizer([f"{q}\n{a}" for q, a in CONVERSATIONS] * 20, 400, None)
-    torch.manual_seed(0)
-    model = GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=CONTEXT))
-    rows = [tok.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
-            for q, a in CONVERSATIONS]
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), tok.pad_id)
-    targets = torch.full((len(rows), width), -100)
-    for r, (row, mask) in enumerate(rows):
-        ids[r, :len(row)] = torch.tensor(row)
-        # Predict token t+1 at position t, only where t+1 is assistant content.
-        targets[r, :len(row) - 1] = torch.tensor([t if m else -100 for t, m in zip(row[1:], mask[1:])])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # the machine is shared: one core is plenty for this
-    try:
-        for _ in range(40):
-            _, loss = model(ids, targets)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    assert loss.item() < 0.5
-    return save_model(out, model.eval(), tok)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return _train_tiny_model(tmp_path_factory.mktemp("chat") / "model")
+    return train_tiny_chat_model(tmp_path_factory.mktemp("chat") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,51 @@
+"""A tiny real chat model for tests: a tokenizer and a GPT fitted to four support conversations
+(assistant tokens only), so that greedy decoding repeats their replies. One reply holds an e-mail
+address, which chat and the server must mask. Used by the chat, server and web page tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CONVERSATIONS = [
+    ("hello", "Hello! How can I help you today?"),
+    ("How do I contact support?", "Write to help.desk@acme-support.example and we answer within a day."),
+    ("How do I reset my password?", "Open the sign-in page and choose Forgot password."),
+    ("What does the free plan include?", "The free plan includes five gigabytes of storage."),
+]
+EMAIL = "help.desk@acme-support.example"
+CONTEXT = 256          # the tiny model's context: small, so that a few turns overflow it
+
+
+def train_tiny_chat_model(out: Path) -> Path:
+    """A tokenizer and a tiny GPT fitted to CONVERSATIONS (assistant tokens only), saved to `out`."""
+    from chatforge.data.tokenizer import train_tokenizer
+    from chatforge.model.gpt import GPT, preset
+    from chatforge.model.folder import save_model
+
+    tok = train_tokenizer([f"{q}\n{a}" for q, a in CONVERSATIONS] * 20, 400, None)
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=CONTEXT))
+    rows = [tok.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+            for q, a in CONVERSATIONS]
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), tok.pad_id)
+    targets = torch.full((len(rows), width), -100)
+    for r, (row, mask) in enumerate(rows):
+        ids[r, :len(row)] = torch.tensor(row)
+        # Predict token t+1 at position t, only where t+1 is assistant content.
+        targets[r, :len(row) - 1] = torch.tensor([t if m else -100 for t, m in zip(row[1:], mask[1:])])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # the machine is shared: one core is plenty for this
+    try:
+        for _ in range(40):
+            _, loss = model(ids, targets)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 0.5
+    return save_model(out, model.eval(), tok)
