@@ -51,6 +51,8 @@ class GenerationConfig:
     min_p: float = 0.0                   # sample only; in [0, 1], 0 = off
     repetition_penalty: float = 1.0      # > 0; 1 = off (HF semantics, over prompt + generated)
     no_repeat_ngram_size: int = 0        # 0 = off
+    frequency_penalty: float = 0.0       # in [-2, 2] (OpenAI's meaning): minus this x times generated
+    presence_penalty: float = 0.0        # in [-2, 2] (OpenAI's meaning): minus this once generated
     num_beams: int = 4                   # beam only
     length_penalty: float = 1.0          # beam only: score = sum logprobs / len ** length_penalty
     early_stopping: bool | str = False   # beam only: True, False or "never" (HF's meanings)
@@ -80,6 +82,9 @@ class GenerationConfig:
              f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         need(isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0,
              f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            need(-2 <= value <= 2, f"{name} must be in [-2, 2], got {value}")
         need(isinstance(self.num_beams, int) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
         need(math.isfinite(self.length_penalty), f"length_penalty must be finite, got {self.length_penalty}")
         need(self.early_stopping in (True, False, "never"),

@@ -8,6 +8,9 @@ same input), so settings carry over from HF recipes:
   `MinPLogitsWarper` (each keeps at least one token), applied after the temperature in that order.
 - `no_repeat_ngram` = `NoRepeatNGramLogitsProcessor`: a token that would repeat an n-gram already in
   the sequence is banned.
+- `frequency_penalty` and `presence_penalty` have the OpenAI API's meaning: a token's logit is
+  lowered by frequency_penalty times the number of times it was generated so far, plus
+  presence_penalty once it was generated at all (the prompt does not count).
 `LogitsPipeline` holds the per-row state (which tokens were seen, the histories) across steps.
 """
 
@@ -79,7 +82,10 @@ class LogitsPipeline:
             self.seen = torch.zeros(len(histories), vocab_size, dtype=torch.bool, device=device)
             for r, h in enumerate(histories):
                 self.seen[r, torch.tensor(h, device=device)] = True
-        self.active = self.seen is not None or bool(self.ngram)
+        self.counts = None
+        if getattr(cfg, "frequency_penalty", 0.0) or getattr(cfg, "presence_penalty", 0.0):
+            self.counts = torch.zeros(len(histories), vocab_size, device=device)
+        self.active = self.seen is not None or bool(self.ngram) or self.counts is not None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.active:
@@ -91,6 +97,9 @@ class LogitsPipeline:
                 banned = banned_ngram_tokens(h, self.ngram)
                 if banned:
                     logits[r, banned] = NEG_INF
+        if self.counts is not None:
+            logits = logits - self.counts * self.cfg.frequency_penalty \
+                - (self.counts > 0).to(logits.dtype) * self.cfg.presence_penalty
         return logits
 
     def warp(self, logits: torch.Tensor) -> torch.Tensor:
@@ -113,12 +122,19 @@ class LogitsPipeline:
             for h, t, d in zip(self.histories, tokens, done):
                 if not d:
                     h.append(t)
+        if self.counts is not None:
+            live = torch.tensor([not d for d in done], dtype=self.counts.dtype, device=self.counts.device)
+            self.counts.scatter_add_(1, torch.tensor(tokens, device=self.counts.device).unsqueeze(1), live.unsqueeze(1))
 
     def reorder(self, rows: torch.Tensor, tokens: list[int]) -> None:
         """Beam search: row i continues row rows[i] with tokens[i]."""
         if self.seen is not None:
             self.seen = self.seen[rows]
             self.seen.scatter_(1, torch.tensor(tokens, device=self.seen.device).unsqueeze(1), True)
+        if self.counts is not None:
+            self.counts = self.counts[rows]
+            self.counts.scatter_add_(1, torch.tensor(tokens, device=self.counts.device).unsqueeze(1),
+                                     torch.ones(len(tokens), 1, device=self.counts.device))
         if self.histories is not None:
             src = rows.tolist()
             self.histories = [self.histories[s] + [t] for s, t in zip(src, tokens)]

@@ -1,0 +1,205 @@
+"""Continuous batching (`infer/batching.py`): requests that join and leave a running batch get the
+same greedy output as when each runs alone through `Engine.generate`; cancellation, limits,
+sampling, stop strings, the KV slots and the scheduler thread."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from chatforge.errors import ChatforgeError
+from chatforge.infer import sampling
+from chatforge.infer.batching import Done, Piece, QueueFull, Scheduler, ShuttingDown, SlotCache
+from chatforge.infer.engine import Engine, GenerationConfig
+from chatforge.model.gpt import GPT, GPTConfig
+
+VOCAB = 96
+EOS = 7
+PROMPTS = [[3, 14, 15, 92, 65], [35, 89], [79, 32, 38, 46, 26, 43, 38, 32, 79], [5, 6], [40] * 12]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=64,
+                          max_seq_len=400)).eval()
+    with torch.no_grad():  # sharpen the near-uniform random outputs
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return Engine(model, stop_ids=[EOS], dtype="float32")
+
+
+def alone(engine: Engine, prompt: list[int], cfg: GenerationConfig) -> tuple[list[int], str]:
+    result = engine.generate([prompt], cfg)[0]
+    return result.tokens, result.finish_reason
+
+
+def test_requests_submitted_together_equal_each_alone(engine):
+    cfg = GenerationConfig(max_new_tokens=30)
+    scheduler = Scheduler(engine, max_batch=8)
+    requests = [scheduler.submit(p, cfg) for p in PROMPTS]
+    scheduler.run_until_idle()
+    for prompt, request in zip(PROMPTS, requests):
+        done = request.result(timeout=0)
+        assert (done.tokens, done.finish_reason) == alone(engine, prompt, cfg)
+        assert done.prompt_tokens == len(prompt)
+    # One batched step per token of the longest request, not one per request.
+    assert scheduler.steps < sum(len(r.result(timeout=0).tokens) for r in requests)
+
+
+def test_requests_joining_and_leaving_mid_run_equal_each_alone(engine):
+    """Two slots for five requests of different budgets: each later one joins when one leaves."""
+    scheduler = Scheduler(engine, max_batch=2)
+    cfgs = [GenerationConfig(max_new_tokens=n) for n in (25, 3, 17, 9, 30)]
+    requests = [scheduler.submit(PROMPTS[0], cfgs[0])]
+    for _ in range(5):
+        scheduler.step()                         # the first one is already running
+    requests += [scheduler.submit(p, c) for p, c in zip(PROMPTS[1:], cfgs[1:])]
+    seen_batch = set()
+    while scheduler.running or scheduler.queued:
+        scheduler.step()
+        seen_batch.add(len(scheduler.running))
+    assert 2 in seen_batch
+    for prompt, cfg, request in zip(PROMPTS, cfgs, requests):
+        done = request.result(timeout=0)
+        assert (done.tokens, done.finish_reason) == alone(engine, prompt, cfg)
+
+
+def test_slots_grow_past_their_first_capacity(engine):
+    cfg = GenerationConfig(max_new_tokens=40)
+    scheduler = Scheduler(engine, max_batch=3)
+    long_prompt = [(7 * i + 3) % VOCAB for i in range(300)]
+    long_prompt = [t if t != EOS else 8 for t in long_prompt]
+    requests = [scheduler.submit(p, cfg) for p in (PROMPTS[1], long_prompt, PROMPTS[2])]
+    scheduler.run_until_idle()
+    assert scheduler.cache.capacity > 256
+    for prompt, request in zip((PROMPTS[1], long_prompt, PROMPTS[2]), requests):
+        assert request.result(timeout=0).tokens == alone(engine, prompt, cfg)[0]
+
+
+def test_a_cancelled_request_leaves_and_the_others_are_unchanged(engine):
+    cfg = GenerationConfig(max_new_tokens=30)
+    scheduler = Scheduler(engine, max_batch=4)
+    requests = [scheduler.submit(p, cfg) for p in PROMPTS[:3]]
+    for _ in range(4):
+        scheduler.step()
+    requests[1].cancel()
+    scheduler.step()
+    assert len(scheduler.running) == 2 or all(r.finish is not None for r in scheduler.running)
+    scheduler.run_until_idle()
+    cancelled = requests[1].result(timeout=0)
+    assert cancelled.finish_reason == "cancelled"
+    assert len(cancelled.tokens) < 30
+    for i in (0, 2):
+        assert requests[i].result(timeout=0).tokens == alone(engine, PROMPTS[i], cfg)[0]
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine):
+    cfg = GenerationConfig(strategy="sample", temperature=1.3, top_p=0.95, seed=11, max_new_tokens=20)
+    solo = Scheduler(engine)
+    first = solo.submit(PROMPTS[2], cfg)
+    solo.run_until_idle()
+    crowd = Scheduler(engine)
+    requests = [crowd.submit(p, cfg) for p in PROMPTS]
+    crowd.run_until_idle()
+    assert requests[2].result(timeout=0).tokens == first.result(timeout=0).tokens
+    other = Scheduler(engine)
+    changed = other.submit(PROMPTS[2], GenerationConfig(**{**cfg.__dict__, "seed": 12}))
+    other.run_until_idle()
+    assert changed.result(timeout=0).tokens != first.result(timeout=0).tokens
+
+
+def test_penalties_match_the_engine(engine):
+    cfg = GenerationConfig(max_new_tokens=25, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.2)
+    scheduler = Scheduler(engine)
+    requests = [scheduler.submit(p, cfg) for p in PROMPTS]
+    scheduler.run_until_idle()
+    for prompt, request in zip(PROMPTS, requests):
+        assert request.result(timeout=0).tokens == alone(engine, prompt, cfg)[0]
+
+
+def test_openai_frequency_and_presence_penalties():
+    """OpenAI's definition: logit - count * frequency - (count > 0) * presence, over generated tokens."""
+    cfg = GenerationConfig(frequency_penalty=0.7, presence_penalty=0.4)
+    pipeline = sampling.LogitsPipeline(cfg, [[1, 2, 2], [3]], 5, torch.device("cpu"), for_beam=False)
+    logits = torch.zeros(2, 5)
+    assert torch.equal(pipeline(logits.clone()), logits)        # the prompt does not count
+    pipeline.append([4, 0], [False, False])
+    pipeline.append([4, 1], [False, True])                      # row 1 is done: its token is not counted
+    expected = torch.zeros(2, 5)
+    expected[0, 4] = -(2 * 0.7 + 0.4)
+    expected[1, 0] = -(0.7 + 0.4)
+    assert torch.allclose(pipeline(logits.clone()), expected)
+    with pytest.raises(ChatforgeError, match="frequency_penalty"):
+        GenerationConfig(frequency_penalty=2.5)
+
+
+def test_stop_strings_and_text_pieces(engine):
+    class Letters:
+        """Token t decodes to one letter: the text is easy to predict."""
+
+        def decode(self, ids):
+            return "".join(chr(97 + t % 26) for t in ids)
+
+    stream_engine = Engine(engine.model, Letters(), stop_ids=[EOS], dtype=None)
+    free = stream_engine.generate([PROMPTS[0]], GenerationConfig(max_new_tokens=30))[0].text
+    stop = free[5:7]
+    cfg = GenerationConfig(max_new_tokens=30, stop_strings=(stop,))
+    scheduler = Scheduler(stream_engine)
+    request = scheduler.submit(PROMPTS[0], cfg)
+    scheduler.run_until_idle()
+    events = list(request.events(timeout=0))
+    pieces = "".join(e.text for e in events if isinstance(e, Piece))
+    done = events[-1]
+    assert isinstance(done, Done) and done.finish_reason == "stop"
+    assert pieces == done.text == free[:free.find(stop)]
+    assert all(e.text for e in events if isinstance(e, Piece))
+    assert done.text == stream_engine.generate([PROMPTS[0]], cfg)[0].text
+
+
+def test_queue_limit_and_shutdown(engine):
+    scheduler = Scheduler(engine, max_batch=1, max_queue=2)
+    cfg = GenerationConfig(max_new_tokens=5)
+    for _ in range(3):                                           # one slot + two waiting
+        scheduler.submit(PROMPTS[0], cfg)
+    with pytest.raises(QueueFull):
+        scheduler.submit(PROMPTS[0], cfg)
+    with pytest.raises(ChatforgeError, match="beam"):
+        scheduler.submit(PROMPTS[0], GenerationConfig(strategy="beam"))
+    with pytest.raises(ChatforgeError, match="context"):
+        scheduler.submit(list(range(8, 90)) * 5, cfg)
+    scheduler.start()
+    scheduler.stop(drain=True, timeout=30)
+    with pytest.raises(ShuttingDown):
+        scheduler.submit(PROMPTS[0], cfg)
+
+
+def test_the_scheduler_thread_serves_concurrent_callers(engine):
+    cfg = GenerationConfig(max_new_tokens=20)
+    scheduler = Scheduler(engine, max_batch=4).start()
+    results: dict[int, list[int]] = {}
+
+    def client(i: int) -> None:
+        prompt = PROMPTS[i % len(PROMPTS)]
+        results[i] = scheduler.submit(prompt, cfg).result(timeout=60).tokens
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    scheduler.stop(timeout=30)
+    assert len(results) == 10
+    for i, tokens in results.items():
+        assert tokens == alone(engine, PROMPTS[i % len(PROMPTS)], cfg)[0]
+
+
+def test_slot_cache_moves_a_slot():
+    cache = SlotCache(1, 3, 1, 16, 2, torch.float32, torch.device("cpu"), capacity=4)
+    cache.k.fill_(0)
+    cache.k[:, 2, :, :3] = 5.0
+    cache.lengths = [2, 1, 3]
+    cache.move(2, 0)
+    assert cache.lengths[0] == 3 and torch.all(cache.k[:, 0, :, :3] == 5.0)
