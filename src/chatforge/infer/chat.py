@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable, Iterator, TextIO
 
 from chatforge.cli import leaf
@@ -71,7 +72,7 @@ class ChatSession:
         self.history: list[dict[str, str]] = []
         self.dropped = self.last_dropped = 0
         self.last_sources: list[str] = []
-        fixed = len(self._render(self._messages("", [], [], MIN_CONTEXT_TOKENS)))
+        fixed = len(self._render(_messages(self.prompt, index, "", [], [], MIN_CONTEXT_TOKENS, tokenizer)))
         if fixed >= self.budget:
             raise ChatforgeError(
                 f"the system prompt and its examples take {fixed} tokens, but the model's context is "
@@ -116,55 +117,74 @@ class ChatSession:
     def _render(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.render_chat(messages, add_generation_prompt=True)[0]
 
-    def _messages(self, user_text: str, history: list[dict], passages: list, context_tokens: int) -> list[dict]:
-        examples = self.prompt.examples if self.prompt else []
-        system = self.prompt.text if self.prompt and self.prompt.text else None
-        if self.index is None:
-            head = [{"role": "system", "content": system}] if system else []
-            return [*head, *examples, *history, {"role": "user", "content": user_text}]
-        from chatforge.infer.retrieval import grounded_messages
-
-        # system=None gives retrieval's grounded system prompt, the one grounded SFT teaches.
-        return grounded_messages(user_text, passages, system=system, history=[*examples, *history],
-                                 max_context_tokens=context_tokens, tokenizer=self.tokenizer)
-
     def _prompt_ids(self, user_text: str) -> list[int]:
-        """The prompt for `user_text`: drop the oldest turns, then shrink the retrieved context,
-        until it fits in `budget`."""
-        passages = self.index.search(user_text, self.k) if self.index is not None else []
-        fixed = len(self._render(self._messages("", [], [], MIN_CONTEXT_TOKENS)))
-        context_tokens = max(MIN_CONTEXT_TOKENS, (self.budget - fixed) * 2 // 3)
-        skip = 0                                       # oldest history messages left out
-        while True:
-            messages = self._messages(user_text, self.history[skip:], passages, context_tokens)
-            ids = self._render(messages)
-            if len(ids) <= self.budget:
-                break
-            if skip < len(self.history):
-                skip += 2                              # one user turn and its reply
-            elif passages and context_tokens > MIN_CONTEXT_TOKENS:
-                context_tokens = max(MIN_CONTEXT_TOKENS, context_tokens // 2)
-            elif passages:
-                passages = []
-            else:
-                raise ChatforgeError(
-                    f"the message is too long: with the system prompt it takes {len(ids)} tokens and the "
-                    f"model's context holds {self.budget} before the reply; shorten it")
-        # Only now that the prompt fits are the turns dropped for good (a failed message keeps them).
-        del self.history[:skip]
-        self.last_dropped = skip
-        self.dropped += skip
-        self.last_sources = _sources_used(passages, messages[-1]["content"])
-        return ids
+        """The prompt for `user_text`; the oldest turns that did not fit are dropped for good."""
+        prompt = fit_prompt(self.tokenizer, self.prompt, self.index, self.history, user_text, self.budget, self.k)
+        # Only now that the prompt fits are the turns dropped (a failed message keeps them).
+        del self.history[:prompt.skipped]
+        self.last_dropped = prompt.skipped
+        self.dropped += prompt.skipped
+        self.last_sources = list(dict.fromkeys(p.source for p in prompt.passages))
+        return prompt.ids
 
 
-def _sources_used(passages: list, user_content: str) -> list[str]:
-    """The distinct sources of the passages that made it into the context block, in order."""
-    out: list[str] = []
-    for i, p in enumerate(passages):
-        if f"[{i + 1}] (source: {p.source})" in user_content and p.source not in out:
-            out.append(p.source)
-    return out
+@dataclass
+class Prompt:
+    """A conversation rendered for the model, within its token budget."""
+
+    ids: list[int]                 # the rendered prompt, ending with the assistant's turn opening
+    messages: list[dict]           # what the model sees: system, examples, kept history, the question
+    passages: list                 # the retrieved passages that made it into the context block
+    skipped: int                   # oldest history messages left out to make it fit
+
+
+def _messages(system: SystemPrompt | None, index, user_text: str, history: list[dict], passages: list,
+              context_tokens: int, tokenizer) -> list[dict]:
+    examples = system.examples if system else []
+    text = system.text if system and system.text else None
+    if index is None:
+        head = [{"role": "system", "content": text}] if text else []
+        return [*head, *examples, *history, {"role": "user", "content": user_text}]
+    from chatforge.infer.retrieval import grounded_messages
+
+    # system=None gives retrieval's grounded system prompt, the one grounded SFT teaches.
+    return grounded_messages(user_text, passages, system=text, history=[*examples, *history],
+                             max_context_tokens=context_tokens, tokenizer=tokenizer)
+
+
+def fit_prompt(tokenizer, system: SystemPrompt | None, index, history: list[dict], user_text: str,
+               budget: int, k: int = 3) -> Prompt:
+    """The prompt for `user_text` after `history`: retrieve `k` passages (with an index), then drop
+    the oldest turns and shrink the retrieved context until it fits in `budget` tokens. A message
+    that cannot fit even alone is a `ChatforgeError`. `chat` and the HTTP server share this."""
+    def render(messages: list[dict]) -> list[int]:
+        return tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+
+    passages = index.search(user_text, k) if index is not None else []
+    fixed = len(render(_messages(system, index, "", [], [], MIN_CONTEXT_TOKENS, tokenizer)))
+    context_tokens = max(MIN_CONTEXT_TOKENS, (budget - fixed) * 2 // 3)
+    skip = 0                                       # oldest history messages left out
+    while True:
+        messages = _messages(system, index, user_text, history[skip:], passages, context_tokens, tokenizer)
+        ids = render(messages)
+        if len(ids) <= budget:
+            break
+        if skip < len(history):
+            skip += 2                              # one user turn and its reply
+        elif passages and context_tokens > MIN_CONTEXT_TOKENS:
+            context_tokens = max(MIN_CONTEXT_TOKENS, context_tokens // 2)
+        elif passages:
+            passages = []
+        else:
+            raise ChatforgeError(
+                f"the message is too long: with the system prompt it takes {len(ids)} tokens and the "
+                f"model's context holds {budget} before the reply; shorten it")
+    return Prompt(ids, messages, _passages_used(passages, messages[-1]["content"]), skip)
+
+
+def _passages_used(passages: list, user_content: str) -> list:
+    """The passages that made it into the context block (the budget may cut the last ones), in order."""
+    return [p for i, p in enumerate(passages) if f"[{i + 1}] (source: {p.source})" in user_content]
 
 
 # ---------------------------------------------------------------------------------- the loop

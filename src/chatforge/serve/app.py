@@ -1,0 +1,451 @@
+"""The HTTP server's application: OpenAI's chat and text completions, the chat page, feedback,
+health and Prometheus metrics, on one continuously batched engine (`infer/batching.py`).
+
+    app = create_app(Assistant(model, tokenizer, index=index, store=store), api_key="...")
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+`chatforge serve` (serve/command.py) builds it from a model folder; docs/SERVING.md is the API.
+
+A chat request goes: OpenAI messages -> the prompt (`infer/chat.fit_prompt`: system prompt,
+retrieved passages, as much history as fits) -> the scheduler, which streams pieces back through
+an asyncio queue -> the reply filter (PII, blocked terms) -> the client. The finished reply is
+written to the feedback store before the response ends, so a client can rate it at once.
+Everything that can go wrong with a request is answered in OpenAI's error shape (`ApiError`);
+nothing leaks a traceback or a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatforge.errors import ChatforgeError
+from chatforge.infer.batching import Done, Piece, QueueFull, Scheduler, ShuttingDown
+from chatforge.infer.chat import fit_prompt
+from chatforge.infer.engine import GenerationConfig
+from chatforge.infer.prompting import SystemPrompt
+from chatforge.infer.safety import ReplyFilter
+from chatforge.serve import openai_api as oa
+
+log = logging.getLogger("chatforge.serve")
+disable_created_metrics()     # the *_created series only double the scrape
+MAX_STOP_STRINGS = 4
+
+
+@dataclass
+class Assistant:
+    """What the server serves: the model's scheduler and tokenizer, retrieval, the system prompt,
+    the reply filter and the feedback store (None: feedback is off)."""
+
+    scheduler: Scheduler
+    tokenizer: Any
+    name: str                                      # the model id clients use
+    index: Any = None                              # PassageIndex with --docs
+    system: SystemPrompt | None = None
+    guard: ReplyFilter = field(default_factory=ReplyFilter)
+    store: Any = None                              # data.feedback.FeedbackStore
+    passages: int = 3
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 1024                   # a request asking for more gets a 400
+
+    @property
+    def context(self) -> int:
+        return self.scheduler.engine.config.max_seq_len
+
+
+class Metrics:
+    """Prometheus counters of one app (its own registry, so tests can run several apps)."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("chatforge_requests", "HTTP requests answered", ["path", "status"], registry=r)
+        self.prompt_tokens = Counter("chatforge_prompt_tokens", "prompt tokens of completions", registry=r)
+        self.completion_tokens = Counter("chatforge_completion_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("chatforge_time_to_first_token_seconds", "from request to its first token",
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32), registry=r)
+        Gauge("chatforge_queue_length", "requests waiting for a batch slot",
+              registry=r).set_function(lambda: scheduler.queued)
+        Gauge("chatforge_running_requests", "requests in the running batch",
+              registry=r).set_function(lambda: len(scheduler.running))
+
+
+# ------------------------------------------------------------------------------ the request
+
+def _text(content: str | list[oa.ContentPart] | None, i: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise oa.ApiError(400, f"messages[{i}].content[{j}] is of type {part.type!r}; this model reads text only",
+                              f"messages[{i}].content")
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def _conversation(messages: list[oa.Message]) -> tuple[SystemPrompt | None, list[dict], str]:
+    """(the client's system prompt or None, the history, the question) from OpenAI messages."""
+    if not messages:
+        raise oa.ApiError(400, "messages is empty; send at least one user message", "messages")
+    system, turns = [], []
+    for i, m in enumerate(messages):
+        text = _text(m.content, i)
+        if m.role in ("system", "developer"):
+            system.append(text)
+        elif m.role in ("user", "assistant"):
+            turns.append({"role": m.role, "content": text})
+        else:
+            raise oa.ApiError(400, f"messages[{i}].role is {m.role!r}; use system, user or assistant",
+                              f"messages[{i}].role")
+    if not turns or turns[-1]["role"] != "user":
+        raise oa.ApiError(400, "the last message must be the user's", "messages")
+    if not turns[-1]["content"].strip():
+        raise oa.ApiError(400, "the user's message is empty", "messages")
+    prompt = SystemPrompt("\n\n".join(system).strip()) if system else None
+    return prompt, turns[:-1], turns[-1]["content"]
+
+
+def _generation(req: oa._Sampling, max_tokens: int | None, assistant: Assistant) -> GenerationConfig:
+    if req.n not in (None, 1):
+        raise oa.ApiError(400, "n must be 1: one completion per request", "n")
+    if max_tokens is not None and not 1 <= max_tokens <= assistant.max_tokens_limit:
+        raise oa.ApiError(400, f"max_tokens must be between 1 and {assistant.max_tokens_limit}, got {max_tokens}",
+                          "max_tokens")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+        raise oa.ApiError(400, f"stop takes up to {MAX_STOP_STRINGS} non-empty strings", "stop")
+    checks = {"temperature": (req.temperature, 0, 2), "top_p": (req.top_p, 0, 1),
+              "frequency_penalty": (req.frequency_penalty, -2, 2), "presence_penalty": (req.presence_penalty, -2, 2)}
+    for name, (value, lo, hi) in checks.items():
+        if value is not None and not lo <= value <= hi:
+            raise oa.ApiError(400, f"{name} must be between {lo} and {hi}, got {value}", name)
+    if req.top_p is not None and req.top_p == 0:
+        raise oa.ApiError(400, "top_p must be above 0", "top_p")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    return GenerationConfig(
+        strategy="greedy" if temperature == 0 else "sample", temperature=temperature or 1.0,
+        top_p=req.top_p or 1.0, max_new_tokens=max_tokens or assistant.default_max_tokens, stop_strings=tuple(stop),
+        seed=req.seed, frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0)
+
+
+def _check_model(requested: str | None, assistant: Assistant) -> None:
+    if requested is not None and requested != assistant.name:
+        raise oa.ApiError(404, f"the model {requested!r} does not exist here; this server serves "
+                               f"{assistant.name!r} (GET /v1/models)", "model", "model_not_found")
+
+
+class _Job:
+    """One request on the scheduler, its events on an asyncio queue."""
+
+    def __init__(self, assistant: Assistant, ids: list[int], cfg: GenerationConfig):
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Piece | Done] = asyncio.Queue()
+        self.started = time.perf_counter()
+        try:
+            self.request = assistant.scheduler.submit(
+                ids, cfg, on_event=lambda e: loop.call_soon_threadsafe(self.events.put_nowait, e))
+        except QueueFull as e:
+            raise oa.ApiError(429, f"the server is busy: {e}", code="queue_full") from None
+        except ShuttingDown as e:
+            raise oa.ApiError(503, str(e), code="shutting_down") from None
+        except ChatforgeError as e:
+            raise oa.ApiError(400, str(e)) from None
+
+    async def pieces(self) -> AsyncIterator[Piece | Done]:
+        try:
+            while True:
+                event = await self.events.get()
+                yield event
+                if isinstance(event, Done):
+                    return
+        finally:
+            # A client that went away (or an error) frees the batch slot at the next step.
+            if self.request.outcome is None:
+                self.request.cancel()
+
+
+# ----------------------------------------------------------------------------------- the app
+
+def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The FastAPI app serving `assistant` (see the module docstring and docs/SERVING.md)."""
+    metrics = Metrics(assistant.scheduler)
+    app = FastAPI(title="chatforge", version="1", docs_url="/docs", redoc_url=None)
+    app.state.stopping = False
+    app.state.assistant = assistant
+    static = resources.files("chatforge.serve") / "static"
+
+    @app.exception_handler(oa.ApiError)
+    async def api_error(request: Request, e: oa.ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        elif not where:
+            message = "the request body must be a JSON object (Content-Type: application/json)"
+        else:
+            message = f"{where or 'body'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(oa.ApiError(422, message, where).body(), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        message = {404: f"no such path: {request.url.path}", 405: f"{request.method} is not allowed here"}
+        body = oa.ApiError(e.status_code, message.get(e.status_code, str(e.detail))).body()
+        return JSONResponse(body, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception):
+        log.exception("request failed")
+        return JSONResponse(oa.ApiError(500, "the server failed to answer; see its log").body(), status_code=500)
+
+    # ------------------------------------------------------------------------- pages, health
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(str(static / "index.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": assistant.name, "auth": bool(api_key), "docs": assistant.index is not None,
+                "feedback": assistant.store is not None}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [oa.model_card(assistant.name, app.state.created)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        _check_model(model_id, assistant)
+        return oa.model_card(assistant.name, app.state.created)
+
+    app.state.created = oa.now()
+    app.add_middleware(_Gate, state=app.state, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+
+    # ---------------------------------------------------------------------------- completions
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: oa.ChatRequest):
+        _check_model(body.model, assistant)
+        client_system, history, question = _conversation(body.messages)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        cfg = _generation(body, max_tokens, assistant)
+        reserve = min(cfg.max_new_tokens, assistant.context // 2)
+        try:
+            prompt = await run_in_threadpool(fit_prompt, assistant.tokenizer, client_system or assistant.system,
+                                             assistant.index, history, question, assistant.context - reserve,
+                                             assistant.passages)
+        except ChatforgeError as e:
+            raise oa.ApiError(400, str(e), "messages", "context_length_exceeded") from None
+        sources = [{"source": p.source, "text": p.text} for p in prompt.passages]
+        rid, created = oa.new_id("chatcmpl"), oa.now()
+        conversation = body.conversation_id or oa.new_id("conv")
+        job = _Job(assistant, prompt.ids, cfg)
+        record = dict(message_id=rid, conversation_id=conversation, model=assistant.name,
+                      messages=[m.model_dump(exclude_none=True) for m in body.messages],
+                      prompt_messages=prompt.messages, sources=sources)
+
+        async def finish(done: Done, reply: str) -> None:
+            metrics.prompt_tokens.inc(done.prompt_tokens)
+            metrics.completion_tokens.inc(len(done.tokens))
+            if job.request.first_token is not None:
+                metrics.ttft.observe(job.request.first_token - job.request.submitted)
+            if done.finish_reason == "error":
+                raise oa.ApiError(500, "generation failed; see the server's log")
+            if assistant.store is not None:
+                text = assistant.tokenizer.render_chat_text(prompt.messages, add_generation_prompt=True)
+                await run_in_threadpool(assistant.store.record_reply, reply=reply, prompt=text, **record)
+
+        extra = {"conversation_id": conversation, "sources": sources}
+        if not body.stream:
+            done = None
+            async for event in job.pieces():
+                done = event if isinstance(event, Done) else done
+            reply = assistant.guard.apply(done.text).text
+            await finish(done, reply)
+            return {"id": rid, "object": "chat.completion", "created": created, "model": assistant.name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                 "logprobs": None, "finish_reason": done.finish_reason}],
+                    "usage": oa.usage(done.prompt_tokens, len(done.tokens)), **extra}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def stream() -> AsyncIterator[str]:
+            safe = assistant.guard.stream()
+            shown: list[str] = []
+            yield _sse(oa.chat_chunk(rid, assistant.name, created, {"role": "assistant", "content": ""}, **extra))
+            async for event in job.pieces():
+                if isinstance(event, Piece):
+                    out = safe.push(event.text)
+                else:
+                    out = safe.finish()
+                if out:
+                    shown.append(out)
+                    yield _sse(oa.chat_chunk(rid, assistant.name, created, {"content": out}))
+                if isinstance(event, Done):
+                    try:
+                        await finish(event, "".join(shown))
+                    except oa.ApiError as e:
+                        yield _sse(e.body())
+                        return
+                    yield _sse(oa.chat_chunk(rid, assistant.name, created, {}, event.finish_reason))
+                    if include_usage:
+                        yield _sse({**oa.chat_chunk(rid, assistant.name, created, {}), "choices": [],
+                                    "usage": oa.usage(event.prompt_tokens, len(event.tokens))})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def complete(body: oa.CompletionRequest):
+        _check_model(body.model, assistant)
+        if body.echo or body.logprobs or body.suffix:
+            raise oa.ApiError(400, "echo, logprobs and suffix are not supported", "echo")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1 or not prompts[0]:
+            raise oa.ApiError(400, "prompt must be one non-empty string", "prompt")
+        cfg = _generation(body, body.max_tokens, assistant)
+        ids = assistant.tokenizer.encode(prompts[0])
+        if len(ids) >= assistant.context:
+            raise oa.ApiError(400, f"the prompt has {len(ids)} tokens; the model's context is {assistant.context}",
+                              "prompt", "context_length_exceeded")
+        rid, created = oa.new_id("cmpl"), oa.now()
+        job = _Job(assistant, ids, cfg)
+
+        def counted(done: Done) -> None:
+            metrics.prompt_tokens.inc(done.prompt_tokens)
+            metrics.completion_tokens.inc(len(done.tokens))
+            if done.finish_reason == "error":
+                raise oa.ApiError(500, "generation failed; see the server's log")
+
+        if not body.stream:
+            done = None
+            async for event in job.pieces():
+                done = event if isinstance(event, Done) else done
+            counted(done)
+            return {"id": rid, "object": "text_completion", "created": created, "model": assistant.name,
+                    "choices": [{"index": 0, "text": done.text, "logprobs": None, "finish_reason": done.finish_reason}],
+                    "usage": oa.usage(done.prompt_tokens, len(done.tokens))}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def stream() -> AsyncIterator[str]:
+            async for event in job.pieces():
+                if isinstance(event, Piece):
+                    yield _sse(oa.completion_chunk(rid, assistant.name, created, event.text))
+                    continue
+                try:
+                    counted(event)
+                except oa.ApiError as e:
+                    yield _sse(e.body())
+                    return
+                yield _sse(oa.completion_chunk(rid, assistant.name, created, "", event.finish_reason))
+                if include_usage:
+                    yield _sse({**oa.completion_chunk(rid, assistant.name, created, ""), "choices": [],
+                                "usage": oa.usage(event.prompt_tokens, len(event.tokens))})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ------------------------------------------------------------------------------- feedback
+
+    @app.post("/v1/feedback", response_model=oa.FeedbackResponse,
+              responses={404: {"description": "unknown message_id"}, 503: {"description": "feedback is off"}})
+    async def feedback(body: oa.FeedbackRequest):
+        if assistant.store is None:
+            raise oa.ApiError(503, "this server keeps no feedback (started with --no-feedback)", code="feedback_off")
+        try:
+            row = await run_in_threadpool(assistant.store.add_feedback, body.message_id, body.rating,
+                                          body.reason, body.comment, body.correction)
+        except LookupError:
+            raise oa.ApiError(404, f"no reply with id {body.message_id!r} was served here", "message_id") from None
+        except ChatforgeError as e:
+            raise oa.ApiError(400, str(e)) from None
+        return {"id": row, "status": "stored"}
+
+    return app
+
+
+class _Gate:
+    """Checks every request before the app sees it: shutting down (503), body size (413; a POST
+    must say its length, 411), the API key on /v1/... (401, compared in constant time); and counts
+    each answer by route and status. Plain ASGI, so streamed replies pass through untouched and a
+    client that disconnects still cancels its generation."""
+
+    def __init__(self, app, state, api_key: str | None, max_body_bytes: int, metrics: Metrics):
+        self.app, self.state, self.api_key, self.max_body, self.metrics = app, state, api_key, max_body_bytes, metrics
+
+    def check(self, scope) -> oa.ApiError | None:
+        path, headers = scope["path"], dict(scope["headers"])
+        if self.state.stopping and path != "/metrics":
+            return oa.ApiError(503, "the server is shutting down", code="shutting_down")
+        length = headers.get(b"content-length")
+        if scope["method"] in ("POST", "PUT", "PATCH") and length is None:
+            return oa.ApiError(411, "send the request body with a Content-Length header")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return oa.ApiError(413, f"the request body is larger than {self.max_body} bytes")
+        if self.api_key and path.startswith("/v1/"):
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                return oa.ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                   code="invalid_api_key")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [0]
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        error = self.check(scope)
+        try:
+            if error is not None:
+                await JSONResponse(error.body(), status_code=error.status)(scope, receive, counted)
+            else:
+                await self.app(scope, receive, counted)
+        finally:
+            self.metrics.requests.labels(_route(scope["path"]), str(status[0] or 499)).inc()
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _route(path: str) -> str:
+    """The metrics label of a path: known routes as they are, anything else as one label."""
+    known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/feedback", "/health", "/metrics", "/")
+    if path in known or path.startswith("/static/"):
+        return "/static" if path.startswith("/static/") else path
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"

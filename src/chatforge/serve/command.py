@@ -1,0 +1,155 @@
+"""`chatforge serve`: the assistant over HTTP — the OpenAI API, a chat page, feedback.
+
+    chatforge serve --model runs/demo/sft --docs examples/my_docs
+    open http://127.0.0.1:8000/            # the chat page
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "How do I reset my password?"}]}'
+
+The routes and chatforge's additions to OpenAI's shapes are in docs/SERVING.md; the app is
+`serve/app.py`. Replies are rated on the page or with POST /v1/feedback and kept in a SQLite file
+(default: beside the model folder, e.g. runs/demo/feedback.sqlite); `chatforge feedback stats`
+and `chatforge feedback export` read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+from pathlib import Path
+
+from chatforge.cli import leaf
+from chatforge.errors import ChatforgeError
+from chatforge.infer.prompting import load_system_prompt
+from chatforge.infer.safety import ACTIONS, DEFAULT_REFUSAL, ReplyFilter, load_blocked_terms
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("example:\n  chatforge serve --model runs/demo/sft --docs examples/my_docs\n"
+                     "  CHATFORGE_API_KEY=secret chatforge serve --model runs/demo/sft --host 0.0.0.0")
+    parser.add_argument("--model", metavar="DIR", default=None, help="model folder (the output of sft); required")
+    parser.add_argument("--docs", metavar="PATH", nargs="+", default=None,
+                        help="files or folders to answer from: each question retrieves passages from them")
+    parser.add_argument("--system", metavar="FILE", default=None,
+                        help="system prompt file (see examples/system_prompt.md); a client's own system "
+                             "message replaces it for that request")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; anything but loopback needs care (use --api-key)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--db", metavar="FILE", default=None,
+                        help="feedback database (SQLite; default: feedback.sqlite beside the model folder)")
+    parser.add_argument("--no-feedback", action="store_true", default=False,
+                        help="keep no replies or feedback (POST /v1/feedback answers 503)")
+    parser.add_argument("--api-key", metavar="KEY", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1/...; prefer the CHATFORGE_API_KEY "
+                             "environment variable (a command line is visible to other users)")
+    parser.add_argument("--name", default=None, help="the model id clients use (default: the model folder's name)")
+    parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting for a batch slot at most; more get 429")
+    parser.add_argument("--max-tokens", type=int, default=256, help="reply length when a request does not say")
+    parser.add_argument("--max-tokens-limit", type=int, default=1024, help="longest reply a request may ask for")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    parser.add_argument("--passages", type=int, default=3, help="passages retrieved per question with --docs")
+    parser.add_argument("--index-cache", metavar="DIR", default=None, help="where the passage index is cached")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the model (default: 1 for models under 1B parameters)")
+    parser.add_argument("--dtype", default="auto", help="weights to generate with: auto (bf16 where native), float32")
+    parser.add_argument("--blocked-terms", metavar="FILE", default=None,
+                        help="terms never shown in a reply: one a line, /regex/ for a regular expression")
+    parser.add_argument("--blocked-action", choices=ACTIONS, default="mask",
+                        help="mask a blocked term with *s, or replace the whole reply with --refusal")
+    parser.add_argument("--refusal", default=DEFAULT_REFUSAL, help="the reply shown instead, with --blocked-action refuse")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="server log level")
+    leaf(parser, run)
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ChatforgeError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port "
+                                 "(or stop what uses it)") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.model:
+        raise ChatforgeError("--model is required: the folder of a trained model (the output of sft)")
+    for name in ("max_batch", "max_tokens", "max_tokens_limit", "max_body_bytes", "passages"):
+        if getattr(args, name) < 1:
+            raise ChatforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_tokens > args.max_tokens_limit:
+        raise ChatforgeError(f"--max-tokens ({args.max_tokens}) cannot exceed --max-tokens-limit ({args.max_tokens_limit})")
+    if not 0 < args.port < 65536:
+        raise ChatforgeError(f"--port must be between 1 and 65535, got {args.port}")
+    api_key = args.api_key or os.environ.get("CHATFORGE_API_KEY") or None
+    system = load_system_prompt(args.system) if args.system else None
+    guard = ReplyFilter(load_blocked_terms(args.blocked_terms) if args.blocked_terms else [],
+                        action=args.blocked_action, refusal=args.refusal)
+    _check_port(args.host, args.port)
+    if not _is_loopback(args.host) and not api_key:
+        print(f"warning: listening on {args.host} without an API key: anyone who reaches this port can use "
+              "the model and read its sources; set CHATFORGE_API_KEY", file=sys.stderr)
+
+    import uvicorn
+
+    from chatforge.data.feedback import FeedbackStore
+    from chatforge.infer.batching import Scheduler
+    from chatforge.infer.engine import Engine
+    from chatforge.model.folder import load_model
+    from chatforge.serve.app import Assistant, create_app
+
+    model_dir = Path(args.model)
+    store = None
+    if not args.no_feedback:
+        store = FeedbackStore(args.db or model_dir.resolve().parent / "feedback.sqlite")
+    model, tokenizer = load_model(model_dir)
+    stops = [tokenizer.eot_id, tokenizer.im_end_id, tokenizer.im_start_id]
+    engine = Engine(model, tokenizer, stop_ids=[s for s in stops if s is not None], threads=args.threads,
+                    dtype=args.dtype)
+    del model                                     # the engine keeps its own (possibly bf16) copy
+    index = None
+    if args.docs:
+        from chatforge.infer.retrieval import PassageIndex
+
+        index = PassageIndex.load_or_build(args.docs, args.index_cache)
+    scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue).start()
+    assistant = Assistant(scheduler, tokenizer, args.name or model_dir.resolve().name, index=index, system=system,
+                          guard=guard, store=store, passages=args.passages, default_max_tokens=args.max_tokens,
+                          max_tokens_limit=args.max_tokens_limit)
+    app = create_app(assistant, api_key=api_key, max_body_bytes=args.max_body_bytes)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # New requests get 503 while the running ones finish (uvicorn waits for them).
+            app.state.stopping = True
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=30))
+    where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+    grounded = f", answering from {len(index)} passages" if index is not None else ""
+    print(f"chatforge serve: {assistant.name} on {where}/ (API: {where}/v1{grounded}; "
+          f"feedback: {store.path if store else 'off'})", flush=True)
+    try:
+        server.run()
+    finally:
+        scheduler.stop(drain=False, timeout=10)
+        if store is not None:
+            store.close()
+    return 0

@@ -1,0 +1,69 @@
+"""A real chatforge server on loopback for tests: the tiny chat model behind uvicorn in a thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DOCS = {
+    "billing.md": "# Billing\n\n## Refunds\n\nRefunds are paid back to the card within five working days.\n\n"
+                  "## Invoices\n\nInvoices are sent by e-mail on the first day of each month.\n",
+    "account.md": "# Account\n\n## Password\n\nOpen the sign-in page and choose Forgot password. "
+                  "A reset link arrives within a minute.\n",
+}
+
+
+def write_docs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in DOCS.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+@dataclass
+class Running:
+    url: str
+    app: object
+    assistant: object
+    server: object
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.assistant.scheduler.stop(drain=False, timeout=10)
+        if self.assistant.store is not None:
+            self.assistant.store.close()
+
+
+def serve(model_dir: Path, db: Path | None = None, docs: Path | None = None, api_key: str | None = None,
+          max_batch: int = 8, max_queue: int = 32, **assistant_kw) -> Running:
+    """Start the app for `model_dir` on a free loopback port; `stop()` it at the end."""
+    import uvicorn
+
+    from chatforge.data.feedback import FeedbackStore
+    from chatforge.infer.batching import Scheduler
+    from chatforge.infer.engine import Engine
+    from chatforge.infer.retrieval import PassageIndex
+    from chatforge.model.folder import load_model
+    from chatforge.serve.app import Assistant, create_app
+
+    model, tok = load_model(model_dir)
+    engine = Engine(model, tok, stop_ids=[tok.eot_id, tok.im_end_id, tok.im_start_id], dtype="float32")
+    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue).start()
+    index = PassageIndex.load_or_build([docs]) if docs is not None else None
+    assistant = Assistant(scheduler, tok, "tiny", index=index, store=FeedbackStore(db) if db else None,
+                          **assistant_kw)
+    app = create_app(assistant, api_key=api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return Running(f"http://127.0.0.1:{port}", app, assistant, server, thread)
