@@ -1,0 +1,530 @@
+"""The feedback store: every reply the server gave, the users' thumbs on them, and what they teach.
+
+    store = FeedbackStore("runs/demo/feedback.db")          # creates the file, or opens and migrates it
+    store.record_reply("chatcmpl-1", "conv-1", "sft", messages, reply, prompt_messages, prompt, sources)
+    store.add_feedback("chatcmpl-1", "down", reason="inaccurate", correction="Press Reset.")
+    stats = satisfaction_stats(store.rated_replies(), store.count_replies())
+    export_training_data(store, "runs/demo/feedback-data")  # preferences.jsonl + sft.jsonl
+
+`chatforge serve --db FILE` writes it (docs/SERVING.md); `chatforge feedback stats|export` and
+`chatforge eval --feedback-db FILE` read it.
+
+The file
+--------
+One SQLite file in WAL mode (readers never block the writer; the stats can run while the
+server writes). Tables:
+
+- `conversations(id, created_at)`.
+- `messages(id, message_id, conversation_id, role, content, model, created_at, question_id,
+  prompt, prompt_messages, sources)`: every turn in order (`id`). An assistant turn the server
+  produced has its `message_id` (the chat completion id feedback refers to), `question_id` (the
+  user turn it answers) and the snapshot of what the model saw: the rendered `prompt` text,
+  `prompt_messages` (JSON: system + history + the user turn with the retrieved context) and
+  `sources` (JSON: `[{"source": "DOC > TITLE > SECTION", "text": ...}]`). A new conversation
+  stores the client's whole history as sent; a known one gets only the new user turn and reply.
+- `feedback(id, message_id, rating, reason, comment, correction, model, created_at)`: one row
+  per click; a user may rate a reply again, and the latest row is their verdict.
+
+Every text is PII-scrubbed (`chatforge.data.pii.scrub_pii`) before it is stored. Times are UTC,
+ISO 8601 with milliseconds ("2026-12-01T18:55:48.123Z"). The schema version is
+`PRAGMA user_version`; `MIGRATIONS[i]` takes a file from version i to i + 1, each in its own
+transaction, so a file of any older version (0: an empty file) is brought up to date on open
+and a file from a newer chatforge is refused.
+
+Concurrency: one connection behind a lock (the server calls from FastAPI's thread pool; SQLite
+runs one write at a time anyway, so a connection per thread would only add open files), and a
+busy timeout for other processes using the same file. Every write commits before it returns.
+
+User satisfaction (`satisfaction_stats`)
+----------------------------------------
+The share of thumbs up among rated replies, each reply counted once with its latest rating:
+overall, per day (UTC, the day the reply was given), per source document (the DOC part of the
+reply's sources; a reply citing two documents counts for both, one citing none is under
+`null`), and the questions with the most down-voted replies (questions compared after
+`normalize_question`: case, spacing and trailing punctuation ignored).
+
+Training data (`export_training_data`)
+--------------------------------------
+`preferences.jsonl`, in TRL's conversational preference format (explicit prompt), one pair a line:
+
+    {"prompt": [{"role": "system", ...}, {"role": "user", "content": "Context: ... Question: ..."}],
+     "chosen": [{"role": "assistant", "content": "the better answer"}],
+     "rejected": [{"role": "assistant", "content": "the worse answer"}]}
+
+The prompt is what the model saw. Pairs: (a) a user's correction (chosen) against the reply it
+corrects (rejected); (b) an up-voted reply against a down-voted reply to the same normalized
+question, with the up-voted reply's prompt (when the two prompts differ, e.g. other passages).
+
+`sft.jsonl`: `{"messages": [...prompt messages..., {"role": "assistant", "content": ...}]}` for
+every correction and every up-voted reply (a corrected reply gives its correction instead), the
+line format of the data stage's `qa_train.jsonl`: `chatforge.data.chat_data.read_chat_records`
+reads it, so it can be appended to a data folder's `qa_train.jsonl` for `chatforge sft`. Note
+that SFT learns every assistant turn of a conversation, including earlier replies in the history.
+
+Both files are re-scrubbed, deduplicated, sorted by their JSON text (the same database gives
+byte-identical files) and written atomically once everything is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from chatforge import files
+from chatforge.data.pii import scrub_pii
+from chatforge.errors import ChatforgeError
+
+RATINGS = ("up", "down")
+REASONS = ("inaccurate", "not_in_documents", "too_long", "unhelpful")
+MAX_FEEDBACK_TEXT = 8000   # characters of a comment or correction (docs/SERVING.md)
+BUSY_TIMEOUT_S = 10.0      # how long a write waits for another process holding the file
+PROMPT_ROLES = ("system", "user", "assistant")   # the chat template's roles
+
+
+# --------------------------------------------------------------------------- schema
+
+def _v1(db: sqlite3.Connection) -> None:
+    """The first schema: conversations, their turns with the reply snapshots, and feedback."""
+    db.execute("""CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL)""")
+    db.execute("""CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        message_id TEXT UNIQUE,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id),
+        role TEXT NOT NULL,
+        content TEXT NOT NULL,
+        model TEXT,
+        created_at TEXT NOT NULL,
+        question_id INTEGER REFERENCES messages(id),
+        prompt TEXT,
+        prompt_messages TEXT,
+        sources TEXT)""")
+    db.execute("CREATE INDEX messages_conversation ON messages(conversation_id)")
+    db.execute(f"""CREATE TABLE feedback (
+        id INTEGER PRIMARY KEY,
+        message_id TEXT NOT NULL REFERENCES messages(message_id),
+        rating TEXT NOT NULL CHECK (rating IN {RATINGS}),
+        reason TEXT CHECK (reason IS NULL OR reason IN {REASONS}),
+        comment TEXT,
+        correction TEXT,
+        model TEXT,
+        created_at TEXT NOT NULL)""")
+    db.execute("CREATE INDEX feedback_message ON feedback(message_id)")
+
+
+# MIGRATIONS[i] takes a file at schema version i to version i + 1. Append, never edit: files
+# in the field were made by the functions as they are.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+
+
+def schema_version() -> int:
+    """The schema version this chatforge writes."""
+    return len(MIGRATIONS)
+
+
+def _now_iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _scrub(text: str) -> str:
+    return scrub_pii(text)[0]
+
+
+def _text(value, what: str) -> str:
+    """A message content as text: a string, or OpenAI's list of text parts joined."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
+    raise ChatforgeError(f"{what} must be a string, got {type(value).__name__}")
+
+
+def _messages(messages, what: str, roles: Sequence[str] | None = None) -> list[dict]:
+    """Validated, scrubbed {"role", "content"} dicts."""
+    if not isinstance(messages, list):
+        raise ChatforgeError(f"{what} must be a list of {{'role', 'content'}} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ChatforgeError(f"{what}[{i}] must be a dict with a string 'role' and a 'content'")
+        if roles is not None and m["role"] not in roles:
+            raise ChatforgeError(f"{what}[{i}]: role {m['role']!r} is not one of {', '.join(roles)}")
+        out.append({"role": m["role"], "content": _scrub(_text(m.get("content"), f"{what}[{i}].content"))})
+    return out
+
+
+def _optional_text(value, what: str) -> str | None:
+    """Comment or correction: None for missing or blank text; scrubbed otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ChatforgeError(f"{what} must be a string, got {type(value).__name__}")
+    if len(value) > MAX_FEEDBACK_TEXT:
+        raise ChatforgeError(f"{what} is {len(value)} characters long; at most {MAX_FEEDBACK_TEXT}")
+    return _scrub(value) if value.strip() else None
+
+
+# --------------------------------------------------------------------------- the store
+
+class FeedbackStore:
+    """The feedback database: thread-safe; every call commits before it returns.
+
+    `create=False` refuses a missing file instead of creating it (the readers use that).
+    `clock` (seconds since the epoch) is for tests that need known times.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = True, clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        self._clock = clock
+        self._lock = threading.Lock()
+        if self.path.is_dir():
+            raise ChatforgeError(f"{self.path} is a folder; give the database file, e.g. {self.path / 'feedback.db'}")
+        if not self.path.exists():
+            if not create:
+                raise ChatforgeError(f"feedback database {self.path} does not exist; "
+                                     f"`chatforge serve --db {self.path}` creates it")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ChatforgeError(f"cannot create the folder of {self.path}: {e.strerror or e}") from None
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False:
+            # the one connection is shared by every thread, behind self._lock.
+            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                       check_same_thread=False)
+        except sqlite3.Error as e:
+            raise ChatforgeError(f"cannot open {self.path}: {e}; check that its folder exists and is writable"
+                                 ) from None
+        try:
+            self._setup()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise ChatforgeError(self._explain(e)) from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _explain(self, e: sqlite3.DatabaseError) -> str:
+        msg = str(e)
+        if "not a database" in msg or "malformed" in msg:
+            return (f"{self.path} is not a SQLite database (or is damaged); give the file `chatforge serve --db` "
+                    "writes, or a new file name")
+        if "readonly" in msg or "unable to open" in msg or "disk I/O" in msg:
+            return (f"cannot write {self.path} ({msg}): SQLite needs write access to the file and its folder "
+                    f"(it keeps {self.path.name}-wal and {self.path.name}-shm beside it)")
+        if "locked" in msg or "busy" in msg:
+            return (f"{self.path} stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s ({msg}); "
+                    "try again, or stop the program that holds it")
+        return f"{self.path}: {msg}"
+
+    def _setup(self) -> None:
+        db = self._db
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise ChatforgeError(f"{self.path}: SQLite could not switch to WAL mode (got {mode!r}); "
+                                 "put the database on a local disk")
+        # FULL, not NORMAL: in WAL mode NORMAL already survives a crash of this process (a SIGKILL),
+        # but a power cut may lose the last commits. The server answers "stored" only after the
+        # commit, and one fsync per reply or click costs milliseconds next to generating a reply.
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        db = self._db
+        target = schema_version()
+        while True:
+            with self._lock:
+                db.execute("BEGIN IMMEDIATE")   # re-read the version inside the write lock: another
+                try:                            # process may be migrating the same file
+                    version = db.execute("PRAGMA user_version").fetchone()[0]
+                    if version > target:
+                        raise ChatforgeError(
+                            f"{self.path} was written by a newer chatforge (schema version {version}; this one "
+                            f"reads up to {target}); upgrade chatforge to read it")
+                    if version == target:
+                        db.execute("COMMIT")
+                        return
+                    if version == 0:
+                        tables = [r[0] for r in db.execute(
+                            "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+                        if tables:
+                            raise ChatforgeError(f"{self.path} is a SQLite database of another program (tables: "
+                                                 f"{', '.join(tables)}); give a new file name")
+                    MIGRATIONS[version](db)
+                    db.execute(f"PRAGMA user_version={version + 1}")
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+
+    def _write(self, work: Callable[[sqlite3.Connection], object]):
+        """Run `work(db)` in one transaction and commit before returning its result."""
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                result = work(db)
+                db.execute("COMMIT")
+                return result
+            except sqlite3.DatabaseError as e:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.IntegrityError):
+                    raise
+                raise ChatforgeError(self._explain(e)) from None
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def _read(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cur = self._db.execute(sql, tuple(params))
+            cur.row_factory = sqlite3.Row
+            return cur.fetchall()
+
+    # ----------------------------------------------------------------------- writing
+
+    def record_reply(self, message_id: str, conversation_id: str, model: str, messages: list[dict], reply: str,
+                     prompt_messages: list[dict], prompt: str, sources: list[dict]) -> None:
+        """Store one answered turn: the user's question (and, for a new conversation, the history
+        the client sent) and the reply with its snapshot. Appends to a known conversation."""
+        for value, what in ((message_id, "message_id"), (conversation_id, "conversation_id"), (model, "model")):
+            if not isinstance(value, str) or not value:
+                raise ChatforgeError(f"{what} must be a non-empty string")
+        turns = _messages(messages, "messages")
+        if not turns or turns[-1]["role"] != "user":
+            raise ChatforgeError("messages must end with the user's question")
+        seen = _messages(prompt_messages, "prompt_messages", PROMPT_ROLES)
+        if not isinstance(sources, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("source"), str) and isinstance(s.get("text"), str)
+                for s in sources):
+            raise ChatforgeError('sources must be a list of {"source": str, "text": str}')
+        snapshot = (_scrub(_text(prompt, "prompt")),
+                    json.dumps(seen, ensure_ascii=False),
+                    json.dumps([{"source": _scrub(s["source"]), "text": _scrub(s["text"])} for s in sources],
+                               ensure_ascii=False))
+        answer = _scrub(_text(reply, "reply"))
+        now = _now_iso(self._clock())
+
+        def work(db: sqlite3.Connection) -> None:
+            known = db.execute("SELECT 1 FROM conversations WHERE id=?", (conversation_id,)).fetchone()
+            if not known:
+                db.execute("INSERT INTO conversations (id, created_at) VALUES (?, ?)", (conversation_id, now))
+            # A known conversation already holds the earlier turns (stored with earlier replies).
+            for m in (turns if not known else turns[-1:]):
+                cur = db.execute("INSERT INTO messages (conversation_id, role, content, model, created_at) "
+                                 "VALUES (?, ?, ?, ?, ?)", (conversation_id, m["role"], m["content"], model, now))
+            db.execute("INSERT INTO messages (message_id, conversation_id, role, content, model, created_at, "
+                       "question_id, prompt, prompt_messages, sources) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?, ?)",
+                       (message_id, conversation_id, answer, model, now, cur.lastrowid, *snapshot))
+
+        try:
+            self._write(work)
+        except sqlite3.IntegrityError:
+            raise ChatforgeError(f"reply {message_id!r} is already recorded; every reply needs a new id") from None
+
+    def has_message(self, message_id: str) -> bool:
+        """Whether a reply with this id is stored."""
+        return bool(self._read("SELECT 1 FROM messages WHERE message_id=?", (message_id,)))
+
+    def add_feedback(self, message_id: str, rating: str, reason: str | None = None, comment: str | None = None,
+                     correction: str | None = None) -> int:
+        """Store a user's rating of a reply; return the feedback row id.
+
+        LookupError for an unknown `message_id`; ChatforgeError for a bad rating, reason or text.
+        """
+        if rating not in RATINGS:
+            raise ChatforgeError(f"rating must be 'up' or 'down', got {rating!r}")
+        if reason is not None and reason not in REASONS:
+            raise ChatforgeError(f"reason must be one of {', '.join(REASONS)}, got {reason!r}")
+        comment = _optional_text(comment, "comment")
+        correction = _optional_text(correction, "correction")
+        now = _now_iso(self._clock())
+
+        def work(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT model FROM messages WHERE message_id=?", (message_id,)).fetchone()
+            if row is None:
+                raise LookupError(f"no reply with id {message_id!r} in {self.path}")
+            cur = db.execute("INSERT INTO feedback (message_id, rating, reason, comment, correction, model, "
+                             "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (message_id, rating, reason, comment, correction, row[0], now))
+            return cur.lastrowid
+
+        return self._write(work)
+
+    # ----------------------------------------------------------------------- reading
+
+    def count_replies(self) -> int:
+        """How many replies the server recorded."""
+        return self._read("SELECT count(*) FROM messages WHERE message_id IS NOT NULL")[0][0]
+
+    def rated_replies(self) -> list[dict]:
+        """Every reply with at least one feedback row, in the order given, with its latest rating
+        and reason, its latest correction (or None), its question and its snapshot."""
+        rows = self._read("""
+            SELECT m.message_id, m.conversation_id, m.model, m.created_at, m.content AS reply,
+                   m.prompt_messages, m.sources, q.content AS question, f.rating, f.reason,
+                   (SELECT c.correction FROM feedback c WHERE c.message_id = m.message_id
+                      AND c.correction IS NOT NULL ORDER BY c.id DESC LIMIT 1) AS correction
+            FROM messages m
+            JOIN messages q ON q.id = m.question_id
+            JOIN feedback f ON f.id = (SELECT max(id) FROM feedback WHERE message_id = m.message_id)
+            ORDER BY m.id""")
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["prompt_messages"] = json.loads(d["prompt_messages"] or "[]")
+            d["sources"] = json.loads(d["sources"] or "[]")
+            out.append(d)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "FeedbackStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- user satisfaction
+
+def normalize_question(text: str) -> str:
+    """The key that makes two questions "the same": case, spacing and trailing ?!. ignored."""
+    return " ".join(text.casefold().split()).rstrip("?!. ")
+
+
+def _share(up: int, rated: int) -> float | None:
+    return round(up / rated, 4) if rated else None
+
+
+def _row(up: int, down: int) -> dict:
+    return {"rated": up + down, "up": up, "down": down, "satisfaction": _share(up, up + down)}
+
+
+def document_of(source: str) -> str:
+    """The DOC part of a source name "DOC > TITLE > SECTION"."""
+    return source.split(" > ", 1)[0]
+
+
+def satisfaction_stats(rated: Sequence[dict], replies: int | None = None, top: int = 10) -> dict:
+    """User satisfaction from `FeedbackStore.rated_replies()` (see the module docstring).
+
+    {"replies", "rated", "up", "down", "satisfaction", "reasons", "per_day": [{"day", ...}],
+     "per_document": [{"document", ...}], "most_down_voted": [{"question", "down", "up"}]}
+    """
+    def tally() -> Counter:
+        return Counter(up=0, down=0)
+
+    overall, reasons = tally(), Counter()
+    days: dict[str, Counter] = defaultdict(tally)
+    docs: dict[str | None, Counter] = defaultdict(tally)
+    questions: dict[str, Counter] = defaultdict(tally)
+    first_text: dict[str, str] = {}
+    for r in rated:
+        vote = r["rating"]
+        overall[vote] += 1
+        if vote == "down" and r["reason"]:
+            reasons[r["reason"]] += 1
+        days[r["created_at"][:10]][vote] += 1
+        for doc in sorted({document_of(s["source"]) for s in r["sources"]}) or [None]:
+            docs[doc][vote] += 1
+        key = normalize_question(r["question"])
+        first_text.setdefault(key, r["question"])
+        questions[key][vote] += 1
+    per_document = [{"document": d, **_row(c["up"], c["down"])} for d, c in docs.items()]
+    per_document.sort(key=lambda x: (-x["down"], -x["rated"], x["document"] or ""))
+    worst = sorted((k for k, c in questions.items() if c["down"]),
+                   key=lambda k: (-questions[k]["down"], questions[k]["up"], k))
+    return {
+        "replies": replies if replies is not None else len(rated),
+        **_row(overall["up"], overall["down"]),
+        "reasons": {r: reasons[r] for r in REASONS if reasons[r]},
+        "per_day": [{"day": d, **_row(days[d]["up"], days[d]["down"])} for d in sorted(days)],
+        "per_document": per_document,
+        "most_down_voted": [{"question": first_text[k], "down": questions[k]["down"], "up": questions[k]["up"]}
+                            for k in worst[:top]],
+    }
+
+
+def user_satisfaction(path: str | os.PathLike, top: int = 10) -> dict:
+    """`satisfaction_stats` of the database file at `path` (which must exist)."""
+    with FeedbackStore(path, create=False) as store:
+        return satisfaction_stats(store.rated_replies(), store.count_replies(), top)
+
+
+# --------------------------------------------------------------------------- training data
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _clean(messages: list[dict]) -> list[dict]:
+    # Stored texts are scrubbed already; scrubbing again covers files written by hand or by an
+    # older scrubber, and costs little.
+    return [{"role": m["role"], "content": _scrub(m["content"])} for m in messages]
+
+
+def training_examples(rated: Sequence[dict]) -> tuple[list[str], list[str], dict]:
+    """(preference lines, SFT lines, counts) from `FeedbackStore.rated_replies()`: JSON lines,
+    deduplicated and sorted (see the module docstring for what becomes a pair or an example)."""
+    prefs: set[str] = set()
+    sft: set[str] = set()
+    counts = Counter(corrections=0, vote_pairs=0)
+
+    def pair(prompt: list[dict], chosen: str, rejected: str) -> bool:
+        if not prompt or chosen.strip() == rejected.strip():
+            return False
+        prefs.add(json.dumps({"prompt": _clean(prompt), "chosen": _assistant(_scrub(chosen)),
+                              "rejected": _assistant(_scrub(rejected))}, ensure_ascii=False))
+        return True
+
+    by_question: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {"up": [], "down": []})
+    for r in rated:
+        if not r["prompt_messages"]:
+            continue   # nothing to condition on (not a chat reply)
+        better = r["correction"] or (r["reply"] if r["rating"] == "up" else None)
+        if r["correction"]:
+            counts["corrections"] += pair(r["prompt_messages"], r["correction"], r["reply"])
+        if better is not None and better.strip():
+            sft.add(json.dumps({"messages": _clean(r["prompt_messages"]) + _assistant(_scrub(better))},
+                               ensure_ascii=False))
+        by_question[normalize_question(r["question"])][r["rating"]].append(r)
+    for group in by_question.values():
+        for up in group["up"]:
+            for down in group["down"]:
+                counts["vote_pairs"] += pair(up["prompt_messages"], up["reply"], down["reply"])
+    return sorted(prefs), sorted(sft), {**counts, "preferences": len(prefs), "sft": len(sft)}
+
+
+def export_training_data(store: FeedbackStore, out_dir: str | os.PathLike) -> dict:
+    """Write `preferences.jsonl` and `sft.jsonl` into `out_dir`; return the counts.
+
+    Everything is computed before anything is written, and the files are replaced atomically.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ChatforgeError(f"{out_dir} is a file; --out needs a folder")
+    prefs, sft, counts = training_examples(store.rated_replies())
+    try:
+        # Both files are written to temporary names first and renamed only once both are complete.
+        with files.atomic_open(out_dir / "preferences.jsonl") as f_prefs, \
+                files.atomic_open(out_dir / "sft.jsonl") as f_sft:
+            f_prefs.writelines(line + "\n" for line in prefs)
+            f_sft.writelines(line + "\n" for line in sft)
+    except OSError as e:
+        raise ChatforgeError(f"cannot write into {out_dir}: {e.strerror or e}") from None
+    return counts

@@ -1,0 +1,493 @@
+"""The feedback store (real SQLite files), user satisfaction, the training-data export and the
+`chatforge feedback` command.
+
+    .venv/bin/pytest -q tests/test_feedback.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from chatforge import cli
+from chatforge.data import feedback
+from chatforge.data.feedback import (FeedbackStore, satisfaction_stats, schema_version, training_examples,
+                                     user_satisfaction)
+from chatforge.errors import ChatforgeError
+
+SYSTEM = "Answer from the context."
+DAY1 = datetime(2026, 11, 30, 10, 0, tzinfo=timezone.utc).timestamp()
+DAY2 = datetime(2026, 12, 1, 9, 30, tzinfo=timezone.utc).timestamp()
+ACCOUNTS, FAQ, NETWORK = "accounts.md > Accounts > Reset", "faq.md > FAQ > Passwords", "network.md > Network > Ports"
+
+
+class Clock:
+    """A settable clock for the store's timestamps."""
+
+    def __init__(self, t: float = DAY1):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def prompt_for(question: str, sources=(), history=()) -> list[dict]:
+    context = "\n".join(f"[{i + 1}] (source: {s}) passage of {s}" for i, s in enumerate(sources))
+    return [{"role": "system", "content": SYSTEM}, *history,
+            {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"}]
+
+
+def record(store, message_id, conversation_id, question, reply, sources=(), history=()) -> list[dict]:
+    """Record one reply the way the server does; return the prompt messages the model saw."""
+    seen = prompt_for(question, sources, history)
+    store.record_reply(message_id, conversation_id, "demo-sft", [*history, {"role": "user", "content": question}],
+                       reply, seen, "\n".join(m["content"] for m in seen),
+                       [{"source": s, "text": f"passage of {s}"} for s in sources])
+    return seen
+
+
+def rows(path, sql):
+    with sqlite3.connect(path) as db:
+        return db.execute(sql).fetchall()
+
+
+@pytest.fixture
+def handmade(tmp_path):
+    """A database with known votes: see test_stats_exact for what it holds."""
+    path = tmp_path / "fb.db"
+    clock = Clock(DAY1)
+    with FeedbackStore(path, clock=clock) as s:
+        p = {}
+        p[1] = record(s, "r1", "A", "How do I reset my password?", "Press Reset.", [ACCOUNTS])
+        p[2] = record(s, "r2", "B", "how do I  reset my password", "I do not know.", [ACCOUNTS, FAQ])
+        p[7] = record(s, "r7", "E", "How do I reset my password?", "Press Reset.", [ACCOUNTS])  # same as r1
+        s.add_feedback("r1", "up")
+        s.add_feedback("r2", "down", "inaccurate", comment="wrong", correction="Press Reset on the login page.")
+        s.add_feedback("r7", "up")
+        clock.t = DAY2
+        history = [{"role": "user", "content": "how do I  reset my password"},
+                   {"role": "assistant", "content": "I do not know."}]
+        p[3] = record(s, "r3", "B", "Which port does it use?", "Port 80.", [NETWORK], history)
+        p[4] = record(s, "r4", "C", "HOW DO I RESET MY PASSWORD?!", "Ask support.")
+        p[5] = record(s, "r5", "C", "Thanks", "You're welcome.",
+                      history=[{"role": "user", "content": "HOW DO I RESET MY PASSWORD?!"},
+                               {"role": "assistant", "content": "Ask support."}])
+        p[6] = record(s, "r6", "D", "Which port does it use?", "Port 8443.", [NETWORK])
+        s.add_feedback("r3", "up")
+        s.add_feedback("r3", "down", "too_long")           # changed their mind: the latest counts
+        s.add_feedback("r4", "down", "unhelpful")
+        s.add_feedback("r6", "up")
+    return path, p
+
+
+# --------------------------------------------------------------------------- the store
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "sub" / "fb.db"                      # the folder is created
+    with FeedbackStore(path, clock=Clock(DAY1)) as s:
+        seen = record(s, "chatcmpl-1", "conv-1", "How do I reset?", "Press Reset.", [ACCOUNTS])
+        assert s.has_message("chatcmpl-1") and not s.has_message("chatcmpl-2")
+        fid = s.add_feedback("chatcmpl-1", "down", "not_in_documents", comment="meh", correction="Press R.")
+        assert isinstance(fid, int)
+    assert rows(path, "SELECT id, created_at FROM conversations") == [("conv-1", "2026-11-30T10:00:00.000Z")]
+    msgs = rows(path, "SELECT message_id, conversation_id, role, content, model, created_at, question_id, prompt, "
+                      "prompt_messages, sources FROM messages ORDER BY id")
+    assert [m[:5] for m in msgs] == [(None, "conv-1", "user", "How do I reset?", "demo-sft"),
+                                     ("chatcmpl-1", "conv-1", "assistant", "Press Reset.", "demo-sft")]
+    assert msgs[1][5] == "2026-11-30T10:00:00.000Z"
+    assert msgs[1][6] == rows(path, "SELECT id FROM messages WHERE role='user'")[0][0]
+    assert msgs[1][7] == "\n".join(m["content"] for m in seen)
+    assert json.loads(msgs[1][8]) == seen
+    assert json.loads(msgs[1][9]) == [{"source": ACCOUNTS, "text": f"passage of {ACCOUNTS}"}]
+    assert rows(path, "SELECT id, message_id, rating, reason, comment, correction, model FROM feedback") == [
+        (fid, "chatcmpl-1", "down", "not_in_documents", "meh", "Press R.", "demo-sft")]
+
+    # Reopened: a known conversation gets only the new user turn and the reply, whatever
+    # history the client resends.
+    with FeedbackStore(path) as s:
+        assert s.has_message("chatcmpl-1")
+        record(s, "chatcmpl-2", "conv-1", "And on Windows?", "The same.",
+               history=[{"role": "user", "content": "How do I reset?"},
+                        {"role": "assistant", "content": "Press Reset."}])
+        with pytest.raises(ChatforgeError, match="already recorded"):
+            record(s, "chatcmpl-2", "conv-1", "again?", "no")
+    assert rows(path, "SELECT role, content FROM messages ORDER BY id") == [
+        ("user", "How do I reset?"), ("assistant", "Press Reset."),
+        ("user", "And on Windows?"), ("assistant", "The same.")]
+
+
+def test_new_conversation_keeps_the_history_the_client_sent(tmp_path):
+    with FeedbackStore(tmp_path / "fb.db") as s:
+        record(s, "m1", "fresh", "Why?", "Because.", history=[{"role": "user", "content": "Hi"},
+                                                               {"role": "assistant", "content": "Hello."}])
+    assert rows(tmp_path / "fb.db", "SELECT role, content, message_id FROM messages ORDER BY id") == [
+        ("user", "Hi", None), ("assistant", "Hello.", None), ("user", "Why?", None), ("assistant", "Because.", "m1")]
+
+
+def test_pii_is_scrubbed_in_every_stored_column(tmp_path):
+    path = tmp_path / "fb.db"
+    pii = "jane.doe@example.com or +44 20 7946 0958"
+    with FeedbackStore(path) as s:
+        s.record_reply("m1", "c1", "demo", [{"role": "user", "content": f"history {pii}"},
+                                            {"role": "assistant", "content": f"old reply {pii}"},
+                                            {"role": "user", "content": f"question {pii}"}],
+                       f"reply {pii}", [{"role": "system", "content": f"system {pii}"},
+                                        {"role": "user", "content": f"context and question {pii}"}],
+                       f"rendered prompt {pii}", [{"source": f"doc > {pii}", "text": f"passage {pii}"}])
+        s.add_feedback("m1", "down", comment=f"comment {pii}", correction=f"correction {pii}")
+    texts = []
+    for table in ("conversations", "messages", "feedback"):
+        texts += [str(v) for row in rows(path, f"SELECT * FROM {table}") for v in row if v is not None]
+    stored = "\n".join(texts)
+    assert "jane.doe" not in stored and "7946" not in stored
+    # Every text is there, scrubbed: 11 of them, each with one e-mail address and one phone number.
+    assert stored.count("<EMAIL>") == 11 and stored.count("<PHONE>") == 11
+    for word in ("history", "old reply", "question", "reply", "system", "context and question", "rendered prompt",
+                 "doc >", "passage", "comment", "correction"):
+        assert f"{word} <EMAIL> or <PHONE>" in stored
+
+
+def test_unknown_message_and_bad_values_are_refused(tmp_path):
+    path = tmp_path / "fb.db"
+    with FeedbackStore(path) as s:
+        record(s, "m1", "c1", "q?", "a.")
+        with pytest.raises(LookupError, match="nope"):
+            s.add_feedback("nope", "up")
+        with pytest.raises(ChatforgeError, match="'up' or 'down'"):
+            s.add_feedback("m1", "meh")
+        with pytest.raises(ChatforgeError, match="reason must be one of inaccurate, not_in_documents"):
+            s.add_feedback("m1", "down", reason="rude")
+        with pytest.raises(ChatforgeError, match="at most 8000"):
+            s.add_feedback("m1", "down", comment="x" * 8001)
+        with pytest.raises(ChatforgeError, match="end with the user's question"):
+            s.record_reply("m2", "c1", "demo", [{"role": "assistant", "content": "a"}], "b", [], "", [])
+        with pytest.raises(ChatforgeError, match="sources must be"):
+            s.record_reply("m2", "c1", "demo", [{"role": "user", "content": "a"}], "b", [], "", ["doc"])
+        assert s.add_feedback("m1", "up", comment="  ") == 1   # blank text is stored as NULL
+    assert rows(path, "SELECT rating, comment FROM feedback") == [("up", None)]
+    assert rows(path, "SELECT count(*) FROM messages") == [(2,)]
+
+
+def test_concurrent_writers(tmp_path):
+    path = tmp_path / "fb.db"
+    with FeedbackStore(path) as s:
+        record(s, "m0", "c0", "q?", "a.")
+        start = threading.Barrier(16)
+        ids: list[int] = []
+        errors: list[BaseException] = []
+
+        def worker(n: int) -> None:
+            try:
+                start.wait()
+                for i in range(20):
+                    ids.append(s.add_feedback("m0", "up" if i % 2 else "down", comment=f"{n}-{i}"))
+                    if i % 5 == 0:   # replies are recorded at the same time
+                        record(s, f"m-{n}-{i}", f"c-{n}", f"q {i}?", "a.")
+            except BaseException as e:   # noqa: BLE001  (reported below)
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert len(ids) == len(set(ids)) == 320
+    assert rows(path, "SELECT count(*), count(DISTINCT comment) FROM feedback") == [(320, 320)]
+    assert rows(path, "SELECT count(*) FROM messages WHERE message_id IS NOT NULL") == [(1 + 16 * 4,)]
+
+
+def test_wal_mode_and_settings(tmp_path):
+    path = tmp_path / "fb.db"
+    with FeedbackStore(path) as s:
+        assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
+        assert s._db.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
+    assert rows(path, "PRAGMA journal_mode") == [("wal",)]               # stored in the file
+    assert rows(path, "PRAGMA user_version") == [(schema_version(),)]
+
+
+def test_sigkill_keeps_every_acknowledged_row(tmp_path):
+    path = tmp_path / "fb.db"
+    child = f"""
+from chatforge.data.feedback import FeedbackStore
+s = FeedbackStore({str(path)!r})
+q = [{{"role": "user", "content": "q"}}]
+s.record_reply("m1", "c1", "demo", q, "a", q, "q", [])
+print("ready", flush=True)
+while True:
+    print(s.add_feedback("m1", "up", comment="x" * 200), flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        acked = [int(proc.stdout.readline()) for _ in range(40)]
+        os.kill(proc.pid, signal.SIGKILL)                # mid-way through the next writes
+        acked += [int(line) for line in proc.stdout.read().split()]  # printed before it died
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    with FeedbackStore(path) as s:
+        assert s.has_message("m1")
+        stored = {r[0] for r in s._read("SELECT id FROM feedback")}
+    assert len(acked) >= 40 and set(acked) <= stored
+
+
+# --------------------------------------------------------------------------- schema versions and bad files
+
+def test_v0_file_is_migrated(tmp_path):
+    empty = tmp_path / "empty.db"
+    empty.touch()                                        # a zero-byte file is an empty SQLite database
+    made = tmp_path / "made.db"
+    sqlite3.connect(made).execute("PRAGMA user_version=0").connection.close()
+    for path in (empty, made):
+        with FeedbackStore(path) as s:
+            record(s, "m1", "c1", "q?", "a.")
+        assert rows(path, "PRAGMA user_version") == [(schema_version(),)]
+        assert rows(path, "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name") == [
+            ("conversations",), ("feedback",), ("messages",)]
+
+
+def test_older_file_migrates_in_order_and_a_failed_migration_changes_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "fb.db"
+    with FeedbackStore(path) as s:                       # a file of today's version, with data
+        record(s, "m1", "c1", "q?", "a.")
+        s.add_feedback("m1", "up")
+    old = schema_version()
+
+    def broken(db):
+        db.execute("ALTER TABLE feedback ADD COLUMN half TEXT")
+        raise RuntimeError("migration bug")
+
+    monkeypatch.setattr(feedback, "MIGRATIONS", [*feedback.MIGRATIONS, broken])
+    with pytest.raises(RuntimeError, match="migration bug"):
+        FeedbackStore(path)
+    assert rows(path, "PRAGMA user_version") == [(old,)]
+    assert "half" not in [r[1] for r in rows(path, "PRAGMA table_info(feedback)")]
+
+    def add_session(db):      # a later version: a column and a value for the existing rows
+        db.execute("ALTER TABLE feedback ADD COLUMN session TEXT")
+        db.execute("UPDATE feedback SET session = 'before-migration'")
+
+    def add_index(db):
+        db.execute("CREATE INDEX feedback_session ON feedback(session)")
+
+    monkeypatch.setattr(feedback, "MIGRATIONS", [*feedback.MIGRATIONS[:old], add_session, add_index])
+    with FeedbackStore(path) as s:
+        assert s.has_message("m1")
+        s.add_feedback("m1", "down")
+    assert rows(path, "PRAGMA user_version") == [(old + 2,)]
+    assert rows(path, "SELECT rating, session FROM feedback ORDER BY id") == [
+        ("up", "before-migration"), ("down", None)]
+    assert rows(path, "SELECT name FROM sqlite_master WHERE name='feedback_session'") == [("feedback_session",)]
+
+
+def test_newer_file_is_refused(tmp_path):
+    path = tmp_path / "fb.db"
+    FeedbackStore(path).close()
+    sqlite3.connect(path).execute(f"PRAGMA user_version={schema_version() + 1}").connection.close()
+    with pytest.raises(ChatforgeError, match="newer chatforge.*upgrade chatforge"):
+        FeedbackStore(path)
+
+
+def test_bad_paths_say_what_to_fix(tmp_path):
+    with pytest.raises(ChatforgeError, match="is a folder; give the database file"):
+        FeedbackStore(tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("these are notes, not a database\n" * 100)
+    with pytest.raises(ChatforgeError, match="not a SQLite database"):
+        FeedbackStore(text)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE invoices (id)")
+    with pytest.raises(ChatforgeError, match=r"another program \(tables: invoices\)"):
+        FeedbackStore(other)
+    with pytest.raises(ChatforgeError, match="cannot create the folder"):
+        FeedbackStore(text / "fb.db")                    # its "folder" is a file
+    with pytest.raises(ChatforgeError, match="does not exist; `chatforge serve --db"):
+        FeedbackStore(tmp_path / "missing.db", create=False)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_unwritable_places_say_so():
+    # Under /tmp rather than tmp_path: when the tests run as root, the check runs as "nobody",
+    # who cannot enter pytest's private temporary folders.
+    with tempfile.TemporaryDirectory() as tmp:
+        ro = Path(tmp) / "ro"
+        ro.mkdir()
+        FeedbackStore(ro / "old.db").close()
+        os.chmod(ro / "old.db", 0o444)
+        os.chmod(ro, 0o555)
+        os.chmod(tmp, 0o755)
+        check = """
+import os, sys
+from chatforge.data.feedback import FeedbackStore
+from chatforge.errors import ChatforgeError
+if os.geteuid() == 0:   # root may write anywhere
+    os.setgid(65534)
+    os.setuid(65534)
+for path in sys.argv[1:]:
+    try:
+        with FeedbackStore(path) as s:
+            s.record_reply("m", "c", "demo", [{"role": "user", "content": "q"}], "a", [], "", [])
+        print("written")
+    except ChatforgeError as e:
+        print(e)
+"""
+        try:
+            r = subprocess.run([sys.executable, "-c", check, str(ro / "new.db"), str(ro / "old.db"),
+                                str(ro / "sub" / "new.db")], capture_output=True, text=True, timeout=60)
+        finally:
+            os.chmod(ro, 0o755)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        f"cannot open {ro / 'new.db'}: unable to open database file; check that its folder exists and is writable",
+        f"cannot write {ro / 'old.db'} (attempt to write a readonly database): SQLite needs write access to the "
+        "file and its folder (it keeps old.db-wal and old.db-shm beside it)",
+        f"cannot create the folder of {ro / 'sub' / 'new.db'}: Permission denied"]
+
+
+# --------------------------------------------------------------------------- stats
+
+EXPECTED_STATS = {
+    "replies": 7, "rated": 6, "up": 3, "down": 3, "satisfaction": 0.5,
+    "reasons": {"inaccurate": 1, "too_long": 1, "unhelpful": 1},
+    "per_day": [{"day": "2026-11-30", "rated": 3, "up": 2, "down": 1, "satisfaction": 0.6667},
+                {"day": "2026-12-01", "rated": 3, "up": 1, "down": 2, "satisfaction": 0.3333}],
+    "per_document": [{"document": "accounts.md", "rated": 3, "up": 2, "down": 1, "satisfaction": 0.6667},
+                     {"document": "network.md", "rated": 2, "up": 1, "down": 1, "satisfaction": 0.5},
+                     {"document": None, "rated": 1, "up": 0, "down": 1, "satisfaction": 0.0},
+                     {"document": "faq.md", "rated": 1, "up": 0, "down": 1, "satisfaction": 0.0}],
+    "most_down_voted": [{"question": "How do I reset my password?", "down": 2, "up": 2},
+                        {"question": "Which port does it use?", "down": 1, "up": 1}],
+}
+
+
+def test_stats_exact(handmade):
+    # r1, r7 up and r2 down (day 1); r3 up then down, r4 down, r6 up, r5 unrated (day 2). The
+    # reset question is asked four ways (case, spacing, punctuation): one group.
+    path, _ = handmade
+    assert user_satisfaction(path) == EXPECTED_STATS
+    assert user_satisfaction(path, top=1)["most_down_voted"] == EXPECTED_STATS["most_down_voted"][:1]
+    assert satisfaction_stats([], 0) == {"replies": 0, "rated": 0, "up": 0, "down": 0, "satisfaction": None,
+                                         "reasons": {}, "per_day": [], "per_document": [], "most_down_voted": []}
+
+
+# --------------------------------------------------------------------------- export
+
+def pref(prompt, chosen, rejected) -> str:
+    return json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                       "rejected": [{"role": "assistant", "content": rejected}]}, ensure_ascii=False)
+
+
+def sft(prompt, answer) -> str:
+    return json.dumps({"messages": [*prompt, {"role": "assistant", "content": answer}]}, ensure_ascii=False)
+
+
+def test_export_exact_deterministic_and_deduplicated(handmade, tmp_path):
+    path, p = handmade
+    expected_prefs = sorted([
+        pref(p[2], "Press Reset on the login page.", "I do not know."),   # the correction
+        pref(p[1], "Press Reset.", "I do not know."),                     # up-voted r1 (= r7) against r2...
+        pref(p[1], "Press Reset.", "Ask support."),                       # ...and against r4
+        pref(p[6], "Port 8443.", "Port 80."),                             # r6 against r3
+    ])
+    expected_sft = sorted([sft(p[1], "Press Reset."), sft(p[2], "Press Reset on the login page."),
+                           sft(p[6], "Port 8443.")])
+    out = tmp_path / "out"
+    assert cli.main(["feedback", "export", "--db", str(path), "--out", str(out)]) == 0
+    first = {name: (out / name).read_bytes() for name in ("preferences.jsonl", "sft.jsonl")}
+    assert first["preferences.jsonl"].decode() == "".join(line + "\n" for line in expected_prefs)
+    assert first["sft.jsonl"].decode() == "".join(line + "\n" for line in expected_sft)
+    assert cli.main(["feedback", "export", "--db", str(path), "--out", str(out)]) == 0
+    assert {name: (out / name).read_bytes() for name in first} == first
+    assert sorted(os.listdir(out)) == ["preferences.jsonl", "sft.jsonl"]   # no temporary files left
+
+    # The SFT stage reads the file as the training split of a data folder.
+    from chatforge.train.sft import read_records
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "qa_train.jsonl").write_bytes(first["sft.jsonl"])
+    train, val = read_records(data, seed=0)
+    assert sorted(json.dumps(r["messages"]) for r in train + val) == sorted(
+        json.dumps(json.loads(line)["messages"]) for line in expected_sft)
+
+
+def test_export_scrubs_again_and_skips_empty_pairs():
+    seen = [{"role": "user", "content": "mail bob@example.com"}]
+    rated = [{"question": "q", "reply": "same", "rating": "down", "correction": "same ", "prompt_messages": seen},
+             {"question": "q", "reply": "call 020 7946 0958", "rating": "up", "correction": None,
+              "prompt_messages": seen},
+             {"question": "q", "reply": "x", "rating": "up", "correction": None, "prompt_messages": []}]
+    prefs, sft_lines, counts = training_examples(rated)
+    assert counts == {"corrections": 0, "vote_pairs": 1, "preferences": 1, "sft": 2}
+    assert "bob@" not in "".join(prefs + sft_lines) and "7946" not in "".join(prefs + sft_lines)
+    assert json.loads(prefs[0])["chosen"][0]["content"] == "call <PHONE>"
+
+
+def test_export_writes_nothing_when_it_fails(handmade, tmp_path, monkeypatch):
+    path, _ = handmade
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "preferences.jsonl").write_text("old\n")
+    (out / "sft.jsonl").write_text("old\n")
+
+    def broken_lines():
+        yield '{"messages": []}'
+        raise OSError(28, "No space left on device")
+
+    real = feedback.training_examples
+    monkeypatch.setattr(feedback, "training_examples", lambda rated: (real(rated)[0], broken_lines(), {}))
+    assert cli.main(["feedback", "export", "--db", str(path), "--out", str(out)]) == 2
+    assert (out / "preferences.jsonl").read_text() == "old\n" and (out / "sft.jsonl").read_text() == "old\n"
+    assert sorted(os.listdir(out)) == ["preferences.jsonl", "sft.jsonl"]
+
+
+# --------------------------------------------------------------------------- the command
+
+def test_cli_stats_tables_json_and_errors(handmade, tmp_path, capsys):
+    path, _ = handmade
+    assert cli.main(["feedback", "stats", "--db", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("user satisfaction: 50.0% thumbs up of 6 rated replies (3 up, 3 down; 7 replies recorded)")
+    assert "down-vote reasons: inaccurate 1, too_long 1, unhelpful 1" in out
+    assert "2026-12-01       3      1      2        33.3%" in out
+    assert "(no sources)" in out and "   2    2  How do I reset my password?" in out
+
+    assert cli.main(["feedback", "stats", "--db", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == EXPECTED_STATS
+
+    empty = tmp_path / "empty.db"
+    FeedbackStore(empty).close()
+    assert cli.main(["feedback", "stats", "--db", str(empty)]) == 0
+    assert "no rated replies yet" in capsys.readouterr().out
+
+    missing = tmp_path / "missing.db"
+    for argv in (["stats", "--db", str(missing)], ["export", "--db", str(missing), "--out", str(tmp_path / "o")]):
+        assert cli.main(["feedback", *argv]) == 2
+        assert f"feedback database {missing} does not exist" in capsys.readouterr().err
+    assert not missing.exists() and not (tmp_path / "o").exists()
+    assert cli.main(["feedback", "stats"]) == 2
+    assert "--db is required" in capsys.readouterr().err
+    assert cli.main(["feedback", "export", "--db", str(path)]) == 2
+    assert "--out is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["feedback", "--help"], ["feedback", "stats", "--help"],
+                                  ["feedback", "export", "--help"]])
+def test_cli_help_has_an_example(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 0
+    assert "example:\n  chatforge feedback" in capsys.readouterr().out
