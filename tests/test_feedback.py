@@ -128,10 +128,15 @@ def test_round_trip(tmp_path):
 
 def test_new_conversation_keeps_the_history_the_client_sent(tmp_path):
     with FeedbackStore(tmp_path / "fb.db") as s:
-        record(s, "m1", "fresh", "Why?", "Because.", history=[{"role": "user", "content": "Hi"},
-                                                               {"role": "assistant", "content": "Hello."}])
+        # As the server passes OpenAI messages: content as text parts, or left out (None).
+        s.record_reply("m1", "fresh", "demo", [{"role": "developer"},
+                                               {"role": "user", "content": [{"type": "text", "text": "H"},
+                                                                            {"type": "text", "text": "i"}]},
+                                               {"role": "assistant", "content": "Hello."},
+                                               {"role": "user", "content": "Why?"}],
+                       "Because.", prompt_for("Why?"), "prompt", [])
     assert rows(tmp_path / "fb.db", "SELECT role, content, message_id FROM messages ORDER BY id") == [
-        ("user", "Hi", None), ("assistant", "Hello.", None), ("user", "Why?", None), ("assistant", "Because.", "m1")]
+        ("developer", "", None), ("user", "Hi", None), ("assistant", "Hello.", None), ("user", "Why?", None), ("assistant", "Because.", "m1")]
 
 
 def test_pii_is_scrubbed_in_every_stored_column(tmp_path):

@@ -139,7 +139,10 @@ def _scrub(text: str) -> str:
 
 
 def _text(value, what: str) -> str:
-    """A message content as text: a string, or OpenAI's list of text parts joined."""
+    """A message content as text: a string, None (OpenAI allows it: empty), or OpenAI's list of
+    text parts joined."""
+    if value is None:
+        return ""
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in value):
