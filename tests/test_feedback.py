@@ -1,5 +1,5 @@
-"""The feedback store (real SQLite files), user satisfaction, the training-data export and the
-`chatforge feedback` command.
+"""The feedback store (real SQLite files), user satisfaction, the training-data export, the
+`chatforge feedback` command and the report's "User satisfaction" section.
 
     .venv/bin/pytest -q tests/test_feedback.py
 """
@@ -24,6 +24,8 @@ from chatforge.data import feedback
 from chatforge.data.feedback import (FeedbackStore, satisfaction_stats, schema_version, training_examples,
                                      user_satisfaction)
 from chatforge.errors import ChatforgeError
+from test_eval import setup  # noqa: F401  (the tiny model and questions of the eval tests)
+from test_report import parse
 
 SYSTEM = "Answer from the context."
 DAY1 = datetime(2026, 11, 30, 10, 0, tzinfo=timezone.utc).timestamp()
@@ -136,7 +138,8 @@ def test_new_conversation_keeps_the_history_the_client_sent(tmp_path):
                                                {"role": "user", "content": "Why?"}],
                        "Because.", prompt_for("Why?"), "prompt", [])
     assert rows(tmp_path / "fb.db", "SELECT role, content, message_id FROM messages ORDER BY id") == [
-        ("developer", "", None), ("user", "Hi", None), ("assistant", "Hello.", None), ("user", "Why?", None), ("assistant", "Because.", "m1")]
+        ("developer", "", None), ("user", "Hi", None), ("assistant", "Hello.", None), ("user", "Why?", None),
+        ("assistant", "Because.", "m1")]
 
 
 def test_pii_is_scrubbed_in_every_stored_column(tmp_path):
@@ -496,3 +499,52 @@ def test_cli_help_has_an_example(argv, capsys):
         cli.main(argv)
     assert e.value.code == 0
     assert "example:\n  chatforge feedback" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the report
+
+def test_report_section(handmade):
+    from chatforge.eval.report import render_report
+
+    path, _ = handmade
+    stats = user_satisfaction(path)
+    stats["most_down_voted"][0]["question"] = "<script>alert(1)</script>"
+    doc = parse(render_report({"baselines": {}, "user_satisfaction": stats}))
+    text = "".join(doc.text)
+    assert "User satisfaction" in text and "50.0% of 6 rated replies were thumbs up" in text
+    assert doc.tables["satisfaction-documents"] == [
+        ["document", "rated", "up", "down", "thumbs up"], ["accounts.md", "3", "2", "1", "66.7%"],
+        ["network.md", "2", "1", "1", "50.0%"], ["(no sources)", "1", "0", "1", "0.0%"],
+        ["faq.md", "1", "0", "1", "0.0%"]]
+    assert doc.tables["down-voted"][1] == ["<script>alert(1)</script>", "2", "2"]
+    assert not any(tag == "script" for tag, _ in doc.tags)
+    assert sum(1 for tag, _ in doc.tags if tag == "svg") == 2        # the metrics' bars and the per-day chart
+    assert "share of thumbs up per day (UTC)" in text and "11-30" in text and "12-01" in text
+
+    # Many days: the chart shows the last 30, and names every third under its axis.
+    stats["per_day"] = [{"day": f"2026-{11 + d // 30}-{1 + d % 30:02d}", "rated": 2, "up": 1, "down": 1,
+                         "satisfaction": 0.5} for d in range(40)]
+    doc = parse(render_report({"baselines": {}, "user_satisfaction": stats}))
+    assert "The last 30 of 40 days with ratings." in "".join(doc.text)
+    bars = [a for tag, a in doc.tags if tag == "rect" and a.get("fill") == "#1f77b4" and a.get("width") != "12"]
+    assert len(bars) == 30
+    assert "11-11" in doc.text and "11-12" not in doc.text and "11-14" in doc.text   # axis labels
+    assert "11-12: 0.500" in doc.text                                                 # every bar's tooltip
+
+    empty = parse(render_report({"baselines": {}, "user_satisfaction": satisfaction_stats([], 3)}))
+    assert "No rated replies in the feedback database yet (3 replies recorded)." in "".join(empty.text)
+    assert "User satisfaction" not in "".join(parse(render_report({"baselines": {}})).text)
+
+
+def test_eval_with_feedback_db(setup, handmade, capsys):  # noqa: F811
+    path, _ = handmade
+    out = setup["root"] / "out-feedback"
+    assert cli.main(["eval", "--model", str(setup["model"]), "--questions", str(setup["questions"]),
+                     "--max-new-tokens", "4", "--feedback-db", str(path), "--out", str(out)]) == 0
+    assert json.loads((out / "eval.json").read_text())["user_satisfaction"] == EXPECTED_STATS
+    assert "User satisfaction" in (out / "report.html").read_text()
+    assert "user satisfaction: 50.0% thumbs up of 6 rated replies" in capsys.readouterr().out
+    # A wrong path fails before the model loads.
+    assert cli.main(["eval", "--model", str(setup["model"]), "--questions", str(setup["questions"]),
+                     "--feedback-db", str(path.parent / "nope.db"), "--out", str(out)]) == 2
+    assert "nope.db does not exist" in capsys.readouterr().err

@@ -6,7 +6,10 @@ external assets), readable offline and safe to open: every piece of text is HTML
 
 Sections: training curves (loss and val_loss against step, one chart per metrics.jsonl), the
 metric table (the model's row, then one row per baseline), a bar chart of the metrics on a
-common 0-1 scale (BLEU divided by 100), and the examples side by side.
+common 0-1 scale (BLEU divided by 100), the examples side by side, and, when `results` has
+"user_satisfaction" (`chatforge eval --feedback-db`, computed by `chatforge.data.feedback`),
+the users' verdict: the share of thumbs up, a per-day chart, the per-document table and the
+most down-voted questions.
 `results` is the dict `chatforge eval` writes to eval.json.
 """
 
@@ -134,8 +137,11 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str,
 
 
 def bar_chart(groups: Sequence[str], series: dict[str, Sequence[float | None]], title: str,
-              width: int = 640, height: int = 300) -> str:
-    """An SVG grouped bar chart on a 0-1 scale: one group per metric, one bar per series."""
+              width: int = 640, height: int = 300, label_every: int = 1) -> str:
+    """An SVG grouped bar chart on a 0-1 scale: one group per metric, one bar per series.
+
+    `label_every` > 1 writes only every n-th group name under the axis (many groups); every
+    bar's tooltip still names its group."""
     left, right, top, bottom = 40, 130, 28, 40
     w, h = width - left - right, height - top - bottom
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
@@ -150,7 +156,9 @@ def bar_chart(groups: Sequence[str], series: dict[str, Sequence[float | None]], 
     bw = gw * 0.8 / n
     for g, group in enumerate(groups):
         gx = left + g * gw
-        out.append(f'<text x="{gx + gw / 2:.1f}" y="{top + h + 14}" text-anchor="middle" font-size="11">{esc(group)}</text>')
+        if g % label_every == 0:
+            out.append(f'<text x="{gx + gw / 2:.1f}" y="{top + h + 14}" text-anchor="middle" '
+                       f'font-size="11">{esc(group)}</text>')
         for i, values in enumerate(series.values()):
             v = values[g]
             if v is None or not math.isfinite(v):
@@ -205,6 +213,48 @@ def _examples(examples: Sequence[dict]) -> str:
     return f'<table class="examples"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
+SATISFACTION_DAYS = 30   # days shown in the per-day chart (the most recent; eval.json has them all)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _satisfaction(stats: dict) -> str:
+    """The "User satisfaction" section from `chatforge.data.feedback.satisfaction_stats`."""
+    if not stats.get("rated"):
+        return (f'<p class="note">No rated replies in the feedback database yet '
+                f'({esc(stats.get("replies", 0))} replies recorded).</p>')
+    reasons = ", ".join(f"{k}: {v}" for k, v in (stats.get("reasons") or {}).items())
+    out = [f'<p id="satisfaction"><b>{esc(_pct(stats["satisfaction"]))}</b> of {esc(stats["rated"])} rated replies '
+           f'were thumbs up ({esc(stats["up"])} up, {esc(stats["down"])} down; {esc(stats["replies"])} replies '
+           f'recorded).{esc(" Down-vote reasons: " + reasons + ".") if reasons else ""}</p>']
+    days = stats.get("per_day") or []
+    shown = days[-SATISFACTION_DAYS:]
+    # Days as MM-DD under the axis: all of them when they fit, else every few (the bars' tooltips
+    # name their day).
+    chart = bar_chart([d["day"][5:] for d in shown], {"thumbs up": [d["satisfaction"] for d in shown]},
+                      "share of thumbs up per day (UTC)", label_every=max(1, -(-len(shown) // 12)))
+    out.append(f'<div class="charts">{chart}</div>')
+    if len(days) > len(shown):
+        out.append(f'<p class="note">The last {len(shown)} of {len(days)} days with ratings.</p>')
+    rows = "".join(f'<tr><td>{esc(d["document"] or "(no sources)")}</td><td class="num">{esc(d["rated"])}</td>'
+                   f'<td class="num">{esc(d["up"])}</td><td class="num">{esc(d["down"])}</td>'
+                   f'<td class="num">{esc(_pct(d["satisfaction"]))}</td></tr>' for d in stats.get("per_document") or [])
+    out.append('<h3>Per source document</h3><table id="satisfaction-documents"><thead><tr><th>document</th>'
+               '<th>rated</th><th>up</th><th>down</th><th>thumbs up</th></tr></thead>'
+               f'<tbody>{rows}</tbody></table>')
+    worst = stats.get("most_down_voted") or []
+    if worst:
+        rows = "".join(f'<tr><td>{esc(q["question"])}</td><td class="num">{esc(q["down"])}</td>'
+                       f'<td class="num">{esc(q["up"])}</td></tr>' for q in worst)
+        out.append('<h3>Most down-voted questions</h3><table id="down-voted"><thead><tr><th>question</th>'
+                   f'<th>down</th><th>up</th></tr></thead><tbody>{rows}</tbody></table>')
+    out.append('<p class="note">Each rated reply counts once, with its latest rating; a reply counts for every '
+               "document it cited.</p>")
+    return "".join(out)
+
+
 def render_report(results: dict, examples: Sequence[dict] = (), curves: dict[str, list[dict]] | None = None,
                   title: str = "chatforge evaluation") -> str:
     """The whole report as one HTML string."""
@@ -223,6 +273,8 @@ def render_report(results: dict, examples: Sequence[dict] = (), curves: dict[str
         "questions whose answer's document is among the top k passages. Perplexity on the validation split.</p>",
         '<div class="charts">', bar_chart(labels, bars, "metrics (higher is better)"), "</div>",
         f"<h2>Examples ({len(examples)})</h2>", _examples(examples),
+        *(["<h2>User satisfaction</h2>", _satisfaction(results["user_satisfaction"])]
+          if results.get("user_satisfaction") is not None else []),
         "</body></html>\n",
     ])
 

@@ -27,6 +27,9 @@ Outputs in `--out`: `eval.json` (`perplexity`, `bleu`, `rouge1`, `rouge2`, `roug
 `hit@3`, `grounded`, and `baselines: {"extractive": {...}, "no_retrieval": {...}}`), `examples.jsonl` (one
 line per question) and `report.html` (training curves from the model folder's `metrics.jsonl`
 and those of its sibling stage folders). The metric table is printed too.
+With `--feedback-db FILE` (the database `chatforge serve --db` writes), eval.json also holds
+"user_satisfaction" (`chatforge.data.feedback.satisfaction_stats`: the share of thumbs up
+overall, per day, per document, the most down-voted questions) and the report a section on it.
 `evaluate(model_dir, out_dir, ...)` does the same from Python (the pipeline calls it).
 """
 
@@ -171,7 +174,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
              retrieval: bool = True, max_questions: int | None = 200, max_new_tokens: int = 96,
              batch_size: int = 8, k: int = 3, index_cache: str | Path | None = None,
              max_ppl_batches: int = 20, seq_len: int | None = None, context_tokens: int | None = None,
-             verbose: bool = True) -> dict:
+             feedback_db: str | Path | None = None, verbose: bool = True) -> dict:
     """Evaluate a model folder; write eval.json, examples.jsonl and report.html into `out_dir`.
 
     Returns the eval.json dict. See the module docstring for what is measured.
@@ -191,6 +194,11 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
     if k < 1 or batch_size < 1 or (max_questions is not None and max_questions < 1):
         raise ChatforgeError("--k, --batch-size and --max-questions must be at least 1")
     qs = load_questions(questions, max_questions) if questions is not None else []
+    satisfaction = None
+    if feedback_db is not None:   # read first: a bad path fails before the model loads
+        from chatforge.data.feedback import user_satisfaction
+
+        satisfaction = user_satisfaction(feedback_db)
     index = PassageIndex.load_or_build(list(docs), index_cache) if docs else None
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))   # a shared laptop: stay modest
@@ -249,6 +257,8 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
     else:
         results.update({m: None for m in METRICS if m != "perplexity"})
     results["baselines"] = baselines
+    if satisfaction is not None:
+        results["user_satisfaction"] = satisfaction
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(out_dir / "eval.json", results)
@@ -259,6 +269,10 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                  title=f"chatforge evaluation: {model_dir.name}")
     if verbose:
         print(format_table(results))
+        if satisfaction is not None:
+            share = satisfaction["satisfaction"]
+            print(f"user satisfaction: {'n/a' if share is None else f'{share:.1%}'} thumbs up of "
+                  f"{satisfaction['rated']} rated replies")
         print(f"wrote {out_dir / 'eval.json'}, {out_dir / 'examples.jsonl'}, {out_dir / 'report.html'}")
     return results
 
@@ -318,6 +332,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-cache", metavar="DIR", default=None,
                         help="where the passage index is cached; without it, $CHATFORGE_CACHE/index "
                              "or ~/.cache/chatforge/index")
+    parser.add_argument("--feedback-db", metavar="FILE", default=None,
+                        help="feedback database of `chatforge serve --db`: adds user satisfaction to eval.json "
+                             "and the report")
     parser.add_argument("--out", metavar="DIR", default=None, help="output folder; without it, MODEL/eval")
     leaf(parser, run)
 
@@ -331,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
     evaluate(args.model, out, questions=args.questions, docs=args.docs, data=args.data,
              retrieval=not args.no_retrieval, max_questions=args.max_questions,
              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k=args.k,
-             index_cache=args.index_cache, max_ppl_batches=args.max_ppl_batches, context_tokens=args.context_tokens)
+             index_cache=args.index_cache, max_ppl_batches=args.max_ppl_batches, context_tokens=args.context_tokens,
+             feedback_db=args.feedback_db)
     sys.stdout.flush()
     return 0
