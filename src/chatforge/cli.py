@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("chatforge.train.classify", "train / run a text classifier on a model's backbone"),
     "generate": ("chatforge.infer.generate", "complete a prompt (greedy, beam search or sampling)"),
     "chat": ("chatforge.infer.chat", "talk to a model in the terminal, optionally grounded in documents"),
+    "serve": ("chatforge.serve.command", "serve the assistant: OpenAI-compatible API, chat page, feedback"),
     "eval": ("chatforge.eval.run", "perplexity, BLEU, ROUGE and retrieval hit-rate, with an HTML report"),
     "feedback": ("chatforge.data.feedback_commands", "user satisfaction from the feedback database; export it as training data"),
     "pipeline": ("chatforge.pipeline", "run every stage in order from one config (the main job)"),
