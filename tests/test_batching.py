@@ -203,3 +203,15 @@ def test_slot_cache_moves_a_slot():
     cache.lengths = [2, 1, 3]
     cache.move(2, 0)
     assert cache.lengths[0] == 3 and torch.all(cache.k[:, 0, :, :3] == 5.0)
+
+
+def test_bf16_weights_write_into_the_fp32_cache(engine):
+    """The engine's default on CPUs with native bf16: bf16 weights, fp32 KV cache."""
+    bf16 = Engine(engine.model, stop_ids=[EOS], dtype="bfloat16")
+    cfg = GenerationConfig(max_new_tokens=20)
+    scheduler = Scheduler(bf16)
+    request = scheduler.submit(PROMPTS[2], cfg)
+    scheduler.run_until_idle()
+    done = request.result(timeout=0)
+    assert done.finish_reason != "error"
+    assert done.tokens == bf16.generate([PROMPTS[2]], cfg)[0].tokens

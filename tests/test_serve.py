@@ -336,3 +336,69 @@ def test_generated_requests_never_get_a_5xx(server):
                 assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
         check()
+
+
+@pytest.mark.e2e
+def test_a_killed_server_loses_no_acknowledged_feedback(model_dir, tmp_path):
+    """`chatforge serve` as its own process under load, SIGKILLed mid-way: every feedback row
+    it acknowledged is in the database afterwards."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path / "feedback.sqlite"
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--port", str(port),
+                             "--db", str(db), "--name", "tiny", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
+            time.sleep(0.1)
+        acknowledged: list[int] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def user(i: int) -> None:
+            with httpx.Client(base_url=url, timeout=30) as http:
+                while not stop.is_set():
+                    try:
+                        r = http.post("/v1/chat/completions", json=ask(max_tokens=12))
+                        assert r.status_code == 200, r.text
+                        f = http.post("/v1/feedback", json={"message_id": r.json()["id"], "rating": "up",
+                                                            "comment": f"user {i}"})
+                        if f.status_code == 200:
+                            with lock:
+                                acknowledged.append(f.json()["id"])
+                    except (httpx.TransportError, KeyError, ValueError):
+                        return                                   # the server is gone
+
+        threads = [threading.Thread(target=user, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 120
+        while len(acknowledged) < 40 and proc.poll() is None and any(t.is_alive() for t in threads):
+            assert time.time() < deadline, f"only {len(acknowledged)} feedback rows acknowledged in 120 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stored = {row[0] for row in sqlite3.connect(db).execute("SELECT id FROM feedback")}
+    assert len(acknowledged) >= 40
+    assert set(acknowledged) <= stored

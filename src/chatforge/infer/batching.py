@@ -31,6 +31,7 @@ through the `on_event` callback given to `submit`, called on the scheduler's thr
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -42,6 +43,8 @@ import torch
 from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import Engine, GenerationConfig, _TextStream
 from chatforge.infer.sampling import LogitsPipeline
+
+log = logging.getLogger("chatforge.batching")
 
 
 class QueueFull(ChatforgeError):
@@ -185,8 +188,9 @@ class SlotCache:
         n = arg
         rows = torch.arange(n, device=self.device)
         # Row r writes its new key at position lengths[r] of its own slot.
-        k_all[rows, :, self._index] = k[:, :, 0]
-        v_all[rows, :, self._index] = v[:, :, 0]
+        # (Index assignment does not convert: bf16 weights write into the fp32 CPU cache.)
+        k_all[rows, :, self._index] = k[:, :, 0].to(k_all.dtype)
+        v_all[rows, :, self._index] = v[:, :, 0].to(v_all.dtype)
         return k_all[:n, :, :self._view], v_all[:n, :, :self._view]
 
     def move(self, src: int, dst: int) -> None:
@@ -295,6 +299,7 @@ class Scheduler:
             try:
                 self.step()
             except Exception as e:          # noqa: BLE001 - a failed step must not kill the server
+                log.exception("a generation step failed; its requests end with an error")
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
 
     def step(self) -> None:
