@@ -78,7 +78,7 @@ class Server:
         # The tiny model's context is 256 tokens: a short system prompt and short replies leave
         # room for a passage. float32: exact for a model this small.
         args = [sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--docs", str(docs_dir),
-                "--system", str(system), "--max-tokens", "48", "--dtype", "float32",
+                "--system", str(system), "--max-tokens", "48",
                 "--port", str(port), "--db", str(self.db)]
         if api_key:
             args += ["--api-key", api_key]
