@@ -402,3 +402,23 @@ def test_a_killed_server_loses_no_acknowledged_feedback(model_dir, tmp_path):
     stored = {row[0] for row in sqlite3.connect(db).execute("SELECT id FROM feedback")}
     assert len(acknowledged) >= 40
     assert set(acknowledged) <= stored
+
+
+def test_server_defaults_fill_what_a_request_leaves_out(server):
+    """`--temperature` / `--repetition-penalty` apply only when a request does not say."""
+    from dataclasses import replace
+
+    from chatforge.serve import openai_api as oa
+    from chatforge.serve.app import _generation
+
+    assistant = replace(server.assistant, default_temperature=0.0, default_repetition_penalty=1.1)
+    bare = oa.ChatRequest(messages=[{"role": "user", "content": "hi"}])
+    cfg = _generation(bare, None, assistant)
+    assert cfg.greedy and cfg.repetition_penalty == 1.1 and cfg.max_new_tokens == assistant.default_max_tokens
+    own = oa.ChatRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.7, repetition_penalty=1.0)
+    cfg = _generation(own, 12, assistant)
+    assert not cfg.greedy and cfg.temperature == 0.7 and cfg.repetition_penalty == 1.0 and cfg.max_new_tokens == 12
+    reply = client(server).chat.completions.create(**ask(max_tokens=40), extra_body={"repetition_penalty": 1.0})
+    assert reply.choices[0].message.content == ANSWER
+    assert _error(httpx.post(server.url + "/v1/chat/completions", json=ask(repetition_penalty=0)), 400)["param"] \
+        == "repetition_penalty"

@@ -61,6 +61,8 @@ class Assistant:
     store: Any = None                              # data.feedback.FeedbackStore
     passages: int = 3
     default_max_tokens: int = 256
+    default_temperature: float = 1.0               # for requests that do not say (OpenAI's default: 1)
+    default_repetition_penalty: float = 1.0        # for requests that do not say (1 = off)
     max_tokens_limit: int = 1024                   # a request asking for more gets a 400
 
     @property
@@ -132,14 +134,16 @@ def _generation(req: oa._Sampling, max_tokens: int | None, assistant: Assistant)
     if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
         raise oa.ApiError(400, f"stop takes up to {MAX_STOP_STRINGS} non-empty strings", "stop")
     checks = {"temperature": (req.temperature, 0, 2), "top_p": (req.top_p, 0, 1),
+              "repetition_penalty": (req.repetition_penalty, 0.01, 10),
               "frequency_penalty": (req.frequency_penalty, -2, 2), "presence_penalty": (req.presence_penalty, -2, 2)}
     for name, (value, lo, hi) in checks.items():
         if value is not None and not lo <= value <= hi:
             raise oa.ApiError(400, f"{name} must be between {lo} and {hi}, got {value}", name)
     if req.top_p is not None and req.top_p == 0:
         raise oa.ApiError(400, "top_p must be above 0", "top_p")
-    temperature = 1.0 if req.temperature is None else req.temperature
-    return GenerationConfig(
+    temperature = assistant.default_temperature if req.temperature is None else req.temperature
+    penalty = assistant.default_repetition_penalty if req.repetition_penalty is None else req.repetition_penalty
+    return GenerationConfig(repetition_penalty=penalty,
         strategy="greedy" if temperature == 0 else "sample", temperature=temperature or 1.0,
         top_p=req.top_p or 1.0, max_new_tokens=max_tokens or assistant.default_max_tokens, stop_strings=tuple(stop),
         seed=req.seed, frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0)

@@ -50,6 +50,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting for a batch slot at most; more get 429")
     parser.add_argument("--max-tokens", type=int, default=256, help="reply length when a request does not say")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="temperature for requests that do not set one (0 = greedy: the same question "
+                             "gets the same answer; OpenAI's own default is 1)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.1,
+                        help="repetition penalty for requests that do not set `repetition_penalty` (1 = off)")
     parser.add_argument("--max-tokens-limit", type=int, default=1024, help="longest reply a request may ask for")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     parser.add_argument("--passages", type=int, default=3, help="passages retrieved per question with --docs")
@@ -95,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
             raise ChatforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_tokens > args.max_tokens_limit:
         raise ChatforgeError(f"--max-tokens ({args.max_tokens}) cannot exceed --max-tokens-limit ({args.max_tokens_limit})")
+    if not 0 <= args.temperature <= 2 or not 0 < args.repetition_penalty <= 10:
+        raise ChatforgeError("--temperature must be in [0, 2] and --repetition-penalty in (0, 10]")
     if not 0 < args.port < 65536:
         raise ChatforgeError(f"--port must be between 1 and 65535, got {args.port}")
     api_key = args.api_key or os.environ.get("CHATFORGE_API_KEY") or None
@@ -131,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue).start()
     assistant = Assistant(scheduler, tokenizer, args.name or model_dir.resolve().name, index=index, system=system,
                           guard=guard, store=store, passages=args.passages, default_max_tokens=args.max_tokens,
-                          max_tokens_limit=args.max_tokens_limit)
+                          max_tokens_limit=args.max_tokens_limit, default_temperature=args.temperature,
+                          default_repetition_penalty=args.repetition_penalty)
     app = create_app(assistant, api_key=api_key, max_body_bytes=args.max_body_bytes)
 
     class Server(uvicorn.Server):

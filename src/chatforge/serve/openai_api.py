@@ -60,6 +60,8 @@ class _Sampling(_Open):
     seed: int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    # not OpenAI's (vLLM and llama.cpp's servers take it too): HF's repetition penalty, 1 = off
+    repetition_penalty: float | None = None
     n: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
