@@ -53,8 +53,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="temperature for requests that do not set one (0 = greedy: the same question "
                              "gets the same answer; OpenAI's own default is 1)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.1,
-                        help="repetition penalty for requests that do not set `repetition_penalty` (1 = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="repetition penalty for requests that do not set `repetition_penalty` (1 = off; "
+                             "it counts the prompt's tokens too, so it discourages copying from the passages)")
     parser.add_argument("--max-tokens-limit", type=int, default=1024, help="longest reply a request may ask for")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     parser.add_argument("--passages", type=int, default=3, help="passages retrieved per question with --docs")
