@@ -331,6 +331,8 @@ def run(args: argparse.Namespace) -> int:
     # On the user's own documents, ask two of their own held-out questions.
     questions = first_questions(data / "qa_val.jsonl", 2) if user_inputs else cfg.get("demo_questions") or []
     show_conversation(sft, docs, questions, int(settings["eval"].get("max_new_tokens") or 96))
+    if (sft / "config.json").exists():
+        print(f"\nserve it: chatforge serve --model {sft} --docs {' '.join(map(str, docs))}")
     return 0
 
 
