@@ -185,6 +185,15 @@ def test_cli_builds_the_example_folder(tmp_path, capsys):
     assert "doesn't finish" in by_source["my_docs/getting-started.txt"]      # mojibake repaired
     qa_text = (out / "qa.jsonl").read_text()
     assert "4111 1111" not in qa_text and "maria.lopez@" not in qa_text and "<CARD>" in qa_text
+    # The transcripts' planted platform lines, auto-replies, signatures, quotes and off-topic
+    # chats, as the README shows them (12 CSV conversations + 2 in qa.jsonl).
+    t = report["transcripts"]
+    assert t["conversations"] == {"read": 14, "kept": 10, "empty_side": 1, "spam": 1, "test": 1, "no_question": 1,
+                                  "ends_mid_sentence": 1}
+    assert {k: v for k, v in t["rules"].items() if v} == {
+        "system_speaker": 9, "bot_speaker": 2, "quote_header": 1, "signature": 2, "join": 1, "transfer": 1,
+        "auto_reply": 1, "sent_from": 1, "quoted_line": 1, "spam": 1, "test_message": 1, "greeting": 1}
+    assert "conversations: 14 read, 10 kept; dropped: empty_side 1, spam 1, test 1, no_question 1" in printed
 
 
 def test_default_inputs_leave_out_model_sources(tmp_path):
@@ -198,3 +207,118 @@ def test_default_inputs_leave_out_model_sources(tmp_path):
         (folder / "SOURCE.json").write_text(_json.dumps({"name": name, "kind": kind}) if kind else "{not json")
     # A fetched model is imported, not read as text; a damaged SOURCE.json still counts as text.
     assert [p.name for p in default_inputs(tmp_path)] == ["broken", "debian-faq"]
+
+
+# --------------------------------------------------------------------------- transcripts
+
+CHATS = """conversation_id,speaker,message
+1,system,This chat may be recorded for quality and training purposes.
+1,customer,"My backup stops at 99%, what can I do?"
+1,system,Agent Sam joined the chat
+1,agent,Chat transferred to Billing
+1,agent,"Delete the old snapshot under Settings > Retention, then run the backup again."
+1,agent,"If it still stops, send me the log.
+
+Best regards,
+Sam"
+2,customer,test
+2,agent,Test received.
+3,customer,Hi
+3,agent,Hello! How can I help you today?
+3,system,Customer left the chat
+4,customer,"Dear website owner, we offer affordable SEO services."
+4,agent,No thanks.
+5,customer,Is there a 32-bit client?
+5,Helpdesk Bot,These articles may help: tidewater.example/kb/arm
+6,customer,How do I exclude a folder?
+6,agent,"Right-click it, choose Exclude and"
+"""
+
+
+def test_transcripts_are_cleaned_and_counted(tmp_path, capsys):
+    src = make_inputs(tmp_path / "docs", 3)
+    (src / "chats.csv").write_text(CHATS, encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["data", "build", "--input", str(src), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    t = report["transcripts"]
+    assert t["conversations"] == {"read": 6, "kept": 2, "empty_side": 1, "spam": 1, "test": 1, "no_question": 1,
+                                  "ends_mid_sentence": 1}
+    assert {k: v for k, v in t["rules"].items() if v} == {
+        "system_speaker": 3, "bot_speaker": 1, "signature": 1, "transfer": 1, "spam": 1, "test_message": 1,
+        "greeting": 1}
+    assert t["examples"] == {"empty_side": ["docs/chats.csv id 5"], "spam": ["docs/chats.csv id 4"],
+                             "test": ["docs/chats.csv id 2"], "no_question": ["docs/chats.csv id 3"],
+                             "ends_mid_sentence": ["docs/chats.csv id 6"]}
+    qa = [m for m in read_jsonl(out / "qa.jsonl") if m["source"] == "docs/chats.csv"]
+    assert [q["messages"] for q in qa] == [
+        [{"role": "user", "content": "My backup stops at 99%, what can I do?"},
+         {"role": "assistant", "content": "Delete the old snapshot under Settings > Retention, then run the backup "
+                                          "again.\nIf it still stops, send me the log."}],
+        [{"role": "user", "content": "How do I exclude a folder?"},
+         {"role": "assistant", "content": "Right-click it, choose Exclude and"}]]
+    assert ("conversations: 6 read, 2 kept; dropped: empty_side 1, spam 1, test 1, no_question 1; "
+            "1 end mid-sentence") in printed
+    assert ("transcript rules: system_speaker 3, bot_speaker 1, signature 1, transfer 1, spam 1, test_message 1, "
+            "greeting 1") in " ".join(printed.split())      # wrapped between rules
+
+    # --keep-conversations: the flagged ones are written (and still counted), for a look.
+    kept = tmp_path / "kept"
+    assert main(["data", "build", "--input", str(src), "--out", str(kept), "--keep-conversations"]) == 0
+    assert "flagged (kept: --keep-conversations): empty_side 1, spam 1" in capsys.readouterr().out
+    t = json.loads((kept / "report.json").read_text())["transcripts"]
+    assert t["keep_conversations"] and t["conversations"]["kept"] == 5 and t["conversations"]["spam"] == 1
+    assert len([m for m in read_jsonl(kept / "qa.jsonl") if m["source"] == "docs/chats.csv"]) == 5
+
+
+def test_own_transcript_rules(tmp_path, capsys):
+    src = make_inputs(tmp_path / "docs", 3)
+    (src / "chats.csv").write_text(CHATS, encoding="utf-8")
+    mine = tmp_path / "rules.txt"
+    mine.write_text("# ours\nline snapshot_tip  delete the old snapshot[^\\n]*\noff bot_speaker\n", encoding="utf-8")
+    report = build([src], tmp_path / "out", transcript_rules=mine)
+    t = report["transcripts"]
+    assert t["rule_files"][-1] == str(mine) and report["options"]["transcript_rules"] == str(mine)
+    assert t["rules"]["snapshot_tip"] == 1 and "bot_speaker" not in t["rules"]
+    # With the bot's rows kept, conversation 5 has an agent side again.
+    assert t["conversations"]["empty_side"] == 0 and t["conversations"]["kept"] == 3
+
+    # A bad rule: exit code 2, the file and line named, nothing written.
+    mine.write_text("# ours\n\nline broken (unclosed\n", encoding="utf-8")
+    out = tmp_path / "bad"
+    assert main(["data", "build", "--input", str(src), "--out", str(out), "--transcript-rules", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {mine}:3: rule 'broken' has a bad pattern" in err
+    assert not out.exists()
+
+
+def test_example_transcripts_lose_every_planted_line_and_keep_every_answer(tmp_path):
+    import csv
+
+    report = build([EXAMPLES], tmp_path / "out")
+    qa_text = "\n".join(m["content"] for q in read_jsonl(tmp_path / "out" / "qa.jsonl")
+                        for m in q["messages"] if q["source"] == "my_docs/chat_transcripts.csv")
+    planted = ["Chat started", "may be recorded", "joined the chat", "Customer left", "How would you rate",
+               "Chat transferred", "request #48213", "request #48277", "Best regards", "Jonas Weber", "Weber & Sohn",
+               "Kind regards", "Sam\nTidewater Support", "wrote:", "> turn on", "> Error E42", "Sent from my iPhone",
+               "testing 123", "Test received", "How can I help you today", "idle for", "Chat ended", "SEO services",
+               "business offers", "32-bit ARM", "number 4 in the queue"]
+    for line in planted:
+        assert line not in qa_text, line
+    # Every agent answer of a kept conversation is there (its first line: signatures go; PII is
+    # scrubbed after the rules, so the phone number in 1003 is cut off by the 40 characters).
+    rows = list(csv.DictReader((EXAMPLES / "chat_transcripts.csv").open(encoding="utf-8")))
+    dropped = {"1008", "1009", "1010", "1011"}
+    platform = {"Chat transferred to Billing", "Priya joined the chat"}
+    answers = [r["message"] for r in rows if r["speaker"] in ("agent", "support") and r["conversation_id"] not in dropped
+               and r["message"] not in platform and "We have received your request" not in r["message"]]
+    assert len(answers) == 11
+    for answer in answers:
+        assert answer.split("\n")[0][:40] in qa_text, answer
+    for question in ("fails with error E42 since Friday. What does it mean?", "lowering the retention to 30 days fixed it.",
+                     "Does the Linux agent work on a Raspberry Pi?", "Done, and the laptop skipped its backup"):
+        assert question in qa_text
+    # The issue's false positive: the agent explaining "Agent joined" keeps the sentence.
+    assert "the chat window shows 'Agent joined' with their name" in qa_text
+    assert report["transcripts"]["conversations"]["ends_mid_sentence"] == 1

@@ -83,7 +83,7 @@ def test_jsonl_record_types(tmp_path):
     docs = docs_of(tmp_path / "d.jsonl")
     assert [d.kind for d in docs] == ["text", "conversation", "pairs", "pairs", "conversation"]
     assert docs[0].text == "A document." and docs[0].source == "d.jsonl"
-    assert docs[1].messages[1] == {"role": "assistant", "content": "hello"}
+    assert docs[1].messages[1] == {"role": "assistant", "content": "hello"} and docs[1].ref == "line 2"
     assert docs[2].pairs == [("P?", "C.")] and docs[3].pairs == [("Q?", "A.")]
     assert [m["role"] for m in docs[4].messages] == ["user", "assistant"]
 
@@ -115,11 +115,25 @@ def test_csv_transcript_grouped_by_conversation(tmp_path):
           "1,t,customer,\"Thanks, bye\"\n")
     docs = docs_of(tmp_path / "chats.csv")
     assert [d.kind for d in docs] == ["conversation", "conversation"]
+    assert [d.ref for d in docs] == ["id 1", "id 2"]
     first = docs[0].messages
-    assert [m["role"] for m in first] == ["user", "assistant", "user"]
-    assert first[1]["content"] == "Hello!\nHow can I help?"    # consecutive turns merged
-    assert first[2]["content"] == "Thanks, bye"
+    # One message a row, with its speaker: the build merges consecutive turns after cleaning.
+    assert [m["role"] for m in first] == ["user", "assistant", "assistant", "user"]
+    assert [m["speaker"] for m in first] == ["Customer", "Agent Sarah", "agent", "customer"]
+    assert first[3]["content"] == "Thanks, bye"
     assert [m["content"] for m in docs[1].messages] == ["Other chat", "Sure"]
+
+
+def test_csv_platform_speakers_are_system_and_not_the_customer(tmp_path):
+    chats = write(tmp_path / "chats.csv", "speaker,message\nNotification,Chat started\nAlice,my printer is broken\n"
+                                          "Bob,try turning it off\nTidewater Bot,Survey: rate us\n")
+    [doc] = docs_of(chats)
+    # Without the build's speaker rules an unknown name that speaks first is the customer...
+    assert [m["role"] for m in doc.messages] == ["user", "assistant", "assistant", "assistant"]
+    # ...with them, platform speakers get the system role and Alice is still the customer.
+    f = iter_files([chats])[0]
+    [doc] = sources.read_file(f, is_platform=lambda s: s in ("Notification", "Tidewater Bot"))
+    assert [m["role"] for m in doc.messages] == ["system", "user", "assistant", "system"]
 
 
 def test_csv_named_speakers_semicolons_and_qa(tmp_path):
@@ -131,7 +145,8 @@ def test_csv_named_speakers_semicolons_and_qa(tmp_path):
     assert doc.kind == "pairs" and doc.pairs == [("What is X?", "X is Y."), ("And Z?", "Z.")]
     write(tmp_path / "t.tsv", "role\tcontent\nuser\tq\nassistant\ta\n")
     [doc] = docs_of(tmp_path / "t.tsv")
-    assert doc.messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert doc.messages == [{"role": "user", "content": "q", "speaker": "user"},
+                            {"role": "assistant", "content": "a", "speaker": "assistant"}]
 
 
 def test_csv_unknown_header_is_an_error(tmp_path):

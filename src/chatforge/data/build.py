@@ -12,6 +12,12 @@ filters -> exact dedup -> near dedup (MinHash LSH) -> written. Q&A pairs and con
 normalised and scrubbed turn by turn and deduplicated on their (normalised) user turns. Only
 hashes and signatures stay in memory.
 
+Conversations (CSV transcripts, JSONL "messages") are cleaned first, by the transcript rules
+(transcripts.py; the built-in rule file plus --transcript-rules FILE): platform speakers'
+rows, platform lines, auto-replies, signatures and quoted earlier messages go; then empty,
+spam, test and question-less conversations are dropped (--keep-conversations keeps them for
+inspection); the report counts every rule and reason.
+
 The output folder (written to a temporary folder and renamed at the end, so an error leaves
 the old one untouched) holds:
 
@@ -19,7 +25,8 @@ the old one untouched) holds:
     train.jsonl / val.jsonl  the corpus split by a seeded hash of each text (--val-fraction)
     qa.jsonl                 {"messages": [{"role", "content"}, ...], "source"} a line
     qa_train.jsonl / qa_val.jsonl   the same split of qa.jsonl (hash of the user turns)
-    report.json              counts per source, per filter, PII per type, dedup, sizes, seconds
+    report.json              counts per source, per filter, PII per type, dedup, transcript
+                             rules and dropped conversations, sizes, seconds
 
 The split depends only on each item's own text and --seed, so adding a document never moves
 another across it. When a non-empty set would get no validation item at all (tiny inputs),
@@ -40,6 +47,8 @@ from pathlib import Path
 from chatforge.data.clean import FILTERS, PII_TYPES, FilterConfig, check_quality, normalize, scrub_pii
 from chatforge.data.dedup import ExactDedup, NearDedup, normalize_key
 from chatforge.data.sources import Document, InputFile, iter_files, read_file
+from chatforge.data.transcripts import (BUILTIN, TranscriptRules, TranscriptStats, clean_conversation,
+                                       format_transcripts, load_rules)
 from chatforge.errors import ChatforgeError
 from chatforge.files import atomic_dir
 
@@ -169,7 +178,7 @@ class SplitWriter:
 class _Builder:
     """The streaming state of one build: dedup memories, writers and the report's counters."""
 
-    def __init__(self, out: Path, opts: dict, warn) -> None:
+    def __init__(self, out: Path, opts: dict, rules: TranscriptRules, warn) -> None:
         self.opts = opts
         self.filters = FilterConfig(opts["min_chars"], opts["max_chars"], opts["min_alpha_ratio"],
                                     opts["max_dup_line_ratio"])
@@ -182,6 +191,8 @@ class _Builder:
         self.filter_counts = {name: Counter(kept=0, removed=0) for name in (*FILTERS, "qa_empty")}
         self.pii: Counter = Counter({t: 0 for t in PII_TYPES})
         self.qa_duplicates = 0
+        self.rules = rules
+        self.transcripts = TranscriptStats(self.rules, opts["keep_conversations"])
         self.warn = warn
 
     def _clean(self, text: str) -> str:
@@ -193,7 +204,7 @@ class _Builder:
         stats = self.sources.setdefault(f.label, Counter())
         stats["files"] += 1
         stats["bytes_in"] += f.size
-        for doc in read_file(f, self.warn):
+        for doc in read_file(f, self.warn, is_platform=self.rules.platform_speaker):
             self.add(doc, stats)
 
     def add(self, doc: Document, stats: Counter) -> None:
@@ -204,7 +215,12 @@ class _Builder:
             self._add_conversation([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
                                    doc.source, stats, "pairs")
         if doc.messages:
-            self._add_conversation(doc.messages, doc.source, stats, "conversations")
+            # The rules read normalised text (line ends, odd spaces) before PII is scrubbed, so a
+            # quote header or a signature still looks like one.
+            messages = [{**m, "content": normalize(m["content"])} for m in doc.messages]
+            result = clean_conversation(messages, self.rules)
+            if self.transcripts.add(result, f"{doc.source} {doc.ref}".strip()):
+                self._add_conversation(result.messages, doc.source, stats, "conversations")
 
     def _add_passage(self, text: str, source: str, stats: Counter) -> None:
         rejected = check_quality(text, self.filters)
@@ -246,16 +262,22 @@ def build(inputs: list[Path], out_dir: Path, *, val_fraction: float = 0.05, seed
           min_chars: int = FilterConfig.min_chars, max_chars: int = FilterConfig.max_chars,
           min_alpha_ratio: float = FilterConfig.min_alpha_ratio,
           max_dup_line_ratio: float = FilterConfig.max_dup_line_ratio,
+          transcript_rules: str | os.PathLike | None = None, keep_conversations: bool = False,
           progress: bool = True) -> dict:
     """Build the corpus and Q&A sets from `inputs` into `out_dir`; return the report.
 
-    Raises ChatforgeError for a missing input, malformed JSONL/CSV, bad options or an empty
-    result; `out_dir` is then left as it was.
+    `transcript_rules`: a rule file added to the built-in transcript rules;
+    `keep_conversations`: keep (still count) the conversations the spam, test and small-talk
+    rules flag. Raises ChatforgeError for a missing input, malformed JSONL/CSV, a bad rule file,
+    bad options or an empty result; `out_dir` is then left as it was.
     """
     opts = dict(val_fraction=val_fraction, seed=seed, near_dup_threshold=near_dup_threshold, num_perm=num_perm,
                 chunk_chars=chunk_chars, min_chars=min_chars, max_chars=max_chars,
-                min_alpha_ratio=min_alpha_ratio, max_dup_line_ratio=max_dup_line_ratio)
+                min_alpha_ratio=min_alpha_ratio, max_dup_line_ratio=max_dup_line_ratio,
+                transcript_rules=str(transcript_rules) if transcript_rules else None,
+                keep_conversations=keep_conversations)
     _check_options(opts)
+    rules = load_rules(opts["transcript_rules"])   # a bad rule file fails before any work
     start = time.perf_counter()
     from tqdm import tqdm
 
@@ -272,7 +294,7 @@ def build(inputs: list[Path], out_dir: Path, *, val_fraction: float = 0.05, seed
     total = sum(f.size for f in files)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        b = _Builder(tmp, opts, warn)
+        b = _Builder(tmp, opts, rules, warn)
         with tqdm(total=total, unit="B", unit_scale=True, desc="data build", file=sys.stderr,
                   disable=True if quiet else None) as bar:
             try:
@@ -327,6 +349,7 @@ def _report(b: _Builder, inputs, files, total: int, out_dir: Path, tmp: Path, op
         "pii": dict(b.pii),
         "dedup": {"exact_documents": b.exact.removed, "near_documents": b.near.removed,
                   "qa": b.qa_duplicates},
+        "transcripts": b.transcripts.report(),
         "outputs": {"corpus": b.corpus.counts["all"], "train": b.corpus.counts["train"],
                     "val": b.corpus.counts["val"], "qa": b.qa.counts["all"],
                     "qa_train": b.qa.counts["train"], "qa_val": b.qa.counts["val"]},
@@ -351,6 +374,7 @@ def format_summary(report: dict) -> str:
     d = report["dedup"]
     lines.append(f"duplicates removed: {d['exact_documents']} exact and {d['near_documents']} near passages, "
                  f"{d['qa']} Q&A")
+    lines += format_transcripts(report["transcripts"])
     o = report["outputs"]
     lines.append(f"corpus: {o['corpus']} passages (train {o['train']}, val {o['val']}), "
                  f"{report['sizes'].get('corpus.jsonl', 0) / mb:.2f} MB; "
@@ -389,6 +413,12 @@ def configure_build(parser: argparse.ArgumentParser) -> None:
                         help="drop passages whose letters / non-space characters is below this")
     parser.add_argument("--max-dup-line-ratio", type=float, default=d.max_dup_line_ratio,
                         help="drop passages where repeated lines hold more than this share of the characters")
+    parser.add_argument("--transcript-rules", metavar="FILE", default=None,
+                        help="your own transcript rules, added to the built-in ones (same format: see "
+                             f"{BUILTIN}); None: the built-in rules only")
+    parser.add_argument("--keep-conversations", action="store_true",
+                        help="keep the spam, test and greeting-only conversations the rules flag (they "
+                             "are still counted in the report), to inspect what the rules catch")
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -399,6 +429,7 @@ def run_build(args: argparse.Namespace) -> int:
     report = build(inputs, Path(args.out), val_fraction=args.val_fraction, seed=args.seed,
                    near_dup_threshold=args.near_dup_threshold, num_perm=args.num_perm,
                    chunk_chars=args.chunk_chars, min_chars=args.min_chars, max_chars=args.max_chars,
-                   min_alpha_ratio=args.min_alpha_ratio, max_dup_line_ratio=args.max_dup_line_ratio)
+                   min_alpha_ratio=args.min_alpha_ratio, max_dup_line_ratio=args.max_dup_line_ratio,
+                   transcript_rules=args.transcript_rules, keep_conversations=args.keep_conversations)
     print(format_summary(report))
     return 0

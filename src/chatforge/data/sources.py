@@ -23,10 +23,15 @@ files are skipped; `NAME.gz` is read as NAME):
                                -> Q&A pairs, or
                                role/speaker + text/message columns, optionally a
                                conversation id (conversation_id, session, thread, ticket...)
-                               -> one conversation per id (the whole file when there is none).
+                               -> one conversation per id (the whole file when there is none),
+                               one message a row, each with its "speaker" as written.
                                Speakers named customer/user/client/... are the user,
-                               agent/support/assistant/bot/... the assistant; other names: the
-                               first one seen in a conversation is the user, the rest the assistant.
+                               agent/support/assistant/bot/... the assistant, system the system;
+                               other names: the first one seen in a conversation is the user, the
+                               rest the assistant. `chatforge data build` passes `is_platform`
+                               (its transcript speaker rules): such speakers (system, bot, ...)
+                               get the system role and do not count as the first speaker; the
+                               build drops them and merges consecutive turns (transcripts.py).
 
 Text documents are also offered to `chatforge.data.faq.extract_pairs`; a FAQ comes back as
 kind "faq" with its Q&A pairs. Each document's `source` is "<source name>/<relative path>": the
@@ -53,6 +58,7 @@ from chatforge.data.faq import extract_pairs
 from chatforge.errors import ChatforgeError
 
 Warn = Callable[[str], None]
+IsPlatform = Callable[[str], object] | None   # speaker name -> truthy for a platform speaker
 ROLES = ("system", "user", "assistant")
 _SUFFIXES = {".txt": "txt", ".text": "txt", ".md": "md", ".markdown": "md", ".rst": "rst",
              ".html": "html", ".htm": "html", ".xhtml": "html", ".pod": "pod",
@@ -65,7 +71,8 @@ class Document:
     """One unit of input: prose (`text`), Q&A `pairs`, or a conversation (`messages`).
 
     kind: "text" (prose only), "faq" (prose and its pairs), "pairs" (pairs only) or
-    "conversation" (`messages`, a list of {"role", "content"} dicts; `text` is empty).
+    "conversation" (`messages`, a list of {"role", "content"} dicts, from a CSV transcript one a
+    row with the row's "speaker" too; `text` is empty).
     """
 
     text: str
@@ -74,6 +81,7 @@ class Document:
     pairs: list[tuple[str, str]] | None = None
     messages: list[dict] | None = None
     label: str = ""   # the source name, for counts per source
+    ref: str = ""     # where a conversation is inside its file: "id 1006" (CSV) or "line 12" (JSONL)
 
 
 @dataclass(frozen=True)
@@ -267,14 +275,15 @@ def _read_jsonl(f: InputFile, warn: Warn) -> Iterator[Document]:
         if not isinstance(obj, dict):
             raise ChatforgeError(f"{where}: {_JSONL_EXPECTED}")
         if "messages" in obj:
-            yield Document("", f.source, "conversation", messages=_check_messages(obj["messages"], where), label=f.label)
+            yield Document("", f.source, "conversation", messages=_check_messages(obj["messages"], where),
+                           label=f.label, ref=f"line {lineno}")
         elif "prompt" in obj and "completion" in obj:
             p, c = obj["prompt"], obj["completion"]
             if isinstance(p, str) and isinstance(c, str):
                 yield Document("", f.source, "pairs", pairs=[(p, c)], label=f.label)
             elif isinstance(p, list) and isinstance(c, list):
                 msgs = _check_messages(p + c, where)
-                yield Document("", f.source, "conversation", messages=msgs, label=f.label)
+                yield Document("", f.source, "conversation", messages=msgs, label=f.label, ref=f"line {lineno}")
             else:
                 raise ChatforgeError(f'{where}: "prompt" and "completion" must both be strings or both message lists')
         elif "question" in obj and "answer" in obj:
@@ -309,9 +318,9 @@ def _column(header: list[str], names: tuple[str, ...]) -> int | None:
     return None
 
 
-def _csv_role(speaker: str, seen: dict[str, str]) -> str:
+def _csv_role(speaker: str, seen: dict[str, str], is_platform: IsPlatform = None) -> str:
     words = set(speaker.lower().replace("_", " ").replace("-", " ").split())
-    if "system" in words:
+    if "system" in words or (is_platform is not None and is_platform(speaker)):
         return "system"
     if words & _ASSISTANT_WORDS:
         return "assistant"
@@ -323,7 +332,7 @@ def _csv_role(speaker: str, seen: dict[str, str]) -> str:
     return seen[speaker]
 
 
-def _read_csv(f: InputFile, text: str) -> Iterator[Document]:
+def _read_csv(f: InputFile, text: str, is_platform: IsPlatform = None) -> Iterator[Document]:
     first = text.split("\n", 1)[0]
     # The header's most frequent candidate separator is the delimiter (.tsv: always a tab).
     delimiter = "\t" if f.path.name.lower().removesuffix(".gz").endswith(".tsv") else \
@@ -361,24 +370,27 @@ def _read_csv(f: InputFile, text: str) -> Iterator[Document]:
             content = row[t_col]
             if not content.strip():
                 continue
-            role = _csv_role(row[r_col].strip(), speakers.setdefault(conv, {}))
-            turns = chats.setdefault(conv, [])
-            if turns and turns[-1]["role"] == role:
-                turns[-1]["content"] += "\n" + content   # one turn typed as several messages
-            else:
-                turns.append({"role": role, "content": content})
+            speaker = row[r_col].strip()
+            role = _csv_role(speaker, speakers.setdefault(conv, {}), is_platform)
+            # One message a row: the build merges consecutive turns of one role once platform
+            # rows and lines are gone (a transfer notice between two agent messages, say).
+            chats.setdefault(conv, []).append({"role": role, "content": content, "speaker": speaker})
     except csv.Error as e:
         raise ChatforgeError(f"{f.path}:{rows.line_num}: malformed CSV ({e})") from None
     if mode == "qa":
         if pairs:
             yield Document("", f.source, "pairs", pairs=pairs, label=f.label)
         return
-    for turns in chats.values():
-        yield Document("", f.source, "conversation", messages=turns, label=f.label)
+    for conv, turns in chats.items():
+        yield Document("", f.source, "conversation", messages=turns, label=f.label,
+                       ref=f"id {conv}" if conv else "")
 
 
-def read_file(f: InputFile, warn: Warn = _warn_stderr) -> Iterator[Document]:
-    """The documents of one input file (none, with a warning, when it cannot be read)."""
+def read_file(f: InputFile, warn: Warn = _warn_stderr, is_platform: IsPlatform = None) -> Iterator[Document]:
+    """The documents of one input file (none, with a warning, when it cannot be read).
+
+    `is_platform(speaker)`: which CSV transcript speakers are the chat platform (see above).
+    """
     fmt = file_format(f.path.name)
     if fmt == "jsonl":
         yield from _read_jsonl(f, warn)
@@ -387,7 +399,7 @@ def read_file(f: InputFile, warn: Warn = _warn_stderr) -> Iterator[Document]:
     if text is None:
         return
     if fmt == "csv":
-        yield from _read_csv(f, text)
+        yield from _read_csv(f, text, is_platform)
     else:
         yield from _read_markup(f, text, fmt or "txt", warn)
 
