@@ -262,8 +262,15 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. build: clean, scrub, dedup, split.
     data = run_dir / "data"
+    # The transcript rules decide what is kept: an edited rule file (built-in or the user's)
+    # makes the build run again.
+    from importlib import resources
+
+    rules = [Path(str(resources.files("chatforge") / "resources" / "transcript_rules.txt"))]
+    user_rules = settings["build"].get("transcript_rules") or settings["build"].get("transcript-rules")
+    rules += [Path(user_rules)] if user_rules else []
     runner.stage("build", ["data", "build", "--input", *map(str, inputs), "--out", str(data),
-                           *to_flags(settings["build"])], data, extra=fingerprint(inputs))
+                           *to_flags(settings["build"])], data, extra=fingerprint(inputs + rules))
     if stop_after("build"):
         return 0
 
