@@ -21,7 +21,9 @@ Contract
 - `loss_fn(model, batch) -> (loss, n_tokens)`: `loss` is the MEAN loss over the `n_tokens`
   tokens (or examples) it covers; `n_tokens` is an int or a 0-dim tensor. The loop weights each
   micro-batch by `n_tokens`, so accumulated gradients equal the mean over every token of the
-  optimizer step on every rank, whatever the padding or masking.
+  optimizer step on every rank, whatever the padding or masking. It may return a third item, a
+  dict of named metrics (means over the same `n_tokens`, e.g. DPO's reward accuracy): they are
+  weighted like the loss, logged beside it, and as `val_NAME` after each validation.
 - `val_batches`: an iterable of batches, re-iterated at each evaluation (a list, or an object
   whose `__iter__` starts over). Validation loss is the token-weighted mean of `loss_fn`;
   perplexity is exp(loss). Every rank evaluates all of it (FSDP needs every rank in a forward).
@@ -77,7 +79,12 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, Any]]
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple]   # (loss, n) or (loss, n, metrics)
+
+
+def _metrics(out: tuple) -> dict[str, Any]:
+    """The optional third item of a `loss_fn` result: named metrics (means over its n)."""
+    return out[2] if len(out) > 2 else {}
 
 
 @dataclass
@@ -275,18 +282,27 @@ def _set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
 def evaluate(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn, device: torch.device,
              precision: str = "fp32") -> float:
     """Token-weighted mean of `loss_fn` over `batches` (model in eval mode, no gradients)."""
+    return evaluate_metrics(model, batches, loss_fn, device, precision)[0]
+
+
+def evaluate_metrics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn, device: torch.device,
+                     precision: str = "fp32") -> tuple[float, dict[str, float]]:
+    """(loss, metrics): token-weighted means of `loss_fn`'s loss and metrics over `batches`."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0.0
+    total, count, sums = 0.0, 0.0, {}
     with torch.no_grad(), runtime.autocast(device, precision):
         for batch in batches:
-            loss, n = loss_fn(model, {k: v.to(device, non_blocking=True) for k, v in batch.items()})
-            total += float(loss) * float(n)
-            count += float(n)
+            out = loss_fn(model, {k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            n = float(out[1])
+            total += float(out[0]) * n
+            count += n
+            for k, v in _metrics(out).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
     model.train(was_training)
     if count == 0:
         raise ChatforgeError("the validation set produced no tokens; give it more data or a shorter --seq-len")
-    return total / count
+    return total / count, {k: v / count for k, v in sums.items()}
 
 
 class _StopFlag:
@@ -400,19 +416,23 @@ def train(model: nn.Module, train_source: BatchSource, loss_fn: LossFn, cfg: Tra
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * factor
             loss_sum = torch.zeros((), device=device)
-            n_sum, grad_norm = 0.0, None
+            n_sum, grad_norm, metric_sums = 0.0, None, {}
             for micro in range(accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in train_source.next_batch().items()}
                 with _grad_sync(wrapped, raw, cfg, micro == accum - 1):
                     with runtime.autocast(device, precision):
-                        loss, n = loss_fn(wrapped, batch)
-                    n = float(n)
+                        out = loss_fn(wrapped, batch)
+                    loss, n = out[0], float(out[1])
                     # Sum of per-token losses: normalised below by the step's token count.
                     (loss * n).backward()
                 loss_sum += loss.detach().float() * n
                 n_sum += n
-            # One all-reduce for the token count, the loss and the stop flag.
-            n_all, loss_all, stop_all = runtime.all_reduce_sum([n_sum, float(loss_sum), float(stop.set)], device)
+                for k, v in _metrics(out).items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v) * n
+            # One all-reduce for the token count, the loss, the stop flag and the metrics.
+            names = sorted(metric_sums)
+            n_all, loss_all, stop_all, *metric_all = runtime.all_reduce_sum(
+                [n_sum, float(loss_sum), float(stop.set), *[float(metric_sums[k]) for k in names]], device)
             if n_all > 0:
                 # DDP/FSDP averaged the gradients over ranks; turn that into a per-token mean.
                 scale = world / n_all
@@ -427,14 +447,17 @@ def train(model: nn.Module, train_source: BatchSource, loss_fn: LossFn, cfg: Tra
             train_loss = loss_all / max(n_all, 1.0)
             log.step(step, tokens, int(n_all))
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                log.record(step, tokens, loss=train_loss, lr=cfg.lr * factor, grad_norm=grad_norm)
+                log.record(step, tokens, loss=train_loss, lr=cfg.lr * factor, grad_norm=grad_norm,
+                           **{k: v / max(n_all, 1.0) for k, v in zip(names, metric_all)})
 
             evaluate_now = val_batches is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps)
             if evaluate_now:
-                val_loss = evaluate(wrapped if cfg.fsdp else raw, val_batches, loss_fn, device, precision)
+                val_loss, val_metrics = evaluate_metrics(wrapped if cfg.fsdp else raw, val_batches, loss_fn, device,
+                                                         precision)
                 improved = val_loss < best
                 best, bad_evals = (val_loss, 0) if improved else (best, bad_evals + 1)
-                log.record(step, tokens, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+                log.record(step, tokens, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)),
+                           **{f"val_{k}": v for k, v in val_metrics.items()})
                 if improved:
                     save_best()
                 if sample_fn is not None and (master or cfg.fsdp):
