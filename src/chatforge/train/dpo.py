@@ -1,0 +1,389 @@
+"""`chatforge dpo`: Direct Preference Optimization of a chat model on preference pairs.
+
+    chatforge dpo --base runs/demo/sft --prefs runs/demo/prefs.jsonl --out runs/demo/dpo
+    chatforge dpo ... --method full --beta 0.1 --loss ipo
+    chatforge dpo ... --resume                    # continue from runs/demo/dpo/last/
+
+DPO (Rafailov et al., 2023) teaches the model to prefer the chosen reply of each pair over the
+rejected one without a reward model or sampling. With pi the model being trained, pi_ref the model
+it starts from, and log-probabilities summed over each reply's tokens,
+
+    h = [log pi(chosen) - log pi_ref(chosen)] - [log pi(rejected) - log pi_ref(rejected)]
+
+    sigmoid (DPO):   -log sigmoid(beta * h)
+    hinge (SLiC):    max(0, 1 - beta * h)
+    ipo (IPO):       (h' - 1 / (2 * beta))^2, with h' built from per-token means (each log-ratio
+                     divided by its reply's length), as TRL computes IPO
+
+averaged over the pairs (`dpo_losses`, pure functions). `beta` sets how far the model may move
+from its start: the implicit reward of a reply is beta * (log pi - log pi_ref).
+
+Data: `--prefs` JSONL read by `chatforge.data.prefs.read_preferences` (`chatforge feedback export`,
+`chatforge prefs make`, or any file in TRL's preference formats). A seeded `--val-fraction` of
+the questions, with all their pairs, is held out for validation. Each pair is one row: the prompt
+once, then both replies, each reply attending only to the prompt and itself (`train/pairs.py`),
+so the prompt's forward and backward work is done once per pair, and the LM head runs on reply
+tokens only.
+
+The reference: pi_ref's per-token log-probabilities of every reply are computed once, before
+training, by the model as loaded from `--base` (before LoRA adapters are added or anything is
+trained), and cached in `OUT/reference_logps.safetensors` with a fingerprint of the base weights,
+the pairs and the precision: `--resume` and later runs on the same base and pairs reuse it. No
+second copy of the model is ever in memory, with `--method lora` or `full`. The loop's work per
+pair is then one forward and backward of one row, where TRL's DPOTrainer by default runs a
+second forward of the reference at every step.
+
+Logged in `OUT/metrics.jsonl` at every log step, and as `val_*` at every validation (the loop
+counts pairs where other stages count tokens, so its `tokens` and `tokens_per_s` are pairs):
+`loss`, `reward_accuracy` (the share of pairs whose chosen reward is higher), `reward_margin`
+(mean chosen minus rejected reward), `rewards_chosen` / `rewards_rejected`, `logps_chosen` /
+`logps_rejected` (the model's summed log-probabilities of each reply), and `kl`: the mean over
+the replies' tokens of exp(d) - 1 - d with d = log pi_ref - log pi (Schulman's non-negative "k3"
+estimator of KL(pi || pi_ref); the replies are not sampled from pi, so it measures how far the
+model moved on these tokens rather than the exact KL of its own replies).
+
+Methods: `--method lora` (default; adapters as in `chatforge sft`, merged into a plain model
+folder when saved, `--lora-save adapter` also keeps them) or `full`. The output is a model
+folder (`load_model` works on it), `metrics.jsonl`, `last/` for `--resume` and `dpo.json` (data
+counts, options, the best validation's metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from chatforge import files
+from chatforge.cli import leaf
+from chatforge.errors import ChatforgeError
+
+LOSSES = ("sigmoid", "ipo", "hinge")
+METHODS = ("lora", "full")
+DEFAULT_LR = {"lora": 5e-5, "full": 1e-6}
+REFERENCE_FILE = "reference_logps.safetensors"
+REFERENCE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses (pure functions of per-pair log-probabilities)
+
+
+def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",
+               chosen_tokens=None, rejected_tokens=None):
+    """(losses (B,), chosen rewards (B,), rejected rewards (B,)) from summed reply log-probs (B,).
+
+    `chosen_tokens` / `rejected_tokens` (B,) are the replies' token counts, needed by "ipo".
+    Rewards are beta * (log pi - log pi_ref), detached (they are reported, not optimised)."""
+    import torch.nn.functional as F
+
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "hinge":
+        losses = (1 - beta * h).clamp(min=0)
+    elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss needs the replies' token counts")
+        mean_h = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (mean_h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; choose one of {', '.join(LOSSES)}")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def kl_k3(policy_logps, ref_logps, mask):
+    """Mean over the tokens where `mask` is true of exp(d) - 1 - d, d = ref - policy (>= 0, 0 iff equal)."""
+    d = (ref_logps - policy_logps.detach())[mask]
+    return (d.exp() - 1 - d).mean() if d.numel() else d.new_zeros(())
+
+
+def make_loss_fn(beta: float, loss_type: str):
+    """The loop's loss: (mean loss over the batch's pairs, pairs, metrics) for a `ReplyLogProbs` model."""
+    from chatforge.train.pairs import side_counts, side_sums
+
+    if loss_type not in LOSSES:
+        raise ChatforgeError(f"--loss must be one of {', '.join(LOSSES)}, got {loss_type!r}")
+    if not beta > 0:
+        raise ChatforgeError(f"--beta must be positive, got {beta}")
+
+    def loss_fn(model, batch: dict):
+        logps = model(batch)                                       # (B, S) the policy's token log-probs
+        policy_c, policy_r = side_sums(logps, batch)
+        ref_c, ref_r = side_sums(batch["ref_logps"], batch)
+        n_c, n_r = side_counts(batch)
+        losses, reward_c, reward_r = dpo_losses(policy_c, policy_r, ref_c, ref_r, beta, loss_type, n_c, n_r)
+        metrics = {"reward_accuracy": (reward_c > reward_r).float().mean(),
+                   "reward_margin": (reward_c - reward_r).mean(),
+                   "rewards_chosen": reward_c.mean(), "rewards_rejected": reward_r.mean(),
+                   "logps_chosen": policy_c.detach().mean(), "logps_rejected": policy_r.detach().mean(),
+                   "kl": kl_k3(logps, batch["ref_logps"], batch["score_side"] > 0)}
+        return losses.mean(), len(losses), metrics
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference log-probabilities, computed once
+
+
+def reference_logps(model, examples, batch_size: int, pad_id: int, device, precision: str) -> list:
+    """Per example, the log-probabilities (float32) of its scored reply tokens (chosen, then rejected)
+    under `model` as it is now (eval mode, no gradients), in batches of similar length."""
+    import torch
+    from tqdm import tqdm
+
+    from chatforge.train import runtime
+    from chatforge.train.pairs import length_batches, make_pair_batch, reply_token_logps
+
+    was_training = model.training
+    model.eval().to(device)
+    out: list = [None] * len(examples)
+    groups = length_batches(examples, batch_size)
+    with torch.no_grad(), runtime.autocast(device, precision):
+        for group in tqdm(groups, desc="reference log-probs", unit="batch", disable=None):
+            batch = make_pair_batch([examples[i] for i in group], pad_id)
+            logps = reply_token_logps(model, {k: v.to(device) for k, v in batch.items()}).cpu()
+            for row, i in enumerate(group):
+                out[i] = logps[row, :int((batch["score_side"][row] > 0).sum())].clone()
+    model.train(was_training)
+    return out
+
+
+def reference_fingerprint(base: Path, examples, precision: str) -> str:
+    """What the cached reference depends on: the base weights, every pair's tokens, the precision."""
+    from chatforge.train.classify import model_fingerprint
+
+    h = hashlib.sha256(f"chatforge-dpo-reference-{REFERENCE_VERSION}-{precision}-{model_fingerprint(base)}".encode())
+    for e in examples:
+        h.update(json.dumps([e.prompt, e.chosen, e.rejected, e.chosen_mask, e.rejected_mask]).encode())
+    return h.hexdigest()[:24]
+
+
+def save_reference(path: Path, values: list, fingerprint: str) -> None:
+    import torch
+    from safetensors.torch import save
+
+    lengths = torch.tensor([len(v) for v in values], dtype=torch.long)
+    flat = torch.cat(values) if values else torch.zeros(0)
+    files.write_bytes(path, save({"values": flat.float().contiguous(), "lengths": lengths},
+                                 metadata={"format": "pt", "fingerprint": fingerprint}))
+
+
+def load_reference(path: Path, fingerprint: str) -> list | None:
+    """The cached values when `path` holds them for `fingerprint`, else None (missing, stale or damaged)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != fingerprint:
+                return None
+            flat, lengths = f.get_tensor("values"), f.get_tensor("lengths")
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return None
+    return list(flat.split(lengths.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    from chatforge.train.pretrain import add_loop_options
+    from chatforge.train.sft import DEFAULT_LORA_TARGETS, _set_default
+
+    p.add_argument("--base", default=None, help="model folder to start from, and the reference (e.g. runs/demo/sft)")
+    p.add_argument("--prefs", default=None, help="preference pairs: JSONL of {\"prompt\", \"chosen\", \"rejected\"}")
+    p.add_argument("--out", default=None, help="output folder (default: a `dpo` folder beside --base)")
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="how far the model may move from --base: larger keeps it closer")
+    p.add_argument("--loss", default="sigmoid", choices=LOSSES,
+                   help="sigmoid: DPO; ipo: squared, per-token log-ratios; hinge: SLiC's max(0, 1 - beta h)")
+    p.add_argument("--method", default="lora", choices=METHODS, help="lora: low-rank adapters; full: all weights")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA: rank of each adapter")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA: the update is scaled by alpha / rank")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA: dropout on the adapters' input")
+    p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS,
+                   help="LoRA: comma-separated names (suffixes) of the linear layers to adapt")
+    p.add_argument("--lora-layers", type=int, default=0,
+                   help="LoRA: adapt only the top N blocks (0 = all); the backward pass then stops below them")
+    p.add_argument("--lora-save", default="merged", choices=["merged", "adapter"],
+                   help="LoRA: merged = a plain model folder; adapter = that plus adapter.safetensors")
+    p.add_argument("--max-length", type=int, default=1024,
+                   help="most tokens the model reads at once, the prompt plus the longer reply "
+                        "(capped at the model's context)")
+    p.add_argument("--truncate", default="left", choices=["left", "drop"],
+                   help="too-long pairs: cut the prompt from the left, or drop them")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the questions (with all their pairs) held out for validation (0 = none)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs (ignored with --steps)")
+    add_loop_options(p, lr=None)
+    _set_default(p, "steps", None, "optimizer steps (overrides --epochs)")
+    _set_default(p, "lr", None, "peak learning rate (default: 5e-5 lora, 1e-6 full)")
+    _set_default(p, "batch_size", 8, "pairs per micro-batch")
+    _set_default(p, "tokens_per_step", 0, "pairs per optimizer step x --max-length (0 = one micro-batch a step; "
+                                          "e.g. 4 x batch x max-length accumulates 4 micro-batches)")
+    _set_default(p, "eval_every", 0, "steps between validations and checkpoints (0 = four times a run)")
+    _set_default(p, "log_every", 1, "steps between metrics.jsonl lines")
+    _set_default(p, "compile", "auto", "torch.compile: auto = off here (every batch has its own length, and each "
+                                        "new shape would compile again)")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("examples:\n"
+                     "  chatforge dpo --base runs/demo/sft --prefs runs/demo/prefs.jsonl --out runs/demo/dpo\n"
+                     "  chatforge dpo --base runs/demo/sft --prefs runs/demo/feedback-data/preferences.jsonl "
+                     "--out runs/demo/dpo --loss ipo --beta 0.5\n"
+                     "  chatforge dpo ... --method full --lr 1e-6\n\n"
+                     "make pairs with `chatforge prefs make` or `chatforge feedback export`")
+    add_options(parser)
+    leaf(parser, run)
+
+
+def default_options() -> dict[str, Any]:
+    p = argparse.ArgumentParser(add_help=False)
+    add_options(p)
+    return vars(p.parse_args([]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _save_fn(out: Path, tokenizer, o: dict, base: Path):
+    """At the top of `out` a plain model folder (adapters merged); in `last/` the trained module's
+    own weights (a `ReplyLogProbs`, adapters unmerged), which `--resume` loads back."""
+    from chatforge.model import folder as model_folder
+    from chatforge.model.lora import merged_state_dict, save_lora
+
+    def save(folder: Path, wrapper, state: dict) -> None:
+        if Path(folder).resolve() != out.resolve():
+            # Clones: a tied embedding appears twice in the state and safetensors refuses shared memory.
+            model_folder.save_weights(Path(folder) / model_folder.WEIGHTS, wrapper,
+                                      {k: v.clone() for k, v in state.items()})
+            return
+        gpt = wrapper.model
+        plain = {k.removeprefix("model."): v for k, v in state.items()}
+        if o["method"] == "lora":
+            model_folder.save_model(folder, gpt, tokenizer, state=merged_state_dict(gpt, plain))
+            if o["lora_save"] == "adapter":
+                save_lora(gpt, folder, state=plain, base=str(base.resolve()))
+        else:
+            model_folder.save_model(folder, gpt, tokenizer, state=plain)
+    return save
+
+
+def _best_validation(out: Path) -> dict:
+    """The metrics of the validation with the lowest loss in `OUT/metrics.jsonl` (the saved model's)."""
+    best: dict = {}
+    path = out / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if "val_loss" in row and (not best or row["val_loss"] < best["val_loss"]):
+                best = row
+    return best
+
+
+def run_dpo(base: str | Path, prefs: str | Path, out: str | Path | None = None, **options: Any) -> dict:
+    """DPO-train `base` on the pairs in `prefs` into `out`; returns the report (also `OUT/dpo.json`).
+
+    `options` are the command's options by their Python names (`beta=0.1`, `loss="ipo"`, ...)."""
+    import torch
+
+    from chatforge.data.prefs import read_preferences, split_by_question
+    from chatforge.model.folder import load_model
+    from chatforge.model.lora import apply_lora
+    from chatforge.train import runtime
+    from chatforge.train.loop import train
+    from chatforge.train.pairs import PairBatches, ReplyLogProbs, encode_pairs, eval_pair_batches
+    from chatforge.train.sft import loop_config, top_block_targets
+
+    o = default_options()
+    unknown = set(options) - set(o)
+    if unknown:
+        raise ChatforgeError(f"unknown dpo option(s) {sorted(unknown)}; valid: {', '.join(sorted(o))}")
+    o.update(options)
+    if not base:
+        raise ChatforgeError("pass --base DIR: the model folder to align (e.g. the output of `chatforge sft`)")
+    if not prefs:
+        raise ChatforgeError("pass --prefs FILE.jsonl: preference pairs from `chatforge prefs make` "
+                             "or `chatforge feedback export`")
+    base, out = Path(base), Path(out) if out else Path(base).parent / "dpo"
+    if o["method"] not in METHODS:
+        raise ChatforgeError(f"--method must be one of {', '.join(METHODS)}, got {o['method']!r}")
+    loss_fn = make_loss_fn(o["beta"], o["loss"])
+    if not 0 <= o["val_fraction"] < 1:
+        raise ChatforgeError(f"--val-fraction must be in [0, 1), got {o['val_fraction']}")
+    if o["epochs"] <= 0 and not o["steps"]:
+        raise ChatforgeError(f"--epochs must be positive, got {o['epochs']}")
+
+    pairs = read_preferences(prefs)
+    model, tok = load_model(base)
+    max_length = min(o["max_length"], model.config.max_seq_len)
+    encoded, stats = encode_pairs(pairs, tok, max_length, o["truncate"])
+    train_idx, val_idx = split_by_question(pairs, o["val_fraction"], o["seed"])
+    train_ex = [encoded[i] for i in train_idx if encoded[i] is not None]
+    val_ex = [encoded[i] for i in val_idx if encoded[i] is not None]
+    if not train_ex:
+        raise ChatforgeError(f"no pair of {prefs} fits in --max-length {max_length} tokens; raise it or use --truncate left")
+
+    device = runtime.pick_device(o["device"])
+    precision = runtime.resolve_precision(o["precision"], device)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = reference_fingerprint(base, train_ex + val_ex, precision)
+    ref = load_reference(out / REFERENCE_FILE, fingerprint)
+    if ref is None:
+        # The model exactly as loaded: nothing is trained or added yet, so it IS the reference.
+        ref = reference_logps(model, train_ex + val_ex, o["batch_size"], tok.pad_id, device, precision)
+        save_reference(out / REFERENCE_FILE, ref, fingerprint)
+    else:
+        print(f"dpo: reference log-probabilities from {out / REFERENCE_FILE}")
+    ref_train, ref_val = ref[:len(train_ex)], ref[len(train_ex):]
+
+    torch.manual_seed(o["seed"])  # LoRA's A matrices
+    if o["method"] == "lora":
+        targets = [t.strip() for t in str(o["lora_targets"]).split(",") if t.strip()]
+        apply_lora(model, o["lora_rank"], o["lora_alpha"], o["lora_dropout"],
+                   top_block_targets(model, targets, o["lora_layers"]))
+    policy = ReplyLogProbs(model)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    source = PairBatches(train_ex, o["batch_size"], tok.pad_id, seed=o["seed"], ref=ref_train)
+    accum = max(1, math.ceil(o["tokens_per_step"] / (o["batch_size"] * max_length))) if o["tokens_per_step"] else 1
+    steps = o["steps"] or max(1, math.ceil(o["epochs"] * source.batches_per_epoch / accum))
+    lr = o["lr"] if o["lr"] is not None else DEFAULT_LR[o["method"]]
+    loop_options = {**o, "compile": "off" if o["compile"] == "auto" else o["compile"]}
+    cfg = loop_config(loop_options, steps, max_length, lr, o["eval_every"] or max(1, steps // 4))
+    val_batches = eval_pair_batches(val_ex, o["batch_size"], tok.pad_id, ref_val) if val_ex else None
+    n_train = sum(p.numel() for p in params)
+    print(f"dpo ({o['method']}, {o['loss']} loss, beta {o['beta']:g}): {len(train_ex)} train / {len(val_ex)} val pairs "
+          f"(truncated {stats.truncated}, dropped {stats.dropped}), training {n_train / 1e6:.2f}M of "
+          f"{model.num_params() / 1e6:.2f}M parameters for {steps} steps at lr {lr:g}")
+    result = train(policy, source, loss_fn, cfg, out, val_batches=val_batches, tokenizer=tok, resume=o["resume"],
+                   params=params, save_fn=_save_fn(out, tok, o, base))
+    best = _best_validation(out)
+    report = {"base": str(base), "prefs": str(prefs), "method": o["method"], "loss": o["loss"], "beta": o["beta"],
+              "lr": lr, "steps": result.step, "max_length": max_length, "pairs": stats.to_dict(),
+              "train_pairs": len(train_ex), "val_pairs": len(val_ex), "trainable_parameters": n_train,
+              "validation": {k.removeprefix("val_"): v for k, v in best.items() if k.startswith("val_")},
+              "best_step": best.get("step"), "seconds": round(result.seconds, 1), "interrupted": result.interrupted}
+    if o["method"] == "lora":
+        report["lora"] = {k: o[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers")}
+    files.write_json(out / "dpo.json", report)
+    if report["validation"]:
+        v = report["validation"]
+        print(f"validation (step {report['best_step']}): loss {v['loss']:.4f}, reward accuracy "
+              f"{v['reward_accuracy']:.3f}, margin {v['reward_margin']:.3f}, kl {v['kl']:.4f} -> {out}")
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("config", "base", "prefs", "out")}
+    report = run_dpo(args.base, args.prefs, args.out, **options)
+    return 130 if report["interrupted"] else 0
