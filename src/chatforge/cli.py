@@ -35,6 +35,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("chatforge.serve.command", "serve the assistant: OpenAI-compatible API, chat page, feedback"),
     "eval": ("chatforge.eval.run", "perplexity, BLEU, ROUGE and retrieval hit-rate, with an HTML report"),
     "feedback": ("chatforge.data.feedback_commands", "user satisfaction from the feedback database; export it as training data"),
+    "prefs": ("chatforge.train.prefs", "make preference pairs from the company's Q&A (chosen vs rejected replies)"),
+    "reward": ("chatforge.train.reward", "train / run a reward model (a scalar score of a reply) on preference pairs"),
+    "dpo": ("chatforge.train.dpo", "align a chat model with preference pairs (DPO, IPO or hinge loss)"),
     "pipeline": ("chatforge.pipeline", "run every stage in order from one config (the main job)"),
 }
 
