@@ -29,15 +29,23 @@ way, written the way the original model's tokenizer.json writes it:
 - `qwen2` (deepseek-r1-qwen, stablelm2): Qwen2's regex (single digits). Qwen2's tokenizer.json also
   has an NFC normalizer, which llama.cpp does not apply; we follow llama.cpp, so only text that
   is not already NFC can encode differently from the original model.
+- `deepseek-coder`: each line break alone, words and punctuation runs with one leading whitespace
+  character, CJK runs, single digits: the split of chatforge's own tokenizer
+  (`tokenizer.SPLIT_PATTERNS`), so that `chatforge export` can name it.
 Any other name, or a SentencePiece vocabulary (`tokenizer.ggml.model == "llama"`), is an error.
+
+The other direction, for `chatforge export`: `llama_cpp_pre_name(tokenizer)` is the name whose
+split equals a tokenizer's own pre-tokenizer, found by comparing their tokenizer.json forms; a
+tokenizer whose split llama.cpp has no name for cannot be exported to GGUF faithfully.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from chatforge.data.tokenizer import DEFAULT_MODEL_MAX_LENGTH, ChatTokenizer
+from chatforge.data.tokenizer import DEFAULT_MODEL_MAX_LENGTH, LLAMA_CPP_PRE, SPLIT_PATTERNS, ChatTokenizer
 from chatforge.errors import ChatforgeError
 
 # The pre-tokenization regexes, in the HF (Oniguruma) spelling of the original tokenizer.json files.
@@ -99,7 +107,56 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     **dict.fromkeys(["llama-bpe", "llama3", "llama-v3", "falcon3"], _LLAMA3),
     **dict.fromkeys(["dbrx", "smaug-bpe"], PreTokenizer(_splits(LLAMA3_SPLIT))),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2"], PreTokenizer(_splits(QWEN2_SPLIT))),
+    LLAMA_CPP_PRE: PreTokenizer(_splits(*SPLIT_PATTERNS)),
 }
+
+
+def llama_cpp_pre_name(tokenizer: Any) -> str:
+    """The `tokenizer.ggml.pre` name under which llama.cpp splits text as `tokenizer` (a HF
+    `tokenizers.Tokenizer`) does: the first name of the `PRE_TOKENIZERS` entry whose pre-tokenizer
+    and BPE `ignore_merges` flag serialize as the tokenizer's do. ChatforgeError when none does."""
+    spec = json.loads(tokenizer.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ChatforgeError(f"the tokenizer is {model.get('type')!r}, not byte-level BPE; only byte-level BPE "
+                             "tokenizers can be written to a GGUF file here")
+    normalizer = spec.get("normalizer")
+    # NFC (Qwen2's tokenizers) is what llama.cpp leaves out too (see the module docstring).
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        raise ChatforgeError(f"the tokenizer has a {normalizer.get('type')} normalizer, which llama.cpp does not "
+                             "apply; a GGUF file of it would tokenize differently in llama.cpp")
+    ours = _comparable(spec.get("pre_tokenizer")), bool(model.get("ignore_merges", False))
+    seen: set[int] = set()
+    for name, pre in PRE_TOKENIZERS.items():
+        if id(pre) in seen:
+            continue                      # an alias: the first name of each entry is the one written
+        seen.add(id(pre))
+        if (_comparable(_serialized(pre.build())), pre.ignore_merges) == ours:
+            return name
+    raise ChatforgeError(
+        "the tokenizer splits text in a way llama.cpp has no name for (its pre-tokenizer matches none of "
+        f"{', '.join(sorted(PRE_TOKENIZERS))}), so llama.cpp and Ollama would tokenize differently from it. "
+        "A tokenizer trained by an older chatforge (GPT-4-style split) is one: export it with --format hf, "
+        "or retrain the tokenizer and the model with this version")
+
+
+def _serialized(pre_tokenizer: Any) -> Any:
+    """The tokenizer.json form of an HF pre-tokenizer object."""
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer
+    return json.loads(tok.to_str())["pre_tokenizer"]
+
+
+def _comparable(node: Any) -> Any:
+    """A pre-tokenizer's tokenizer.json form without the fields that only move offsets
+    (`trim_offsets`), which differ between files that split text the same way."""
+    if isinstance(node, dict):
+        return {k: _comparable(v) for k, v in node.items() if k != "trim_offsets"}
+    if isinstance(node, list):
+        return [_comparable(v) for v in node]
+    return node
 
 
 def tokenizer_from_gguf(reader: Any) -> ChatTokenizer:

@@ -16,12 +16,17 @@ What this file holds
 chatforge's own tokenizer (`train_tokenizer`)
 - Byte-level BPE: text is UTF-8 bytes, each byte one of 256 base symbols, so every string is
   representable and `decode(encode(s)) == s` exactly (there is no normalizer, no unknown token).
-- Pre-tokenization splits text with a GPT-4-style regex before BPE (merges never cross a split).
-  One deliberate change from GPT-4's pattern: a piece holds at most ONE line break, so the `\n`
-  that ends a ChatML header (`<|im_start|>user\n`) is always a piece of its own and the message
-  content starts a fresh piece: the tokens of a message's content are then the same whether it
-  is an assistant reply being learned or the start of one being generated after the prompt.
-  The price is that a blank line (`\n\n`) costs two tokens instead of one.
+- Pre-tokenization splits text before BPE (merges never cross a split) with the regexes llama.cpp
+  calls `deepseek-coder` (`SPLIT_PATTERNS`): each line break alone, then words with at most one
+  leading whitespace character, punctuation runs likewise, CJK runs and single digits; what none
+  of them matches (symbols, emoji, runs of spaces) stays a piece of its own. Two reasons:
+  - every line break is a piece of its own, so the `\n` that ends a ChatML header
+    (`<|im_start|>user\n`) never merges with the content after it, and the tokens of a message's
+    content are the same whether it is an assistant reply being learned or the start of one
+    being generated after the prompt. The price: a blank line (`\n\n`) costs two tokens.
+  - llama.cpp knows this split by name (`tokenizer.ggml.pre`), so a model exported to GGUF
+    (`chatforge export`) tokenizes in llama.cpp and Ollama exactly as here. llama.cpp has no name
+    for a GPT-4-style split that keeps line breaks apart, which this tokenizer used before.
 - Special tokens, fixed ids: 0 `<|endoftext|>` (ends a pretraining document), 1 `<|im_start|>`,
   2 `<|im_end|>` (ends a chat turn; the `eos_token` in `tokenizer_config.json`, so HF, llama.cpp
   and Ollama stop there), 3 `<|pad|>`. Ids 4..259 are the 256 byte symbols (ordered by their
@@ -75,19 +80,18 @@ DEFAULT_MODEL_MAX_LENGTH = 2048
 # The special-token fields of tokenizer_config.json / special_tokens_map.json.
 SPECIAL_FIELDS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
-# GPT-4's split pattern (contractions, words with one leading non-letter, numbers of up to three
-# digits, punctuation runs, line breaks, other whitespace) except for the line-break branch:
-# GPT-4 has `\s*[\r\n]+` (a run of blank lines is one piece); ours takes trailing spaces and ONE
-# line break, so a header's `\n` never merges with the content after it (see module docstring).
-SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
-    r"|[^\r\n\p{L}\p{N}]?\p{L}+"
-    r"|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|[^\S\r\n]*(?:\r\n|[\r\n])"
-    r"|\s+(?!\S)"
-    r"|\s+"
+# The pre-tokenizer of chatforge's own tokenizer: llama.cpp's `deepseek-coder` list, applied in
+# order, each regex splitting the pieces of the one before (matches and the text between them
+# both become pieces). Written as llama.cpp writes them, so both split text the same way.
+SPLIT_PATTERNS = (
+    r"[\r\n]",                 # every line break alone (see the module docstring)
+    r"\s?\p{L}+",              # a word, with at most one whitespace character before it
+    r"\s?\p{P}+",              # a punctuation run, likewise
+    "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",   # CJK runs (after the above: little is left)
+    r"\p{N}",                  # each digit alone
 )
+# The name llama.cpp gives that split (GGUF `tokenizer.ggml.pre`).
+LLAMA_CPP_PRE = "deepseek-coder"
 
 # The same ChatML rendering as `render_chat_text`, for HF / llama.cpp / Ollama.
 CHAT_TEMPLATE = (
@@ -253,6 +257,12 @@ class ChatTokenizer:
         }
 
     # ---- text --------------------------------------------------------------------------------
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The HF `tokenizers.Tokenizer` inside (to read its vocabulary, merges and pre-tokenizer:
+        `chatforge export` writes them into a GGUF file). Changing it changes this tokenizer."""
+        return self._tok
 
     @property
     def vocab_size(self) -> int:
@@ -485,7 +495,7 @@ def _new_tokenizer() -> Any:
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        *(pre_tokenizers.Split(Regex(p), behavior="isolated") for p in SPLIT_PATTERNS),
         # Bytes -> printable symbols only; the splitting is done above, and no prefix space is
         # added so that the first word of a text is encoded like any other unspaced word.
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
