@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("chatforge.infer.chat", "talk to a model in the terminal, optionally grounded in documents"),
     "serve": ("chatforge.serve.command", "serve the assistant: OpenAI-compatible API, chat page, feedback"),
     "eval": ("chatforge.eval.run", "perplexity, BLEU, ROUGE and retrieval hit-rate, with an HTML report"),
+    "export": ("chatforge.model.export", "export a model for transformers (HF folder) or llama.cpp / Ollama (GGUF + Modelfile)"),
     "feedback": ("chatforge.data.feedback_commands", "user satisfaction from the feedback database; export it as training data"),
     "prefs": ("chatforge.train.prefs", "make preference pairs from the company's Q&A (chosen vs rejected replies)"),
     "reward": ("chatforge.train.reward", "train / run a reward model (a scalar score of a reply) on preference pairs"),
