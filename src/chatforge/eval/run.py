@@ -174,7 +174,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
              retrieval: bool = True, max_questions: int | None = 200, max_new_tokens: int = 96,
              batch_size: int = 8, k: int = 3, index_cache: str | Path | None = None,
              max_ppl_batches: int = 20, seq_len: int | None = None, context_tokens: int | None = None,
-             feedback_db: str | Path | None = None, verbose: bool = True) -> dict:
+             feedback_db: str | Path | None = None, quant: str | None = None, verbose: bool = True) -> dict:
     """Evaluate a model folder; write eval.json, examples.jsonl and report.html into `out_dir`.
 
     Returns the eval.json dict. See the module docstring for what is measured.
@@ -203,8 +203,13 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))   # a shared laptop: stay modest
     model, tokenizer = load_model(model_dir)
+    if quant:
+        # Perplexity and answers both come from the int8/int4 weights.
+        from chatforge.model.quant import quantize_model
+
+        model = quantize_model(model, quant)
     ctx = model.config.max_seq_len
-    results: dict[str, Any] = {"model": str(model_dir), "questions": len(qs),
+    results: dict[str, Any] = {"model": str(model_dir), "quantization": quant, "questions": len(qs),
                                "retrieval": bool(index is not None and retrieval), "perplexity": None}
     if data_dir is not None:
         # Windows of at most PPL_SEQ_LEN: a pretrained model's 8k context would cost minutes per batch.
@@ -335,6 +340,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feedback-db", metavar="FILE", default=None,
                         help="feedback database of `chatforge serve --db`: adds user satisfaction to eval.json "
                              "and the report")
+    parser.add_argument("--quant", choices=["int8", "int4"], default=None,
+                        help="evaluate the model with weight-only 8- or 4-bit linear layers")
     parser.add_argument("--out", metavar="DIR", default=None, help="output folder; without it, MODEL/eval")
     leaf(parser, run)
 
@@ -349,6 +356,6 @@ def run(args: argparse.Namespace) -> int:
              retrieval=not args.no_retrieval, max_questions=args.max_questions,
              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k=args.k,
              index_cache=args.index_cache, max_ppl_batches=args.max_ppl_batches, context_tokens=args.context_tokens,
-             feedback_db=args.feedback_db)
+             feedback_db=args.feedback_db, quant=args.quant)
     sys.stdout.flush()
     return 0

@@ -54,7 +54,8 @@ class ChatSession:
     """
 
     def __init__(self, model, tokenizer, system: SystemPrompt | str | None = None, index=None,
-                 gen_cfg=None, guard: ReplyFilter | None = None, engine=None, passages: int = 3):
+                 gen_cfg=None, guard: ReplyFilter | None = None, engine=None, passages: int = 3,
+                 quant: str | None = None):
         from chatforge.infer.engine import Engine, GenerationConfig
 
         self.tokenizer, self.index, self.k = tokenizer, index, passages
@@ -63,7 +64,7 @@ class ChatSession:
         if engine is None:
             # A new <|im_start|> means the model began another turn: its reply is over.
             stops = [tokenizer.eot_id, tokenizer.im_end_id, tokenizer.im_start_id]
-            engine = Engine(model, tokenizer, stop_ids=stops)
+            engine = Engine(model, tokenizer, stop_ids=stops, quant=quant)
         self.engine = engine
         self.prompt = SystemPrompt(system.strip()) if isinstance(system, str) else system
         self.context = model.config.max_seq_len
@@ -322,6 +323,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refusal", default=DEFAULT_REFUSAL,
                         help="the reply shown instead, with --blocked-action refuse")
     parser.add_argument("--device", default="cpu", help="torch device to run the model on")
+    parser.add_argument("--quant", choices=["int8", "int4"], default=None,
+                        help="weight-only 8- or 4-bit linear layers (CPU): smaller, faster decoding")
     leaf(parser, run)
 
 
@@ -354,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
 
         index = PassageIndex.load_or_build(args.docs, args.index_cache)
     session = ChatSession(model, tokenizer, system=system, index=index, gen_cfg=gen_cfg, guard=guard,
-                          passages=args.passages)
+                          passages=args.passages, quant=args.quant)
 
     if not sys.stdin.isatty():
         return converse(session, pipe_reader(sys.stdin), sys.stdout, sys.stderr, interactive=False)

@@ -238,7 +238,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, stop_ids: Iterable[int] | None = None,
                  pad_id: int | None = None, threads: int | None = None,
-                 dtype: torch.dtype | str | None = "auto"):
+                 dtype: torch.dtype | str | None = "auto", quant: str | None = None):
         """`threads`: torch intra-op threads while the model runs. By default a model under 1B
         parameters on CPU uses 1. Its decode steps are matrix-vector products bound by memory
         bandwidth, which a second core adds little to (the 135M model's weight matmuls: fp32
@@ -258,8 +258,17 @@ class Engine:
         explicitly on a CPU without native bf16 instructions warns and keeps fp32: emulated bf16
         matrix products are slower. With bf16 weights on CPU the KV cache stays fp32: for one new
         token the bf16 attention kernel was 5x (64 cached keys) to 9x (600 keys, batch 1 or 8)
-        slower than the fp32 one, and a 512-token prefill costs the same in either."""
+        slower than the fp32 one, and a 512-token prefill costs the same in either.
+
+        `quant`: "int8" or "int4" stores every linear layer's weights in 8 or 4 bits
+        (`model/quant.py`; CPU only), computing in the weights' dtype chosen above. Its output is
+        measured (perplexity, agreement), not asserted equal to the full-precision model's."""
         self.model = _in_dtype(getattr(model, "_orig_mod", model), dtype).eval()
+        if quant:
+            from chatforge.model.quant import quantize_model
+
+            self.model = quantize_model(self.model, quant)
+        self.quant = quant
         self.config = self.model.config
         self.tokenizer = tokenizer
         if stop_ids is None:

@@ -43,6 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncate", action="store_true",
                         help="drop the oldest prompt tokens when the prompt is longer than the context")
     parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--quant", choices=["int8", "int4"], default=None,
+                        help="weight-only 8- or 4-bit linear layers (CPU): smaller, faster decoding")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="weights to generate with: auto = bfloat16 where the device has native bf16 "
                              "(faster), else the model's own; float32 = exactly the fp32 model")
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             raise ChatforgeError("--prompt is empty; give some text to complete")
     # A chat reply also ends where the model opens another turn.
     stops = [tokenizer.eot_id, tokenizer.im_end_id] + ([tokenizer.im_start_id] if args.chat else [])
-    engine = Engine(model, tokenizer, stop_ids=stops, dtype=args.dtype)
+    engine = Engine(model, tokenizer, stop_ids=stops, dtype=args.dtype, quant=args.quant)
     out = sys.stdout
     if args.num_return == 1 and cfg.strategy != "beam":
         for piece in engine.stream(ids, cfg):

@@ -63,6 +63,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for the model (default: 1 for models under 1B parameters)")
     parser.add_argument("--dtype", default="auto", help="weights to generate with: auto (bf16 where native), float32")
+    parser.add_argument("--quant", choices=["int8", "int4"], default=None,
+                        help="weight-only 8- or 4-bit linear layers (CPU): smaller, faster decoding")
     parser.add_argument("--blocked-terms", metavar="FILE", default=None,
                         help="terms never shown in a reply: one a line, /regex/ for a regular expression")
     parser.add_argument("--blocked-action", choices=ACTIONS, default="mask",
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(model_dir)
     stops = [tokenizer.eot_id, tokenizer.im_end_id, tokenizer.im_start_id]
     engine = Engine(model, tokenizer, stop_ids=[s for s in stops if s is not None], threads=args.threads,
-                    dtype=args.dtype)
+                    dtype=args.dtype, quant=args.quant)
     del model                                     # the engine keeps its own (possibly bf16) copy
     index = None
     if args.docs:
