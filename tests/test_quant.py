@@ -25,10 +25,11 @@ def test_quantized_layers_compute_with_their_dequantized_weights(mode):
     w = layer.dequantized()
     x = torch.randn(3, 5, 64)
     expected = x @ w.T + linear.bias
-    assert torch.allclose(layer(x), expected, atol=1e-4)
-    # The rounding error is what the format allows: half a step per weight.
-    step = layer.scale[:, None] if mode == "int8" else layer.qparams[..., 0].T.repeat_interleave(32, dim=1)
-    assert ((w - linear.weight).abs() <= step / 2 + 1e-6).all()
+    assert torch.allclose(layer(x), expected, atol=0.05, rtol=0.02)   # bf16 compute
+    # The rounding error is what the format allows: half a step per weight (a little more at
+    # the ends of a range, where the bf16-rounded scale may fall short of the extreme weight).
+    step = layer.scale[:, None].float() if mode == "int8" else layer.qparams[..., 0].T.float().repeat_interleave(32, dim=1)
+    assert ((w - linear.weight).abs() <= 0.51 * step + 1e-6).all()
 
 
 def test_quantize_model_keeps_the_original_and_shrinks_the_weights():
