@@ -65,7 +65,7 @@ def test_an_email_split_across_stream_pieces_is_caught():
 def test_a_card_number_split_at_a_space_is_caught():
     out = stream_all(ReplyFilter(), ["Card 4111 1111", " 1111 1111 was charged.\n", "Thanks."])
     assert "".join(out) == "Card <CARD> was charged.\nThanks."
-    assert out[0] == ""              # nothing before the sentence ended
+    assert out[0] == "Card "         # the word before the number, and no digit until it is whole
 
 
 def test_a_blocked_phrase_split_across_pieces_is_masked():
@@ -75,12 +75,23 @@ def test_a_blocked_phrase_split_across_pieces_is_masked():
     assert out[0] == "" and "Project" not in out[1]
 
 
-def test_text_is_released_at_sentence_ends_while_streaming():
+def test_text_is_released_a_word_at_a_time_while_streaming():
     s = ReplyFilter().stream()
-    assert s.push("Hello there.") == ""          # "." without the space after it: maybe "there.com"
-    assert s.push(" How are") == "Hello there. "
-    assert s.push(" you? I am") == "How are you? "
-    assert s.finish() == "I am"
+    assert s.push("Hello there.") == "Hello "    # "there." may still become "there.com"
+    assert s.push(" How are") == "there. How "
+    assert s.push(" you? Call 0800") == "are you? Call "
+    assert s.push(" 123 456 now.") == ""         # digit groups wait for the end of the sentence
+    assert s.push(" Or") == "<PHONE> now. "
+    assert s.finish() == "Or"
+
+
+def test_a_blocked_term_that_spans_words_streams_by_sentence():
+    assert ReplyFilter([compile_term("Acme")]).word_cuts
+    assert not ReplyFilter([compile_term("Acme Corp")]).word_cuts
+    assert not ReplyFilter([compile_term("/ac.me/")]).word_cuts
+    s = ReplyFilter([compile_term("/acme\\s+corp/")]).stream()
+    assert s.push("Ask Acme") == ""
+    assert s.push(" Corp today. Bye") == "Ask ********* today. "
 
 
 def test_long_text_without_sentence_ends_is_released_in_chunks():

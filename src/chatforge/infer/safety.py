@@ -14,13 +14,16 @@ What it does
   case-insensitively as whole words. With `action="mask"` each match becomes `*`s of its length;
   with `action="refuse"` a reply with any match is replaced by the refusal text.
 
-Streaming (`SafeStream`): the text is released a line or sentence at a time, never mid-sentence,
-so an e-mail address or card number split across generated pieces is whole when it is scrubbed.
-A cut is only made where scrubbing the text before it gives exactly the start of scrubbing the
-whole buffer, i.e. where no match spans the cut. A reply without sentence ends is released in
-chunks once it is long, keeping a tail longer than any PII string. In refuse mode nothing is
-released until the reply is complete, because a later blocked term turns the whole reply into
-the refusal.
+Streaming (`SafeStream`): the text is released a word at a time, never inside a word, so an
+e-mail address or a URL split across generated pieces is whole when it is scrubbed; after a word
+with a digit in it only at a sentence or line end, because the PII that spans spaces (phone, card
+and IBAN numbers) is made of digit groups: "call +44 20 7946 0958" shows "call " at once and the
+number only when it is complete. With a blocked term that could span a space (several words, or
+any /regex/) the text is released a sentence at a time instead. A cut is only made where
+scrubbing the text before it gives exactly the start of scrubbing the whole buffer, i.e. where
+no match spans the cut. A reply without sentence ends is released in chunks once it is long,
+keeping a tail longer than any PII string. In refuse mode nothing is released until the reply is
+complete, because a later blocked term turns the whole reply into the refusal.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ DEFAULT_REFUSAL = "I'm sorry, I can't help with that."
 # followed by whitespace. The whitespace must be present: "john." may still become "john.doe@...".
 _BOUNDARY = re.compile(r"\n|[.!?][\"')\]]*\s")
 _SPACE = re.compile(r"\s")
+_WORD = re.compile(r"(\S+)\s+")                       # a word and the space after it
+_DIGIT = re.compile(r"\d")
+# A literal single-word blocked term as `compile_term` writes it: word characters and escaped
+# punctuation, between optional \b. Anything else might match across a space.
+_ONE_WORD = re.compile(r"(\\b)?(\w|\\[^\s\w\\ ])+(\\b)?")
 
 
 def _scrub(text: str) -> tuple[str, Counter]:
@@ -97,6 +105,8 @@ class ReplyFilter:
             raise ChatforgeError(f"blocked-terms action must be one of {', '.join(ACTIONS)}, got {action!r}")
         self.blocked = list(blocked or [])
         self.action, self.refusal, self.scrub_pii = action, refusal, scrub_pii
+        # Streaming may cut between words unless a blocked term could span them.
+        self.word_cuts = all(_ONE_WORD.fullmatch(p.pattern) for p in self.blocked)
 
     def apply(self, text: str) -> Filtered:
         """Filter a complete text."""
@@ -152,6 +162,8 @@ class SafeStream:
         """The furthest boundary in the buffer where cutting cannot split a match (0 = none)."""
         buf = self.buffer
         cuts = [m.end() for m in _BOUNDARY.finditer(buf)]
+        if self.guard.word_cuts:
+            cuts += [m.end() for m in _WORD.finditer(buf) if not _DIGIT.search(m.group(1))]
         if len(buf) > self.max_buffer:
             cuts += [m.end() for m in _SPACE.finditer(buf, 0, len(buf) - self.keep_tail)]
         if not cuts:
