@@ -466,6 +466,14 @@ def test_modelfile_system_message_checked(own_model, tmp_path):
 
 # --------------------------------------------------------------------------------- command
 
+def test_cli_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "example:" in out and "--format gguf --quant q8_0" in out and "ollama create" in out
+
+
 def test_cli_export_and_errors(own_model, tmp_path, capsys):
     out = tmp_path / "exp"
     assert cli.main(["export", "--model", str(own_model), "--format", "gguf", "--quant", "q4_1", "--out", str(out)]) == 0

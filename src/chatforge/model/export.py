@@ -195,7 +195,7 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("examples:\n"
+    parser.epilog = ("example:\n"
                      "  chatforge export --model runs/demo/sft --format hf --out runs/demo/export/hf\n"
                      "  chatforge export --model runs/demo/sft --format gguf --quant q8_0 --out runs/demo/export/q8_0\n"
                      "  chatforge export --model runs/demo/sft --format gguf --quant q4_0 --name acme \\\n"
