@@ -39,7 +39,7 @@ class Running:
 
 
 def serve(model_dir: Path, db: Path | None = None, docs: Path | None = None, api_key: str | None = None,
-          max_batch: int = 8, max_queue: int = 32, **assistant_kw) -> Running:
+          max_batch: int = 8, max_queue: int = 32, reloadable: bool = False, **assistant_kw) -> Running:
     """Start the app for `model_dir` on a free loopback port; `stop()` it at the end."""
     import uvicorn
 
@@ -50,13 +50,16 @@ def serve(model_dir: Path, db: Path | None = None, docs: Path | None = None, api
     from chatforge.model.folder import load_model
     from chatforge.serve.app import Assistant, create_app
 
-    model, tok = load_model(model_dir)
-    engine = Engine(model, tok, stop_ids=[tok.eot_id, tok.im_end_id, tok.im_start_id], dtype="float32")
-    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue).start()
+    def load():
+        model, tok = load_model(model_dir)
+        engine = Engine(model, tok, stop_ids=[tok.eot_id, tok.im_end_id, tok.im_start_id], dtype="float32")
+        return Scheduler(engine, max_batch=max_batch, max_queue=max_queue).start(), tok
+
+    scheduler, tok = load()
     index = PassageIndex.load_or_build([docs]) if docs is not None else None
     assistant = Assistant(scheduler, tok, "tiny", index=index, store=FeedbackStore(db) if db else None,
                           **assistant_kw)
-    app = create_app(assistant, api_key=api_key)
+    app = create_app(assistant, api_key=api_key, reload=load if reloadable else None)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 import schemathesis
+import torch
 from hypothesis import HealthCheck, given, settings
 
 from chatforge.infer.prompting import SystemPrompt
@@ -346,12 +347,9 @@ def test_generated_requests_never_get_a_5xx(server):
         check()
 
 
-@pytest.mark.e2e
-def test_a_killed_server_loses_no_acknowledged_feedback(model_dir, tmp_path):
-    """`chatforge serve` as its own process under load, SIGKILLed mid-way: every feedback row
-    it acknowledged is in the database afterwards."""
+def _start_cli_server(model_dir, db):
+    """`python -m chatforge serve` in its own process on a free port, once /health answers."""
     import os
-    import signal
     import socket
     import subprocess
     import sys
@@ -359,21 +357,48 @@ def test_a_killed_server_loses_no_acknowledged_feedback(model_dir, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    db = tmp_path / "feedback.sqlite"
     proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--port", str(port),
                              "--db", str(db), "--name", "tiny", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(proc.stdout.read().decode())
+        time.sleep(0.1)
+
+
+@pytest.mark.e2e
+def test_sighup_reloads_the_model_folder(model_dir, tmp_path):
+    import signal
+
+    proc, url = _start_cli_server(model_dir, tmp_path / "feedback.sqlite")
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
-            time.sleep(0.1)
+        proc.send_signal(signal.SIGHUP)
+        line = proc.stdout.readline().decode()
+        while line and not line.startswith("chatforge serve: reload"):
+            line = proc.stdout.readline().decode()
+        assert line.startswith("chatforge serve: reloaded"), line
+        r = httpx.post(url + "/v1/chat/completions", json=ask(max_tokens=40), timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWER
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.mark.e2e
+def test_a_killed_server_loses_no_acknowledged_feedback(model_dir, tmp_path):
+    """`chatforge serve` as its own process under load, SIGKILLed mid-way: every feedback row
+    it acknowledged is in the database afterwards."""
+    db = tmp_path / "feedback.sqlite"
+    proc, url = _start_cli_server(model_dir, db)
+    try:
         acknowledged: list[int] = []
         lock = threading.Lock()
         stop = threading.Event()
@@ -399,7 +424,7 @@ def test_a_killed_server_loses_no_acknowledged_feedback(model_dir, tmp_path):
         while len(acknowledged) < 40 and proc.poll() is None and any(t.is_alive() for t in threads):
             assert time.time() < deadline, f"only {len(acknowledged)} feedback rows acknowledged in 120 s"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
+        proc.kill()                                              # SIGKILL
         proc.wait(10)
         stop.set()
         for t in threads:
@@ -430,3 +455,60 @@ def test_server_defaults_fill_what_a_request_leaves_out(server):
     assert reply.choices[0].message.content == ANSWER
     assert _error(httpx.post(server.url + "/v1/chat/completions", json=ask(repetition_penalty=0)), 400)["param"] \
         == "repetition_penalty"
+
+
+def test_reload_serves_a_new_model_without_dropping_a_request(model_dir, tmp_path):
+    import shutil
+
+    from chatforge.model.folder import load_model, save_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    running = serve(folder, api_key="k", reloadable=True)
+    auth = {"Authorization": "Bearer k"}
+    try:
+        before = httpx.post(running.url + "/v1/chat/completions", json=ask(max_tokens=40), headers=auth).json()
+        old = running.assistant.scheduler
+        real = old.engine._forward
+
+        def crawl(*a, **kw):                        # keep a request running across the swap
+            time.sleep(0.03)
+            return real(*a, **kw)
+
+        old.engine._forward = crawl
+        streamed: dict = {}
+
+        def long_request():
+            body = ask(max_tokens=60, stream=True)
+            body["messages"][0]["content"] = "What does the free plan include?"
+            with httpx.stream("POST", running.url + "/v1/chat/completions", json=body, headers=auth, timeout=60) as r:
+                streamed["status"] = r.status_code
+                streamed["lines"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        deadline = time.time() + 10
+        while not old.running and time.time() < deadline:
+            time.sleep(0.01)
+        assert old.running                           # the request is being generated
+        # The next training round writes a different model into the folder.
+        model, tok = load_model(folder)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1.0)
+        save_model(folder, model, tok)
+        assert _error(httpx.post(running.url + "/admin/reload"), 401)
+        r = httpx.post(running.url + "/admin/reload", headers=auth, timeout=60)
+        assert r.status_code == 200 and r.json()["status"] == "reloaded"
+        assert running.assistant.scheduler is not old
+        t.join(60)
+        assert streamed["status"] == 200 and streamed["lines"][-1] == "data: [DONE]"
+        assert any('"finish_reason": "stop"' in line or '"finish_reason": "length"' in line for line in streamed["lines"])
+        after = httpx.post(running.url + "/v1/chat/completions", json=ask(max_tokens=40), headers=auth).json()
+        assert after["choices"][0]["message"]["content"] != before["choices"][0]["message"]["content"]
+        assert "chatforge_model_reloads_total 1.0" in httpx.get(running.url + "/metrics").text
+    finally:
+        running.stop()
+
+
+def test_reload_needs_an_api_key(server):
+    assert _error(httpx.post(server.url + "/admin/reload"), 403)["code"] == "admin_disabled"

@@ -20,10 +20,11 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -73,7 +74,7 @@ class Assistant:
 class Metrics:
     """Prometheus counters of one app (its own registry, so tests can run several apps)."""
 
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, assistant: "Assistant"):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("chatforge_requests", "HTTP requests answered", ["path", "status"], registry=r)
         self.prompt_tokens = Counter("chatforge_prompt_tokens", "prompt tokens of completions", registry=r)
@@ -81,9 +82,10 @@ class Metrics:
         self.ttft = Histogram("chatforge_time_to_first_token_seconds", "from request to its first token",
                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32), registry=r)
         Gauge("chatforge_queue_length", "requests waiting for a batch slot",
-              registry=r).set_function(lambda: scheduler.queued)
+              registry=r).set_function(lambda: assistant.scheduler.queued)
         Gauge("chatforge_running_requests", "requests in the running batch",
-              registry=r).set_function(lambda: len(scheduler.running))
+              registry=r).set_function(lambda: len(assistant.scheduler.running))
+        self.reloads = Counter("chatforge_model_reloads", "model folders loaded again", registry=r)
 
 
 # ------------------------------------------------------------------------------ the request
@@ -187,9 +189,13 @@ class _Job:
 
 # ----------------------------------------------------------------------------------- the app
 
-def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The FastAPI app serving `assistant` (see the module docstring and docs/SERVING.md)."""
-    metrics = Metrics(assistant.scheduler)
+def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               reload: Callable[[], tuple[Scheduler, Any]] | None = None) -> FastAPI:
+    """The FastAPI app serving `assistant` (see the module docstring and docs/SERVING.md).
+
+    `reload()` loads the model folder again and returns a started scheduler and its tokenizer;
+    `POST /admin/reload` (and `chatforge serve`'s SIGHUP) swap them in (`swap_model`)."""
+    metrics = Metrics(assistant)
     app = FastAPI(title="chatforge", version="1", docs_url="/docs", redoc_url=None)
     app.state.stopping = False
     app.state.assistant = assistant
@@ -378,6 +384,24 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    # ---------------------------------------------------------------------------------- admin
+
+    @app.post("/admin/reload", responses={403: {"description": "no API key is set"},
+                                          501: {"description": "reloading is not configured"}})
+    async def reload_model():
+        if not api_key:
+            raise oa.ApiError(403, "admin endpoints need an API key: start the server with --api-key "
+                                   "(or send it SIGHUP to reload)", code="admin_disabled")
+        if reload is None:
+            raise oa.ApiError(501, "this server cannot reload its model", code="reload_unavailable")
+        t0 = time.perf_counter()
+        try:
+            await run_in_threadpool(swap_model, assistant, reload)
+        except ChatforgeError as e:
+            raise oa.ApiError(400, f"the model was not reloaded: {e}", code="reload_failed") from None
+        metrics.reloads.inc()
+        return {"status": "reloaded", "model": assistant.name, "seconds": round(time.perf_counter() - t0, 2)}
+
     # ------------------------------------------------------------------------------- feedback
 
     @app.post("/v1/feedback", response_model=oa.FeedbackResponse,
@@ -415,7 +439,7 @@ class _Gate:
             return oa.ApiError(411, "send the request body with a Content-Length header")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return oa.ApiError(413, f"the request body is larger than {self.max_body} bytes")
-        if self.api_key and path.startswith("/v1/"):
+        if self.api_key and path.startswith(("/v1/", "/admin/")):
             given = headers.get(b"authorization", b"").decode("latin-1")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
@@ -443,13 +467,28 @@ class _Gate:
             self.metrics.requests.labels(_route(scope["path"]), str(status[0] or 499)).inc()
 
 
+_swap_lock = threading.Lock()
+
+
+def swap_model(assistant: Assistant, reload: Callable[[], tuple[Scheduler, Any]]) -> None:
+    """Load the model again and serve new requests from it; the old scheduler finishes the
+    requests it already has (none is dropped) and then stops. A load that fails leaves the old
+    model serving."""
+    with _swap_lock:
+        scheduler, tokenizer = reload()
+        old = assistant.scheduler
+        assistant.scheduler, assistant.tokenizer = scheduler, tokenizer
+    threading.Thread(target=old.stop, kwargs={"drain": True}, name="chatforge-drain", daemon=True).start()
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def _route(path: str) -> str:
     """The metrics label of a path: known routes as they are, anything else as one label."""
-    known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/feedback", "/health", "/metrics", "/")
+    known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/feedback", "/health", "/metrics", "/",
+             "/admin/reload")
     if path in known or path.startswith("/static/"):
         return "/static" if path.startswith("/static/") else path
     return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"

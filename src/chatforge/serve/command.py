@@ -6,7 +6,9 @@
          -d '{"messages": [{"role": "user", "content": "How do I reset my password?"}]}'
 
 The routes and chatforge's additions to OpenAI's shapes are in docs/SERVING.md; the app is
-`serve/app.py`. Replies are rated on the page or with POST /v1/feedback and kept in a SQLite file
+`serve/app.py`. `kill -HUP PID` (or `POST /admin/reload` with the API key) loads the model
+folder again, e.g. after the next training round wrote it, and serves new requests from it while
+the running ones finish on the old model. Replies are rated on the page or with POST /v1/feedback and kept in a SQLite file
 (default: beside the model folder, e.g. runs/demo/feedback.sqlite); `chatforge feedback stats`
 and `chatforge feedback export` read it.
 """
@@ -16,8 +18,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from chatforge.cli import leaf
@@ -122,28 +126,45 @@ def run(args: argparse.Namespace) -> int:
     from chatforge.infer.batching import Scheduler
     from chatforge.infer.engine import Engine
     from chatforge.model.folder import load_model
-    from chatforge.serve.app import Assistant, create_app
+    from chatforge.serve.app import Assistant, create_app, swap_model
 
     model_dir = Path(args.model)
     store = None
     if not args.no_feedback:
         store = FeedbackStore(args.db or model_dir.resolve().parent / "feedback.sqlite")
-    model, tokenizer = load_model(model_dir)
-    stops = [tokenizer.eot_id, tokenizer.im_end_id, tokenizer.im_start_id]
-    engine = Engine(model, tokenizer, stop_ids=[s for s in stops if s is not None], threads=args.threads,
-                    dtype=args.dtype, quant=args.quant)
-    del model                                     # the engine keeps its own (possibly bf16) copy
+
+    def load() -> tuple[Scheduler, object]:
+        """The model folder as it is now, on a started scheduler (at start and on each reload)."""
+        model, tokenizer = load_model(model_dir)
+        stops = [tokenizer.eot_id, tokenizer.im_end_id, tokenizer.im_start_id]
+        engine = Engine(model, tokenizer, stop_ids=[s for s in stops if s is not None], threads=args.threads,
+                        dtype=args.dtype, quant=args.quant)
+        return Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue).start(), tokenizer
+
+    scheduler, tokenizer = load()
     index = None
     if args.docs:
         from chatforge.infer.retrieval import PassageIndex
 
         index = PassageIndex.load_or_build(args.docs, args.index_cache)
-    scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue).start()
     assistant = Assistant(scheduler, tokenizer, args.name or model_dir.resolve().name, index=index, system=system,
                           guard=guard, store=store, passages=args.passages, default_max_tokens=args.max_tokens,
                           max_tokens_limit=args.max_tokens_limit, default_temperature=args.temperature,
                           default_repetition_penalty=args.repetition_penalty)
-    app = create_app(assistant, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(assistant, api_key=api_key, max_body_bytes=args.max_body_bytes, reload=load)
+
+    def on_sighup(signum, frame):
+        # A new model folder (the next training round) is served without dropping a request.
+        def swap():
+            try:
+                swap_model(assistant, load)
+                print(f"chatforge serve: reloaded {model_dir}", flush=True)
+            except Exception as e:                    # noqa: BLE001 - the old model keeps serving
+                print(f"chatforge serve: reload failed, still serving the previous model: {e}", flush=True)
+
+        threading.Thread(target=swap, name="chatforge-reload", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, on_sighup)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -160,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
-        scheduler.stop(drain=False, timeout=10)
+        assistant.scheduler.stop(drain=False, timeout=10)
         if store is not None:
             store.close()
     return 0

@@ -20,7 +20,8 @@ REASONS = ("inaccurate", "not_in_documents", "too_long", "unhelpful")
 class ApiError(Exception):
     """An error answered in OpenAI's shape with `status`."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 501: "server_error",
              411: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
              500: "server_error", 503: "service_unavailable"}
 
