@@ -108,7 +108,9 @@ def test_loss_falls_on_real_text_and_outputs_are_written(corpus, tmp_path):
     model, result = run(corpus, tmp_path, cfg(max_steps=40, eval_every=20))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert losses[-1] < losses[0] - 1.0
+    # The last few logged losses, not the last one alone: one batch of 4 x 32 tokens is noisy
+    # (+-0.1 here), and the drop is about 1.0 with the tokenizer's llama.cpp-compatible split.
+    assert sum(losses[-4:]) / 4 < losses[0] - 1.0
     vals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in vals] == [20, 40] and vals[-1]["val_ppl"] == pytest.approx(math.exp(vals[-1]["val_loss"]))
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows if "loss" in r)
