@@ -18,7 +18,8 @@ then, for each client count C of --clients, C asynchronous clients (httpx) each 
 sends its next request when its stream has ended). The server is stopped before the next one
 starts; two servers never run at once.
 
-- chatforge: `chatforge serve --model DIR --threads N` with its defaults otherwise (weights
+- chatforge: `chatforge serve --model DIR --threads N --repetition-penalty 1` (no penalty, as
+  transformers decodes the same requests) with its defaults otherwise (weights
   `--dtype auto`, bf16 where the CPU has native bf16; `--max-batch 16`, `--max-queue 64`), the
   feedback store recording every reply into a throw-away database.
 - transformers: `transformers serve FOLDER --continuous-batching --device cpu --dtype D
@@ -35,10 +36,10 @@ questions; the share of identical greedy answers is printed as a check that both
 model.
 
 Per request: time to first token (TTFT) = from sending the request to the first chunk with a
-non-empty `delta.content`, what a user sees. chatforge releases streamed text a sentence at a
-time (`infer/safety.SafeStream`, so PII split across tokens is scrubbed whole), so its TTFT is the
-time to the first sentence; its own /metrics histogram of the first generated token is read
-around each load and printed beside it ("server's first token", a mean). Output tokens =
+non-empty `delta.content`, what a user sees. chatforge's reply filter (`infer/safety.SafeStream`)
+holds streamed text back until a word is whole (after a number, until the sentence ends), so its
+TTFT is the time to the first whole word; its own /metrics histogram of the first generated token
+is read around each load and printed beside it ("server's first token", a mean). Output tokens =
 `usage.completion_tokens` of the final chunk when the server sends it, else the streamed text
 tokenized with the model's tokenizer (printed: which). The streamed text is also always tokenized,
 as a check: transformers' usage counts the <|im_end|> that ends a reply, chatforge's does not (a
@@ -50,9 +51,11 @@ whole-reply latency p50/p95.
 Targets (reported, not asserted): chatforge at 8 clients >= 3.5x its aggregate tokens/s at 1
 client, 0 errors at 32 clients, and ahead of `transformers serve` at 8 and 32 clients.
 
-The machine is shared: the 1-minute load average before each server starts (nothing of ours
-running) and around each load (our server included) is printed; compare the ratios within one
-run. The last line is one JSON object: {"bench": "serve", ...}.
+The machine is shared: before each server starts, the run waits (--settle, at most 180 s) for the
+1-minute load average to fall below half the CPUs (--quiet-load); the load then (nothing of ours
+running) and around each load (our server included) is printed, and a server that started on a
+busy machine is flagged (a warning, and "busy" in the JSON): its figures are not comparable.
+The last line is one JSON object: {"bench": "serve", ...}.
 """
 
 from __future__ import annotations
@@ -289,8 +292,11 @@ def chatforge_cmd(folder: Path, port: int, threads: int, db: Path, dtype: str | 
     exe = str(VENV_BIN / "chatforge")
     cmd = [exe, "serve", "--model", str(folder), "--host", "127.0.0.1", "--port", str(port), "--db", str(db),
            "--log-level", "warning"]
-    if "--threads" in help_text([exe, "serve"]):
+    options = help_text([exe, "serve"])
+    if "--threads" in options:
         cmd += ["--threads", str(threads)]
+    if "--repetition-penalty" in options:   # plain greedy, as transformers runs the same requests
+        cmd += ["--repetition-penalty", "1.0"]
     if dtype:
         cmd += ["--dtype", dtype]
     return cmd
@@ -445,11 +451,26 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
+def settle(limit: float, max_wait: float) -> float:
+    """Wait (at most `max_wait` s) for the 1-minute load average to fall below `limit`: the previous
+    server's own load decays, and another job's may end. Returns the seconds waited."""
+    t = time.perf_counter()
+    while load1() >= limit and time.perf_counter() - t < max_wait:
+        time.sleep(5)
+    return time.perf_counter() - t
+
+
 def bench_server(name: str, cmd: list[str], port: int, args: argparse.Namespace, count, log_dir: Path) -> dict:
+    waited = settle(args.quiet_load, args.settle) if args.settle > 0 else 0.0
     background = load1()
-    print(f"\n{name}: {' '.join(cmd)}\n  load before start {background:.2f}", flush=True)
+    busy = background >= args.quiet_load
+    print(f"\n{name}: {' '.join(cmd)}\n  load before start {background:.2f}"
+          + (f" (waited {waited:.0f} s for it to settle)" if waited >= 5 else "")
+          + (f"; BUSY MACHINE: above {args.quiet_load:.1f}, this server's figures are not comparable" if busy else ""),
+          flush=True)
     server = Server(name, cmd, port, args.threads, log_dir)
-    out: dict = {"command": cmd, "load_before_start": round(background, 2), "levels": {}}
+    out: dict = {"command": cmd, "load_before_start": round(background, 2), "busy": busy,
+                 "settle_wait_s": round(waited), "levels": {}}
     try:
         out["ready_s"] = round(server.wait_ready(args.ready_timeout), 1)
         model = server.model_id()
@@ -520,10 +541,17 @@ def main() -> None:
                          "sizing, 60%% of the RAM on a CPU)")
     ap.add_argument("--quick", action="store_true", help="2 requests per client, 1 warm-up request")
     ap.add_argument("--warmup", type=int, default=None, help="sequential warm-up requests (default 2; 1 with --quick)")
+    ap.add_argument("--settle", type=float, default=180.0,
+                    help="before each server starts, wait up to this many seconds for the 1-minute load average "
+                         "to fall below --quiet-load (0: do not wait)")
+    ap.add_argument("--quiet-load", type=float, default=None,
+                    help="load average under which the machine counts as quiet (default: half the CPUs)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds a request may take")
     ap.add_argument("--ready-timeout", type=float, default=600.0)
     ap.add_argument("--make-hf-folder", nargs=2, metavar=("GGUF", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # A SIGTERM (kill, timeout) unwinds like Ctrl-C, so the running server is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.make_hf_folder:
         make_hf_folder(Path(args.make_hf_folder[0]), Path(args.make_hf_folder[1]))
         return
@@ -532,6 +560,8 @@ def main() -> None:
         args.requests_per_client = 2 if args.quick else 4
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2
+    if args.quiet_load is None:
+        args.quiet_load = (os.cpu_count() or 2) / 2
     if args.peer_cb_blocks is None:
         args.peer_cb_blocks = max(16, 2 * max(args.clients))
     if args.peer_dtype == "match":
@@ -608,6 +638,11 @@ def main() -> None:
         print("\nratios (aggregate output tokens/s): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print("targets: " + ", ".join(f"{k}: {'n/a' if v is None else ('met' if v else 'NOT met')}"
                                   for k, v in targets.items()))
+
+    busy = [f"{name} (load {s['load_before_start']:.1f})" for name, s in servers.items() if s.get("busy")]
+    if busy:
+        print(f"WARNING: other jobs kept the machine busy before {', '.join(busy)} started; the comparison is "
+              "not fair to that server: rerun when the machine is quiet")
 
     # Greedy answers of the two servers to the same questions (a check that they run the same model)
     same = None
