@@ -1,0 +1,355 @@
+"""PPO / GRPO rollouts: replies sampled through the engine, scored by the reward model and
+measured by the policy, its value head and the reference; the training loop's batch source.
+
+    source = Rollouts(PolicyValue(gpt, value_head=True), tokenizer, reward_model, prompt_ids,
+                      eval_prompt_ids, options, device, precision, rollout_model)
+    batch = source.next_batch()          # a minibatch of the current phase (a new phase when spent)
+    logps, values, entropy = policy(batch)
+
+Each phase (`Rollouts.rollout`): the engine samples `samples` replies to each of
+`rollout_prompts` prompts (the next ones of a seeded shuffle), the reward model scores each whole
+reply, then one forward pass without gradient gives the policy's per-token log-probabilities and
+values and one the reference's (`measure`), and the advantages are computed (`rl_losses`: PPO's
+per-token rewards and GAE, or GRPO's group-relative scores). The phase is then served as
+`epochs` seeded shuffles of minibatches of `minibatch` prompts, each with all its replies.
+
+The engine generates from `rollout_model`, a plain copy of the policy in the generation dtype
+made once by the caller; each phase refreshes its weights in place (`refresh_weights`: the
+adapters merged in, one copy of the tensors), and one Engine over that copy (`dtype=None`: no
+copy of its own) serves the whole run. Measured on the demo model (8 grounded prompts of ~400
+tokens, 48 new tokens, sampling, the busy 2-core machine): the live LoRA model in fp32 sampled 15
+tokens/s, a new Engine with its own bf16 copy each phase 30 (plus 1.5-2.5 s to make the copy),
+the refreshed merged bf16 copy 38-42. The engine samples from bf16 weights; the
+log-probabilities PPO uses are recomputed by the training forward (standard practice), so the
+ratio starts at 1 and the sampling precision only makes the replies slightly off-policy.
+
+A minibatch (`collate`) holds B prompts and their n * B replies sample-major (row r answers
+prompt r % B). `response_forward` runs each prompt once and its n replies against its keys and
+values (a grounded prompt is several times longer than a reply, and GRPO's n replies share it;
+the same two-pass layout as DPO's pairs), then the LM head on reply positions only.
+
+The reference: with LoRA, the policy itself with its adapters switched off (`adapters_off`: no
+second copy in memory); otherwise a frozen copy the caller passes.
+
+State (`state_dict`, JSON): the phase counter, the KL coefficient, the score normalisation, the
+held-out evaluations and, mid-phase, the phase's replies and per-token numbers (float32 values
+round-trip exactly through JSON), so `--resume` from any checkpoint continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chatforge.errors import ChatforgeError
+from chatforge.infer.engine import Engine, GenerationConfig
+from chatforge.model.heads import ValueHead, hidden_states
+from chatforge.model.lora import lora_modules, merged_state_dict
+from chatforge.train import runtime
+from chatforge.train.rl_losses import AdaptiveKLController, gae, group_advantages, kl_estimate, token_rewards, whiten
+
+
+class _PromptCache:
+    """The GPT's KV-cache interface (`update(layer, k, v) -> (all keys, all values)`) for the two
+    passes of `response_forward`: the prompt pass records each layer's keys and values (with their
+    gradients); the response pass puts them in front of each response row's own, row r reading
+    prompt r % B."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.recording = True
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.recording:
+            self.keys[layer], self.values[layer] = k, v
+            return k, v
+        times = k.shape[0] // self.keys[layer].shape[0]
+        return (torch.cat([self.keys[layer].repeat(times, 1, 1, 1), k], 2),
+                torch.cat([self.values[layer].repeat(times, 1, 1, 1), v], 2))
+
+
+def response_attention_mask(prompt_len: torch.Tensor, P: int, R: int, times: int) -> torch.Tensor:
+    """(times * B, 1, R, P + R) bool, True = may attend: response row r sees the real tokens of
+    prompt r % B (not its padding) and its own earlier tokens."""
+    real = torch.arange(P, device=prompt_len.device)[None, :] < prompt_len[:, None]            # (B, P)
+    causal = torch.ones(R, R, dtype=torch.bool, device=prompt_len.device).tril()
+    N = real.shape[0] * times
+    return torch.cat([real.repeat(times, 1)[:, None, None, :].expand(N, 1, R, P),
+                      causal[None, None].expand(N, 1, R, R)], dim=3)
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
+    """A batch of B prompts and their n * B responses, sample-major (row r answers prompt r % B):
+    `prompt_ids` (B, P) and `response_ids` (nB, R) right-padded, `prompt_len`, `response_mask`."""
+    B, N = len(prompts), len(responses)
+    P, R = max(map(len, prompts)), max(1, max(map(len, responses)))
+    prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    response_ids = torch.full((N, R), pad_id, dtype=torch.long)
+    mask = torch.zeros((N, R), dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        prompt_ids[b, :len(p)] = torch.tensor(p)
+    for r, resp in enumerate(responses):
+        response_ids[r, :len(resp)] = torch.tensor(resp, dtype=torch.long)
+        mask[r, :len(resp)] = True
+    return {"prompt_ids": prompt_ids, "prompt_len": torch.tensor([len(p) for p in prompts]),
+            "response_ids": response_ids, "response_mask": mask}
+
+
+def response_forward(gpt, batch: dict, temperature: float = 1.0, value_head=None):
+    """(logps, values or None, entropy), each (nB, R) float32 and 0 at padding, for the response
+    tokens of a `collate` batch. Each prompt runs once; its n responses then read its keys and
+    values (`_PromptCache`), with positions continuing the prompt. Token j is
+    predicted by the state before it (the prompt's last for j = 0); the value of that state is
+    V_j. The LM head runs on response positions only; entropy is computed without gradient."""
+    prompt_ids, prompt_len = batch["prompt_ids"], batch["prompt_len"]
+    ids, mask = batch["response_ids"], batch["response_mask"]
+    (B, P), (N, R) = prompt_ids.shape, ids.shape
+    cache = _PromptCache()
+    prompt_states = hidden_states(gpt, prompt_ids, cache=cache,
+                                  positions=torch.arange(P, device=ids.device).expand(B, P))
+    cache.recording = False
+    lengths = prompt_len.repeat(N // B)
+    states = hidden_states(gpt, ids, cache=cache, positions=lengths[:, None] + torch.arange(R, device=ids.device),
+                           attn_mask=response_attention_mask(prompt_len, P, R, N // B))
+    rows = torch.arange(N, device=ids.device)
+    before = torch.cat([prompt_states[rows % B, lengths - 1][:, None], states[:, :-1]], dim=1)       # (N, R, C)
+    logits = gpt.lm_head(before[mask]).float() / temperature                                         # (M, vocab)
+    logps = torch.zeros(mask.shape, device=ids.device).masked_scatter(
+        mask, -F.cross_entropy(logits, ids[mask], reduction="none"))
+    with torch.no_grad():
+        logp_all = F.log_softmax(logits, dim=-1)
+        entropy = torch.zeros(mask.shape, device=ids.device).masked_scatter(mask, -(logp_all.exp() * logp_all).sum(-1))
+    values = None if value_head is None else value_head(before).float() * mask
+    return logps, values, entropy
+
+
+def refresh_weights(target: nn.Module, gpt: nn.Module) -> None:
+    """Copy `gpt`'s current weights, LoRA adapters merged in, into the plain model `target` (the
+    engine's, in its own dtype), in place: the engine over `target` then samples from them."""
+    state = merged_state_dict(gpt) if lora_modules(gpt) else gpt.state_dict()
+    with torch.no_grad():
+        target.load_state_dict(state)
+
+
+class PolicyValue(nn.Module):
+    """The GPT being trained and, for PPO, a `ValueHead` on its final hidden states: what the
+    training loop trains. `forward(batch)` is `response_forward`."""
+
+    def __init__(self, model: nn.Module, value_head: bool, temperature: float = 1.0):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+        self.value_head = ValueHead(model.config.d_model) if value_head else None
+
+    def forward(self, batch: dict):
+        return response_forward(self.model, batch, self.temperature, self.value_head)
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Within the block, every LoRA adapter of `model` adds nothing: the model is its base."""
+    layers = list(lora_modules(model).values())
+    saved = [m.scaling for m in layers]
+    for m in layers:
+        m.scaling = 0.0
+    try:
+        yield model
+    finally:
+        for m, s in zip(layers, saved):
+            m.scaling = s
+
+
+class Rollouts:
+    """Serves minibatches of the current phase's replies; samples a new phase when they run out.
+
+    Its state (`state_dict`, JSON) holds the phase counter, the KL coefficient, the score
+    normalisation, the held-out evaluations and, mid-phase, the phase's replies and numbers, so a
+    run resumed from any checkpoint continues exactly as it would have."""
+
+    def __init__(self, policy, tokenizer, reward_model, prompts: list[list[int]], eval_prompts: list[list[int]],
+                 o: dict, device, precision: str, rollout_model, reference=None):
+        self.policy, self.tok, self.rm, self.o = policy, tokenizer, reward_model, o
+        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.device, self.precision, self.reference = device, precision, reference
+        self.rollout_model = rollout_model
+        self.engine = Engine(rollout_model, tokenizer, dtype=None)    # no copy: refreshed in place
+        vocab = lambda t: t.hf_tokenizer.get_vocab(with_added_tokens=True)   # noqa: E731
+        if vocab(reward_model.tokenizer) != vocab(tokenizer):
+            # Replies are scored as the token ids the policy sampled, which only the same vocabulary reads.
+            raise ChatforgeError("the reward model's tokenizer differs from the policy's; train the reward model "
+                                 "on the policy's model (`chatforge reward train --base POLICY_DIR ...`)")
+        self.kl = AdaptiveKLController(o["kl_coef"], o["kl_target"] or None, o["kl_horizon"])
+        self.phase, self.position, self.data, self.score_norm, self.heldout = 0, 0, None, None, []
+        self._plan: tuple[int | None, list[list[int]]] = (None, [])
+        self.steps_per_phase = o["epochs"] * math.ceil(o["rollout_prompts"] / o["minibatch"])
+
+    # -- the loop's interface
+
+    def next_batch(self) -> dict:
+        if self.data is None or self.position >= len(self.plan):
+            self.rollout()
+        group = self.plan[self.position]
+        self.position += 1
+        return self.batch(group)
+
+    def state_dict(self) -> dict:
+        mid_phase = self.data is not None and self.position < len(self.plan)
+        return {"phase": self.phase, "position": self.position, "kl_coef": self.kl.coef,
+                "score_norm": self.score_norm, "heldout": self.heldout, "data": self.data if mid_phase else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.phase, self.position, self.data = state["phase"], state["position"], state["data"]
+        self.kl.coef, self.score_norm, self.heldout = state["kl_coef"], state["score_norm"], state["heldout"]
+
+    @property
+    def plan(self) -> list[list[int]]:
+        """The current phase's minibatches (prompt positions), `epochs` seeded shuffles."""
+        if self._plan[0] != self.phase:
+            self._plan = (self.phase, self._make_plan())
+        return self._plan[1]
+
+    def _make_plan(self) -> list[list[int]]:
+        rng = random.Random(f"{self.o['seed']}-plan-{self.phase}")
+        B, m, out = len(self.data["prompts"]), self.o["minibatch"], []
+        for _ in range(self.o["epochs"]):
+            order = rng.sample(range(B), B)
+            out += [order[i:i + m] for i in range(0, B, m)]
+        return out
+
+    # -- sampling and measuring
+
+    def refresh_engine(self) -> None:
+        refresh_weights(self.rollout_model, self.policy.model)
+
+    def sample(self, prompts: list[list[int]], n: int, seed: int | None) -> list[list[int]]:
+        """n replies to each prompt, sample-major; each ends with its stop token when it stopped."""
+        greedy = seed is None
+        cfg = GenerationConfig(strategy="greedy" if greedy else "sample", max_new_tokens=self.o["max_new_tokens"],
+                               temperature=self.o["temperature"], num_return_sequences=n, seed=seed)
+        results = self.engine.generate(prompts, cfg)
+        return [c.tokens + ([c.stop] if isinstance(c.stop, int) else []) for s in range(n) for c in
+                [r.completions[s] for r in results]]
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]]):
+        """(nB,) float32 reward-model scores of the sample-major responses."""
+        return self.rm.score_ids([prompts[r % len(prompts)] + resp for r, resp in enumerate(responses)])
+
+    def measure(self, prompts: list[list[int]], responses: list[list[int]]) -> dict:
+        """The policy's log-probs and values and the reference's log-probs of every response,
+        in minibatches, without gradient, in eval mode and the training precision."""
+        B, n = len(prompts), len(responses) // len(prompts)
+        out: dict[str, list] = {"logps": [None] * len(responses), "values": [None] * len(responses),
+                                "ref_logps": [None] * len(responses)}
+        was_training = self.policy.training
+        self.policy.eval()
+        with torch.no_grad(), runtime.autocast(self.device, self.precision):
+            for start in range(0, B, self.o["minibatch"]):
+                group = range(start, min(B, start + self.o["minibatch"]))
+                rows = [s * B + b for s in range(n) for b in group]
+                batch = collate([prompts[b] for b in group], [responses[r] for r in rows], self.tok.pad_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                logps, values, _ = self.policy(batch)
+                if self.reference is not None:
+                    ref = response_forward(self.reference, batch, self.o["temperature"])[0]
+                else:
+                    with adapters_off(self.policy.model):
+                        ref = response_forward(self.policy.model, batch, self.o["temperature"])[0]
+                for i, r in enumerate(rows):
+                    k = len(responses[r])
+                    out["logps"][r], out["ref_logps"][r] = logps[i, :k].cpu(), ref[i, :k].cpu()
+                    out["values"][r] = values[i, :k].cpu() if values is not None else torch.zeros(k)
+        self.policy.train(was_training)
+        return out
+
+    def rollout(self) -> None:
+        """Sample, score and measure the next phase's replies; compute their advantages."""
+        o, k = self.o, self.phase
+        if self.eval_prompts and k % o["eval_every"] == 0:
+            self.heldout.append(self.evaluate(step=k * self.steps_per_phase))
+        count, P = o["rollout_prompts"], len(self.prompts)
+        picks = []
+        for i in range(k * count, (k + 1) * count):    # a seeded shuffle of all prompts per pass
+            picks.append(random.Random(f"{o['seed']}-prompts-{i // P}").sample(range(P), P)[i % P])
+        prompts = [self.prompts[i] for i in picks]
+        self.refresh_engine()
+        n = o["samples"]
+        responses = self.sample(prompts, n, seed=o["seed"] * 100003 + k)
+        scores = self.score(prompts, responses)
+        m = self.measure(prompts, responses)
+        batch = collate(prompts, responses, self.tok.pad_id)
+        mask = batch["response_mask"]
+
+        def padded(rows: list) -> torch.Tensor:
+            t = torch.zeros(mask.shape)
+            for r, v in enumerate(rows):
+                t[r, :len(v)] = v
+            return t
+        logps, ref, values = padded(m["logps"]), padded(m["ref_logps"]), padded(m["values"])
+        seq_kl = (kl_estimate(logps, ref, "k1") * mask).sum(1)
+        coef = self.kl.coef
+        if o["algo"] == "ppo":
+            if self.score_norm is None:     # the SFT policy's replies set the scale, once
+                std = float(scores.std()) if len(scores) > 1 else 0.0
+                self.score_norm = [float(scores.mean()), std if std > 1e-6 else 1.0]
+            mean, std = self.score_norm
+            rewards = token_rewards((scores - mean) / std, logps, ref, mask, coef)
+            advantages, returns = gae(rewards, values, mask, o["gamma"], o["lam"])
+            advantages = whiten(advantages, mask)
+        else:
+            group = group_advantages(scores.view(n, count).T).T.reshape(-1)     # sample-major like the rows
+            advantages, returns = group[:, None] * mask, torch.zeros(mask.shape)
+        self.kl.update(float(seq_kl.mean()), len(responses))
+        texts = [tuple(r) for r in responses]
+        stats = {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                 "kl": float(seq_kl.mean()), "kl_coef": coef,
+                 "length": sum(len(r) - (r[-1] in self.engine.stop_ids) for r in responses) / len(responses),
+                 "truncated": sum(r[-1] not in self.engine.stop_ids for r in responses) / len(responses),
+                 "distinct": len(set(texts)) / len(texts)}
+        def rows(t: torch.Tensor) -> list[list[float]]:   # JSON, for the checkpoint (float32 round-trips exactly)
+            return [t[r, :len(resp)].tolist() for r, resp in enumerate(responses)]
+        self.data = {"prompts": picks, "responses": responses, "old_logps": rows(logps), "ref_logps": rows(ref),
+                     "values": rows(values), "advantages": rows(advantages), "returns": rows(returns),
+                     "kl_coef": coef, "stats": stats}
+        self.phase, self.position = k + 1, 0
+
+    def batch(self, group: list[int]) -> dict:
+        """The minibatch of the current phase's prompts at positions `group`, with all their replies."""
+        d, B = self.data, len(self.data["prompts"])
+        rows = [s * B + b for s in range(len(d["responses"]) // B) for b in group]
+        batch = collate([self.prompts[d["prompts"][b]] for b in group], [d["responses"][r] for r in rows],
+                        self.tok.pad_id)
+        for key in ("old_logps", "ref_logps", "values", "advantages", "returns"):
+            t = torch.zeros(batch["response_mask"].shape)
+            for i, r in enumerate(rows):
+                t[i, :len(d[key][r])] = torch.tensor(d[key][r])
+            batch["old_values" if key == "values" else key] = t
+        batch["kl_coef"] = torch.tensor(d["kl_coef"])
+        batch.update({f"stat_{k}": torch.tensor(float(v)) for k, v in d["stats"].items()})
+        return batch
+
+    def evaluate(self, step: int) -> dict:
+        """The reward model's mean score of greedy and of sampled (fixed seed) replies to the held-out
+        prompts, the sampled replies' KL to the reference, lengths and distinct shares."""
+        self.refresh_engine()
+        prompts, row = self.eval_prompts, {"phase": self.phase, "step": step}
+        for kind, seed in (("greedy", None), ("sampled", self.o["seed"])):
+            responses = self.sample(prompts, 1, seed)
+            row[f"reward_{kind}"] = round(float(self.score(prompts, responses).mean()), 4)
+            row[f"length_{kind}"] = round(sum(len(r) - (bool(r) and r[-1] in self.engine.stop_ids)
+                                              for r in responses) / len(responses), 2)
+            row[f"distinct_{kind}"] = round(len({tuple(r) for r in responses}) / len(responses), 4)
+            if kind == "sampled":
+                m = self.measure(prompts, responses)
+                row["kl"] = round(sum(float(kl_estimate(a, b, "k1").sum()) for a, b in zip(m["logps"], m["ref_logps"]))
+                                  / len(responses), 4)
+            else:
+                row["examples"] = [self.tok.decode([t for t in r if t not in self.engine.stop_ids])
+                                   for r in responses[:3]]
+        print(f"held-out @ step {step}: reward greedy {row['reward_greedy']:.3f}, sampled {row['reward_sampled']:.3f}, "
+              f"kl {row['kl']:.3f}, length {row['length_sampled']:.1f}, distinct {row['distinct_sampled']:.2f}")
+        return row
