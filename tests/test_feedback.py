@@ -263,7 +263,7 @@ def test_v0_file_is_migrated(tmp_path):
             record(s, "m1", "c1", "q?", "a.")
         assert rows(path, "PRAGMA user_version") == [(schema_version(),)]
         assert rows(path, "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name") == [
-            ("conversations",), ("feedback",), ("messages",)]
+            ("conversations",), ("feedback",), ("messages",), ("tickets",)]
 
 
 def test_older_file_migrates_in_order_and_a_failed_migration_changes_nothing(tmp_path, monkeypatch):

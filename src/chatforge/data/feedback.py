@@ -24,6 +24,10 @@ server writes). Tables:
   stores the client's whole history as sent; a known one gets only the new user turn and reply.
 - `feedback(id, message_id, rating, reason, comment, correction, model, created_at)`: one row
   per click; a user may rate a reply again, and the latest row is their verdict.
+- `tickets(id, conversation_id, message, reason, transcript, status, created_at)` (schema 2): one
+  row per hand-off to a person (the `handoff` plugin, `infer/plugin_builtins.py`): the user's
+  message, why (`asked for a person`, `negative sentiment`, ...), the conversation so far as JSON,
+  and `status` ("open"; people working the queue change it).
 
 Every text is PII-scrubbed (`chatforge.data.pii.scrub_pii`) before it is stored. Times are UTC,
 ISO 8601 with milliseconds ("2026-12-01T18:55:48.123Z"). The schema version is
@@ -120,9 +124,21 @@ def _v1(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX feedback_message ON feedback(message_id)")
 
 
+def _v2(db: sqlite3.Connection) -> None:
+    """Hand-off tickets: a person takes over the conversation."""
+    db.execute("""CREATE TABLE tickets (
+        id INTEGER PRIMARY KEY,
+        conversation_id TEXT,
+        message TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        transcript TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'open',
+        created_at TEXT NOT NULL)""")
+
+
 # MIGRATIONS[i] takes a file at schema version i to version i + 1. Append, never edit: files
 # in the field were made by the functions as they are.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
 
 
 def schema_version() -> int:
@@ -365,6 +381,20 @@ class FeedbackStore:
             return cur.lastrowid
 
         return self._write(work)
+
+    def add_ticket(self, conversation_id: str | None, message: str, reason: str, transcript: str = "[]") -> int:
+        """Open a hand-off ticket (a person takes over); return its id. Texts are PII-scrubbed."""
+        if conversation_id is not None and not isinstance(conversation_id, str):
+            raise ChatforgeError("conversation_id must be a string or None")
+        row = (conversation_id, _scrub(_text(message, "message")), _text(reason, "reason"),
+               _scrub(_text(transcript, "transcript")), _now_iso(self._clock()))
+        return self._write(lambda db: db.execute(
+            "INSERT INTO tickets (conversation_id, message, reason, transcript, created_at) VALUES (?, ?, ?, ?, ?)",
+            row).lastrowid)
+
+    def tickets(self) -> list[dict]:
+        """Every hand-off ticket, oldest first."""
+        return [dict(r) for r in self._read("SELECT * FROM tickets ORDER BY id")]
 
     # ----------------------------------------------------------------------- reading
 

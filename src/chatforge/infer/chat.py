@@ -23,11 +23,12 @@ import argparse
 import contextlib
 import os
 import sys
-from dataclasses import dataclass
-from typing import Callable, Iterator, TextIO
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence, TextIO
 
 from chatforge.cli import leaf
 from chatforge.errors import ChatforgeError
+from chatforge.infer.plugins import add_plugin_options, runner_from_args
 from chatforge.infer.prompting import SystemPrompt, load_system_prompt
 from chatforge.infer.safety import ACTIONS, DEFAULT_REFUSAL, ReplyFilter, load_blocked_terms
 
@@ -55,10 +56,18 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, system: SystemPrompt | str | None = None, index=None,
                  gen_cfg=None, guard: ReplyFilter | None = None, engine=None, passages: int = 3,
-                 quant: str | None = None):
+                 quant: str | None = None, tools=None):
         from chatforge.infer.engine import Engine, GenerationConfig
+        from chatforge.infer.plugins import PluginRunner
 
-        self.tokenizer, self.index, self.k = tokenizer, index, passages
+        if tools is None and index is not None:
+            # Retrieval is the docs plugin: one code path with or without other plugins.
+            from chatforge.infer.plugin_builtins import DocsPlugin
+
+            tools = PluginRunner([DocsPlugin(index, passages)])
+        self.tools = tools
+        self.index = tools.get("docs") if tools is not None else None
+        self.tokenizer, self.k = tokenizer, passages
         self.gen_cfg = gen_cfg or GenerationConfig(strategy="sample", temperature=0.7, top_p=0.9)
         self.guard = guard or ReplyFilter()
         if engine is None:
@@ -73,7 +82,8 @@ class ChatSession:
         self.history: list[dict[str, str]] = []
         self.dropped = self.last_dropped = 0
         self.last_sources: list[str] = []
-        fixed = len(self._render(_messages(self.prompt, index, "", [], [], MIN_CONTEXT_TOKENS, tokenizer)))
+        self.last_used: list[dict] = []     # what the last reply used: {"plugin", "source", "text"}
+        fixed = len(self._render(_messages(self.prompt, self.index, "", [], [], MIN_CONTEXT_TOKENS, tokenizer)))
         if fixed >= self.budget:
             raise ChatforgeError(
                 f"the system prompt and its examples take {fixed} tokens, but the model's context is "
@@ -85,15 +95,18 @@ class ChatSession:
         self.history.clear()
         self.dropped = self.last_dropped = 0
         self.last_sources = []
+        self.last_used = []
 
     def reply(self, user_text: str) -> Iterator[str]:
         """Yield the filtered reply to `user_text` in pieces; the turn joins `history` at the end,
         or when the generator is closed or interrupted (with the part that was shown)."""
-        ids = self._prompt_ids(user_text)
+        prompt = self._prompt(user_text)
         stream = self.guard.stream()
         shown: list[str] = []
+        # A plugin's direct reply (already filtered) stands in for the model's.
+        pieces = [prompt.reply] if prompt.reply is not None else self._generate(prompt.ids)
         try:
-            for piece in self._generate(ids):
+            for piece in pieces:
                 safe = stream.push(piece)
                 if safe:
                     shown.append(safe)
@@ -118,15 +131,17 @@ class ChatSession:
     def _render(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.render_chat(messages, add_generation_prompt=True)[0]
 
-    def _prompt_ids(self, user_text: str) -> list[int]:
+    def _prompt(self, user_text: str) -> "Prompt":
         """The prompt for `user_text`; the oldest turns that did not fit are dropped for good."""
-        prompt = fit_prompt(self.tokenizer, self.prompt, self.index, self.history, user_text, self.budget, self.k)
+        prompt = fit_prompt(self.tokenizer, self.prompt, self.index, self.history, user_text, self.budget, self.k,
+                            tools=self.tools, guard=self.guard)
         # Only now that the prompt fits are the turns dropped (a failed message keeps them).
         del self.history[:prompt.skipped]
         self.last_dropped = prompt.skipped
         self.dropped += prompt.skipped
         self.last_sources = list(dict.fromkeys(p.source for p in prompt.passages))
-        return prompt.ids
+        self.last_used = prompt.sources()
+        return prompt
 
 
 @dataclass
@@ -137,36 +152,64 @@ class Prompt:
     messages: list[dict]           # what the model sees: system, examples, kept history, the question
     passages: list                 # the retrieved passages that made it into the context block
     skipped: int                   # oldest history messages left out to make it fit
+    facts: list = field(default_factory=list)   # plugin facts in the prompt (plugins.Fact)
+    reply: str | None = None       # a plugin's direct reply: the model is not asked (ids are empty)
+    reply_plugin: str | None = None
+
+    def sources(self) -> list[dict]:
+        """What the answer used, as the server's `sources` items: passages (plugin "docs"), then facts."""
+        return ([{"source": p.source, "text": p.text, "plugin": "docs"} for p in self.passages]
+                + [{"source": f.source, "text": f.text, "plugin": f.plugin} for f in self.facts])
 
 
 def _messages(system: SystemPrompt | None, index, user_text: str, history: list[dict], passages: list,
-              context_tokens: int, tokenizer) -> list[dict]:
+              context_tokens: int, tokenizer, facts: Sequence = ()) -> list[dict]:
+    from chatforge.infer.plugins import with_facts
+
     examples = system.examples if system else []
     text = system.text if system and system.text else None
     if index is None:
         head = [{"role": "system", "content": text}] if text else []
-        return [*head, *examples, *history, {"role": "user", "content": user_text}]
+        question = f"{with_facts('', facts)}Question: {user_text}" if facts else user_text
+        return [*head, *examples, *history, {"role": "user", "content": question}]
     from chatforge.infer.retrieval import grounded_messages
 
     # system=None gives retrieval's grounded system prompt, the one grounded SFT teaches.
-    return grounded_messages(user_text, passages, system=text, history=[*examples, *history],
-                             max_context_tokens=context_tokens, tokenizer=tokenizer)
+    messages = grounded_messages(user_text, passages, system=text, history=[*examples, *history],
+                                 max_context_tokens=context_tokens, tokenizer=tokenizer)
+    messages[-1]["content"] = with_facts(messages[-1]["content"], facts)
+    return messages
 
 
 def fit_prompt(tokenizer, system: SystemPrompt | None, index, history: list[dict], user_text: str,
-               budget: int, k: int = 3) -> Prompt:
+               budget: int, k: int = 3, tools=None, guard: ReplyFilter | None = None,
+               conversation_id: str | None = None) -> Prompt:
     """The prompt for `user_text` after `history`: retrieve `k` passages (with an index), then drop
     the oldest turns and shrink the retrieved context until it fits in `budget` tokens. A message
-    that cannot fit even alone is a `ChatforgeError`. `chat` and the HTTP server share this."""
+    that cannot fit even alone is a `ChatforgeError`. `chat` and the HTTP server share this.
+
+    With `tools` (a `plugins.PluginRunner`) the routed plugins run first (`index` is then not
+    searched: the `docs` plugin retrieves, and its presence selects the grounded format); their
+    facts join the last user message in the facts format (`infer/plugins.py`), and a plugin's
+    direct reply comes back as `Prompt.reply` with no ids."""
     def render(messages: list[dict]) -> list[int]:
         return tokenizer.render_chat(messages, add_generation_prompt=True)[0]
 
-    passages = index.search(user_text, k) if index is not None else []
+    facts: list = []
+    if tools is not None:
+        found = tools.run(user_text, history, guard, conversation_id)
+        if found.reply is not None:
+            turn = {"role": "user", "content": user_text}
+            return Prompt([], [*history, turn], [], 0, found.facts, found.reply, found.reply_plugin)
+        index = tools.get("docs")               # the grounded format comes with the docs plugin
+        passages, facts = found.passages, found.facts
+    else:
+        passages = index.search(user_text, k) if index is not None else []
     fixed = len(render(_messages(system, index, "", [], [], MIN_CONTEXT_TOKENS, tokenizer)))
     context_tokens = max(MIN_CONTEXT_TOKENS, (budget - fixed) * 2 // 3)
     skip = 0                                       # oldest history messages left out
     while True:
-        messages = _messages(system, index, user_text, history[skip:], passages, context_tokens, tokenizer)
+        messages = _messages(system, index, user_text, history[skip:], passages, context_tokens, tokenizer, facts)
         ids = render(messages)
         if len(ids) <= budget:
             break
@@ -176,11 +219,13 @@ def fit_prompt(tokenizer, system: SystemPrompt | None, index, history: list[dict
             context_tokens = max(MIN_CONTEXT_TOKENS, context_tokens // 2)
         elif passages:
             passages = []
+        elif facts:
+            facts = facts[:-1]                     # the last plugin's facts go before the question does
         else:
             raise ChatforgeError(
                 f"the message is too long: with the system prompt it takes {len(ids)} tokens and the "
                 f"model's context holds {budget} before the reply; shorten it")
-    return Prompt(ids, messages, _passages_used(passages, messages[-1]["content"]), skip)
+    return Prompt(ids, messages, _passages_used(passages, messages[-1]["content"]), skip, facts)
 
 
 def _passages_used(passages: list, user_content: str) -> list:
@@ -285,8 +330,10 @@ def converse(session: ChatSession, read: Callable[[], str | None], out: TextIO, 
             note(f"(the conversation no longer fits the model's {session.context}-token context: "
                  "the oldest turns are being dropped)")
             told_dropped = True
-        if session.last_sources:
-            note("sources: " + "; ".join(session.last_sources))
+        if session.last_used:
+            # Which plugin gave what: "sources: docs: faq.md > Refunds; orders: orders.csv > 1042".
+            used = dict.fromkeys(f"{u['plugin']}: {u['source']}" for u in session.last_used)
+            note("sources: " + "; ".join(used))
         if interactive:
             out.write("\n")
     return 2 if failed and not interactive else 0
@@ -325,6 +372,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to run the model on")
     parser.add_argument("--quant", choices=["int8", "int4"], default=None,
                         help="weight-only 8- or 4-bit linear layers (CPU): smaller, faster decoding")
+    add_plugin_options(parser)
+    parser.add_argument("--db", metavar="FILE", default=None,
+                        help="feedback database where the handoff plugin opens its tickets (SQLite)")
     leaf(parser, run)
 
 
@@ -356,14 +406,22 @@ def run(args: argparse.Namespace) -> int:
         from chatforge.infer.retrieval import PassageIndex
 
         index = PassageIndex.load_or_build(args.docs, args.index_cache)
-    session = ChatSession(model, tokenizer, system=system, index=index, gen_cfg=gen_cfg, guard=guard,
-                          passages=args.passages, quant=args.quant)
+    store = None
+    if args.db:
+        from chatforge.data.feedback import FeedbackStore
+
+        store = FeedbackStore(args.db)
+    tools = runner_from_args(args, index, store)
+    session = ChatSession(model, tokenizer, system=system, gen_cfg=gen_cfg, guard=guard,
+                          passages=args.passages, quant=args.quant, tools=tools)
 
     if not sys.stdin.isatty():
         return converse(session, pipe_reader(sys.stdin), sys.stdout, sys.stderr, interactive=False)
     color = _use_color(sys.stdout)
     n_params = sum(p.numel() for p in model.parameters())
     grounded = f", answering from {len(index)} passages" if index is not None else ""
+    if tools is not None:
+        grounded += f", plugins: {', '.join(tools.names)}"
     print(_style(color)(f"chatforge chat: {args.model} ({n_params / 1e6:.1f}M parameters, "
                         f"{session.context}-token context{grounded})", "bold"))
     print("Type a message and press Enter; /help for commands, /exit or Ctrl-D to leave.\n")

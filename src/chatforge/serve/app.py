@@ -60,11 +60,20 @@ class Assistant:
     system: SystemPrompt | None = None
     guard: ReplyFilter = field(default_factory=ReplyFilter)
     store: Any = None                              # data.feedback.FeedbackStore
+    tools: Any = None                              # infer.plugins.PluginRunner (docs is one of them)
     passages: int = 3
     default_max_tokens: int = 256
     default_temperature: float = 1.0               # for requests that do not say (OpenAI's default: 1)
     default_repetition_penalty: float = 1.0        # for requests that do not say (1 = off)
     max_tokens_limit: int = 1024                   # a request asking for more gets a 400
+
+    def __post_init__(self):
+        if self.tools is None and self.index is not None:
+            # Retrieval is the docs plugin: one code path with or without other plugins.
+            from chatforge.infer.plugin_builtins import DocsPlugin
+            from chatforge.infer.plugins import PluginRunner
+
+            self.tools = PluginRunner([DocsPlugin(self.index, self.passages)])
 
     @property
     def context(self) -> int:
@@ -187,6 +196,19 @@ class _Job:
                 self.request.cancel()
 
 
+class _Canned:
+    """A reply that is already written (a plugin's), with the events of a generated one."""
+
+    request = None
+
+    def __init__(self, text: str):
+        self.text = text
+
+    async def pieces(self) -> AsyncIterator[Piece | Done]:
+        yield Piece(self.text, 0)
+        yield Done(self.text, [], "stop", 0)
+
+
 # ----------------------------------------------------------------------------------- the app
 
 def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes: int = 1 << 20,
@@ -239,7 +261,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": assistant.name, "auth": bool(api_key), "docs": assistant.index is not None,
+        return {"status": "ok", "model": assistant.name, "auth": bool(api_key), "docs": bool(assistant.tools and assistant.tools.get("docs")),
                 "feedback": assistant.store is not None}
 
     @app.get("/metrics", include_in_schema=False)
@@ -267,16 +289,17 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         cfg = _generation(body, max_tokens, assistant)
         reserve = min(cfg.max_new_tokens, assistant.context // 2)
+        conversation = body.conversation_id or oa.new_id("conv")
         try:
             prompt = await run_in_threadpool(fit_prompt, assistant.tokenizer, client_system or assistant.system,
                                              assistant.index, history, question, assistant.context - reserve,
-                                             assistant.passages)
+                                             assistant.passages, assistant.tools, assistant.guard, conversation)
         except ChatforgeError as e:
             raise oa.ApiError(400, str(e), "messages", "context_length_exceeded") from None
-        sources = [{"source": p.source, "text": p.text} for p in prompt.passages]
+        sources = prompt.sources()
         rid, created = oa.new_id("chatcmpl"), oa.now()
-        conversation = body.conversation_id or oa.new_id("conv")
-        job = _Job(assistant, prompt.ids, cfg)
+        # A plugin's direct reply (e.g. the hand-off) is not generated: it is the whole answer.
+        job = _Canned(prompt.reply) if prompt.reply is not None else _Job(assistant, prompt.ids, cfg)
         record = dict(message_id=rid, conversation_id=conversation, model=assistant.name,
                       messages=[m.model_dump(exclude_none=True) for m in body.messages],
                       prompt_messages=prompt.messages, sources=sources)
@@ -284,7 +307,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         async def finish(done: Done, reply: str) -> None:
             metrics.prompt_tokens.inc(done.prompt_tokens)
             metrics.completion_tokens.inc(len(done.tokens))
-            if job.request.first_token is not None:
+            if job.request is not None and job.request.first_token is not None:
                 metrics.ttft.observe(job.request.first_token - job.request.submitted)
             if done.finish_reason == "error":
                 raise oa.ApiError(500, "generation failed; see the server's log")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from chatforge.cli import leaf
 from chatforge.errors import ChatforgeError
+from chatforge.infer.plugins import add_plugin_options, runner_from_args
 from chatforge.infer.prompting import load_system_prompt
 from chatforge.infer.safety import ACTIONS, DEFAULT_REFUSAL, ReplyFilter, load_blocked_terms
 
@@ -74,6 +75,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocked-action", choices=ACTIONS, default="mask",
                         help="mask a blocked term with *s, or replace the whole reply with --refusal")
     parser.add_argument("--refusal", default=DEFAULT_REFUSAL, help="the reply shown instead, with --blocked-action refuse")
+    add_plugin_options(parser)
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="server log level")
     leaf(parser, run)
@@ -147,8 +149,9 @@ def run(args: argparse.Namespace) -> int:
         from chatforge.infer.retrieval import PassageIndex
 
         index = PassageIndex.load_or_build(args.docs, args.index_cache)
+    tools = runner_from_args(args, index, store)
     assistant = Assistant(scheduler, tokenizer, args.name or model_dir.resolve().name, index=index, system=system,
-                          guard=guard, store=store, passages=args.passages, default_max_tokens=args.max_tokens,
+                          guard=guard, store=store, tools=tools, passages=args.passages, default_max_tokens=args.max_tokens,
                           max_tokens_limit=args.max_tokens_limit, default_temperature=args.temperature,
                           default_repetition_penalty=args.repetition_penalty)
     app = create_app(assistant, api_key=api_key, max_body_bytes=args.max_body_bytes, reload=load)
@@ -176,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
                                    timeout_graceful_shutdown=30))
     where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     grounded = f", answering from {len(index)} passages" if index is not None else ""
+    if tools is not None:
+        grounded += f", plugins: {', '.join(tools.names)}"
     print(f"chatforge serve: {assistant.name} on {where}/ (API: {where}/v1{grounded}; "
           f"feedback: {store.path if store else 'off'})", flush=True)
     try:

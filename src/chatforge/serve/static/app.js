@@ -189,10 +189,13 @@
     for (const s of sources) {
       const label = s && typeof s.source === "string" && s.source ? s.source : "(unnamed source)";
       const passage = s && typeof s.text === "string" ? s.text : "";
+      // Which plugin gave it (docs, orders, ...), shown as text before the source's name.
+      const plugin = s && typeof s.plugin === "string" && s.plugin ? s.plugin : "";
+      const summary = el("summary", {},
+        ...(plugin ? [el("span", { className: "source-plugin", text: plugin + ": " })] : []),
+        el("span", { className: "source-label", text: label }));
       list.append(el("li", {},
-        el("details", {},
-          el("summary", { className: "source-label", text: label }),
-          el("p", { className: "source-text", text: passage }))));
+        el("details", {}, summary, el("p", { className: "source-text", text: passage }))));
     }
     const section = el("section", { className: "sources", "aria-label": "Sources" },
       el("h3", { text: "Sources" }), list);
