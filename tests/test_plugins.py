@@ -330,3 +330,19 @@ def test_server_response_names_the_orders_plugin(model_dir, tmp_path):
         assert running.assistant.store.tickets()[0]["conversation_id"] == chunks[0]["conversation_id"]
     finally:
         running.stop()
+
+
+def test_chat_takes_its_plugins_from_the_yaml_config(model_dir, tmp_path, monkeypatch, capsys):
+    import io
+
+    from chatforge import cli
+
+    cfg = tmp_path / "chat.yaml"
+    cfg.write_text(f"plugins: orders,calculator,handoff\norders: {ORDERS}\ndb: {tmp_path / 'f.db'}\n"
+                   "strategy: greedy\nmax-new-tokens: 4\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Where is my order 1042?\nget me a human\n"))
+    assert cli.main(["chat", "--config", str(cfg), "--model", str(model_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert "sources: orders: orders.csv > 1042" in err and "ticket 1" in out.splitlines()[1]
+    with FeedbackStore(tmp_path / "f.db") as store:
+        assert store.tickets()[0]["message"] == "get me a human"
