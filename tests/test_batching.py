@@ -215,3 +215,20 @@ def test_bf16_weights_write_into_the_fp32_cache(engine):
     done = request.result(timeout=0)
     assert done.finish_reason != "error"
     assert done.tokens == bf16.generate([PROMPTS[2]], cfg)[0].tokens
+
+
+def test_a_vanishing_temperature_is_greedy_and_a_failed_request_ends_alone(engine):
+    """Found by schemathesis: temperature 7e-281 overflowed float32 logits to inf (NaN probabilities)."""
+    cfg = GenerationConfig(strategy="sample", temperature=7.2e-281, max_new_tokens=10)
+    assert cfg.greedy
+    scheduler = Scheduler(engine)
+    tiny_t = scheduler.submit(PROMPTS[0], cfg)
+    broken = scheduler.submit(PROMPTS[1], GenerationConfig(strategy="sample", max_new_tokens=10))
+    fine = scheduler.submit(PROMPTS[2], GenerationConfig(max_new_tokens=10))
+    scheduler.step()                                   # admit all three
+    run = next(r for r in scheduler.running if r.request is broken)
+    run.pipeline.warp = lambda logits: torch.full_like(logits, float("nan"))   # a sampler gone wrong
+    scheduler.run_until_idle()
+    assert tiny_t.result(timeout=0).tokens == alone(engine, PROMPTS[0], GenerationConfig(max_new_tokens=10))[0]
+    assert broken.result(timeout=0).finish_reason == "error"
+    assert fine.result(timeout=0).tokens == alone(engine, PROMPTS[2], GenerationConfig(max_new_tokens=10))[0]

@@ -344,12 +344,19 @@ class Scheduler:
         if run.request.cancelled:
             run.finish = ("cancelled", None)
             return
-        logits = run.pipeline(logits.unsqueeze(0))
-        if run.cfg.greedy:
-            token = int(logits.argmax(-1))
-        else:
-            probs = torch.softmax(run.pipeline.warp(logits), dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=run.generator))
+        try:
+            logits = run.pipeline(logits.unsqueeze(0))
+            if run.cfg.greedy:
+                token = int(logits.argmax(-1))
+            else:
+                probs = torch.softmax(run.pipeline.warp(logits), dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=run.generator))
+        except RuntimeError as e:
+            # One request's settings (say, penalties that drive every logit to -inf) end that
+            # request only; the rest of the batch goes on.
+            log.warning("a request's sampling failed: %s", e)
+            run.finish = ("error", str(e))
+            return
         request = run.request
         if request.first_token is None:
             request.first_token = time.perf_counter()
@@ -390,6 +397,9 @@ class Scheduler:
 
     def _finish(self, run: _Running) -> None:
         reason, stop = run.finish
+        if reason == "error":
+            run.request._emit(Done("", run.tokens, "error", len(run.request.prompt), error=f"sampling failed: {stop}"))
+            return
         tail = run.text.finish() if run.text is not None and reason != "cancelled" else ""
         if tail:
             run.request._emit(Piece(tail, len(run.tokens)))

@@ -37,6 +37,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.infer.sampling import LogitsPipeline, StopStrings
 
 STRATEGIES = ("greedy", "sample", "beam")
+MIN_TEMPERATURE = 1e-5       # sampling below this temperature is greedy decoding
 
 
 @dataclass
@@ -94,13 +95,15 @@ class GenerationConfig:
         if self.strategy == "beam":
             need(self.num_return_sequences <= self.num_beams,
                  f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})")
-        if self.strategy == "greedy" or (self.strategy == "sample" and self.temperature == 0):
+        if self.greedy:
             need(self.num_return_sequences == 1, "greedy decoding returns one sequence; use sample or beam for more")
         need(all(isinstance(s, str) and s for s in self.stop_strings), "stop strings must be non-empty text")
 
     @property
     def greedy(self) -> bool:
-        return self.strategy == "greedy" or (self.strategy == "sample" and self.temperature == 0)
+        # A temperature below MIN_TEMPERATURE is greedy too: dividing float32 logits by it
+        # overflows to inf, and the probabilities become NaN.
+        return self.strategy == "greedy" or (self.strategy == "sample" and self.temperature < MIN_TEMPERATURE)
 
 
 @dataclass
