@@ -21,7 +21,7 @@ from chatforge.data.prefs import parse_preference  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.folder import load_model  # noqa: E402
 from chatforge.train import dpo  # noqa: E402
-from chatforge.train.pairs import (ReplyLogProbs, encode_pairs, make_pair_batch, pair_attention_mask,  # noqa: E402
+from chatforge.train.pairs import (ReplyLogProbs, encode_pairs, make_pair_batch, reply_attention_mask,  # noqa: E402
                                    reply_token_logps, side_sums)
 
 CPU = torch.device("cpu")
@@ -61,25 +61,20 @@ def test_pair_rows_compute_what_two_separate_passes_compute(tiny):
     prefs = [parse_preference(p) for p in PAIRS]
     examples, stats = encode_pairs(prefs, tok, 200)
     assert stats.kept == 3 and all(e.length < e.pair_tokens for e in examples)
-    batch = make_pair_batch(examples, tok.pad_id)          # padded to the longest row
+    batch = make_pair_batch(examples, tok.pad_id)          # prompts and replies of different lengths: padded
     with torch.no_grad():
         chosen, rejected = side_sums(reply_token_logps(model, batch), batch)
     for i, pref in enumerate(prefs):
         assert chosen[i].item() == pytest.approx(separate_logps(model, tok, pref, "chosen"), abs=1e-4)
         assert rejected[i].item() == pytest.approx(separate_logps(model, tok, pref, "rejected"), abs=1e-4)
-    # ends: the <|im_end|> of each reply
-    assert (batch["input_ids"].gather(1, batch["ends"]) == tok.im_end_id).all()
+    # Each reply ends with its <|im_end|> (where a reward model reads).
+    assert (batch["reply_ids"].gather(1, batch["reply_len"][:, None] - 1) == tok.im_end_id).all()
 
 
-def test_attention_mask_keeps_the_replies_apart():
-    branch = torch.tensor([[0, 0, 1, 1, 2, 3]])           # prompt, prompt, chosen x2, rejected, pad
-    mask = pair_attention_mask(branch)[0, 0].int().tolist()
-    assert mask == [[1, 0, 0, 0, 0, 0],
-                    [1, 1, 0, 0, 0, 0],
-                    [1, 1, 1, 0, 0, 0],
-                    [1, 1, 1, 1, 0, 0],
-                    [1, 1, 0, 0, 1, 0],    # the rejected token sees the prompt and itself, not chosen
-                    [0, 0, 0, 0, 0, 1]]    # padding sees only padding
+def test_reply_mask_hides_the_prompt_padding_and_the_future():
+    mask = reply_attention_mask(torch.tensor([2, 3]), P=3, R=2)[:, 0].int().tolist()     # rows: 2 chosen, 2 rejected
+    assert mask[0] == mask[2] == [[1, 1, 0, 1, 0], [1, 1, 0, 1, 1]]      # prompt 0 has 2 real tokens
+    assert mask[1] == mask[3] == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
 
 
 def test_too_long_pairs_are_cut_from_the_left_or_dropped(tiny):

@@ -1,19 +1,23 @@
-"""Preference pairs as token rows: the prompt once, then both replies, each seeing only the prompt and itself.
+"""Preference pairs as token batches: each prompt runs once, then both replies read its keys and values.
 
     examples, stats = encode_pairs(prefs, tokenizer, max_length=1024)
     source = PairBatches(examples, batch_size=8, pad_id=tokenizer.pad_id, seed=0)   # the loop's batch source
-    logps = reply_token_logps(model, source.next_batch())                           # (B, S) float32
+    logps = reply_token_logps(model, source.next_batch())                           # (2B, R) float32
 
-One row holds one pair (`chatforge.data.prefs.Preference`):
+A batch of B pairs (`chatforge.data.prefs.Preference`) is computed in two passes of the GPT:
 
-    [prompt: P tokens][chosen reply: C tokens][rejected reply: R tokens][padding]
+1. the B prompts (right-padded) with plain causal attention; a `PrefixCache` keeps every layer's
+   keys and values, with their gradients;
+2. the 2B replies (rows 0..B-1 chosen, B..2B-1 rejected, right-padded), each row attending to
+   its prompt's keys and values (padding hidden) and causally to itself, with RoPE positions
+   continuing the prompt.
 
-- RoPE positions: prompt 0..P-1, chosen P..P+C-1, rejected P..P+R-1 (each reply continues the prompt);
-- attention (`pair_attention_mask`): causal, and no reply token sees the other reply.
-So one forward pass computes exactly what two passes over prompt+chosen and prompt+rejected
-compute (the tests check it), with the prompt's work done once. Grounded prompts (passages and
-instructions) are several times longer than their replies, so this is most of the saving over
-padding the two sequences separately, as TRL does.
+So the replies compute exactly what two separate passes over prompt+chosen and prompt+rejected
+compute (the tests check it), with the prompt's work done once, and attention costs P^2 / 2 +
+2 R (P + R) instead of 2 (P + R)^2: grounded prompts (passages and instructions) are several
+times longer than their replies. (One row holding prompt, chosen and rejected under a
+block mask computes the same, but CPU attention kernels then skip no block: measured here it
+spent ~40% of a step in attention.)
 
 The prompt is rendered with the chat template and its generation prompt (`<|im_start|>assistant\\n`),
 each reply as the rest of `render_chat(prompt + reply)`: its content and `<|im_end|>`, the tokens
@@ -22,11 +26,11 @@ token; the prompt is then where the two renderings part, as TRL takes it.) Too l
 `max_length` bounds what the model sees at once, the prompt plus the longer reply; `truncate`
 "left" cuts the prompt from the left to fit, "drop" drops the pair (both counted in `PairStats`).
 
-Scored tokens: every reply token is predicted by the position before it; for the first token of
-either reply that is the prompt's last position. A batch lists them as `score_pos` (B, S) (the
-predicting position), `score_ids` (B, S) (the token) and `score_side` (B, S): 1 chosen,
-2 rejected, 0 padding. `ends` (B, 2) are the positions of each reply's last token, its
-`<|im_end|>`, where a reward model reads its score. Batches hold pairs of similar length
+Batch keys: `prompt_ids` (B, P), `prompt_len` (B,), `reply_ids` (2B, R), `reply_len` (2B,),
+`reply_scored` (2B, R) (the reply tokens a log-probability is taken of: all but a header token a
+pretrained tokenizer merged in), and `ref_logps` (2B, R) when reference values are given. Reply
+token j is predicted by the position before it: the prompt's last position for j = 0. A reward
+model reads each reply's last token, its `<|im_end|>`. Batches hold pairs of similar length
 (sorted, then cut into batches that are shuffled as wholes each epoch), so they pad little.
 """
 
@@ -42,7 +46,6 @@ import torch.nn.functional as F
 from chatforge.data.chat_data import ShuffledBatches
 from chatforge.errors import ChatforgeError
 
-PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3   # the `branch` of each row position
 
 
 @dataclass
@@ -126,63 +129,33 @@ def encode_pairs(prefs: Sequence, tokenizer, max_length: int,
 # Batches
 
 
-def pair_attention_mask(branch: torch.Tensor) -> torch.Tensor:
-    """(B, T) branch ids -> (B, 1, T, T) boolean mask, True = may attend.
-
-    Causal; prompt tokens are seen by both replies, a reply token only by its own reply; padding
-    sees earlier padding only (never an empty row, which would make attention NaN).
-    """
-    T = branch.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=branch.device).tril()
-    q, k = branch.unsqueeze(2), branch.unsqueeze(1)                          # (B, T, 1), (B, 1, T)
-    allowed = (k == q) | ((k == PROMPT) & (q != PAD))
-    return (allowed & causal).unsqueeze(1)
-
-
 def make_pair_batch(examples: Sequence[PairExample], pad_id: int,
                     ref: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """One batch of pairs (see the module docstring for the keys). `ref`: per example, a float
-    tensor of its scored tokens' values (chosen then rejected, as `score_side` orders them), put
-    in `ref_logps` (B, S): the DPO reference's per-token log-probabilities."""
+    """One batch of pairs (see the module docstring for the keys). `ref`: per example, a tensor of
+    its scored tokens' values (chosen, then rejected), put in `ref_logps` (2B, R): the DPO
+    reference's per-token log-probabilities."""
     B = len(examples)
-    T = max(e.length for e in examples)
-    S = max(sum(e.chosen_mask) + sum(e.rejected_mask) for e in examples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    positions = torch.zeros((B, T), dtype=torch.long)
-    branch = torch.full((B, T), PAD, dtype=torch.long)
-    score_pos = torch.zeros((B, S), dtype=torch.long)
-    score_ids = torch.zeros((B, S), dtype=torch.long)
-    score_side = torch.zeros((B, S), dtype=torch.long)
-    ends = torch.zeros((B, 2), dtype=torch.long)
-    ref_logps = None
-    if ref is not None:
-        ref_logps = torch.zeros((B, S), dtype=ref[0].dtype if isinstance(ref[0], torch.Tensor) else torch.float32)
+    P = max(len(e.prompt) for e in examples)
+    R = max(max(len(e.chosen), len(e.rejected)) for e in examples)
+    prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    reply_ids = torch.full((2 * B, R), pad_id, dtype=torch.long)
+    reply_scored = torch.zeros((2 * B, R), dtype=torch.bool)
+    reply_len = torch.zeros(2 * B, dtype=torch.long)
     for b, e in enumerate(examples):
-        P = len(e.prompt)
-        row = [*e.prompt, *e.chosen, *e.rejected]
-        ids[b, :len(row)] = torch.tensor(row)
-        positions[b, :P] = torch.arange(P)
-        branch[b, :P] = PROMPT
-        s = 0
-        start = P
-        for side, reply, mask in ((CHOSEN, e.chosen, e.chosen_mask), (REJECTED, e.rejected, e.rejected_mask)):
-            n = len(reply)
-            positions[b, start:start + n] = torch.arange(P, P + n)
-            branch[b, start:start + n] = side
-            for j, (token, scored) in enumerate(zip(reply, mask)):
-                if scored:
-                    # The first reply token is predicted by the prompt's last position.
-                    score_pos[b, s] = P - 1 if j == 0 else start + j - 1
-                    score_ids[b, s], score_side[b, s] = token, side
-                    s += 1
-            ends[b, side - 1] = start + n - 1
-            start += n
-        positions[b, start:] = torch.arange(T - start)     # padding: harmless positions, never scored
-        if ref is not None:
-            ref_logps[b, :s] = ref[b] if isinstance(ref[b], torch.Tensor) else torch.tensor(ref[b])
-    batch = {"input_ids": ids, "positions": positions, "attn_mask": pair_attention_mask(branch),
-             "score_pos": score_pos, "score_ids": score_ids, "score_side": score_side, "ends": ends}
-    if ref_logps is not None:
+        prompt_ids[b, :len(e.prompt)] = torch.tensor(e.prompt)
+        for row, reply, mask in ((b, e.chosen, e.chosen_mask), (B + b, e.rejected, e.rejected_mask)):
+            reply_ids[row, :len(reply)] = torch.tensor(reply)
+            reply_scored[row, :len(reply)] = torch.tensor(mask, dtype=torch.bool)
+            reply_len[row] = len(reply)
+    batch = {"prompt_ids": prompt_ids, "prompt_len": torch.tensor([len(e.prompt) for e in examples]),
+             "reply_ids": reply_ids, "reply_len": reply_len, "reply_scored": reply_scored}
+    if ref is not None:
+        values = [v if isinstance(v, torch.Tensor) else torch.tensor(v) for v in ref]
+        ref_logps = torch.zeros((2 * B, R), dtype=values[0].dtype)
+        for b, e in enumerate(examples):
+            n = sum(e.chosen_mask)
+            ref_logps[b][reply_scored[b]] = values[b][:n]
+            ref_logps[B + b][reply_scored[B + b]] = values[b][n:]
         batch["ref_logps"] = ref_logps
     return batch
 
@@ -219,40 +192,88 @@ def eval_pair_batches(examples: Sequence[PairExample], batch_size: int, pad_id: 
 # Forward passes
 
 
-def final_states(model: nn.Module, batch: dict) -> torch.Tensor:
-    """The GPT's final, normalised hidden states (B, T, C) of a pair batch."""
+class PrefixCache:
+    """The GPT's KV-cache interface (`update(layer_idx, k, v) -> (k_all, v_all)`, `pos`) used for the
+    two passes: the first records each layer's keys and values, the second puts them in front of
+    each reply row's own (row r reads prompt r mod B), gradients and all."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.recording, self.pos = True, 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.recording:
+            self.keys[layer_idx], self.values[layer_idx] = k, v
+            return k, v
+        pk, pv = self.keys[layer_idx], self.values[layer_idx]
+        times = k.shape[0] // pk.shape[0]
+        return torch.cat([pk.repeat(times, 1, 1, 1), k], 2), torch.cat([pv.repeat(times, 1, 1, 1), v], 2)
+
+
+def reply_attention_mask(prompt_len: torch.Tensor, P: int, R: int, times: int = 2) -> torch.Tensor:
+    """(times * B, 1, R, P + R) boolean mask of the reply pass, True = may attend: a reply row sees
+    its prompt's real tokens (not the prompt padding) and its own earlier tokens."""
+    real = torch.arange(P, device=prompt_len.device)[None, :] < prompt_len[:, None]            # (B, P)
+    causal = torch.ones(R, R, dtype=torch.bool, device=prompt_len.device).tril()
+    prompt_part = real.repeat(times, 1)[:, None, None, :].expand(-1, 1, R, P)
+    reply_part = causal[None, None].expand(real.shape[0] * times, 1, R, R)
+    return torch.cat([prompt_part, reply_part], dim=3)
+
+
+def two_pass_states(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt states (B, P, C), reply states (2B, R, C)): the GPT's final, normalised hidden states
+    of the two passes (see the module docstring)."""
     from chatforge.model.heads import hidden_states
 
-    return hidden_states(model, batch["input_ids"], positions=batch["positions"], attn_mask=batch["attn_mask"])
+    prompt_ids, reply_ids, prompt_len = batch["prompt_ids"], batch["reply_ids"], batch["prompt_len"]
+    (B, P), R = prompt_ids.shape, reply_ids.shape[1]
+    cache = PrefixCache()
+    positions = torch.arange(P, device=prompt_ids.device).expand(B, P)
+    prompt_states = hidden_states(model, prompt_ids, cache=cache, positions=positions)
+    cache.recording = False
+    reply_positions = prompt_len.repeat(2)[:, None] + torch.arange(R, device=reply_ids.device)[None, :]
+    reply_states = hidden_states(model, reply_ids, cache=cache, positions=reply_positions,
+                                 attn_mask=reply_attention_mask(prompt_len, P, R))
+    return prompt_states, reply_states
 
 
 def reply_token_logps(model: nn.Module, batch: dict) -> torch.Tensor:
-    """(B, S) log-probabilities (float32, or float64 for a float64 model) of the scored reply tokens
-    (0 on padding).
+    """(2B, R) log-probabilities (float32, or float64 for a float64 model) of the scored reply tokens
+    (0 elsewhere); rows 0..B-1 the chosen replies, B..2B-1 the rejected ones.
 
-    The LM head runs on the scored positions only: the prompt's positions, most of a row, need
-    no logits."""
-    hidden = final_states(model, batch)
-    side = batch["score_side"]
-    keep = side > 0
-    rows = torch.arange(side.shape[0], device=side.device).unsqueeze(1).expand_as(side)
-    logits = model.lm_head(hidden[rows[keep], batch["score_pos"][keep]])              # (N, vocab)
+    The LM head runs on the scored positions only: the prompt's positions need no logits."""
+    prompt_states, reply_states = two_pass_states(model, batch)
+    B = prompt_states.shape[0]
+    rows = torch.arange(2 * B, device=reply_states.device)
+    last_prompt = prompt_states[rows % B, batch["prompt_len"].repeat(2) - 1]                      # (2B, C)
+    # Reply token j is predicted by the state before it: the prompt's last one for j = 0.
+    before = torch.cat([last_prompt[:, None], reply_states[:, :-1]], dim=1)                       # (2B, R, C)
+    keep = batch["reply_scored"]
+    logits = model.lm_head(before[keep])                                                           # (N, vocab)
     # At least float32 (bf16 logits under autocast are widened; a float64 model stays float64).
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logps = -F.cross_entropy(logits, batch["score_ids"][keep], reduction="none")
-    return torch.zeros(side.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
+    logps = -F.cross_entropy(logits, batch["reply_ids"][keep], reduction="none")
+    return torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
+
+
+def reply_end_states(model: nn.Module, batch: dict) -> torch.Tensor:
+    """(B, 2, C) final hidden states at each pair's chosen and rejected reply's last token."""
+    _, reply_states = two_pass_states(model, batch)
+    rows = torch.arange(reply_states.shape[0], device=reply_states.device)
+    ends = reply_states[rows, batch["reply_len"] - 1]                                              # (2B, C)
+    return torch.stack(ends.chunk(2), dim=1)
 
 
 def side_sums(values: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair sums of (B, S) token values over the chosen and over the rejected reply: ((B,), (B,))."""
-    side = batch["score_side"]
-    return (values * (side == CHOSEN)).sum(1), (values * (side == REJECTED)).sum(1)
+    """Per-pair sums of (2B, R) reply-token values over the chosen and over the rejected reply: ((B,), (B,))."""
+    summed = (values * batch["reply_scored"]).sum(1)
+    return summed.chunk(2)
 
 
 def side_counts(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Scored tokens of each reply: ((B,), (B,)) float."""
-    side = batch["score_side"]
-    return (side == CHOSEN).sum(1).float(), (side == REJECTED).sum(1).float()
+    return batch["reply_scored"].sum(1).float().chunk(2)
 
 
 class ReplyLogProbs(nn.Module):
