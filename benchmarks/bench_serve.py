@@ -46,7 +46,9 @@ as a check: transformers' usage counts the <|im_end|> that ends a reply, chatfor
 ~1% difference). An error is a status other than 200, a transport failure or timeout, an `error`
 object in the stream, or a stream that ends without a `finish_reason`. Per load: aggregate output
 tokens/s = all output tokens / wall time (first request sent to last stream ended), TTFT p50/p95,
-whole-reply latency p50/p95.
+whole-reply latency p50/p95, and the cores kept busy during the load by the server, by this client
+and by every other process (from /proc: CPU time over the wall time). Other jobs using more than
+a quarter of a core during a load get that load flagged: its figures are low by an unknown amount.
 
 Targets (reported, not asserted): chatforge at 8 clients >= 3.5x its aggregate tokens/s at 1
 client, 0 errors at 32 clients, and ahead of `transformers serve` at 8 and 32 clients.
@@ -199,6 +201,22 @@ def make_hf_folder(gguf: Path, out: Path) -> None:
 # A server in a subprocess
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+OTHER_JOBS_LIMIT = 0.25   # cores other processes may use during a load before its figures are flagged
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all processes have used so far (/proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    return (sum(values) - values[3] - values[4]) / CLOCK_TICKS
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -264,6 +282,15 @@ class Server:
                 if line.startswith(f"chatforge_time_to_first_token_seconds_{key} "):
                     found[key] = float(line.split()[-1])
         return (found["sum"], found["count"]) if len(found) == 2 else None
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process (all its threads) has used so far."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS     # utime + stime
+        except (OSError, IndexError, ValueError):
+            return 0.0
 
     def peak_rss_mib(self) -> float | None:
         """The server process's peak resident set size (VmHWM)."""
@@ -492,9 +519,16 @@ def bench_server(name: str, cmd: list[str], port: int, args: argparse.Namespace,
         for c in args.clients:
             before = load1()
             first_before = server.first_token_totals()
+            cpu_before = (machine_busy_seconds(), server.cpu_seconds(), own_cpu_seconds())
             results, wall = asyncio.run(run_load(server.url, model, c, args.requests_per_client, args.max_tokens,
                                                  args.timeout))
+            machine, server_cpu, client_cpu = (a - b for a, b in zip(
+                (machine_busy_seconds(), server.cpu_seconds(), own_cpu_seconds()), cpu_before))
             s = summarize(results, wall, count)
+            # Cores kept busy during the load: by the server, by this client, by every other process.
+            s["server_cores"] = server_cpu / wall
+            s["client_cores"] = client_cpu / wall
+            s["other_cores"] = max(0.0, machine - server_cpu - client_cpu) / wall
             first_after = server.first_token_totals()
             if first_before and first_after and first_after[1] > first_before[1]:
                 s["server_first_token_mean_s"] = (first_after[0] - first_before[0]) / (first_after[1] - first_before[1])
@@ -505,7 +539,8 @@ def bench_server(name: str, cmd: list[str], port: int, args: argparse.Namespace,
                   f"{fmt(s['ttft_p50_s'], 2)} s p95 {fmt(s['ttft_p95_s'], 2)} s"
                   + (f" (server's first token: mean {s['server_first_token_mean_s']:.2f} s)"
                      if "server_first_token_mean_s" in s else "")
-                  + f" (load {before:.1f} -> {load1():.1f})"
+                  + f" (load {before:.1f} -> {load1():.1f}; cores used: server {s['server_cores']:.2f}, "
+                    f"client {s['client_cores']:.2f}, other jobs {s['other_cores']:.2f})"
                   + (f"; e.g. {s['error_examples'][0]}" if s["errors"] else ""), flush=True)
         out["peak_rss_mib"] = server.peak_rss_mib()
     except RuntimeError as e:
@@ -593,12 +628,14 @@ def main() -> None:
 
     # The table
     print(f"\n{'server':<14}{'clients':>8}{'requests':>9}{'errors':>7}{'out tok/s':>10}{'TTFT p50 s':>11}"
-          f"{'TTFT p95 s':>11}{'reply p50 s':>12}{'tokens/req':>11}{'wall s':>8}{'load':>11}")
+          f"{'TTFT p95 s':>11}{'reply p50 s':>12}{'tokens/req':>11}{'wall s':>8}{'server cores':>13}"
+          f"{'other jobs':>11}")
     for name, s in servers.items():
         for c, r in s.get("levels", {}).items():
             print(f"{name:<14}{c:>8}{r['requests']:>9}{r['errors']:>7}{r['agg_tok_s']:>10.1f}"
                   f"{fmt(r['ttft_p50_s'], 2, 11)}{fmt(r['ttft_p95_s'], 2, 11)}{fmt(r['latency_p50_s'], 2, 12)}"
-                  f"{fmt(r['mean_output_tokens'], 1, 11)}{r['wall_s']:>8.1f}{r['load'][0]:>5.1f}->{r['load'][1]:<5.1f}")
+                  f"{fmt(r['mean_output_tokens'], 1, 11)}{r['wall_s']:>8.1f}{r['server_cores']:>13.2f}"
+                  f"{r['other_cores']:>11.2f}")
         if "failed" in s:
             print(f"{name:<14} failed: {s['failed'].splitlines()[0]}")
     for name, s in servers.items():
@@ -643,6 +680,11 @@ def main() -> None:
     if busy:
         print(f"WARNING: other jobs kept the machine busy before {', '.join(busy)} started; the comparison is "
               "not fair to that server: rerun when the machine is quiet")
+    shared = [f"{name} at {c} clients ({r['other_cores']:.2f} cores)" for name, s in servers.items()
+              for c, r in s.get("levels", {}).items() if r["other_cores"] > OTHER_JOBS_LIMIT]
+    if shared:
+        print(f"WARNING: other jobs took CPU during {', '.join(shared)}: those figures are low by an unknown "
+              "amount; rerun when the machine is quiet")
 
     # Greedy answers of the two servers to the same questions (a check that they run the same model)
     same = None
@@ -664,7 +706,7 @@ def main() -> None:
             entry[str(c)] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                              if k not in ("answers", "error_examples")}
         summary["servers"][name] = entry
-    summary.update(ratios=ratios, targets=targets, identical_answers=same)
+    summary.update(ratios=ratios, targets=targets, identical_answers=same, busy_starts=busy, shared_loads=shared)
     print(json.dumps(summary))
     sys.stdout.flush()
 
