@@ -5,6 +5,7 @@ SIGKILLed run resumed to the same weights (e2e)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -175,6 +176,25 @@ def test_reference_is_the_base_without_its_adapters(tiny):
     assert torch.equal(off, base) and torch.equal(again, adapted)
 
 
+def test_the_engines_copy_follows_the_policy(tiny):
+    model, tok = load_model(tiny)
+    plain = load_model(tiny)[0]
+    torch.manual_seed(0)
+    apply_lora(model, 4, 8.0)
+    with_adapters = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:                        # training moved the adapters
+                p.normal_(std=0.1)
+    ids = torch.tensor([tok.encode("Is my router working today?")])
+    rollouts.refresh_weights(plain, model)              # merged into a plain model
+    rollouts.refresh_weights(with_adapters, model)      # the adapters alone
+    with torch.no_grad():
+        want = model(ids)[0]
+        assert torch.equal(with_adapters(ids)[0], want)
+        assert torch.allclose(plain(ids)[0], want, atol=1e-5)
+
+
 def test_prompt_files_and_grounding(tiny, tmp_path):
     _, tok = load_model(tiny)
     good = write_jsonl(tmp_path / "p.jsonl", [
@@ -273,9 +293,9 @@ def test_rollout_source_resumes_mid_phase_exactly(tiny, prompts_file):
 
     def source():
         m, _ = load_model(tiny)
-        rollout_model, _ = load_model(tiny)
         torch.manual_seed(0)
         apply_lora(m, 4, 8.0)
+        rollout_model = copy.deepcopy(m).requires_grad_(False)      # as run_ppo makes it
         module = rollouts.PolicyValue(m, value_head=True)
         prompts = [tok.render_chat(p, add_generation_prompt=True)[0] for p in ppo.read_prompts(prompts_file)]
         return rollouts.Rollouts(module, tok, HighIdsReward(tok, 8), prompts, prompts[:2], o, torch.device("cpu"),
@@ -290,6 +310,9 @@ def test_rollout_source_resumes_mid_phase_exactly(tiny, prompts_file):
         x, y = a.next_batch(), b.next_batch()
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert a.phase == b.phase == 2 and a.state_dict() == b.state_dict()
+    o["samples"] = 3                                           # another run's options
+    with pytest.raises(ChatforgeError, match="--samples was 2; resume with the same options"):
+        source().load_state_dict(state)
 
 
 def test_command_help_and_errors(tiny, prompts_file, tmp_path, capsys):

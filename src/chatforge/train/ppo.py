@@ -35,9 +35,10 @@ before each reply token, trained through the shared LoRA adapters. A separate va
 would double every forward and backward pass on a CPU, and the adapters are all the backbone
 the value loss can move (scaled by `--vf-coef`).
 
-Rollouts (`train/rollouts.py`): the engine samples from a bf16 copy of the policy (where the
-CPU has native bf16; `--rollout-dtype`) made once and refreshed in place each phase with the
-current weights, adapters merged; the training forward recomputes the log-probabilities.
+Rollouts (`train/rollouts.py`): the engine samples from a copy of the policy made once, in bf16
+with LoRA where the CPU has native bf16 (fp32 for `--method full`, whose small updates bf16 would
+round away; `--rollout-dtype`), whose adapters are refreshed in place each phase; the training
+forward recomputes the log-probabilities.
 
 Prompts (`--prompts`, and `--eval-prompts` or a seeded `--holdout` share of them for the
 held-out evaluation): JSONL lines `{"messages": [...]}` (turns after the last user turn are
@@ -98,6 +99,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout", type=float, default=0.1,
                    help="share of --prompts held out for evaluation when there is no --eval-prompts")
     p.add_argument("--max-eval-prompts", type=int, default=16, help="most held-out prompts (0 = no evaluation)")
+    p.add_argument("--eval-samples", type=int, default=4,
+                   help="sampled replies per held-out prompt (besides the greedy one)")
     p.add_argument("--phases", type=int, default=20, help="rollout phases: sample, score, then --epochs passes")
     p.add_argument("--rollout-prompts", type=int, default=16, help="prompts sampled in each phase")
     p.add_argument("--samples", type=int, default=None, help="replies per prompt (default: 1 ppo, 4 grpo)")
@@ -107,7 +110,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature; log-probabilities are taken at the same temperature")
     p.add_argument("--rollout-dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="weights the engine samples with: auto = bf16 where native")
+                   help="weights the engine samples with: auto = bf16 where native with lora, else fp32")
     p.add_argument("--clip", type=float, default=0.2,
                    help="ratio clipping: a token whose ratio left 1 +- clip gets no gradient")
     p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss (ppo)")
@@ -278,7 +281,7 @@ def _check(o: dict) -> None:
     need(o["algo"] in ALGOS, f"--algo must be one of {', '.join(ALGOS)}, got {o['algo']!r}")
     need(o["method"] in METHODS, f"--method must be one of {', '.join(METHODS)}, got {o['method']!r}")
     for name in ("phases", "rollout_prompts", "samples", "minibatch", "epochs", "max_new_tokens", "eval_every",
-                 "save_every", "kl_horizon"):
+                 "eval_samples", "save_every", "kl_horizon"):
         need(o[name] >= 1, f"--{name.replace('_', '-')} must be at least 1, got {o[name]}")
     need(o["algo"] != "grpo" or o["samples"] >= 2,
          "--algo grpo compares the replies to one prompt: give --samples 2 or more")
@@ -357,16 +360,18 @@ def run_ppo(policy: str | Path, reward: str | Path, prompts: str | Path, out: st
         raise ChatforgeError(f"no prompt of {prompts} leaves room for --max-new-tokens {o['max_new_tokens']} in the "
                              f"model's {ctx}-token context; shorten them or lower --context-tokens / --max-new-tokens")
 
-    gen_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(o["rollout_dtype"])
-    if gen_dtype is None:
-        gen_dtype = torch.bfloat16 if runtime.bf16_supported(device) else torch.float32
-    # The engine's model, refreshed in place each phase (train/rollouts.py).
-    rollout_model = copy.deepcopy(model).to(device=device, dtype=gen_dtype).eval()
     reference = copy.deepcopy(model).to(device).eval().requires_grad_(False) if o["method"] == "full" else None
     torch.manual_seed(o["seed"])   # LoRA's A matrices
     if o["method"] == "lora":
         targets = [t.strip() for t in str(o["lora_targets"]).split(",") if t.strip()]
         apply_lora(model, o["lora_rank"], o["lora_alpha"], 0.0, top_block_targets(model, targets, o["lora_layers"]))
+    gen_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(o["rollout_dtype"])
+    if gen_dtype is None:
+        # bf16 would round away a full fine-tune's small updates; LoRA keeps its adapters apart.
+        native = runtime.bf16_supported(device) and o["method"] == "lora"
+        gen_dtype = torch.bfloat16 if native else torch.float32
+    # The engine's model, adapters included, refreshed in place each phase (train/rollouts.py).
+    rollout_model = copy.deepcopy(model).to(device=device, dtype=gen_dtype).eval().requires_grad_(False)
     module = PolicyValue(model, o["algo"] == "ppo", o["temperature"])
     params = [p for p in module.parameters() if p.requires_grad]
     source = Rollouts(module.to(device), tok, rm, train_ids, eval_ids, o, device, precision, rollout_model, reference)
@@ -393,8 +398,8 @@ def run_ppo(policy: str | Path, reward: str | Path, prompts: str | Path, out: st
     report = {"policy": str(policy), "reward": str(reward), "prompts": str(prompts), "algo": o["algo"],
               "method": o["method"], "steps": result.step, "phases": source.phase, "lr": lr,
               "train_prompts": len(train_ids), "eval_prompts": len(eval_ids), "grounded": bool(o["docs"]),
-              "prompt_tokens": {"min": min(map(len, train_ids)), "mean": round(sum(map(len, train_ids)) / len(train_ids)),
-                                "max": max(map(len, train_ids))}, "kl_target": o["kl_target"],
+              "prompt_tokens": {"min": min(map(len, train_ids)), "max": max(map(len, train_ids)),
+                                "mean": round(sum(map(len, train_ids)) / len(train_ids))}, "kl_target": o["kl_target"],
               "kl_coef": source.kl.coef, "score_norm": source.score_norm, "heldout": source.heldout,
               "options": {k: v for k, v in o.items() if k not in ("resume",)},
               "seconds": round(result.seconds, 1), "interrupted": result.interrupted}

@@ -13,15 +13,21 @@ values and one the reference's (`measure`), and the advantages are computed (`rl
 per-token rewards and GAE, or GRPO's group-relative scores). The phase is then served as
 `epochs` seeded shuffles of minibatches of `minibatch` prompts, each with all its replies.
 
-The engine generates from `rollout_model`, a plain copy of the policy in the generation dtype
-made once by the caller; each phase refreshes its weights in place (`refresh_weights`: the
-adapters merged in, one copy of the tensors), and one Engine over that copy (`dtype=None`: no
-copy of its own) serves the whole run. Measured on the demo model (8 grounded prompts of ~400
-tokens, 48 new tokens, sampling, the busy 2-core machine): the live LoRA model in fp32 sampled 15
-tokens/s, a new Engine with its own bf16 copy each phase 30 (plus 1.5-2.5 s to make the copy),
-the refreshed merged bf16 copy 38-42. The engine samples from bf16 weights; the
+The engine generates from `rollout_model`, a copy of the policy in the generation dtype made
+once by the caller, adapters included; each phase refreshes it in place (`refresh_weights`:
+with LoRA only the adapters, a few hundred KB, since the base never changes), and one Engine over
+that copy (`dtype=None`: no copy of its own) serves the whole run. The adapters stay unmerged on
+purpose: merged into bf16 weights, the updates of a short run are below bf16's resolution (a
+first demo run: after 32 steps the adapters moved the adapted weights by 0.08% on average, and
+66% of them rounded back to their old bf16 value), so the engine sampled from a coarsely rounded
+policy that stopped changing between evaluations. Unmerged, the engine computes what the training
+forward computes under bf16 autocast (frozen weights in bf16, the adapter product added). A full
+fine-tune (`--method full`) is sampled in fp32 by default for the same reason. Measured on the
+demo model (8 grounded prompts of ~400 tokens, 48 new tokens, sampling, the busy 2-core
+machine): the live LoRA model in fp32 sampled 15 tokens/s, a bf16 copy with adapters 30, a
+merged bf16 copy 38-42 (see `benchmarks/bench_rollout.py` against HF `generate`). The
 log-probabilities PPO uses are recomputed by the training forward (standard practice), so the
-ratio starts at 1 and the sampling precision only makes the replies slightly off-policy.
+ratio starts at 1.
 
 A minibatch (`collate`) holds B prompts and their n * B replies sample-major (row r answers
 prompt r % B). `response_forward` runs each prompt once and its n replies against its keys and
@@ -49,7 +55,7 @@ import torch.nn.functional as F
 from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import Engine, GenerationConfig
 from chatforge.model.heads import ValueHead, hidden_states
-from chatforge.model.lora import lora_modules, merged_state_dict
+from chatforge.model.lora import lora_modules, lora_state_dict, merged_state_dict
 from chatforge.train import runtime
 from chatforge.train.rl_losses import AdaptiveKLController, gae, group_advantages, kl_estimate, token_rewards, whiten
 
@@ -130,11 +136,17 @@ def response_forward(gpt, batch: dict, temperature: float = 1.0, value_head=None
 
 
 def refresh_weights(target: nn.Module, gpt: nn.Module) -> None:
-    """Copy `gpt`'s current weights, LoRA adapters merged in, into the plain model `target` (the
-    engine's, in its own dtype), in place: the engine over `target` then samples from them."""
-    state = merged_state_dict(gpt) if lora_modules(gpt) else gpt.state_dict()
+    """Copy `gpt`'s current weights into `target`, the engine's copy (in its own dtype), in place.
+
+    A `target` with the same LoRA adapters gets the adapters alone (the frozen base it was copied
+    with never changes); a plain `target` gets every weight, adapters merged in."""
     with torch.no_grad():
-        target.load_state_dict(state)
+        if lora_modules(target):
+            missing, unexpected = target.load_state_dict(lora_state_dict(gpt), strict=False)
+            if unexpected:
+                raise ChatforgeError(f"the engine's copy has other adapters than the policy ({unexpected[:3]})")
+        else:
+            target.load_state_dict(merged_state_dict(gpt) if lora_modules(gpt) else gpt.state_dict())
 
 
 class PolicyValue(nn.Module):
@@ -197,12 +209,20 @@ class Rollouts:
         self.position += 1
         return self.batch(group)
 
+    # The options a saved phase and its prompt order depend on: a resumed run must keep them.
+    SETUP = ("algo", "samples", "rollout_prompts", "minibatch", "epochs", "max_new_tokens", "seed")
+
     def state_dict(self) -> dict:
         mid_phase = self.data is not None and self.position < len(self.plan)
         return {"phase": self.phase, "position": self.position, "kl_coef": self.kl.coef,
-                "score_norm": self.score_norm, "heldout": self.heldout, "data": self.data if mid_phase else None}
+                "score_norm": self.score_norm, "heldout": self.heldout, "data": self.data if mid_phase else None,
+                "setup": {k: self.o[k] for k in self.SETUP}}
 
     def load_state_dict(self, state: dict) -> None:
+        changed = [k for k in self.SETUP if state.get("setup", {}).get(k, self.o[k]) != self.o[k]]
+        if changed:
+            raise ChatforgeError("cannot resume: " + ", ".join(f"--{k.replace('_', '-')} was {state['setup'][k]}"
+                                                              for k in changed) + "; resume with the same options")
         self.phase, self.position, self.data = state["phase"], state["position"], state["data"]
         self.kl.coef, self.score_norm, self.heldout = state["kl_coef"], state["score_norm"], state["heldout"]
 
@@ -333,12 +353,12 @@ class Rollouts:
         return batch
 
     def evaluate(self, step: int) -> dict:
-        """The reward model's mean score of greedy and of sampled (fixed seed) replies to the held-out
-        prompts, the sampled replies' KL to the reference, lengths and distinct shares."""
+        """The reward model's mean score of greedy and of `eval_samples` sampled (fixed seed) replies
+        to each held-out prompt, the sampled replies' KL to the reference, lengths and distinct shares."""
         self.refresh_engine()
         prompts, row = self.eval_prompts, {"phase": self.phase, "step": step}
-        for kind, seed in (("greedy", None), ("sampled", self.o["seed"])):
-            responses = self.sample(prompts, 1, seed)
+        for kind, seed, n in (("greedy", None, 1), ("sampled", self.o["seed"], self.o["eval_samples"])):
+            responses = self.sample(prompts, n, seed)
             row[f"reward_{kind}"] = round(float(self.score(prompts, responses).mean()), 4)
             row[f"length_{kind}"] = round(sum(len(r) - (bool(r) and r[-1] in self.engine.stop_ids)
                                               for r in responses) / len(responses), 2)
