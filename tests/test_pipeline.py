@@ -6,6 +6,7 @@ only the stages after it.
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -136,3 +137,157 @@ def test_pipeline_from_a_pretrained_hf_folder(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     for stage in ("build", "import", "sft", "eval"):
         assert f"== {stage}: up to date" in out
+
+
+def _hf_base(tmp_path: Path, docs: Path) -> Path:
+    """A tiny random Llama saved by transformers itself, with a tokenizer fitted to `docs`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatforge.data.tokenizer import train_tokenizer
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted(docs.iterdir()) if p.is_file()]
+    base = tmp_path / "hf-base"
+    tok = train_tokenizer(texts, 600, base)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=512, tie_word_embeddings=True)).save_pretrained(base)
+    return base
+
+
+ROUND = """
+sft:
+  steps: 4
+  lora-layers: 1
+  seq-len: 512
+  batch-size: 2
+  tokens-per-step: 0
+  context-tokens: 160
+eval:
+  max-questions: 3
+  max-new-tokens: 8
+  context-tokens: 160
+  max-ppl-batches: 1
+align:
+  min-reward-pairs: 4
+  sft-epochs: 1
+reward:
+  steps: 2
+  batch-size: 2
+  max-length: 512
+dpo:
+  lora-layers: 1
+  steps: 2
+  batch-size: 2
+  max-length: 512
+ppo:
+  phases: 1
+  rollout-prompts: 2
+  minibatch: 2
+  epochs: 1
+  max-new-tokens: 8
+  max-eval-prompts: 1
+  eval-samples: 1
+"""
+
+
+def _served_feedback(db: Path, questions: list[tuple[str, str]], tag: str) -> None:
+    """What `chatforge serve --db` records: a grounded reply to each question, each corrected by
+    a user, and one question answered twice with a thumbs up and a thumbs down."""
+    from chatforge.data.feedback import FeedbackStore
+
+    with FeedbackStore(db) as store:
+        for i, (q, answer) in enumerate(questions):
+            prompt = [{"role": "system", "content": "Answer from the context."},
+                      {"role": "user", "content": f"Context:\n[1] {answer}\nQuestion: {q}"}]
+            store.record_reply(f"{tag}-{i}", f"conv-{tag}-{i}", "assistant", [{"role": "user", "content": q}],
+                               "I do not know, try turning it off.", prompt, "...", [{"source": "faq", "text": answer}])
+            store.add_feedback(f"{tag}-{i}", "down", reason="inaccurate", correction=answer)
+        q, answer = questions[0]
+        prompt = [{"role": "user", "content": q}]
+        for rating, reply in (("up", answer), ("down", "Nobody knows.")):
+            store.record_reply(f"{tag}-{rating}", f"conv-{tag}-{rating}", "assistant", prompt, reply, prompt, "...", [])
+            store.add_feedback(f"{tag}-{rating}", rating)
+
+
+@pytest.mark.e2e
+def test_continual_learning_round(tmp_path, monkeypatch, capsys):
+    """`pipeline --feedback DB`: export, SFT on corrections, reward model, DPO, evaluation beside
+    the served model, promotion by the rule; nothing new -> up to date; new feedback -> round 2
+    (PPO) from the served model; --rollback points the link back."""
+    from chatforge import continual
+    from chatforge.eval.run import load_questions
+
+    monkeypatch.chdir(tmp_path)
+    docs = ROOT / "examples" / "my_docs"
+    base = _hf_base(tmp_path, docs)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(ROUND)
+    argv = ["pipeline", "--base", str(base), "--config", str(cfg), "--input", str(docs), "--only-input", "--name", "r"]
+    assert main(argv) == 0
+    run = tmp_path / "runs" / "r"
+    qa = [(q["question"], q["reference"]) for q in load_questions(run / "data" / "qa_train.jsonl")]
+    assert len(qa) >= 10
+    db = tmp_path / "feedback.db"
+    _served_feedback(db, qa[:6], "a")
+    capsys.readouterr()
+
+    assert main([*argv, "--feedback", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "== round 1: from" in out and "== sft: chatforge sft" in out and "== dpo: chatforge dpo" in out
+    info = json.loads((run / "rounds" / "1" / "round.json").read_text())
+    # 6 corrections; the up-voted reply over the two down-voted ones to the same question
+    assert info["counts"]["pairs"] == 8 and info["counts"]["sft_examples"] == 7     # + the up-voted reply
+    assert info["previous"] == "runs/r/sft" and info["model"] == "runs/r/rounds/1/dpo"
+    assert (run / "rounds" / "1" / "dpo" / "config.json").is_file()
+    sft_report = json.loads((run / "rounds" / "1" / "sft" / "sft.json").read_text())
+    assert sft_report["base"] == "runs/r/sft"
+    val = info["comparison"]["eval"]
+    asked = len((run / "data" / "qa_val.jsonl").read_text().splitlines())   # my_docs holds few
+    assert val["questions"] == min(asked, 3) and {"rougeL", "perplexity"} <= set(val["metrics"])
+    assert 0 <= val["win"]["win_rate"] <= 1 and val["win"]["questions"] == val["questions"]
+    # The rule decides: promoted exactly when the new model does not lose.
+    loses = val["win"]["win_rate"] < 0.5 or val["metrics"]["rougeL"]["change"] < -0.02
+    assert info["promoted"] == (not loses) and bool(info["kept_because"]) == loses
+    served = continual.served_model(run)
+    assert served.resolve() == ((run / "rounds" / "1" / "dpo") if info["promoted"] else (run / "sft")).resolve()
+    assert "reward win-rate of the new answers" in out
+
+    # Nothing new: the round is up to date.
+    assert main([*argv, "--feedback", str(db)]) == 0
+    assert "== round 1: up to date" in capsys.readouterr().out
+
+    # New votes, PPO this time, always promoted: round 2 starts from the model served now.
+    _served_feedback(db, qa[6:10], "b")
+    cfg.write_text(ROUND.replace("  sft-epochs: 1", "  sft-epochs: 1\n  promote: always"))
+    assert main([*argv, "--feedback", str(db), "--align", "ppo"]) == 0
+    out = capsys.readouterr().out
+    info2 = json.loads((run / "rounds" / "2" / "round.json").read_text())
+    # All the feedback so far: round 1's 8 pairs, 4 corrections, 2 more vote pairs.
+    assert info2["algo"] == "ppo" and Path(info2["previous"]).resolve() == served.resolve() and info2["counts"]["pairs"] == 14
+    assert continual.served_model(run).resolve() == (run / "rounds" / "2" / "ppo").resolve()
+    assert os.readlink(run / "assistant") == "rounds/2/ppo"
+    assert "serve it: chatforge serve --model runs/r/assistant" in out
+
+    # Roll back: the link points at the model round 2 started from; again: round 1's start.
+    assert main([*argv, "--rollback"]) == 0
+    assert continual.served_model(run).resolve() == served.resolve()
+    assert json.loads((run / "rounds" / "2" / "round.json").read_text())["promoted"] is False
+    if info["promoted"]:
+        assert main([*argv, "--rollback"]) == 0
+        assert continual.served_model(run).resolve() == (run / "sft").resolve()
+    assert main([*argv, "--rollback"]) == 2
+    assert "nothing to roll back to" in capsys.readouterr().err
+
+
+def test_round_errors(tmp_path, capsys):
+    run = tmp_path / "runs" / "x"
+    assert main(["pipeline", "--name", "x", "--rollback", "--base", "scratch"]) == 2
+    from chatforge import continual
+
+    with pytest.raises(Exception, match="align.algo must be one of dpo, ppo"):
+        continual.check_settings({"algo": "rlhf", "promote": "better"})
+    with pytest.raises(Exception, match="unknown key"):
+        continual.check_settings({"algo": "dpo", "promote": "better", "colour": 1})
+    assert not run.exists()

@@ -5,10 +5,13 @@
     chatforge pipeline --base path/to/model.gguf     # any local GGUF file or HF model folder
     chatforge pipeline --config chatforge.yaml       # a YAML file sets any stage
     chatforge pipeline --input my_docs/ --name mine  # your own documents
+    chatforge pipeline --feedback runs/demo/feedback.db   # then a continual-learning round on user feedback
 
 Stages: fetch -> build -> then, from a pretrained base, import (-> pretrain, only with
 `run.continue_pretraining`), or from scratch, tokenizer -> pretrain; then sft -> eval (+ eval on
-an unseen manual). With a pretrained base everything after the import uses the base's
+an unseen manual); with `--feedback FILE.sqlite` or `--generated-prefs`, then a continual-learning
+round (`chatforge/continual.py`: SFT on corrections, a reward model, DPO or PPO, the new model
+evaluated beside the served one and promoted when it does not lose). With a pretrained base everything after the import uses the base's
 tokenizer and chat template, and SFT defaults to LoRA (`PRETRAINED` below); `--base scratch`
 applies `SCRATCH` instead.
 Each stage runs through the same command line a user would type (so the pipeline and the
@@ -57,6 +60,14 @@ DEFAULTS: dict[str, dict] = {
     "pretrain": {},
     "sft": {},
     "eval": {"max_questions": 60},
+    # The continual-learning round (continual.py). `align` holds the round's own settings; the
+    # other sections are the options of the commands it runs.
+    "align": {"algo": "dpo", "generated": False, "prefs": [], "reward": "train", "min_reward_pairs": 20,
+              "sft_epochs": 2, "promote": "better", "max_rouge_drop": 0.02},
+    "prefs": {},
+    "reward": {},
+    "dpo": {},
+    "ppo": {},
 }
 # The pipeline's own settings in the `run` section, besides the above: where the model starts.
 DEFAULT_BASE = "smollm2-135m-instruct"   # a fetched model source, a .gguf file, an HF folder, or "scratch"
@@ -77,6 +88,13 @@ PRETRAINED: dict[str, dict] = {
     "eval": {"max_new_tokens": 256, "context_tokens": 512, "max_questions": 40, "max_ppl_batches": 4},
     # Continued pretraining on the company's text (only with run.continue_pretraining: true).
     "pretrain": {"max_tokens": 200_000, "lr": 5e-5, "tokens_per_step": 8192},
+    # The round: generated pairs from a sample of the Q&A (prefs make answers each question
+    # twice), in SFT's context budget; a reward head on the frozen backbone (seconds to train;
+    # held-out accuracy 0.82 on the demo's pairs); DPO adapters where SFT put its own.
+    "prefs": {"max_questions": 60, "context_tokens": 512},
+    "reward": {"method": "freeze", "lr": 0.01},
+    "dpo": {"lora_layers": 15, "batch_size": 4},
+    "ppo": {"max_new_tokens": 96, "phases": 10, "rollout_prompts": 8},
 }
 SCRATCH_DEFAULTS: dict[str, dict] = {
     # Small steps at a high learning rate learn most from a CPU-sized budget: at 409,600 tokens
@@ -104,9 +122,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=None, help="download cache (default: $CHATFORGE_CACHE or ~/.cache/chatforge)")
     parser.add_argument("--force", action="store_true", help="re-run every stage even when up to date")
     parser.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
+    parser.add_argument("--feedback", metavar="FILE.sqlite", default=None,
+                        help="after the stages, a continual-learning round on this feedback database "
+                             "(`chatforge serve --db`): SFT on corrections, DPO (or PPO), evaluation, promotion")
+    parser.add_argument("--generated-prefs", action="store_true",
+                        help="a round on preference pairs generated from the Q&A (`chatforge prefs make`), "
+                             "alone or added to --feedback's")
+    parser.add_argument("--align", choices=["dpo", "ppo"], default=None,
+                        help="the round's alignment: dpo (default) or ppo against the round's reward model")
+    parser.add_argument("--rollback", action="store_true",
+                        help="serve the previous model again: point runs/NAME/assistant back, and stop")
     parser.epilog = ("example:\n  chatforge pipeline\n  chatforge pipeline --input examples/my_docs --name acme\n"
                      "  chatforge pipeline --base scratch --name from-scratch\n"
-                     "  chatforge pipeline --config chatforge.yaml --until pretrain")
+                     "  chatforge pipeline --config chatforge.yaml --until pretrain\n"
+                     "  chatforge pipeline --feedback runs/demo/feedback.db\n"
+                     "  chatforge pipeline --generated-prefs --align ppo\n"
+                     "  chatforge pipeline --rollback")
     leaf(parser, run, yaml_config=False)
 
 
@@ -235,6 +266,15 @@ def run(args: argparse.Namespace) -> int:
             raise ChatforgeError(f"--input {p} does not exist")
     if args.only_input and not user_inputs:
         raise ChatforgeError("--only-input needs --input PATH")
+    if args.align:
+        settings["align"]["algo"] = args.align
+    if args.rollback:
+        from chatforge.continual import LINK, rollback
+
+        print(f"{run_dir / LINK} -> {rollback(run_dir)}")
+        return 0
+    round_wanted = bool(args.feedback or args.generated_prefs or settings["align"].get("generated")
+                        or settings["align"].get("prefs"))
     runner = Runner(run_dir, args.force)
     t_start = time.time()
     scratch = cfg["base"] == SCRATCH
@@ -326,20 +366,27 @@ def run(args: argparse.Namespace) -> int:
     unseen = Path(cache) / "sources" / cfg["unseen"] if cfg.get("unseen") and not args.only_input else None
     ev2 = run_dir / "eval-unseen"
     if unseen is not None and unseen.exists():
-        questions = run_dir / "unseen_questions.jsonl"
-        n = write_unseen_questions(unseen, questions)
+        unseen_questions = run_dir / "unseen_questions.jsonl"
+        n = write_unseen_questions(unseen, unseen_questions)
         if n:
-            runner.stage("eval-unseen", ["eval", "--model", str(sft), "--questions", str(questions),
+            runner.stage("eval-unseen", ["eval", "--model", str(sft), "--questions", str(unseen_questions),
                                          "--docs", str(unseen), "--out", str(ev2),
                                          *to_flags(settings["eval"])], ev2, extra=fingerprint([unseen]))
 
     total = time.time() - t_start
     print_summary(runner, total, ev, ev2)
+    if round_wanted and args.until is None:
+        from chatforge.continual import run_round
+
+        held_out = (unseen_questions, unseen) if unseen is not None and (ev2 / "eval.json").is_file() else None
+        run_round(settings, run_dir, data, docs, held_out, args.feedback, args.generated_prefs, args.force)
     # On the user's own documents, ask two of their own held-out questions.
     questions = first_questions(data / "qa_val.jsonl", 2) if user_inputs else cfg.get("demo_questions") or []
-    show_conversation(sft, docs, questions, int(settings["eval"].get("max_new_tokens") or 96))
-    if (sft / "config.json").exists():
-        print(f"\nserve it: chatforge serve --model {sft} --docs {' '.join(map(str, docs))}")
+    # The model served: the last promoted round's (runs/NAME/assistant), else sft.
+    served = run_dir / "assistant" if (run_dir / "assistant").is_symlink() else sft
+    show_conversation(served, docs, questions, int(settings["eval"].get("max_new_tokens") or 96))
+    if (served / "config.json").exists():
+        print(f"\nserve it: chatforge serve --model {served} --docs {' '.join(map(str, docs))}")
     return 0
 
 

@@ -25,7 +25,7 @@ What it measures
 
 Outputs in `--out`: `eval.json` (`perplexity`, `bleu`, `rouge1`, `rouge2`, `rougeL`, `hit@1`,
 `hit@3`, `grounded`, and `baselines: {"extractive": {...}, "no_retrieval": {...}}`), `examples.jsonl` (one
-line per question) and `report.html` (training curves from the model folder's `metrics.jsonl`
+line per question: the answers, and with retrieval the grounded prompt the model saw) and `report.html` (training curves from the model folder's `metrics.jsonl`
 and those of its sibling stage folders). The metric table is printed too.
 With `--feedback-db FILE` (the database `chatforge serve --db` writes), eval.json also holds
 "user_satisfaction" (`chatforge.data.feedback.satisfaction_stats`: the share of thumbs up
@@ -248,8 +248,9 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                 for e, b in zip(examples, bare):
                     e["no_retrieval"] = b
                 results["grounded"] = _grounded(answers, given)
-                for e, a, g in zip(examples, answers, given):
+                for e, a, g, prompt in zip(examples, answers, given, grounded):
                     e["grounded"] = _grounded([a], [g])
+                    e["prompt"] = prompt     # what the model saw (a reward model can score the answer after it)
             else:
                 answers = answerer.answer(plain, "answer (no retrieval)")
             results.update(hit if retrieval else {"hit@1": None, "hit@3": None})

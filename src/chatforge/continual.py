@@ -1,0 +1,296 @@
+"""The continual-learning round: what users up-vote, down-vote and correct becomes the next model.
+
+    chatforge pipeline --feedback runs/demo/feedback.db              # a round on the users' feedback
+    chatforge pipeline --feedback runs/demo/feedback.db --align ppo  # PPO against a reward model, not DPO
+    chatforge pipeline --generated-prefs                             # a round on pairs made from the Q&A
+    chatforge pipeline --rollback                                    # serve the previous model again
+
+The pipeline runs its own stages first (all up to date after `make demo`), then the round in
+`runs/NAME/rounds/N/`, each step through the command a user would type:
+
+  feedback    `chatforge feedback export` of all the feedback so far: preferences.jsonl (a
+              correction over the reply it corrects, up- over down-voted replies to the same
+              question) and sft.jsonl
+  prefs       `chatforge prefs make` on the served model (with --generated-prefs or align.generated),
+              plus the JSONL files align.prefs names; all the pairs go to preferences.jsonl
+  sft         `chatforge sft` from the served model on the corrections and up-voted replies, in
+              the prompt the server showed (passages included); skipped with fewer than two
+  reward      `chatforge reward train` on the round's pairs: it judges the win-rate below and is
+              PPO's reward (or align.reward names an existing reward model folder, or `none`)
+  dpo | ppo   `chatforge dpo` on the pairs (the default), or `chatforge ppo` on their prompts
+  eval        the new model on the questions and settings the served model was measured on
+              (`eval`, and `eval-unseen` on the held-out manual)
+  compare     the metrics side by side and the reward model's win-rate of the new answers over
+              the served model's (`eval/compare.py`)
+
+The model served is `runs/NAME/assistant`, a symbolic link to the promoted model folder (at first
+`sft`). The new model is promoted when it does not lose (align.promote: better, always or never):
+its win-rate on the validation questions is at least 0.5 where there is a reward model, and its
+ROUGE-L there at most align.max_rouge_drop below the served model's. The unseen manual is
+reported, never used to decide. Nothing is deleted: `--rollback` points the link back at the
+model the round started from, and `chatforge serve --model runs/NAME/assistant` picks either
+change up on SIGHUP or `POST /admin/reload` without dropping requests in flight.
+
+A round is named by what it learns from (the exported feedback, the extra pair files and the
+settings): running the pipeline again with nothing new reports the last round; new votes start
+round N+1 from the model served then. A round stopped half-way resumes, its finished steps
+skipped (the pipeline's stamps, kept per round).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from chatforge import files
+from chatforge.errors import ChatforgeError
+from chatforge.pipeline import Runner, to_flags
+
+LINK = "assistant"          # runs/NAME/assistant -> the served model folder
+ROUND_FILE = "round.json"
+ALGOS = ("dpo", "ppo")
+PROMOTE = ("better", "always", "never")
+MIN_SFT_EXAMPLES = 2        # sft holds one out for validation
+
+
+def served_model(run_dir: Path) -> Path:
+    """The model folder `runs/NAME/assistant` points at, else the pipeline's `sft`."""
+    link = run_dir / LINK
+    return Path(os.path.normpath(run_dir / os.readlink(link))) if link.is_symlink() else run_dir / "sft"
+
+
+def point_at(run_dir: Path, model: Path) -> None:
+    """Make `runs/NAME/assistant` point at `model`, atomically (a new link renamed over the old)."""
+    tmp = run_dir / f".{LINK}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(Path(model).resolve(), run_dir.resolve()), tmp)
+    os.replace(tmp, run_dir / LINK)
+
+
+def round_dirs(run_dir: Path) -> list[Path]:
+    base = run_dir / "rounds"
+    found = [p for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def read_round(round_dir: Path) -> dict:
+    path = round_dir / ROUND_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def rollback(run_dir: Path) -> Path:
+    """Serve the model the round that made the served one started from; returns it."""
+    current = served_model(run_dir)
+    for round_dir in reversed(round_dirs(run_dir)):
+        info = read_round(round_dir)
+        if info.get("model") and Path(info["model"]).resolve() == current.resolve():
+            previous = Path(info["previous"])
+            point_at(run_dir, previous)
+            info.update(promoted=False, rolled_back=time.strftime("%Y-%m-%d %H:%M:%S"))
+            files.write_json(round_dir / ROUND_FILE, info)
+            return previous
+    raise ChatforgeError(f"{run_dir / LINK} serves {current}, which no round made: there is nothing to roll back to")
+
+
+def _digest(paths: list[Path]) -> list[str]:
+    return [hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "-" for p in paths]
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
+
+
+def check_settings(align: dict) -> None:
+    known = {"algo", "generated", "prefs", "reward", "min_reward_pairs", "sft_epochs", "promote", "max_rouge_drop"}
+    unknown = sorted(set(align) - known)
+    if unknown:
+        raise ChatforgeError(f"unknown key(s) in the align section: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    if align["algo"] not in ALGOS:
+        raise ChatforgeError(f"align.algo must be one of {', '.join(ALGOS)}, got {align['algo']!r}")
+    if align["promote"] not in PROMOTE:
+        raise ChatforgeError(f"align.promote must be one of {', '.join(PROMOTE)}, got {align['promote']!r}")
+
+
+def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unseen: tuple[Path, Path] | None,
+              feedback: str | None, generated: bool, force: bool) -> dict:
+    """One round (see the module docstring); returns its round.json. `unseen` is the held-out
+    manual's (questions file, documents) as the pipeline measured it, or None."""
+    from chatforge.cli import main as cli_main
+    from chatforge.data.prefs import read_preferences, write_preferences
+
+    align = settings["align"]
+    check_settings(align)
+    extra = [Path(p) for p in (align.get("prefs") or [])]
+    for p in extra:
+        if not p.is_file():
+            raise ChatforgeError(f"align.prefs: {p} does not exist")
+    generated = bool(generated or align.get("generated"))
+    if feedback and not Path(feedback).is_file():
+        raise ChatforgeError(f"--feedback {feedback} does not exist: give the database `chatforge serve --db` writes")
+    if not (feedback or generated or extra):
+        raise ChatforgeError("a round needs preference pairs: --feedback FILE.sqlite, --generated-prefs or align.prefs")
+    served = served_model(run_dir)
+    if not (served / "config.json").is_file():
+        raise ChatforgeError(f"no model to improve at {served}: run the pipeline to its sft stage first")
+
+    # What the round learns from, exported first (cheap) to know whether anything is new.
+    staging = run_dir / ".pipeline" / "feedback-export"
+    if feedback:
+        if cli_main(["feedback", "export", "--db", str(feedback), "--out", str(staging)]) != 0:
+            raise ChatforgeError("exporting the feedback failed; see the error above")
+    exported = [staging / "preferences.jsonl", staging / "sft.jsonl"] if feedback else []
+    keys = ("align", "prefs", "sft", "reward", "dpo", "ppo", "eval")
+    identity = hashlib.sha256(json.dumps([_digest(exported), _digest(extra), generated,
+                                          {k: settings[k] for k in keys}], sort_keys=True, default=str)
+                              .encode()).hexdigest()
+    done = round_dirs(run_dir)
+    last = read_round(done[-1]) if done else {}
+    if last.get("identity") == identity and not force:
+        if last.get("finished"):
+            print(f"\n== round {done[-1].name}: up to date (no new feedback or settings since); "
+                  f"serving {served_model(run_dir)}")
+            return last
+        round_dir, info = done[-1], last          # resume the unfinished round
+        print(f"\n== round {round_dir.name}: resuming")
+    else:
+        round_dir = run_dir / "rounds" / str(int(done[-1].name) + 1 if done else 1)
+        info = {"identity": identity, "previous": str(served), "algo": align["algo"],
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if feedback:
+            (round_dir / "feedback").mkdir(parents=True, exist_ok=True)
+            for p in exported:
+                shutil.copyfile(p, round_dir / "feedback" / p.name)
+        files.write_json(round_dir / ROUND_FILE, info)
+        print(f"\n== round {round_dir.name}: from {served}")
+    previous = Path(info["previous"])
+    runner = Runner(round_dir, force)
+    t0 = time.time()
+
+    # Preference pairs: the users', generated ones, the files the config names.
+    parts = [round_dir / "feedback" / "preferences.jsonl"] if feedback else []
+    if generated:
+        out = round_dir / "prefs-generated.jsonl"
+        skip = ["--skip-voted", str(parts[0])] if parts and _count_lines(parts[0]) else []
+        runner.stage("prefs", ["prefs", "make", "--model", str(previous), "--data", str(data),
+                               "--docs", *map(str, docs), "--out", str(out), *skip,
+                               *to_flags(settings["prefs"])], out)
+        parts.append(out)
+    parts += extra
+    prefs = [p for part in parts if _count_lines(part) for p in read_preferences(part)]
+    if not prefs:
+        raise ChatforgeError(f"round {round_dir.name} has no preference pairs: the feedback holds no corrected "
+                             "reply and no question with both an up- and a down-voted reply yet; add --generated-prefs "
+                             "or wait for more votes")
+    pairs = round_dir / "preferences.jsonl"
+    write_preferences(pairs, prefs)
+    counts = {"pairs": len(prefs), "from": {str(p): _count_lines(p) for p in parts}}
+
+    # SFT on what users wrote or liked, in the prompt they were served.
+    start = previous
+    corrections = round_dir / "feedback" / "sft.jsonl"
+    counts["sft_examples"] = _count_lines(corrections)
+    if counts["sft_examples"] >= MIN_SFT_EXAMPLES:
+        sft_data = round_dir / "sft-data"
+        sft_data.mkdir(exist_ok=True)
+        shutil.copyfile(corrections, sft_data / "qa_train.jsonl")
+        sft_opts = {**settings["sft"], "steps": None, "epochs": align["sft_epochs"], "grounded_fraction": 0.0,
+                    "grounded_only": False, "section_examples": None, "docs": None}
+        runner.stage("sft", ["sft", "--base", str(previous), "--data", str(sft_data), "--out", str(round_dir / "sft"),
+                             *to_flags(sft_opts)], round_dir / "sft")
+        start = round_dir / "sft"
+    elif feedback:
+        print(f"note: {counts['sft_examples']} corrected or up-voted replies: too few for an SFT step; "
+              "they still count in the preference pairs")
+
+    # The reward model: the judge of the win-rate, and PPO's reward.
+    reward_dir: Path | None = None
+    if str(align["reward"]) == "train":
+        if len(prefs) >= align["min_reward_pairs"] or align["algo"] == "ppo":
+            reward_dir = round_dir / "reward"
+            runner.stage("reward", ["reward", "train", "--base", str(start), "--prefs", str(pairs),
+                                    "--out", str(reward_dir), *to_flags(settings["reward"])], reward_dir)
+        else:
+            print(f"note: {len(prefs)} pairs, fewer than align.min_reward_pairs ({align['min_reward_pairs']}): "
+                  "no reward model, so no win-rate this round")
+    elif str(align["reward"]) != "none":
+        reward_dir = Path(align["reward"])
+    if align["algo"] == "ppo" and reward_dir is None:
+        raise ChatforgeError("--align ppo needs a reward model: set align.reward to `train` or a reward model folder")
+
+    if align["algo"] == "dpo":
+        new = round_dir / "dpo"
+        dpo_opts = {**settings["dpo"], **({"val_fraction": 0} if len(prefs) < 20 else {})}
+        runner.stage("dpo", ["dpo", "--base", str(start), "--prefs", str(pairs), "--out", str(new),
+                             *to_flags(dpo_opts)], new)
+    else:
+        new = round_dir / "ppo"
+        prompts = round_dir / "prompts.jsonl"
+        unique = {json.dumps({"messages": p.prompt}, ensure_ascii=False, sort_keys=True) for p in prefs}
+        files.write_text(prompts, "".join(line + "\n" for line in sorted(unique)))
+        runner.stage("ppo", ["ppo", "--policy", str(start), "--reward", str(reward_dir), "--prompts", str(prompts),
+                             "--out", str(new), *to_flags(settings["ppo"])], new)
+
+    # The new model on the served model's questions and settings.
+    comparisons: dict[str, dict] = {}
+    evals = [("eval", ["--data", str(data), "--questions", str(data / "qa_val.jsonl"), "--docs", *map(str, docs)])]
+    if unseen is not None:
+        evals.append(("eval-unseen", ["--questions", str(unseen[0]), "--docs", str(unseen[1])]))
+    for name, inputs in evals:
+        before = previous.parent / name
+        if not (before / "eval.json").is_file():   # the served model was never measured so: measure it
+            before = round_dir / f"{name}-previous"
+            runner.stage(f"{name}-previous", ["eval", "--model", str(previous), *inputs, "--out", str(before),
+                                              *to_flags(settings["eval"])], before)
+        runner.stage(name, ["eval", "--model", str(new), *inputs, "--out", str(round_dir / name),
+                            *to_flags(settings["eval"])], round_dir / name)
+        comparisons[name] = (before, round_dir / name)
+
+    from chatforge.eval.compare import compare, format_comparison
+
+    judge = None
+    if reward_dir is not None:
+        from chatforge.train.reward import load_reward_model
+
+        judge = load_reward_model(reward_dir)
+    results = {name: compare(b, a, judge) for name, (b, a) in comparisons.items()}
+    reward_accuracy = None
+    if reward_dir is not None and (reward_dir / "reward.json").is_file():
+        reward_accuracy = json.loads((reward_dir / "reward.json").read_text()).get("metrics", {}).get("all")
+
+    # Promote or keep the served model.
+    why_not = []
+    val = results["eval"]
+    win = (val.get("win") or {}).get("win_rate")
+    if win is not None and win < 0.5:
+        why_not.append(f"reward win-rate {win:.3f} < 0.5")
+    rouge = val["metrics"].get("rougeL")
+    if rouge and rouge["change"] < -float(align["max_rouge_drop"]):
+        why_not.append(f"ROUGE-L fell {-rouge['change']:.3f} (> align.max_rouge_drop {align['max_rouge_drop']})")
+    promoted = align["promote"] == "always" or (align["promote"] == "better" and not why_not)
+    if promoted:
+        point_at(run_dir, new)
+    info.update(model=str(new), counts=counts, reward=str(reward_dir) if reward_dir else None,
+                reward_heldout=reward_accuracy, comparison=results, promoted=promoted, kept_because=why_not,
+                stages={n: round(s, 1) for n, s, _ in runner.times}, seconds=round(time.time() - t0, 1),
+                finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    files.write_json(round_dir / ROUND_FILE, info)
+
+    print(f"\n== round {round_dir.name}: {len(prefs)} preference pairs, {counts['sft_examples']} SFT examples, "
+          f"{align['algo']} -> {new}")
+    if reward_accuracy:
+        print(f"reward model: held-out pair accuracy {reward_accuracy.get('model')} (longer answer wins: "
+              f"{reward_accuracy.get('longer_wins')}, chance 0.5) on {reward_accuracy.get('pairs')} pairs")
+    for name, result in results.items():
+        print(format_comparison(name, result))
+    if promoted:
+        print(f"promoted: {run_dir / LINK} -> {new}  (undo: chatforge pipeline --rollback)")
+    else:
+        print(f"kept {previous} ({'; '.join(why_not) or 'align.promote is never'}); the new model stays in {new}")
+    print(f"a running `chatforge serve --model {run_dir / LINK}` picks it up on `kill -HUP PID` or "
+          "POST /admin/reload")
+    return info
