@@ -8,7 +8,7 @@ LLAMA_CMAKE_ARGS := -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BL
 # The dev extra's requirements without llama-cpp-python (for a machine where it does not build).
 export DEV_WITHOUT_LLAMA := import tomllib; dev = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]; print(" ".join(r for r in dev if not r.startswith("llama-cpp-python")))
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo demo-round test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,12 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/chatforge pipeline
+
+# One continual-learning round on the demo assistant, on preference pairs generated from its
+# Q&A (no users have voted yet): reward model, DPO, evaluation beside the demo model. Apart from
+# `make demo` because it does not fit the demo's 30-minute budget on a 2-core CPU (README).
+demo-round: $(STAMP)
+	$(VENV)/bin/chatforge pipeline --generated-prefs
 
 test: $(STAMP)
 	$(PY) -m pytest -x -q

@@ -198,22 +198,6 @@ def python_server_cmd(gguf: Path, port: int, threads: int, n_ctx: int) -> list[s
             "--verbose", "false"]
 
 
-def ready_by_models(server, timeout: float) -> float:
-    """For a server without GET /health (llama_cpp.server): poll GET /v1/models until 200; the
-    seconds since the process started. `server` is a bench_serve.Server."""
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(server.url + "/v1/models", timeout=5).status_code == 200:
-                return time.perf_counter() - server.started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{server.name} not ready after {timeout:.0f} s:\n{server.log_tail()}")
-
-
 # ---------------------------------------------------------------------------------------------
 # The worker process of bench_generate's demo comparison (one engine per process)
 

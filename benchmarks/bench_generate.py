@@ -921,7 +921,7 @@ def demo_serve(args: argparse.Namespace, prompts: list[dict], threads: int, log_
     import asyncio
 
     import bench_serve as bs
-    from _llamacpp import llama_server_binary, llama_server_cmd, python_server_cmd, ready_by_models, server_deps
+    from _llamacpp import llama_server_binary, llama_server_cmd, python_server_cmd, server_deps
 
     # bench_serve's requests are its SYSTEM message and one user message from its QUESTIONS: here
     # they are the grounded prompts' system message and their user messages (passages + question).
@@ -971,8 +971,8 @@ def demo_serve(args: argparse.Namespace, prompts: list[dict], threads: int, log_
                             os.environ["PYTHONPATH"] = saved
                 entries[name] = {"command": cmd, "rounds": []}
                 try:
-                    entries[name]["ready_s"] = round(server.wait_ready(args.ready_timeout) if ready == "health"
-                                                     else ready_by_models(server, args.ready_timeout), 1)
+                    entries[name]["ready_s"] = round(server.wait_ready(
+                        args.ready_timeout, "/health" if ready == "health" else "/v1/models"), 1)
                     models[name] = server.model_id()
                     # Warm-up: one request alone, then one burst of `clients` short ones (batch shapes).
                     bs.QUESTIONS = warmup

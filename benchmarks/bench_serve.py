@@ -248,14 +248,15 @@ class Server:
         self.log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
-    def wait_ready(self, timeout: float) -> float:
-        """Poll GET /health until 200; the seconds it took from the start of the process."""
+    def wait_ready(self, timeout: float, path: str = "/health") -> float:
+        """Poll GET `path` until 200 (/v1/models for a server without /health, as
+        llama_cpp.server); the seconds it took from the start of the process."""
         deadline = time.perf_counter() + timeout
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                if httpx.get(self.url + path, timeout=5).status_code == 200:
                     return time.perf_counter() - self.started
             except httpx.HTTPError:
                 pass

@@ -66,6 +66,10 @@ def test_eval_cli_writes_json_examples_and_report(setup, capsys):
     assert "grounded" in (out / "report.html").read_text()
     examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
     assert len(examples) == 4 and {"question", "reference", "answer", "extractive", "no_retrieval"} <= set(examples[0])
+    # The grounded prompt the model answered, for a reward model to score the answer after it.
+    for e in examples:
+        assert e["prompt"][-1]["role"] == "user" and e["question"] in e["prompt"][-1]["content"]
+        assert "Context" in e["prompt"][-1]["content"]
     html = (out / "report.html").read_text()
     assert "<svg" in html and "pretrain: loss" in html and "sft: loss" in html
     table = capsys.readouterr().out
@@ -112,3 +116,31 @@ def test_missing_model_is_exit_2(capsys, tmp_path):
     assert cli.main(["eval", "--questions", "x.jsonl"]) == 2
     assert "--model is required" in capsys.readouterr().err
     assert cli.main(["eval", "--model", str(tmp_path / "none"), "--data", str(tmp_path)]) == 2
+
+
+def test_compare_two_evaluations(setup):
+    """eval/compare.py on real eval folders: the metrics side by side, and a (tiny, untrained but
+    real) reward model's win-rate: the same answers tie at 0.5, other answers are counted."""
+    from chatforge.eval.compare import compare, format_comparison
+    from chatforge.model.folder import load_model
+    from chatforge.train.reward import _reward_model_class
+
+    a, b = setup["root"] / "cmp-a", setup["root"] / "cmp-b"
+    for out, new in ((a, "6"), (b, "12")):
+        assert cli.main(["eval", "--model", str(setup["model"]), "--data", str(setup["data"]), "--docs",
+                         str(setup["docs"]), "--max-new-tokens", new, "--max-ppl-batches", "1", "--out", str(out)]) == 0
+    backbone, tok = load_model(setup["model"])
+    torch.manual_seed(0)
+    judge = _reward_model_class()(backbone, tok, 256).eval()
+    same = compare(a, a, judge)
+    assert same["questions"] == 4 and same["win"]["win_rate"] == 0.5 and same["win"]["same_answer"] == 4
+    assert all(row["change"] == 0 for row in same["metrics"].values())
+    other = compare(a, b, judge)
+    longer = [json.loads(line)["answer"] for line in (b / "examples.jsonl").read_text().splitlines()]
+    shorter = [json.loads(line)["answer"] for line in (a / "examples.jsonl").read_text().splitlines()]
+    assert other["win"]["same_answer"] == sum(x.strip() == y.strip() for x, y in zip(longer, shorter))
+    assert 0 <= other["win"]["win_rate"] <= 1 and other["metrics"]["rougeL"]["before"] == same["metrics"]["rougeL"]["after"]
+    assert "reward win-rate of the new answers" in format_comparison("eval", other)
+    assert compare(a, b)["win"] is None
+    with pytest.raises(ChatforgeError, match="holds no eval.json"):
+        compare(a, setup["root"] / "nowhere")

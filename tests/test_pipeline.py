@@ -104,20 +104,9 @@ def test_unknown_base_is_a_clear_error(tmp_path, capsys):
 def test_pipeline_from_a_pretrained_hf_folder(tmp_path, monkeypatch, capsys):
     """--base FOLDER: import, LoRA SFT and eval with the base's own tokenizer; no tokenizer or
     pretrain stage. The base is a tiny random Llama saved by transformers itself."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from chatforge.data.tokenizer import train_tokenizer
-
     monkeypatch.chdir(tmp_path)
     docs = ROOT / "examples" / "my_docs"
-    texts = [p.read_text(encoding="utf-8") for p in sorted(docs.iterdir()) if p.is_file()]
-    base = tmp_path / "hf-base"
-    tok = train_tokenizer(texts, 600, base)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 max_position_embeddings=512, tie_word_embeddings=True)).save_pretrained(base)
+    base = _hf_base(tmp_path, docs)
     cfg = tmp_path / "p.yaml"
     cfg.write_text("sft:\n  steps: 4\n  lora-layers: 1\n  seq-len: 512\n  batch-size: 2\n"
                    "  tokens-per-step: 0\n  context-tokens: 160\neval:\n  max-questions: 3\n"
