@@ -218,9 +218,18 @@ def test_continual_learning_round(tmp_path, monkeypatch, capsys):
     run = tmp_path / "runs" / "r"
     qa = [(q["question"], q["reference"]) for q in load_questions(run / "data" / "qa_train.jsonl")]
     assert len(qa) >= 10
+    # A database without a single pair yet: a clear error, and no round folder.
     db = tmp_path / "feedback.db"
-    _served_feedback(db, qa[:6], "a")
+    from chatforge.data.feedback import FeedbackStore
+
+    with FeedbackStore(db) as store:
+        store.record_reply("x", "conv-x", "assistant", [{"role": "user", "content": "Hi"}], "Hello.",
+                           [{"role": "user", "content": "Hi"}], "...", [])
+        store.add_feedback("x", "down")
     capsys.readouterr()
+    assert main([*argv, "--feedback", str(db)]) == 2
+    assert "no preference pairs to learn from" in capsys.readouterr().err and not (run / "rounds").exists()
+    _served_feedback(db, qa[:6], "a")
 
     assert main([*argv, "--feedback", str(db)]) == 0
     out = capsys.readouterr().out

@@ -144,6 +144,9 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
         if cli_main(["feedback", "export", "--db", str(feedback), "--out", str(staging)]) != 0:
             raise ChatforgeError("exporting the feedback failed; see the error above")
     exported = [staging / "preferences.jsonl", staging / "sft.jsonl"] if feedback else []
+    if not generated and not sum(_count_lines(p) for p in [*exported[:1], *extra]):
+        raise ChatforgeError(f"no preference pairs to learn from: {feedback} holds no corrected reply and no question "
+                             "with both an up- and a down-voted reply yet; add --generated-prefs or wait for more votes")
     keys = ("align", "prefs", "sft", "reward", "dpo", "ppo", "eval")
     identity = hashlib.sha256(json.dumps([_digest(exported), _digest(extra), generated,
                                           {k: settings[k] for k in keys}], sort_keys=True, default=str)
@@ -183,9 +186,8 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
     parts += extra
     prefs = [p for part in parts if _count_lines(part) for p in read_preferences(part)]
     if not prefs:
-        raise ChatforgeError(f"round {round_dir.name} has no preference pairs: the feedback holds no corrected "
-                             "reply and no question with both an up- and a down-voted reply yet; add --generated-prefs "
-                             "or wait for more votes")
+        raise ChatforgeError(f"round {round_dir.name} has no preference pairs: `prefs make` made none (see its "
+                             "report above) and the feedback holds none")
     pairs = round_dir / "preferences.jsonl"
     write_preferences(pairs, prefs)
     counts = {"pairs": len(prefs), "from": {str(p): _count_lines(p) for p in parts}}
