@@ -312,7 +312,8 @@ def run(args: argparse.Namespace) -> int:
     runner.stage("build", ["data", "build", "--input", *map(str, inputs), "--out", str(data),
                            *to_flags(settings["build"])], data,
                  # The rules by content: the same rules from another checkout are the same build.
-                 extra=fingerprint(inputs) + "".join(hashlib.sha256(r.read_bytes()).hexdigest() for r in rules))
+                 extra=fingerprint(inputs) + "".join(hashlib.sha256(r.read_bytes()).hexdigest()
+                                                  for r in rules if r.is_file()))
     if stop_after("build"):
         return 0
 
