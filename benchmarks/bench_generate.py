@@ -541,7 +541,8 @@ def demo_worker(spec: dict) -> None:
             info = {"engine_dtype": str(engine.dtype).replace("torch.", ""),
                     "cache_dtype": str(engine.cache_dtype).replace("torch.", ""),
                     "weight_bytes": sum(t.numel() * t.element_size() for m in linear_modules(engine.model)
-                                        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])}
+                                        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False),
+                                                  *([m.packed] if type(m).__name__ == "PackedLinear" else [])])}
 
             def generate(ids: list[int], n: int) -> dict:
                 t0 = time.perf_counter()
@@ -592,7 +593,7 @@ def demo_worker(spec: dict) -> None:
 
 
 def linear_modules(model) -> list:
-    return [m for m in model.modules() if type(m).__name__ in ("Linear", "Int8Linear", "Int4Linear")]
+    return [m for m in model.modules() if type(m).__name__ in ("Linear", "PackedLinear", "Int8Linear", "Int4Linear")]
 
 
 def _mean_time(fn, calls: int, tries: int = 3) -> float:

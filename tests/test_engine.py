@@ -108,7 +108,10 @@ def test_bf16_weights_by_default_where_native(model, monkeypatch):
     engine = Engine(model, stop_ids=[])                           # auto: bf16 where native
     assert next(engine.model.parameters()).dtype == torch.bfloat16 and engine.model.rope_cos.dtype == torch.bfloat16
     assert next(model.parameters()).dtype == torch.float32 and engine.model is not model
-    assert engine.model.lm_head.weight is engine.model.embed_tokens.weight  # still tied
+    # Still tied: the head (prepacked for oneDNN where that works) is the embedding's weights.
+    x = torch.randn(3, model.config.d_model, dtype=torch.bfloat16)
+    head = engine.model.lm_head(x) if native else x @ engine.model.lm_head.weight.T
+    assert torch.allclose(head.float(), (x @ engine.model.embed_tokens.weight.T).float(), atol=1e-2, rtol=1e-2)
     assert engine.cache_dtype == torch.float32                    # attention over the cache in fp32
     if native:  # bf16 kernels run (fast) only where native: greedy over the fp32 cache equals a
         # full bf16 recompute at each step.
@@ -122,6 +125,61 @@ def test_bf16_weights_by_default_where_native(model, monkeypatch):
         assert all(r.score is not None and len(r.tokens) == 8 for r in beam)
     with pytest.raises(ChatforgeError, match="dtype"):
         Engine(model, dtype="int3")
+
+
+@pytest.mark.parametrize("kw", [dict(n_kv_head=2), dict(n_kv_head=4, qkv_bias=True), dict(n_experts=3)])
+def test_fused_projections_keep_the_outputs(kw):
+    """q/k/v and gate/up joined into one layer each (model/inference.py; the engine does it to the
+    copies it makes) compute what the separate layers did, and leave the model given alone."""
+    import copy
+
+    from chatforge.model.inference import fuse_projections
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_ff=64, max_seq_len=64,
+                          **{"n_kv_head": 2, **kw})).eval()
+    fused = fuse_projections(copy.deepcopy(model))
+    attn, mlp = fused.layers[0].self_attn, fused.layers[0].mlp
+    assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
+    assert (mlp.experts[0] if kw.get("n_experts") else mlp).gate_up_proj is not None
+    assert model.layers[0].self_attn.qkv_proj is None and hasattr(model.layers[0].self_attn, "q_proj")
+    ids = torch.tensor(PROMPTS[0] * 3)[None]
+    with torch.no_grad():
+        assert torch.allclose(fused(ids)[0], model(ids)[0], atol=1e-5, rtol=1e-5)
+    cfg = GenerationConfig(max_new_tokens=12)
+    expected = Engine(model, stop_ids=[], dtype="float32").generate(PROMPTS, cfg)
+    assert [r.tokens for r in Engine(fused, stop_ids=[], dtype="float32").generate(PROMPTS, cfg)] == \
+        [r.tokens for r in expected]
+
+
+def test_engine_copies_are_fused_and_prepacked(model):
+    """The engine's bf16 copy is rewritten for decoding (fused, oneDNN-prepacked where this torch
+    has it); its greedy output equals that of the same bf16 weights used as they are."""
+    from chatforge.model.inference import PackedLinear, packing_works
+    from chatforge.train import runtime
+
+    if not runtime.bf16_supported(torch.device("cpu")):
+        pytest.skip("no native bf16 on this CPU: the engine keeps fp32 and copies nothing")
+    engine = Engine(model, stop_ids=[], dtype="bfloat16")
+    attn = engine.model.layers[0].self_attn
+    assert attn.qkv_proj is not None and model.layers[0].self_attn.qkv_proj is None
+    if packing_works():
+        assert isinstance(attn.qkv_proj, PackedLinear) and isinstance(engine.model.lm_head, PackedLinear)
+    as_given = Engine(_bf16_copy(model), stop_ids=[], dtype=None)
+    assert as_given.model.layers[0].self_attn.qkv_proj is None        # not the engine's copy: left alone
+    cfg = GenerationConfig(max_new_tokens=16)
+    assert [r.tokens for r in engine.generate(PROMPTS, cfg)] == [r.tokens for r in as_given.generate(PROMPTS, cfg)]
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        a, b = engine.model(ids)[0].float(), as_given.model(ids)[0].float()
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+
+
+def _bf16_copy(model: GPT) -> GPT:
+    import copy
+
+    return copy.deepcopy(model).to(torch.bfloat16)
+
 
 
 @pytest.mark.parametrize("n_kv_head", [1, 4])

@@ -51,6 +51,27 @@ def test_quantize_model_keeps_the_original_and_shrinks_the_weights():
             assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fused_quantized_layers_are_the_separate_ones_side_by_side(mode):
+    """quantize_model(fuse=True), as the engine quantizes: one q/k/v and one gate/up layer, with
+    exactly the separate layers' codes and scales, and the same logits."""
+    model = tiny(qkv_bias=True)
+    sep, fused = quantize_model(model, mode), quantize_model(model, mode, fuse=True)
+    a, f = sep.layers[0].self_attn, fused.layers[0].self_attn
+    assert not hasattr(f, "q_proj") and hasattr(model.layers[0].self_attn, "q_proj")    # the original untouched
+    if mode == "int8":
+        assert torch.equal(f.qkv_proj.qweight, torch.cat([a.q_proj.qweight, a.k_proj.qweight, a.v_proj.qweight]))
+        assert torch.equal(f.qkv_proj.scale, torch.cat([a.q_proj.scale, a.k_proj.scale, a.v_proj.scale]))
+    else:
+        m, fm = sep.layers[0].mlp, fused.layers[0].mlp
+        assert torch.equal(fm.gate_up_proj.packed, torch.cat([m.gate_proj.packed, m.up_proj.packed]))
+        assert torch.equal(fm.gate_up_proj.qparams, torch.cat([m.gate_proj.qparams, m.up_proj.qparams], dim=1))
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        ref = sep(ids)[0]
+        assert (fused(ids)[0] - ref).abs().max() <= 0.01 * ref.abs().max()      # bf16 compute
+
+
 def test_int4_falls_back_to_int8_where_the_group_does_not_divide_the_input():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, d_model=48, n_layer=1, n_head=4, n_kv_head=2, d_ff=96, max_seq_len=32))

@@ -163,16 +163,25 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
+        # q/k/v as one layer, set only on an inference copy by `model/inference.py` (which then
+        # drops q_proj, k_proj and v_proj): one matmul, and RoPE applied once to q and k together.
+        self.qkv_proj = None
 
     def forward(self, x, cos, sin, cache=None, attn_mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)                     # (B, T, nh, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)                  # (B, T, nkv, hs)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)                                   # (B, nh|nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, nkv = self.n_head, self.n_kv_head
+        if self.qkv_proj is not None:
+            heads = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh+2nkv, T, hs)
+            qk, v = heads.split([nh + nkv, nkv], dim=1)
+            q, k = apply_rope(qk, cos, sin).split([nh, nkv], dim=1)
+        else:
+            q = self.q_proj(x).view(B, T, nh, self.head_dim)                          # (B, T, nh, hs)
+            k = self.k_proj(x).view(B, T, nkv, self.head_dim)                         # (B, T, nkv, hs)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)                               # (B, nh|nkv, T, hs)
+            v = self.v_proj(x).view(B, T, nkv, self.head_dim).transpose(1, 2)         # (B, nkv, T, hs)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                                 # (B, nkv, S, hs)
             # A cache may be wider than the weights (the engine keeps fp32 keys/values for bf16
@@ -205,8 +214,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.gate_up_proj = None     # gate and up as one layer on an inference copy (model/inference.py)
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -111,12 +111,16 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-def quantize_model(model: nn.Module, mode: str, group_size: int = 32, keep_dequantized: bool = False) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, group_size: int = 32, keep_dequantized: bool = False,
+                   fuse: bool = False) -> nn.Module:
     """A copy of `model` with every `nn.Linear` stored in `mode` ("int8" or "int4").
 
     The copy shares the tensors it does not replace (embeddings, norms) with `model`, so the
     original's weights are neither changed nor duplicated. `keep_dequantized` keeps the int4
-    codes for `Int4Linear.dequantized` (tests)."""
+    codes for `Int4Linear.dequantized` (tests). `fuse` joins q/k/v and gate/up into one layer
+    each before quantizing (`model/inference.py`; the engine does): the codes and scales are
+    those of the separate layers side by side, as scales are per output row (int4: per row and
+    group), and a decode step makes 4 quantized matmuls per block instead of 7."""
     if mode not in MODES:
         raise ChatforgeError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     if group_size not in (32, 64, 128, 256):
@@ -127,6 +131,10 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, keep_dequa
     # Copy the modules, not the tensors: every parameter and buffer maps to itself.
     memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     clone = copy.deepcopy(model, memo)
+    if fuse:
+        from chatforge.model.inference import fuse_projections
+
+        fuse_projections(clone)     # new concatenated tensors; `model`'s are untouched
     for parent in list(clone.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
