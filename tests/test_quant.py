@@ -8,6 +8,7 @@ import torch
 from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import Engine, GenerationConfig
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.model import quant
 from chatforge.model.quant import Int4Linear, Int8Linear, quantize_model, quantized_bytes
 
 
@@ -30,6 +31,27 @@ def test_quantized_layers_compute_with_their_dequantized_weights(mode):
     # the ends of a range, where the bf16-rounded scale may fall short of the extreme weight).
     step = layer.scale[:, None].float() if mode == "int8" else layer.qparams[..., 0].T.float().repeat_interleave(32, dim=1)
     assert ((w - linear.weight).abs() <= 0.51 * step + 1e-6).all()
+
+
+def test_int4_many_rows_run_dense_on_the_kernels_own_weights(monkeypatch):
+    """A prefill-sized int4 input is multiplied by the dequantized weight in bf16: the weight is
+    exactly the one the kernel uses, the output equal within bf16 rounding."""
+    if quant._int4_layout() is None:
+        pytest.skip("this torch build packs int4 in a layout chatforge does not read")
+    monkeypatch.setattr(quant, "DENSE_CHUNK", 128)          # several chunks, and a short last block
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(64, 3 * 128 + 32, bias=True)
+    layer = Int4Linear(linear, 32)
+    # The kernel applied to the identity gives its weight, rounded to bf16.
+    kernel_w = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(64, dtype=torch.bfloat16), layer.packed, 32, layer.qparams)
+    assert torch.equal(layer.dequantized().to(torch.bfloat16), kernel_w.T)
+    rows = quant.INT4_DENSE_ROWS
+    x = torch.randn(2, rows // 2, 64)                       # 2 x rows / 2 = rows: the dense path
+    dense = layer(x)
+    monkeypatch.setattr(quant, "INT4_DENSE_ROWS", 10**9)
+    kernel = layer(x)
+    assert dense.shape == kernel.shape == (2, rows // 2, 3 * 128 + 32)
+    assert torch.allclose(dense, kernel, atol=0.02, rtol=0.01)
 
 
 def test_quantize_model_keeps_the_original_and_shrinks_the_weights():

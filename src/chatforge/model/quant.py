@@ -20,11 +20,19 @@ precision. A layer whose shape the int4 kernel cannot take (input not a multiple
 size) falls back to int8. The layers compute in bfloat16 whatever the model's dtype (inputs are
 cast, outputs cast back): both kernels have a fast path for bf16 activations only; with fp32
 activations they were 10-100x slower than a dense fp32 matmul. They are made for few rows: with
-many (a prefill, a perplexity batch) an int8 layer dequantizes its weight and runs a dense
-matmul instead (at 64+ rows that was faster, even counting the dequantization), while int4 has
-no such way out and its prefill runs ~2.5x slower than bf16 (512 rows of the 1536 x 576 MLP
-projection: 8.7 ms against 3.5 ms). The quantized model keeps the GPT interface
-(`forward`, `config`), so the engine, evaluation and the server use it unchanged; it is for
+many (a prefill, a perplexity batch) a layer dequantizes its weight for the call and runs a
+dense bf16 matmul instead, keeping nothing extra in memory. int8 does so from 64 rows on. int4
+from 128 (`INT4_DENSE_ROWS`): its kernel costs ~2.4x a dense bf16 matmul per row, but unpacking
+the codes costs about a 100-row dense matmul (the demo model's shapes, 1 thread: the 3072 x 576
+gate/up projection at 598 rows 14.6 ms in the kernel against 2.3 ms to dequantize + 6.3 ms dense;
+at 96-128 rows the two were even). Keeping a dense bf16 copy instead would save the unpacking
+(3.8 ms on top of 12.5 ms of dense matmuls per block at 598 rows) but cost 2 bytes a weight:
+269 MB more for the demo model, whose int4 layers hold 84 MB (codes, scales, zero points), the
+memory int4 is for. Per call the layer holds one chunk of `DENSE_CHUNK` output rows
+dequantized (fp32 + bf16, 6 bytes a weight: 14 MB of the LM head at width 576). The unpacking
+reads the kernel's packed layout (which depends on the CPU's vector width); it is checked against
+the kernel once (`_int4_layout`), and a build whose layout it does not know keeps the kernel for
+every row count. The quantized model keeps the GPT interface (`forward`, `config`), so the engine, evaluation and the server use it unchanged; it is for
 inference only (no gradients through the packed weights).
 """
 
@@ -40,6 +48,8 @@ from chatforge.errors import ChatforgeError
 MODES = ("int8", "int4")
 COMPUTE = torch.bfloat16      # the kernels' fast path
 DENSE_ROWS = 64               # int8: from this many rows on, dequantize and run a dense matmul
+INT4_DENSE_ROWS = 128         # int4: the same (its unpacking costs more, so the crossover is later)
+DENSE_CHUNK = 4096            # output rows dequantized at a time: the LM head's transient stays ~14 MB
 
 
 class Int8Linear(nn.Module):
@@ -92,32 +102,85 @@ class Int4Linear(nn.Module):
         # (K / group_size, N, 2): the kernel's layout of each group's scale and zero point.
         qparams = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("qparams", qparams.to(COMPUTE))
-        self._q = q                                  # kept only for `dequantized` in tests; dropped below
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
-    def dequantized(self) -> torch.Tensor:
-        N, K, g = self.out_features, self.in_features, self.group_size
-        scale, zero = self.qparams.float().transpose(0, 1).unbind(-1)                # (N, K / g) each
-        q = self._q.view(N, K // g, g).float()
-        return ((q - 8) * scale[..., None] + zero[..., None]).view(N, K)
+    def dequantized(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """W (or its output rows start:stop, start a multiple of the packing block) in fp32, as
+        the kernel computes it: (q - 8) * scale + zero."""
+        stop = self.out_features if stop is None else min(stop, self.out_features)
+        K, g = self.in_features, self.group_size
+        codes = _unpack_int4(self.packed, K, start, stop, *_int4_layout())
+        scale, zero = self.qparams[:, start:stop].float().unbind(-1)                   # (K / g, n) each
+        # In place on the fp32 codes: one pass each (a broadcast bf16 multiply was 10x slower).
+        codes.view(K // g, g, -1).mul_(scale[:, None]).add_((zero - 8 * scale)[:, None])
+        return codes.T                                                                  # (n, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(COMPUTE).contiguous()              # the kernel needs it
-        qparams = self.qparams.to(COMPUTE)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, qparams).to(x.dtype)
+        if x2.shape[0] >= INT4_DENSE_ROWS and _int4_layout() is not None:
+            # Output rows a chunk at a time, so a large layer (the LM head in a perplexity batch)
+            # never holds its whole weight dequantized (fp32 + bf16: 6 bytes a weight).
+            step = DENSE_CHUNK // _int4_layout()[0] * _int4_layout()[0]
+            parts = [x2 @ self.dequantized(i, i + step).to(COMPUTE).T for i in range(0, self.out_features, step)]
+            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.qparams.to(COMPUTE))
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
 
-def quantize_model(model: nn.Module, mode: str, group_size: int = 32, keep_dequantized: bool = False,
-                   fuse: bool = False) -> nn.Module:
+def _unpack_int4(packed: torch.Tensor, K: int, start: int, stop: int, block: int, interleaved: bool) -> torch.Tensor:
+    """Output rows start:stop of `_convert_weight_to_int4pack_for_cpu`'s bytes as (K, n) fp32 codes 0..15.
+
+    The kernel's layout: each block of `block` output rows is stored k-major, two codes a byte.
+    With AVX-512 (block 64) and AVX2 (block 32) byte j of a row holds outputs j (low nibble) and
+    j + block/2 (high); without vector units, and in a last block shorter than `block`, outputs
+    2j and 2j + 1 (`interleaved`)."""
+    flat = packed.view(-1)[start * K // 2:stop * K // 2]
+    n = stop - start
+    full = n - n % block
+    codes = torch.empty(K, n)
+    for cols, size, inter in ((slice(0, full), block, interleaved), (slice(full, n), n - full, True)):
+        if cols.stop == cols.start:
+            continue
+        part = flat[cols.start * K // 2:cols.stop * K // 2].view(-1, K, size // 2)
+        lo, hi = (part & 15).transpose(0, 1), (part >> 4).transpose(0, 1)          # (K, blocks, size / 2)
+        out = codes[:, cols].view(K, -1, size)
+        if inter:
+            pairs = out.view(K, -1, size // 2, 2)
+            pairs[..., 0], pairs[..., 1] = lo, hi
+        else:
+            out[..., :size // 2], out[..., size // 2:] = lo, hi
+    return codes
+
+
+def _int4_layout() -> tuple[int, bool] | None:
+    """(block, interleaved) of this torch build's packed int4 layout, or None when it is none of
+    the known ones (then int4 layers always use the kernel). Found once by packing known codes."""
+    global _INT4_LAYOUT
+    if _INT4_LAYOUT is False:
+        # 144 rows: whole blocks and a shorter last one, for either block size.
+        q = torch.randint(0, 16, (144, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        _INT4_LAYOUT = None
+        for block, interleaved in ((64, False), (32, False), (32, True)):
+            if torch.equal(_unpack_int4(packed, 64, 0, 144, block, interleaved).T, q.float()):
+                _INT4_LAYOUT = (block, interleaved)
+                break
+    return _INT4_LAYOUT
+
+
+_INT4_LAYOUT: tuple[int, bool] | None | bool = False      # False: not probed yet
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int = 32, fuse: bool = False) -> nn.Module:
     """A copy of `model` with every `nn.Linear` stored in `mode` ("int8" or "int4").
 
     The copy shares the tensors it does not replace (embeddings, norms) with `model`, so the
-    original's weights are neither changed nor duplicated. `keep_dequantized` keeps the int4
-    codes for `Int4Linear.dequantized` (tests). `fuse` joins q/k/v and gate/up into one layer
+    original's weights are neither changed nor duplicated. `fuse` joins q/k/v and gate/up into one layer
     each before quantizing (`model/inference.py`; the engine does): the codes and scales are
     those of the separate layers side by side, as scales are per output row (int4: per row and
     group), and a decode step makes 4 quantized matmuls per block instead of 7."""
@@ -141,8 +204,6 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, keep_dequa
                 continue
             if mode == "int4" and child.in_features % group_size == 0:
                 layer = Int4Linear(child, group_size)
-                if not keep_dequantized:
-                    del layer._q
             else:
                 layer = Int8Linear(child)
             setattr(parent, name, layer)
