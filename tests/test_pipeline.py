@@ -82,7 +82,7 @@ def test_settings_follow_the_base(tmp_path):
 
     # Default: the pretrained base, LoRA SFT, long answers in eval.
     s = load_settings(None)
-    assert s["run"]["base"] == DEFAULT_BASE and s["sft"]["method"] == "lora" and s["eval"]["max_new_tokens"] == 256
+    assert s["run"]["base"] == DEFAULT_BASE and s["sft"]["method"] == "lora" and s["eval"]["max_new_tokens"] == 512
     # From scratch: the small preset is pretrained and fully fine-tuned.
     s = load_settings(None, "scratch")
     assert s["sft"]["method"] == "full" and s["pretrain"]["preset"] == "small"

@@ -313,6 +313,11 @@ def test_rollout_source_resumes_mid_phase_exactly(tiny, prompts_file):
     o["samples"] = 3                                           # another run's options
     with pytest.raises(ChatforgeError, match="--samples was 2; resume with the same options"):
         source().load_state_dict(state)
+    o["samples"] = 2
+    other = source()
+    other.eval_prompts = other.eval_prompts[:1]                # another prompt set
+    with pytest.raises(ChatforgeError, match="the prompts .* changed since the run was saved"):
+        other.load_state_dict(state)
 
 
 def test_command_help_and_errors(tiny, prompts_file, tmp_path, capsys):

@@ -45,6 +45,8 @@ round-trip exactly through JSON), so `--resume` from any checkpoint continues ex
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import random
 
@@ -216,13 +218,20 @@ class Rollouts:
         mid_phase = self.data is not None and self.position < len(self.plan)
         return {"phase": self.phase, "position": self.position, "kl_coef": self.kl.coef,
                 "score_norm": self.score_norm, "heldout": self.heldout, "data": self.data if mid_phase else None,
-                "setup": {k: self.o[k] for k in self.SETUP}}
+                "setup": {k: self.o[k] for k in self.SETUP}, "prompts": self.prompts_digest()}
+
+    def prompts_digest(self) -> str:
+        """A digest of the training and held-out prompts' token ids: a resumed run must see the same."""
+        return hashlib.sha256(json.dumps([self.prompts, self.eval_prompts]).encode()).hexdigest()
 
     def load_state_dict(self, state: dict) -> None:
         changed = [k for k in self.SETUP if state.get("setup", {}).get(k, self.o[k]) != self.o[k]]
         if changed:
             raise ChatforgeError("cannot resume: " + ", ".join(f"--{k.replace('_', '-')} was {state['setup'][k]}"
                                                               for k in changed) + "; resume with the same options")
+        if state.get("prompts", self.prompts_digest()) != self.prompts_digest():
+            raise ChatforgeError("cannot resume: the prompts (--prompts, --eval-prompts, --docs or the tokenizer) "
+                                 "changed since the run was saved; resume with the same ones or start a new --out")
         self.phase, self.position, self.data = state["phase"], state["position"], state["data"]
         self.kl.coef, self.score_norm, self.heldout = state["kl_coef"], state["score_norm"], state["heldout"]
 
