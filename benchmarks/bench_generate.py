@@ -341,7 +341,9 @@ def hf_twin(model, pad_id: int):
     return hf
 
 
-def hf_greedy(hf, prompts: list[list[int]], new: int, threads: int, pad_id: int) -> list[list[int]]:
+def hf_generate(hf, prompts: list[list[int]], new: int, threads: int, pad_id: int, **sampling) -> torch.Tensor:
+    """HF `generate` on left-padded `prompts` with `threads` threads: the new tokens, every row
+    `new` of them (bench_rollout uses it too)."""
     L = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
@@ -349,10 +351,14 @@ def hf_greedy(hf, prompts: list[list[int]], new: int, threads: int, pad_id: int)
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, **sampling)
     finally:
         torch.set_num_threads(before)
-    return out[:, L:].tolist()
+    return out[:, L:]
+
+
+def hf_greedy(hf, prompts: list[list[int]], new: int, threads: int, pad_id: int) -> list[list[int]]:
+    return hf_generate(hf, prompts, new, threads, pad_id, do_sample=False).tolist()
 
 
 def engine_greedy(engine, prompts: list[list[int]], new: int) -> list[list[int]]:

@@ -66,18 +66,10 @@ def hf_model(gpt, dtype: torch.dtype):
 
 
 def hf_sample(hf, prompts: list[list[int]], n: int, new: int, threads: int, pad_id: int) -> int:
-    L = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=True,
-                              temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n, pad_token_id=pad_id)
-    finally:
-        torch.set_num_threads(before)
-    return out[:, L:].numel()
+    from bench_generate import hf_generate
+
+    return hf_generate(hf, prompts, new, threads, pad_id, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                       num_return_sequences=n, pad_token_id=pad_id).numel()
 
 
 def main() -> None:
