@@ -117,3 +117,22 @@ def test_report_without_curves_or_examples():
     assert doc.tables["metrics"][1][1:3] == ["n/a", "n/a"]
     assert "No metrics.jsonl" in "".join(doc.text)
     assert "No questions were evaluated" in "".join(doc.text)
+
+
+def test_alignment_curves_get_their_own_charts(tmp_path):
+    """DPO and PPO metrics.jsonl: the reward, reward accuracy / margin and KL charted beside the loss."""
+    dpo = write_metrics(tmp_path / "round" / "dpo" / "metrics.jsonl",
+                        [{"step": s, "loss": 0.69 - s / 100, "reward_accuracy": 0.5 + s / 10, "reward_margin": s / 50,
+                          "kl": s / 1000, **({"val_loss": 0.68, "val_kl": 0.002} if s == 3 else {})} for s in range(1, 4)])
+    ppo = write_metrics(tmp_path / "round" / "ppo" / "metrics.jsonl",
+                        [{"step": s, "loss": 0.1, "reward": -4.0 + s / 4, "kl": s / 10} for s in range(1, 5)])
+    html = write_report(tmp_path / "r.html", RESULTS, EXAMPLES, load_curves([dpo, ppo])).read_text(encoding="utf-8")
+    for title in ("dpo: loss", "dpo: reward accuracy", "dpo: reward margin", "dpo: KL to the reference",
+                  "ppo: loss", "ppo: reward", "ppo: KL to the reference"):
+        assert title in html
+    assert "ppo: reward accuracy" not in html and "dpo: reward<" not in html
+    doc = parse(html)
+    assert sum(1 for tag, _ in doc.tags if tag == "svg") == 8                 # 7 curve charts + the bar chart
+    # A line per series of 2+ points: dpo loss, accuracy, margin, kl; ppo loss, reward, kl (the
+    # one-point val_loss and val_kl are drawn as points).
+    assert sum(1 for tag, _ in doc.tags if tag == "polyline") == 7

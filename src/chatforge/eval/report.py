@@ -4,7 +4,8 @@ external assets), readable offline and safe to open: every piece of text is HTML
     html = render_report(results, examples, curves=load_curves([Path("runs/demo/sft/metrics.jsonl")]))
     write_report("runs/demo/eval/report.html", results, examples, curves)
 
-Sections: training curves (loss and val_loss against step, one chart per metrics.jsonl), the
+Sections: training curves (loss and val_loss against step for each metrics.jsonl, and for
+alignment stages the reward, reward accuracy and margin, and KL to the reference), the
 metric table (the model's row, then one row per baseline), a bar chart of the metrics on a
 common 0-1 scale (BLEU divided by 100), the examples side by side, and, when `results` has
 "user_satisfaction" (`chatforge eval --feedback-db`, computed by `chatforge.data.feedback`),
@@ -182,16 +183,26 @@ def metric_rows(results: dict) -> list[tuple[str, dict]]:
     return [("model", results), *((name, b) for name, b in (results.get("baselines") or {}).items())]
 
 
+# The charts of a metrics.jsonl: loss always; what alignment stages log besides, where present
+# (DPO: reward accuracy and margin; PPO: the reward model's score and the KL to the reference).
+CURVES = (("loss", ("loss", "val_loss")),
+          ("reward accuracy", ("reward_accuracy", "val_reward_accuracy")),
+          ("reward margin", ("reward_margin", "val_reward_margin")),
+          ("reward", ("reward",)),
+          ("KL to the reference", ("kl", "val_kl")))
+
+
 def _curve_charts(curves: dict[str, list[dict]]) -> str:
     charts = []
     for label, records in curves.items():
-        series = {}
-        for key in ("loss", "val_loss"):
-            pts = [(float(r["step"]), float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
-            if pts:
-                series[key] = pts
-        if series:
-            charts.append(line_chart(series, f"{label}: loss"))
+        for title, keys in CURVES:
+            series = {}
+            for key in keys:
+                pts = [(float(r["step"]), float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
+                if pts:
+                    series[key] = pts
+            if series:
+                charts.append(line_chart(series, f"{label}: {title}", ylabel=title))
     return "".join(charts) or '<p class="note">No metrics.jsonl found next to the model.</p>'
 
 
