@@ -67,6 +67,14 @@ def leaf(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], in
     parser.set_defaults(_run=run)
 
 
+def option_defaults(add_options: Callable[[argparse.ArgumentParser], None]) -> dict:
+    """{option: default} of the options `add_options` adds to a parser: a command's defaults,
+    for its Python API (`run_*(**options)` starts from them)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_options(p)
+    return vars(p.parse_args([]))
+
+
 def subcommands(parser: argparse.ArgumentParser, title: str = "commands") -> argparse._SubParsersAction:
     """Add sub-commands to `parser` that print nicely and require a choice."""
     sub = parser.add_subparsers(title=title, metavar="COMMAND")

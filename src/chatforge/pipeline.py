@@ -387,8 +387,10 @@ def run(args: argparse.Namespace) -> int:
         run_round(settings, run_dir, data, docs, held_out, args.feedback, args.generated_prefs, args.force)
     # On the user's own documents, ask two of their own held-out questions.
     questions = first_questions(data / "qa_val.jsonl", 2) if user_inputs else cfg.get("demo_questions") or []
-    # The model served: the last promoted round's (runs/NAME/assistant), else sft.
-    served = run_dir / "assistant" if (run_dir / "assistant").is_symlink() else sft
+    # The model served: the link to the last promoted round's (runs/NAME/assistant), else sft.
+    from chatforge.continual import LINK
+
+    served = run_dir / LINK if (run_dir / LINK).is_symlink() else sft
     show_conversation(served, docs, questions, int(settings["eval"].get("max_new_tokens") or 96))
     if (served / "config.json").exists():
         print(f"\nserve it: chatforge serve --model {served} --docs {' '.join(map(str, docs))}")

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from chatforge import files
-from chatforge.cli import add_parser, leaf, subcommands
+from chatforge.cli import add_parser, leaf, option_defaults, subcommands
 from chatforge.errors import ChatforgeError
 
 HEAD_WEIGHTS, CLASSIFIER_CONFIG, METRICS = "head.safetensors", "classifier.json", "metrics.json"
@@ -817,9 +817,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def default_train_options() -> dict:
-    p = argparse.ArgumentParser(add_help=False)
-    add_train_options(p)
-    return vars(p.parse_args([]))
+    return option_defaults(add_train_options)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -859,7 +857,8 @@ def run_train(args: argparse.Namespace) -> int:
     texts, labels = _subsample(texts, labels, args.max_examples, args.seed)
     out = Path(args.out) if args.out else Path(args.base).parent / "classify"
     skip = ("base", "data", "out", "from_vader", "label_field", "text_field", "max_examples", "threads")
-    options = {k: v for k, v in vars(args).items() if k in default_train_options() and k not in skip}
+    known = default_train_options()    # built once, not once per option
+    options = {k: v for k, v in vars(args).items() if k in known and k not in skip}
     if args.threads < 0:
         raise ChatforgeError(f"--threads must be 0 (torch's default) or positive, got {args.threads}")
     if args.threads:

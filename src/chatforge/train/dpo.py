@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge import files
-from chatforge.cli import leaf
+from chatforge.cli import leaf, option_defaults
 from chatforge.errors import ChatforgeError
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -250,9 +250,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def default_options() -> dict[str, Any]:
-    p = argparse.ArgumentParser(add_help=False)
-    add_options(p)
-    return vars(p.parse_args([]))
+    return option_defaults(add_options)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge import files
-from chatforge.cli import leaf
+from chatforge.cli import leaf, option_defaults
 from chatforge.errors import ChatforgeError
 
 ALGOS = ("ppo", "grpo")
@@ -161,9 +161,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def default_options() -> dict[str, Any]:
-    p = argparse.ArgumentParser(add_help=False)
-    add_options(p)
-    return vars(p.parse_args([]))
+    return option_defaults(add_options)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from chatforge import files
-from chatforge.cli import add_parser, leaf, subcommands
+from chatforge.cli import add_parser, leaf, option_defaults, subcommands
 from chatforge.errors import ChatforgeError
 
 HEAD_WEIGHTS, REWARD_CONFIG = "reward_head.safetensors", "reward.json"
@@ -436,9 +436,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def default_train_options() -> dict:
-    p = argparse.ArgumentParser(add_help=False)
-    add_train_options(p)
-    return vars(p.parse_args([]))
+    return option_defaults(add_train_options)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -470,7 +468,8 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.prefs:
         raise ChatforgeError("pass --prefs FILE.jsonl: pairs from `chatforge prefs make` or `chatforge feedback export`")
     out = Path(args.out) if args.out else Path(args.base).parent / "reward"
-    options = {k: v for k, v in vars(args).items() if k in default_train_options() and k not in ("base", "prefs", "out")}
+    known = default_train_options()    # built once, not once per option
+    options = {k: v for k, v in vars(args).items() if k in known and k not in ("base", "prefs", "out")}
     report = train_reward_model(args.base, args.prefs, out, **options)
     print(f"reward model -> {out}")
     return 130 if report["interrupted"] else 0

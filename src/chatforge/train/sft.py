@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge import files
-from chatforge.cli import leaf
+from chatforge.cli import leaf, option_defaults
 from chatforge.errors import ChatforgeError
 
 METHODS = ("full", "lora", "freeze")
@@ -122,9 +122,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def default_options() -> dict[str, Any]:
-    p = argparse.ArgumentParser(add_help=False)
-    add_options(p)
-    return vars(p.parse_args([]))
+    return option_defaults(add_options)
 
 
 def loop_config(o: dict[str, Any], steps: int, seq_len: int, lr: float, eval_every: int):
