@@ -4,6 +4,7 @@ sampling, stop strings, the KV slots and the scheduler thread."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -157,6 +158,14 @@ def test_stop_strings_and_text_pieces(engine):
     assert pieces == done.text == free[:free.find(stop)]
     assert all(e.text for e in events if isinstance(e, Piece))
     assert done.text == stream_engine.generate([PROMPTS[0]], cfg)[0].text
+    # An end pattern keeps its match: the text ends with it, in the pieces and in the result.
+    cfg = GenerationConfig(max_new_tokens=30, stop_after=(re.escape(stop) + "[a-z]",))
+    request = scheduler.submit(PROMPTS[0], cfg)
+    scheduler.run_until_idle()
+    events = list(request.events(timeout=0))
+    want = free[:free.find(stop) + len(stop) + 1]
+    assert "".join(e.text for e in events if isinstance(e, Piece)) == events[-1].text == want
+    assert events[-1].finish_reason == "stop" and len(events[-1].tokens) == len(want)
 
 
 def test_queue_limit_and_shutdown(engine):

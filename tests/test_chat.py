@@ -49,10 +49,11 @@ class StubEngine:
     """Streams fixed pieces (and may raise after some), in place of the model's engine."""
 
     def __init__(self, pieces: list[str], raise_after: int | None = None):
-        self.pieces, self.raise_after, self.prompts = pieces, raise_after, []
+        self.pieces, self.raise_after, self.prompts, self.configs = pieces, raise_after, [], []
 
     def stream(self, prompt_ids, cfg):
         self.prompts.append(list(prompt_ids))
+        self.configs.append(cfg)
         for i, piece in enumerate(self.pieces):
             if i == self.raise_after:
                 raise KeyboardInterrupt
@@ -160,7 +161,7 @@ def test_blocked_terms_are_masked_or_the_reply_refused(loaded):
 
 
 def test_grounded_turns_keep_the_plain_question(loaded, tmp_path):
-    from chatforge.infer.retrieval import PassageIndex
+    from chatforge.infer.retrieval import CITATION_END, PassageIndex
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -175,6 +176,11 @@ def test_grounded_turns_keep_the_plain_question(loaded, tmp_path):
     assert "Context:" in prompt and "ten days" in prompt and "Question: When are refunds paid?" in prompt
     assert s.history[0] == {"role": "user", "content": "When are refunds paid?"}
     assert s.last_sources and "billing.txt" in s.last_sources[0]
+    # A grounded reply ends with its citation; a plain one has no such end.
+    assert engine.configs[0].stop_after == (CITATION_END,)
+    plain = _session(loaded, engine=StubEngine(["Hi."]))
+    list(plain.reply("hello"))
+    assert plain.engine.configs[0].stop_after == ()
 
 
 # ---------------------------------------------------------------------------------- converse

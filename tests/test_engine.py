@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import transformers
@@ -419,6 +421,33 @@ def test_stop_strings_in_a_batch_and_in_beam_search(tokenizer):
             assert r.text == "Héllo wörld! Ça va? " and r.finish_reason == "stop" and r.completions[0].stop == "Grüße"
     out = engine.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=4, stop_strings=["never there"]))[0]
     assert out.finish_reason == "length" and out.text == tokenizer.decode(script[:4])
+
+
+CITED = "Open the settings and choose reset (source: faq/reset (v2).md) Next passage: call us (source: b)"
+
+
+def test_stop_after_keeps_the_first_match(tokenizer):
+    from chatforge.infer.retrieval import CITATION_END
+
+    script = tokenizer.encode(CITED)
+    model = ScriptedModel(script, tokenizer.vocab_size, prompt_len=2)
+    engine = Engine(model, tokenizer, stop_ids=[])
+    first = CITED[:CITED.index(".md)") + 4]
+    cfg = GenerationConfig(max_new_tokens=len(script) + 5, stop_after=(CITATION_END,))
+    assert "".join(engine.stream([5, 6], cfg)) == first
+    for strategy in ("greedy", "beam"):
+        out = engine.generate([[5, 6], [7, 8]], replace(cfg, strategy=strategy, num_beams=2))
+        for r in out:
+            assert r.text == first and r.finish_reason == "stop"
+            assert r.completions[0].stop.pattern == CITATION_END
+            assert len(r.tokens) < len(script)       # generation ended there, not only the text
+    # A stop string before the match wins, and is cut as usual; one after it changes nothing.
+    assert engine.generate([[5, 6]], replace(cfg, stop_strings=("reset",)))[0].text == "Open the settings and choose "
+    assert engine.generate([[5, 6]], replace(cfg, stop_strings=("Next",)))[0].text == first
+    with pytest.raises(ChatforgeError, match="not a regular expression"):
+        GenerationConfig(stop_after=("(source:",))
+    with pytest.raises(ChatforgeError, match="empty"):
+        GenerationConfig(stop_after=("x*",))
 
 
 def test_stream_rejects_beam_search(tokenizer):

@@ -141,11 +141,14 @@ class Answerer:
 
     def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int):
         from chatforge.infer.engine import Engine, GenerationConfig
+        from chatforge.infer.retrieval import CITATION_END
 
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.engine = Engine(model, tokenizer)
         # truncate_prompt: a prompt longer than the context loses its oldest tokens instead of failing.
-        self.cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens, truncate_prompt=True)
+        # An answer ends with its citation, as in chat and the server (`infer.chat.Prompt.generation`).
+        self.cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens, truncate_prompt=True,
+                                    stop_after=(CITATION_END,))
 
     def answer(self, conversations: Sequence[list[dict]], desc: str = "generate") -> list[str]:
         from tqdm import tqdm

@@ -23,8 +23,8 @@ import argparse
 import contextlib
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence, TextIO
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Iterator, Sequence, TextIO
 
 from chatforge.cli import leaf
 from chatforge.errors import ChatforgeError
@@ -104,7 +104,10 @@ class ChatSession:
         stream = self.guard.stream()
         shown: list[str] = []
         # A plugin's direct reply (already filtered) stands in for the model's.
-        pieces = [prompt.reply] if prompt.reply is not None else self._generate(prompt.ids)
+        if prompt.reply is not None:
+            pieces: Iterable[str] = [prompt.reply]
+        else:
+            pieces = self._generate(prompt.ids, prompt.generation(self.gen_cfg))
         try:
             for piece in pieces:
                 safe = stream.push(piece)
@@ -121,12 +124,12 @@ class ChatSession:
 
     # ------------------------------------------------------------------------------ helpers
 
-    def _generate(self, ids: list[int]) -> Iterator[str]:
-        if self.gen_cfg.strategy == "beam":
+    def _generate(self, ids: list[int], cfg) -> Iterator[str]:
+        if cfg.strategy == "beam":
             # Beam search knows its best sequence only at the end: one piece.
-            yield self.engine.generate([ids], self.gen_cfg)[0].text or ""
+            yield self.engine.generate([ids], cfg)[0].text or ""
         else:
-            yield from self.engine.stream(ids, self.gen_cfg)
+            yield from self.engine.stream(ids, cfg)
 
     def _render(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.render_chat(messages, add_generation_prompt=True)[0]
@@ -155,6 +158,15 @@ class Prompt:
     facts: list = field(default_factory=list)   # plugin facts in the prompt (plugins.Fact)
     reply: str | None = None       # a plugin's direct reply: the model is not asked (ids are empty)
     reply_plugin: str | None = None
+    grounded: bool = False         # in the grounded format: the reply ends with its citation
+
+    def generation(self, cfg):
+        """`cfg` for this prompt: a grounded reply ends with its first citation (`CITATION_END`)."""
+        if not self.grounded:
+            return cfg
+        from chatforge.infer.retrieval import CITATION_END
+
+        return replace(cfg, stop_after=(*cfg.stop_after, CITATION_END))
 
     def sources(self) -> list[dict]:
         """What the answer used, as the server's `sources` items: passages (plugin "docs"), then facts."""
@@ -225,7 +237,8 @@ def fit_prompt(tokenizer, system: SystemPrompt | None, index, history: list[dict
             raise ChatforgeError(
                 f"the message is too long: with the system prompt it takes {len(ids)} tokens and the "
                 f"model's context holds {budget} before the reply; shorten it")
-    return Prompt(ids, messages, _passages_used(passages, messages[-1]["content"]), skip, facts)
+    return Prompt(ids, messages, _passages_used(passages, messages[-1]["content"]), skip, facts,
+                  grounded=index is not None)
 
 
 def _passages_used(passages: list, user_content: str) -> list:

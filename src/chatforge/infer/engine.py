@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from chatforge.errors import ChatforgeError
-from chatforge.infer.sampling import LogitsPipeline, StopStrings
+from chatforge.infer.sampling import LogitsPipeline, StopStrings, first_stop
 
 STRATEGIES = ("greedy", "sample", "beam")
 MIN_TEMPERATURE = 1e-5       # sampling below this temperature is greedy decoding
@@ -60,10 +61,12 @@ class GenerationConfig:
     num_return_sequences: int = 1        # beam: <= num_beams best; sample: independent samples
     seed: int | None = None              # sample: a seed makes the output reproducible
     stop_strings: tuple[str, ...] = ()   # the text is cut before the first one that appears
+    stop_after: tuple[str, ...] = ()     # regexes: the text ends with the first match (kept), e.g. a citation
     truncate_prompt: bool = False        # drop the oldest prompt tokens instead of failing
 
     def __post_init__(self) -> None:
         self.stop_strings = tuple(self.stop_strings or ())
+        self.stop_after = tuple(self.stop_after or ())
         self.validate()
 
     def validate(self) -> None:
@@ -98,6 +101,12 @@ class GenerationConfig:
         if self.greedy:
             need(self.num_return_sequences == 1, "greedy decoding returns one sequence; use sample or beam for more")
         need(all(isinstance(s, str) and s for s in self.stop_strings), "stop strings must be non-empty text")
+        for pattern in self.stop_after:
+            try:
+                empty = re.compile(pattern).fullmatch("") is not None
+            except (re.error, TypeError) as e:
+                need(False, f"stop_after {pattern!r} is not a regular expression: {e}")
+            need(not empty, f"stop_after {pattern!r} matches empty text, so it would end every answer at once")
 
     @property
     def greedy(self) -> bool:
@@ -113,7 +122,7 @@ class Completion:
     tokens: list[int]              # generated ids, without the stop token that ended them
     text: str | None               # decoded `tokens`, cut before a stop string (None without tokenizer)
     finish_reason: str             # "stop" (a stop token or string) or "length" (max_new_tokens / context)
-    stop: int | str | None = None  # the stop token id or stop string that ended it
+    stop: int | str | re.Pattern | None = None  # the stop token id, stop string or stop_after pattern that ended it
     score: float | None = None     # beam search: sum of log-probs / length ** length_penalty
 
 
@@ -326,7 +335,7 @@ class Engine:
             raise ChatforgeError("streaming works with greedy or sample and one sequence; beam search "
                                  "only knows its best sequence at the end")
         (prompt,) = self._check_prompts([prompt_ids], cfg)
-        text = _TextStream(self.tokenizer, cfg.stop_strings)
+        text = _TextStream(self.tokenizer, cfg.stop_strings, cfg.stop_after)
         steps = self._decode_steps([prompt], cfg, _new_state(1))
         while True:
             # The limit holds while the engine works, not while the caller handles a piece.
@@ -400,18 +409,21 @@ class Engine:
         return logits
 
     def _stop_strings(self, cfg: GenerationConfig) -> StopStrings | None:
-        if not cfg.stop_strings:
+        if not cfg.stop_strings and not cfg.stop_after:
             return None
         if self.tokenizer is None:
             raise ChatforgeError("stop strings need a tokenizer: pass one to Engine(model, tokenizer)")
-        return StopStrings(self.tokenizer, cfg.stop_strings)
+        return StopStrings(self.tokenizer, cfg.stop_strings, cfg.stop_after)
 
-    def _completion(self, tokens: list[int], reason: str, stop: int | str | None, score=None) -> Completion:
+    def _completion(self, tokens: list[int], reason: str, stop: int | str | re.Pattern | None,
+                    score=None) -> Completion:
         text = None
         if self.tokenizer is not None:
             text = self.tokenizer.decode(tokens)
             if isinstance(stop, str):
-                text = text[: text.find(stop)] if stop in text else text
+                text = text[:first_stop(text, [stop], [])[0]]
+            elif isinstance(stop, re.Pattern):
+                text = text[:first_stop(text, [], [stop])[0]]
         return Completion(tokens, text, reason, stop, score)
 
     # ------------------------------------------------------------------- greedy and sampling
@@ -607,14 +619,19 @@ def _new_state(rows: int) -> dict[str, list]:
 
 
 class _TextStream:
-    """Turns tokens into text pieces that never end inside a UTF-8 character or a stop string.
+    """Turns tokens into text pieces that never end inside a UTF-8 character or a stop string, and
+    that end with the first match of a `stop_after` pattern.
 
     Tokens since the last clean cut are decoded together; U+FFFD at the end means the bytes of a
     character are still incomplete, so that part waits.
     """
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+    PATTERN_LOOKBACK = 1024   # characters of emitted text a stop_after match may reach back into
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], stop_after: Sequence[str] = ()):
         self.tokenizer, self.stop_strings = tokenizer, tuple(stop_strings)
+        self.patterns = tuple(re.compile(p) for p in stop_after)
+        self.lookback = max([0, *map(len, self.stop_strings)] + [self.PATTERN_LOOKBACK] * bool(self.patterns))
         self.pending: list[int] = []   # tokens whose text is not all emitted yet
         self.pending_emitted = 0       # characters of decode(pending) already emitted
         self.emitted = ""              # the whole text emitted so far
@@ -634,15 +651,14 @@ class _TextStream:
 
     def _emit(self, text: str, whole: int, final: bool) -> str:
         new = text[self.pending_emitted:whole]
-        if self.stop_strings:
-            # Look for a stop string in the emitted tail plus the new text.
-            longest = max(len(s) for s in self.stop_strings)
-            tail = self.emitted[-longest:]
+        if self.stop_strings or self.patterns:
+            # Look for a stop string or an end pattern in the emitted tail plus the new text.
+            tail = self.emitted[-self.lookback:]
             window = tail + new
-            cut = min((window.find(s) for s in self.stop_strings if s in window), default=-1)
-            if cut >= 0:
+            end, hit = first_stop(window, self.stop_strings, self.patterns)
+            if hit is not None:
                 self.stopped = True
-                piece = window[len(tail):cut] if cut >= len(tail) else ""
+                piece = window[len(tail):end] if end >= len(tail) else ""
                 self.emitted += piece
                 return piece
             if not final:

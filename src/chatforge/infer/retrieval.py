@@ -119,7 +119,11 @@ HEADING_WEIGHT = 1.0                 # weight of the heading field's BM25 score 
 MIN_CUT_TOKENS = 16                  # a truncated passage shorter than this is dropped instead
 INDEX_DIR = "index"                  # the indexes' folder inside chatforge's cache
 FORMAT_VERSION = 2
-_CITATION = re.compile(r"\s*\(source:[^()]*(?:\([^()]*\)[^()]*)*\)\s*$")
+# A reply's citation, "(source: NAME)"; NAME may hold balanced parentheses. Generation from a
+# grounded prompt ends with the first one (`GenerationConfig.stop_after`): the prompt asks the
+# answer to end there, and a model that goes on runs into the next passage's text.
+CITATION_END = r"\(source:[^()]*(?:\([^()]*\)[^()]*)*\)"
+_CITATION = re.compile(r"\s*" + CITATION_END + r"\s*$")
 
 
 @dataclass

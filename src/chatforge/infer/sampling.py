@@ -1,4 +1,4 @@
-"""Logits processing for the engine: penalties, warpers and stop strings.
+"""Logits processing for the engine: penalties, warpers, stop strings and end patterns.
 
 Each function has the semantics of its HF `transformers` namesake (the tests compare them on the
 same input), so settings carry over from HF recipes:
@@ -16,6 +16,7 @@ same input), so settings carry over from HF recipes:
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -141,18 +142,33 @@ class LogitsPipeline:
 
 
 class StopStrings:
-    """Finds user stop strings at the end of generated text without decoding all of it each step.
+    """Finds user stop strings, and matches of the end patterns (`GenerationConfig.stop_after`),
+    at the end of generated text without decoding all of it each step.
 
     A string of n UTF-8 bytes spans at most n tokens; a few more cover a character cut at the
-    window's start.
+    window's start. A pattern's match has to lie within the last PATTERN_WINDOW tokens.
     """
 
-    def __init__(self, tokenizer, strings: Sequence[str]):
-        self.tokenizer, self.strings = tokenizer, tuple(strings)
-        self.window = max(len(s.encode("utf-8")) for s in self.strings) + 5
+    PATTERN_WINDOW = 128
 
-    def match(self, tokens: Sequence[int]) -> str | None:
-        """The stop string that appears first in the last tokens' text, or None."""
+    def __init__(self, tokenizer, strings: Sequence[str], patterns: Sequence[str] = ()):
+        self.tokenizer, self.strings = tokenizer, tuple(strings)
+        self.patterns = tuple(re.compile(p) for p in patterns)
+        self.window = max([len(s.encode("utf-8")) + 5 for s in self.strings]
+                          + [self.PATTERN_WINDOW] * bool(self.patterns))
+
+    def match(self, tokens: Sequence[int]) -> str | re.Pattern | None:
+        """The stop string or end pattern that ends first in the last tokens' text, or None."""
         text = self.tokenizer.decode(list(tokens[-self.window:]))
-        hits = [(text.find(s), s) for s in self.strings if s in text]
-        return min(hits)[1] if hits else None
+        return first_stop(text, self.strings, self.patterns)[1]
+
+
+def first_stop(text: str, strings: Sequence[str], patterns: Sequence[re.Pattern]) -> tuple[int, str | re.Pattern | None]:
+    """Where `text` ends (before the first stop string, or after the first end-pattern match,
+    whichever comes first) and what ended it; (len(text), None) when nothing does."""
+    ends = [(text.find(s), s) for s in strings if s in text]
+    for p in patterns:
+        m = p.search(text)
+        if m:
+            ends.append((m.end(), p))
+    return min(ends, key=lambda e: e[0]) if ends else (len(text), None)

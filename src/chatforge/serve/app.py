@@ -299,7 +299,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         sources = prompt.sources()
         rid, created = oa.new_id("chatcmpl"), oa.now()
         # A plugin's direct reply (e.g. the hand-off) is not generated: it is the whole answer.
-        job = _Canned(prompt.reply) if prompt.reply is not None else _Job(assistant, prompt.ids, cfg)
+        job = _Canned(prompt.reply) if prompt.reply is not None else _Job(assistant, prompt.ids, prompt.generation(cfg))
         record = dict(message_id=rid, conversation_id=conversation, model=assistant.name,
                       messages=[m.model_dump(exclude_none=True) for m in body.messages],
                       prompt_messages=prompt.messages, sources=sources)
