@@ -2,6 +2,7 @@
 # torch is pinned here to the CPU wheel this machine has; pyproject keeps a range.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+CORE := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
 LLAMA_CPP := $(shell grep -o 'llama-cpp-python[^"]*' pyproject.toml)
 LLAMA_CMAKE_ARGS := -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF
@@ -10,10 +11,16 @@ export DEV_WITHOUT_LLAMA := import tomllib; dev = tomllib.load(open("pyproject.t
 
 .PHONY: demo demo-round test test-fast bench clean
 
-$(STAMP): pyproject.toml
+# The package alone (what `make demo` needs), then the dev extra's test peers (what `make test`
+# needs): a demo does not wait for llama.cpp to compile.
+$(CORE): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	touch $(CORE)
+
+$(STAMP): $(CORE)
 	@# llama-cpp-python (dev extra) compiles llama.cpp from its PyPI source with cmake and the C++
 	@# compiler: ~10 CPU-minutes the first time, then pip's cache keeps the wheel. CPU only. If it
 	@# does not build, the rest of the dev extra is installed without it and the llama.cpp tests
@@ -29,13 +36,13 @@ $(STAMP): pyproject.toml
 		|| echo "chromium not installed: the web page test will skip"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(VENV)/bin/chatforge pipeline
 
 # One continual-learning round on the demo assistant, on preference pairs generated from its
 # Q&A (no users have voted yet): reward model, DPO, evaluation beside the demo model. Apart from
 # `make demo` because it does not fit the demo's 30-minute budget on a 2-core CPU (README).
-demo-round: $(STAMP)
+demo-round: $(CORE)
 	$(VENV)/bin/chatforge pipeline --generated-prefs
 
 test: $(STAMP)
