@@ -423,7 +423,7 @@ def test_stop_strings_in_a_batch_and_in_beam_search(tokenizer):
     assert out.finish_reason == "length" and out.text == tokenizer.decode(script[:4])
 
 
-CITED = "Open the settings and choose reset (source: faq/reset (v2).md) Next passage: call us (source: b)"
+CITED = "Open the settings and choose reset (Source: faq/reset (v2).md) Next passage: call us (source: b)"
 
 
 def test_stop_after_keeps_the_first_match(tokenizer):

@@ -50,7 +50,7 @@ DEFAULTS: dict[str, dict] = {
         "sources": ["debian-faq", "python-faq", "perl-faq", "python-docs", "perl-docs",
                     "debian-reference", "chatterbot"],
         "unseen": "git-faq",
-        "demo_questions": ["How do I install a package that is not in Debian?",
+        "demo_questions": ["How can I see which files a package installed?",
                            "What is a Python decorator?"],
     },
     "fetch": {},

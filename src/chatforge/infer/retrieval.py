@@ -122,7 +122,7 @@ FORMAT_VERSION = 2
 # A reply's citation, "(source: NAME)"; NAME may hold balanced parentheses. Generation from a
 # grounded prompt ends with the first one (`GenerationConfig.stop_after`): the prompt asks the
 # answer to end there, and a model that goes on runs into the next passage's text.
-CITATION_END = r"\(source:[^()]*(?:\([^()]*\)[^()]*)*\)"
+CITATION_END = r"(?i:\(source:)[^()]*(?:\([^()]*\)[^()]*)*\)"   # "(Source: ...)" counts too
 _CITATION = re.compile(r"\s*" + CITATION_END + r"\s*$")
 
 

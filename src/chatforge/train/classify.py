@@ -767,7 +767,7 @@ def format_metrics(metrics: dict, n: int) -> str:
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     from chatforge.train.pretrain import add_loop_options
-    from chatforge.train.sft import DEFAULT_LORA_TARGETS, _set_default
+    from chatforge.train.sft import _set_default, add_lora_options
 
     p.add_argument("--base", default=None, help="model folder whose backbone to use (e.g. runs/demo/pretrain)")
     p.add_argument("--data", default=None, help='JSONL file of {"text", "label"} lines')
@@ -800,12 +800,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the rest used for validation")
     p.add_argument("--epochs", type=float, default=10.0, help="passes over the training split (ignored with --steps)")
     p.add_argument("--head-dropout", type=float, default=0.1, help="dropout before the classifier head")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA: rank")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA: scale numerator")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA: dropout on the adapters' input")
-    p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS, help="LoRA: comma-separated layer names")
-    p.add_argument("--lora-layers", type=int, default=0,
-                   help="LoRA: adapters only in the top N blocks that run (0 = all; fewer train faster)")
+    add_lora_options(p, dropout=0.05)
     add_loop_options(p, lr=None)
     _set_default(p, "steps", None, "optimizer steps (overrides --epochs)")
     _set_default(p, "lr", None, "peak learning rate (default: 1e-2 frozen, 1e-3 lora)")

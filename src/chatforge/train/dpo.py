@@ -197,7 +197,7 @@ def load_reference(path: Path, fingerprint: str) -> list | None:
 
 def add_options(p: argparse.ArgumentParser) -> None:
     from chatforge.train.pretrain import add_loop_options
-    from chatforge.train.sft import DEFAULT_LORA_TARGETS, _set_default
+    from chatforge.train.sft import NO_DROPOUT_HELP, _set_default, add_lora_options
 
     p.add_argument("--base", default=None, help="model folder to start from, and the reference (e.g. runs/demo/sft)")
     p.add_argument("--prefs", default=None, help="preference pairs: JSONL of {\"prompt\", \"chosen\", \"rejected\"}")
@@ -207,17 +207,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", default="sigmoid", choices=LOSSES,
                    help="sigmoid: DPO; ipo: squared, per-token log-ratios; hinge: SLiC's max(0, 1 - beta h)")
     p.add_argument("--method", default="lora", choices=METHODS, help="lora: low-rank adapters; full: all weights")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA: rank of each adapter")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA: the update is scaled by alpha / rank")
-    p.add_argument("--lora-dropout", type=float, default=0.0,
-                   help="LoRA: dropout on the adapters' input (default 0, as TRL's preference trainers disable "
-                        "dropout: it would make the scores of the two replies noisy; drawing its mask cost ~15%% of a step)")
-    p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS,
-                   help="LoRA: comma-separated names (suffixes) of the linear layers to adapt")
-    p.add_argument("--lora-layers", type=int, default=0,
-                   help="LoRA: adapt only the top N blocks (0 = all); the backward pass then stops below them")
-    p.add_argument("--lora-save", default="merged", choices=["merged", "adapter"],
-                   help="LoRA: merged = a plain model folder; adapter = that plus adapter.safetensors")
+    add_lora_options(p, dropout=0.0, save=True, dropout_help=NO_DROPOUT_HELP)
     p.add_argument("--max-length", type=int, default=1024,
                    help="most tokens the model reads at once, the prompt plus the longer reply "
                         "(capped at the model's context)")

@@ -81,7 +81,7 @@ DEFAULT_LR = {"lora": 1e-4, "full": 1e-6}
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    from chatforge.train.sft import DEFAULT_LORA_TARGETS
+    from chatforge.train.sft import add_lora_options
 
     p.add_argument("--policy", default=None, help="model folder to start from and stay near (e.g. runs/demo/sft)")
     p.add_argument("--reward", default=None, help="reward model folder from `chatforge reward train`")
@@ -126,11 +126,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="replies over which beta may change by 20%% (Ziegler et al. used 10000 on far longer runs)")
     p.add_argument("--method", default="lora", choices=METHODS,
                    help="lora: adapters (the policy without them is the reference); full: every weight (a frozen copy)")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA: rank of each adapter")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA: the update is scaled by alpha / rank")
-    p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS, help="LoRA: comma-separated layer names")
-    p.add_argument("--lora-layers", type=int, default=0,
-                   help="LoRA: adapt only the top N blocks (0 = all); the backward pass then stops below them")
+    add_lora_options(p, dropout=None)
     p.add_argument("--eval-every", type=int, default=5, help="phases between held-out evaluations")
     p.add_argument("--save-every", type=int, default=1, help="phases between last/ checkpoints")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-4 lora, 1e-6 full)")

@@ -402,7 +402,7 @@ def train_reward_model(base: str | Path, prefs: str | Path, out: str | Path, **o
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     from chatforge.train.pretrain import add_loop_options
-    from chatforge.train.sft import DEFAULT_LORA_TARGETS, _set_default
+    from chatforge.train.sft import NO_DROPOUT_HELP, _set_default, add_lora_options
 
     p.add_argument("--base", default=None, help="model folder whose backbone to use (e.g. runs/demo/sft)")
     p.add_argument("--prefs", default=None, help="preference pairs: JSONL of {\"prompt\", \"chosen\", \"rejected\"}")
@@ -411,13 +411,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="lora: adapters + head; full: every weight; freeze: the top --freeze-top blocks + head")
     p.add_argument("--freeze-top", type=int, default=0,
                    help="freeze: blocks that train (0 = the head alone, on features computed once)")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA: rank of each adapter")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA: the update is scaled by alpha / rank")
-    p.add_argument("--lora-dropout", type=float, default=0.0,
-                   help="LoRA: dropout on the adapters' input (default 0, as TRL's preference trainers disable "
-                        "dropout: it would make the scores of the two replies noisy; drawing its mask cost ~15%% of a step)")
-    p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS, help="LoRA: comma-separated layer names")
-    p.add_argument("--lora-layers", type=int, default=0, help="LoRA: adapt only the top N blocks (0 = all)")
+    add_lora_options(p, dropout=0.0, dropout_help=NO_DROPOUT_HELP)
     p.add_argument("--max-length", type=int, default=1024,
                    help="most tokens read at once, the prompt plus the longer reply (capped at the model's context)")
     p.add_argument("--truncate", default="left", choices=["left", "drop"],

@@ -55,6 +55,26 @@ METHODS = ("full", "lora", "freeze")
 DEFAULT_LR = {"full": 3e-4, "lora": 1e-3, "freeze": 3e-4}
 # = model.lora.DEFAULT_TARGETS, spelled out so that `--help` does not import torch.
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# Preference training (DPO, the reward model) keeps adapters' dropout off by default.
+NO_DROPOUT_HELP = ("LoRA: dropout on the adapters' input (default 0, as TRL's preference trainers disable "
+                   "dropout: it would make the scores of the two replies noisy; drawing its mask cost ~15%% of a step)")
+
+
+def add_lora_options(p: argparse.ArgumentParser, dropout: float | None = 0.0, save: bool = False,
+                     dropout_help: str = "LoRA: dropout on the adapters' input") -> None:
+    """The --lora-* options every command that trains adapters takes (sft, dpo, ppo, reward,
+    classify). `dropout=None` leaves --lora-dropout out; `save` adds --lora-save."""
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA: rank of each adapter")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA: the update is scaled by alpha / rank")
+    if dropout is not None:
+        p.add_argument("--lora-dropout", type=float, default=dropout, help=dropout_help)
+    p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS,
+                   help="LoRA: comma-separated names (suffixes) of the linear layers to adapt")
+    p.add_argument("--lora-layers", type=int, default=0,
+                   help="LoRA: adapt only the top N blocks (0 = all); the backward pass then stops below them")
+    if save:
+        p.add_argument("--lora-save", default="merged", choices=["merged", "adapter"],
+                       help="LoRA: merged = a plain model folder; adapter = that plus adapter.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,15 +98,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (default: an `sft` folder beside --base)")
     p.add_argument("--method", default="full", choices=METHODS,
                    help="full: all weights; lora: low-rank adapters; freeze: only the top blocks and the head")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA: rank of each adapter")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA: the update is scaled by alpha / rank")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA: dropout on the adapters' input")
-    p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS,
-                   help="LoRA: comma-separated names (suffixes) of the linear layers to adapt")
-    p.add_argument("--lora-layers", type=int, default=0,
-                   help="LoRA: adapt only the top N blocks (0 = all); the backward pass then stops below them")
-    p.add_argument("--lora-save", default="merged", choices=["merged", "adapter"],
-                   help="LoRA: merged = a plain model folder; adapter = that plus adapter.safetensors")
+    add_lora_options(p, dropout=0.05, save=True)
     p.add_argument("--freeze-top", type=int, default=2, help="freeze: number of top blocks that train")
     p.add_argument("--docs", nargs="*", default=None,
                    help="documents (files or folders) for grounded examples (default: the data folder's corpus.jsonl)")
