@@ -231,6 +231,29 @@ def test_grounded_only_drops_the_plain_copies(setup, tmp_path):
     assert rows.n_examples == len(train_recs) - documented + only["train"]
 
 
+def test_grounded_copies_after_an_earlier_turn(setup):
+    from chatforge.infer.retrieval import PassageIndex
+    from chatforge.train.sft import grounded_records, read_records
+
+    tok = setup["tok"]
+    train_recs, _ = read_records(setup["data"], 0)
+    index = PassageIndex.load_or_build([setup["docs"]])
+    single = grounded_records(train_recs, index, 1.0, 0, tok, 384, history_fraction=0.0)
+    multi = grounded_records(train_recs, index, 1.0, 0, tok, 384, history_fraction=1.0)
+    assert len(single) == len(multi) and all(len(e["messages"]) == 3 for e in single)
+    longer = [(a, b) for a, b in zip(single, multi) if len(b["messages"]) == 5]
+    assert longer, "no example got an earlier turn"
+    for a, b in longer:
+        system, user, reply, question, answer = b["messages"]
+        # The new turn is exactly the single-turn example; the earlier one is another document's
+        # plain question and cited reply, as chat keeps them.
+        assert [system, question, answer] == a["messages"]
+        assert user["role"] == "user" and "Context:" not in user["content"]
+        assert reply["role"] == "assistant" and ("(source: " in reply["content"] or "could not find" in reply["content"])
+        assert reply["content"] != answer["content"] or "could not find" in answer["content"]
+        assert len(tok.render_chat(b["messages"])[0]) <= 385
+
+
 def test_cli_errors_exit_2(setup, tmp_path, capsys):
     assert main(["sft", "--base", str(tmp_path / "nope"), "--data", str(setup["data"]), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err

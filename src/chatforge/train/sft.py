@@ -15,7 +15,8 @@ examples buckets trained ~1.7x faster (the masked attention path grows with the 
 The loss counts assistant tokens only. Grounded examples are mixed in: for `--grounded-fraction` of the single-turn
 pairs, the question comes with passages retrieved from the documents (`--docs`, or the data
 folder's `corpus.jsonl`) in the prompt format `chat` uses (`infer/retrieval.py`), so the model
-learns to answer from the context and to name its source; `--section-examples N` adds N
+learns to answer from the context and to name its source (`--grounded-history` of them after an
+earlier turn of the conversation, as chat shows it); `--section-examples N` adds N
 reading-comprehension examples made from the documents' own sections (a question about a
 section, the reply copied from its passage), because Q&A pairs alone are too few for a small
 model to learn to copy from its context. `--seq-len` above the base model's context extends
@@ -104,6 +105,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="documents (files or folders) for grounded examples (default: the data folder's corpus.jsonl)")
     p.add_argument("--grounded-fraction", type=float, default=0.3,
                    help="share of single-turn Q&A pairs that also get a grounded copy (0 = none)")
+    p.add_argument("--grounded-history", type=float, default=0.3,
+                   help="share of the grounded copies that come after an earlier turn of the conversation "
+                        "(another question and its cited reply), as in chat: without them a model copies "
+                        "its previous reply on the second question (0 = none)")
     p.add_argument("--grounded-only", action="store_true",
                    help="pairs whose source is among the documents are trained only in grounded form "
                         "(no plain copy without passages); other pairs (chat transcripts) stay plain")
@@ -215,7 +220,8 @@ MIN_CONTEXT_TOKENS = 64  # below this the context cannot hold a useful passage: 
 
 
 def grounded_records(records: list[dict], index, fraction: float, seed: int, tokenizer, seq_len: int,
-                     missing_fraction: float = 0.15, context_tokens: int | None = None) -> list[dict]:
+                     missing_fraction: float = 0.15, context_tokens: int | None = None,
+                     history_fraction: float = 0.0) -> list[dict]:
     """Grounded copies of a seeded `fraction` of `records` (`{"messages", "source"}` dicts).
 
     Each copy's context budget is what the row has left after the system prompt, the question
@@ -224,6 +230,13 @@ def grounded_records(records: list[dict], index, fraction: float, seed: int, tok
     left would remove the instructions and perhaps the passage that holds the answer. Records
     with too long an answer get no copy. A seeded `missing_fraction` of the copies get only
     passages from other documents and learn to say the answer is not there.
+
+    Chat and the server put the conversation's earlier turns (the plain question, the cited reply)
+    before a new grounded question. A model trained on single turns alone answers the second
+    question of a conversation by copying its previous reply, the nearest text that looks like an
+    answer (the demo assistant did, every time). So a seeded `history_fraction` of the single-turn
+    copies get an earlier turn first: another copy's question and reply, from another document,
+    kept only where the example still fits the row.
     """
     from chatforge.infer.retrieval import DEFAULT_CONTEXT_TOKENS, GROUNDED_SYSTEM_PROMPT, grounded_sft_examples
 
@@ -236,7 +249,7 @@ def grounded_records(records: list[dict], index, fraction: float, seed: int, tok
     chosen = chosen[:round(fraction * len(chosen))]
     missing = set(rng.sample(range(len(chosen)), round(missing_fraction * len(chosen))))
     fixed = len(tokenizer.encode(GROUNDED_SYSTEM_PROMPT)) + 24  # the template and "Question:"
-    out = []
+    out, questions = [], []
     for i, rec in enumerate(chosen):
         text = sum(len(tokenizer.encode(m["content"])) for m in rec["messages"] if m["role"] != "system")
         budget = min(context_tokens, seq_len - fixed - text)
@@ -250,8 +263,19 @@ def grounded_records(records: list[dict], index, fraction: float, seed: int, tok
             over = len(tokenizer.render_chat(ex[0]["messages"])[0]) - (seq_len + 1) if ex else 0
             if over <= 0:
                 out += ex
+                questions += [next(m["content"] for m in reversed(rec["messages"]) if m["role"] == "user")] * len(ex)
                 break
             budget -= over
+    singles = [i for i, e in enumerate(out) if len(e["messages"]) == 3]      # system, user, assistant
+    for i in rng.sample(singles, round(history_fraction * len(singles))):
+        j = rng.choice(singles)
+        if out[j]["source"] == out[i]["source"]:
+            continue
+        system, *rest = out[i]["messages"]
+        turn = [{"role": "user", "content": questions[j]}, out[j]["messages"][-1]]
+        longer = [system, *turn, *rest]
+        if len(tokenizer.render_chat(longer)[0]) <= seq_len + 1:
+            out[i] = {**out[i], "messages": longer}
     return out
 
 
@@ -284,14 +308,15 @@ def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, 
 
         index = PassageIndex.load_or_build(doc_paths)
         g_train = grounded_records(train_recs, index, o["grounded_fraction"], o["seed"], tok, seq_len,
-                                   context_tokens=o["context_tokens"])
+                                   context_tokens=o["context_tokens"], history_fraction=o["grounded_history"])
         g_val = grounded_records(val_recs, index, o["grounded_fraction"], o["seed"] + 1, tok, seq_len,
-                                 context_tokens=o["context_tokens"])
+                                 context_tokens=o["context_tokens"], history_fraction=o["grounded_history"])
         if o["section_examples"] > 0:
             s_val, s_train = section_records(index, o["section_examples"], o["seed"], tok, seq_len)
             g_train, g_val = g_train + s_train, g_val + s_val
             grounded["sections"] = len(s_train) + len(s_val)
-        grounded.update(train=len(g_train), val=len(g_val), passages=len(index))
+        grounded.update(train=len(g_train), val=len(g_val), passages=len(index),
+                        multi_turn=sum(len(e["messages"]) > 3 for e in g_train))
         if o["grounded_only"]:
             # Pairs answered from the documents are learned only with their passages in front
             # of them: the plain copy would teach reciting the manual from memory instead.
@@ -405,6 +430,8 @@ def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, *
         raise ChatforgeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if not 0 <= o["grounded_fraction"] <= 1:
         raise ChatforgeError(f"--grounded-fraction must be in [0, 1], got {o['grounded_fraction']}")
+    if not 0 <= o["grounded_history"] <= 1:
+        raise ChatforgeError(f"--grounded-history must be in [0, 1], got {o['grounded_history']}")
     if o["epochs"] <= 0 and not o["steps"]:
         raise ChatforgeError(f"--epochs must be positive, got {o['epochs']}")
 
