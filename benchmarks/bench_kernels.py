@@ -33,7 +33,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,19 +40,12 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_generate import memory_bandwidth  # noqa: E402
+from bench_generate import _mean_time, memory_bandwidth  # noqa: E402
 
 
-def best_time(fn, calls: int = 10, tries: int = 5) -> float:
-    """Seconds per call of `fn`: the best of `tries` means over `calls` calls in a row."""
-    fn()
-    best = float("inf")
-    for _ in range(tries):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t) / calls)
-    return best
+def best_time(fn) -> float:
+    """Seconds per call of `fn`: the best of 5 means over 10 calls in a row."""
+    return _mean_time(fn, 10, 5)
 
 
 def layer_shapes(cfg) -> list[tuple[int, int]]:
