@@ -74,6 +74,45 @@ def test_eval_cli_writes_json_examples_and_report(setup, capsys):
     assert "<svg" in html and "pretrain: loss" in html and "sft: loss" in html
     table = capsys.readouterr().out
     assert "extractive" in table and "no_retrieval" in table and "hit@1" in table
+    # The questions asked again as a second turn (all 4 are single-turn).
+    turn = res["second_turn"]
+    assert turn["questions"] == 4 and 0 <= turn["closer_to_earlier_answer"] <= 1
+    assert all("second_turn" in e for e in examples) and "second turn (4 questions" in table
+
+
+def test_second_turn_measures_a_model_that_repeats_itself():
+    from chatforge.eval.run import _second_turn
+
+    qs = [{"question": f"q{i}", "reference": ref, "history": []}
+          for i, ref in enumerate(["open settings and pick reset", "the fee is ten dollars a month",
+                                   "restart the router then wait", "backups run every night at two"])]
+    first = [q["reference"] + " (source: doc)" for q in qs]
+
+    class Stub:
+        """Answers each conversation from its messages: `pick` chooses what."""
+
+        def __init__(self, pick):
+            self.pick, self.seen = pick, []
+
+        def answer(self, convs, desc):
+            self.seen += convs
+            return [self.pick(c) for c in convs]
+
+    def prompt(question, hits, history):
+        return [*history, {"role": "user", "content": question}]
+
+    repeater = Stub(lambda c: c[-2]["content"])                      # the earlier turn's answer
+    examples = [{} for _ in qs]
+    out = _second_turn(repeater, qs, [[]] * 4, first, examples, 10, prompt)
+    assert out["questions"] == 4 and out["closer_to_earlier_answer"] == 1.0 and out["rougeL"] < 0.3
+    assert out["rougeL_first_turn"] == 1.0
+    # Each question came after the one before it (the first after the last) and that answer.
+    assert [c[0]["content"] for c in repeater.seen] == ["q3", "q0", "q1", "q2"]
+    assert [c[1]["content"] for c in repeater.seen] == [first[3], first[0], first[1], first[2]]
+    faithful = Stub(lambda c: qs[int(c[-1]["content"][1])]["reference"])
+    out = _second_turn(faithful, qs, [[]] * 4, first, examples, 2, prompt)
+    assert out["questions"] == 2 and out["closer_to_earlier_answer"] == 0.0 and out["rougeL"] == 1.0
+    assert examples[0]["second_turn"] == qs[0]["reference"]
 
 
 def test_eval_questions_file_without_sources(setup):

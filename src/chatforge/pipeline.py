@@ -448,6 +448,11 @@ def print_summary(runner: Runner, total: float, *eval_dirs: Path) -> None:
         for label, row in rows:
             cells = "".join(f"{row[k]:>11.3f}" if isinstance(row.get(k), (int, float)) else f"{'-':>11}" for k in keys)
             print(f"{label:<16}{cells}")
+        turn = res.get("second_turn")
+        if turn:
+            print(f"second turn: ROUGE-L {turn['rougeL']:.3f} on {turn['questions']} questions asked after an earlier "
+                  f"one (first turn {turn['rougeL_first_turn']:.3f}); {turn['closer_to_earlier_answer']:.0%} closer "
+                  "to the earlier answer than to the reference")
         if (d / "report.html").exists():
             print(f"report: {d / 'report.html'}")
 

@@ -22,6 +22,10 @@ What it measures
   for the model without retrieval against the passages it would have been given (how much of
   its answer it could have copied), so invention is measured. The "not in the documents" reply
   is left out (it copies nothing on purpose). 1.0 for the extractive baseline by construction.
+- the second turn (`--second-turn N`, 10): the first N single-turn questions asked again after an
+  earlier question and the model's own answer to it, as chat keeps a conversation: ROUGE-L beside
+  their first-turn score, and the share of answers closer to that earlier answer than to their
+  reference (a model that repeats its previous reply).
 
 Outputs in `--out`: `eval.json` (`perplexity`, `bleu`, `rouge1`, `rouge2`, `rougeL`, `hit@1`,
 `hit@3`, `grounded`, and `baselines: {"extractive": {...}, "no_retrieval": {...}}`), `examples.jsonl` (one
@@ -177,7 +181,8 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
              retrieval: bool = True, max_questions: int | None = 200, max_new_tokens: int = 96,
              batch_size: int = 8, k: int = 3, index_cache: str | Path | None = None,
              max_ppl_batches: int = 20, seq_len: int | None = None, context_tokens: int | None = None,
-             feedback_db: str | Path | None = None, quant: str | None = None, verbose: bool = True) -> dict:
+             feedback_db: str | Path | None = None, quant: str | None = None, second_turn: int = 10,
+             verbose: bool = True) -> dict:
     """Evaluate a model folder; write eval.json, examples.jsonl and report.html into `out_dir`.
 
     Returns the eval.json dict. See the module docstring for what is measured.
@@ -196,6 +201,8 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
         questions = data_dir / "qa_val.jsonl"
     if k < 1 or batch_size < 1 or (max_questions is not None and max_questions < 1):
         raise ChatforgeError("--k, --batch-size and --max-questions must be at least 1")
+    if second_turn < 0:
+        raise ChatforgeError(f"--second-turn must be 0 (off) or more, got {second_turn}")
     qs = load_questions(questions, max_questions) if questions is not None else []
     satisfaction = None
     if feedback_db is not None:   # read first: a bad path fails before the model loads
@@ -254,6 +261,11 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                 for e, a, g, prompt in zip(examples, answers, given, grounded):
                     e["grounded"] = _grounded([a], [g])
                     e["prompt"] = prompt     # what the model saw (a reward model can score the answer after it)
+                if second_turn:
+                    results["second_turn"] = _second_turn(answerer, qs, hits, answers, examples, second_turn,
+                                                          lambda q, h, history: grounded_messages(
+                                                              q, h[:k], history=history, max_context_tokens=budget,
+                                                              tokenizer=tokenizer))
             else:
                 answers = answerer.answer(plain, "answer (no retrieval)")
             results.update(hit if retrieval else {"hit@1": None, "hit@3": None})
@@ -278,12 +290,48 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                  title=f"chatforge evaluation: {model_dir.name}")
     if verbose:
         print(format_table(results))
+        turn = results.get("second_turn")
+        if turn:
+            print(f"second turn ({turn['questions']} questions after an earlier one): ROUGE-L {turn['rougeL']:.3f} "
+                  f"(first turn {turn['rougeL_first_turn']:.3f}); closer to the earlier answer than to the "
+                  f"reference: {turn['closer_to_earlier_answer']:.0%}")
         if satisfaction is not None:
             share = satisfaction["satisfaction"]
             print(f"user satisfaction: {'n/a' if share is None else f'{share:.1%}'} thumbs up of "
                   f"{satisfaction['rated']} rated replies")
         print(f"wrote {out_dir / 'eval.json'}, {out_dir / 'examples.jsonl'}, {out_dir / 'report.html'}")
     return results
+
+
+def _second_turn(answerer, qs: list[dict], hits: list, answers: list[str], examples: list[dict], n: int,
+                 prompt) -> dict | None:
+    """The first `n` single-turn questions asked again as a conversation's second turn, after the
+    question before them (the last one for the first) and the model's own answer to it, as chat
+    and the server keep them. ROUGE-L beside the same questions' first-turn score, and the share
+    of second-turn answers closer to that earlier answer than to their reference: a model that
+    repeats its previous reply (the demo assistant did, before SFT showed it earlier turns)."""
+    from chatforge.eval.metrics import rouge_l
+    from chatforge.infer.retrieval import strip_citation
+
+    rows = [i for i, q in enumerate(qs) if not q["history"]][:n]
+    if len(rows) < 2:
+        return None
+    convs = []
+    for pos, i in enumerate(rows):
+        j = rows[pos - 1]
+        history = [{"role": "user", "content": qs[j]["question"]}, {"role": "assistant", "content": answers[j]}]
+        convs.append(prompt(qs[i]["question"], hits[i], history))
+    second = answerer.answer(convs, "answer (second turn)")
+    copied = 0
+    for pos, (i, a) in enumerate(zip(rows, second)):
+        examples[i]["second_turn"] = a
+        earlier = strip_citation(answers[rows[pos - 1]])
+        copied += rouge_l(strip_citation(a), earlier) > rouge_l(strip_citation(a), qs[i]["reference"])
+    refs = [qs[i]["reference"] for i in rows]
+    return {"questions": len(rows),
+            "rougeL": _scores([strip_citation(a) for a in second], refs)["rougeL"],
+            "rougeL_first_turn": _scores([strip_citation(answers[i]) for i in rows], refs)["rougeL"],
+            "closer_to_earlier_answer": copied / len(rows)}
 
 
 def _grounded(answers: Sequence[str], passages: Sequence[Sequence[str]]) -> float | None:
@@ -346,6 +394,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "and the report")
     parser.add_argument("--quant", choices=["int8", "int4"], default=None,
                         help="evaluate the model with weight-only 8- or 4-bit linear layers")
+    parser.add_argument("--second-turn", type=int, default=10, metavar="N",
+                        help="with retrieval: also ask the first N questions as a conversation's second turn, "
+                             "after an earlier question and the model's answer to it (0 = off)")
     parser.add_argument("--out", metavar="DIR", default=None, help="output folder; without it, MODEL/eval")
     leaf(parser, run)
 
@@ -360,6 +411,6 @@ def run(args: argparse.Namespace) -> int:
              retrieval=not args.no_retrieval, max_questions=args.max_questions,
              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k=args.k,
              index_cache=args.index_cache, max_ppl_batches=args.max_ppl_batches, context_tokens=args.context_tokens,
-             feedback_db=args.feedback_db, quant=args.quant)
+             feedback_db=args.feedback_db, quant=args.quant, second_turn=args.second_turn)
     sys.stdout.flush()
     return 0
