@@ -119,11 +119,14 @@ HEADING_WEIGHT = 1.0                 # weight of the heading field's BM25 score 
 MIN_CUT_TOKENS = 16                  # a truncated passage shorter than this is dropped instead
 INDEX_DIR = "index"                  # the indexes' folder inside chatforge's cache
 FORMAT_VERSION = 2
-# A reply's citation, "(source: NAME)"; NAME may hold balanced parentheses. Generation from a
-# grounded prompt ends with the first one (`GenerationConfig.stop_after`): the prompt asks the
-# answer to end there, and a model that goes on runs into the next passage's text.
-CITATION_END = r"(?i:\(source:)[^()]*(?:\([^()]*\)[^()]*)*\)"   # "(Source: ...)" counts too
-_CITATION = re.compile(r"\s*" + CITATION_END + r"\s*$")
+# A reply's citation, "(source: NAME)"; NAME may hold balanced parentheses; "(Source: ...)" counts too.
+_CITATION_TEXT = r"(?i:\(source:)[^()]*(?:\([^()]*\)[^()]*)*\)"
+_CITATION = re.compile(r"\s*" + _CITATION_TEXT + r"\s*$")
+# Generation from a grounded prompt ends with the first citation (`GenerationConfig.stop_after`):
+# the prompt asks the answer to end there, and a model that goes on runs into the next passage's
+# text. One right after a "[label] " is the context's own format ("[1] (source: ...)", a plugin's
+# "- [orders] (source: ...)") copied into the reply, not its end.
+CITATION_END = r"(?<!\] )" + _CITATION_TEXT
 
 
 @dataclass
