@@ -441,11 +441,14 @@ def test_stop_after_keeps_the_first_match(tokenizer):
             assert r.text == first and r.finish_reason == "stop"
             assert r.completions[0].stop.pattern == CITATION_END
             assert len(r.tokens) < len(script)       # generation ended there, not only the text
-    # The context's own "[label] (source: ...)" copied into a reply is not its end.
-    quoted = "[1] (source: faq/a.md) Reset it (source: faq/a.md) more"
-    script2 = tokenizer.encode(quoted)
-    engine2 = Engine(ScriptedModel(script2, tokenizer.vocab_size, prompt_len=2), tokenizer, stop_ids=[])
-    assert engine2.generate([[5, 6]], replace(cfg, max_new_tokens=len(script2) + 5))[0].text == quoted[:-len(" more")]
+    # A line copied from the context ("[1] (source: ...) TEXT") is not the answer's end; a citation
+    # after other brackets is.
+    for text, end in [("[1] (source: faq/a.md) Reset it.\nSo it is reset (source: faq/a.md) more", " more"),
+                      ("- [orders] (source: o.csv) shipped\nIt shipped (source: o.csv)\nmore", "\nmore"),
+                      ("Copy it with l[:] (source: faq/b.md) more", " more")]:
+        ids = tokenizer.encode(text)
+        quoting = Engine(ScriptedModel(ids, tokenizer.vocab_size, prompt_len=2), tokenizer, stop_ids=[])
+        assert quoting.generate([[5, 6]], replace(cfg, max_new_tokens=len(ids) + 5))[0].text == text[:-len(end)]
     # A stop string before the match wins, and is cut as usual; one after it changes nothing.
     assert engine.generate([[5, 6]], replace(cfg, stop_strings=("reset",)))[0].text == "Open the settings and choose "
     assert engine.generate([[5, 6]], replace(cfg, stop_strings=("Next",)))[0].text == first

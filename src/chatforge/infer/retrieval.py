@@ -124,9 +124,9 @@ _CITATION_TEXT = r"(?i:\(source:)[^()]*(?:\([^()]*\)[^()]*)*\)"
 _CITATION = re.compile(r"\s*" + _CITATION_TEXT + r"\s*$")
 # Generation from a grounded prompt ends with the first citation (`GenerationConfig.stop_after`):
 # the prompt asks the answer to end there, and a model that goes on runs into the next passage's
-# text. One right after a "[label] " is the context's own format ("[1] (source: ...)", a plugin's
-# "- [orders] (source: ...)") copied into the reply, not its end.
-CITATION_END = r"(?<!\] )" + _CITATION_TEXT
+# text. A line that starts like the context's own lines ("[1] (source: ...)", a plugin's
+# "- [orders] (source: ...)") is context copied into the reply: its citations do not end it.
+CITATION_END = r"(?m)^(?!(?:- )?\[[^\]\n]*\] \((?i:source:))[^\n]*?" + _CITATION_TEXT
 
 
 @dataclass
