@@ -77,7 +77,7 @@ def test_eval_cli_writes_json_examples_and_report(setup, capsys):
     # The questions asked again as a second turn (all 4 are single-turn).
     turn = res["second_turn"]
     assert turn["questions"] == 4 and 0 <= turn["closer_to_earlier_answer"] <= 1
-    assert all("second_turn" in e for e in examples) and "second turn (4 questions" in table
+    assert all("second_turn" in e for e in examples) and "on 4 questions asked after an earlier one" in table
 
 
 def test_second_turn_measures_a_model_that_repeats_itself():

@@ -82,8 +82,8 @@ PRETRAINED: dict[str, dict] = {
     # third of the examples come after an earlier turn: trained on single turns, the model
     # answered a conversation's second question with its first reply (second-turn ROUGE-L 0.29
     # on the validation Q&A, 70% of the answers closer to the earlier one than to the reference).
-    "sft": {"method": "lora", "grounded_fraction": 1.0, "grounded_history": 0.3, "grounded_only": True, "lora_layers": 15,
-            "lora_rank": 16, "lora_alpha": 32, "context_tokens": 512, "seq_len": 1024,
+    "sft": {"method": "lora", "grounded_fraction": 1.0, "grounded_history": 0.3, "grounded_only": True,
+            "lora_layers": 15, "lora_rank": 16, "lora_alpha": 32, "context_tokens": 512, "seq_len": 1024,
             "steps": 80, "batch_size": 4, "tokens_per_step": 4096},
     # Answers are copied passages, often several hundred tokens long: room to finish the longest
     # passage the context holds (at 256 new tokens, 10 of 40 validation answers and 1 of 20 on
@@ -449,11 +449,10 @@ def print_summary(runner: Runner, total: float, *eval_dirs: Path) -> None:
         for label, row in rows:
             cells = "".join(f"{row[k]:>11.3f}" if isinstance(row.get(k), (int, float)) else f"{'-':>11}" for k in keys)
             print(f"{label:<16}{cells}")
-        turn = res.get("second_turn")
-        if turn:
-            print(f"second turn: ROUGE-L {turn['rougeL']:.3f} on {turn['questions']} questions asked after an earlier "
-                  f"one (first turn {turn['rougeL_first_turn']:.3f}); {turn['closer_to_earlier_answer']:.0%} closer "
-                  "to the earlier answer than to the reference")
+        if res.get("second_turn"):
+            from chatforge.eval.run import second_turn_line
+
+            print(second_turn_line(res["second_turn"]))
         if (d / "report.html").exists():
             print(f"report: {d / 'report.html'}")
 

@@ -290,11 +290,8 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                  title=f"chatforge evaluation: {model_dir.name}")
     if verbose:
         print(format_table(results))
-        turn = results.get("second_turn")
-        if turn:
-            print(f"second turn ({turn['questions']} questions after an earlier one): ROUGE-L {turn['rougeL']:.3f} "
-                  f"(first turn {turn['rougeL_first_turn']:.3f}); closer to the earlier answer than to the "
-                  f"reference: {turn['closer_to_earlier_answer']:.0%}")
+        if results.get("second_turn"):
+            print(second_turn_line(results["second_turn"]))
         if satisfaction is not None:
             share = satisfaction["satisfaction"]
             print(f"user satisfaction: {'n/a' if share is None else f'{share:.1%}'} thumbs up of "
@@ -332,6 +329,13 @@ def _second_turn(answerer, qs: list[dict], hits: list, answers: list[str], examp
             "rougeL": _scores([strip_citation(a) for a in second], refs)["rougeL"],
             "rougeL_first_turn": _scores([strip_citation(answers[i]) for i in rows], refs)["rougeL"],
             "closer_to_earlier_answer": copied / len(rows)}
+
+
+def second_turn_line(turn: dict) -> str:
+    """eval.json's "second_turn" as one line of text (printed by `eval` and the pipeline)."""
+    return (f"second turn: ROUGE-L {turn['rougeL']:.3f} on {turn['questions']} questions asked after an earlier "
+            f"one (first turn {turn['rougeL_first_turn']:.3f}); {turn['closer_to_earlier_answer']:.0%} closer "
+            "to the earlier answer than to the reference")
 
 
 def _grounded(answers: Sequence[str], passages: Sequence[Sequence[str]]) -> float | None:

@@ -212,7 +212,8 @@ class _Running:
         self.generator = None
         if not cfg.greedy and cfg.seed is not None:
             self.generator = torch.Generator(device=engine.device).manual_seed(cfg.seed)
-        self.text = _TextStream(engine.tokenizer, cfg.stop_strings, cfg.stop_after) if engine.tokenizer is not None else None
+        self.text = (_TextStream(engine.tokenizer, cfg.stop_strings, cfg.stop_after)
+                     if engine.tokenizer is not None else None)
         self.tokens: list[int] = []
         self.budget = min(cfg.max_new_tokens, engine.config.max_seq_len - len(request.prompt))
         self.finish: tuple[str, int | str | None] | None = None    # (reason, stop) once done

@@ -32,8 +32,9 @@ memory int4 is for. Per call the layer holds one chunk of `DENSE_CHUNK` output r
 dequantized (fp32 + bf16, 6 bytes a weight: 14 MB of the LM head at width 576). The unpacking
 reads the kernel's packed layout (which depends on the CPU's vector width); it is checked against
 the kernel once (`_int4_layout`), and a build whose layout it does not know keeps the kernel for
-every row count. The quantized model keeps the GPT interface (`forward`, `config`), so the engine, evaluation and the server use it unchanged; it is for
-inference only (no gradients through the packed weights).
+every row count. The quantized model keeps the GPT interface (`forward`, `config`), so the
+engine, evaluation and the server use it unchanged; it is for inference only (no gradients
+through the packed weights).
 """
 
 from __future__ import annotations
