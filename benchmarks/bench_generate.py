@@ -310,7 +310,7 @@ def smollm_prompts(tok, data: Path, n: int) -> dict[str, list[list[int]]]:
     """`n` short chat prompts (a question) and `n` grounded ones (the question with four passages,
     its own answer second, in the retrieval prompt format), from real FAQ pairs of qa_val.jsonl."""
     from chatforge.data.chat_data import read_chat_records
-    from chatforge.infer.retrieval import Passage, grounded_messages
+    from chatforge.retrieval import Passage, grounded_messages
 
     pairs = []
     for rec in read_chat_records(data / "qa_val.jsonl"):
@@ -504,7 +504,7 @@ def demo_prompts(tok, data: Path, index_paths: list[Path], n: int, target: int) 
     chat template, comes closest to `target` tokens. Chit-chat questions without a source are
     skipped: they are answered without passages."""
     from chatforge.eval.run import load_questions
-    from chatforge.infer.retrieval import PassageIndex, grounded_messages
+    from chatforge.retrieval import PassageIndex, grounded_messages
 
     index = PassageIndex.load_or_build(index_paths)
     out = []

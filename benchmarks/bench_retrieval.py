@@ -18,7 +18,7 @@ from a gold document, `chatforge.eval.run._gold_docs`), MRR over the first 10 pa
 words: the passage the model must copy from, not just its document), the index's build time
 (reading, splitting, indexing, saving) and size on disk, and the search time per question.
 
-Variants: "before" is `chatforge/infer/retrieval.py` as of git revision `--before` (the
+Variants: "before" is `chatforge/retrieval/` as of git revision `--before` (the
 paragraph passages this benchmark was written to replace), loaded from git into this process;
 the others are the current module with the heading field's weight set to 0 (structured passages
 only) and to a few values around `HEADING_WEIGHT`. The last line is one JSON object:
@@ -40,7 +40,7 @@ from pathlib import Path
 from chatforge.data.fetch import default_cache
 from chatforge.eval.metrics import rouge_l
 from chatforge.eval.run import _gold_docs, load_questions
-from chatforge.infer import retrieval
+from chatforge.retrieval import index as retrieval
 from chatforge.pipeline import DEFAULTS, write_unseen_questions
 
 BEFORE_REV = "e9d6d8992ba0df7789f26c7fe8f2dd75dce04ac6"   # the last paragraph-splitting version

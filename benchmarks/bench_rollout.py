@@ -44,7 +44,7 @@ DEFAULT_DOCS = [str(Path(os.environ.get("CHATFORGE_CACHE", Path.home() / ".cache
 
 def grounded_prompts(tok, data: Path, docs: list[str], n: int, budget: int) -> list[list[int]]:
     """Token ids of the first `n` FAQ questions of qa_val.jsonl in the grounded prompt format."""
-    from chatforge.infer.retrieval import PassageIndex
+    from chatforge.retrieval import PassageIndex
     from chatforge.train.ppo import ground
 
     questions = []

@@ -46,7 +46,7 @@ def serve(model_dir: Path, db: Path | None = None, docs: Path | None = None, api
     from chatforge.data.feedback import FeedbackStore
     from chatforge.infer.batching import Scheduler
     from chatforge.infer.engine import Engine
-    from chatforge.infer.retrieval import PassageIndex
+    from chatforge.retrieval import PassageIndex
     from chatforge.model.folder import load_model
     from chatforge.serve.app import Assistant, create_app
 

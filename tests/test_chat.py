@@ -161,7 +161,7 @@ def test_blocked_terms_are_masked_or_the_reply_refused(loaded):
 
 
 def test_grounded_turns_keep_the_plain_question(loaded, tmp_path):
-    from chatforge.infer.retrieval import CITATION_END, PassageIndex
+    from chatforge.retrieval import CITATION_END, PassageIndex
 
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -427,7 +427,7 @@ CITED = "Open the settings and choose reset (Source: faq/reset (v2).md) Next pas
 
 
 def test_stop_after_keeps_the_first_match(tokenizer):
-    from chatforge.infer.retrieval import CITATION_END
+    from chatforge.retrieval import CITATION_END
 
     script = tokenizer.encode(CITED)
     model = ScriptedModel(script, tokenizer.vocab_size, prompt_len=2)

@@ -111,7 +111,7 @@ def test_tickets_come_with_a_new_schema_version_and_old_files_migrate(tmp_path):
 
 
 def test_docs_plugin_gives_the_same_passages_as_retrieval(tmp_path):
-    from chatforge.infer.retrieval import PassageIndex
+    from chatforge.retrieval import PassageIndex
 
     index = PassageIndex.load_or_build([ROOT / "examples" / "my_docs"], tmp_path / "idx")
     found = PluginRunner([DocsPlugin(index, 3)]).run("How do I restore a single file?", [], ReplyFilter())

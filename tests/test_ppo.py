@@ -207,7 +207,7 @@ def test_prompt_files_and_grounding(tiny, tmp_path):
     assert [p[-1]["content"] for p in prompts] == ["How do I restore a backup?", "Is my printer working?", "Hi",
                                                   "Where are my files?"]
     assert prompts[3] == [{"role": "user", "content": "Where are my files?"}]   # the reply after it dropped
-    from chatforge.infer.retrieval import GROUNDED_SYSTEM_PROMPT, PassageIndex
+    from chatforge.retrieval import GROUNDED_SYSTEM_PROMPT, PassageIndex
     grounded = ppo.ground(prompts, PassageIndex.load_or_build([MY_DOCS]), tok, budget=200)
     assert grounded[0][0] == {"role": "system", "content": GROUNDED_SYSTEM_PROMPT}
     assert grounded[0][-1]["content"].startswith("Context:\n[1] (source: ")

@@ -15,7 +15,7 @@ from _align_fixtures import MY_DOCS, synthetic_pairs, tiny_model_folder, write_j
 from chatforge.cli import main  # noqa: E402
 from chatforge.data.prefs import Preference, parse_preference, read_preferences, split_by_question  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
-from chatforge.infer.retrieval import NOT_FOUND_REPLY  # noqa: E402
+from chatforge.retrieval import NOT_FOUND_REPLY  # noqa: E402
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 USER = {"role": "user", "content": "What color is the sky?"}
@@ -119,7 +119,7 @@ def fake_answers(monkeypatch, text: str) -> None:
 
 
 def test_make_builds_every_kind_in_the_grounded_format(company, tmp_path, monkeypatch):
-    from chatforge.infer.retrieval import GROUNDED_SYSTEM_PROMPT
+    from chatforge.retrieval import GROUNDED_SYSTEM_PROMPT
 
     fake_answers(monkeypatch, NOT_FOUND_REPLY)     # a refusal where the answer is there: worse
     counts = make(company, tmp_path / "prefs.jsonl", missing_fraction=0.3, context_tokens=200, max_new_tokens=64)

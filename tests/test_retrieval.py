@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.infer.retrieval import (GROUNDED_SYSTEM_PROMPT, MAX_WORDS, NOT_FOUND_REPLY, Passage, PassageIndex,
-                                       format_context, grounded_messages, grounded_sft_examples,
-                                       markup_headings, section_sft_examples, split_passages, strip_citation)
+from chatforge.retrieval import (GROUNDED_SYSTEM_PROMPT, MAX_WORDS, NOT_FOUND_REPLY, Passage, PassageIndex,
+                                 format_context, grounded_messages, split_passages, strip_citation)
+from chatforge.retrieval.examples import grounded_sft_examples, section_sft_examples
+from chatforge.retrieval.passages import markup_headings
 
 BILLING = """# Billing
 
@@ -401,7 +402,7 @@ def test_section_sft_examples_copy_the_answering_passage(docs, tmp_path):
 
 
 def test_grounded_reply_is_cut_where_the_context_is_cut(tmp_path):
-    from chatforge.infer.retrieval import copyable_answer
+    from chatforge.retrieval.examples import copyable_answer
 
     # Only what the prompt shows can be copied: whole sentences, whitespace aside.
     shown = "Open Billing. Choose the invoice and press Request refund. Refunds take five"

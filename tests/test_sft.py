@@ -215,7 +215,7 @@ def test_lora_in_top_blocks_only(setup):
 
 
 def test_grounded_only_drops_the_plain_copies(setup, tmp_path):
-    from chatforge.infer.retrieval import PassageIndex
+    from chatforge.retrieval import PassageIndex
     from chatforge.train.sft import build_rows, default_options, read_records
 
     tok = setup["tok"]
@@ -232,7 +232,7 @@ def test_grounded_only_drops_the_plain_copies(setup, tmp_path):
 
 
 def test_grounded_copies_after_an_earlier_turn(setup):
-    from chatforge.infer.retrieval import PassageIndex
+    from chatforge.retrieval import PassageIndex
     from chatforge.train.sft import grounded_records, read_records
 
     tok = setup["tok"]

@@ -463,7 +463,7 @@ def show_conversation(model_dir: Path, docs: list[Path], questions: list[str], m
         return
     from chatforge.infer.chat import ChatSession
     from chatforge.infer.engine import GenerationConfig
-    from chatforge.infer.retrieval import PassageIndex
+    from chatforge.retrieval import PassageIndex
     from chatforge.model.folder import load_model
 
     model, tokenizer = load_model(model_dir)

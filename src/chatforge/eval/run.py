@@ -9,7 +9,7 @@ What it measures
   `{"question", "answer"[, "source"]}` or `{"messages": [...][, "source"]}`, where the last
   assistant message is the reference and earlier turns are history): a greedy answer, batched
   through the engine, grounded in the top `--k` passages of `--docs` (the prompt format of
-  `chatforge.infer.retrieval`), scored with BLEU and ROUGE-1/2/L F1 after the answer's
+  `chatforge.retrieval`), scored with BLEU and ROUGE-1/2/L F1 after the answer's
   "(source: ...)" citation is removed.
 - with documents, retrieval hit@1 / hit@3: a top passage comes from the document holding the
   reference answer, which is the question's `source` field, or, without one, the document of the
@@ -145,7 +145,7 @@ class Answerer:
 
     def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int):
         from chatforge.infer.engine import Engine, GenerationConfig
-        from chatforge.infer.retrieval import CITATION_END
+        from chatforge.retrieval import CITATION_END
 
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.engine = Engine(model, tokenizer)
@@ -190,7 +190,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
     import torch
 
     from chatforge.eval.metrics import hit_at_k, perplexity, rouge_l
-    from chatforge.infer.retrieval import DEFAULT_CONTEXT_TOKENS, PassageIndex, grounded_messages, strip_citation
+    from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, PassageIndex, grounded_messages, strip_citation
     from chatforge.model.folder import load_model
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -308,7 +308,7 @@ def _second_turn(answerer, qs: list[dict], hits: list, answers: list[str], examp
     of second-turn answers closer to that earlier answer than to their reference: a model that
     repeats its previous reply (the demo assistant did, before SFT showed it earlier turns)."""
     from chatforge.eval.metrics import rouge_l
-    from chatforge.infer.retrieval import strip_citation
+    from chatforge.retrieval import strip_citation
 
     rows = [i for i, q in enumerate(qs) if not q["history"]][:n]
     if len(rows) < 2:
@@ -341,7 +341,7 @@ def second_turn_line(turn: dict) -> str:
 def _grounded(answers: Sequence[str], passages: Sequence[Sequence[str]]) -> float | None:
     """Grounded precision of `answers` (citations stripped, "not in the documents" replies left out)."""
     from chatforge.eval.metrics import grounded_precision
-    from chatforge.infer.retrieval import NOT_FOUND_REPLY, strip_citation
+    from chatforge.retrieval import NOT_FOUND_REPLY, strip_citation
 
     kept = [(strip_citation(a), ps) for a, ps in zip(answers, passages)
             if strip_citation(a).strip() != NOT_FOUND_REPLY]

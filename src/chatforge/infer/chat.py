@@ -164,7 +164,7 @@ class Prompt:
         """`cfg` for this prompt: a grounded reply ends with its first citation (`CITATION_END`)."""
         if not self.grounded:
             return cfg
-        from chatforge.infer.retrieval import CITATION_END
+        from chatforge.retrieval import CITATION_END
 
         return replace(cfg, stop_after=(*cfg.stop_after, CITATION_END))
 
@@ -184,7 +184,7 @@ def _messages(system: SystemPrompt | None, index, user_text: str, history: list[
         head = [{"role": "system", "content": text}] if text else []
         question = f"{with_facts('', facts)}Question: {user_text}" if facts else user_text
         return [*head, *examples, *history, {"role": "user", "content": question}]
-    from chatforge.infer.retrieval import grounded_messages
+    from chatforge.retrieval import grounded_messages
 
     # system=None gives retrieval's grounded system prompt, the one grounded SFT teaches.
     messages = grounded_messages(user_text, passages, system=text, history=[*examples, *history],
@@ -416,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device=args.device)
     index = None
     if args.docs and not args.no_retrieval:
-        from chatforge.infer.retrieval import PassageIndex
+        from chatforge.retrieval import PassageIndex
 
         index = PassageIndex.load_or_build(args.docs, args.index_cache)
     store = None

@@ -9,7 +9,7 @@ server, PPO rollouts) goes through this class.
 
 The engine knows token ids, not prompts: chat formatting lives in `infer/chat.py`. A tokenizer
 (anything with `decode(ids) -> str`) is only used to fill `text`, to stream and to match stop
-strings and `stop_after` patterns (a grounded answer ends with its citation: `infer/retrieval.py`).
+strings and `stop_after` patterns (a grounded answer ends with its citation: `retrieval/`).
 
 Batching: prompts of different lengths are left-padded; each row gets its own RoPE positions
 (counted from its first real token) and an attention mask that hides the padding, so a prompt's

@@ -1,6 +1,6 @@
 """The built-in plugins (the interface is `infer/plugins.py`):
 
-- `docs`: BM25 retrieval from the company's documents (`infer/retrieval.py`), as before plugins:
+- `docs`: BM25 retrieval from the company's documents (`retrieval/`), as before plugins:
   the same passages, in retrieval's grounded prompt format. Its rule matches every message.
 - `orders`: an order or ticket number in the message ("order 1042", "ticket #77", "#1042") looked
   up in the company's table, a CSV file or a SQLite table; the row becomes facts. An unknown

@@ -36,7 +36,7 @@ When plugins other than `docs` give facts, the last user message starts with thi
 
 One line per fact: its text with whitespace (line breaks included) collapsed, so a fact cannot
 start a line of its own that looks like part of the prompt. The `docs` plugin's passages stay in
-retrieval's grounded format (`infer/retrieval.py`), unchanged, as grounded SFT taught it.
+retrieval's grounded format (`retrieval/`), unchanged, as grounded SFT taught it.
 """
 
 from __future__ import annotations

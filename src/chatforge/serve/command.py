@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     scheduler, tokenizer = load()
     index = None
     if args.docs:
-        from chatforge.infer.retrieval import PassageIndex
+        from chatforge.retrieval import PassageIndex
 
         index = PassageIndex.load_or_build(args.docs, args.index_cache)
     tools = runner_from_args(args, index, store)

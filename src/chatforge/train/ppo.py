@@ -205,7 +205,7 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
 def ground(prompts: list[list[dict]], index, tokenizer, budget: int, k: int = 3) -> list[list[dict]]:
     """Each prompt's last user turn as a grounded question (retrieval's prompt format), earlier
     user/assistant turns as its history; prompts already grounded ("Context:") stay as they are."""
-    from chatforge.infer.retrieval import grounded_messages
+    from chatforge.retrieval import grounded_messages
 
     out = []
     for msgs in prompts:
@@ -297,7 +297,7 @@ def run_ppo(policy: str | Path, reward: str | Path, prompts: str | Path, out: st
 
     import torch
 
-    from chatforge.infer.retrieval import DEFAULT_CONTEXT_TOKENS, PassageIndex
+    from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, PassageIndex
     from chatforge.model.folder import load_model
     from chatforge.model.lora import apply_lora
     from chatforge.train import runtime

@@ -7,7 +7,7 @@
 Before users have voted, the Q&A pairs of the data folder (`DATA/qa_train.jsonl`) already say
 what a good reply is. This command turns them into pairs for `chatforge reward train` and
 `chatforge dpo`, in the grounded prompt format `chatforge sft` trains on and `chat` / `serve` use
-(`infer/retrieval.py`). For each question whose source is among `--docs` (a seeded
+(`retrieval/`). For each question whose source is among `--docs` (a seeded
 `--max-questions` sample; those in `--skip-voted`, pairs users already made, left out):
 
 - a seeded `--missing-fraction` are asked with the answer's documents left out: the prompt holds
@@ -90,7 +90,7 @@ def as_written(shown: str, passages: Sequence) -> str:
 
 def is_refusal(reply: str) -> bool:
     """Does the reply say the documents do not hold the answer (the SFT refusal's opening)?"""
-    from chatforge.infer.retrieval import NOT_FOUND_REPLY
+    from chatforge.retrieval import NOT_FOUND_REPLY
 
     start = NOT_FOUND_REPLY.split(". ")[0].lower()
     return " ".join(reply.split()).lower().startswith(start)
@@ -160,9 +160,9 @@ def make_preferences(model_dir: str | Path | None, data: str | Path, docs: Seque
     from chatforge.data.chat_data import read_chat_records
     from chatforge.data.feedback import normalize_question
     from chatforge.data.prefs import Preference, read_preferences, write_preferences
-    from chatforge.infer.retrieval import (DEFAULT_CONTEXT_TOKENS, NOT_FOUND_REPLY, PassageIndex, cite,
-                                           grounded_sft_examples, strip_citation)
     from chatforge.model.folder import load_model
+    from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, NOT_FOUND_REPLY, PassageIndex, cite, strip_citation
+    from chatforge.retrieval.examples import grounded_sft_examples
     from chatforge.train.sft import document_paths
 
     started = time.time()

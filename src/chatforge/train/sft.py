@@ -14,7 +14,7 @@ the same per example (packing 0.084 s, buckets 0.094 s), with 1024-token rows of
 examples buckets trained ~1.7x faster (the masked attention path grows with the row length).
 The loss counts assistant tokens only. Grounded examples are mixed in: for `--grounded-fraction` of the single-turn
 pairs, the question comes with passages retrieved from the documents (`--docs`, or the data
-folder's `corpus.jsonl`) in the prompt format `chat` uses (`infer/retrieval.py`), so the model
+folder's `corpus.jsonl`) in the prompt format `chat` uses (`retrieval/`), so the model
 learns to answer from the context and to name its source (`--grounded-history` of them after an
 earlier turn of the conversation, as chat shows it); `--section-examples N` adds N
 reading-comprehension examples made from the documents' own sections (a question about a
@@ -238,7 +238,8 @@ def grounded_records(records: list[dict], index, fraction: float, seed: int, tok
     copies get an earlier turn first: another copy's question and reply, from another document,
     kept only where the example still fits the row.
     """
-    from chatforge.infer.retrieval import DEFAULT_CONTEXT_TOKENS, GROUNDED_SYSTEM_PROMPT, grounded_sft_examples
+    from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, GROUNDED_SYSTEM_PROMPT
+    from chatforge.retrieval.examples import grounded_sft_examples
 
     context_tokens = context_tokens or DEFAULT_CONTEXT_TOKENS
     if fraction <= 0 or not records:
@@ -282,7 +283,8 @@ def grounded_records(records: list[dict], index, fraction: float, seed: int, tok
 def section_records(index, n: int, seed: int, tokenizer, seq_len: int) -> tuple[list[dict], list[dict]]:
     """(validation, train) reading-comprehension examples (`section_sft_examples`): `n` for
     training and n / 10 (at least 1) for validation, from different passages, each fitting a row."""
-    from chatforge.infer.retrieval import GROUNDED_SYSTEM_PROMPT, section_sft_examples
+    from chatforge.retrieval import GROUNDED_SYSTEM_PROMPT
+    from chatforge.retrieval.examples import section_sft_examples
 
     n_val = max(1, n // 10)
     max_words = 120
@@ -304,7 +306,7 @@ def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, 
     doc_paths = document_paths(data, o["docs"]) if o["grounded_fraction"] > 0 else []
     grounded = {"train": 0, "val": 0, "documents": [str(p) for p in doc_paths]}
     if doc_paths:
-        from chatforge.infer.retrieval import PassageIndex
+        from chatforge.retrieval import PassageIndex
 
         index = PassageIndex.load_or_build(doc_paths)
         g_train = grounded_records(train_recs, index, o["grounded_fraction"], o["seed"], tok, seq_len,
