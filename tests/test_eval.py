@@ -183,3 +183,56 @@ def test_compare_two_evaluations(setup):
     assert compare(a, b)["win"] is None
     with pytest.raises(ChatforgeError, match="holds no eval.json"):
         compare(a, setup["root"] / "nowhere")
+
+
+def test_refusals_citations_and_the_answer_settings(setup, monkeypatch):
+    """False refusals, refusals of unanswerable questions and citation accuracy, from a stub model
+    whose replies are known: it refuses questions marked unanswerable and one answerable one, and
+    copies the first passage under a spliced source name otherwise."""
+    from chatforge.eval import run as eval_run
+    from chatforge.infer.answer import AnswerSettings
+    from chatforge.retrieval import NOT_FOUND_REPLY
+
+    qs = setup["root"] / "sets.jsonl"
+    rows = [{"question": q, "answer": a, "source": s} for q, a, s in QA[:4]]
+    rows += [{"question": "Can I pay with seashells?", "answer": "", "answerable": False},
+             {"question": "Do you sell garden furniture?", "answer": "", "answerable": False}]
+    qs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refused_answerable = QA[0][0]
+
+    def stub(self, convs, desc):
+        out = []
+        for c in convs:
+            user = c[-1]["content"]
+            question = user.rsplit("Question: ", 1)[-1]
+            if question in ("Can I pay with seashells?", "Do you sell garden furniture?", refused_answerable):
+                out.append(NOT_FOUND_REPLY)
+            elif "(source: " in user:
+                first = next(line for line in user.splitlines() if line.startswith("[1] (source: "))
+                name, text = first[len("[1] (source: "):].split(") ", 1)
+                out.append(f"{text} (source: {name} > spliced)")
+            else:
+                out.append("no idea")
+        return out
+
+    monkeypatch.setattr(eval_run.Answerer, "answer", stub)
+    AnswerSettings(passages=2, max_new_tokens=8).save(setup["model"])
+    try:
+        res = evaluate(setup["model"], setup["root"] / "out-sets", questions=qs, docs=[setup["docs"]], verbose=False)
+        a = res["answering"]
+        assert (a["answerable"], a["unanswerable"]) == (4, 2)
+        assert a["refusals_unanswerable"] == 1.0 and a["refusals_answerable"] == 0.25
+        assert a["cited"] == 3 and a["citation_exact"] == 0.0 and a["invented_names_shown"] == 0
+        examples = [json.loads(line) for line in (setup["root"] / "out-sets" / "examples.jsonl").open()]
+        assert all("[3] (source: " not in e["prompt"][-1]["content"] for e in examples)   # answer.json: 2 passages
+        shown = [e["answer"] for e in examples if "model_reply" in e]
+        assert shown and all(" > spliced)" not in s for s in shown)            # the trusted citation replaced it
+        assert res["after_refusal"]["questions"] == 4
+        # A score threshold above every passage's score: every reply is the not-found sentence.
+        res = evaluate(setup["model"], setup["root"] / "out-sets2", questions=qs, docs=[setup["docs"]],
+                       min_score=1e9, second_turn=0, verbose=False)
+        assert res["answering"]["refusals_answerable"] == 1.0
+        assert res["answering"]["model_alone"]["refusals_answerable"] == 0.25
+        assert eval_run.answering_line(res).startswith("false refusals")
+    finally:
+        (setup["model"] / "answer.json").unlink()

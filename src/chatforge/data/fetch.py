@@ -202,6 +202,19 @@ def _extract_git_faq(root: Path, out: Path) -> tuple[list[str], list[str]]:
     raise SourceUnavailable("git-doc holds no gitfaq.txt/.adoc/.html under usr/share/doc/git-doc/")
 
 
+def _extract_git_manual(root: Path, out: Path) -> tuple[list[str], list[str]]:
+    # The Git User Manual: a manual, not a FAQ (sections of prose, commands and steps under
+    # asciidoc "=== Title" headings). Held out of training, with hand-written questions in
+    # evalsets/manual-git.jsonl: how the assistant answers from documents shaped unlike a FAQ.
+    doc = root / "usr/share/doc/git-doc"
+    for name in ("user-manual.txt", "user-manual.adoc", "user-manual.txt.gz", "user-manual.adoc.gz"):
+        src = doc / name
+        if src.is_file():
+            files = [_gunzip(src, out, name[:-3]) if name.endswith(".gz") else _copy(src, out, name)]
+            return files, _deb_copyright(root, out)
+    raise SourceUnavailable("git-doc holds no user-manual.txt/.adoc under usr/share/doc/git-doc/")
+
+
 # --- PyPI packages -----------------------------------------------------------------------------
 
 def _sdist_root(root: Path) -> Path:
@@ -304,6 +317,8 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
            _extract_debian_reference),
     Source("git-faq", "apt", "git-doc", "faq", "gitfaq(7); held out of training as the unseen manual",
            _extract_git_faq),
+    Source("git-manual", "apt", "git-doc", "docs", "The Git User Manual (asciidoc); held out of training: "
+           "evalsets/manual-git.jsonl asks it", _extract_git_manual),
     Source("chatterbot", "pypi", "chatterbot-corpus", "conversations",
            "ChatterBot's English conversations, as chat messages", _extract_chatterbot),
     Source("vader", "pypi", "vaderSentiment", "labelled",

@@ -54,7 +54,10 @@ from chatforge.eval.report import METRICS, fmt, load_curves, metric_rows, write_
 GOLD_CANDIDATES = 20     # BM25 candidates searched for the passage closest to a reference
 PPL_SEQ_LEN = 1024       # longest perplexity window (the model's context when shorter)
 _QUESTIONS_EXPECTED = ('expected {"question": str, "answer": str} or {"messages": [...]} ending with '
-                       'an assistant reply, optionally with "source"')
+                       'an assistant reply, optionally with "source", "section" and "answerable": false '
+                       '(a question the documents do not answer: "answer" may be "")')
+# The earlier turn of the after-refusal measure: a question no support document answers, refused.
+OFF_TOPIC = "Can you book me a table for two at an Italian restaurant tonight?"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -80,8 +83,17 @@ def _question(obj: Any, where: str) -> dict:
     source = obj.get("source")
     if source is not None and not isinstance(source, str):
         raise ChatforgeError(f'{where}: "source" must be a string')
+    section = obj.get("section")
+    if section is not None and not isinstance(section, str):
+        raise ChatforgeError(f'{where}: "section" must be a string')
+    answerable = obj.get("answerable", True)
+    if not isinstance(answerable, bool):
+        raise ChatforgeError(f'{where}: "answerable" must be true or false')
+    extra = {"section": section, "answerable": answerable}
     if isinstance(obj.get("question"), str) and isinstance(obj.get("answer"), str):
-        return {"question": obj["question"], "reference": obj["answer"], "source": source, "history": []}
+        if answerable and not obj["answer"].strip():
+            raise ChatforgeError(f'{where}: an empty "answer" needs "answerable": false')
+        return {"question": obj["question"], "reference": obj["answer"], "source": source, "history": [], **extra}
     msgs = obj.get("messages")
     ok = isinstance(msgs, list) and all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                                         and isinstance(m.get("content"), str) for m in msgs)
@@ -92,7 +104,7 @@ def _question(obj: Any, where: str) -> dict:
         if last_q is not None:
             history = [{"role": m["role"], "content": m["content"]} for m in msgs[:last_q] if m["role"] != "system"]
             return {"question": msgs[last_q]["content"], "reference": msgs[last_a]["content"],
-                    "source": source, "history": history}
+                    "source": source, "history": history, **extra}
     raise ChatforgeError(f"{where}: {_QUESTIONS_EXPECTED}")
 
 
@@ -143,16 +155,18 @@ def _curve_files(model_dir: Path) -> list[Path]:
 class Answerer:
     """Greedy answers for many conversations at once, through the engine."""
 
-    def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int):
-        from chatforge.infer.engine import Engine, GenerationConfig
+    def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int, settings=None):
+        from chatforge.infer.answer import AnswerSettings
+        from chatforge.infer.engine import Engine
         from chatforge.retrieval import CITATION_END
 
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.engine = Engine(model, tokenizer)
-        # truncate_prompt: a prompt longer than the context loses its oldest tokens instead of failing.
-        # An answer ends with its citation, as in chat and the server (`infer.chat.Prompt.generation`).
-        self.cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens, truncate_prompt=True,
-                                    stop_after=(CITATION_END,))
+        # The model's answer settings' decoding (greedy unless it says otherwise, the same in chat
+        # and serve). truncate_prompt: a prompt longer than the context loses its oldest tokens
+        # instead of failing. An answer ends with its citation (`infer.chat.Prompt.generation`).
+        settings = settings or AnswerSettings()
+        self.cfg = settings.generation(max_new_tokens=max_new_tokens, truncate_prompt=True, stop_after=(CITATION_END,))
 
     def answer(self, conversations: Sequence[list[dict]], desc: str = "generate") -> list[str]:
         from tqdm import tqdm
@@ -178,19 +192,28 @@ def _scores(hyps: list[str], refs: list[str]) -> dict:
 
 def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path | None = None,
              docs: Sequence[str | Path] | None = None, data: str | Path | None = None,
-             retrieval: bool = True, max_questions: int | None = 200, max_new_tokens: int = 96,
-             batch_size: int = 8, k: int = 3, index_cache: str | Path | None = None,
+             retrieval: bool = True, max_questions: int | None = 200, max_new_tokens: int | None = None,
+             batch_size: int = 8, k: int | None = None, index_cache: str | Path | None = None,
              max_ppl_batches: int = 20, seq_len: int | None = None, context_tokens: int | None = None,
              feedback_db: str | Path | None = None, quant: str | None = None, second_turn: int = 10,
-             verbose: bool = True) -> dict:
+             min_score: float | None = None, verbose: bool = True) -> dict:
     """Evaluate a model folder; write eval.json, examples.jsonl and report.html into `out_dir`.
 
+    `k`, `max_new_tokens`, `context_tokens` and `min_score` default to the model's answer settings
+    (`infer.answer`, MODEL/answer.json), as chat and serve use them.
     Returns the eval.json dict. See the module docstring for what is measured.
     """
+    from chatforge.infer.answer import AnswerSettings, checked_citation
+
+    settings = AnswerSettings.load(model_dir)
+    k = settings.passages if k is None else k
+    max_new_tokens = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+    context_tokens = settings.context_tokens if context_tokens is None else context_tokens
+    min_score = settings.min_score if min_score is None else min_score
     import torch
 
     from chatforge.eval.metrics import hit_at_k, perplexity, rouge_l
-    from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, PassageIndex, grounded_messages, strip_citation
+    from chatforge.retrieval import NOT_FOUND_REPLY, PassageIndex, grounded_messages, strip_citation
     from chatforge.model.folder import load_model
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -228,44 +251,59 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
         results["perplexity"] = perplexity(model, tokens, n, max_ppl_batches)
 
     examples: list[dict] = [{"question": q["question"], "reference": q["reference"],
-                             **({"source": q["source"]} if q["source"] else {})} for q in qs]
+                             **({"source": q["source"]} if q["source"] else {}),
+                             **({"answerable": False} if not q["answerable"] else {})} for q in qs]
     baselines: dict[str, dict] = {}
+    # Scores count the questions the documents answer; the others measure refusals only.
+    ok = [i for i, q in enumerate(qs) if q["answerable"]]
     if qs:
-        refs = [q["reference"] for q in qs]
-        answerer = Answerer(model, tokenizer, max_new_tokens, batch_size)
+        refs = [qs[i]["reference"] for i in ok]
+        answerer = Answerer(model, tokenizer, max_new_tokens, batch_size, settings)
         plain = [[*q["history"], {"role": "user", "content": q["question"]}] for q in qs]
         if index is not None:
             hits = [index.search(q["question"], max(k, 3)) for q in qs]
-            gold = [_gold_docs(index, q, rouge_l) for q in qs]
-            retrieved = [[p.doc for p in h] for h in hits]
+            gold = [_gold_keys(index, q, rouge_l) if q["answerable"] else None for q in qs]
+            retrieved = [[_key(p, q) for p in h] for h, q in zip(hits, qs)]
             hit = {"hit@1": hit_at_k(retrieved, gold, 1), "hit@3": hit_at_k(retrieved, gold, 3)}
             extractive = [h[0].text if h else "" for h in hits]
             given = [[p.text for p in h[:k]] for h in hits]   # the passages a grounded prompt holds
-            baselines["extractive"] = {"perplexity": None, **_scores(extractive, refs), **hit,
-                                       "grounded": _grounded(extractive, given)}
+            baselines["extractive"] = {"perplexity": None, **_scores(_at(extractive, ok), refs), **hit,
+                                       "grounded": _grounded(_at(extractive, ok), _at(given, ok))}
             for e, h, ext in zip(examples, hits, extractive):
                 e["extractive"], e["retrieved"] = ext, [p.source for p in h[:k]]
             if retrieval:
                 # Leave room for the question, the template and the answer within the context.
-                budget = max(64, min(context_tokens or DEFAULT_CONTEXT_TOKENS, ctx - max_new_tokens - 96))
+                budget = max(64, min(context_tokens, ctx - max_new_tokens - 96))
                 grounded = [grounded_messages(q["question"], h[:k], history=q["history"],
                                               max_context_tokens=budget, tokenizer=tokenizer)
                             for q, h in zip(qs, hits)]
-                answers = answerer.answer(grounded, "answer (grounded)")
+                raw = answerer.answer(grounded, "answer (grounded)")
+                # What a customer is shown: a trusted citation, and the not-found reply where no
+                # passage scores above the answer settings' threshold.
+                answers = [NOT_FOUND_REPLY if min_score and (not h or h[0].score < min_score)
+                           else checked_citation(a, h[:k]) for a, h in zip(raw, hits)]
                 bare = answerer.answer(plain, "answer (no retrieval)")
-                baselines["no_retrieval"] = {"perplexity": None, **_scores(bare, refs), "hit@1": None, "hit@3": None,
-                                             "grounded": _grounded(bare, given)}
+                baselines["no_retrieval"] = {"perplexity": None, **_scores(_at(bare, ok), refs), "hit@1": None,
+                                             "hit@3": None, "grounded": _grounded(_at(bare, ok), _at(given, ok))}
                 for e, b in zip(examples, bare):
                     e["no_retrieval"] = b
-                results["grounded"] = _grounded(answers, given)
-                for e, a, g, prompt in zip(examples, answers, given, grounded):
+                results["grounded"] = _grounded(_at(answers, ok), _at(given, ok))
+                in_context = [g is not None and any(key in g for key in r[:k]) for r, g in zip(retrieved, gold)]
+                results["answering"] = {**_refusals(qs, answers, in_context), "min_score": min_score,
+                                        "model_alone": _refusals(qs, raw, in_context),
+                                        **_citations(raw, answers, hits, k)}
+                for e, a, r, g, prompt in zip(examples, answers, raw, given, grounded):
                     e["grounded"] = _grounded([a], [g])
                     e["prompt"] = prompt     # what the model saw (a reward model can score the answer after it)
+                    if r != a:
+                        e["model_reply"] = r
+                def prompt_for(q, h, history):
+                    return grounded_messages(q, h[:k], history=history, max_context_tokens=budget, tokenizer=tokenizer)
                 if second_turn:
                     results["second_turn"] = _second_turn(answerer, qs, hits, answers, examples, second_turn,
-                                                          lambda q, h, history: grounded_messages(
-                                                              q, h[:k], history=history, max_context_tokens=budget,
-                                                              tokenizer=tokenizer))
+                                                          prompt_for)
+                    results["after_refusal"] = _after_refusal(answerer, qs, hits, answers, examples, second_turn,
+                                                              prompt_for)
             else:
                 answers = answerer.answer(plain, "answer (no retrieval)")
             results.update(hit if retrieval else {"hit@1": None, "hit@3": None})
@@ -274,7 +312,8 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
             results.update({"hit@1": None, "hit@3": None})
         for e, a in zip(examples, answers):
             e["answer"] = a
-        results.update(_scores([strip_citation(a) for a in answers], refs))
+        results.update(_scores([strip_citation(a) for a in _at(answers, ok)], refs) if ok
+                       else {m: None for m in ("bleu", "rouge1", "rouge2", "rougeL")})
     else:
         results.update({m: None for m in METRICS if m != "perplexity"})
     results["baselines"] = baselines
@@ -292,6 +331,8 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
         print(format_table(results))
         if results.get("second_turn"):
             print(second_turn_line(results["second_turn"]))
+        if answering_line(results):
+            print(answering_line(results))
         if satisfaction is not None:
             share = satisfaction["satisfaction"]
             print(f"user satisfaction: {'n/a' if share is None else f'{share:.1%}'} thumbs up of "
@@ -348,6 +389,100 @@ def _grounded(answers: Sequence[str], passages: Sequence[Sequence[str]]) -> floa
     return grounded_precision([a for a, _ in kept], [ps for _, ps in kept])
 
 
+def _at(values: Sequence, rows: Sequence[int]) -> list:
+    return [values[i] for i in rows]
+
+
+def _key(passage, q: dict) -> str:
+    """What hit@k compares: the passage's document, and its section when the question names one."""
+    return f"{passage.doc}#{passage.section.lower()}" if q.get("section") else passage.doc
+
+
+def _gold_keys(index, q: dict, rouge_l) -> list[str] | None:
+    """The keys (`_key`) of the passages that answer `q`: its documents, or with a "section" that
+    section of them (a manual's answer is one section, not the whole manual)."""
+    docs = _gold_docs(index, q, rouge_l)
+    if docs is None or not q.get("section"):
+        return docs
+    return [f"{d}#{q['section'].strip().lower()}" for d in docs]
+
+
+def _refusals(qs: list[dict], answers: Sequence[str], in_context: Sequence[bool]) -> dict:
+    """False refusals (answerable questions whose answer's passage was in the context, yet the reply
+    says not found; also over all answerable questions) and refusals of unanswerable questions."""
+    from chatforge.infer.answer import is_refusal
+
+    def share(rows: list[int]) -> float | None:
+        return sum(is_refusal(answers[i]) for i in rows) / len(rows) if rows else None
+
+    answerable = [i for i, q in enumerate(qs) if q["answerable"]]
+    return {"false_refusals": share([i for i in answerable if in_context[i]]),
+            "refusals_answerable": share(answerable),
+            "refusals_unanswerable": share([i for i, q in enumerate(qs) if not q["answerable"]]),
+            "answerable": len(answerable), "unanswerable": len(qs) - len(answerable)}
+
+
+def _citations(raw: Sequence[str], shown: Sequence[str], hits: Sequence, k: int) -> dict:
+    """Of the model's cited replies: the share whose citation names a given passage exactly, and
+    the share naming the passage the answer was copied from; and the source names shown to a user
+    that no given passage has (0 by construction: `checked_citation`)."""
+    from chatforge.infer.answer import cited_name, copied_from, is_refusal
+
+    cited = exact = right = invented = 0
+    for r, s, h in zip(raw, shown, hits):
+        names = {p.source for p in h[:k]}
+        name = cited_name(r)
+        if name is not None and not is_refusal(r):
+            cited += 1
+            exact += name in names
+            source = copied_from(r, h[:k])
+            right += source is not None and source.source == name
+        shown_name = cited_name(s)
+        invented += shown_name is not None and shown_name not in names
+    return {"cited": cited, "citation_exact": exact / cited if cited else None,
+            "citation_copied": right / cited if cited else None, "invented_names_shown": invented}
+
+
+def _after_refusal(answerer, qs: list[dict], hits: list, answers: list[str], examples: list[dict], n: int,
+                   prompt) -> dict | None:
+    """The first `n` answerable single-turn questions asked after an earlier question that no
+    document answers and the not-found reply to it: the share refused, beside the same questions'
+    first-turn share. An earlier refusal must not make the next answerable question another."""
+    from chatforge.infer.answer import is_refusal
+    from chatforge.retrieval import NOT_FOUND_REPLY
+
+    rows = [i for i, q in enumerate(qs) if not q["history"] and q["answerable"]][:n]
+    if not rows:
+        return None
+    history = [{"role": "user", "content": OFF_TOPIC}, {"role": "assistant", "content": NOT_FOUND_REPLY}]
+    later = answerer.answer([prompt(qs[i]["question"], hits[i], history) for i in rows], "answer (after a refusal)")
+    for i, a in zip(rows, later):
+        examples[i]["after_refusal"] = a
+    return {"questions": len(rows), "refused": sum(map(is_refusal, later)) / len(rows),
+            "refused_first_turn": sum(is_refusal(answers[i]) for i in rows) / len(rows)}
+
+
+def answering_line(results: dict) -> str | None:
+    """eval.json's refusal and citation figures as lines of text (printed by `eval` and the pipeline)."""
+    a = results.get("answering")
+    if not a:
+        return None
+    pct = (lambda v: "n/a" if v is None else f"{v:.1%}")
+    lines = [f"false refusals {pct(a['false_refusals'])} (answer's passage in the context; "
+             f"{pct(a['refusals_answerable'])} of all {a['answerable']} answerable), "
+             f"refused unanswerable {pct(a['refusals_unanswerable'])} of {a['unanswerable']}"
+             + (f"; score threshold {a['min_score']:.2f} (model alone: false refusals "
+                f"{pct(a['model_alone']['false_refusals'])}, refused unanswerable "
+                f"{pct(a['model_alone']['refusals_unanswerable'])})" if a.get("min_score") else ""),
+             f"citations: {a['cited']} cited replies, {pct(a['citation_exact'])} name a given passage exactly, "
+             f"{pct(a['citation_copied'])} the one copied from; invented names shown: {a['invented_names_shown']}"]
+    turn = results.get("after_refusal")
+    if turn:
+        lines.append(f"after a refusal: {pct(turn['refused'])} of {turn['questions']} answerable questions refused "
+                     f"(first turn {pct(turn['refused_first_turn'])})")
+    return "\n".join(lines)
+
+
 def _gold_docs(index, q: dict, rouge_l) -> list[str] | None:
     """The docs holding a question's answer: those its `source` names (None when none is indexed:
     the question is left out of hit@k), else the doc of the passage closest to the reference."""
@@ -383,12 +518,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-retrieval", action="store_true", default=False,
                         help="the model answers without passages (hit@k and the extractive baseline still use --docs)")
     parser.add_argument("--max-questions", type=int, default=200, help="evaluate at most this many questions")
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="longest answer, in tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="longest answer, in tokens (default: the model's answer settings, answer.json)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions generated together")
-    parser.add_argument("--k", type=int, default=3, help="passages put in the prompt")
+    parser.add_argument("--k", type=int, default=None,
+                        help="passages put in the prompt (default: the model's answer settings)")
+    parser.add_argument("--min-score", type=float, default=None,
+                        help="reply not-found when the best passage scores below this (default: the model's "
+                             "answer settings; 0 = off: the model decides alone)")
     parser.add_argument("--context-tokens", type=int, default=None,
-                        help="most tokens of retrieved passages in a prompt (default: the retrieval module's, "
-                             "as in SFT; the model's context minus the answer when smaller)")
+                        help="most tokens of retrieved passages in a prompt (default: the model's answer "
+                             "settings, SFT's budget; the model's context minus the answer when smaller)")
     parser.add_argument("--max-ppl-batches", type=int, default=20, help="batches of 8 windows for perplexity")
     parser.add_argument("--index-cache", metavar="DIR", default=None,
                         help="where the passage index is cached; without it, $CHATFORGE_CACHE/index "
@@ -415,6 +555,6 @@ def run(args: argparse.Namespace) -> int:
              retrieval=not args.no_retrieval, max_questions=args.max_questions,
              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k=args.k,
              index_cache=args.index_cache, max_ppl_batches=args.max_ppl_batches, context_tokens=args.context_tokens,
-             feedback_db=args.feedback_db, quant=args.quant, second_turn=args.second_turn)
+             feedback_db=args.feedback_db, quant=args.quant, second_turn=args.second_turn, min_score=args.min_score)
     sys.stdout.flush()
     return 0

@@ -4,13 +4,20 @@ and from the documents' own sections (`chatforge sft --docs`)."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any, Iterable
 
 from chatforge.errors import ChatforgeError
 from chatforge.retrieval.index import PassageIndex
-from chatforge.retrieval.passages import SENTENCE_END, Passage
+from chatforge.retrieval.passages import SENTENCE_END, Passage, source_name
 from chatforge.retrieval.prompt import (DEFAULT_CONTEXT_TOKENS, NOT_FOUND_REPLY, _context, _counter, cite,
                                         grounded_messages)
+
+
+def without_heading(passage: Passage) -> Passage:
+    """`passage` named by its document and title alone, as a passage cut from a manual without
+    headings would be (same id and text)."""
+    return replace(passage, source=source_name(passage.doc, passage.title), section="")
 
 
 def _qa(item: Any) -> tuple[str, str, str | None, list[dict]]:
@@ -69,7 +76,7 @@ def _norm(text: str) -> str:
 def grounded_sft_examples(qa_pairs: Iterable[Any], index: PassageIndex, k: int = 3,
                           missing_fraction: float = 0.15, seed: int = 0,
                           max_context_tokens: int = DEFAULT_CONTEXT_TOKENS,
-                          tokenizer: Any | None = None) -> list[dict]:
+                          tokenizer: Any | None = None, hide_heading: float = 0.0) -> list[dict]:
     """SFT examples in the grounded format from Q&A pairs.
 
     For each pair whose `source` names indexed documents (see `PassageIndex.matching_docs`):
@@ -87,6 +94,10 @@ def grounded_sft_examples(qa_pairs: Iterable[Any], index: PassageIndex, k: int =
     ({"messages", "source"}: the last user turn is the question, the last assistant turn the
     answer, earlier turns the history), {"question", "answer", "source"} dicts or
     (question, answer, source) tuples.
+    A seeded `hide_heading` share of the answered examples show the answer's passage under its
+    document's name alone (`without_heading`): a FAQ entry's heading is the question itself, and a
+    model that only ever sees the answer under its own question learns to copy when a heading
+    matches and to refuse otherwise, which fails on every manual.
     Each example: {"messages": [system, *history, user, assistant], "source": doc, "missing": bool}.
     """
     if not 0 <= missing_fraction <= 1:
@@ -108,6 +119,9 @@ def grounded_sft_examples(qa_pairs: Iterable[Any], index: PassageIndex, k: int =
         else:
             passages = index.search(q, k)
             gold = index.best_in_docs(docs, f"{q}\n{a}")
+            if rng.random() < hide_heading:
+                passages = [without_heading(p) if p.id == gold.id else p for p in passages]
+                gold = without_heading(gold)
             if all(p.id != gold.id for p in passages):
                 passages = passages[:k - 1]
                 passages.insert(rng.randint(0, len(passages)), gold)
@@ -143,7 +157,8 @@ def _first_sentences(text: str, max_words: int) -> str:
 
 def section_sft_examples(index: PassageIndex, n: int, k: int = 3, seed: int = 0,
                          max_context_tokens: int = DEFAULT_CONTEXT_TOKENS, tokenizer: Any | None = None,
-                         max_reply_words: int = 120, exclude_docs: Iterable[str] = ()) -> list[dict]:
+                         max_reply_words: int = 120, exclude_docs: Iterable[str] = (),
+                         hide_heading: float = 0.0) -> list[dict]:
     """Reading-comprehension examples made from the documents alone, in the grounded format.
 
     Q&A pairs are few (hundreds), while a small model needs thousands of examples to learn to
@@ -154,7 +169,10 @@ def section_sft_examples(index: PassageIndex, n: int, k: int = 3, seed: int = 0,
     if the budget would cut it), and the reply is the passage's opening sentences, copied as they
     appear in the context (at most `max_reply_words` words), with its citation. Up to `n`
     passages are drawn (seeded) from documents not in `exclude_docs`; a passage that does not fit
-    the budget whole is skipped. Each example: {"messages", "source", "missing": False}.
+    the budget whole is skipped. A seeded `hide_heading` share show the passage under its
+    document's name alone (`without_heading`), so that the model learns to find the answer in
+    the text, not in a heading that repeats the question. Each example: {"messages", "source",
+    "missing": False}.
     """
     rng = random.Random(seed)
     skip = set(exclude_docs)
@@ -172,21 +190,31 @@ def section_sft_examples(index: PassageIndex, n: int, k: int = 3, seed: int = 0,
     rng.shuffle(named)
     named.sort(key=lambda p: not p.section.endswith("?"))
     count = _counter(tokenizer)
-    templates = ("What does the documentation say about {}?", "Tell me about {}.", "{}", "How does {} work?")
+    # Ways customers ask about a topic; the topic is lower-cased half the time, as people type it.
+    templates = ("What does the documentation say about {}?", "Tell me about {}.", "{}", "How does {} work?",
+                 "What is {}?", "Can you explain {}?", "I have a question about {}.", "{}?",
+                 "Where can I read about {}?", "Help with {} please")
     examples = []
     for gold in named:
         if len(examples) >= n:
             break
         section = gold.section.rstrip(":").strip()
-        question = section if section.endswith("?") else rng.choice(templates).format(section)
+        topic = section if rng.random() < 0.5 else section.lower()
+        if section.endswith("?"):
+            question = section
+        elif section.lower().startswith("how to "):        # a manual's "How to check out ..."
+            question = f"How do I {section[7:].rstrip('.')}?"
+        else:
+            question = rng.choice(templates).format(topic)
         text = " ".join(gold.text.split())
         if count(f"Context:\n[1] (source: {gold.source}) {text}") > max_context_tokens:
             continue
         passages = [p for p in index.search(question, k) if p.id != gold.id][:k - 1]
-        passages.insert(rng.randint(0, len(passages)), gold)
-        _keep_in_context(passages, gold, max_context_tokens, tokenizer)
+        shown = without_heading(gold) if rng.random() < hide_heading else gold
+        passages.insert(rng.randint(0, len(passages)), shown)
+        _keep_in_context(passages, shown, max_context_tokens, tokenizer)
         messages = grounded_messages(question, passages, max_context_tokens=max_context_tokens, tokenizer=tokenizer)
-        reply = cite(_first_sentences(text, max_reply_words), gold.source)
+        reply = cite(_first_sentences(text, max_reply_words), shown.source)
         examples.append({"messages": messages + [{"role": "assistant", "content": reply}],
                          "source": gold.doc, "missing": False})
     return examples

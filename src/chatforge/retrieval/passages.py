@@ -120,6 +120,18 @@ def markup_headings(raw: str, fmt: str) -> set[str]:
 
 _NUMBERED = re.compile(r"^\d+(\.\d+)*\.?\s")
 _UNDERLINE = re.compile(r"^\s*([=\-~^*#+])\1{2,}\s*$")
+_ADOC_HEADING = re.compile(r"^={1,5}\s+(\S.*?)\s*$")            # "== Title" (AsciiDoc, also Markdown-like)
+_ADOC_ATTRIBUTE = re.compile(r"^\s*\[\[?[^\[\]\n]*\]\]?\s*$")      # "[[anchor]]", "[preface]"
+
+
+def _adoc_heading(para: str) -> tuple[str, str] | None:
+    """(heading, rest) when a paragraph opens with an AsciiDoc heading ("=== Title", under
+    optional "[[anchor]]" / "[preface]" lines, as git's manuals write them), else None."""
+    lines = para.split("\n")
+    while len(lines) > 1 and _ADOC_ATTRIBUTE.match(lines[0]):
+        lines = lines[1:]
+    m = _ADOC_HEADING.match(lines[0])
+    return (_one_line(m.group(1)), "\n".join(lines[1:])) if m and len(m.group(1).split()) <= 16 else None
 
 
 def _text_heading(para: str, first: bool) -> tuple[str, str] | None:
@@ -227,6 +239,9 @@ def _paragraphs(text: str) -> list[str]:
 def _sections(paragraphs: list[str], headings: Collection[str] | None) -> list[tuple[str, list[str]]]:
     """[(heading, body paragraphs)] in order; the text before the first heading has heading ""."""
     sections: list[tuple[str, list[str]]] = [("", [])]
+    # A plain-text document written in AsciiDoc declares its headings ("== Title"): only those
+    # count, so a short line of a code listing is not taken for one.
+    adoc = headings is None and sum(_adoc_heading(p) is not None for p in paragraphs) >= 2
     for i, para in enumerate(paragraphs):
         found: tuple[str, str] | None
         if headings is not None:
@@ -235,7 +250,7 @@ def _sections(paragraphs: list[str], headings: Collection[str] | None) -> list[t
             if found is None and _POD_HEAD.match(para) and len(line.split()) > 1:
                 found = (line.split(None, 1)[1], "")    # strip_pod leaves a few "=head2 ..." lines
         else:
-            found = _text_heading(para, first=i == 0)
+            found = _adoc_heading(para) if adoc else _text_heading(para, first=i == 0)
         if found is None:
             sections[-1][1].append(para)
             continue

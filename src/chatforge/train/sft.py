@@ -46,7 +46,7 @@ import argparse
 import math
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from chatforge import files
 from chatforge.cli import leaf, option_defaults
@@ -115,6 +115,19 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-tokens", type=int, default=None,
                    help="most tokens of retrieved passages in a grounded example (default: the retrieval "
                         "module's, the same budget eval uses)")
+    p.add_argument("--missing-fraction", type=float, default=0.15,
+                   help="share of the grounded copies whose passages come from other documents only and whose "
+                        "reply is the not-found sentence (0 = the model never learns to refuse)")
+    p.add_argument("--hide-headings", type=float, default=0.0,
+                   help="share of the grounded examples that show the answer's passage under its document's "
+                        "name alone, not under a heading that repeats the question: teaches answering from "
+                        "manuals, whose headings are not the customers' questions")
+    p.add_argument("--refusal-history", type=float, default=0.0,
+                   help="share of the earlier turns (--grounded-history) that are a not-found reply, followed "
+                        "by a question the context answers: an earlier refusal must not make the next one")
+    p.add_argument("--score-threshold", action="store_true",
+                   help="record in answer.json a retrieval-score threshold fitted on the Q&A: below it chat, "
+                        "serve and eval reply not-found without asking the model (off: the model decides)")
     p.add_argument("--section-examples", type=int, default=0,
                    help="reading-comprehension examples made from the documents' named sections "
                         "(question about a section, reply copied from its passage); 10%% more go to validation")
@@ -221,7 +234,8 @@ MIN_CONTEXT_TOKENS = 64  # below this the context cannot hold a useful passage: 
 
 def grounded_records(records: list[dict], index, fraction: float, seed: int, tokenizer, seq_len: int,
                      missing_fraction: float = 0.15, context_tokens: int | None = None,
-                     history_fraction: float = 0.0) -> list[dict]:
+                     history_fraction: float = 0.0, hide_heading: float = 0.0,
+                     refusal_history: float = 0.0) -> list[dict]:
     """Grounded copies of a seeded `fraction` of `records` (`{"messages", "source"}` dicts).
 
     Each copy's context budget is what the row has left after the system prompt, the question
@@ -236,7 +250,10 @@ def grounded_records(records: list[dict], index, fraction: float, seed: int, tok
     question of a conversation by copying its previous reply, the nearest text that looks like an
     answer (the demo assistant did, every time). So a seeded `history_fraction` of the single-turn
     copies get an earlier turn first: another copy's question and reply, from another document,
-    kept only where the example still fits the row.
+    kept only where the example still fits the row. A `refusal_history` share of those earlier
+    turns are not-found replies (when there are any) before an answered question: a model that
+    saw refusals only after refusals went on refusing for the rest of a conversation.
+    `hide_heading`: see `grounded_sft_examples`.
     """
     from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, GROUNDED_SYSTEM_PROMPT
     from chatforge.retrieval.examples import grounded_sft_examples
@@ -260,7 +277,8 @@ def grounded_records(records: list[dict], index, fraction: float, seed: int, tok
             if budget < MIN_CONTEXT_TOKENS:
                 break
             ex = grounded_sft_examples([rec], index, k=3, missing_fraction=1.0 if i in missing else 0.0,
-                                       seed=seed + i, tokenizer=tokenizer, max_context_tokens=budget)
+                                       seed=seed + i, tokenizer=tokenizer, max_context_tokens=budget,
+                                       hide_heading=hide_heading)
             over = len(tokenizer.render_chat(ex[0]["messages"])[0]) - (seq_len + 1) if ex else 0
             if over <= 0:
                 out += ex
@@ -268,8 +286,10 @@ def grounded_records(records: list[dict], index, fraction: float, seed: int, tok
                 break
             budget -= over
     singles = [i for i, e in enumerate(out) if len(e["messages"]) == 3]      # system, user, assistant
+    refusals = [i for i in singles if out[i]["missing"]]
     for i in rng.sample(singles, round(history_fraction * len(singles))):
-        j = rng.choice(singles)
+        after_refusal = refusals and not out[i]["missing"] and rng.random() < refusal_history
+        j = rng.choice(refusals if after_refusal else singles)
         if out[j]["source"] == out[i]["source"]:
             continue
         system, *rest = out[i]["messages"]
@@ -280,9 +300,35 @@ def grounded_records(records: list[dict], index, fraction: float, seed: int, tok
     return out
 
 
-def section_records(index, n: int, seed: int, tokenizer, seq_len: int) -> tuple[list[dict], list[dict]]:
+def refusal_threshold(index, records: list[dict], limit: int = 400) -> dict:
+    """The retrieval-score threshold below which no passage likely answers (`infer.answer`),
+    fitted on the company's own Q&A: each question's best score with every document, against its
+    best score with the documents holding its answer left out (a question the documents cannot
+    answer). Returns {"min_score", "answerable", "unanswerable"} (the latter two: the shares the
+    threshold refuses)."""
+    from chatforge.infer.answer import fit_min_score
+
+    rng = random.Random(0)
+    rows = [r for r in records if r["source"] and index.matching_docs(r["source"])]
+    rows = rng.sample(rows, min(limit, len(rows)))
+    with_answer, without = [], []
+    for r in rows:
+        q = next(m["content"] for m in reversed(r["messages"]) if m["role"] == "user")
+        hits = index.search(q, 1)
+        other = index.search(q, 1, exclude_docs=index.matching_docs(r["source"]))
+        with_answer.append(hits[0].score if hits else 0.0)
+        without.append(other[0].score if other else 0.0)
+    threshold = fit_min_score(with_answer, without)
+    share = (lambda xs: sum(s < threshold for s in xs) / len(xs) if xs else None)
+    return {"min_score": threshold, "answerable": share(with_answer), "unanswerable": share(without),
+            "questions": len(rows)}
+
+
+def section_records(index, n: int, seed: int, tokenizer, seq_len: int, hide_heading: float = 0.0,
+                    exclude_docs: Iterable[str] = ()) -> tuple[list[dict], list[dict]]:
     """(validation, train) reading-comprehension examples (`section_sft_examples`): `n` for
-    training and n / 10 (at least 1) for validation, from different passages, each fitting a row."""
+    training and n / 10 (at least 1) for validation, from different passages, each fitting a row,
+    none from `exclude_docs`."""
     from chatforge.retrieval import GROUNDED_SYSTEM_PROMPT
     from chatforge.retrieval.examples import section_sft_examples
 
@@ -294,7 +340,7 @@ def section_records(index, n: int, seed: int, tokenizer, seq_len: int) -> tuple[
     if budget < MIN_CONTEXT_TOKENS:
         return [], []
     examples = section_sft_examples(index, n + n_val, seed=seed, tokenizer=tokenizer, max_context_tokens=budget,
-                                    max_reply_words=max_words)
+                                    max_reply_words=max_words, hide_heading=hide_heading, exclude_docs=exclude_docs)
     examples = [e for e in examples if len(tokenizer.render_chat(e["messages"])[0]) <= seq_len + 1]
     return examples[:n_val], examples[n_val:]
 
@@ -309,16 +355,23 @@ def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, 
         from chatforge.retrieval import PassageIndex
 
         index = PassageIndex.load_or_build(doc_paths)
-        g_train = grounded_records(train_recs, index, o["grounded_fraction"], o["seed"], tok, seq_len,
-                                   context_tokens=o["context_tokens"], history_fraction=o["grounded_history"])
-        g_val = grounded_records(val_recs, index, o["grounded_fraction"], o["seed"] + 1, tok, seq_len,
-                                 context_tokens=o["context_tokens"], history_fraction=o["grounded_history"])
+        shape = {"context_tokens": o["context_tokens"], "history_fraction": o["grounded_history"],
+                 "missing_fraction": o["missing_fraction"], "hide_heading": o["hide_headings"],
+                 "refusal_history": o["refusal_history"]}
+        g_train = grounded_records(train_recs, index, o["grounded_fraction"], o["seed"], tok, seq_len, **shape)
+        g_val = grounded_records(val_recs, index, o["grounded_fraction"], o["seed"] + 1, tok, seq_len, **shape)
         if o["section_examples"] > 0:
-            s_val, s_train = section_records(index, o["section_examples"], o["seed"], tok, seq_len)
+            # The documents the Q&A pairs come from (FAQs) already teach through their pairs: the
+            # sections teach the rest, the manuals, whose headings are not questions.
+            with_pairs = {d for r in train_recs + val_recs if r["source"] for d in index.matching_docs(r["source"])}
+            s_val, s_train = section_records(index, o["section_examples"], o["seed"], tok, seq_len,
+                                             hide_heading=o["hide_headings"], exclude_docs=with_pairs)
             g_train, g_val = g_train + s_train, g_val + s_val
             grounded["sections"] = len(s_train) + len(s_val)
         grounded.update(train=len(g_train), val=len(g_val), passages=len(index),
-                        multi_turn=sum(len(e["messages"]) > 3 for e in g_train))
+                        multi_turn=sum(len(e["messages"]) > 3 for e in g_train),
+                        refusals=sum(e["missing"] for e in g_train),
+                        min_score=refusal_threshold(index, train_recs + val_recs))
         if o["grounded_only"]:
             # Pairs answered from the documents are learned only with their passages in front
             # of them: the plain copy would teach reciting the manual from memory instead.
@@ -430,10 +483,9 @@ def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, *
     method = o["method"]
     if method not in METHODS:
         raise ChatforgeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if not 0 <= o["grounded_fraction"] <= 1:
-        raise ChatforgeError(f"--grounded-fraction must be in [0, 1], got {o['grounded_fraction']}")
-    if not 0 <= o["grounded_history"] <= 1:
-        raise ChatforgeError(f"--grounded-history must be in [0, 1], got {o['grounded_history']}")
+    for name in ("grounded_fraction", "grounded_history", "missing_fraction", "hide_headings", "refusal_history"):
+        if not 0 <= o[name] <= 1:
+            raise ChatforgeError(f"--{name.replace('_', '-')} must be in [0, 1], got {o[name]}")
     if o["epochs"] <= 0 and not o["steps"]:
         raise ChatforgeError(f"--epochs must be positive, got {o['epochs']}")
 
@@ -488,6 +540,12 @@ def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, *
     if method == "freeze":
         report["freeze_top"] = o["freeze_top"]
     files.write_json(out / "sft.json", report)
+    # The settings the model was trained for, which chat, serve and eval read (`infer.answer`).
+    from chatforge.infer.answer import AnswerSettings
+    from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS
+
+    threshold = (grounded.get("min_score") or {}).get("min_score", 0.0) if o["score_threshold"] else 0.0
+    AnswerSettings(context_tokens=o["context_tokens"] or DEFAULT_CONTEXT_TOKENS, min_score=threshold).save(out)
     if result.best_val_loss is not None:
         print(f"validation loss {result.best_val_loss:.4f} (perplexity {report['best_val_ppl']:.2f}) -> {out}")
     return report

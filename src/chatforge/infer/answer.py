@@ -1,0 +1,160 @@
+"""How a grounded answer is made and shown: the settings a model was trained for, refusals and
+citations.
+
+    settings = AnswerSettings.load("runs/demo/sft")     # what SFT recorded in answer.json
+    gen = settings.generation()                          # the decoding chat, serve and eval share
+    shown = checked_citation(reply, passages)            # never a source name no passage has
+
+One set of answer settings. SFT trains a model on prompts of one shape: `passages` passages in a
+context block of at most `context_tokens` tokens. A model answers best when it is asked in that
+shape and decoded the way it was evaluated, so SFT writes `answer.json` into the model folder and
+`chat`, `serve`, `eval` and the continual-learning round read it (their flags still override it).
+A model folder without the file (an imported base, an older run) gets the defaults below.
+
+Knowing when nothing answers. The model says NOT_FOUND_REPLY when its context lacks the answer
+(grounded SFT teaches it). A second, independent signal is the retrieval score: when even the
+best passage scores below `min_score`, no passage is likely to hold the answer and the reply is
+NOT_FOUND_REPLY without asking the model. `min_score` is fitted on the company's own Q&A when it
+helps (see `fit_min_score`) and 0 (off) otherwise.
+
+Citations a customer can trust. A grounded reply ends with "(source: NAME)". A small model may
+misspell NAME or splice two passages' names; `checked_citation` keeps a citation only when it
+names one of the passages the model was given, and otherwise replaces it with the passage the
+answer was copied from (the one sharing most of its word 4-grams), or drops it when the answer
+copied from none.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+from chatforge import files
+from chatforge.errors import ChatforgeError
+from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, NOT_FOUND_REPLY, strip_citation
+
+ANSWER_FILE = "answer.json"
+# The phrases a refusal starts with: NOT_FOUND_REPLY's own, and the ways a model rephrases it.
+_REFUSAL = re.compile(r"^\W*(i (could ?not|couldn't|can ?not|can't) find|(that|this) is not (in|covered)|"
+                      r"the (documentation|context) does not (say|contain|cover|mention))", re.I)
+_CITED = re.compile(r"\((?i:source):\s*([^()]*(?:\([^()]*\)[^()]*)*)\)\s*$")
+_WORD = re.compile(r"\w+")
+
+
+@dataclass(frozen=True)
+class AnswerSettings:
+    """The settings that decide a grounded answer. Validated on creation."""
+
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS   # most tokens of passages in a prompt (SFT's budget)
+    passages: int = 3                   # passages retrieved per question
+    strategy: str = "greedy"            # decoding: "greedy" copies passages exactly; "sample" varies them
+    temperature: float = 0.7            # with strategy "sample"
+    top_p: float = 0.9                  # with strategy "sample"
+    repetition_penalty: float = 1.0     # 1 = off: a penalty on prompt tokens works against copying
+    max_new_tokens: int = 512           # a copied passage may be a few hundred tokens long
+    min_score: float = 0.0              # best retrieval score below which the reply is a refusal (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.context_tokens < 16:
+            raise ChatforgeError(f"answer settings: context_tokens must be at least 16, got {self.context_tokens}")
+        if self.passages < 1:
+            raise ChatforgeError(f"answer settings: passages must be at least 1, got {self.passages}")
+        if self.strategy not in ("greedy", "sample", "beam"):
+            raise ChatforgeError(f"answer settings: strategy must be greedy, sample or beam, got {self.strategy!r}")
+        if self.max_new_tokens < 1 or self.min_score < 0 or self.repetition_penalty <= 0:
+            raise ChatforgeError("answer settings: max_new_tokens must be at least 1, min_score at least 0 "
+                                 "and repetition_penalty above 0")
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "AnswerSettings":
+        """The settings in MODEL/answer.json, or the defaults when the folder has none."""
+        path = Path(model_dir) / ANSWER_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ChatforgeError(f"{path}: not readable JSON ({e}); delete it to use the default answer settings")
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) - known:
+            raise ChatforgeError(f"{path}: expected an object with keys among {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def save(self, model_dir: str | Path) -> None:
+        files.write_json(Path(model_dir) / ANSWER_FILE, asdict(self))
+
+    def replace(self, **changes) -> "AnswerSettings":
+        """These settings with the given fields changed (None values are ignored: "not told otherwise")."""
+        return AnswerSettings(**{**asdict(self), **{k: v for k, v in changes.items() if v is not None}})
+
+    def generation(self, **overrides):
+        """The `GenerationConfig` these settings mean (`overrides` win; None ignored)."""
+        from chatforge.infer.engine import GenerationConfig
+
+        cfg = {"strategy": self.strategy, "max_new_tokens": self.max_new_tokens,
+               "repetition_penalty": self.repetition_penalty}
+        if self.strategy == "sample":
+            cfg.update(temperature=self.temperature, top_p=self.top_p)
+        cfg.update({k: v for k, v in overrides.items() if v is not None})
+        return GenerationConfig(**cfg)
+
+
+def is_refusal(reply: str) -> bool:
+    """True when `reply` says the documents do not hold the answer (NOT_FOUND_REPLY or a rephrasing)."""
+    text = strip_citation(reply).strip()
+    return text == NOT_FOUND_REPLY or bool(_REFUSAL.match(text))
+
+
+def cited_name(reply: str) -> str | None:
+    """The NAME of a reply's final "(source: NAME)", or None."""
+    m = _CITED.search(reply.strip())
+    return m.group(1).strip() if m else None
+
+
+def _grams(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    words = _WORD.findall(text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def copied_from(answer: str, passages: Sequence) -> object | None:
+    """The passage `answer` copied most of its word 4-grams from (at least a third of them), or None."""
+    grams = _grams(strip_citation(answer))
+    if not grams:
+        return None
+    best, share = None, 0.0
+    for p in passages:
+        s = len(grams & _grams(p.text)) / len(grams)
+        if s > share:
+            best, share = p, s
+    return best if share >= 1 / 3 else None
+
+
+def checked_citation(reply: str, passages: Sequence) -> str:
+    """`reply` with a citation a customer can trust: kept when it names one of `passages` exactly;
+    else replaced by the passage the answer was copied from; else removed. A refusal cites nothing."""
+    if is_refusal(reply):
+        return strip_citation(reply)
+    name = cited_name(reply)
+    names = {p.source for p in passages}
+    if name is not None and name in names:
+        return reply.strip()
+    body = strip_citation(reply)
+    source = copied_from(body, passages)
+    return f"{body} (source: {source.source})" if source is not None else body
+
+
+def fit_min_score(answerable: Sequence[float], unanswerable: Sequence[float],
+                  max_false_refusals: float = 0.02) -> float:
+    """The highest best-passage score threshold that refuses at most `max_false_refusals` of the
+    `answerable` questions' scores, or 0 (off) when it would refuse none of the `unanswerable`
+    ones either (a threshold that only costs answers is no threshold)."""
+    if not answerable:
+        return 0.0
+    ranked = sorted(answerable)
+    allowed = int(max_false_refusals * len(ranked))
+    threshold = ranked[allowed]                 # scores below it are refused: `allowed` of them
+    caught = sum(s < threshold for s in unanswerable)
+    return float(threshold) if caught else 0.0

@@ -1,0 +1,73 @@
+"""Answer settings, refusals and citations (`infer/answer.py`)."""
+
+import json
+
+import pytest
+
+from chatforge.errors import ChatforgeError
+from chatforge.infer.answer import (AnswerSettings, checked_citation, cited_name, copied_from, fit_min_score,
+                                    is_refusal)
+from chatforge.retrieval import NOT_FOUND_REPLY, Passage
+
+PASSAGES = [
+    Passage("To restore a folder, open the console, pick the snapshot and press Restore.", "docs/guide.txt > Guide > Restoring", doc="docs/guide.txt"),
+    Passage("Backups run every night at two unless you change the schedule in Settings.", "docs/faq.md > FAQ > When do backups run?", doc="docs/faq.md"),
+]
+
+
+def test_settings_round_trip_and_defaults(tmp_path):
+    assert AnswerSettings.load(tmp_path) == AnswerSettings()              # no answer.json: defaults
+    s = AnswerSettings(context_tokens=256, passages=2, min_score=3.5)
+    s.save(tmp_path)
+    assert AnswerSettings.load(tmp_path) == s
+    assert s.replace(passages=None, strategy="sample").strategy == "sample"   # None = not told otherwise
+    assert s.replace(passages=None).passages == 2
+    cfg = s.generation(max_new_tokens=64)
+    assert (cfg.strategy, cfg.max_new_tokens, cfg.repetition_penalty) == ("greedy", 64, 1.0)
+
+
+def test_bad_settings_are_clear_errors(tmp_path):
+    with pytest.raises(ChatforgeError, match="passages"):
+        AnswerSettings(passages=0)
+    (tmp_path / "answer.json").write_text(json.dumps({"context_tokens": 300, "colour": "blue"}))
+    with pytest.raises(ChatforgeError, match="answer.json"):
+        AnswerSettings.load(tmp_path)
+    (tmp_path / "answer.json").write_text("{not json")
+    with pytest.raises(ChatforgeError, match="not readable JSON"):
+        AnswerSettings.load(tmp_path)
+
+
+def test_refusals():
+    assert is_refusal(NOT_FOUND_REPLY)
+    assert is_refusal("I couldn't find that in the documentation. (source: docs/faq.md)")
+    assert is_refusal("The documentation does not say how to do that.")
+    assert not is_refusal("To restore a folder, open the console. (source: docs/guide.txt > Guide > Restoring)")
+
+
+def test_citation_kept_replaced_or_dropped():
+    right = "To restore a folder, open the console, pick the snapshot and press Restore. (source: docs/guide.txt > Guide > Restoring)"
+    assert checked_citation(right, PASSAGES) == right
+    assert cited_name(right) == "docs/guide.txt > Guide > Restoring"
+    # A spliced name (two passages' parts) is replaced by the passage the answer copied.
+    spliced = right.replace("Guide > Restoring", "FAQ > When do backups run?")
+    assert checked_citation(spliced, PASSAGES) == right
+    assert copied_from(spliced, PASSAGES) is PASSAGES[0]
+    # An answer copied from no passage shows no source at all.
+    invented = "Call us on Sundays for a free upgrade. (source: docs/made-up.txt)"
+    assert checked_citation(invented, PASSAGES) == "Call us on Sundays for a free upgrade."
+    # A missing citation is added when the answer was copied.
+    assert checked_citation("Backups run every night at two unless you change the schedule in Settings.",
+                            PASSAGES).endswith("(source: docs/faq.md > FAQ > When do backups run?)")
+    # A refusal cites nothing.
+    assert checked_citation(NOT_FOUND_REPLY + " (source: docs/faq.md > FAQ > When do backups run?)", PASSAGES) == NOT_FOUND_REPLY
+
+
+def test_fit_min_score():
+    answerable = [5.0, 6.0, 7.0, 8.0, 9.0] * 20
+    unanswerable = [1.0, 2.0, 5.5] * 10
+    t = fit_min_score(answerable, unanswerable, max_false_refusals=0.0)
+    assert t == 5.0 and sum(s < t for s in answerable) == 0
+    assert sum(s < t for s in unanswerable) == 20
+    # A threshold that would refuse no unanswerable question is off.
+    assert fit_min_score(answerable, [9.5] * 5) == 0.0
+    assert fit_min_score([], [1.0]) == 0.0
