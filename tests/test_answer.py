@@ -71,3 +71,25 @@ def test_fit_min_score():
     # A threshold that would refuse no unanswerable question is off.
     assert fit_min_score(answerable, [9.5] * 5) == 0.0
     assert fit_min_score([], [1.0]) == 0.0
+
+
+def test_answer_stream_holds_the_citation_back_until_it_is_checked():
+    from chatforge.infer.answer import AnswerStream, below_min_score
+
+    reply = "Backups run every night at two unless you change the schedule in Settings. (source: docs/faq.md > spliced)"
+    stream = AnswerStream(PASSAGES)
+    shown = [stream.push(reply[i:i + 5]) for i in range(0, len(reply), 5)]
+    assert "(sou" not in "".join(shown) and "spliced" not in "".join(shown)
+    assert "".join(shown) + stream.finish() == checked_citation(reply, PASSAGES)
+    assert stream.shown.endswith("(source: docs/faq.md > FAQ > When do backups run?)") and not stream.refusal
+    # "(" that does not become a citation is released.
+    stream = AnswerStream(PASSAGES)
+    assert stream.push("Press Restore (the green button") == "Press Restore (the green button"
+    assert stream.push(") or Mute (sou") == ") or Mute"
+    assert stream.push("nd off) now.") == " (sound off) now."
+    refusal = AnswerStream(PASSAGES)
+    text = refusal.push(NOT_FOUND_REPLY + " (source: docs/faq.md)") + refusal.finish()
+    assert text == NOT_FOUND_REPLY and refusal.refusal
+    low = [Passage("x", "a", score=1.5), Passage("y", "b", score=2.5)]
+    assert below_min_score(low, 3.0) and not below_min_score(low, 2.0) and not below_min_score(low, 0.0)
+    assert below_min_score([], 1.0)

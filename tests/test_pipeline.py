@@ -42,24 +42,35 @@ eval:
 def test_pipeline_on_own_docs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
+    # One hand-written set, asked against the same documents (the pipeline runs it after eval);
+    # a set whose documents are missing is left out with a note.
+    (tmp_path / "unanswerable.jsonl").write_text(
+        '{"question": "Can I pay with seashells?", "answer": "", "answerable": false}\n')
+    evalsets = (f"  evalsets:\n  - {{name: unanswerable, questions: unanswerable.jsonl, docs: [{ROOT / 'examples' / 'my_docs'}]}}\n"
+                "  - {name: gone, questions: unanswerable.jsonl, docs: [no/such/folder]}\n")
+    cfg.write_text(TINY.replace("  base: scratch\n", "  base: scratch\n" + evalsets))
     argv = ["pipeline", "--config", str(cfg), "--input", str(ROOT / "examples" / "my_docs"),
             "--only-input", "--name", "t"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     run = tmp_path / "runs" / "t"
-    for stage in ("data", "tokenizer", "pretrain", "sft", "eval"):
+    for stage in ("data", "tokenizer", "pretrain", "sft", "eval", "eval-unanswerable"):
         assert (run / stage).is_dir(), stage
     res = json.loads((run / "eval" / "eval.json").read_text())
     for key in ("perplexity", "bleu", "rouge1", "rouge2", "rougeL", "hit@1", "hit@3"):
         assert key in res
     assert res["perplexity"] > 1
     assert "pipeline summary" in out and "evaluation" in out
+    sets = json.loads((run / "eval-unanswerable" / "eval.json").read_text())
+    assert sets["answering"]["unanswerable"] == 1 and "no_retrieval" not in sets["baselines"]
+    assert "refused unanswerable" in out and "evaluation set gone left out" in captured.err
+    assert json.loads((run / "sft" / "answer.json").read_text())["passages"] == 3   # SFT's answer settings
 
     # Second run: everything up to date.
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for stage in ("build", "tokenizer", "pretrain", "sft", "eval"):
+    for stage in ("build", "tokenizer", "pretrain", "sft", "eval", "eval-unanswerable"):
         assert f"== {stage}: up to date" in out
 
     # A changed SFT setting re-runs sft and eval only.

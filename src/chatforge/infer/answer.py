@@ -96,9 +96,9 @@ class AnswerSettings:
 
         cfg = {"strategy": self.strategy, "max_new_tokens": self.max_new_tokens,
                "repetition_penalty": self.repetition_penalty}
-        if self.strategy == "sample":
-            cfg.update(temperature=self.temperature, top_p=self.top_p)
         cfg.update({k: v for k, v in overrides.items() if v is not None})
+        if cfg["strategy"] == "sample":      # the settings' temperature and top-p, unless told otherwise
+            cfg = {"temperature": self.temperature, "top_p": self.top_p, **cfg}
         return GenerationConfig(**cfg)
 
 
@@ -158,3 +158,50 @@ def fit_min_score(answerable: Sequence[float], unanswerable: Sequence[float],
     threshold = ranked[allowed]                 # scores below it are refused: `allowed` of them
     caught = sum(s < threshold for s in unanswerable)
     return float(threshold) if caught else 0.0
+
+
+_SOURCE_OPEN = "(source:"
+
+
+class AnswerStream:
+    """Streams a grounded reply while holding back its citation until it can be checked.
+
+    `push(piece)` returns the text that can be shown now; from a "(source:" on (or a tail that may
+    become one) the text waits. `finish()` returns the rest, with the citation `checked_citation`
+    makes of the whole reply: the customer never sees an invented source name, and a refusal
+    shows none. `refusal` is set by `finish()`.
+    """
+
+    def __init__(self, passages: Sequence):
+        self.passages = passages
+        self.shown = ""
+        self.held = ""
+        self.refusal = False
+
+    def push(self, piece: str) -> str:
+        self.held += piece
+        lower = self.held.lower()
+        at = lower.find(_SOURCE_OPEN)
+        if at < 0:
+            # A tail that is the start of "(source:" waits for the next piece.
+            at = next((i for i in range(max(0, len(lower) - len(_SOURCE_OPEN)), len(lower))
+                       if _SOURCE_OPEN.startswith(lower[i:])), len(lower))
+        # Trailing spaces wait too: they go out with the next word, or not at all at the end.
+        at = len(self.held[:at].rstrip())
+        out, self.held = self.held[:at], self.held[at:]
+        self.shown += out
+        return out
+
+    def finish(self) -> str:
+        full = self.shown + self.held
+        self.refusal = is_refusal(full)
+        final = checked_citation(full, self.passages)
+        self.held = ""
+        rest = final[len(self.shown):] if final.startswith(self.shown) else ""
+        self.shown += rest
+        return rest
+
+
+def below_min_score(passages: Sequence, min_score: float) -> bool:
+    """True when a score threshold is set and no retrieved passage reaches it."""
+    return bool(min_score) and max((p.score for p in passages), default=0.0) < min_score

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TextIO
 
 from chatforge.cli import leaf
 from chatforge.errors import ChatforgeError
+from chatforge.infer.answer import AnswerSettings, AnswerStream, below_min_score
 from chatforge.infer.plugins import add_plugin_options, runner_from_args
 from chatforge.infer.prompting import SystemPrompt, load_system_prompt
 from chatforge.infer.safety import ACTIONS, DEFAULT_REFUSAL, ReplyFilter, load_blocked_terms
@@ -55,10 +56,15 @@ class ChatSession:
     """
 
     def __init__(self, model, tokenizer, system: SystemPrompt | str | None = None, index=None,
-                 gen_cfg=None, guard: ReplyFilter | None = None, engine=None, passages: int = 3,
-                 quant: str | None = None, tools=None):
-        from chatforge.infer.engine import Engine, GenerationConfig
+                 gen_cfg=None, guard: ReplyFilter | None = None, engine=None, passages: int | None = None,
+                 quant: str | None = None, tools=None, settings: AnswerSettings | None = None):
+        from chatforge.infer.engine import Engine
         from chatforge.infer.plugins import PluginRunner
+
+        # The answer settings the model was trained for (`infer/answer.py`): passages, their token
+        # budget, decoding and the score threshold, the same as serve and eval use.
+        self.settings = settings or AnswerSettings()
+        passages = self.settings.passages if passages is None else passages
 
         if tools is None and index is not None:
             # Retrieval is the docs plugin: one code path with or without other plugins.
@@ -68,7 +74,7 @@ class ChatSession:
         self.tools = tools
         self.index = tools.get("docs") if tools is not None else None
         self.tokenizer, self.k = tokenizer, passages
-        self.gen_cfg = gen_cfg or GenerationConfig(strategy="sample", temperature=0.7, top_p=0.9)
+        self.gen_cfg = gen_cfg or self.settings.generation()
         self.guard = guard or ReplyFilter()
         if engine is None:
             # A new <|im_start|> means the model began another turn: its reply is over.
@@ -108,6 +114,8 @@ class ChatSession:
             pieces: Iterable[str] = [prompt.reply]
         else:
             pieces = self._generate(prompt.ids, prompt.generation(self.gen_cfg))
+            if prompt.grounded:
+                pieces = self._checked(pieces, prompt)
         try:
             for piece in pieces:
                 safe = stream.push(piece)
@@ -124,6 +132,15 @@ class ChatSession:
 
     # ------------------------------------------------------------------------------ helpers
 
+    def _checked(self, pieces: Iterable[str], prompt: "Prompt") -> Iterator[str]:
+        """A grounded reply with its citation checked (`AnswerStream`); a refusal lists no sources."""
+        answer = AnswerStream(prompt.passages)
+        for piece in pieces:
+            yield answer.push(piece)
+        yield answer.finish()
+        if answer.refusal:
+            self.last_sources, self.last_used = [], [u for u in self.last_used if u["plugin"] != "docs"]
+
     def _generate(self, ids: list[int], cfg) -> Iterator[str]:
         if cfg.strategy == "beam":
             # Beam search knows its best sequence only at the end: one piece.
@@ -137,7 +154,8 @@ class ChatSession:
     def _prompt(self, user_text: str) -> "Prompt":
         """The prompt for `user_text`; the oldest turns that did not fit are dropped for good."""
         prompt = fit_prompt(self.tokenizer, self.prompt, self.index, self.history, user_text, self.budget, self.k,
-                            tools=self.tools, guard=self.guard)
+                            tools=self.tools, guard=self.guard, context_tokens=self.settings.context_tokens)
+        prompt = refused_below_threshold(prompt, self.settings.min_score)
         # Only now that the prompt fits are the turns dropped (a failed message keeps them).
         del self.history[:prompt.skipped]
         self.last_dropped = prompt.skipped
@@ -195,7 +213,7 @@ def _messages(system: SystemPrompt | None, index, user_text: str, history: list[
 
 def fit_prompt(tokenizer, system: SystemPrompt | None, index, history: list[dict], user_text: str,
                budget: int, k: int = 3, tools=None, guard: ReplyFilter | None = None,
-               conversation_id: str | None = None) -> Prompt:
+               conversation_id: str | None = None, context_tokens: int | None = None) -> Prompt:
     """The prompt for `user_text` after `history`: retrieve `k` passages (with an index), then drop
     the oldest turns and shrink the retrieved context until it fits in `budget` tokens. A message
     that cannot fit even alone is a `ChatforgeError`. `chat` and the HTTP server share this.
@@ -203,7 +221,9 @@ def fit_prompt(tokenizer, system: SystemPrompt | None, index, history: list[dict
     With `tools` (a `plugins.PluginRunner`) the routed plugins run first (`index` is then not
     searched: the `docs` plugin retrieves, and its presence selects the grounded format); their
     facts join the last user message in the facts format (`infer/plugins.py`), and a plugin's
-    direct reply comes back as `Prompt.reply` with no ids."""
+    direct reply comes back as `Prompt.reply` with no ids. `context_tokens` caps the passages' token
+    budget (the model's answer settings: what SFT trained it on); without it they get up to two
+    thirds of what the history leaves."""
     def render(messages: list[dict]) -> list[int]:
         return tokenizer.render_chat(messages, add_generation_prompt=True)[0]
 
@@ -218,7 +238,8 @@ def fit_prompt(tokenizer, system: SystemPrompt | None, index, history: list[dict
     else:
         passages = index.search(user_text, k) if index is not None else []
     fixed = len(render(_messages(system, index, "", [], [], MIN_CONTEXT_TOKENS, tokenizer)))
-    context_tokens = max(MIN_CONTEXT_TOKENS, (budget - fixed) * 2 // 3)
+    room = (budget - fixed) * 2 // 3
+    context_tokens = max(MIN_CONTEXT_TOKENS, min(room, context_tokens) if context_tokens else room)
     skip = 0                                       # oldest history messages left out
     while True:
         messages = _messages(system, index, user_text, history[skip:], passages, context_tokens, tokenizer, facts)
@@ -239,6 +260,16 @@ def fit_prompt(tokenizer, system: SystemPrompt | None, index, history: list[dict
                 f"model's context holds {budget} before the reply; shorten it")
     return Prompt(ids, messages, _passages_used(passages, messages[-1]["content"]), skip, facts,
                   grounded=index is not None)
+
+
+def refused_below_threshold(prompt: Prompt, min_score: float) -> Prompt:
+    """`prompt`, or the not-found reply in its place when the answer settings' score threshold says no
+    retrieved passage answers (and no plugin brought facts): the model is not asked."""
+    if not prompt.grounded or prompt.reply is not None or prompt.facts or not below_min_score(prompt.passages, min_score):
+        return prompt
+    from chatforge.retrieval import NOT_FOUND_REPLY
+
+    return replace(prompt, ids=[], passages=[], reply=NOT_FOUND_REPLY)
 
 
 def _passages_used(passages: list, user_content: str) -> list:
@@ -365,16 +396,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="files or folders to answer from: each question retrieves passages from them")
     parser.add_argument("--no-retrieval", action="store_true", default=False,
                         help="ignore --docs (e.g. one set in a --config file) and chat without retrieval")
-    parser.add_argument("--passages", type=int, default=3, help="passages retrieved per question with --docs")
+    parser.add_argument("--passages", type=int, default=None,
+                        help="passages retrieved per question with --docs (default: the model's answer settings, "
+                             "answer.json, as SFT trained it; else 3)")
     parser.add_argument("--index-cache", metavar="DIR", default=None,
                         help="where the passage index is cached "
                              "(default: $CHATFORGE_CACHE/index or ~/.cache/chatforge/index)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
-    parser.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="sample", help="decoding strategy")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    # Decoding defaults to the model's answer settings (answer.json; greedy without one), the
+    # decoding eval measured and serve uses: each flag overrides its part.
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="longest reply, in tokens (default: answer settings)")
+    parser.add_argument("--strategy", choices=("greedy", "sample", "beam"), default=None,
+                        help="decoding strategy (default: the model's answer settings, greedy without them)")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (1 = off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.1, help="> 1 discourages repeating (1 = off)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (1 = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="> 1 discourages repeating (1 = off; it also counts the passages, so it works against copying)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (replies become reproducible)")
     parser.add_argument("--blocked-terms", metavar="FILE", default=None,
                         help="terms never shown in a reply: one a line, /regex/ for a regular expression")
@@ -398,18 +435,20 @@ def _use_color(stream: TextIO) -> bool:
 def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise ChatforgeError("--model is required: the folder of a trained model (the output of sft)")
-    if args.passages < 1:
+    if args.passages is not None and args.passages < 1:
         raise ChatforgeError(f"--passages must be at least 1, got {args.passages}")
     # Cheap checks first, so a typo fails at once, before torch and the model load.
     system = load_system_prompt(args.system) if args.system else None
     blocked = load_blocked_terms(args.blocked_terms) if args.blocked_terms else []
     guard = ReplyFilter(blocked, action=args.blocked_action, refusal=args.refusal)
 
-    from chatforge.infer.engine import GenerationConfig
-
-    gen_cfg = GenerationConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               repetition_penalty=args.repetition_penalty, seed=args.seed)
+    settings = AnswerSettings.load(args.model).replace(passages=args.passages)
+    strategy = args.strategy or ("sample" if args.temperature else None)
+    if args.temperature == 0 and args.strategy is None:
+        strategy = "greedy"
+    gen_cfg = settings.generation(strategy=strategy, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature or None, top_k=args.top_k, top_p=args.top_p,
+                                  repetition_penalty=args.repetition_penalty, seed=args.seed)
 
     from chatforge.model.folder import load_model
 
@@ -426,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
         store = FeedbackStore(args.db)
     tools = runner_from_args(args, index, store)
     session = ChatSession(model, tokenizer, system=system, gen_cfg=gen_cfg, guard=guard,
-                          passages=args.passages, quant=args.quant, tools=tools)
+                          quant=args.quant, tools=tools, settings=settings)
 
     if not sys.stdin.isatty():
         return converse(session, pipe_reader(sys.stdin), sys.stdout, sys.stderr, interactive=False)
