@@ -422,7 +422,7 @@
     });
 
     const bar = el("div", { className: "actions" }, thumbs, copy);
-    turn.append(el("div", { className: "feedback" }, bar, details, status));
+    turn.append(el("div", { className: "feedback" }, bar, status, details));
   }
 
   // ------------------------------------------------------------------ asking
