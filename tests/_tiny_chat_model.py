@@ -4,8 +4,8 @@ address, which chat and the server must mask. Used by the chat, server and web p
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 

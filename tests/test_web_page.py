@@ -424,7 +424,8 @@ def test_a_stopped_reply_takes_a_vote_and_is_stored_as_stopped(page, model_dir, 
 def test_crafted_markdown_and_hostile_text_are_never_run_as_html(page, server):
     hostile = f"Try {SCRIPT} or {IMG} now."
     rich = ("## Setting *it* up\n\n- first **bold** and _soft_\n- a [manual](https://example.org/a?b=1) and "
-            "[bad](javascript:alert(1))\n\n```\n<script>window.__pwned=1</script>\n```\n\n3. three\n4. four")
+            "[bad](javascript:alert(1))\n\n```\n<script>window.__pwned=1</script>\n```\n\n3. three\n4. four\n\n"
+            "More at https://example.org/docs.")
 
     def crafted(route):
         chunks = [
@@ -453,9 +454,10 @@ def test_crafted_markdown_and_hostile_text_are_never_run_as_html(page, server):
     assert answer.locator("ul > li").all_inner_texts() == [
         "first bold and soft", "a manual and [bad](javascript:alert(1))"]
     links = answer.locator("a")
-    assert links.count() == 1 and links.inner_text() == "manual"
-    assert links.get_attribute("href") == "https://example.org/a?b=1"
-    assert set(links.get_attribute("rel").split()) >= {"noopener", "noreferrer"}
+    assert links.all_inner_texts() == ["manual", "https://example.org/docs"]
+    assert [links.nth(i).get_attribute("href") for i in range(2)] == ["https://example.org/a?b=1",
+                                                                      "https://example.org/docs"]
+    assert all(set(links.nth(i).get_attribute("rel").split()) >= {"noopener", "noreferrer"} for i in range(2))
     assert answer.locator("pre code").inner_text() == SCRIPT
     assert answer.locator("ol").get_attribute("start") == "3" and answer.locator("ol > li").count() == 2
     assert reply.locator(".source-label").inner_text() == f"evil.md > {IMG}"

@@ -482,7 +482,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
             # Still streaming, or stopped a moment ago and being written: its row comes shortly.
             try:
                 await asyncio.wait_for(pending.wait(), FEEDBACK_WAIT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         fields = (body.message_id, body.rating, body.reason, body.comment, body.correction)
         try:

@@ -447,19 +447,14 @@
     state.controller = controller;
     setStreaming(true);
 
-    // The answer is drawn again at most once a frame: a long reply arrives in many pieces.
-    let drawing = false;
+    // Each piece redraws the answer (Markdown needs the whole text: a "**" may close later);
+    // the kept copy is written at most every half second while the reply streams.
+    let saving = null;
     const draw = () => {
-      if (drawing) return;
-      drawing = true;
-      requestAnimationFrame(() => {
-        drawing = false;
-        if (t.state !== "streaming") return;
-        const stick = nearBottom();
-        renderAnswer(view, t.text);
-        if (stick) scrollToEnd();
-        save();
-      });
+      const stick = nearBottom();
+      renderAnswer(view, t.text);
+      if (stick) scrollToEnd();
+      if (!saving) saving = setTimeout(() => { saving = null; save(); }, 500);
     };
 
     let finished = "error";
@@ -500,6 +495,7 @@
         setStreaming(false);
       }
     }
+    clearTimeout(saving);
     if (epoch !== state.epoch) return;                   // the conversation was cleared meanwhile
 
     if (failure && !t.text) {

@@ -44,12 +44,13 @@
     a.href = href;
     a.rel = "noopener noreferrer";
     a.target = "_blank";
-    inline(label, a);
+    inline(label, a, true);
     return a;
   }
 
-  // Appends `text` to `parent` as text nodes and the few inline elements above.
-  function inline(text, parent) {
+  // Appends `text` to `parent` as text nodes and the few inline elements above. Inside a link
+  // (`inLink`) links and URLs stay text: no link in a link, and a bare URL is its own label.
+  function inline(text, parent, inLink) {
     let rest = text;
     while (rest) {
       const m = INLINE.exec(rest);
@@ -61,13 +62,13 @@
         node.textContent = m[2];
       } else if (m[3] !== undefined || m[4] !== undefined) {
         node = document.createElement("strong");
-        inline(m[3] !== undefined ? m[3] : m[4], node);
+        inline(m[3] !== undefined ? m[3] : m[4], node, inLink);
       } else if (m[5] !== undefined || m[6] !== undefined) {
         node = document.createElement("em");
-        inline(m[5] !== undefined ? m[5] : m[6], node);
-      } else if (m[7] !== undefined) {
+        inline(m[5] !== undefined ? m[5] : m[6], node, inLink);
+      } else if (!inLink && m[7] !== undefined) {
         node = link(m[7], m[8]);
-      } else {
+      } else if (!inLink) {
         node = link(m[9], m[9]);
       }
       parent.append(node || m[0]);
@@ -110,6 +111,7 @@
         closeList();
         const code = [];
         for (i += 1; i < lines.length && !lines[i].trimStart().startsWith(fence[1]); i++) code.push(lines[i]);
+        while (code.length && !code[code.length - 1].trim()) code.pop();
         const pre = document.createElement("pre");
         const c = document.createElement("code");
         c.textContent = code.join("\n");
