@@ -541,6 +541,8 @@
       counter.hidden = true;
       return false;
     }
+    // The text as sent (trimmed). JavaScript counts UTF-16 units, never fewer than the server's
+    // characters: what the counter lets through, the server takes.
     const length = question.value.trim().length;
     const over = length > limit;
     counter.hidden = false;
