@@ -4,6 +4,7 @@ address, which chat and the server must mask. Used by the chat, server and web p
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -18,17 +19,22 @@ EMAIL = "help.desk@acme-support.example"
 CONTEXT = 256          # the tiny model's context: small, so that a few turns overflow it
 
 
-def train_tiny_chat_model(out: Path) -> Path:
-    """A tokenizer and a tiny GPT fitted to CONVERSATIONS (assistant tokens only), saved to `out`."""
+def train_tiny_chat_model(out: Path, extra: Sequence[tuple[str, str]] = (), steps: int = 80,
+                          prompt: Callable[[object, str], list[dict]] | None = None) -> Path:
+    """A tokenizer and a tiny GPT fitted to CONVERSATIONS and `extra` ones (assistant tokens only),
+    saved to `out`. Longer `extra` replies need more `steps`. `prompt(tokenizer, question)`: the
+    messages the model is to answer from (e.g. the grounded prompt a server with documents builds),
+    instead of the bare question."""
     from chatforge.data.tokenizer import train_tokenizer
     from chatforge.model.gpt import GPT, preset
     from chatforge.model.folder import save_model
 
-    tok = train_tokenizer([f"{q}\n{a}" for q, a in CONVERSATIONS] * 20, 400, None)
+    conversations = [*CONVERSATIONS, *extra]
+    tok = train_tokenizer([f"{q}\n{a}" for q, a in conversations] * 20, 400, None)
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=CONTEXT))
-    rows = [tok.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
-            for q, a in CONVERSATIONS]
+    asked = prompt or (lambda _, q: [{"role": "user", "content": q}])
+    rows = [tok.render_chat([*asked(tok, q), {"role": "assistant", "content": a}]) for q, a in conversations]
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), tok.pad_id)
     targets = torch.full((len(rows), width), -100)
@@ -42,7 +48,7 @@ def train_tiny_chat_model(out: Path) -> Path:
     try:
         # 80 steps: with single punctuation pieces ("help" "." "desk") 40 did not yet tell a
         # sentence-ending "." from the one inside the e-mail address
-        for _ in range(80):
+        for _ in range(steps):
             _, loss = model(ids, targets)
             opt.zero_grad()
             loss.backward()

@@ -186,6 +186,52 @@ def test_unknown_message_and_bad_values_are_refused(tmp_path):
     assert rows(path, "SELECT count(*) FROM messages") == [(2,)]
 
 
+def test_one_vote_is_one_row_completed_by_the_form(tmp_path):
+    """The page saves the thumb at once, then completes that row with the form's fields (or
+    turns it into the other thumb): one vote, one row, and the stats count it once."""
+    path = tmp_path / "fb.db"
+    with FeedbackStore(path) as s:
+        record(s, "m1", "c1", "How do I reset?", "Press Reset.", [ACCOUNTS])
+        record(s, "m2", "c2", "How do I reset?", "No idea.", [ACCOUNTS])
+        vote = s.add_feedback("m1", "up")
+        assert s.update_feedback(vote, "m1", "down", "inaccurate", comment="no",
+                                 correction="Press Reset on the sign-in page.") == vote
+        with pytest.raises(LookupError, match="no feedback"):
+            s.update_feedback(vote, "m2", "up")             # a row of another reply
+        with pytest.raises(LookupError, match="no feedback"):
+            s.update_feedback(vote + 1, "m1", "up")
+        with pytest.raises(ChatforgeError, match="reason must be"):
+            s.update_feedback(vote, "m1", "down", "rude")
+        stats = satisfaction_stats(s.rated_replies(), s.count_replies())
+    assert rows(path, "SELECT id, rating, reason, comment, correction FROM feedback") == [
+        (vote, "down", "inaccurate", "no", "Press Reset on the sign-in page.")]
+    assert (stats["rated"], stats["down"], stats["reasons"]) == (1, 1, {"inaccurate": 1})
+
+
+def test_a_stopped_reply_is_kept_marked_and_never_taught(tmp_path, capsys):
+    path = tmp_path / "fb.db"
+    with FeedbackStore(path) as s:
+        seen = record(s, "full", "c1", "How do I reset?", "Press Reset.", [ACCOUNTS])
+        s.record_reply("cut", "c2", "demo-sft", [{"role": "user", "content": "How do I reset?"}], "Press",
+                       seen, "prompt", [], stopped=True)
+        s.record_reply("cut-up", "c3", "demo-sft", [{"role": "user", "content": "How do I reset?"}], "Open the",
+                       seen, "prompt", [], stopped=True)
+        s.add_feedback("cut", "down", "too_long")
+        s.add_feedback("cut-up", "up")                     # liked the start: still not a whole answer
+        s.add_feedback("full", "up")
+        rated = s.rated_replies()
+    assert rows(path, "SELECT message_id, content, stopped FROM messages WHERE message_id IS NOT NULL ORDER BY id") == [
+        ("full", "Press Reset.", 0), ("cut", "Press", 1), ("cut-up", "Open the", 1)]
+    assert [(r["message_id"], r["stopped"]) for r in rated] == [("full", False), ("cut", True), ("cut-up", True)]
+    stats = satisfaction_stats(rated)
+    assert stats["stopped"] == {"rated": 2, "up": 1, "down": 1, "satisfaction": 0.5}
+    prefs, sft_lines, _ = training_examples(rated)
+    assert prefs == [pref(seen, "Press Reset.", "Press")]  # the stopped one only as the worse answer
+    assert sft_lines == [sft(seen, "Press Reset.")]
+    assert cli.main(["feedback", "stats", "--db", str(path)]) == 0
+    assert "stopped by the user while streaming: 2 of the rated replies (1 up, 1 down)" in capsys.readouterr().out
+
+
 def test_concurrent_writers(tmp_path):
     path = tmp_path / "fb.db"
     with FeedbackStore(path) as s:
@@ -370,6 +416,7 @@ for path in sys.argv[1:]:
 EXPECTED_STATS = {
     "replies": 7, "rated": 6, "up": 3, "down": 3, "satisfaction": 0.5,
     "reasons": {"inaccurate": 1, "too_long": 1, "unhelpful": 1},
+    "stopped": {"rated": 0, "up": 0, "down": 0, "satisfaction": None},
     "per_day": [{"day": "2026-11-30", "rated": 3, "up": 2, "down": 1, "satisfaction": 0.6667},
                 {"day": "2026-12-01", "rated": 3, "up": 1, "down": 2, "satisfaction": 0.3333}],
     "per_document": [{"document": "accounts.md", "rated": 3, "up": 2, "down": 1, "satisfaction": 0.6667},
@@ -388,7 +435,9 @@ def test_stats_exact(handmade):
     assert user_satisfaction(path) == EXPECTED_STATS
     assert user_satisfaction(path, top=1)["most_down_voted"] == EXPECTED_STATS["most_down_voted"][:1]
     assert satisfaction_stats([], 0) == {"replies": 0, "rated": 0, "up": 0, "down": 0, "satisfaction": None,
-                                         "reasons": {}, "per_day": [], "per_document": [], "most_down_voted": []}
+                                         "reasons": {}, "stopped": {"rated": 0, "up": 0, "down": 0,
+                                                                    "satisfaction": None},
+                                         "per_day": [], "per_document": [], "most_down_voted": []}
 
 
 # --------------------------------------------------------------------------- export

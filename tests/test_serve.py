@@ -149,6 +149,32 @@ def test_feedback_is_stored_with_a_snapshot(grounded):
     assert json.loads(sources)[0]["source"].startswith("docs/billing.md")
 
 
+def test_a_vote_is_completed_in_its_own_row(grounded):
+    """The page saves a thumb at once, then sends the form's fields with the row's id."""
+    reply = client(grounded).chat.completions.create(**ask("When are refunds paid?", max_tokens=8))
+    first = httpx.post(grounded.url + "/v1/feedback", json={"message_id": reply.id, "rating": "up"})
+    assert first.status_code == 200
+    vote = first.json()["id"]
+    more = httpx.post(grounded.url + "/v1/feedback", json={
+        "message_id": reply.id, "rating": "down", "reason": "inaccurate", "feedback_id": vote,
+        "correction": "Refunds are paid back to the card within five working days."})
+    assert more.status_code == 200 and more.json()["id"] == vote
+    other = httpx.post(grounded.url + "/v1/feedback", json={"message_id": "chatcmpl-other", "rating": "up",
+                                                            "feedback_id": vote})
+    assert other.status_code == 404 and other.json()["error"]["param"] == "feedback_id"
+    db = sqlite3.connect(grounded.assistant.store.path)
+    assert db.execute("SELECT id, rating, reason, correction FROM feedback WHERE message_id = ?", (reply.id,)).fetchall() \
+        == [(vote, "down", "inaccurate", "Refunds are paid back to the card within five working days.")]
+
+
+def test_the_message_length_limit_is_told_and_kept(server):
+    limit = httpx.get(server.url + "/health").json()["max_message_chars"]
+    assert limit == server.assistant.max_message_chars
+    r = httpx.post(server.url + "/v1/chat/completions", json=ask("x" * (limit + 1)))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "message_too_long"
+    assert r.json()["error"]["param"] == "messages[0].content"
+
+
 @pytest.mark.parametrize("body, status", [
     ({"message_id": "chatcmpl-unknown", "rating": "up"}, 404),
     ({"message_id": "x", "rating": "meh"}, 422),

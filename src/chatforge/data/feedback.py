@@ -22,8 +22,12 @@ server writes). Tables:
   `prompt_messages` (JSON: system + history + the user turn with the retrieved context) and
   `sources` (JSON: `[{"source": "DOC > TITLE > SECTION", "text": ...}]`). A new conversation
   stores the client's whole history as sent; a known one gets only the new user turn and reply.
+  `stopped` (schema 3): 1 when the user stopped the reply while it streamed; `content` is then
+  the part they saw (so a thumbs down on it still lands, and it is never taught as an answer).
 - `feedback(id, message_id, rating, reason, comment, correction, model, created_at)`: one row
-  per click; a user may rate a reply again, and the latest row is their verdict.
+  per vote; a user may rate a reply again, and the latest row is their verdict. The page saves
+  the thumb at once and then completes that same row with the reason, comment and correction
+  (`update_feedback`), so one vote stays one row.
 - `tickets(id, conversation_id, message, reason, transcript, status, created_at)` (schema 2): one
   row per hand-off to a person (the `handoff` plugin, `infer/plugin_builtins.py`): the user's
   message, why (`asked for a person`, `negative sentiment`, ...), the conversation so far as JSON,
@@ -42,7 +46,7 @@ busy timeout for other processes using the same file. Every write commits before
 User satisfaction (`satisfaction_stats`)
 ----------------------------------------
 The share of thumbs up among rated replies, each reply counted once with its latest rating:
-overall, per day (UTC, the day the reply was given), per source document (the DOC part of the
+overall, among the replies the user stopped, per day (UTC, the day the reply was given), per source document (the DOC part of the
 reply's sources; a reply citing two documents counts for both, one citing none is under
 `null`), and the questions with the most down-voted replies (questions compared after
 `normalize_question`: case, spacing and trailing punctuation ignored).
@@ -64,6 +68,9 @@ every correction and every up-voted reply (a corrected reply gives its correctio
 line format of the data stage's `qa_train.jsonl`: `chatforge.data.chat_data.read_chat_records`
 reads it, so it can be appended to a data folder's `qa_train.jsonl` for `chatforge sft`. Note
 that SFT learns every assistant turn of a conversation, including earlier replies in the history.
+
+A reply the user stopped is only the start of an answer: it is never a chosen answer or an
+SFT example (its correction still is), only a rejected one.
 
 Both files are re-scrubbed, deduplicated, sorted by their JSON text (the same database gives
 byte-identical files) and written atomically once everything is computed.
@@ -136,9 +143,14 @@ def _v2(db: sqlite3.Connection) -> None:
         created_at TEXT NOT NULL)""")
 
 
+def _v3(db: sqlite3.Connection) -> None:
+    """Replies the user stopped mid-stream: kept (what they saw) and marked."""
+    db.execute("ALTER TABLE messages ADD COLUMN stopped INTEGER NOT NULL DEFAULT 0")
+
+
 # MIGRATIONS[i] takes a file at schema version i to version i + 1. Append, never edit: files
 # in the field were made by the functions as they are.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
 
 
 def schema_version() -> int:
@@ -178,6 +190,15 @@ def _messages(messages, what: str, roles: Sequence[str] | None = None) -> list[d
             raise ChatforgeError(f"{what}[{i}]: role {m['role']!r} is not one of {', '.join(roles)}")
         out.append({"role": m["role"], "content": _scrub(_text(m.get("content"), f"{what}[{i}].content"))})
     return out
+
+
+def _vote(rating, reason, comment, correction) -> tuple:
+    """A feedback row's values, checked (ChatforgeError) and scrubbed."""
+    if rating not in RATINGS:
+        raise ChatforgeError(f"rating must be 'up' or 'down', got {rating!r}")
+    if reason is not None and reason not in REASONS:
+        raise ChatforgeError(f"reason must be one of {', '.join(REASONS)}, got {reason!r}")
+    return rating, reason, _optional_text(comment, "comment"), _optional_text(correction, "correction")
 
 
 def _optional_text(value, what: str) -> str | None:
@@ -315,9 +336,10 @@ class FeedbackStore:
     # ----------------------------------------------------------------------- writing
 
     def record_reply(self, message_id: str, conversation_id: str, model: str, messages: list[dict], reply: str,
-                     prompt_messages: list[dict], prompt: str, sources: list[dict]) -> None:
+                     prompt_messages: list[dict], prompt: str, sources: list[dict], stopped: bool = False) -> None:
         """Store one answered turn: the user's question (and, for a new conversation, the history
-        the client sent) and the reply with its snapshot. Appends to a known conversation."""
+        the client sent) and the reply with its snapshot. Appends to a known conversation.
+        `stopped`: the user stopped the reply while it streamed; `reply` is the part they saw."""
         for value, what in ((message_id, "message_id"), (conversation_id, "conversation_id"), (model, "model")):
             if not isinstance(value, str) or not value:
                 raise ChatforgeError(f"{what} must be a non-empty string")
@@ -345,8 +367,9 @@ class FeedbackStore:
                 cur = db.execute("INSERT INTO messages (conversation_id, role, content, model, created_at) "
                                  "VALUES (?, ?, ?, ?, ?)", (conversation_id, m["role"], m["content"], model, now))
             db.execute("INSERT INTO messages (message_id, conversation_id, role, content, model, created_at, "
-                       "question_id, prompt, prompt_messages, sources) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?, ?)",
-                       (message_id, conversation_id, answer, model, now, cur.lastrowid, *snapshot))
+                       "question_id, prompt, prompt_messages, sources, stopped) "
+                       "VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (message_id, conversation_id, answer, model, now, cur.lastrowid, *snapshot, int(bool(stopped))))
 
         try:
             self._write(work)
@@ -363,12 +386,7 @@ class FeedbackStore:
 
         LookupError for an unknown `message_id`; ChatforgeError for a bad rating, reason or text.
         """
-        if rating not in RATINGS:
-            raise ChatforgeError(f"rating must be 'up' or 'down', got {rating!r}")
-        if reason is not None and reason not in REASONS:
-            raise ChatforgeError(f"reason must be one of {', '.join(REASONS)}, got {reason!r}")
-        comment = _optional_text(comment, "comment")
-        correction = _optional_text(correction, "correction")
+        rating, reason, comment, correction = _vote(rating, reason, comment, correction)
         now = _now_iso(self._clock())
 
         def work(db: sqlite3.Connection) -> int:
@@ -379,6 +397,26 @@ class FeedbackStore:
                              "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (message_id, rating, reason, comment, correction, row[0], now))
             return cur.lastrowid
+
+        return self._write(work)
+
+    def update_feedback(self, feedback_id: int, message_id: str, rating: str, reason: str | None = None,
+                        comment: str | None = None, correction: str | None = None) -> int:
+        """Replace the rating, reason, comment and correction of feedback row `feedback_id` (a vote
+        given earlier on `message_id`: the page saves the thumb at once and completes the same row
+        when the form is sent); return `feedback_id`. The row keeps its time: when the vote was cast.
+
+        LookupError when no such row belongs to `message_id`; ChatforgeError for bad values.
+        """
+        rating, reason, comment, correction = _vote(rating, reason, comment, correction)
+
+        def work(db: sqlite3.Connection) -> int:
+            cur = db.execute("UPDATE feedback SET rating=?, reason=?, comment=?, correction=? "
+                             "WHERE id=? AND message_id=?",
+                             (rating, reason, comment, correction, feedback_id, message_id))
+            if cur.rowcount != 1:
+                raise LookupError(f"no feedback {feedback_id} on reply {message_id!r} in {self.path}")
+            return feedback_id
 
         return self._write(work)
 
@@ -404,10 +442,11 @@ class FeedbackStore:
 
     def rated_replies(self) -> list[dict]:
         """Every reply with at least one feedback row, in the order given, with its latest rating
-        and reason, its latest correction (or None), its question and its snapshot."""
+        and reason, its latest correction (or None), its question, its snapshot and whether the
+        user stopped it (`stopped`, a bool)."""
         rows = self._read("""
             SELECT m.message_id, m.conversation_id, m.model, m.created_at, m.content AS reply,
-                   m.prompt_messages, m.sources, q.content AS question, f.rating, f.reason,
+                   m.prompt_messages, m.sources, m.stopped, q.content AS question, f.rating, f.reason,
                    (SELECT c.correction FROM feedback c WHERE c.message_id = m.message_id
                       AND c.correction IS NOT NULL ORDER BY c.id DESC LIMIT 1) AS correction
             FROM messages m
@@ -419,6 +458,7 @@ class FeedbackStore:
             d = dict(r)
             d["prompt_messages"] = json.loads(d["prompt_messages"] or "[]")
             d["sources"] = json.loads(d["sources"] or "[]")
+            d["stopped"] = bool(d["stopped"])
             out.append(d)
         return out
 
@@ -456,13 +496,14 @@ def document_of(source: str) -> str:
 def satisfaction_stats(rated: Sequence[dict], replies: int | None = None, top: int = 10) -> dict:
     """User satisfaction from `FeedbackStore.rated_replies()` (see the module docstring).
 
-    {"replies", "rated", "up", "down", "satisfaction", "reasons", "per_day": [{"day", ...}],
-     "per_document": [{"document", ...}], "most_down_voted": [{"question", "down", "up"}]}
+    {"replies", "rated", "up", "down", "satisfaction", "reasons", "stopped": {"rated", "up", "down",
+     "satisfaction"}, "per_day": [{"day", ...}], "per_document": [{"document", ...}],
+     "most_down_voted": [{"question", "down", "up"}]}
     """
     def tally() -> Counter:
         return Counter(up=0, down=0)
 
-    overall, reasons = tally(), Counter()
+    overall, stopped, reasons = tally(), tally(), Counter()
     days: dict[str, Counter] = defaultdict(tally)
     docs: dict[str | None, Counter] = defaultdict(tally)
     questions: dict[str, Counter] = defaultdict(tally)
@@ -470,6 +511,8 @@ def satisfaction_stats(rated: Sequence[dict], replies: int | None = None, top: i
     for r in rated:
         vote = r["rating"]
         overall[vote] += 1
+        if r.get("stopped"):
+            stopped[vote] += 1
         if vote == "down" and r["reason"]:
             reasons[r["reason"]] += 1
         days[r["created_at"][:10]][vote] += 1
@@ -486,6 +529,7 @@ def satisfaction_stats(rated: Sequence[dict], replies: int | None = None, top: i
         "replies": replies if replies is not None else len(rated),
         **_row(overall["up"], overall["down"]),
         "reasons": {r: reasons[r] for r in REASONS if reasons[r]},
+        "stopped": _row(stopped["up"], stopped["down"]),
         "per_day": [{"day": d, **_row(days[d]["up"], days[d]["down"])} for d in sorted(days)],
         "per_document": per_document,
         "most_down_voted": [{"question": first_text[k], "down": questions[k]["down"], "up": questions[k]["up"]}
@@ -529,13 +573,16 @@ def training_examples(rated: Sequence[dict]) -> tuple[list[str], list[str], dict
     for r in rated:
         if not r["prompt_messages"]:
             continue   # nothing to condition on (not a chat reply)
-        better = r["correction"] or (r["reply"] if r["rating"] == "up" else None)
+        # A stopped reply is the start of an answer only: never taught as one, only as the worse.
+        complete = not r.get("stopped")
+        better = r["correction"] or (r["reply"] if r["rating"] == "up" and complete else None)
         if r["correction"]:
             counts["corrections"] += pair(r["prompt_messages"], r["correction"], r["reply"])
         if better is not None and better.strip():
             sft.add(json.dumps({"messages": _clean(r["prompt_messages"]) + _assistant(_scrub(better))},
                                ensure_ascii=False))
-        by_question[normalize_question(r["question"])][r["rating"]].append(r)
+        if complete or r["rating"] == "down":
+            by_question[normalize_question(r["question"])][r["rating"]].append(r)
     for group in by_question.values():
         for up in group["up"]:
             for down in group["down"]:

@@ -4,9 +4,9 @@
     chatforge feedback stats --db runs/demo/feedback.db --json     # the same as one JSON object
     chatforge feedback export --db runs/demo/feedback.db --out runs/demo/feedback-data
 
-`stats` prints the share of thumbs up among rated replies: overall, per day, per source
-document, and the questions with the most down-voted replies. `export` writes
-`preferences.jsonl` (TRL's conversational preference pairs) and `sft.jsonl` (chat examples in
+`stats` prints the share of thumbs up among rated replies: overall, among the replies the user
+stopped, per day, per source document, and the questions with the most down-voted replies.
+`export` writes `preferences.jsonl` (TRL's conversational preference pairs) and `sft.jsonl` (chat examples in
 the `qa_train.jsonl` format). What counts and what becomes a pair: `chatforge/data/feedback.py`.
 """
 
@@ -73,6 +73,10 @@ def format_stats(stats: dict, db: str) -> str:
              f"({stats['up']} up, {stats['down']} down; {stats['replies']} replies recorded)"]
     if stats["reasons"]:
         lines.append("down-vote reasons: " + ", ".join(f"{k} {v}" for k, v in stats["reasons"].items()))
+    stopped = stats.get("stopped") or {}
+    if stopped.get("rated"):
+        lines.append(f"stopped by the user while streaming: {stopped['rated']} of the rated replies "
+                     f"({stopped['up']} up, {stopped['down']} down)")
     lines += _table("per day (UTC)", "day", [(r["day"], r) for r in stats["per_day"]])
     lines += _table("per document", "document",
                     [(r["document"] or "(no sources)", r) for r in stats["per_document"]])

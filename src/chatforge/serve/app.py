@@ -9,7 +9,9 @@ health and Prometheus metrics, on one continuously batched engine (`infer/batchi
 A chat request goes: OpenAI messages -> the prompt (`infer/chat.fit_prompt`: system prompt,
 retrieved passages, as much history as fits) -> the scheduler, which streams pieces back through
 an asyncio queue -> the reply filter (PII, blocked terms) -> the client. The finished reply is
-written to the feedback store before the response ends, so a client can rate it at once.
+written to the feedback store before the response ends, so a client can rate it at once; a
+streamed reply the client stops (it disconnects) is written as far as it was sent, marked stopped,
+and feedback that arrives while it is being written waits for it.
 Everything that can go wrong with a request is answered in OpenAI's error shape (`ApiError`);
 nothing leaks a traceback or a path.
 """
@@ -46,6 +48,7 @@ from chatforge.serve import openai_api as oa
 log = logging.getLogger("chatforge.serve")
 disable_created_metrics()     # the *_created series only double the scrape
 MAX_STOP_STRINGS = 4
+FEEDBACK_WAIT_S = 30.0     # longest a vote waits for the reply it rates to be written
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Assistant:
     default_temperature: float = 1.0               # for requests that do not say (OpenAI's default: 1)
     default_repetition_penalty: float = 1.0        # for requests that do not say (1 = off)
     max_tokens_limit: int = 1024                   # a request asking for more gets a 400
+    max_message_chars: int = 4000                  # a longer user message gets a 400 (the page counts to it)
 
     def __post_init__(self):
         if self.tools is None and self.index is not None:
@@ -113,7 +117,7 @@ def _text(content: str | list[oa.ContentPart] | None, i: int) -> str:
     return "".join(parts)
 
 
-def _conversation(messages: list[oa.Message]) -> tuple[SystemPrompt | None, list[dict], str]:
+def _conversation(messages: list[oa.Message], max_chars: int) -> tuple[SystemPrompt | None, list[dict], str]:
     """(the client's system prompt or None, the history, the question) from OpenAI messages."""
     if not messages:
         raise oa.ApiError(400, "messages is empty; send at least one user message", "messages")
@@ -123,6 +127,9 @@ def _conversation(messages: list[oa.Message]) -> tuple[SystemPrompt | None, list
         if m.role in ("system", "developer"):
             system.append(text)
         elif m.role in ("user", "assistant"):
+            if m.role == "user" and len(text) > max_chars:
+                raise oa.ApiError(400, f"messages[{i}] is {len(text)} characters long; a message may have at most "
+                                       f"{max_chars}", f"messages[{i}].content", "message_too_long")
             turns.append({"role": m.role, "content": text})
         else:
             raise oa.ApiError(400, f"messages[{i}].role is {m.role!r}; use system, user or assistant",
@@ -221,6 +228,9 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
     app = FastAPI(title="chatforge", version="1", docs_url="/docs", redoc_url=None)
     app.state.stopping = False
     app.state.assistant = assistant
+    # Streamed replies not yet in the store (message id -> set once written or given up): feedback
+    # on a reply the user just stopped may arrive before its disconnect is handled.
+    writing: dict[str, asyncio.Event] = {}
     static = resources.files("chatforge.serve") / "static"
 
     @app.exception_handler(oa.ApiError)
@@ -262,7 +272,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": assistant.name, "auth": bool(api_key), "docs": bool(assistant.tools and assistant.tools.get("docs")),
-                "feedback": assistant.store is not None}
+                "feedback": assistant.store is not None, "max_message_chars": assistant.max_message_chars}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():
@@ -285,7 +295,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
     @app.post("/v1/chat/completions")
     async def chat(body: oa.ChatRequest):
         _check_model(body.model, assistant)
-        client_system, history, question = _conversation(body.messages)
+        client_system, history, question = _conversation(body.messages, assistant.max_message_chars)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         cfg = _generation(body, max_tokens, assistant)
         reserve = min(cfg.max_new_tokens, assistant.context // 2)
@@ -315,6 +325,11 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
                 text = assistant.tokenizer.render_chat_text(prompt.messages, add_generation_prompt=True)
                 await run_in_threadpool(assistant.store.record_reply, reply=reply, prompt=text, **record)
 
+        def verdict(reply: str) -> dict:
+            # A reply saying the documents hold no answer used none of the passages: it lists none.
+            refusal = prompt.grounded and _is_refusal(reply)
+            return {"sources": [] if refusal else sources, "refusal": refusal}
+
         extra = {"conversation_id": conversation, "sources": sources}
         if not body.stream:
             done = None
@@ -325,13 +340,14 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
             return {"id": rid, "object": "chat.completion", "created": created, "model": assistant.name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
                                  "logprobs": None, "finish_reason": done.finish_reason}],
-                    "usage": oa.usage(done.prompt_tokens, len(done.tokens)), **extra}
+                    "usage": oa.usage(done.prompt_tokens, len(done.tokens)), **extra, **verdict(reply)}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        shown: list[str] = []        # the text sent so far
+        ended: list[Done] = []       # the Done event, once generation ended (stopped replies have none)
 
         async def stream() -> AsyncIterator[str]:
             safe = assistant.guard.stream()
-            shown: list[str] = []
             yield _sse(oa.chat_chunk(rid, assistant.name, created, {"role": "assistant", "content": ""}, **extra))
             async for event in job.pieces():
                 if isinstance(event, Piece):
@@ -342,18 +358,47 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
                     shown.append(out)
                     yield _sse(oa.chat_chunk(rid, assistant.name, created, {"content": out}))
                 if isinstance(event, Done):
+                    ended.append(event)
                     try:
                         await finish(event, "".join(shown))
                     except oa.ApiError as e:
                         yield _sse(e.body())
                         return
-                    yield _sse(oa.chat_chunk(rid, assistant.name, created, {}, event.finish_reason))
+                    yield _sse(oa.chat_chunk(rid, assistant.name, created, {}, event.finish_reason,
+                                             **verdict("".join(shown))))
                     if include_usage:
                         yield _sse({**oa.chat_chunk(rid, assistant.name, created, {}), "choices": [],
                                     "usage": oa.usage(event.prompt_tokens, len(event.tokens))})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
+        async def kept() -> AsyncIterator[str]:
+            """`stream()`, and when the client goes away mid-reply (the page's Stop), what it was
+            sent is stored, marked stopped: its feedback, often the most negative, is not lost."""
+            if assistant.store is not None:
+                writing[rid] = asyncio.Event()       # before the client can know the id
+            try:
+                async for chunk in stream():
+                    yield chunk
+            finally:
+                if rid in writing and not ended:
+                    keep_stopped("".join(shown))
+                elif rid in writing:
+                    writing.pop(rid).set()            # stored (or failed) before the last chunk
+
+        def keep_stopped(reply: str) -> None:
+            # In a worker thread, not awaited: this request's task is being cancelled.
+            text = assistant.tokenizer.render_chat_text(prompt.messages, add_generation_prompt=True)
+            work = asyncio.get_running_loop().run_in_executor(
+                None, lambda: assistant.store.record_reply(reply=reply, prompt=text, stopped=True, **record))
+
+            def written(f: asyncio.Future) -> None:
+                if f.exception() is not None:
+                    log.error("a stopped reply was not stored: %s", f.exception())
+                writing.pop(rid).set()
+
+            work.add_done_callback(written)
+
+        return StreamingResponse(kept(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
@@ -432,10 +477,23 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
     async def feedback(body: oa.FeedbackRequest):
         if assistant.store is None:
             raise oa.ApiError(503, "this server keeps no feedback (started with --no-feedback)", code="feedback_off")
+        pending = writing.get(body.message_id)
+        if pending is not None:
+            # Still streaming, or stopped a moment ago and being written: its row comes shortly.
+            try:
+                await asyncio.wait_for(pending.wait(), FEEDBACK_WAIT_S)
+            except TimeoutError:
+                pass
+        fields = (body.message_id, body.rating, body.reason, body.comment, body.correction)
         try:
-            row = await run_in_threadpool(assistant.store.add_feedback, body.message_id, body.rating,
-                                          body.reason, body.comment, body.correction)
+            if body.feedback_id is None:
+                row = await run_in_threadpool(assistant.store.add_feedback, *fields)
+            else:
+                row = await run_in_threadpool(assistant.store.update_feedback, body.feedback_id, *fields)
         except LookupError:
+            if body.feedback_id is not None:
+                raise oa.ApiError(404, f"no feedback {body.feedback_id} was given on reply {body.message_id!r} "
+                                       "here", "feedback_id") from None
             raise oa.ApiError(404, f"no reply with id {body.message_id!r} was served here", "message_id") from None
         except ChatforgeError as e:
             raise oa.ApiError(400, str(e)) from None
@@ -502,6 +560,13 @@ def swap_model(assistant: Assistant, reload: Callable[[], tuple[Scheduler, Any]]
         old = assistant.scheduler
         assistant.scheduler, assistant.tokenizer = scheduler, tokenizer
     threading.Thread(target=old.stop, kwargs={"drain": True}, name="chatforge-drain", daemon=True).start()
+
+
+def _is_refusal(reply: str) -> bool:
+    """Does the reply say that the documents hold no answer? (The grounded SFT's refusal.)"""
+    from chatforge.train.prefs import is_refusal
+
+    return is_refusal(reply)
 
 
 def _sse(obj: dict) -> str:

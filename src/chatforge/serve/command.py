@@ -63,6 +63,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "it counts the prompt's tokens too, so it discourages copying from the passages)")
     parser.add_argument("--max-tokens-limit", type=int, default=1024, help="longest reply a request may ask for")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    parser.add_argument("--max-message-chars", type=int, default=4000,
+                        help="longest user message in characters; longer ones get a 400 (the page shows a counter)")
     parser.add_argument("--passages", type=int, default=3, help="passages retrieved per question with --docs")
     parser.add_argument("--index-cache", metavar="DIR", default=None, help="where the passage index is cached")
     parser.add_argument("--threads", type=int, default=None,
@@ -104,7 +106,7 @@ def _is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise ChatforgeError("--model is required: the folder of a trained model (the output of sft)")
-    for name in ("max_batch", "max_tokens", "max_tokens_limit", "max_body_bytes", "passages"):
+    for name in ("max_batch", "max_tokens", "max_tokens_limit", "max_body_bytes", "max_message_chars", "passages"):
         if getattr(args, name) < 1:
             raise ChatforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_tokens > args.max_tokens_limit:
@@ -152,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     tools = runner_from_args(args, index, store)
     assistant = Assistant(scheduler, tokenizer, args.name or model_dir.resolve().name, index=index, system=system,
                           guard=guard, store=store, tools=tools, passages=args.passages, default_max_tokens=args.max_tokens,
-                          max_tokens_limit=args.max_tokens_limit, default_temperature=args.temperature,
+                          max_tokens_limit=args.max_tokens_limit, max_message_chars=args.max_message_chars,
+                          default_temperature=args.temperature,
                           default_repetition_penalty=args.repetition_penalty)
     app = create_app(assistant, api_key=api_key, max_body_bytes=args.max_body_bytes, reload=load)
 

@@ -89,6 +89,9 @@ class FeedbackRequest(BaseModel):
     reason: Literal["inaccurate", "not_in_documents", "too_long", "unhelpful"] | None = None
     comment: str | None = Field(default=None, max_length=8000)
     correction: str | None = Field(default=None, max_length=8000)
+    # chatforge's own: the id an earlier POST returned for this reply; that vote is updated
+    # (the page saves the thumb at once, then completes it with the form's fields)
+    feedback_id: int | None = Field(default=None, ge=1)
 
 
 class FeedbackResponse(BaseModel):

@@ -1,12 +1,15 @@
-// The chatforge chat page: streams replies from POST /v1/chat/completions, lists their sources,
-// and sends thumbs, reasons and corrected answers to POST /v1/feedback (see docs/SERVING.md).
+// The chat page: streams replies from POST /v1/chat/completions, renders them as Markdown
+// (markdown.js), lists their sources, and sends thumbs, reasons and corrected answers to
+// POST /v1/feedback (see docs/SERVING.md). The conversation is kept in this tab's session
+// storage, so a reload shows it again, votes and all.
 //
 // Everything the model or the documents wrote reaches the page as text (textContent, text
-// nodes), never as HTML.
+// nodes, markdown.js's own elements), never as HTML.
 "use strict";
 
 (function () {
   const KEY_STORAGE = "chatforge.apiKey";
+  const CONVERSATION_STORAGE = "chatforge.conversation";
   const REASONS = [
     ["", "No particular reason"],
     ["inaccurate", "Inaccurate"],
@@ -19,16 +22,22 @@
   const log = $("conversation");
   const form = $("composer");
   const question = $("question");
+  const counter = $("counter");
   const sendButton = $("send");
   const stopButton = $("stop");
   const errorBox = $("error");
   const keyPanel = $("key-panel");
   const keyInput = $("api-key");
+  const markdown = window.chatforgeMarkdown;
 
   const state = {
-    messages: [],          // the conversation so far, as sent to the server
+    // The conversation as shown: {role: "user", text} and {role: "assistant", text, id, sources,
+    // refusal, state, note, vote: {rating, feedbackId}}. What is sent to the server and what is
+    // kept in session storage are both made from it.
+    turns: [],
     conversationId: null,  // returned by the server's first response
     model: null,           // from GET /health
+    maxChars: null,        // the longest message the server takes (GET /health)
     controller: null,      // AbortController of the reply being streamed
     epoch: 0,              // bumped by "New conversation": a reply still in flight is dropped
   };
@@ -157,6 +166,53 @@
     }
   }
 
+  // ------------------------------------------------------------------ the conversation, kept
+
+  // The messages the server gets: a reply that ended with no text takes its question with it
+  // (the model would otherwise see two user turns in a row).
+  function messagesFromTurns(turns) {
+    const messages = [];
+    for (const t of turns) {
+      if (t.role === "user") messages.push({ role: "user", content: t.text });
+      else if (t.text) messages.push({ role: "assistant", content: t.text });
+      else if (messages.length && messages[messages.length - 1].role === "user") messages.pop();
+    }
+    return messages;
+  }
+
+  function save() {
+    try {
+      sessionStorage.setItem(CONVERSATION_STORAGE, JSON.stringify(
+        { version: 1, conversationId: state.conversationId, turns: state.turns }));
+    } catch (_) {
+      // storage full or disabled: the conversation lives in this page only
+    }
+  }
+
+  function load() {
+    try {
+      const kept = JSON.parse(sessionStorage.getItem(CONVERSATION_STORAGE) || "null");
+      if (!kept || kept.version !== 1 || !Array.isArray(kept.turns)) return;
+      state.conversationId = typeof kept.conversationId === "string" ? kept.conversationId : null;
+      for (const t of kept.turns) {
+        if (!t || typeof t.text !== "string") continue;
+        if (t.role === "user") {
+          state.turns.push({ role: "user", text: t.text });
+          addUserTurn(t.text);
+        } else if (t.role === "assistant") {
+          // A reply that was streaming when the page went away was cut there; the server kept
+          // it as stopped, so it still takes feedback.
+          const turn = Object.assign({}, t, t.state === "streaming"
+            ? { state: "stopped", note: "Stopped: the page was reloaded." } : {});
+          state.turns.push(turn);
+          showFinished(addAssistantTurn(), turn);
+        }
+      }
+    } catch (_) {
+      // unreadable: start afresh
+    }
+  }
+
   // ------------------------------------------------------------------ the conversation view
 
   function emptyHint() {
@@ -175,12 +231,18 @@
   }
 
   function addAssistantTurn() {
-    const text = el("p", { className: "text" });
+    const hint = $("empty-hint");
+    if (hint) hint.remove();
+    const text = el("div", { className: "text answer" });
     const note = el("p", { className: "note", hidden: true });
     const turn = el("article", { className: "turn assistant", "aria-label": "Assistant", "data-state": "streaming" },
       el("h2", { className: "who", text: "Assistant" }), text, note);
     log.append(turn);
     return { turn, text, note };
+  }
+
+  function renderAnswer(view, text) {
+    view.text.replaceChildren(markdown.render(text));
   }
 
   function renderSources(turn, sources) {
@@ -203,7 +265,25 @@
     turn.insertBefore(section, note);
   }
 
-  // ------------------------------------------------------------------ feedback
+  // A finished (or stopped, or restored) reply: its text, note, sources and buttons.
+  function showFinished(view, t) {
+    renderAnswer(view, t.text);
+    if (!t.text && t.state !== "stopped") view.text.textContent = "(empty reply)";
+    if (t.note) {
+      view.note.textContent = t.note;
+      view.note.hidden = false;
+    }
+    // A refusal ("not in the documentation") used none of the passages: none are listed.
+    if (t.refusal) view.turn.setAttribute("data-refusal", "true");
+    else renderSources(view.turn, t.sources);
+    view.turn.setAttribute("data-state", t.state);
+    if (t.id) {
+      view.turn.setAttribute("data-message-id", t.id);
+      addActions(view.turn, t);
+    }
+  }
+
+  // ------------------------------------------------------------------ copy, feedback
 
   let feedbackCount = 0;
 
@@ -224,9 +304,26 @@
     return svg;
   }
 
-  function addFeedback(turn, messageId) {
+  // The clipboard API needs a secure context (https, or this machine); elsewhere the older
+  // copy command on a hidden text field does it.
+  async function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+      return;
+    }
+    const area = el("textarea", { className: "visually-hidden", readonly: "" });
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    const ok = document.execCommand("copy");
+    area.remove();
+    if (!ok) throw new Error("copy failed");
+  }
+
+  function addActions(turn, t) {
     const n = ++feedbackCount;
-    const box = el("div", { className: "feedback" });
+    const copy = el("button", { type: "button", className: "copy", text: "Copy",
+      title: "Copy the answer", "aria-label": "Copy answer" });
     const up = el("button", { type: "button", className: "thumb up", "aria-label": "Good answer",
       title: "Good answer", "aria-pressed": "false" }, thumbIcon());
     const down = el("button", { type: "button", className: "thumb down", "aria-label": "Bad answer",
@@ -242,48 +339,90 @@
     const submit = el("button", { type: "submit", text: "Send feedback" });
     const status = el("p", { className: "feedback-status", role: "status" });
     const details = el("form", { className: "feedback-form", hidden: true, "aria-label": "Feedback" },
+      el("p", { className: "feedback-hint", text: "Tell us more (optional):" }),
       el("div", { className: "field" }, el("label", { for: reason.id, text: "Reason" }), reason),
       el("div", { className: "field" }, el("label", { for: comment.id, text: "Comment" }), comment),
       el("div", { className: "field" }, el("label", { for: correction.id, text: "Suggest a better answer" }), correction),
       el("div", { className: "feedback-buttons" }, submit));
 
-    let rating = null;
-    const choose = (value) => {
-      rating = value;
-      up.setAttribute("aria-pressed", String(value === "up"));
-      down.setAttribute("aria-pressed", String(value === "down"));
-      details.hidden = false;
-      status.textContent = "";
-      reason.focus();
+    const vote = t.vote || (t.vote = { rating: null, feedbackId: null });
+    const pressed = () => {
+      up.setAttribute("aria-pressed", String(vote.rating === "up"));
+      down.setAttribute("aria-pressed", String(vote.rating === "down"));
     };
+    pressed();
+
+    function say(text, failed) {
+      status.className = failed ? "feedback-status failed" : "feedback-status";
+      status.textContent = text;
+    }
+
+    // Votes go out one at a time, so that a second click updates the row the first one made
+    // (feedback_id) instead of adding another.
+    let queue = Promise.resolve();
+    function send(fields) {
+      const job = queue.then(async () => {
+        const body = Object.assign({ message_id: t.id, rating: vote.rating }, fields);
+        if (vote.feedbackId) body.feedback_id = vote.feedbackId;
+        const response = await fetch("v1/feedback", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+        if (!response.ok) throw new Error(await errorMessage(response));
+        const stored = await response.json();
+        if (stored && Number.isInteger(stored.id)) vote.feedbackId = stored.id;
+        save();
+      });
+      queue = job.catch(() => {});
+      return job;
+    }
+
+    // One click saves the vote; the form that opens only adds to it.
+    async function choose(value) {
+      vote.rating = value;
+      pressed();
+      save();
+      details.hidden = false;
+      say("Saving…");
+      try {
+        await send({});
+        say("Thanks! Your vote was saved.");
+      } catch (err) {
+        say(err instanceof TypeError ? networkMessage(err) : err.message, true);
+      }
+    }
     up.addEventListener("click", () => choose("up"));
     down.addEventListener("click", () => choose("down"));
 
     details.addEventListener("submit", async (event) => {
       event.preventDefault();
-      if (!rating) return;
-      const body = { message_id: messageId, rating };
-      if (reason.value) body.reason = reason.value;
-      if (comment.value.trim()) body.comment = comment.value.trim();
-      if (correction.value.trim()) body.correction = correction.value.trim();
+      if (!vote.rating) return;
+      const fields = {};
+      if (reason.value) fields.reason = reason.value;
+      if (comment.value.trim()) fields.comment = comment.value.trim();
+      if (correction.value.trim()) fields.correction = correction.value.trim();
       submit.disabled = true;
-      status.className = "feedback-status";
-      status.textContent = "Sending…";
+      say("Sending…");
       try {
-        const response = await fetch("v1/feedback", { method: "POST", headers: headers(), body: JSON.stringify(body) });
-        if (!response.ok) throw new Error(await errorMessage(response));
-        status.textContent = "Thanks! Your feedback was saved.";
+        await send(fields);
+        say("Thanks! Your feedback was saved.");
         details.hidden = true;
-        up.disabled = down.disabled = true;
       } catch (err) {
-        status.className = "feedback-status failed";
-        status.textContent = err instanceof TypeError ? networkMessage(err) : err.message;
+        say(err instanceof TypeError ? networkMessage(err) : err.message, true);
+      } finally {
         submit.disabled = false;
       }
     });
 
-    box.append(thumbs, details, status);
-    turn.append(box);
+    copy.addEventListener("click", async () => {
+      try {
+        await copyText(t.text);
+        copy.textContent = "Copied";
+      } catch (_) {
+        copy.textContent = "Copy failed";
+      }
+      setTimeout(() => { copy.textContent = "Copy"; }, 2000);
+    });
+
+    const bar = el("div", { className: "actions" }, thumbs, copy);
+    turn.append(el("div", { className: "feedback" }, bar, status, details));
   }
 
   // ------------------------------------------------------------------ asking
@@ -292,8 +431,15 @@
     clearError();
     const follow = nearBottom();
     const userTurn = addUserTurn(text);
-    state.messages.push({ role: "user", content: text });
-    const reply = addAssistantTurn();
+    const asked = { role: "user", text };
+    state.turns.push(asked);
+    const body = { messages: messagesFromTurns(state.turns), stream: true };
+    if (state.model) body.model = state.model;
+    if (state.conversationId) body.conversation_id = state.conversationId;
+
+    const t = { role: "assistant", text: "", id: null, sources: [], refusal: false, state: "streaming", note: "" };
+    state.turns.push(t);
+    const view = addAssistantTurn();
     if (follow) scrollToEnd();
 
     const controller = new AbortController();
@@ -301,12 +447,16 @@
     state.controller = controller;
     setStreaming(true);
 
-    const body = { messages: state.messages, stream: true };
-    if (state.model) body.model = state.model;
-    if (state.conversationId) body.conversation_id = state.conversationId;
+    // Each piece redraws the answer (Markdown needs the whole text: a "**" may close later);
+    // the kept copy is written at most every half second while the reply streams.
+    let saving = null;
+    const draw = () => {
+      const stick = nearBottom();
+      renderAnswer(view, t.text);
+      if (stick) scrollToEnd();
+      if (!saving) saving = setTimeout(() => { saving = null; save(); }, 500);
+    };
 
-    let answer = "";
-    let messageId = null;
     let finished = "error";
     let failure = null;
     try {
@@ -323,16 +473,16 @@
           return;                                        // not JSON: skip the event
         }
         if (chunk.error) throw new Error(chunk.error.message || "The server stopped the reply.");
-        if (typeof chunk.id === "string" && !messageId) messageId = chunk.id;
+        if (typeof chunk.id === "string" && !t.id) t.id = chunk.id;
         if (typeof chunk.conversation_id === "string" && epoch === state.epoch) state.conversationId = chunk.conversation_id;
-        if (Array.isArray(chunk.sources) && !reply.turn.querySelector(".sources")) renderSources(reply.turn, chunk.sources);
+        // The first chunk names the passages; the last one may take them back (a refusal).
+        if (Array.isArray(chunk.sources)) t.sources = chunk.sources;
+        if (chunk.refusal === true) t.refusal = true;
         const choice = chunk.choices && chunk.choices[0];
         const piece = choice && choice.delta && choice.delta.content;
         if (typeof piece === "string" && piece) {
-          const stick = nearBottom();
-          answer += piece;
-          reply.text.append(piece);                      // a text node: never parsed as HTML
-          if (stick) scrollToEnd();
+          t.text += piece;
+          draw();
         }
       });
       finished = done ? "done" : "cut";
@@ -345,38 +495,27 @@
         setStreaming(false);
       }
     }
+    clearTimeout(saving);
     if (epoch !== state.epoch) return;                   // the conversation was cleared meanwhile
 
-    if (finished === "stopped") {
-      reply.note.textContent = "Stopped.";
-      reply.note.hidden = false;
-    } else if (finished === "cut") {
-      reply.note.textContent = "The reply ended early: the connection closed before it was complete.";
-      reply.note.hidden = false;
-    }
-    if (failure && !answer) {
+    if (failure && !t.text) {
       // Nothing came back: take the question off the conversation and put it back in the
       // box, so that it can be asked again (after entering the API key, say).
       showError(failure);
-      state.messages.pop();
+      state.turns = state.turns.filter((x) => x !== asked && x !== t);
+      save();
       userTurn.remove();
-      reply.turn.remove();
+      view.turn.remove();
       if (!question.value) question.value = text;
       if (!log.querySelector(".turn")) log.append(emptyHint());
       return;
     }
-    if (failure) {
-      reply.note.textContent = failure;
-      reply.note.hidden = false;
-    }
-    if (!answer && finished !== "stopped") reply.text.textContent = "(empty reply)";
-    reply.turn.setAttribute("data-state", failure ? "error" : finished);
-    if (answer) state.messages.push({ role: "assistant", content: answer });
-    else if (state.messages.length && state.messages[state.messages.length - 1].role === "user") state.messages.pop();
-    if (messageId) {
-      reply.turn.setAttribute("data-message-id", messageId);
-      addFeedback(reply.turn, messageId);
-    }
+    if (finished === "stopped") t.note = "Stopped.";
+    else if (finished === "cut") t.note = "The reply ended early: the connection closed before it was complete.";
+    if (failure) t.note = failure;
+    t.state = failure ? "error" : finished;
+    save();
+    showFinished(view, t);
   }
 
   function newConversation() {
@@ -384,12 +523,36 @@
     if (state.controller) state.controller.abort();
     state.controller = null;
     setStreaming(false);
-    state.messages = [];
+    state.turns = [];
     state.conversationId = null;
+    save();
     log.replaceChildren(emptyHint());
     clearError();
     question.value = "";
+    updateCounter();
     question.focus();
+  }
+
+  // ------------------------------------------------------------------ the length limit
+
+  function updateCounter() {
+    const limit = state.maxChars;
+    if (!limit) {
+      counter.hidden = true;
+      return false;
+    }
+    // The text as sent (trimmed). JavaScript counts UTF-16 units, never fewer than the server's
+    // characters: what the counter lets through, the server takes.
+    const length = question.value.trim().length;
+    const over = length > limit;
+    counter.hidden = false;
+    counter.textContent = over
+      ? length + " / " + limit + " characters: shorten it by " + (length - limit) + " to send"
+      : length + " / " + limit;
+    counter.classList.toggle("over", over);
+    counter.classList.toggle("near", !over && length > limit * 0.9);
+    question.setAttribute("aria-invalid", String(over));
+    return over;
   }
 
   // ------------------------------------------------------------------ wiring
@@ -398,8 +561,9 @@
     event.preventDefault();
     if (state.controller) return;                        // a reply is still streaming
     const text = question.value.trim();
-    if (!text) return;
+    if (!text || updateCounter()) return;                // empty, or longer than the server takes
     question.value = "";
+    updateCounter();
     ask(text);
   });
 
@@ -409,6 +573,7 @@
       form.requestSubmit();
     }
   });
+  question.addEventListener("input", updateCounter);
 
   stopButton.addEventListener("click", () => {
     if (state.controller) state.controller.abort();
@@ -438,6 +603,10 @@
         state.model = info.model;
         $("model-name").textContent = info.model;
       }
+      if (Number.isInteger(info.max_message_chars) && info.max_message_chars > 0) {
+        state.maxChars = info.max_message_chars;
+        updateCounter();
+      }
       if (!response.ok) showError("The server is not ready (" + response.status + "). Try again in a moment.");
     } catch (err) {
       showError(networkMessage(err));
@@ -446,5 +615,6 @@
   }
 
   setStreaming(false);
+  load();
   checkHealth();
 })();
