@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.infer.retrieval import NOT_FOUND_REPLY
+from chatforge.retrieval import NOT_FOUND_REPLY
 
 from _serve_fixtures import serve
 from _tiny_chat_model import CONTEXT, CONVERSATIONS, train_tiny_chat_model
@@ -85,7 +85,7 @@ def model_dir(tmp_path_factory, docs_dir) -> Path:
     from chatforge.infer.plugin_builtins import DocsPlugin
     from chatforge.infer.plugins import PluginRunner
     from chatforge.infer.prompting import parse_system_prompt
-    from chatforge.infer.retrieval import PassageIndex
+    from chatforge.retrieval import PassageIndex
 
     index = PassageIndex.load_or_build([docs_dir], tmp_path_factory.mktemp("index"))
     system = parse_system_prompt(SYSTEM)

@@ -61,7 +61,7 @@ class Preference:
 
     @property
     def question(self) -> str:
-        """The last user turn; for a grounded prompt (`infer.retrieval`) the text after "Question:"."""
+        """The last user turn; for a grounded prompt (`chatforge.retrieval`) the text after "Question:"."""
         text = self.prompt[-1]["content"]
         head, sep, tail = text.rpartition("\nQuestion: ")
         return tail.strip() if sep and head.startswith("Context:") else text.strip()

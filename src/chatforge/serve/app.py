@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatforge.errors import ChatforgeError
 from chatforge.infer.batching import Done, Piece, QueueFull, Scheduler, ShuttingDown
+from chatforge.infer.answer import is_refusal
 from chatforge.infer.chat import fit_prompt
 from chatforge.infer.engine import GenerationConfig
 from chatforge.infer.prompting import SystemPrompt
@@ -327,7 +328,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
 
         def verdict(reply: str) -> dict:
             # A reply saying the documents hold no answer used none of the passages: it lists none.
-            refusal = prompt.grounded and _is_refusal(reply)
+            refusal = prompt.grounded and is_refusal(reply)
             return {"sources": [] if refusal else sources, "refusal": refusal}
 
         extra = {"conversation_id": conversation, "sources": sources}
@@ -560,13 +561,6 @@ def swap_model(assistant: Assistant, reload: Callable[[], tuple[Scheduler, Any]]
         old = assistant.scheduler
         assistant.scheduler, assistant.tokenizer = scheduler, tokenizer
     threading.Thread(target=old.stop, kwargs={"drain": True}, name="chatforge-drain", daemon=True).start()
-
-
-def _is_refusal(reply: str) -> bool:
-    """Does the reply say that the documents hold no answer? (The grounded SFT's refusal.)"""
-    from chatforge.train.prefs import is_refusal
-
-    return is_refusal(reply)
 
 
 def _sse(obj: dict) -> str:

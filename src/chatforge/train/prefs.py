@@ -40,12 +40,11 @@ The counts are printed and written to OUT with the suffix `.report.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from chatforge import files
 from chatforge.cli import add_parser, leaf, subcommands
@@ -86,14 +85,6 @@ def as_written(shown: str, passages: Sequence) -> str:
             spans = list(re.finditer(r"\S+", p.text))
             return p.text[:spans[len(words) - 1].end()] if words else ""
     return shown
-
-
-def is_refusal(reply: str) -> bool:
-    """Does the reply say the documents do not hold the answer (the SFT refusal's opening)?"""
-    from chatforge.retrieval import NOT_FOUND_REPLY
-
-    start = NOT_FOUND_REPLY.split(". ")[0].lower()
-    return " ".join(reply.split()).lower().startswith(start)
 
 
 def shown_passages(user_content: str, sources: set[str]) -> list[tuple[str, str]]:
@@ -160,6 +151,7 @@ def make_preferences(model_dir: str | Path | None, data: str | Path, docs: Seque
     from chatforge.data.chat_data import read_chat_records
     from chatforge.data.feedback import normalize_question
     from chatforge.data.prefs import Preference, read_preferences, write_preferences
+    from chatforge.infer.answer import is_refusal
     from chatforge.model.folder import load_model
     from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, NOT_FOUND_REPLY, PassageIndex, cite, strip_citation
     from chatforge.retrieval.examples import grounded_sft_examples
