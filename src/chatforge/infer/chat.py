@@ -219,7 +219,11 @@ def fit_prompt(tokenizer, system: SystemPrompt | None, index, history: list[dict
         passages = index.search(user_text, k) if index is not None else []
     fixed = len(render(_messages(system, index, "", [], [], MIN_CONTEXT_TOKENS, tokenizer)))
     context_tokens = max(MIN_CONTEXT_TOKENS, (budget - fixed) * 2 // 3)
-    skip = 0                                       # oldest history messages left out
+    # Oldest history messages left out: first estimated from each message's tokens, counted once,
+    # so a long history costs linear time (rendering it whole once per dropped turn was quadratic:
+    # 8,000 short messages took 100 s). The loop below checks the estimate on the real rendering.
+    bare = len(render(_messages(system, index, user_text, [], passages, context_tokens, tokenizer, facts)))
+    skip = _first_fitting_skip(tokenizer, history, budget - bare)
     while True:
         messages = _messages(system, index, user_text, history[skip:], passages, context_tokens, tokenizer, facts)
         ids = render(messages)
@@ -239,6 +243,27 @@ def fit_prompt(tokenizer, system: SystemPrompt | None, index, history: list[dict
                 f"model's context holds {budget} before the reply; shorten it")
     return Prompt(ids, messages, _passages_used(passages, messages[-1]["content"]), skip, facts,
                   grounded=index is not None)
+
+
+def _first_fitting_skip(tokenizer, history: list[dict], room: int) -> int:
+    """The fewest oldest messages (whole turns: an even number) to leave out so that the rest of
+    `history` takes at most `room` tokens; past the end of it if none fits.
+
+    A rendered conversation is the sum of its messages' renderings (each is its own
+    `<|im_start|>role\ncontent<|im_end|>\n`, encoded apart from the others), so each message is
+    rendered once, after a fixed system message that keeps the template's default one out."""
+    if not history:
+        return 0
+    anchor = {"role": "system", "content": ""}
+    base = len(tokenizer.render_chat([anchor])[0])
+    costs = [len(tokenizer.render_chat([anchor, {"role": m["role"], "content": m["content"]}])[0]) - base
+             for m in history]
+    kept = sum(costs)                              # tokens of history[skip:]
+    skip = 0
+    while skip < len(history) and kept > room:
+        kept -= sum(costs[skip:skip + 2])
+        skip += 2
+    return skip
 
 
 def _passages_used(passages: list, user_content: str) -> list:
