@@ -241,3 +241,36 @@ def test_a_vanishing_temperature_is_greedy_and_a_failed_request_ends_alone(engin
     assert tiny_t.result(timeout=0).tokens == alone(engine, PROMPTS[0], GenerationConfig(max_new_tokens=10))[0]
     assert broken.result(timeout=0).finish_reason == "error"
     assert fine.result(timeout=0).tokens == alone(engine, PROMPTS[2], GenerationConfig(max_new_tokens=10))[0]
+
+
+def test_a_request_that_fails_to_be_admitted_ends_alone(engine):
+    """Found by an outside probe: an admission that raised (a seed above 2**64-1) ended every
+    running request with an error, and the request itself, taken off the queue, never ended."""
+    scheduler = Scheduler(engine)
+    cfg = GenerationConfig(max_new_tokens=12)
+    first = scheduler.submit(PROMPTS[0], cfg)
+    scheduler.step()                                          # running, one token out
+    real = engine._forward
+    bad_prompt = PROMPTS[3]
+
+    def broken(ids, *a, **kw):
+        if ids.shape[1] == len(bad_prompt):                  # only the bad request's prefill
+            raise ValueError("Overflow when unpacking long long")
+        return real(ids, *a, **kw)
+
+    engine._forward = broken
+    try:
+        bad = scheduler.submit(bad_prompt, cfg)
+        late = scheduler.submit(PROMPTS[2], cfg)
+        scheduler.run_until_idle()
+    finally:
+        engine._forward = real
+    assert bad.result(timeout=0).finish_reason == "error" and "admission failed" in bad.result(timeout=0).error
+    assert first.result(timeout=0).tokens == alone(engine, PROMPTS[0], cfg)[0]
+    assert late.result(timeout=0).tokens == alone(engine, PROMPTS[2], cfg)[0]
+
+
+def test_a_seed_torch_cannot_take_is_refused_up_front():
+    with pytest.raises(ChatforgeError, match="seed"):
+        GenerationConfig(strategy="sample", seed=2 ** 64)
+    assert GenerationConfig(strategy="sample", seed=2 ** 64 - 1).seed == 2 ** 64 - 1

@@ -311,7 +311,14 @@ class Scheduler:
                 if request.cancelled:
                     request._emit(Done("", [], "cancelled", len(request.prompt)))
                     continue
-                self._admit(request)
+                try:
+                    self._admit(request)
+                except Exception as e:      # noqa: BLE001 - one request's failure is its own
+                    # The running rows are untouched (the request only joins them once its
+                    # prefill is done), so only this request ends, with an error.
+                    log.exception("admitting a request failed; it ends with an error")
+                    request._emit(Done("", [], "error", len(request.prompt),
+                                       error=f"admission failed: {type(e).__name__}: {e}"))
             self._drop_finished()
             if self.running:
                 self._decode()
@@ -352,7 +359,7 @@ class Scheduler:
             else:
                 probs = torch.softmax(run.pipeline.warp(logits), dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=run.generator))
-        except RuntimeError as e:
+        except Exception as e:              # noqa: BLE001
             # One request's settings (say, penalties that drive every logit to -inf) end that
             # request only; the rest of the batch goes on.
             log.warning("a request's sampling failed: %s", e)
