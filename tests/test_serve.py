@@ -183,8 +183,8 @@ def _error(r: httpx.Response, status: int) -> dict:
     ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -3}, 400, "frequency_penalty"),
     ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content"),
-    ({"messages": "hello"}, 422, "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 422, "temperature"),
+    ({"messages": "hello"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404, "model"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, param):
@@ -194,7 +194,7 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
 
 def test_transport_level_errors(server):
     url = server.url + "/v1/chat/completions"
-    assert _error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 422)
+    assert _error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
     assert _error(httpx.post(url, content=b"x" * (2 << 20), headers={"content-type": "application/json"}), 413)
     assert _error(httpx.get(server.url + "/v1/nothing"), 404)
     assert _error(httpx.get(url), 405)

@@ -46,6 +46,8 @@ from chatforge.serve import openai_api as oa
 log = logging.getLogger("chatforge.serve")
 disable_created_metrics()     # the *_created series only double the scrape
 MAX_STOP_STRINGS = 4
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)     # what torch.Generator.manual_seed accepts
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Assistant:
     default_temperature: float = 1.0               # for requests that do not say (OpenAI's default: 1)
     default_repetition_penalty: float = 1.0        # for requests that do not say (1 = off)
     max_tokens_limit: int = 1024                   # a request asking for more gets a 400
+    request_timeout: float = 600.0                 # seconds a request may wait and generate in all
 
     def __post_init__(self):
         if self.tools is None and self.index is not None:
@@ -152,12 +155,26 @@ def _generation(req: oa._Sampling, max_tokens: int | None, assistant: Assistant)
             raise oa.ApiError(400, f"{name} must be between {lo} and {hi}, got {value}", name)
     if req.top_p is not None and req.top_p == 0:
         raise oa.ApiError(400, "top_p must be above 0", "top_p")
+    if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
+        raise oa.ApiError(400, f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}", "seed")
     temperature = assistant.default_temperature if req.temperature is None else req.temperature
     penalty = assistant.default_repetition_penalty if req.repetition_penalty is None else req.repetition_penalty
-    return GenerationConfig(repetition_penalty=penalty,
-        strategy="greedy" if temperature == 0 else "sample", temperature=temperature or 1.0,
-        top_p=req.top_p or 1.0, max_new_tokens=max_tokens or assistant.default_max_tokens, stop_strings=tuple(stop),
-        seed=req.seed, frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0)
+    try:
+        return GenerationConfig(repetition_penalty=penalty,
+            strategy="greedy" if temperature == 0 else "sample", temperature=temperature or 1.0,
+            top_p=req.top_p or 1.0, max_new_tokens=max_tokens or assistant.default_max_tokens,
+            stop_strings=tuple(stop), seed=req.seed, frequency_penalty=req.frequency_penalty or 0.0,
+            presence_penalty=req.presence_penalty or 0.0)
+    except ChatforgeError as e:            # a value the checks above let through (e.g. NaN)
+        raise oa.ApiError(400, str(e)) from None
+
+
+def _check_text(body: Any) -> None:
+    """400 for a string the tokenizer and the database cannot take (a lone surrogate)."""
+    where = oa.lone_surrogate(body.model_dump())
+    if where is not None:
+        raise oa.ApiError(400, f"{where} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not text; "
+                               "send valid Unicode", where)
 
 
 def _check_model(requested: str | None, assistant: Assistant) -> None:
@@ -173,6 +190,7 @@ class _Job:
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Piece | Done] = asyncio.Queue()
         self.started = time.perf_counter()
+        self.deadline = self.started + assistant.request_timeout
         try:
             self.request = assistant.scheduler.submit(
                 ids, cfg, on_event=lambda e: loop.call_soon_threadsafe(self.events.put_nowait, e))
@@ -184,9 +202,16 @@ class _Job:
             raise oa.ApiError(400, str(e)) from None
 
     async def pieces(self) -> AsyncIterator[Piece | Done]:
+        """The request's events; 504 once it has run past its deadline (a request never waits
+        without one, whatever happens to the scheduler)."""
         try:
             while True:
-                event = await self.events.get()
+                try:
+                    event = await asyncio.wait_for(self.events.get(), max(0.0, self.deadline - time.perf_counter()))
+                except asyncio.TimeoutError:
+                    raise oa.ApiError(504, "the request took longer than the server's limit "
+                                           "(--request-timeout); retry later or ask for fewer tokens",
+                                      code="timeout") from None
                 yield event
                 if isinstance(event, Done):
                     return
@@ -194,6 +219,43 @@ class _Job:
             # A client that went away (or an error) frees the batch slot at the next step.
             if self.request.outcome is None:
                 self.request.cancel()
+
+
+class ClientGone(Exception):
+    """The client of a non-streamed request disconnected before its answer was ready."""
+
+
+async def _collect(job: "_Job | _Canned", request: Request) -> Done:
+    """The `Done` of a non-streamed request, while watching its connection: a client that gives
+    up (a timeout, a retry) cancels its generation, queued or running, as a streaming one does
+    when its next chunk cannot be sent. Without this an abandoned request kept its slot to the end
+    and clients that retried multiplied the load."""
+    async def last() -> Done:
+        done = None
+        async for event in job.pieces():
+            done = event if isinstance(event, Done) else done
+        return done
+
+    async def gone() -> None:
+        # The body is read, so the next ASGI message is the disconnect (uvicorn sends it when
+        # the connection closes, whenever that is).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    answer, watch = asyncio.ensure_future(last()), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({answer, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not answer.done():
+            answer.cancel()
+            # Not left to job.pieces()' own `finally`: a task cancelled before it first ran
+            # never enters it (a client gone before its request was submitted).
+            if job.request is not None and job.request.outcome is None:
+                job.request.cancel()
+    if not answer.done() or answer.cancelled():
+        raise ClientGone()
+    return answer.result()
 
 
 class _Canned:
@@ -233,18 +295,25 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
+            message, where = "the request body is not valid JSON", None      # its loc is a character offset
         elif not where:
             message = "the request body must be a JSON object (Content-Type: application/json)"
         else:
             message = f"{where or 'body'}: {first.get('msg', 'invalid value')}"
-        return JSONResponse(oa.ApiError(422, message, where).body(), status_code=422)
+        # OpenAI answers a body it cannot read (bad JSON, a wrong type) with 400 on its own
+        # routes; chatforge's own (feedback) keep FastAPI's 422.
+        status = 400 if request.url.path in OPENAI_ROUTES else 422
+        return JSONResponse(oa.ApiError(status, message, where).body(), status_code=status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         message = {404: f"no such path: {request.url.path}", 405: f"{request.method} is not allowed here"}
         body = oa.ApiError(e.status_code, message.get(e.status_code, str(e.detail))).body()
         return JSONResponse(body, status_code=e.status_code)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone):
+        return Response(status_code=499)        # nginx's "client closed request"; nobody reads it
 
     @app.exception_handler(Exception)
     async def failed(request: Request, e: Exception):
@@ -283,8 +352,9 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
     # ---------------------------------------------------------------------------- completions
 
     @app.post("/v1/chat/completions")
-    async def chat(body: oa.ChatRequest):
+    async def chat(body: oa.ChatRequest, request: Request):
         _check_model(body.model, assistant)
+        _check_text(body)
         client_system, history, question = _conversation(body.messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         cfg = _generation(body, max_tokens, assistant)
@@ -317,9 +387,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
 
         extra = {"conversation_id": conversation, "sources": sources}
         if not body.stream:
-            done = None
-            async for event in job.pieces():
-                done = event if isinstance(event, Done) else done
+            done = await _collect(job, request)
             reply = assistant.guard.apply(done.text).text
             await finish(done, reply)
             return {"id": rid, "object": "chat.completion", "created": created, "model": assistant.name,
@@ -333,32 +401,33 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
             safe = assistant.guard.stream()
             shown: list[str] = []
             yield _sse(oa.chat_chunk(rid, assistant.name, created, {"role": "assistant", "content": ""}, **extra))
-            async for event in job.pieces():
-                if isinstance(event, Piece):
-                    out = safe.push(event.text)
-                else:
-                    out = safe.finish()
-                if out:
-                    shown.append(out)
-                    yield _sse(oa.chat_chunk(rid, assistant.name, created, {"content": out}))
-                if isinstance(event, Done):
-                    try:
+            try:
+                async for event in job.pieces():
+                    if isinstance(event, Piece):
+                        out = safe.push(event.text)
+                    else:
+                        out = safe.finish()
+                    if out:
+                        shown.append(out)
+                        yield _sse(oa.chat_chunk(rid, assistant.name, created, {"content": out}))
+                    if isinstance(event, Done):
                         await finish(event, "".join(shown))
-                    except oa.ApiError as e:
-                        yield _sse(e.body())
-                        return
-                    yield _sse(oa.chat_chunk(rid, assistant.name, created, {}, event.finish_reason))
-                    if include_usage:
-                        yield _sse({**oa.chat_chunk(rid, assistant.name, created, {}), "choices": [],
-                                    "usage": oa.usage(event.prompt_tokens, len(event.tokens))})
+                        yield _sse(oa.chat_chunk(rid, assistant.name, created, {}, event.finish_reason))
+                        if include_usage:
+                            yield _sse({**oa.chat_chunk(rid, assistant.name, created, {}), "choices": [],
+                                        "usage": oa.usage(event.prompt_tokens, len(event.tokens))})
+            except oa.ApiError as e:
+                yield _sse(e.body())
+                return
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
-    async def complete(body: oa.CompletionRequest):
+    async def complete(body: oa.CompletionRequest, request: Request):
         _check_model(body.model, assistant)
+        _check_text(body)
         if body.echo or body.logprobs or body.suffix:
             raise oa.ApiError(400, "echo, logprobs and suffix are not supported", "echo")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -379,9 +448,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
                 raise oa.ApiError(500, "generation failed; see the server's log")
 
         if not body.stream:
-            done = None
-            async for event in job.pieces():
-                done = event if isinstance(event, Done) else done
+            done = await _collect(job, request)
             counted(done)
             return {"id": rid, "object": "text_completion", "created": created, "model": assistant.name,
                     "choices": [{"index": 0, "text": done.text, "logprobs": None, "finish_reason": done.finish_reason}],
@@ -390,19 +457,19 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def stream() -> AsyncIterator[str]:
-            async for event in job.pieces():
-                if isinstance(event, Piece):
-                    yield _sse(oa.completion_chunk(rid, assistant.name, created, event.text))
-                    continue
-                try:
+            try:
+                async for event in job.pieces():
+                    if isinstance(event, Piece):
+                        yield _sse(oa.completion_chunk(rid, assistant.name, created, event.text))
+                        continue
                     counted(event)
-                except oa.ApiError as e:
-                    yield _sse(e.body())
-                    return
-                yield _sse(oa.completion_chunk(rid, assistant.name, created, "", event.finish_reason))
-                if include_usage:
-                    yield _sse({**oa.completion_chunk(rid, assistant.name, created, ""), "choices": [],
-                                "usage": oa.usage(event.prompt_tokens, len(event.tokens))})
+                    yield _sse(oa.completion_chunk(rid, assistant.name, created, "", event.finish_reason))
+                    if include_usage:
+                        yield _sse({**oa.completion_chunk(rid, assistant.name, created, ""), "choices": [],
+                                    "usage": oa.usage(event.prompt_tokens, len(event.tokens))})
+            except oa.ApiError as e:
+                yield _sse(e.body())
+                return
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -432,6 +499,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
     async def feedback(body: oa.FeedbackRequest):
         if assistant.store is None:
             raise oa.ApiError(503, "this server keeps no feedback (started with --no-feedback)", code="feedback_off")
+        _check_text(body)
         try:
             row = await run_in_threadpool(assistant.store.add_feedback, body.message_id, body.rating,
                                           body.reason, body.comment, body.correction)
