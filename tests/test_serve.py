@@ -34,7 +34,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    running = serve(model_dir, db=tmp_path_factory.mktemp("db") / "feedback.sqlite")
+    running = serve(model_dir, db=tmp_path_factory.mktemp("db") / "feedback.sqlite", app_kw={"api_docs": True})
     yield running
     running.stop()
 
@@ -464,8 +464,9 @@ def test_reload_serves_a_new_model_without_dropping_a_request(model_dir, tmp_pat
 
     folder = tmp_path / "model"
     shutil.copytree(model_dir, folder)
-    running = serve(folder, api_key="k", reloadable=True)
+    running = serve(folder, api_key="k", reloadable=True, app_kw={"admin_key": "admin"})
     auth = {"Authorization": "Bearer k"}
+    admin = {"Authorization": "Bearer admin"}
     try:
         before = httpx.post(running.url + "/v1/chat/completions", json=ask(max_tokens=40), headers=auth).json()
         old = running.assistant.scheduler
@@ -497,7 +498,8 @@ def test_reload_serves_a_new_model_without_dropping_a_request(model_dir, tmp_pat
             model.lm_head.weight.mul_(-1.0)
         save_model(folder, model, tok)
         assert _error(httpx.post(running.url + "/admin/reload"), 401)
-        r = httpx.post(running.url + "/admin/reload", headers=auth, timeout=60)
+        assert _error(httpx.post(running.url + "/admin/reload", headers=auth), 401)     # a chat key is not enough
+        r = httpx.post(running.url + "/admin/reload", headers=admin, timeout=60)
         assert r.status_code == 200 and r.json()["status"] == "reloaded"
         assert running.assistant.scheduler is not old
         t.join(60)

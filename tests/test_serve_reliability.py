@@ -215,3 +215,87 @@ def test_clients_that_give_up_on_non_streamed_requests_cancel_them(model_dir):
     finally:
         scheduler.engine.stop_ids = stops
         running.stop()
+
+
+# ---------------------------------------------------------------------------- 4. HTTP hardening
+
+def test_the_page_and_the_api_carry_security_headers_and_answer_head(server):
+    page = httpx.get(server.url + "/")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    api = httpx.post(server.url + "/v1/chat/completions", json=ask(max_tokens=2))
+    assert api.headers["x-content-type-options"] == "nosniff"
+    for path in ("/", "/health", "/metrics", "/v1/models", "/v1/models/tiny", "/static/app.js"):
+        head = httpx.head(server.url + path)
+        assert head.status_code == 200 and head.content == b"", path
+        assert head.headers["x-content-type-options"] == "nosniff"
+    # The schema and its Swagger page (loaded from a CDN) are off unless asked for.
+    assert _error(httpx.get(server.url + "/openapi.json"), 404) and _error(httpx.get(server.url + "/docs"), 404)
+
+
+def test_a_keyless_loopback_server_answers_only_its_own_names(model_dir):
+    """DNS rebinding: a page on evil.example, whose name now resolves to 127.0.0.1, calls the
+    keyless server; the browser sends Host: evil.example."""
+    running = serve(model_dir, app_kw={"allowed_hosts": ["localhost", "127.0.0.1", "::1"]})
+    port = running.url.rsplit(":", 1)[1]
+    try:
+        url = running.url + "/v1/chat/completions"
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", ""):
+            assert _error(httpx.post(url, json=ask(max_tokens=2), headers={"host": host}), 400)["code"] == "invalid_host"
+        assert httpx.get(running.url + "/", headers={"host": "evil.example"}).status_code == 400
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", f"[::1]:{port}"):
+            assert httpx.post(url, json=ask(max_tokens=2), headers={"host": host}).status_code == 200, host
+    finally:
+        running.stop()
+
+
+def test_the_admin_key_is_not_a_chat_key(model_dir):
+    running = serve(model_dir, api_key="chat", reloadable=True)
+    try:
+        # no admin key configured: the chat key does not open /admin/ (it did before)
+        r = httpx.post(running.url + "/admin/reload", headers={"Authorization": "Bearer chat"})
+        assert _error(r, 403)["code"] == "admin_disabled"
+    finally:
+        running.stop()
+
+
+def _closed_within(sock, seconds: float) -> bool:
+    """Whether the server closes `sock` within `seconds` (reading whatever it sends)."""
+    sock.settimeout(seconds)
+    try:
+        while True:
+            if sock.recv(4096) == b"":
+                return True
+    except (TimeoutError, OSError):
+        return False
+
+
+def test_a_client_must_send_its_request_in_time(model_dir):
+    """Defect 6: 300 connections sending a byte every 10 s all stayed open. Here a request must
+    arrive whole within 1 s: slow headers and a slow body are cut off, a quick request on a
+    kept-alive connection is not, however long the answer takes."""
+    import socket
+
+    running = serve(model_dir, http_kw={"request_read_timeout": 1.0})
+    host, port = "127.0.0.1", int(running.url.rsplit(":", 1)[1])
+    try:
+        slow_headers = socket.create_connection((host, port))
+        slow_headers.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        body = json.dumps({"prompt": "free plan", "max_tokens": 2}).encode()
+        slow_body = socket.create_connection((host, port))
+        slow_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+        idle = socket.create_connection((host, port))        # opens and never sends a byte
+        for sock in (slow_headers, slow_body, idle):
+            assert _closed_within(sock, 10)
+            sock.close()
+        engine = running.assistant.scheduler.engine
+        stops, engine.stop_ids = engine.stop_ids, []         # every answer runs to its 12 tokens
+        with httpx.Client(base_url=running.url) as http, _Crawl(running.assistant.scheduler, 0.15):
+            for _ in range(2):                                # two requests on one connection
+                r = http.post("/v1/completions", json={"prompt": "free plan", "max_tokens": 12, "temperature": 0})
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12   # > 1 s each
+        engine.stop_ids = stops
+    finally:
+        running.stop()

@@ -24,11 +24,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
@@ -42,6 +43,7 @@ from chatforge.infer.engine import GenerationConfig
 from chatforge.infer.prompting import SystemPrompt
 from chatforge.infer.safety import ReplyFilter
 from chatforge.serve import openai_api as oa
+from chatforge.serve.http import SECURITY_HEADERS, host_name
 
 log = logging.getLogger("chatforge.serve")
 disable_created_metrics()     # the *_created series only double the scrape
@@ -274,13 +276,17 @@ class _Canned:
 # ----------------------------------------------------------------------------------- the app
 
 def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               reload: Callable[[], tuple[Scheduler, Any]] | None = None) -> FastAPI:
+               reload: Callable[[], tuple[Scheduler, Any]] | None = None, admin_key: str | None = None,
+               allowed_hosts: Sequence[str] | None = None, api_docs: bool = False) -> FastAPI:
     """The FastAPI app serving `assistant` (see the module docstring and docs/SERVING.md).
 
     `reload()` loads the model folder again and returns a started scheduler and its tokenizer;
-    `POST /admin/reload` (and `chatforge serve`'s SIGHUP) swap them in (`swap_model`)."""
+    `POST /admin/reload` (and `chatforge serve`'s SIGHUP) swap them in (`swap_model`); it needs
+    `admin_key`, never a chat key. `allowed_hosts`: the Host names answered (None: any), against
+    DNS rebinding of a keyless loopback server. `api_docs`: serve /docs and /openapi.json."""
     metrics = Metrics(assistant)
-    app = FastAPI(title="chatforge", version="1", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="chatforge", version="1", redoc_url=None,
+                  docs_url="/docs" if api_docs else None, openapi_url="/openapi.json" if api_docs else None)
     app.state.stopping = False
     app.state.assistant = assistant
     static = resources.files("chatforge.serve") / "static"
@@ -347,7 +353,14 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         return oa.model_card(assistant.name, app.state.created)
 
     app.state.created = oa.now()
-    app.add_middleware(_Gate, state=app.state, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+
+    # HEAD wherever GET is (FastAPI, unlike Starlette, does not add it; uvicorn drops the body),
+    # kept out of the schema, whose clients would expect a body.
+    for route in list(app.routes):
+        if isinstance(route, APIRoute) and "GET" in route.methods:
+            app.add_api_route(route.path, route.endpoint, methods=["HEAD"], include_in_schema=False)
+    app.add_middleware(_Gate, state=app.state, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics,
+                       admin_key=admin_key, allowed_hosts=allowed_hosts)
 
     # ---------------------------------------------------------------------------- completions
 
@@ -476,11 +489,11 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
 
     # ---------------------------------------------------------------------------------- admin
 
-    @app.post("/admin/reload", responses={403: {"description": "no API key is set"},
+    @app.post("/admin/reload", responses={403: {"description": "no admin key is set"},
                                           501: {"description": "reloading is not configured"}})
     async def reload_model():
-        if not api_key:
-            raise oa.ApiError(403, "admin endpoints need an API key: start the server with --api-key "
+        if not admin_key:
+            raise oa.ApiError(403, "admin endpoints need an admin key: start the server with --admin-key "
                                    "(or send it SIGHUP to reload)", code="admin_disabled")
         if reload is None:
             raise oa.ApiError(501, "this server cannot reload its model", code="reload_unavailable")
@@ -513,16 +526,32 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
 
 
 class _Gate:
-    """Checks every request before the app sees it: shutting down (503), body size (413; a POST
-    must say its length, 411), the API key on /v1/... (401, compared in constant time); and counts
-    each answer by route and status. Plain ASGI, so streamed replies pass through untouched and a
-    client that disconnects still cancels its generation."""
+    """Checks every request before the app sees it: the Host header (400 for a name this server
+    does not answer to), shutting down (503), body size (413; a POST must say its length, 411),
+    the API key on /v1/... and the admin key on /admin/... (401, compared in constant time); adds
+    the security headers (`http.SECURITY_HEADERS`) to every answer and counts each by route and
+    status. Plain ASGI, so streamed replies pass through untouched and a client that disconnects
+    still cancels its generation."""
 
-    def __init__(self, app, state, api_key: str | None, max_body_bytes: int, metrics: Metrics):
+    def __init__(self, app, state, api_key: str | None, max_body_bytes: int, metrics: Metrics,
+                 admin_key: str | None = None, allowed_hosts: Sequence[str] | None = None):
         self.app, self.state, self.api_key, self.max_body, self.metrics = app, state, api_key, max_body_bytes, metrics
+        self.admin_key = admin_key
+        self.allowed_hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+
+    @staticmethod
+    def _key_ok(headers: dict, key: str) -> bool:
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        return hmac.compare_digest(token.encode(), key.encode())
 
     def check(self, scope) -> oa.ApiError | None:
         path, headers = scope["path"], dict(scope["headers"])
+        if self.allowed_hosts is not None and host_name(headers.get(b"host")) not in self.allowed_hosts:
+            # A page on another site whose name now points at 127.0.0.1 (DNS rebinding) would
+            # otherwise read a keyless loopback server as its own origin.
+            return oa.ApiError(400, "the Host header names a site this server does not serve; open it by "
+                                    "its own address (or start it with --allowed-host NAME)", code="invalid_host")
         if self.state.stopping and path != "/metrics":
             return oa.ApiError(503, "the server is shutting down", code="shutting_down")
         length = headers.get(b"content-length")
@@ -530,12 +559,14 @@ class _Gate:
             return oa.ApiError(411, "send the request body with a Content-Length header")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return oa.ApiError(413, f"the request body is larger than {self.max_body} bytes")
-        if self.api_key and path.startswith(("/v1/", "/admin/")):
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                return oa.ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                   code="invalid_api_key")
+        if self.api_key and path.startswith("/v1/") and not self._key_ok(headers, self.api_key):
+            return oa.ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                               code="invalid_api_key")
+        # The admin key is its own: a chat user's key never opens /admin/ (without an admin key
+        # the route itself answers 403).
+        if self.admin_key and path.startswith("/admin/") and not self._key_ok(headers, self.admin_key):
+            return oa.ApiError(401, "missing or wrong admin key: send 'Authorization: Bearer ADMIN_KEY'",
+                               code="invalid_api_key")
         return None
 
     async def __call__(self, scope, receive, send):
@@ -546,6 +577,7 @@ class _Gate:
         async def counted(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
             await send(message)
 
         error = self.check(scope)
