@@ -9,6 +9,7 @@ import json
 import sqlite3
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -477,6 +478,7 @@ def test_reload_serves_a_new_model_without_dropping_a_request(model_dir, tmp_pat
             return real(*a, **kw)
 
         old.engine._forward = crawl
+        old_model = weakref.ref(old.engine.model)
         streamed: dict = {}
 
         def long_request():
@@ -504,6 +506,11 @@ def test_reload_serves_a_new_model_without_dropping_a_request(model_dir, tmp_pat
         assert running.assistant.scheduler is not old
         t.join(60)
         assert streamed["status"] == 200 and streamed["lines"][-1] == "data: [DONE]"
+        del real, crawl                              # the test's own hold on the old engine
+        deadline = time.time() + 10                  # once drained, the old model is freed
+        while old_model() is not None and time.time() < deadline:
+            time.sleep(0.05)
+        assert old_model() is None and old.cache.allocated_bytes == 0
         assert any('"finish_reason": "stop"' in line or '"finish_reason": "length"' in line for line in streamed["lines"])
         after = httpx.post(running.url + "/v1/chat/completions", json=ask(max_tokens=40), headers=auth).json()
         assert after["choices"][0]["message"]["content"] != before["choices"][0]["message"]["content"]

@@ -314,6 +314,8 @@ class Scheduler:
                on_event: Callable[[Piece | Done], None] | None = None) -> Request:
         """Queue a prompt; raises `QueueFull` or `ShuttingDown`, or `ChatforgeError` for a bad prompt."""
         cfg = cfg or GenerationConfig()
+        if self._stopping.is_set():         # first: a closed scheduler has no engine left
+            raise ShuttingDown("the server is shutting down; retry on another instance")
         if cfg.strategy == "beam" or cfg.num_return_sequences != 1:
             raise ChatforgeError("continuous batching runs greedy or sampled decoding with one sequence "
                                  "per request; use Engine.generate for beam search or n-best")

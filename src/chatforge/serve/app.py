@@ -17,6 +17,9 @@ nothing leaks a traceback or a path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import hmac
 import json
 import logging
@@ -595,13 +598,25 @@ _swap_lock = threading.Lock()
 
 def swap_model(assistant: Assistant, reload: Callable[[], tuple[Scheduler, Any]]) -> None:
     """Load the model again and serve new requests from it; the old scheduler finishes the
-    requests it already has (none is dropped) and then stops. A load that fails leaves the old
-    model serving."""
+    requests it already has (none is dropped), then stops and frees its model and cache. A load
+    that fails leaves the old model serving."""
     with _swap_lock:
         scheduler, tokenizer = reload()
         old = assistant.scheduler
         assistant.scheduler, assistant.tokenizer = scheduler, tokenizer
-    threading.Thread(target=old.stop, kwargs={"drain": True}, name="chatforge-drain", daemon=True).start()
+    threading.Thread(target=_retire, args=(old,), name="chatforge-drain", daemon=True).start()
+
+
+def _retire(old: Scheduler) -> None:
+    """Drain `old`, then give its memory back. Its thread and bound methods form reference
+    cycles, so without a collection the weights stayed until the collector happened to run: two
+    reloads took the demo server from 7.8 to 9.3 GB. glibc keeps freed heap pages unless asked."""
+    old.stop(drain=True)
+    old.close()
+    del old
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _sse(obj: dict) -> str:

@@ -71,6 +71,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting for a batch slot at most; more get 429")
+    parser.add_argument("--kv-cache-mb", type=int, default=None,
+                        help="memory for the KV cache of all running requests (default: a quarter of the "
+                             "machine's memory, at most what --max-batch requests at the full context take); "
+                             "a request that can never fit gets 400, one that cannot fit now waits")
+    parser.add_argument("--prefill-chunk", type=int, default=512,
+                        help="prompt tokens prefilled between two decode steps: a long prompt goes in by "
+                             "chunks while the other replies go on")
     parser.add_argument("--max-tokens", type=int, default=256, help="reply length when a request does not say")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="temperature for requests that do not set one (0 = greedy: the same question "
@@ -118,11 +125,33 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def kv_cache_bytes(mb: int | None, engine, max_batch: int) -> int:
+    """The KV-cache budget: `mb` MiB, or by default a quarter of the machine's memory, at most what
+    `max_batch` requests at the model's full context take."""
+    cfg = engine.config
+    import torch
+
+    position = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * torch.empty((), dtype=engine.cache_dtype).element_size()
+    need = max_batch * cfg.max_seq_len * position
+    if mb is not None:
+        if mb < 1:
+            raise ChatforgeError(f"--kv-cache-mb must be at least 1, got {mb}")
+        if mb * 2 ** 20 < cfg.max_seq_len * position // 8:
+            print(f"warning: --kv-cache-mb {mb} holds {mb * 2 ** 20 // position} positions; longer requests "
+                  "get 400", file=sys.stderr)
+        return mb * 2 ** 20
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 4 << 30
+    return min(need, max(256 << 20, memory // 4))
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise ChatforgeError("--model is required: the folder of a trained model (the output of sft)")
     for name in ("max_batch", "max_tokens", "max_tokens_limit", "max_body_bytes", "passages", "max_connections",
-                 "keep_alive"):
+                 "keep_alive", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ChatforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_tokens > args.max_tokens_limit:
@@ -165,7 +194,9 @@ def run(args: argparse.Namespace) -> int:
         stops = [tokenizer.eot_id, tokenizer.im_end_id, tokenizer.im_start_id]
         engine = Engine(model, tokenizer, stop_ids=[s for s in stops if s is not None], threads=args.threads,
                         dtype=args.dtype, quant=args.quant)
-        return Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue).start(), tokenizer
+        budget = kv_cache_bytes(args.kv_cache_mb, engine, args.max_batch)
+        return Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue, kv_cache_bytes=budget,
+                         prefill_chunk=args.prefill_chunk).start(), tokenizer
 
     scheduler, tokenizer = load()
     index = None
