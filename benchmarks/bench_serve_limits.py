@@ -54,10 +54,11 @@ def ttft(url: str, question: str) -> float | None:
     body = {"messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0, "stream": True}
     start = time.perf_counter()
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
-        for line in r.iter_lines():
+        lines = r.iter_lines()
+        for line in lines:
             if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
                 first = time.perf_counter() - start
-                for _ in r.iter_lines():
+                for _ in lines:                     # the rest of the reply
                     pass
                 return first
     return None
