@@ -114,7 +114,7 @@ def measure(name: str, src: Path, folder: Path, args: argparse.Namespace, extra:
         return {"name": name, "idle_rss_mib": round(idle_rss, 1), "after_rss_mib": round(rss_mib(proc.pid), 1),
                 "peak_rss_mib": round(rss_mib(proc.pid, "VmHWM"), 1),
                 "idle_ttft_s": [round(x, 2) for x in idle], "during_long_ttft_s": [round(x, 2) for x in during],
-                "short_done_before_long": finished_first, "long": long}
+                "short_done_before_long": finished_first, "long": long, "options": extra}
     finally:
         proc.terminate()
         try:
@@ -131,14 +131,16 @@ def main() -> None:
     p.add_argument("--short", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--extra-args", default="", help="more `chatforge serve` options for this checkout")
+    p.add_argument("--skip-before", action="store_true", help="measure this checkout only")
     args = p.parse_args()
     rev = args.before or subprocess.run(["git", "-C", str(REPO), "merge-base", "HEAD", "main"], check=True,
                                         capture_output=True, text=True).stdout.strip()
     folder = chatforge_folder(gguf_path())
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        before_src = export_tree(rev, Path(tmp))
-        results.append(measure(f"before ({rev[:7]})", before_src, folder, args, []))
+        if not args.skip_before:
+            before_src = export_tree(rev, Path(tmp))
+            results.append(measure(f"before ({rev[:7]})", before_src, folder, args, []))
         results.append(measure("this checkout", REPO / "src", folder, args, shlex.split(args.extra_args)))
     print(f"{'server':<20} {'idle RSS':>9} {'after':>9} {'peak':>9}  {'idle TTFT':>16}  {'TTFT during long':>22}  long")
     for r in results:

@@ -299,3 +299,23 @@ def test_a_client_must_send_its_request_in_time(model_dir):
         engine.stop_ids = stops
     finally:
         running.stop()
+
+
+# ------------------------------------------------------------------------------ 5. bounded memory
+
+def test_a_request_the_kv_cache_budget_cannot_hold_is_a_400(model_dir):
+    from chatforge.infer.batching import Scheduler
+    from chatforge.infer.engine import Engine
+    from chatforge.model.folder import load_model
+
+    model, tok = load_model(model_dir)
+    position = Scheduler(Engine(model, tok, dtype="float32")).cache.position_bytes
+    running = serve(model_dir, scheduler_kw={"kv_cache_bytes": 64 * position})     # 64 positions
+    try:
+        url = running.url + "/v1/chat/completions"
+        err = _error(httpx.post(url, json=ask(max_tokens=100)), 400)
+        assert "KV cache" in err["message"] and "--kv-cache-mb" in err["message"]
+        assert httpx.post(url, json=ask(max_tokens=20)).json()["choices"][0]["message"]["content"] == ANSWER
+        assert running.assistant.scheduler.cache.allocated_bytes == 0            # given back
+    finally:
+        running.stop()

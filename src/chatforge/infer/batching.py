@@ -280,7 +280,7 @@ class Scheduler:
     """Runs `engine`'s model over every submitted request, continuously batched (see module docs)."""
 
     def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 64,
-                 kv_cache_bytes: int | None = None, prefill_chunk: int = 512):
+                 kv_cache_bytes: int | None = None, prefill_chunk: int = 256):
         """`kv_cache_bytes`: the KV cache's budget (None: enough for every slot at the full
         context); a request that cannot fit even alone is refused at `submit`, one that cannot
         fit beside the running ones waits. `prefill_chunk`: prompt tokens prefilled per step,

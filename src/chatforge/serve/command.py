@@ -75,7 +75,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="memory for the KV cache of all running requests (default: a quarter of the "
                              "machine's memory, at most what --max-batch requests at the full context take); "
                              "a request that can never fit gets 400, one that cannot fit now waits")
-    parser.add_argument("--prefill-chunk", type=int, default=512,
+    parser.add_argument("--prefill-chunk", type=int, default=256,
                         help="prompt tokens prefilled between two decode steps: a long prompt goes in by "
                              "chunks while the other replies go on")
     parser.add_argument("--max-tokens", type=int, default=256, help="reply length when a request does not say")
