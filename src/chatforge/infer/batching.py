@@ -12,13 +12,17 @@
 prompts are known at once. A server gets requests one by one at any time; waiting for a whole
 batch to finish before starting the next would leave a new request queued behind the longest
 reply. Here each step of the loop:
-1. admits waiting requests while slots are free: each is prefilled alone (no padding) into its own
-   slot of the KV cache, and its first token comes out of that prefill;
+1. prefills at most `prefill_chunk` prompt tokens: waiting requests are admitted while slots are
+   free and the KV-cache budget holds them beside the running ones at their worst; a short prompt
+   goes in whole, a long one a chunk a step (each prompt alone, no padding, into its own slot), so
+   a long prompt does not hold every other reply up for its whole prefill; a request's first
+   token comes out of its last chunk;
 2. runs one decode step over every running request at once: each row has its own length, RoPE
    position and attention mask over its own slot, so a request's output does not depend on the
    others in the batch (the greedy output equals `Engine.generate` alone; the tests check it);
 3. drops finished and cancelled requests at once, moving the last row into the freed slot so the
-   running rows stay contiguous.
+   running rows stay contiguous, and gives cache memory back as the batch shrinks.
+A failure while a request is admitted, prefilled or sampled ends that request alone.
 
 The model, weights' dtype, stop tokens, threads and the logits processors are the engine's: there
 is one engine, with two ways to drive it. Each request keeps its own `GenerationConfig` (greedy
