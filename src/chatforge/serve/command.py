@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     from chatforge.infer.batching import Scheduler
     from chatforge.infer.engine import Engine
     from chatforge.model.folder import load_model
-    from chatforge.serve.app import Assistant, create_app, swap_model
+    from chatforge.serve.app import Assistant, create_app, release_memory, swap_model
     from chatforge.serve.http import LOOPBACK_NAMES, server_config
 
     model_dir = Path(args.model)
@@ -194,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
         stops = [tokenizer.eot_id, tokenizer.im_end_id, tokenizer.im_start_id]
         engine = Engine(model, tokenizer, stop_ids=[s for s in stops if s is not None], threads=args.threads,
                         dtype=args.dtype, quant=args.quant)
+        if engine.model is not model:
+            del model              # the engine serves its own copy (bf16, packed or quantized)
+            release_memory()
         budget = kv_cache_bytes(args.kv_cache_mb, engine, args.max_batch)
         return Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue, kv_cache_bytes=budget,
                          prefill_chunk=args.prefill_chunk).start(), tokenizer
