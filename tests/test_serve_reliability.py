@@ -319,3 +319,49 @@ def test_a_request_the_kv_cache_budget_cannot_hold_is_a_400(model_dir):
         assert running.assistant.scheduler.cache.allocated_bytes == 0            # given back
     finally:
         running.stop()
+
+
+# -------------------------------------------------------------------------- the command's wiring
+
+@pytest.mark.e2e
+def test_chatforge_serve_applies_its_limits(model_dir, tmp_path):
+    """`chatforge serve` itself: keyless on loopback it answers loopback names only, its schema is
+    off, a slow request is cut off after --read-timeout, it runs within --kv-cache-mb (1 MiB holds
+    the tiny model's whole context; the budget's 400 is tested above), and an admin key equal to
+    the chat key is refused at start."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = [sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--no-feedback", "--name", "tiny"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    same = subprocess.run([*base, "--api-key", "k", "--admin-key", "k"], capture_output=True, text=True, env=env)
+    assert same.returncode == 2 and "--admin-key must differ" in same.stderr
+    proc = subprocess.Popen([*base, "--port", str(port), "--read-timeout", "1", "--kv-cache-mb", "1",
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode() if proc.poll() else ""
+            time.sleep(0.1)
+        assert _error(httpx.get(url + "/health", headers={"host": "evil.example"}), 400)["code"] == "invalid_host"
+        assert httpx.get(url + "/health", headers={"host": f"localhost:{port}"}).status_code == 200
+        assert _error(httpx.get(url + "/openapi.json"), 404)
+        idle = socket.create_connection(("127.0.0.1", port))
+        assert _closed_within(idle, 10)
+        idle.close()
+        assert httpx.post(url + "/v1/chat/completions", json=ask(max_tokens=40)).json()["choices"][0]["message"][
+            "content"] == ANSWER
+    finally:
+        proc.kill()
+        proc.wait(10)
