@@ -16,7 +16,8 @@ temporary folder with `git archive`; default: the merge base with main) and this
    in the background; one second later the same short chats, one after the other, while it is
    being prefilled: their TTFT, and whether they finished before the long one;
 3. after: VmRSS once the long request has ended (the cache should be given back) and the peak
-   (VmHWM) over the whole run.
+   (VmHWM) over the whole run;
+4. burst: --burst short streamed chats sent at once: their TTFT median and p95.
 
 The machine is shared and noisy: the ratios (long vs idle TTFT, RSS after vs idle) are what to
 compare, not the absolute seconds. The last line is one JSON object: {"bench": "serve_limits", ...}.
@@ -111,7 +112,17 @@ def measure(name: str, src: Path, folder: Path, args: argparse.Namespace, extra:
             finished_first += "end" not in long
         t.join()
         time.sleep(1.0)
-        return {"name": name, "idle_rss_mib": round(idle_rss, 1), "after_rss_mib": round(rss_mib(proc.pid), 1),
+        after_rss = rss_mib(proc.pid)
+        burst: list = [None] * args.burst
+        threads = [threading.Thread(target=lambda i=i: burst.__setitem__(i, ttft(url, QUESTIONS[i % len(QUESTIONS)])))
+                   for i in range(args.burst)]
+        for b in threads:
+            b.start()
+        for b in threads:
+            b.join()
+        done = sorted(x for x in burst if x is not None)
+        return {"burst_ttft_p50_s": round(done[len(done) // 2], 2) if done else None,
+                "burst_ttft_p95_s": round(done[min(len(done) - 1, int(0.95 * len(done)))], 2) if done else None,"name": name, "idle_rss_mib": round(idle_rss, 1), "after_rss_mib": round(after_rss, 1),
                 "peak_rss_mib": round(rss_mib(proc.pid, "VmHWM"), 1),
                 "idle_ttft_s": [round(x, 2) for x in idle], "during_long_ttft_s": [round(x, 2) for x in during],
                 "short_done_before_long": finished_first, "long": long, "options": extra}
@@ -130,6 +141,7 @@ def main() -> None:
     p.add_argument("--long-tokens", type=int, default=2000)
     p.add_argument("--short", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--burst", type=int, default=16, help="short chats sent at once at the end")
     p.add_argument("--extra-args", default="", help="more `chatforge serve` options for this checkout")
     p.add_argument("--skip-before", action="store_true", help="measure this checkout only")
     args = p.parse_args()
@@ -142,10 +154,12 @@ def main() -> None:
             before_src = export_tree(rev, Path(tmp))
             results.append(measure(f"before ({rev[:7]})", before_src, folder, args, []))
         results.append(measure("this checkout", REPO / "src", folder, args, shlex.split(args.extra_args)))
-    print(f"{'server':<20} {'idle RSS':>9} {'after':>9} {'peak':>9}  {'idle TTFT':>16}  {'TTFT during long':>22}  long")
+    print(f"{'server':<20} {'idle RSS':>9} {'after':>9} {'peak':>9}  {'idle TTFT':>16}  {'TTFT during long':>22}"
+          f"  {'burst p50/p95':>13}  long")
     for r in results:
         print(f"{r['name']:<20} {r['idle_rss_mib']:>9} {r['after_rss_mib']:>9} {r['peak_rss_mib']:>9}  "
               f"{str(r['idle_ttft_s']):>16}  {str(r['during_long_ttft_s']):>22}  "
+              f"{r['burst_ttft_p50_s']:>6}/{r['burst_ttft_p95_s']:<6}  "
               f"{r['long'].get('prompt_tokens')} tokens in {r['long'].get('seconds', 0):.1f} s")
     print(json.dumps({"bench": "serve_limits", "long_tokens": args.long_tokens, "threads": args.threads,
                       "results": results}))
