@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve import chatforge_folder, free_port, gguf_path  # noqa: E402
+from bench_serve import chatforge_folder, free_port, gguf_path
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["How do I reset my password?", "Can I get a refund?", "Where is my invoice?",
@@ -75,7 +75,11 @@ def measure(name: str, src: Path, folder: Path, args: argparse.Namespace, extra:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
-    log = open(Path(tempfile.gettempdir()) / f"bench_serve_limits_{name}.log", "w")
+    with open(Path(tempfile.gettempdir()) / f"bench_serve_limits_{name}.log", "w") as log:
+        return _measure(name, src, folder, args, extra, port, url, env, log)
+
+
+def _measure(name, src, folder, args, extra, port, url, env, log) -> dict:
     cmd = [sys.executable, "-m", "chatforge", "serve", "--model", str(folder), "--port", str(port), "--no-feedback",
            "--threads", str(args.threads), "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -132,7 +136,6 @@ def measure(name: str, src: Path, folder: Path, args: argparse.Namespace, extra:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
 
 
 def main() -> None:
@@ -158,7 +161,7 @@ def main() -> None:
           f"  {'burst p50/p95':>13}  long")
     for r in results:
         print(f"{r['name']:<20} {r['idle_rss_mib']:>9} {r['after_rss_mib']:>9} {r['peak_rss_mib']:>9}  "
-              f"{str(r['idle_ttft_s']):>16}  {str(r['during_long_ttft_s']):>22}  "
+              f"{r['idle_ttft_s']!s:>16}  {r['during_long_ttft_s']!s:>22}  "
               f"{r['burst_ttft_p50_s']:>6}/{r['burst_ttft_p95_s']:<6}  "
               f"{r['long'].get('prompt_tokens')} tokens in {r['long'].get('seconds', 0):.1f} s")
     print(json.dumps({"bench": "serve_limits", "long_tokens": args.long_tokens, "threads": args.threads,

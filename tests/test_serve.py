@@ -506,7 +506,7 @@ def test_reload_serves_a_new_model_without_dropping_a_request(model_dir, tmp_pat
         assert running.assistant.scheduler is not old
         t.join(60)
         assert streamed["status"] == 200 and streamed["lines"][-1] == "data: [DONE]"
-        del real, crawl                              # the test's own hold on the old engine
+        real = crawl = None                          # the test's own hold on the old engine
         deadline = time.time() + 10                  # once drained, the old model is freed
         while old_model() is not None and time.time() < deadline:
             time.sleep(0.05)

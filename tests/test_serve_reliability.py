@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-
 from _serve_fixtures import serve
 from _tiny_chat_model import CONVERSATIONS, train_tiny_chat_model
 
@@ -339,7 +338,8 @@ def test_chatforge_serve_applies_its_limits(model_dir, tmp_path):
         port = s.getsockname()[1]
     base = [sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--no-feedback", "--name", "tiny"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    same = subprocess.run([*base, "--api-key", "k", "--admin-key", "k"], capture_output=True, text=True, env=env)
+    same = subprocess.run([*base, "--api-key", "k", "--admin-key", "k"], capture_output=True, text=True, env=env,
+                          check=False)
     assert same.returncode == 2 and "--admin-key must differ" in same.stderr
     proc = subprocess.Popen([*base, "--port", str(port), "--read-timeout", "1", "--kv-cache-mb", "1",
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)

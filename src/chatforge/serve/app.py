@@ -27,7 +27,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -213,7 +214,7 @@ class _Job:
             while True:
                 try:
                     event = await asyncio.wait_for(self.events.get(), max(0.0, self.deadline - time.perf_counter()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise oa.ApiError(504, "the request took longer than the server's limit "
                                            "(--request-timeout); retry later or ask for fewer tokens",
                                       code="timeout") from None
@@ -230,7 +231,7 @@ class ClientGone(Exception):
     """The client of a non-streamed request disconnected before its answer was ready."""
 
 
-async def _collect(job: "_Job | _Canned", request: Request) -> Done:
+async def _collect(job: _Job | _Canned, request: Request) -> Done:
     """The `Done` of a non-streamed request, while watching its connection: a client that gives
     up (a timeout, a retry) cancels its generation, queued or running, as a streaming one does
     when its next chunk cannot be sent. Without this an abandoned request kept its slot to the end
