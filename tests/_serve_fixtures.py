@@ -39,8 +39,10 @@ class Running:
 
 
 def serve(model_dir: Path, db: Path | None = None, docs: Path | None = None, api_key: str | None = None,
-          max_batch: int = 8, max_queue: int = 32, reloadable: bool = False, **assistant_kw) -> Running:
-    """Start the app for `model_dir` on a free loopback port; `stop()` it at the end."""
+          max_batch: int = 8, max_queue: int = 32, reloadable: bool = False, app_kw: dict | None = None,
+          http_kw: dict | None = None, scheduler_kw: dict | None = None, **assistant_kw) -> Running:
+    """Start the app for `model_dir` on a free loopback port; `stop()` it at the end. `app_kw` go
+    to `create_app`, `http_kw` to `serve.http.server_config`, `scheduler_kw` to `Scheduler`."""
     import uvicorn
 
     from chatforge.data.feedback import FeedbackStore
@@ -49,18 +51,19 @@ def serve(model_dir: Path, db: Path | None = None, docs: Path | None = None, api
     from chatforge.retrieval import PassageIndex
     from chatforge.model.folder import load_model
     from chatforge.serve.app import Assistant, create_app
+    from chatforge.serve.http import server_config
 
     def load():
         model, tok = load_model(model_dir)
         engine = Engine(model, tok, stop_ids=[tok.eot_id, tok.im_end_id, tok.im_start_id], dtype="float32")
-        return Scheduler(engine, max_batch=max_batch, max_queue=max_queue).start(), tok
+        return Scheduler(engine, max_batch=max_batch, max_queue=max_queue, **(scheduler_kw or {})).start(), tok
 
     scheduler, tok = load()
     index = PassageIndex.load_or_build([docs]) if docs is not None else None
     assistant = Assistant(scheduler, tok, "tiny", index=index, store=FeedbackStore(db) if db else None,
                           **assistant_kw)
-    app = create_app(assistant, api_key=api_key, reload=load if reloadable else None)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    app = create_app(assistant, api_key=api_key, reload=load if reloadable else None, **(app_kw or {}))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, log_level="warning", **(http_kw or {})))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

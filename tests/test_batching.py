@@ -75,7 +75,8 @@ def test_slots_grow_past_their_first_capacity(engine):
     long_prompt = [t if t != EOS else 8 for t in long_prompt]
     requests = [scheduler.submit(p, cfg) for p in (PROMPTS[1], long_prompt, PROMPTS[2])]
     scheduler.run_until_idle()
-    assert scheduler.cache.capacity > 256
+    assert scheduler.cache.peak_bytes >= 3 * 300 * scheduler.cache.position_bytes
+    assert scheduler.cache.allocated_bytes == 0          # and all of it is given back when idle
     for prompt, request in zip((PROMPTS[1], long_prompt, PROMPTS[2]), requests):
         assert request.result(timeout=0).tokens == alone(engine, prompt, cfg)[0]
 
@@ -207,7 +208,7 @@ def test_the_scheduler_thread_serves_concurrent_callers(engine):
 
 def test_slot_cache_moves_a_slot():
     cache = SlotCache(1, 3, 1, 16, 2, torch.float32, torch.device("cpu"), capacity=4)
-    cache.k.fill_(0)
+    cache.ensure(3, 4)
     cache.k[:, 2, :, :3] = 5.0
     cache.lengths = [2, 1, 3]
     cache.move(2, 0)
@@ -241,3 +242,89 @@ def test_a_vanishing_temperature_is_greedy_and_a_failed_request_ends_alone(engin
     assert tiny_t.result(timeout=0).tokens == alone(engine, PROMPTS[0], GenerationConfig(max_new_tokens=10))[0]
     assert broken.result(timeout=0).finish_reason == "error"
     assert fine.result(timeout=0).tokens == alone(engine, PROMPTS[2], GenerationConfig(max_new_tokens=10))[0]
+
+
+def test_a_request_that_fails_to_be_admitted_ends_alone(engine):
+    """Found by an outside probe: an admission that raised (a seed above 2**64-1) ended every
+    running request with an error, and the request itself, taken off the queue, never ended."""
+    scheduler = Scheduler(engine)
+    cfg = GenerationConfig(max_new_tokens=12)
+    first = scheduler.submit(PROMPTS[0], cfg)
+    scheduler.step()                                          # running, one token out
+    real = engine._forward
+    bad_prompt = PROMPTS[3]
+
+    def broken(ids, *a, **kw):
+        if ids.shape[1] == len(bad_prompt):                  # only the bad request's prefill
+            raise ValueError("Overflow when unpacking long long")
+        return real(ids, *a, **kw)
+
+    engine._forward = broken
+    try:
+        bad = scheduler.submit(bad_prompt, cfg)
+        late = scheduler.submit(PROMPTS[2], cfg)
+        scheduler.run_until_idle()
+    finally:
+        engine._forward = real
+    assert bad.result(timeout=0).finish_reason == "error" and "admission failed" in bad.result(timeout=0).error
+    assert first.result(timeout=0).tokens == alone(engine, PROMPTS[0], cfg)[0]
+    assert late.result(timeout=0).tokens == alone(engine, PROMPTS[2], cfg)[0]
+
+
+def test_a_seed_torch_cannot_take_is_refused_up_front():
+    with pytest.raises(ChatforgeError, match="seed"):
+        GenerationConfig(strategy="sample", seed=2 ** 64)
+    assert GenerationConfig(strategy="sample", seed=2 ** 64 - 1).seed == 2 ** 64 - 1
+
+
+LONG = [t if t != EOS else 8 for t in ((7 * i + 3) % VOCAB for i in range(300))]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode(engine):
+    """Issue 23: a 7,900-token prefill blocked every other request for 42 s. In chunks of 32
+    tokens, short requests submitted after the long one start and finish while it goes in; every
+    output still equals the request's own, alone."""
+    cfg = GenerationConfig(max_new_tokens=20)
+    scheduler = Scheduler(engine, max_batch=4, prefill_chunk=16)
+    early = scheduler.submit(PROMPTS[0], GenerationConfig(max_new_tokens=8))
+    scheduler.step()
+    long_request = scheduler.submit(LONG, cfg)
+    scheduler.step()
+    assert scheduler.prefilling is not None and scheduler.prefilling.request is long_request
+    late = [scheduler.submit(p, cfg) for p in (PROMPTS[1], PROMPTS[2])]
+    steps = 0
+    while long_request.first_token is None:
+        scheduler.step()
+        steps += 1
+    assert steps >= 300 // 16 - 2                          # it took many steps to go in ...
+    assert all(r.first_token is not None and r.first_token < long_request.first_token for r in [early, *late])
+    assert early.outcome is not None                       # ... during which the early one finished
+    scheduler.run_until_idle()
+    assert early.result(timeout=0).tokens == alone(engine, PROMPTS[0], GenerationConfig(max_new_tokens=8))[0]
+    for prompt, request in zip((LONG, PROMPTS[1], PROMPTS[2]), (long_request, *late)):
+        assert request.result(timeout=0).tokens == alone(engine, prompt, cfg)[0]
+    assert scheduler.cache.allocated_bytes == 0
+
+
+def test_the_kv_cache_stays_within_its_budget(engine):
+    """Issue 23: one long prompt grew the cache to 16 slots x its length, for good. With a budget
+    of 350 positions: a request that can never fit is refused at once, short ones that cannot fit
+    beside a long one wait for it, the cache never exceeds the budget and is freed when idle."""
+    cfg = GenerationConfig(max_new_tokens=20)
+    budget = 350 * Scheduler(engine).cache.position_bytes
+    scheduler = Scheduler(engine, max_batch=4, kv_cache_bytes=budget, prefill_chunk=64)
+    with pytest.raises(ChatforgeError, match="KV cache"):
+        scheduler.submit(LONG + LONG[:50], cfg)              # 350 + 20 positions at worst
+    long_request = scheduler.submit(LONG, cfg)             # 320 at worst: fits alone
+    shorts = [scheduler.submit(p, cfg) for p in PROMPTS[:3]]
+    most = 0
+    while scheduler.running or scheduler.prefilling or scheduler.queued:
+        scheduler.step()
+        assert scheduler.cache.allocated_bytes <= budget
+        rows = [r.request for r in scheduler.running] + ([scheduler.prefilling.request] if scheduler.prefilling else [])
+        assert long_request not in rows or rows == [long_request]      # nothing fits beside it
+        most = max(most, len(rows))
+    assert most == 3                                        # the short ones ran together after it
+    for prompt, request in zip((LONG, *PROMPTS[:3]), (long_request, *shorts)):
+        assert request.result(timeout=0).tokens == alone(engine, prompt, cfg)[0]
+    assert scheduler.cache.allocated_bytes == 0 and scheduler.cache.peak_bytes <= budget

@@ -125,6 +125,61 @@ def test_oldest_turns_are_dropped_when_the_context_is_full(loaded):
     assert s.history[-2]["content"] == CONVERSATIONS[-1][0]     # the newest turn is kept
 
 
+class CountingTokenizer:
+    """The real tokenizer, counting how many messages it rendered in all."""
+
+    def __init__(self, tok):
+        self.tok, self.rendered = tok, 0
+
+    def render_chat(self, messages, add_generation_prompt=False):
+        self.rendered += len(messages)
+        return self.tok.render_chat(messages, add_generation_prompt)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def _reference_skip(tok, history, question, budget):
+    """What fitting must give: the fewest oldest turns (an even number) to drop, found by
+    rendering whole candidates (a binary search: fewer kept messages never take more tokens)."""
+    def fits(skip):
+        msgs = [*history[skip:], {"role": "user", "content": question}]
+        return len(tok.render_chat(msgs, add_generation_prompt=True)[0]) <= budget
+
+    lo, hi = 0, (len(history) + 1) // 2            # in turns
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(2 * mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return 2 * lo
+
+
+def test_fitting_a_long_history_renders_each_message_about_once(loaded):
+    """Issue 23, defect 4: fitting re-rendered the whole history once per dropped turn, quadratic
+    time (8,000 one-character messages: 102 s). Count the messages the tokenizer renders."""
+    from chatforge.errors import ChatforgeError
+    from chatforge.infer.chat import fit_prompt
+
+    _, tok = loaded
+    history = [{"role": ("user", "assistant")[i % 2], "content": "abcdefgh"[i % 8]} for i in range(8000)]
+    counting = CountingTokenizer(tok)
+    prompt = fit_prompt(counting, None, None, history, "hello", 200)
+    assert len(prompt.ids) <= 200 and prompt.skipped == _reference_skip(tok, history, "hello", 200)
+    assert prompt.messages[:-1] == history[prompt.skipped:]
+    assert counting.rendered < 3 * len(history)            # linear: was ~16 million messages
+    # Short histories too: the same turns dropped as rendering every candidate would.
+    for n in (0, 1, 2, 7, 40, 41):
+        part = [{"role": ("user", "assistant")[i % 2], "content": "some words " * (i % 5)} for i in range(n)]
+        for budget in (30, 80, 200):
+            try:
+                got = fit_prompt(tok, None, None, part, "hello", budget)
+            except ChatforgeError:
+                continue                                     # the question alone does not fit
+            assert got.skipped == _reference_skip(tok, part, "hello", budget), (n, budget)
+
+
 def test_a_message_longer_than_the_context_is_a_clear_error(loaded):
     from chatforge.errors import ChatforgeError
 

@@ -9,6 +9,7 @@ import json
 import sqlite3
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -34,7 +35,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    running = serve(model_dir, db=tmp_path_factory.mktemp("db") / "feedback.sqlite")
+    running = serve(model_dir, db=tmp_path_factory.mktemp("db") / "feedback.sqlite", app_kw={"api_docs": True})
     yield running
     running.stop()
 
@@ -209,8 +210,8 @@ def _error(r: httpx.Response, status: int) -> dict:
     ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -3}, 400, "frequency_penalty"),
     ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content"),
-    ({"messages": "hello"}, 422, "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 422, "temperature"),
+    ({"messages": "hello"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404, "model"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, param):
@@ -220,7 +221,7 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
 
 def test_transport_level_errors(server):
     url = server.url + "/v1/chat/completions"
-    assert _error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 422)
+    assert _error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
     assert _error(httpx.post(url, content=b"x" * (2 << 20), headers={"content-type": "application/json"}), 413)
     assert _error(httpx.get(server.url + "/v1/nothing"), 404)
     assert _error(httpx.get(url), 405)
@@ -490,8 +491,9 @@ def test_reload_serves_a_new_model_without_dropping_a_request(model_dir, tmp_pat
 
     folder = tmp_path / "model"
     shutil.copytree(model_dir, folder)
-    running = serve(folder, api_key="k", reloadable=True)
+    running = serve(folder, api_key="k", reloadable=True, app_kw={"admin_key": "admin"})
     auth = {"Authorization": "Bearer k"}
+    admin = {"Authorization": "Bearer admin"}
     try:
         before = httpx.post(running.url + "/v1/chat/completions", json=ask(max_tokens=40), headers=auth).json()
         old = running.assistant.scheduler
@@ -502,6 +504,7 @@ def test_reload_serves_a_new_model_without_dropping_a_request(model_dir, tmp_pat
             return real(*a, **kw)
 
         old.engine._forward = crawl
+        old_model = weakref.ref(old.engine.model)
         streamed: dict = {}
 
         def long_request():
@@ -523,11 +526,17 @@ def test_reload_serves_a_new_model_without_dropping_a_request(model_dir, tmp_pat
             model.lm_head.weight.mul_(-1.0)
         save_model(folder, model, tok)
         assert _error(httpx.post(running.url + "/admin/reload"), 401)
-        r = httpx.post(running.url + "/admin/reload", headers=auth, timeout=60)
+        assert _error(httpx.post(running.url + "/admin/reload", headers=auth), 401)     # a chat key is not enough
+        r = httpx.post(running.url + "/admin/reload", headers=admin, timeout=60)
         assert r.status_code == 200 and r.json()["status"] == "reloaded"
         assert running.assistant.scheduler is not old
         t.join(60)
         assert streamed["status"] == 200 and streamed["lines"][-1] == "data: [DONE]"
+        real = crawl = None                          # the test's own hold on the old engine
+        deadline = time.time() + 10                  # once drained, the old model is freed
+        while old_model() is not None and time.time() < deadline:
+            time.sleep(0.05)
+        assert old_model() is None and old.cache.allocated_bytes == 0
         assert any('"finish_reason": "stop"' in line or '"finish_reason": "length"' in line for line in streamed["lines"])
         after = httpx.post(running.url + "/v1/chat/completions", json=ask(max_tokens=40), headers=auth).json()
         assert after["choices"][0]["message"]["content"] != before["choices"][0]["message"]["content"]

@@ -482,7 +482,8 @@ def test_server_and_network_errors_are_shown(page, server):
     page.unroute("**/v1/chat/completions")
     page.route("**/v1/chat/completions", lambda route: route.abort("connectionrefused"))
     page.click("#send")
-    page.wait_for_function("document.getElementById('error').textContent.includes('Could not reach the server')")
+    # A locator, not a JavaScript string: the page's Content-Security-Policy forbids eval.
+    page.locator("#error", has_text="Could not reach the server").wait_for()
 
 
 def test_api_key_field_401_message_and_reply_with_the_key(page, tmp_path, model_dir, docs_dir):

@@ -12,13 +12,17 @@
 prompts are known at once. A server gets requests one by one at any time; waiting for a whole
 batch to finish before starting the next would leave a new request queued behind the longest
 reply. Here each step of the loop:
-1. admits waiting requests while slots are free: each is prefilled alone (no padding) into its own
-   slot of the KV cache, and its first token comes out of that prefill;
+1. prefills at most `prefill_chunk` prompt tokens: waiting requests are admitted while slots are
+   free and the KV-cache budget holds them beside the running ones at their worst; a short prompt
+   goes in whole, a long one a chunk a step (each prompt alone, no padding, into its own slot), so
+   a long prompt does not hold every other reply up for its whole prefill; a request's first
+   token comes out of its last chunk;
 2. runs one decode step over every running request at once: each row has its own length, RoPE
    position and attention mask over its own slot, so a request's output does not depend on the
    others in the batch (the greedy output equals `Engine.generate` alone; the tests check it);
 3. drops finished and cancelled requests at once, moving the last row into the freed slot so the
-   running rows stay contiguous.
+   running rows stay contiguous, and gives cache memory back as the batch shrinks.
+A failure while a request is admitted, prefilled or sampled ends that request alone.
 
 The model, weights' dtype, stop tokens, threads and the logits processors are the engine's: there
 is one engine, with two ways to drive it. Each request keeps its own `GenerationConfig` (greedy
@@ -120,37 +124,60 @@ class Request:
 
 
 class SlotCache:
-    """Keys and values for up to `slots` requests, each in its own slot with its own length.
+    """Keys and values for up to `slots` requests, each in its own slot with its own length,
+    within a budget of `budget_bytes`.
 
-    Shaped like the engine's `KVCache` ((n_layer, slots, n_kv_head, capacity, head_dim)), but
-    each slot fills from position 0 and `lengths[s]` says how far. Capacity grows by doubling as
-    the longest request needs (up to the model's context), so a server with many slots does not
-    reserve the whole context for each: the 135M model's fp32 cache is 46 KB per position and
-    slot, 377 MB for one slot at its full 8192-token context.
+    Shaped like the engine's `KVCache` ((n_layer, rows, n_kv_head, capacity, head_dim)), but
+    each slot fills from position 0 and `lengths[s]` says how far. Only the rows in use
+    (`active`) and the positions the longest of them needs are allocated, by doubling (fewer
+    copies) within the budget; `trim` gives memory back when requests end, and an idle cache holds
+    none. The 135M model's fp32 cache is 46 KB per position and slot: sized for 16 slots at the
+    longest prompt ever seen and never shrunk, one 7,900-token prompt kept 5.7 GB for good.
+
+    The scheduler admits a request only when every running one can reach its worst case
+    (`fits`), so a request never runs out of cache halfway; the rows share one capacity (a decode
+    step reads them as one tensor), so a long request makes every row that long.
 
     The model calls `update(layer, k, v)` as on any cache. In decode mode (`begin_decode(n)`),
     rows 0..n-1 each write their one new key at their own length; in prefill mode
-    (`begin_prefill(slot)`), one request's prompt is written at the start of its slot.
+    (`begin_prefill(slot, start, length)`), a chunk of one request's prompt is written at `start`
+    of its slot.
     """
 
     def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, capacity: int = 256):
+                 dtype: torch.dtype, device: torch.device, capacity: int = 256, budget_bytes: int | None = None):
         self.n_layer, self.slots, self.max_len = n_layer, slots, max_len
-        self.shape = (n_layer, slots, n_kv_head, 0, head_dim)
+        self.n_kv_head, self.head_dim = n_kv_head, head_dim
         self.dtype, self.device = dtype, device
+        # Keys and values of one position of one slot, over all layers.
+        self.position_bytes = 2 * n_layer * n_kv_head * head_dim * torch.empty((), dtype=dtype).element_size()
+        self.budget = budget_bytes if budget_bytes is not None else slots * max_len * self.position_bytes
         self.lengths = [0] * slots
-        self.capacity = 0
+        self.active = 0                    # rows in use (running, and one being prefilled)
+        self.rows = self.capacity = 0      # allocated
+        self.peak_bytes = 0
         self.k = self.v = None
-        self._grow(min(capacity, max_len))
+        self._min_capacity = min(capacity, max_len)
         self._mode: tuple[str, int] = ("decode", 0)
         self._index: torch.Tensor | None = None
         self._view = 0
+        self._start = 0
 
-    def _grow(self, needed: int) -> None:
-        if needed <= self.capacity:
+    @property
+    def allocated_bytes(self) -> int:
+        return self.rows * self.capacity * self.position_bytes
+
+    def fits(self, rows: int, length: int) -> bool:
+        """Whether `rows` slots of `length` positions stay within the budget."""
+        return rows * length * self.position_bytes <= self.budget
+
+    def _resize(self, rows: int, capacity: int) -> None:
+        """Reallocate as rows x capacity, keeping what the rows in use hold."""
+        if rows == 0 or capacity == 0:
+            self.k = self.v = None
+            self.rows = self.capacity = 0
             return
-        new = min(self.max_len, max(needed, 2 * self.capacity))
-        shape = (*self.shape[:3], new, self.shape[4])
+        shape = (self.n_layer, rows, self.n_kv_head, capacity, self.head_dim)
         # Zeroed, unlike KVCache: a decode step reads every row up to the longest one, and a
         # shorter row's masked positions still enter the attention product as 0 * value, which
         # is NaN when uninitialised memory happens to hold a NaN (seen: greedy output turned to
@@ -158,18 +185,48 @@ class SlotCache:
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.k is not None:
-            k[:, :, :, :self.capacity] = self.k
-            v[:, :, :, :self.capacity] = self.v
-        self.k, self.v, self.capacity = k, v, new
+            r, c = min(rows, self.rows), min(capacity, self.capacity)
+            k[:, :r, :, :c] = self.k[:, :r, :, :c]
+            v[:, :r, :, :c] = self.v[:, :r, :, :c]
+        self.k, self.v, self.rows, self.capacity = k, v, rows, capacity
+        self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
 
-    def begin_prefill(self, slot: int, length: int) -> None:
-        self._grow(length)
+    def ensure(self, rows: int, length: int) -> None:
+        """Room for `rows` slots of `length` positions (and for what the active rows hold)."""
+        rows = max(rows, self.active)
+        length = max([length, *self.lengths[:rows]])
+        if rows <= self.rows and length <= self.capacity:
+            return
+        grow_rows = min(self.slots, max(rows, 2 * self.rows)) if rows > self.rows else self.rows
+        grow_cap = (min(self.max_len, max(length, 2 * self.capacity, self._min_capacity))
+                    if length > self.capacity else self.capacity)
+        # Doubling where the budget allows it, else exactly what is needed.
+        for r, c in ((grow_rows, grow_cap), (rows, grow_cap), (grow_rows, length), (rows, length)):
+            if r >= rows and c >= length and (self.fits(r, c) or (r, c) == (rows, length)):
+                self._resize(r, c)
+                return
+
+    def trim(self) -> None:
+        """Give memory back once requests have ended: none when idle, else what the active rows
+        use (with room to double) when the allocation is more than twice that."""
+        if self.active == 0:
+            self._resize(0, 0)
+            return
+        length = max(self.lengths[:self.active]) + 1
+        capacity = min(self.max_len, max(self._min_capacity, 2 * length))
+        if self.allocated_bytes > 2 * self.active * capacity * self.position_bytes:
+            self._resize(self.active, capacity)
+
+    def begin_prefill(self, slot: int, start: int, length: int) -> None:
+        """Write the next `length` prompt positions of `slot` from `start` (a chunk)."""
+        self.ensure(slot + 1, start + length)
         self._mode = ("prefill", slot)
+        self._start = start
 
     def begin_decode(self, n: int) -> torch.Tensor:
         """Set up a decode step over rows 0..n-1; returns their attention mask (n, 1, 1, S)."""
         lengths = self.lengths[:n]
-        self._grow(max(lengths) + 1)
+        self.ensure(n, max(lengths) + 1)
         self._mode = ("decode", n)
         self._index = torch.tensor(lengths, device=self.device)
         self._view = max(lengths) + 1
@@ -178,13 +235,13 @@ class SlotCache:
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mode, arg = self._mode
-        k_all, v_all = self.k[layer_idx], self.v[layer_idx]                      # (slots, nkv, cap, hs)
+        k_all, v_all = self.k[layer_idx], self.v[layer_idx]                      # (rows, nkv, cap, hs)
         if mode == "prefill":
-            T = k.shape[2]
+            start, end = self._start, self._start + k.shape[2]
             k_slot, v_slot = k_all[arg:arg + 1], v_all[arg:arg + 1]
-            k_slot[:, :, :T] = k
-            v_slot[:, :, :T] = v
-            return k_slot[:, :, :T], v_slot[:, :, :T]
+            k_slot[:, :, start:end] = k
+            v_slot[:, :, start:end] = v
+            return k_slot[:, :, :end], v_slot[:, :, :end]
         n = arg
         rows = torch.arange(n, device=self.device)
         # Row r writes its new key at position lengths[r] of its own slot.
@@ -199,6 +256,7 @@ class SlotCache:
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
+        self.lengths[src] = 0
 
 
 class _Running:
@@ -216,6 +274,8 @@ class _Running:
                      if engine.tokenizer is not None else None)
         self.tokens: list[int] = []
         self.budget = min(cfg.max_new_tokens, engine.config.max_seq_len - len(request.prompt))
+        self.worst = len(request.prompt) + self.budget      # the most cache positions it can use
+        self.prefilled = 0                                  # prompt tokens in the cache so far
         self.finish: tuple[str, int | str | None] | None = None    # (reason, stop) once done
         self.next_token = 0
 
@@ -223,14 +283,23 @@ class _Running:
 class Scheduler:
     """Runs `engine`'s model over every submitted request, continuously batched (see module docs)."""
 
-    def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 0:
-            raise ChatforgeError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+    def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 64,
+                 kv_cache_bytes: int | None = None, prefill_chunk: int = 256):
+        """`kv_cache_bytes`: the KV cache's budget (None: enough for every slot at the full
+        context); a request that cannot fit even alone is refused at `submit`, one that cannot
+        fit beside the running ones waits. `prefill_chunk`: prompt tokens prefilled per step,
+        between two decode steps, so a long prompt does not stall everyone's replies."""
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ChatforgeError(f"max_batch and prefill_chunk must be >= 1 and max_queue >= 0, got "
+                                 f"{max_batch}, {prefill_chunk} and {max_queue}")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.prefill_chunk = prefill_chunk
         cfg = engine.config
         self.cache = SlotCache(cfg.n_layer, max_batch, cfg.n_kv_head, cfg.max_seq_len, cfg.head_dim,
-                               engine.cache_dtype, engine.device)
+                               engine.cache_dtype, engine.device, budget_bytes=kv_cache_bytes)
         self.running: list[_Running] = []
+        self.prefilling: _Running | None = None      # the request whose prompt is going in, chunk by chunk
+        self._prefill_slot = 0
         self._waiting: queue.Queue[Request] = queue.Queue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -249,10 +318,19 @@ class Scheduler:
                on_event: Callable[[Piece | Done], None] | None = None) -> Request:
         """Queue a prompt; raises `QueueFull` or `ShuttingDown`, or `ChatforgeError` for a bad prompt."""
         cfg = cfg or GenerationConfig()
+        if self._stopping.is_set():         # first: a closed scheduler has no engine left
+            raise ShuttingDown("the server is shutting down; retry on another instance")
         if cfg.strategy == "beam" or cfg.num_return_sequences != 1:
             raise ChatforgeError("continuous batching runs greedy or sampled decoding with one sequence "
                                  "per request; use Engine.generate for beam search or n-best")
         (prompt,) = self.engine._check_prompts([prompt_ids], cfg)
+        worst = min(len(prompt) + cfg.max_new_tokens, self.engine.config.max_seq_len)
+        if not self.cache.fits(1, worst):
+            mb = self.cache.position_bytes / 2 ** 20
+            raise ChatforgeError(
+                f"the prompt ({len(prompt)} tokens) and its reply (up to {cfg.max_new_tokens}) need "
+                f"{worst * mb:.0f} MB of KV cache; this server's budget is {self.cache.budget / 2 ** 20:.0f} MB "
+                f"(--kv-cache-mb): shorten the prompt or ask for fewer tokens")
         with self._lock:
             if self._stopping.is_set():
                 raise ShuttingDown("the server is shutting down; retry on another instance")
@@ -274,7 +352,7 @@ class Scheduler:
         """Take no new requests; with `drain` finish the running and waiting ones, else cancel them."""
         self._stopping.set()
         if not drain:
-            for r in self.running:
+            for r in [*self.running, *([self.prefilling] if self.prefilling else [])]:
                 r.request.cancel()
             for r in list(self._waiting.queue):
                 r.cancel()
@@ -282,16 +360,24 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def close(self) -> None:
+        """Stop, then free the cache and let go of the engine (its model) at once."""
+        self.stop(drain=False, timeout=10)
+        if self._thread is None or not self._thread.is_alive():
+            self.cache.active = 0
+            self.cache.trim()
+            self.engine = None
+
     def run_until_idle(self) -> None:
         """Run steps on the caller's thread until nothing is running or waiting (tests, batch use)."""
-        while self.running or not self._waiting.empty():
+        while self.running or self.prefilling or not self._waiting.empty():
             self.step()
 
     # ------------------------------------------------------------------------------------ loop
 
     def _loop(self) -> None:
         while True:
-            if not self.running and self._waiting.empty():
+            if not self.running and self.prefilling is None and self._waiting.empty():
                 if self._stopping.is_set():
                     return
                 self._wake.wait(0.5)
@@ -304,29 +390,117 @@ class Scheduler:
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
 
     def step(self) -> None:
-        """Admit waiting requests into free slots, then one decode step over the batch."""
+        """Prefill up to `prefill_chunk` prompt tokens (admitting waiting requests as slots and
+        the cache budget allow), then one decode step over the batch."""
         with torch.inference_mode(), self.engine._thread_limit():
-            while len(self.running) < self.max_batch and not self._waiting.empty():
-                request = self._waiting.get()
-                if request.cancelled:
-                    request._emit(Done("", [], "cancelled", len(request.prompt)))
-                    continue
-                self._admit(request)
+            self._prefill()
             self._drop_finished()
             if self.running:
                 self._decode()
                 self._drop_finished()
 
-    def _admit(self, request: Request) -> None:
-        slot = len(self.running)
-        run = _Running(request, self.engine, self.engine.config.vocab_size)
-        ids = torch.tensor([request.prompt], device=self.engine.device)
-        self.cache.begin_prefill(slot, len(request.prompt))
-        positions = torch.arange(len(request.prompt), device=self.engine.device).unsqueeze(0)
-        logits = self.engine._forward(ids, self.cache, positions, None)                     # (1, V)
-        self.cache.lengths[slot] = len(request.prompt)
-        self.running.append(run)
-        self._take(run, logits[0])
+    def _next_admissible(self, room: int) -> Request | None:
+        """The oldest waiting request if it may start now, else None (it waits: first come, first
+        served). It needs a free slot and room in the cache beside the running ones at their worst;
+        while a long prompt is being prefilled, only a prompt that goes in whole within `room`
+        tokens starts (it is not held up behind the long one)."""
+        while not self._waiting.empty():
+            request = self._waiting.queue[0]
+            if request.cancelled:
+                self._waiting.get()
+                request._emit(Done("", [], "cancelled", len(request.prompt)))
+                continue
+            n, pre = len(self.running), self.prefilling
+            if pre is not None and len(request.prompt) > room:
+                return None
+            rows = n + 1 if pre is None else max(n + 1, self._prefill_slot + 1) + (self._prefill_slot == n)
+            worst = min(len(request.prompt) + request.cfg.max_new_tokens, self.engine.config.max_seq_len)
+            worsts = [worst, *(r.worst for r in self.running), *([pre.worst] if pre is not None else [])]
+            if rows > self.max_batch or not self.cache.fits(rows, max(worsts)):
+                return None
+            return self._waiting.get()
+        return None
+
+    def _prefill(self) -> None:
+        """Put up to `prefill_chunk` prompt tokens into the cache: short prompts that go in whole,
+        then the next chunk of the long prompt being prefilled (or a new one). A request whose
+        prompt is in emits its first token and joins the decode rows. Any failure here ends only
+        the request it belongs to."""
+        room = self.prefill_chunk
+        while room > 0:
+            request = self._next_admissible(room)
+            if request is not None:
+                try:
+                    run = _Running(request, self.engine, self.engine.config.vocab_size)
+                except Exception as e:      # noqa: BLE001 - one request's failure is its own
+                    self._failed(request, e)
+                    continue
+                if self.prefilling is None:
+                    self.prefilling, self._prefill_slot = run, len(self.running)
+                    self._set_active()
+                else:
+                    # A short prompt beside a long one being prefilled: it goes in whole, into
+                    # the row after the running ones (the long one's row moves up if it is there).
+                    if self._prefill_slot == len(self.running):
+                        self.cache.ensure(self._prefill_slot + 2, self.cache.lengths[self._prefill_slot])
+                        self.cache.move(self._prefill_slot, self._prefill_slot + 1)
+                        self._prefill_slot += 1
+                    room -= self._prefill_into(run, len(self.running), room)
+                    continue
+            run = self.prefilling
+            if run is None:
+                return
+            if run.request.cancelled:
+                self._end_prefill()
+                run.request._emit(Done("", [], "cancelled", len(run.request.prompt)))
+                continue
+            room -= self._prefill_into(run, self._prefill_slot, room)
+
+    def _prefill_into(self, run: _Running, slot: int, room: int) -> int:
+        """Prefill the next (at most `room`) prompt tokens of `run` into `slot`; returns how many.
+        A failure ends `run` alone, with an error."""
+        prompt, start = run.request.prompt, run.prefilled
+        n = min(room, len(prompt) - start)
+        long_one = run is self.prefilling
+        try:
+            self.cache.active = max(self.cache.active, slot + 1)
+            self.cache.begin_prefill(slot, start, n)
+            ids = torch.tensor([prompt[start:start + n]], device=self.engine.device)
+            positions = torch.arange(start, start + n, device=self.engine.device).unsqueeze(0)
+            logits = self.engine._forward(ids, self.cache, positions, None)                 # (1, V)
+        except Exception as e:              # noqa: BLE001
+            # The running rows are untouched (a request joins them once its prompt is in).
+            self.cache.lengths[slot] = 0
+            if long_one:
+                self._end_prefill()
+            else:
+                self._set_active()
+            self._failed(run.request, e)
+            return n
+        run.prefilled = self.cache.lengths[slot] = start + n
+        if run.prefilled == len(prompt):
+            # Rows that ended meanwhile may have left the slot behind the running ones: close up.
+            if slot != len(self.running):
+                self.cache.move(slot, len(self.running))
+            if long_one:
+                self.prefilling = None
+            self.running.append(run)
+            self._set_active()
+            self._take(run, logits[0])
+        return n
+
+    def _end_prefill(self) -> None:
+        self.cache.lengths[self._prefill_slot] = 0
+        self.prefilling = None
+        self._set_active()
+        self.cache.trim()
+
+    def _set_active(self) -> None:
+        self.cache.active = max(len(self.running), self._prefill_slot + 1 if self.prefilling else 0)
+
+    def _failed(self, request: Request, e: Exception) -> None:
+        log.exception("a request failed before joining the batch; it ends with an error", exc_info=e)
+        request._emit(Done("", [], "error", len(request.prompt), error=f"admission failed: {type(e).__name__}: {e}"))
 
     def _decode(self) -> None:
         n = len(self.running)
@@ -352,7 +526,7 @@ class Scheduler:
             else:
                 probs = torch.softmax(run.pipeline.warp(logits), dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=run.generator))
-        except RuntimeError as e:
+        except Exception as e:              # noqa: BLE001
             # One request's settings (say, penalties that drive every logit to -inf) end that
             # request only; the rest of the batch goes on.
             log.warning("a request's sampling failed: %s", e)
@@ -381,6 +555,7 @@ class Scheduler:
             run.finish = ("length", None)
 
     def _drop_finished(self) -> None:
+        dropped = False
         i = 0
         while i < len(self.running):
             run = self.running[i]
@@ -394,7 +569,13 @@ class Scheduler:
             if i != last:
                 self.cache.move(last, i)
                 self.running[i] = self.running[last]
+            else:
+                self.cache.lengths[last] = 0
             self.running.pop()
+            dropped = True
+        if dropped:
+            self._set_active()
+            self.cache.trim()                # the cache shrinks with the batch, to nothing when idle
 
     def _finish(self, run: _Running) -> None:
         reason, stop = run.finish
@@ -408,6 +589,9 @@ class Scheduler:
         run.request._emit(Done(completion.text or "", run.tokens, reason, len(run.request.prompt)))
 
     def _fail_all(self, message: str) -> None:
-        for run in self.running:
+        for i, run in enumerate(self.running):
             run.request._emit(Done("", run.tokens, "error", len(run.request.prompt), error=message))
+            self.cache.lengths[i] = 0
         self.running.clear()
+        self._set_active()
+        self.cache.trim()

@@ -240,7 +240,11 @@ def fit_prompt(tokenizer, system: SystemPrompt | None, index, history: list[dict
     fixed = len(render(_messages(system, index, "", [], [], MIN_CONTEXT_TOKENS, tokenizer)))
     room = (budget - fixed) * 2 // 3
     context_tokens = max(MIN_CONTEXT_TOKENS, min(room, context_tokens) if context_tokens else room)
-    skip = 0                                       # oldest history messages left out
+    # Oldest history messages left out: first estimated from each message's tokens, counted once,
+    # so a long history costs linear time (rendering it whole once per dropped turn was quadratic:
+    # 8,000 short messages took 100 s). The loop below checks the estimate on the real rendering.
+    bare = len(render(_messages(system, index, user_text, [], passages, context_tokens, tokenizer, facts)))
+    skip = _first_fitting_skip(tokenizer, history, budget - bare)
     while True:
         messages = _messages(system, index, user_text, history[skip:], passages, context_tokens, tokenizer, facts)
         ids = render(messages)
@@ -270,6 +274,27 @@ def refused_below_threshold(prompt: Prompt, min_score: float) -> Prompt:
     from chatforge.retrieval import NOT_FOUND_REPLY
 
     return replace(prompt, ids=[], passages=[], reply=NOT_FOUND_REPLY)
+
+
+def _first_fitting_skip(tokenizer, history: list[dict], room: int) -> int:
+    """The fewest oldest messages (whole turns: an even number) to leave out so that the rest of
+    `history` takes at most `room` tokens; past the end of it if none fits.
+
+    A rendered conversation is the sum of its messages' renderings (each is its own
+    `<|im_start|>role\ncontent<|im_end|>\n`, encoded apart from the others), so each message is
+    rendered once, after a fixed system message that keeps the template's default one out."""
+    if not history:
+        return 0
+    anchor = {"role": "system", "content": ""}
+    base = len(tokenizer.render_chat([anchor])[0])
+    costs = [len(tokenizer.render_chat([anchor, {"role": m["role"], "content": m["content"]}])[0]) - base
+             for m in history]
+    kept = sum(costs)                              # tokens of history[skip:]
+    skip = 0
+    while skip < len(history) and kept > room:
+        kept -= sum(costs[skip:skip + 2])
+        skip += 2
+    return skip
 
 
 def _passages_used(passages: list, user_content: str) -> list:

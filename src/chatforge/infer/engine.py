@@ -101,6 +101,9 @@ class GenerationConfig:
         if self.greedy:
             need(self.num_return_sequences == 1, "greedy decoding returns one sequence; use sample or beam for more")
         need(all(isinstance(s, str) and s for s in self.stop_strings), "stop strings must be non-empty text")
+        # torch.Generator.manual_seed takes these; a larger seed raised inside the decode loop.
+        need(self.seed is None or (isinstance(self.seed, int) and -(2 ** 63) <= self.seed < 2 ** 64),
+             f"seed must be an integer from -2**63 to 2**64-1, got {self.seed!r}")
         for pattern in self.stop_after:
             try:
                 empty = re.compile(pattern).fullmatch("") is not None

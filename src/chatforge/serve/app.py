@@ -19,6 +19,9 @@ nothing leaks a traceback or a path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import hmac
 import json
 import logging
@@ -26,11 +29,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
@@ -45,11 +50,14 @@ from chatforge.infer.engine import GenerationConfig
 from chatforge.infer.prompting import SystemPrompt
 from chatforge.infer.safety import ReplyFilter
 from chatforge.serve import openai_api as oa
+from chatforge.serve.http import SECURITY_HEADERS, host_name
 
 log = logging.getLogger("chatforge.serve")
 disable_created_metrics()     # the *_created series only double the scrape
 MAX_STOP_STRINGS = 4
 FEEDBACK_WAIT_S = 30.0     # longest a vote waits for the reply it rates to be written
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)     # what torch.Generator.manual_seed accepts
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 
 @dataclass
@@ -71,6 +79,7 @@ class Assistant:
     default_repetition_penalty: float = 1.0        # for requests that do not say (1 = off)
     max_tokens_limit: int = 1024                   # a request asking for more gets a 400
     max_message_chars: int = 4000                  # a longer user message gets a 400 (the page counts to it)
+    request_timeout: float = 600.0                 # seconds a request may wait and generate in all
 
     def __post_init__(self):
         if self.tools is None and self.index is not None:
@@ -160,12 +169,26 @@ def _generation(req: oa._Sampling, max_tokens: int | None, assistant: Assistant)
             raise oa.ApiError(400, f"{name} must be between {lo} and {hi}, got {value}", name)
     if req.top_p is not None and req.top_p == 0:
         raise oa.ApiError(400, "top_p must be above 0", "top_p")
+    if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
+        raise oa.ApiError(400, f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}", "seed")
     temperature = assistant.default_temperature if req.temperature is None else req.temperature
     penalty = assistant.default_repetition_penalty if req.repetition_penalty is None else req.repetition_penalty
-    return GenerationConfig(repetition_penalty=penalty,
-        strategy="greedy" if temperature == 0 else "sample", temperature=temperature or 1.0,
-        top_p=req.top_p or 1.0, max_new_tokens=max_tokens or assistant.default_max_tokens, stop_strings=tuple(stop),
-        seed=req.seed, frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0)
+    try:
+        return GenerationConfig(repetition_penalty=penalty,
+            strategy="greedy" if temperature == 0 else "sample", temperature=temperature or 1.0,
+            top_p=req.top_p or 1.0, max_new_tokens=max_tokens or assistant.default_max_tokens,
+            stop_strings=tuple(stop), seed=req.seed, frequency_penalty=req.frequency_penalty or 0.0,
+            presence_penalty=req.presence_penalty or 0.0)
+    except ChatforgeError as e:            # a value the checks above let through (e.g. NaN)
+        raise oa.ApiError(400, str(e)) from None
+
+
+def _check_text(body: Any) -> None:
+    """400 for a string the tokenizer and the database cannot take (a lone surrogate)."""
+    where = oa.lone_surrogate(body.model_dump())
+    if where is not None:
+        raise oa.ApiError(400, f"{where} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not text; "
+                               "send valid Unicode", where)
 
 
 def _check_model(requested: str | None, assistant: Assistant) -> None:
@@ -181,6 +204,7 @@ class _Job:
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Piece | Done] = asyncio.Queue()
         self.started = time.perf_counter()
+        self.deadline = self.started + assistant.request_timeout
         try:
             self.request = assistant.scheduler.submit(
                 ids, cfg, on_event=lambda e: loop.call_soon_threadsafe(self.events.put_nowait, e))
@@ -192,9 +216,16 @@ class _Job:
             raise oa.ApiError(400, str(e)) from None
 
     async def pieces(self) -> AsyncIterator[Piece | Done]:
+        """The request's events; 504 once it has run past its deadline (a request never waits
+        without one, whatever happens to the scheduler)."""
         try:
             while True:
-                event = await self.events.get()
+                try:
+                    event = await asyncio.wait_for(self.events.get(), max(0.0, self.deadline - time.perf_counter()))
+                except TimeoutError:
+                    raise oa.ApiError(504, "the request took longer than the server's limit "
+                                           "(--request-timeout); retry later or ask for fewer tokens",
+                                      code="timeout") from None
                 yield event
                 if isinstance(event, Done):
                     return
@@ -202,6 +233,43 @@ class _Job:
             # A client that went away (or an error) frees the batch slot at the next step.
             if self.request.outcome is None:
                 self.request.cancel()
+
+
+class ClientGone(Exception):
+    """The client of a non-streamed request disconnected before its answer was ready."""
+
+
+async def _collect(job: _Job | _Canned, request: Request) -> Done:
+    """The `Done` of a non-streamed request, while watching its connection: a client that gives
+    up (a timeout, a retry) cancels its generation, queued or running, as a streaming one does
+    when its next chunk cannot be sent. Without this an abandoned request kept its slot to the end
+    and clients that retried multiplied the load."""
+    async def last() -> Done:
+        done = None
+        async for event in job.pieces():
+            done = event if isinstance(event, Done) else done
+        return done
+
+    async def gone() -> None:
+        # The body is read, so the next ASGI message is the disconnect (uvicorn sends it when
+        # the connection closes, whenever that is).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    answer, watch = asyncio.ensure_future(last()), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({answer, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not answer.done():
+            answer.cancel()
+            # Not left to job.pieces()' own `finally`: a task cancelled before it first ran
+            # never enters it (a client gone before its request was submitted).
+            if job.request is not None and job.request.outcome is None:
+                job.request.cancel()
+    if not answer.done() or answer.cancelled():
+        raise ClientGone()
+    return answer.result()
 
 
 class _Canned:
@@ -220,13 +288,17 @@ class _Canned:
 # ----------------------------------------------------------------------------------- the app
 
 def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               reload: Callable[[], tuple[Scheduler, Any]] | None = None) -> FastAPI:
+               reload: Callable[[], tuple[Scheduler, Any]] | None = None, admin_key: str | None = None,
+               allowed_hosts: Sequence[str] | None = None, api_docs: bool = False) -> FastAPI:
     """The FastAPI app serving `assistant` (see the module docstring and docs/SERVING.md).
 
     `reload()` loads the model folder again and returns a started scheduler and its tokenizer;
-    `POST /admin/reload` (and `chatforge serve`'s SIGHUP) swap them in (`swap_model`)."""
+    `POST /admin/reload` (and `chatforge serve`'s SIGHUP) swap them in (`swap_model`); it needs
+    `admin_key`, never a chat key. `allowed_hosts`: the Host names answered (None: any), against
+    DNS rebinding of a keyless loopback server. `api_docs`: serve /docs and /openapi.json."""
     metrics = Metrics(assistant)
-    app = FastAPI(title="chatforge", version="1", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="chatforge", version="1", redoc_url=None,
+                  docs_url="/docs" if api_docs else None, openapi_url="/openapi.json" if api_docs else None)
     app.state.stopping = False
     app.state.assistant = assistant
     # Streamed replies not yet in the store (message id -> set once written or given up): feedback
@@ -244,18 +316,25 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
+            message, where = "the request body is not valid JSON", None      # its loc is a character offset
         elif not where:
             message = "the request body must be a JSON object (Content-Type: application/json)"
         else:
             message = f"{where or 'body'}: {first.get('msg', 'invalid value')}"
-        return JSONResponse(oa.ApiError(422, message, where).body(), status_code=422)
+        # OpenAI answers a body it cannot read (bad JSON, a wrong type) with 400 on its own
+        # routes; chatforge's own (feedback) keep FastAPI's 422.
+        status = 400 if request.url.path in OPENAI_ROUTES else 422
+        return JSONResponse(oa.ApiError(status, message, where).body(), status_code=status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         message = {404: f"no such path: {request.url.path}", 405: f"{request.method} is not allowed here"}
         body = oa.ApiError(e.status_code, message.get(e.status_code, str(e.detail))).body()
         return JSONResponse(body, status_code=e.status_code)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone):
+        return Response(status_code=499)        # nginx's "client closed request"; nobody reads it
 
     @app.exception_handler(Exception)
     async def failed(request: Request, e: Exception):
@@ -289,13 +368,21 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         return oa.model_card(assistant.name, app.state.created)
 
     app.state.created = oa.now()
-    app.add_middleware(_Gate, state=app.state, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+
+    # HEAD wherever GET is (FastAPI, unlike Starlette, does not add it; uvicorn drops the body),
+    # kept out of the schema, whose clients would expect a body.
+    for route in list(app.routes):
+        if isinstance(route, APIRoute) and "GET" in route.methods:
+            app.add_api_route(route.path, route.endpoint, methods=["HEAD"], include_in_schema=False)
+    app.add_middleware(_Gate, state=app.state, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics,
+                       admin_key=admin_key, allowed_hosts=allowed_hosts)
 
     # ---------------------------------------------------------------------------- completions
 
     @app.post("/v1/chat/completions")
-    async def chat(body: oa.ChatRequest):
+    async def chat(body: oa.ChatRequest, request: Request):
         _check_model(body.model, assistant)
+        _check_text(body)
         client_system, history, question = _conversation(body.messages, assistant.max_message_chars)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         cfg = _generation(body, max_tokens, assistant)
@@ -333,9 +420,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
 
         extra = {"conversation_id": conversation, "sources": sources}
         if not body.stream:
-            done = None
-            async for event in job.pieces():
-                done = event if isinstance(event, Done) else done
+            done = await _collect(job, request)
             reply = assistant.guard.apply(done.text).text
             await finish(done, reply)
             return {"id": rid, "object": "chat.completion", "created": created, "model": assistant.name,
@@ -350,26 +435,26 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         async def stream() -> AsyncIterator[str]:
             safe = assistant.guard.stream()
             yield _sse(oa.chat_chunk(rid, assistant.name, created, {"role": "assistant", "content": ""}, **extra))
-            async for event in job.pieces():
-                if isinstance(event, Piece):
-                    out = safe.push(event.text)
-                else:
-                    out = safe.finish()
-                if out:
-                    shown.append(out)
-                    yield _sse(oa.chat_chunk(rid, assistant.name, created, {"content": out}))
-                if isinstance(event, Done):
-                    ended.append(event)
-                    try:
+            try:
+                async for event in job.pieces():
+                    if isinstance(event, Piece):
+                        out = safe.push(event.text)
+                    else:
+                        out = safe.finish()
+                    if out:
+                        shown.append(out)
+                        yield _sse(oa.chat_chunk(rid, assistant.name, created, {"content": out}))
+                    if isinstance(event, Done):
+                        ended.append(event)
                         await finish(event, "".join(shown))
-                    except oa.ApiError as e:
-                        yield _sse(e.body())
-                        return
-                    yield _sse(oa.chat_chunk(rid, assistant.name, created, {}, event.finish_reason,
-                                             **verdict("".join(shown))))
-                    if include_usage:
-                        yield _sse({**oa.chat_chunk(rid, assistant.name, created, {}), "choices": [],
-                                    "usage": oa.usage(event.prompt_tokens, len(event.tokens))})
+                        yield _sse(oa.chat_chunk(rid, assistant.name, created, {}, event.finish_reason,
+                                                 **verdict("".join(shown))))
+                        if include_usage:
+                            yield _sse({**oa.chat_chunk(rid, assistant.name, created, {}), "choices": [],
+                                        "usage": oa.usage(event.prompt_tokens, len(event.tokens))})
+            except oa.ApiError as e:
+                yield _sse(e.body())
+                return
             yield "data: [DONE]\n\n"
 
         async def kept() -> AsyncIterator[str]:
@@ -403,8 +488,9 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
-    async def complete(body: oa.CompletionRequest):
+    async def complete(body: oa.CompletionRequest, request: Request):
         _check_model(body.model, assistant)
+        _check_text(body)
         if body.echo or body.logprobs or body.suffix:
             raise oa.ApiError(400, "echo, logprobs and suffix are not supported", "echo")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -425,9 +511,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
                 raise oa.ApiError(500, "generation failed; see the server's log")
 
         if not body.stream:
-            done = None
-            async for event in job.pieces():
-                done = event if isinstance(event, Done) else done
+            done = await _collect(job, request)
             counted(done)
             return {"id": rid, "object": "text_completion", "created": created, "model": assistant.name,
                     "choices": [{"index": 0, "text": done.text, "logprobs": None, "finish_reason": done.finish_reason}],
@@ -436,30 +520,30 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def stream() -> AsyncIterator[str]:
-            async for event in job.pieces():
-                if isinstance(event, Piece):
-                    yield _sse(oa.completion_chunk(rid, assistant.name, created, event.text))
-                    continue
-                try:
+            try:
+                async for event in job.pieces():
+                    if isinstance(event, Piece):
+                        yield _sse(oa.completion_chunk(rid, assistant.name, created, event.text))
+                        continue
                     counted(event)
-                except oa.ApiError as e:
-                    yield _sse(e.body())
-                    return
-                yield _sse(oa.completion_chunk(rid, assistant.name, created, "", event.finish_reason))
-                if include_usage:
-                    yield _sse({**oa.completion_chunk(rid, assistant.name, created, ""), "choices": [],
-                                "usage": oa.usage(event.prompt_tokens, len(event.tokens))})
+                    yield _sse(oa.completion_chunk(rid, assistant.name, created, "", event.finish_reason))
+                    if include_usage:
+                        yield _sse({**oa.completion_chunk(rid, assistant.name, created, ""), "choices": [],
+                                    "usage": oa.usage(event.prompt_tokens, len(event.tokens))})
+            except oa.ApiError as e:
+                yield _sse(e.body())
+                return
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # ---------------------------------------------------------------------------------- admin
 
-    @app.post("/admin/reload", responses={403: {"description": "no API key is set"},
+    @app.post("/admin/reload", responses={403: {"description": "no admin key is set"},
                                           501: {"description": "reloading is not configured"}})
     async def reload_model():
-        if not api_key:
-            raise oa.ApiError(403, "admin endpoints need an API key: start the server with --api-key "
+        if not admin_key:
+            raise oa.ApiError(403, "admin endpoints need an admin key: start the server with --admin-key "
                                    "(or send it SIGHUP to reload)", code="admin_disabled")
         if reload is None:
             raise oa.ApiError(501, "this server cannot reload its model", code="reload_unavailable")
@@ -478,6 +562,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
     async def feedback(body: oa.FeedbackRequest):
         if assistant.store is None:
             raise oa.ApiError(503, "this server keeps no feedback (started with --no-feedback)", code="feedback_off")
+        _check_text(body)
         pending = writing.get(body.message_id)
         if pending is not None:
             # Still streaming, or stopped a moment ago and being written: its row comes shortly.
@@ -504,16 +589,32 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
 
 
 class _Gate:
-    """Checks every request before the app sees it: shutting down (503), body size (413; a POST
-    must say its length, 411), the API key on /v1/... (401, compared in constant time); and counts
-    each answer by route and status. Plain ASGI, so streamed replies pass through untouched and a
-    client that disconnects still cancels its generation."""
+    """Checks every request before the app sees it: the Host header (400 for a name this server
+    does not answer to), shutting down (503), body size (413; a POST must say its length, 411),
+    the API key on /v1/... and the admin key on /admin/... (401, compared in constant time); adds
+    the security headers (`http.SECURITY_HEADERS`) to every answer and counts each by route and
+    status. Plain ASGI, so streamed replies pass through untouched and a client that disconnects
+    still cancels its generation."""
 
-    def __init__(self, app, state, api_key: str | None, max_body_bytes: int, metrics: Metrics):
+    def __init__(self, app, state, api_key: str | None, max_body_bytes: int, metrics: Metrics,
+                 admin_key: str | None = None, allowed_hosts: Sequence[str] | None = None):
         self.app, self.state, self.api_key, self.max_body, self.metrics = app, state, api_key, max_body_bytes, metrics
+        self.admin_key = admin_key
+        self.allowed_hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+
+    @staticmethod
+    def _key_ok(headers: dict, key: str) -> bool:
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        return hmac.compare_digest(token.encode(), key.encode())
 
     def check(self, scope) -> oa.ApiError | None:
         path, headers = scope["path"], dict(scope["headers"])
+        if self.allowed_hosts is not None and host_name(headers.get(b"host")) not in self.allowed_hosts:
+            # A page on another site whose name now points at 127.0.0.1 (DNS rebinding) would
+            # otherwise read a keyless loopback server as its own origin.
+            return oa.ApiError(400, "the Host header names a site this server does not serve; open it by "
+                                    "its own address (or start it with --allowed-host NAME)", code="invalid_host")
         if self.state.stopping and path != "/metrics":
             return oa.ApiError(503, "the server is shutting down", code="shutting_down")
         length = headers.get(b"content-length")
@@ -521,12 +622,14 @@ class _Gate:
             return oa.ApiError(411, "send the request body with a Content-Length header")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return oa.ApiError(413, f"the request body is larger than {self.max_body} bytes")
-        if self.api_key and path.startswith(("/v1/", "/admin/")):
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                return oa.ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                   code="invalid_api_key")
+        if self.api_key and path.startswith("/v1/") and not self._key_ok(headers, self.api_key):
+            return oa.ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                               code="invalid_api_key")
+        # The admin key is its own: a chat user's key never opens /admin/ (without an admin key
+        # the route itself answers 403).
+        if self.admin_key and path.startswith("/admin/") and not self._key_ok(headers, self.admin_key):
+            return oa.ApiError(401, "missing or wrong admin key: send 'Authorization: Bearer ADMIN_KEY'",
+                               code="invalid_api_key")
         return None
 
     async def __call__(self, scope, receive, send):
@@ -537,6 +640,7 @@ class _Gate:
         async def counted(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
             await send(message)
 
         error = self.check(scope)
@@ -554,13 +658,32 @@ _swap_lock = threading.Lock()
 
 def swap_model(assistant: Assistant, reload: Callable[[], tuple[Scheduler, Any]]) -> None:
     """Load the model again and serve new requests from it; the old scheduler finishes the
-    requests it already has (none is dropped) and then stops. A load that fails leaves the old
-    model serving."""
+    requests it already has (none is dropped), then stops and frees its model and cache. A load
+    that fails leaves the old model serving."""
     with _swap_lock:
         scheduler, tokenizer = reload()
         old = assistant.scheduler
         assistant.scheduler, assistant.tokenizer = scheduler, tokenizer
-    threading.Thread(target=old.stop, kwargs={"drain": True}, name="chatforge-drain", daemon=True).start()
+    threading.Thread(target=_retire, args=(old,), name="chatforge-drain", daemon=True).start()
+
+
+def _retire(old: Scheduler) -> None:
+    """Drain `old`, then give its memory back. Its thread and bound methods form reference
+    cycles, so without a collection the weights stayed until the collector happened to run: two
+    reloads took the demo server from 7.8 to 9.3 GB."""
+    old.stop(drain=True)
+    old.close()
+    del old
+    release_memory()
+
+
+def release_memory() -> None:
+    """Collect unreachable objects and hand freed heap pages back to the system. glibc keeps
+    them otherwise: after the engine built its bf16 copy of the demo model, the dropped fp32
+    weights still held 640 MB of the server's 1.27 GB (626 MB after a trim)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _sse(obj: dict) -> str:

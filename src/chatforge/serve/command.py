@@ -6,7 +6,7 @@
          -d '{"messages": [{"role": "user", "content": "How do I reset my password?"}]}'
 
 The routes and chatforge's additions to OpenAI's shapes are in docs/SERVING.md; the app is
-`serve/app.py`. `kill -HUP PID` (or `POST /admin/reload` with the API key) loads the model
+`serve/app.py`. `kill -HUP PID` (or `POST /admin/reload` with the --admin-key) loads the model
 folder again, e.g. after the next training round wrote it, and serves new requests from it while
 the running ones finish on the old model. Replies are rated on the page or with POST /v1/feedback and kept in a SQLite file
 (default: beside the model folder, e.g. runs/demo/feedback.sqlite); `chatforge feedback stats`
@@ -50,10 +50,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", metavar="KEY", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1/...; prefer the CHATFORGE_API_KEY "
                              "environment variable (a command line is visible to other users)")
+    parser.add_argument("--admin-key", metavar="KEY", default=None,
+                        help="require 'Authorization: Bearer KEY' on /admin/... (reload); a chat --api-key never "
+                             "opens them; without it they answer 403. Prefer CHATFORGE_ADMIN_KEY")
+    parser.add_argument("--allowed-host", metavar="NAME", action="append", default=None,
+                        help="a Host name the server answers besides its own address (repeatable); a "
+                             "loopback server without --api-key answers only localhost names, against DNS rebinding")
+    parser.add_argument("--api-docs", action="store_true", default=False,
+                        help="serve the OpenAPI schema at /openapi.json and its Swagger page at /docs "
+                             "(the page loads Swagger from a CDN)")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="seconds a request may wait and generate in all; then 504 and its generation stops")
+    parser.add_argument("--read-timeout", type=float, default=10.0,
+                        help="seconds a client has to send a whole request (headers and body); a slower "
+                             "connection is closed")
+    parser.add_argument("--keep-alive", type=int, default=5, help="seconds an idle kept-alive connection stays open")
+    parser.add_argument("--max-connections", type=int, default=1000,
+                        help="open connections at most; beyond it new requests get 503")
     parser.add_argument("--name", default=None, help="the model id clients use (default: the model folder's name)")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting for a batch slot at most; more get 429")
+    parser.add_argument("--kv-cache-mb", type=int, default=None,
+                        help="memory for the KV cache of all running requests (default: a quarter of the "
+                             "machine's memory, at most what --max-batch requests at the full context take); "
+                             "a request that can never fit gets 400, one that cannot fit now waits")
+    parser.add_argument("--prefill-chunk", type=int, default=256,
+                        help="prompt tokens prefilled between two decode steps: a long prompt goes in by "
+                             "chunks while the other replies go on")
     parser.add_argument("--max-tokens", type=int, default=256, help="reply length when a request does not say")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="temperature for requests that do not set one (0 = greedy: the same question "
@@ -103,10 +127,33 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def kv_cache_bytes(mb: int | None, engine, max_batch: int) -> int:
+    """The KV-cache budget: `mb` MiB, or by default a quarter of the machine's memory, at most what
+    `max_batch` requests at the model's full context take."""
+    cfg = engine.config
+    import torch
+
+    position = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * torch.empty((), dtype=engine.cache_dtype).element_size()
+    need = max_batch * cfg.max_seq_len * position
+    if mb is not None:
+        if mb < 1:
+            raise ChatforgeError(f"--kv-cache-mb must be at least 1, got {mb}")
+        if mb * 2 ** 20 < cfg.max_seq_len * position // 8:
+            print(f"warning: --kv-cache-mb {mb} holds {mb * 2 ** 20 // position} positions; longer requests "
+                  "get 400", file=sys.stderr)
+        return mb * 2 ** 20
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 4 << 30
+    return min(need, max(256 << 20, memory // 4))
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise ChatforgeError("--model is required: the folder of a trained model (the output of sft)")
-    for name in ("max_batch", "max_tokens", "max_tokens_limit", "max_body_bytes", "max_message_chars", "passages"):
+    for name in ("max_batch", "max_tokens", "max_tokens_limit", "max_body_bytes", "max_message_chars", "passages",
+                 "max_connections", "keep_alive", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ChatforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_tokens > args.max_tokens_limit:
@@ -115,7 +162,12 @@ def run(args: argparse.Namespace) -> int:
         raise ChatforgeError("--temperature must be in [0, 2] and --repetition-penalty in (0, 10]")
     if not 0 < args.port < 65536:
         raise ChatforgeError(f"--port must be between 1 and 65535, got {args.port}")
+    if not args.request_timeout > 0 or not args.read_timeout > 0:
+        raise ChatforgeError("--request-timeout and --read-timeout must be above 0 seconds")
     api_key = args.api_key or os.environ.get("CHATFORGE_API_KEY") or None
+    admin_key = args.admin_key or os.environ.get("CHATFORGE_ADMIN_KEY") or None
+    if admin_key and admin_key == api_key:
+        raise ChatforgeError("--admin-key must differ from --api-key: chat users must not be able to reload the model")
     system = load_system_prompt(args.system) if args.system else None
     guard = ReplyFilter(load_blocked_terms(args.blocked_terms) if args.blocked_terms else [],
                         action=args.blocked_action, refusal=args.refusal)
@@ -130,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
     from chatforge.infer.batching import Scheduler
     from chatforge.infer.engine import Engine
     from chatforge.model.folder import load_model
-    from chatforge.serve.app import Assistant, create_app, swap_model
+    from chatforge.serve.app import Assistant, create_app, release_memory, swap_model
+    from chatforge.serve.http import LOOPBACK_NAMES, server_config
 
     model_dir = Path(args.model)
     store = None
@@ -143,7 +196,12 @@ def run(args: argparse.Namespace) -> int:
         stops = [tokenizer.eot_id, tokenizer.im_end_id, tokenizer.im_start_id]
         engine = Engine(model, tokenizer, stop_ids=[s for s in stops if s is not None], threads=args.threads,
                         dtype=args.dtype, quant=args.quant)
-        return Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue).start(), tokenizer
+        if engine.model is not model:
+            del model              # the engine serves its own copy (bf16, packed or quantized)
+            release_memory()
+        budget = kv_cache_bytes(args.kv_cache_mb, engine, args.max_batch)
+        return Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue, kv_cache_bytes=budget,
+                         prefill_chunk=args.prefill_chunk).start(), tokenizer
 
     scheduler, tokenizer = load()
     index = None
@@ -156,8 +214,13 @@ def run(args: argparse.Namespace) -> int:
                           guard=guard, store=store, tools=tools, passages=args.passages, default_max_tokens=args.max_tokens,
                           max_tokens_limit=args.max_tokens_limit, max_message_chars=args.max_message_chars,
                           default_temperature=args.temperature,
-                          default_repetition_penalty=args.repetition_penalty)
-    app = create_app(assistant, api_key=api_key, max_body_bytes=args.max_body_bytes, reload=load)
+                          default_repetition_penalty=args.repetition_penalty, request_timeout=args.request_timeout)
+    allowed_hosts = None
+    if _is_loopback(args.host) and not api_key:
+        # Keyless on loopback: only a page the user opened by a loopback name may call it.
+        allowed_hosts = [*LOOPBACK_NAMES, args.host, *(args.allowed_host or [])]
+    app = create_app(assistant, api_key=api_key, max_body_bytes=args.max_body_bytes, reload=load,
+                     admin_key=admin_key, allowed_hosts=allowed_hosts, api_docs=args.api_docs)
 
     def on_sighup(signum, frame):
         # A new model folder (the next training round) is served without dropping a request.
@@ -178,8 +241,9 @@ def run(args: argparse.Namespace) -> int:
             app.state.stopping = True
             super().handle_exit(sig, frame)
 
-    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   timeout_graceful_shutdown=30))
+    server = Server(server_config(app, args.host, args.port, request_read_timeout=args.read_timeout,
+                                  keep_alive=args.keep_alive, max_connections=args.max_connections,
+                                  log_level=args.log_level, timeout_graceful_shutdown=30))
     where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     grounded = f", answering from {len(index)} passages" if index is not None else ""
     if tools is not None:

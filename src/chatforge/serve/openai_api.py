@@ -1,7 +1,8 @@
 """The OpenAI API's request bodies, response shapes and errors, as the server speaks them.
 
 Request models accept unknown fields (clients send more than a small server uses) and check only
-types; value checks (ranges, roles, the model's context) happen in `app.py`, where they turn into
+types, strictly where OpenAI is strict: `"stream": "yes"` or `"max_tokens": "10"` is refused, not
+coerced (an integer is accepted for a number, as JSON does). Value checks (ranges, roles, the model's context) happen in `app.py`, where they turn into
 400 errors naming the field. `ApiError` carries an HTTP status and OpenAI's error body:
 `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -10,9 +11,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt
+
+# A number field takes a JSON integer or a float, never a string ("0.5"); `Strict` on float still
+# takes an int, as OpenAI does.
+Number = Annotated[float, Strict()]
 
 REASONS = ("inaccurate", "not_in_documents", "too_long", "unhelpful")
 
@@ -23,7 +28,7 @@ class ApiError(Exception):
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
              404: "not_found_error", 501: "server_error",
              411: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-             500: "server_error", 503: "service_unavailable"}
+             500: "server_error", 503: "service_unavailable", 504: "timeout_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -49,36 +54,36 @@ class Message(_Open):
 
 
 class StreamOptions(_Open):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Sampling(_Open):
     model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    max_tokens: StrictInt | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    seed: StrictInt | None = None
+    frequency_penalty: Number | None = None
+    presence_penalty: Number | None = None
     # not OpenAI's (vLLM and llama.cpp's servers take it too): HF's repetition penalty, 1 = off
-    repetition_penalty: float | None = None
-    n: int | None = None
-    stream: bool = False
+    repetition_penalty: Number | None = None
+    n: StrictInt | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
 
 
 class ChatRequest(_Sampling):
     messages: list[Message]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: StrictInt | None = None
     # chatforge's own: the conversation this turn continues (returned by an earlier response)
     conversation_id: str | None = Field(default=None, max_length=128)
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    echo: bool | None = None
-    logprobs: int | None = None
+    echo: StrictBool | None = None
+    logprobs: StrictInt | None = None
     suffix: str | None = None
 
 
@@ -125,3 +130,27 @@ def model_card(name: str, created: int) -> dict:
 
 def now() -> int:
     return int(time.time())
+
+
+def lone_surrogate(value: Any, where: str = "") -> str | None:
+    """The path (`messages[0].content`) of the first string in `value` that holds a lone UTF-16
+    surrogate ("\\ud800" in JSON), or None. Such text cannot be encoded as UTF-8, so neither
+    the tokenizer nor the feedback database can take it: it is the client's error, not a crash."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    if isinstance(value, dict):
+        items = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None
+    for path, item in items:
+        # A key is text too (an unknown field's name is stored with the message).
+        found = lone_surrogate(path.rpartition(".")[2], where or "body") or lone_surrogate(item, path)
+        if found:
+            return found
+    return None
