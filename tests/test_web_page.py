@@ -54,6 +54,8 @@ LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-ru
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "chat_page.png"
 QUESTION = "What does the free plan include?"
 ANSWER = dict(CONVERSATIONS)[QUESTION]
+# The model answers without a citation; the server adds the passage it copied from (infer/answer.py).
+SHOWN = ANSWER + " (source: docs/plans.md > Plans > Free plan)"
 CORRECTION = "The free plan includes five gigabytes of storage on one device."
 KEY = "web-page-test-key"
 SCRIPT = "<script>window.__pwned=1</script>"
@@ -238,7 +240,7 @@ def test_reply_streams_with_sources_feedback_copy_reload_and_refusal(page, serve
     _wait_reply(page)
     reply = _last_reply(page)
     assert reply.get_attribute("data-state") == "done", reply.inner_text()
-    assert reply.locator(".text").inner_text() == ANSWER
+    assert reply.locator(".text").inner_text() == SHOWN
     seen = page.evaluate("window.__seen")
     # The text showed while the stream was still open (Send is disabled until it ends). The guard
     # that masks PII may hold a short reply back to the end, so one piece is enough.
@@ -253,7 +255,7 @@ def test_reply_streams_with_sources_feedback_copy_reload_and_refusal(page, serve
 
     # The copy button puts the answer on the clipboard.
     reply.get_by_role("button", name="Copy answer").click()
-    page.wait_for_function("t => navigator.clipboard.readText().then(c => c === t)", arg=ANSWER)
+    page.wait_for_function("t => navigator.clipboard.readText().then(c => c === t)", arg=SHOWN)
 
     # One click saves the vote, before any form is sent.
     message_id = reply.get_attribute("data-message-id")
@@ -275,7 +277,7 @@ def test_reply_streams_with_sources_feedback_copy_reload_and_refusal(page, serve
     _ask(page, "hello")
     _wait_reply(page, 2)
     assert sent[1]["conversation_id"] and sent[1]["messages"] == [
-        {"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER},
+        {"role": "user", "content": QUESTION}, {"role": "assistant", "content": SHOWN},
         {"role": "user", "content": "hello"}]
 
     # After a reload the conversation is there, with its sources and the vote given.
@@ -283,7 +285,7 @@ def test_reply_streams_with_sources_feedback_copy_reload_and_refusal(page, serve
     page.wait_for_selector("body[data-ready=true]")
     assert page.locator(".turn.user .text").all_inner_texts() == [QUESTION, "hello"]
     first = page.locator(".turn.assistant").first
-    assert first.locator(".text").inner_text() == ANSWER
+    assert first.locator(".text").inner_text() == SHOWN
     assert first.get_attribute("data-message-id") == message_id
     assert first.get_by_role("button", name="Bad answer").get_attribute("aria-pressed") == "true"
     assert first.locator(".source-label").count() == len(labels)

@@ -44,8 +44,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatforge.errors import ChatforgeError
 from chatforge.infer.batching import Done, Piece, QueueFull, Scheduler, ShuttingDown
-from chatforge.infer.answer import is_refusal
-from chatforge.infer.chat import fit_prompt
+from chatforge.infer.answer import AnswerStream, checked_citation, is_refusal
+from chatforge.infer.chat import fit_prompt, refused_below_threshold
 from chatforge.infer.engine import GenerationConfig
 from chatforge.infer.prompting import SystemPrompt
 from chatforge.infer.safety import ReplyFilter
@@ -80,6 +80,8 @@ class Assistant:
     max_tokens_limit: int = 1024                   # a request asking for more gets a 400
     max_message_chars: int = 4000                  # a longer user message gets a 400 (the page counts to it)
     request_timeout: float = 600.0                 # seconds a request may wait and generate in all
+    context_tokens: int | None = None              # passages' token budget (the answer settings: SFT's)
+    min_score: float = 0.0                         # retrieval score below which the reply is not-found (0 = off)
 
     def __post_init__(self):
         if self.tools is None and self.index is not None:
@@ -391,9 +393,11 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         try:
             prompt = await run_in_threadpool(fit_prompt, assistant.tokenizer, client_system or assistant.system,
                                              assistant.index, history, question, assistant.context - reserve,
-                                             assistant.passages, assistant.tools, assistant.guard, conversation)
+                                             assistant.passages, assistant.tools, assistant.guard, conversation,
+                                             assistant.context_tokens)
         except ChatforgeError as e:
             raise oa.ApiError(400, str(e), "messages", "context_length_exceeded") from None
+        prompt = refused_below_threshold(prompt, assistant.min_score)
         sources = prompt.sources()
         rid, created = oa.new_id("chatcmpl"), oa.now()
         # A plugin's direct reply (e.g. the hand-off) is not generated: it is the whole answer.
@@ -419,9 +423,12 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
             return {"sources": [] if refusal else sources, "refusal": refusal}
 
         extra = {"conversation_id": conversation, "sources": sources}
+        # A grounded reply's citation is checked before the client sees it (`infer/answer.py`):
+        # never a source name that none of the passages has.
+        checked = prompt.grounded and prompt.reply is None
         if not body.stream:
             done = await _collect(job, request)
-            reply = assistant.guard.apply(done.text).text
+            reply = assistant.guard.apply(checked_citation(done.text, prompt.passages) if checked else done.text).text
             await finish(done, reply)
             return {"id": rid, "object": "chat.completion", "created": created, "model": assistant.name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
@@ -434,13 +441,14 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
 
         async def stream() -> AsyncIterator[str]:
             safe = assistant.guard.stream()
+            answer = AnswerStream(prompt.passages) if checked else None
             yield _sse(oa.chat_chunk(rid, assistant.name, created, {"role": "assistant", "content": ""}, **extra))
             try:
                 async for event in job.pieces():
                     if isinstance(event, Piece):
-                        out = safe.push(event.text)
+                        out = safe.push(answer.push(event.text) if answer else event.text)
                     else:
-                        out = safe.finish()
+                        out = (safe.push(answer.finish()) if answer else "") + safe.finish()
                     if out:
                         shown.append(out)
                         yield _sse(oa.chat_chunk(rid, assistant.name, created, {"content": out}))

@@ -78,18 +78,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=256,
                         help="prompt tokens prefilled between two decode steps: a long prompt goes in by "
                              "chunks while the other replies go on")
-    parser.add_argument("--max-tokens", type=int, default=256, help="reply length when a request does not say")
-    parser.add_argument("--temperature", type=float, default=0.0,
+    # Without these flags the model's answer settings decide (answer.json, what SFT trained it for
+    # and eval measured; `infer/answer.py`), as in chat and eval.
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="reply length when a request does not say (default: the answer settings', at most "
+                             "--max-tokens-limit)")
+    parser.add_argument("--temperature", type=float, default=None,
                         help="temperature for requests that do not set one (0 = greedy: the same question "
                              "gets the same answer; OpenAI's own default is 1)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+    parser.add_argument("--repetition-penalty", type=float, default=None,
                         help="repetition penalty for requests that do not set `repetition_penalty` (1 = off; "
                              "it counts the prompt's tokens too, so it discourages copying from the passages)")
     parser.add_argument("--max-tokens-limit", type=int, default=1024, help="longest reply a request may ask for")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     parser.add_argument("--max-message-chars", type=int, default=4000,
                         help="longest user message in characters; longer ones get a 400 (the page shows a counter)")
-    parser.add_argument("--passages", type=int, default=3, help="passages retrieved per question with --docs")
+    parser.add_argument("--passages", type=int, default=None,
+                        help="passages retrieved per question with --docs (default: the answer settings', else 3)")
     parser.add_argument("--index-cache", metavar="DIR", default=None, help="where the passage index is cached")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for the model (default: 1 for models under 1B parameters)")
@@ -152,6 +157,16 @@ def kv_cache_bytes(mb: int | None, engine, max_batch: int) -> int:
 def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise ChatforgeError("--model is required: the folder of a trained model (the output of sft)")
+    from chatforge.infer.answer import AnswerSettings
+
+    settings = AnswerSettings.load(args.model)
+    args.passages = settings.passages if args.passages is None else args.passages
+    if args.max_tokens is None:
+        args.max_tokens = min(settings.max_new_tokens, args.max_tokens_limit)
+    if args.temperature is None:
+        args.temperature = 0.0 if settings.strategy != "sample" else settings.temperature
+    if args.repetition_penalty is None:
+        args.repetition_penalty = settings.repetition_penalty
     for name in ("max_batch", "max_tokens", "max_tokens_limit", "max_body_bytes", "max_message_chars", "passages",
                  "max_connections", "keep_alive", "prefill_chunk"):
         if getattr(args, name) < 1:
@@ -214,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
                           guard=guard, store=store, tools=tools, passages=args.passages, default_max_tokens=args.max_tokens,
                           max_tokens_limit=args.max_tokens_limit, max_message_chars=args.max_message_chars,
                           default_temperature=args.temperature,
-                          default_repetition_penalty=args.repetition_penalty, request_timeout=args.request_timeout)
+                          default_repetition_penalty=args.repetition_penalty, request_timeout=args.request_timeout,
+                          context_tokens=settings.context_tokens, min_score=settings.min_score)
     allowed_hosts = None
     if _is_loopback(args.host) and not api_key:
         # Keyless on loopback: only a page the user opened by a loopback name may call it.

@@ -96,7 +96,7 @@ class FeedbackRequest(BaseModel):
     correction: str | None = Field(default=None, max_length=8000)
     # chatforge's own: the id an earlier POST returned for this reply; that vote is updated
     # (the page saves the thumb at once, then completes it with the form's fields)
-    feedback_id: int | None = Field(default=None, ge=1)
+    feedback_id: int | None = Field(default=None, ge=1, le=2 ** 63 - 1)   # an SQLite row id
 
 
 class FeedbackResponse(BaseModel):
