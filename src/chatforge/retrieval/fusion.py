@@ -1,0 +1,160 @@
+"""Retrieval modes: BM25, dense, or both fused by reciprocal rank; follow-up turns.
+
+    retriever = load_retriever(["examples/my_docs"], mode="hybrid")
+    hits = retriever.search("and how do I undo that?", k=3, history=["How do I amend a commit?"])
+
+`Retriever` has `PassageIndex`'s interface (`search`, `passages`, `matching_docs`,
+`doc_passages`, `best_in_docs`, ...; everything but `search` is the BM25 index's) and ranks by
+its `mode`:
+- "bm25": the BM25 index's score (words and headings; fast, exact on the documents' own words).
+- "dense": cosine similarity of sentence embeddings (`retrieval/embed.py`, `retrieval/dense.py`):
+  finds "I was charged twice" under "Refund policy".
+- "hybrid": reciprocal-rank fusion of the two rankings, score = sum over the rankings of
+  1 / (RRF_K + rank), rank from 1, over each ranking's best RRF_DEPTH (Cormack et al. 2009; the
+  fusion Elasticsearch, Haystack and LlamaIndex ship). Fusion is measured, not assumed: see the
+  README's "when to choose which retrieval".
+
+Follow-ups ("and how do I undo that?"): `search(..., history=[earlier user turns])` scores the
+query as score(current turn) + `history_weight` x score(the last earlier user turn), in every
+mode (for dense, the weighted sum of the two question vectors). A new topic keeps its own
+passages first because its own turn weighs more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from chatforge.errors import ChatforgeError
+from chatforge.retrieval.index import PassageIndex, _resolved, default_cache_dir
+from chatforge.retrieval.passages import Passage
+
+MODES = ("bm25", "dense", "hybrid")
+DEFAULT_MODE = "hybrid"          # see the README's measurements
+RRF_K = 60                       # the constant of reciprocal-rank fusion (the usual 60)
+RRF_DEPTH = 100                  # how deep each ranking is fused
+HISTORY_WEIGHT = 0.5             # weight of the earlier user turn in a follow-up's query
+
+
+def rrf(rankings: Sequence[Sequence[int]], n: int, k: int = RRF_K) -> np.ndarray:
+    """Reciprocal-rank fusion: (n,) scores, sum over `rankings` (lists of ids, best first) of
+    1 / (k + rank), rank counted from 1; an id absent from a ranking gets nothing from it."""
+    out = np.zeros(n, dtype=np.float64)
+    for ranking in rankings:
+        ids = np.asarray(ranking, dtype=np.int64)
+        out[ids] += 1.0 / (k + np.arange(1, len(ids) + 1))
+    return out
+
+
+def _top(scores: np.ndarray, depth: int) -> np.ndarray:
+    depth = min(depth, len(scores))
+    top = np.argpartition(-scores, depth - 1)[:depth]
+    return top[np.argsort(-scores[top], kind="stable")]
+
+
+class Retriever:
+    """A `PassageIndex` searched by BM25, dense vectors or both (see the module docstring)."""
+
+    def __init__(self, index: PassageIndex, dense: Any | None = None, mode: str = "bm25",
+                 history_weight: float = HISTORY_WEIGHT, rrf_k: int = RRF_K, rrf_depth: int = RRF_DEPTH):
+        if mode not in MODES:
+            raise ChatforgeError(f"unknown retrieval mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode != "bm25" and dense is None:
+            raise ChatforgeError(f"--retrieval {mode} needs the dense index (an embedding model)")
+        self.index, self.dense, self.mode = index, dense, mode
+        self.history_weight, self.rrf_k, self.rrf_depth = history_weight, rrf_k, rrf_depth
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything but ranking is the passage index's (passages, matching_docs, doc_passages, ...).
+        if name == "index":
+            raise AttributeError(name)
+        return getattr(self.index, name)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _queries(self, query: str, history: Sequence[str]) -> tuple[list[str], list[float]]:
+        earlier = [h for h in history if h and h.strip()]
+        if earlier and self.history_weight > 0:
+            return [query, earlier[-1]], [1.0, self.history_weight]
+        return [query], [1.0]
+
+    def bm25_scores(self, texts: Sequence[str], weights: Sequence[float]) -> np.ndarray:
+        return sum(w * self.index.scores(t) for t, w in zip(texts, weights))
+
+    def scores(self, query: str, history: Sequence[str] = (), mode: str | None = None) -> np.ndarray:
+        """Every passage's score for `query` (after the earlier user turns `history`) in `mode`
+        (default the retriever's): BM25, cosine, or the RRF score."""
+        mode = mode or self.mode
+        texts, weights = self._queries(query, history)
+        if mode == "bm25":
+            return self.bm25_scores(texts, weights)
+        if self.dense is None:
+            raise ChatforgeError(f"retrieval mode {mode} needs the dense index")
+        dense = self.dense.scores(texts, weights)
+        if mode == "dense":
+            return dense
+        bm25 = self.bm25_scores(texts, weights)
+        rankings = [_top(dense, self.rrf_depth)]
+        if bm25.any():          # no query word in the documents: BM25 ranks nothing
+            rankings.append(_top(bm25, self.rrf_depth)[: int(np.count_nonzero(bm25))])
+        return rrf(rankings, len(dense), self.rrf_k)
+
+    def search(self, query: str, k: int = 3, exclude_docs: Iterable[str] = (), history: Sequence[str] = (),
+               mode: str | None = None) -> list[Passage]:
+        """The `k` best passages for `query` (passages of `exclude_docs` left out), best first;
+        `history`: the conversation's earlier user turns, oldest first (see the module docstring)."""
+        scores = self.scores(query, history, mode)
+        excluded = set(exclude_docs)
+        candidates = None
+        if excluded:
+            candidates = [i for i, p in enumerate(self.index.passages) if p.doc not in excluded]
+        return self.index._ranked(scores, candidates, k)
+
+
+def load_retriever(paths: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None = None,
+                   mode: str = DEFAULT_MODE, model: str | os.PathLike | None = None,
+                   history_weight: float = HISTORY_WEIGHT, max_tokens: int | None = None,
+                   threads: int | None = None) -> Retriever:
+    """The passage index of `paths` (cached, `PassageIndex.load_or_build`) searched in `mode`;
+    for "dense" and "hybrid" with the embedding `model` (a folder or a fetched source name,
+    default all-minilm-l6-v2), its passage vectors cached beside the index."""
+    if mode not in MODES:
+        raise ChatforgeError(f"unknown retrieval mode {mode!r}; choose one of {', '.join(MODES)}")
+    index = PassageIndex.load_or_build(paths, cache_dir)
+    if mode == "bm25":
+        return Retriever(index, None, mode, history_weight)
+    import torch
+
+    from chatforge.retrieval.dense import DenseIndex, cache_folder, default_batch_size
+    from chatforge.retrieval.embed import DEFAULT_MAX_TOKENS, Embedder
+
+    if threads:
+        torch.set_num_threads(threads)
+    embedder = Embedder.load(model, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    resolved = _resolved(paths)
+    dense = DenseIndex.load_or_build(index.passages, embedder, cache_folder(root, resolved), resolved,
+                                     default_batch_size())
+    return Retriever(index, dense, mode, history_weight)
+
+
+def add_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_MODE) -> None:
+    """The retrieval options every command that retrieves shares."""
+    parser.add_argument("--retrieval", choices=MODES, default=default,
+                        help=f"how passages are found: bm25 (words), dense (sentence embeddings) or hybrid "
+                             f"(both, reciprocal-rank fusion); default {default}")
+    parser.add_argument("--embedding-model", metavar="NAME|DIR", default=None,
+                        help="embedding model for dense/hybrid retrieval: a model folder (e.g. one "
+                             "`chatforge retriever train` wrote) or a fetched source; default all-minilm-l6-v2")
+
+
+def from_args(args: argparse.Namespace, paths: Sequence[str | os.PathLike],
+              cache_dir: str | os.PathLike | None = None) -> Retriever:
+    """`load_retriever` with the options `add_arguments` added (BM25 for a parser without them)."""
+    return load_retriever(paths, cache_dir, getattr(args, "retrieval", "bm25"),
+                          getattr(args, "embedding_model", None))
