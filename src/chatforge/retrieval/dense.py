@@ -112,17 +112,24 @@ class DenseIndex:
         matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
         return cls(matrix, embedder)
 
-    def query_vector(self, texts: Sequence[str], weights: Sequence[float] | None = None) -> np.ndarray:
-        """One unit query vector: the weighted sum of the vectors of `texts` (e.g. the current
-        turn with weight 1 and the earlier user turn with a smaller one), renormalised."""
+    def query_vectors(self, texts: Sequence[str], weights: Sequence[float] | None = None) -> np.ndarray:
+        """Unit query vectors (Q, D): the first text's own vector and, when there are more texts,
+        the weighted sum of all their vectors (the current turn with weight 1, the earlier user
+        turn with a smaller one), renormalised. One `encode` call for all texts."""
         vecs = self.embedder.encode(list(texts))
+        if len(texts) == 1:
+            return vecs
         w = np.ones(len(texts), dtype=np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
         v = (vecs * w[:, None]).sum(0)
-        return v / max(float(np.linalg.norm(v)), 1e-12)
+        return np.stack([vecs[0], v / max(float(np.linalg.norm(v)), 1e-12)])
 
     def scores(self, texts: Sequence[str], weights: Sequence[float] | None = None) -> np.ndarray:
-        """Cosine similarity (N,) of every passage with the query made of `texts` (`query_vector`)."""
-        return self.matrix @ self.query_vector(texts, weights)
+        """Cosine similarity (N,) of every passage with the query `texts[0]`; with earlier turns
+        (`texts[1:]`), each passage's best of its similarity to the question alone and to the
+        question in context (`query_vectors`). The best of the two, not the context query alone:
+        on the follow-up set both reach hit@3 0.958, but a second question on a new topic keeps
+        its own passages (hit@3 0.869 against 0.822 with the context query alone, w = 0.5)."""
+        return (self.matrix @ self.query_vectors(texts, weights).T).max(axis=1)
 
 
 def default_batch_size() -> int:

@@ -177,6 +177,14 @@ def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return F.normalize(pooled, dim=-1)
 
 
+def _native_bf16() -> bool:
+    """Does this CPU compute bf16 matmuls natively (oneDNN with AVX512-BF16 or AMX)?"""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _file_id(path: Path) -> dict:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -210,15 +218,37 @@ class Embedder:
     """A sentence-embedding model: tokenizer + encoder + mean pooling. `encode` texts to unit vectors."""
 
     def __init__(self, encoder: BertEncoder, tokenizer: Any, folder: Path | None = None,
-                 max_tokens: int = DEFAULT_MAX_TOKENS):
+                 max_tokens: int = DEFAULT_MAX_TOKENS, precision: str = "auto"):
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ChatforgeError(f"embedding precision must be auto, fp32 or bf16, got {precision!r}")
         self.encoder, self.tokenizer, self.folder = encoder.eval(), tokenizer, folder
         self.max_tokens = min(max_tokens, encoder.config.max_position_embeddings)
+        # bf16 weights embed ~2.8x faster than fp32 on a CPU with AMX / AVX512-BF16 (measured:
+        # 77 vs 28 passages/s, cosine to the fp32 vectors >= 0.996); elsewhere bf16 is emulated
+        # and slower, so "auto" keeps fp32 there.
+        self.precision = ("bf16" if _native_bf16() else "fp32") if precision == "auto" else precision
+        self._inference: BertEncoder | None = None
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_tokens)
 
+    def _model(self) -> BertEncoder:
+        """The encoder that `encode` runs: a bf16 copy of the weights (made once, dropped by
+        `refresh`) or the fp32 encoder itself."""
+        if self.precision == "fp32":
+            return self.encoder
+        if self._inference is None:
+            import copy
+
+            self._inference = copy.deepcopy(self.encoder).to(torch.bfloat16).eval()
+        return self._inference
+
+    def refresh(self) -> None:
+        """Forget the bf16 copy after the encoder's weights changed (training)."""
+        self._inference = None
+
     @classmethod
     def load(cls, name_or_path: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
-             max_tokens: int = DEFAULT_MAX_TOKENS) -> "Embedder":
+             max_tokens: int = DEFAULT_MAX_TOKENS, precision: str = "auto") -> "Embedder":
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
 
@@ -234,7 +264,7 @@ class Embedder:
         if missing or unexpected:
             raise ChatforgeError(f"{folder}/model.safetensors is not a BERT encoder of its config.json "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return cls(encoder, Tokenizer.from_file(str(folder / "tokenizer.json")), folder, max_tokens)
+        return cls(encoder, Tokenizer.from_file(str(folder / "tokenizer.json")), folder, max_tokens, precision)
 
     @property
     def dim(self) -> int:
@@ -243,7 +273,8 @@ class Embedder:
     def fingerprint(self) -> str:
         """What the vectors depend on: the weights file (path, size, mtime), the config and
         `max_tokens`. Cached passage vectors are reused only under the same fingerprint."""
-        ident: dict = {"max_tokens": self.max_tokens, "config": self.encoder.config.__dict__}
+        ident: dict = {"max_tokens": self.max_tokens, "precision": self.precision,
+                       "config": self.encoder.config.__dict__}
         if self.folder is not None:
             ident["weights"] = _file_id(self.folder / "model.safetensors")
         else:   # an encoder made in memory: its weights are its identity
@@ -273,6 +304,7 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         ids = self.token_ids(texts)
+        model = self._model()
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
         steps = range(0, len(order), batch_size)
@@ -282,7 +314,7 @@ class Embedder:
         for start in steps:
             rows = order[start:start + batch_size]
             x, mask = self.batch([ids[i] for i in rows])
-            out[rows] = self.encoder.embed(x, mask).float().numpy()
+            out[rows] = model.embed(x, mask).float().numpy()
         return out
 
     def save(self, out: str | os.PathLike) -> Path:

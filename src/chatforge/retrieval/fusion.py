@@ -14,10 +14,15 @@ its `mode`:
   fusion Elasticsearch, Haystack and LlamaIndex ship). Fusion is measured, not assumed: see the
   README's "when to choose which retrieval".
 
-Follow-ups ("and how do I undo that?"): `search(..., history=[earlier user turns])` scores the
-query as score(current turn) + `history_weight` x score(the last earlier user turn), in every
-mode (for dense, the weighted sum of the two question vectors). A new topic keeps its own
-passages first because its own turn weighs more.
+Follow-ups ("and how do I undo that?"): `search(..., history=[earlier user turns])` also uses
+the last earlier user turn, weighted `history_weight` (0.5) against the current one's 1: BM25
+scores score(current) + 0.5 x score(earlier); dense scores each passage by the best of its cosine
+to the current question and to the weighted sum of the two question vectors
+(`DenseIndex.scores`), so a second question on a new topic keeps its own passages. Measured on
+evalsets/followups.jsonl (git FAQ + example company, hit@3, last message alone -> with the
+earlier turn): BM25 0.542 -> 0.833, dense 0.500 -> 0.958; on 107 second turns after an
+unrelated question the earlier turn costs dense 0.944 -> 0.869 (weights 0.3 / 0.7: 0.833 /
+0.917 on follow-ups, 0.907 / 0.822 unrelated).
 """
 
 from __future__ import annotations
