@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -317,24 +316,31 @@ class Embedder:
             out[rows] = model.embed(x, mask).float().numpy()
         return out
 
-    def save(self, out: str | os.PathLike) -> Path:
-        """Write the encoder as a model folder (safetensors, HF names; the tokenizer and pooling
-        files of the folder it was loaded from), atomically."""
-        from safetensors.torch import save_file
+    def save_files(self, folder: str | os.PathLike, state: dict | None = None) -> Path:
+        """Write the encoder's files into `folder` (each atomically; other files stay): safetensors
+        weights under HF names (`state`, default the encoder's), config.json, and the tokenizer,
+        pooling and licence files of the folder it was loaded from."""
+        from safetensors.torch import save
 
+        folder = Path(folder)
+        state = state if state is not None else self.encoder.state_dict()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        files.write_bytes(folder / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+        files.write_json(folder / "config.json", {"architectures": ["BertModel"], "model_type": "bert",
+                                                  **self.encoder.config.__dict__})
+        if self.folder is not None and self.folder.resolve() != folder.resolve():
+            for rel in _COPIED:
+                if (self.folder / rel).is_file():
+                    files.write_bytes(folder / rel, (self.folder / rel).read_bytes())
+        elif self.folder is None:
+            files.write_text(folder / "tokenizer.json", self.tokenizer.to_str())
+        return folder
+
+    def save(self, out: str | os.PathLike) -> Path:
+        """Write the encoder as a new model folder, atomically (see `save_files`)."""
         out = Path(out)
         with files.atomic_dir(out) as tmp:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.encoder.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            config = {"architectures": ["BertModel"], "model_type": "bert", **self.encoder.config.__dict__}
-            files.write_json(tmp / "config.json", config)
-            if self.folder is not None:
-                for rel in _COPIED:
-                    if (self.folder / rel).is_file():
-                        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copyfile(self.folder / rel, tmp / rel)
-            else:
-                self.tokenizer.save(str(tmp / "tokenizer.json"))
+            self.save_files(tmp)
         self.folder = out
         return out
 

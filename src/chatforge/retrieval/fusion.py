@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -39,7 +40,10 @@ from chatforge.retrieval.index import PassageIndex, _resolved, default_cache_dir
 from chatforge.retrieval.passages import Passage
 
 MODES = ("bm25", "dense", "hybrid")
-DEFAULT_MODE = "hybrid"          # see the README's measurements
+# "auto": BEST_MODE when the embedding model is there (fetched, or --embedding-model given), else
+# BM25 with a note: a user without the model still gets an assistant.
+DEFAULT_MODE = "auto"
+BEST_MODE = "dense"              # the measured winner (README, "when to choose which retrieval")
 RRF_K = 60                       # the constant of reciprocal-rank fusion (the usual 60)
 RRF_DEPTH = 100                  # how deep each ranking is fused
 HISTORY_WEIGHT = 0.5             # weight of the earlier user turn in a follow-up's query
@@ -128,8 +132,10 @@ def load_retriever(paths: Sequence[str | os.PathLike], cache_dir: str | os.PathL
     """The passage index of `paths` (cached, `PassageIndex.load_or_build`) searched in `mode`;
     for "dense" and "hybrid" with the embedding `model` (a folder or a fetched source name,
     default all-minilm-l6-v2), its passage vectors cached beside the index."""
+    if mode == "auto":
+        mode = auto_mode(model)
     if mode not in MODES:
-        raise ChatforgeError(f"unknown retrieval mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise ChatforgeError(f"unknown retrieval mode {mode!r}; choose one of auto, {', '.join(MODES)}")
     index = PassageIndex.load_or_build(paths, cache_dir)
     if mode == "bm25":
         return Retriever(index, None, mode, history_weight)
@@ -148,11 +154,26 @@ def load_retriever(paths: Sequence[str | os.PathLike], cache_dir: str | os.PathL
     return Retriever(index, dense, mode, history_weight)
 
 
+def auto_mode(model: str | os.PathLike | None = None) -> str:
+    """BEST_MODE when the embedding model can be loaded, else "bm25" (saying so on stderr)."""
+    from chatforge.retrieval.embed import resolve_model
+
+    try:
+        resolve_model(model)
+    except ChatforgeError as e:
+        if model is not None:
+            raise
+        print(f"note: retrieval falls back to BM25: {e}", file=sys.stderr)
+        return "bm25"
+    return BEST_MODE
+
+
 def add_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_MODE) -> None:
     """The retrieval options every command that retrieves shares."""
-    parser.add_argument("--retrieval", choices=MODES, default=default,
+    parser.add_argument("--retrieval", choices=("auto", *MODES), default=default,
                         help=f"how passages are found: bm25 (words), dense (sentence embeddings) or hybrid "
-                             f"(both, reciprocal-rank fusion); default {default}")
+                             f"(both, reciprocal-rank fusion); auto: {BEST_MODE} when the embedding model is "
+                             f"fetched, else bm25 (default {default})")
     parser.add_argument("--embedding-model", metavar="NAME|DIR", default=None,
                         help="embedding model for dense/hybrid retrieval: a model folder (e.g. one "
                              "`chatforge retriever train` wrote) or a fetched source; default all-minilm-l6-v2")
@@ -163,3 +184,13 @@ def from_args(args: argparse.Namespace, paths: Sequence[str | os.PathLike],
     """`load_retriever` with the options `add_arguments` added (BM25 for a parser without them)."""
     return load_retriever(paths, cache_dir, getattr(args, "retrieval", "bm25"),
                           getattr(args, "embedding_model", None))
+
+
+def search_turn(index: Any, query: str, k: int, conversation: Sequence[dict] = (),
+                exclude_docs: Iterable[str] = ()) -> list[Passage]:
+    """The `k` passages for a conversation's new user turn `query`: a `Retriever` also uses the
+    earlier user turns of `conversation` (chat messages); a plain `PassageIndex` the turn alone."""
+    if isinstance(index, Retriever):
+        history = [m["content"] for m in conversation if m.get("role") == "user" and isinstance(m.get("content"), str)]
+        return index.search(query, k, exclude_docs, history=history)
+    return index.search(query, k, exclude_docs)

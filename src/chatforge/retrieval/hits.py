@@ -1,6 +1,6 @@
 """Retrieval hit@k per retrieval mode, on passages: did the top k hold the gold passage?
 
-    from chatforge.eval.hits import retrieval_hits
+    from chatforge.retrieval.hits import retrieval_hits
     retrieval_hits(retriever, questions, modes=("bm25", "dense", "hybrid"))
     # {"bm25": {"hit@1": .., "hit@3": .., "n": ..}, "dense": {...}, "hybrid": {...}}
 
@@ -13,7 +13,10 @@ turns, and, for comparison, with the last message alone (`last_message_only`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
+
+from chatforge.errors import ChatforgeError
 
 
 def gold_ids(index: Any, source: str | Sequence[str] | None) -> set[int] | None:
@@ -81,3 +84,22 @@ def hits_table(rows: dict[str, dict], title: str = "") -> str:
         lines.append(f"{mode:<28}{'-' if h1 is None else f'{h1:.3f}':>8}{'-' if h3 is None else f'{h3:.3f}':>8}"
                      f"{r.get('n', 0):>6}")
     return "\n".join(lines)
+
+
+def load_questions(path: str | Path) -> list[dict]:
+    """Questions for hit@k from a JSONL file: `{"question", "source"[, "history"]}` lines (evalsets/)
+    or chat records `{"messages": [...], "source"}` (the data folder's qa_val.jsonl: the first user
+    turn is the question). Lines without a question are skipped; a malformed line is an error."""
+    from chatforge import files
+
+    out = []
+    for lineno, obj in files.iter_jsonl(path, 'expected {"question", "source"} or {"messages", "source"} lines'):
+        if not isinstance(obj, dict):
+            raise ChatforgeError(f"{path}:{lineno}: expected a JSON object")
+        if isinstance(obj.get("question"), str):
+            out.append({"question": obj["question"], "source": obj.get("source"), "history": obj.get("history") or []})
+        elif isinstance(obj.get("messages"), list):
+            users = [m for m in obj["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+            if users and isinstance(users[0].get("content"), str):
+                out.append({"question": users[0]["content"], "source": obj.get("source"), "history": []})
+    return out
