@@ -41,6 +41,7 @@ from chatforge.errors import ChatforgeError
 
 DEFAULT_MODEL = "all-minilm-l6-v2"     # the fetched model source used when none is named
 DEFAULT_MAX_TOKENS = 256               # tokens of a passage that are embedded (the model's limit)
+PAD_MULTIPLE = 32                      # batch lengths are padded to a multiple of this (few shapes)
 # Files of a model folder copied unchanged when a fine-tuned encoder is saved beside its weights.
 _COPIED = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "modules.json",
            "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json",
@@ -283,12 +284,18 @@ class Embedder:
             ident["weights"] = h.hexdigest()
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
-    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+    def token_ids(self, texts: Sequence[str], chunk: int = 256) -> list[list[int]]:
+        """Token ids of `texts` (truncated to `max_tokens`). A chunk at a time: the tokenizer's
+        `Encoding`s (offsets, token strings) of 20k passages take over 1 GB; their ids 80 MB."""
+        out: list[list[int]] = []
+        for i in range(0, len(texts), chunk):
+            out += [e.ids for e in self.tokenizer.encode_batch(list(texts[i:i + chunk]))]
+        return out
 
-    def batch(self, ids: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded (ids, attention mask) tensors of token-id lists."""
-        T = max(len(x) for x in ids)
+    def batch(self, ids: Sequence[list[int]], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (ids, attention mask) tensors of token-id lists, the length rounded up to a
+        `multiple`."""
+        T = -(-max(len(x) for x in ids) // multiple) * multiple
         out = torch.zeros(len(ids), T, dtype=torch.long)
         mask = torch.zeros(len(ids), T, dtype=torch.long)
         for i, x in enumerate(ids):
@@ -312,7 +319,9 @@ class Embedder:
             steps = tqdm(steps, desc="embed passages", unit="batch", disable=None)
         for start in steps:
             rows = order[start:start + batch_size]
-            x, mask = self.batch([ids[i] for i in rows])
+            # Lengths rounded up to PAD_MULTIPLE: oneDNN keeps kernels (and bf16 weight copies)
+            # per input shape, and one shape per length grew the process past 3.5 GB on 20k passages.
+            x, mask = self.batch([ids[i] for i in rows], PAD_MULTIPLE)
             out[rows] = model.embed(x, mask).float().numpy()
         return out
 
