@@ -292,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
     sources = [] if args.only_input else list(cfg["sources"])
     wanted = sources + ([cfg["unseen"]] if cfg.get("unseen") and not args.only_input else [])
     wanted += [model_source] if model_source else []
+    # The embedding model of dense retrieval (every retrieving stage's --retrieval auto uses it).
+    wanted += [] if args.only_input or cfg.get("embedding_model") is False else ["all-minilm-l6-v2"]
     if wanted:
         runner.stage("fetch", ["data", "fetch", "--cache", cache, "--sources", ",".join(wanted),
                                *to_flags(settings["fetch"])], Path(cache), always=True)
@@ -383,6 +385,11 @@ def run(args: argparse.Namespace) -> int:
 
     total = time.time() - t_start
     print_summary(runner, total, ev, ev2)
+    from chatforge.eval.customer import customer_rows   # the hand-written customer-worded sets
+
+    rows = customer_rows(Path(cache), run_dir / "eval-customer")
+    if rows:
+        print("\n== retrieval on customer-worded questions and follow-ups (hit@k on passages)\n" + rows)
     if round_wanted and args.until is None:
         from chatforge.continual import run_round
 
@@ -463,11 +470,11 @@ def show_conversation(model_dir: Path, docs: list[Path], questions: list[str], m
         return
     from chatforge.infer.chat import ChatSession
     from chatforge.infer.engine import GenerationConfig
-    from chatforge.retrieval import PassageIndex
+    from chatforge.retrieval.fusion import load_retriever
     from chatforge.model.folder import load_model
 
     model, tokenizer = load_model(model_dir)
-    index = PassageIndex.load_or_build(docs) if docs else None
+    index = load_retriever(docs) if docs else None
     # Greedy with a mild repetition penalty: the demo's answers are the same on every run.
     gen = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens, repetition_penalty=1.1)
     session = ChatSession(model, tokenizer, index=index, gen_cfg=gen)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +38,10 @@ from chatforge.cli import leaf, subcommands, add_parser
 from chatforge.errors import ChatforgeError
 
 SCALE = 20.0          # cosine x 20 as logits (sentence-transformers' default for this loss)
+
+
+def _fold(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
 
 
 def training_pairs(records: Sequence[dict], index: Any, hard_negatives: int = 1) -> list[dict]:
@@ -62,7 +67,10 @@ def training_pairs(records: Sequence[dict], index: Any, hard_negatives: int = 1)
             if p.id != gold.id and (p.doc, p.section) != (gold.doc, gold.section) and p.text != gold.text:
                 negs.append(passage_text(p.heading, p.text))
         if len(negs) == hard_negatives:
-            out.append({"question": q, "positive": passage_text(gold.heading, gold.text), "negatives": negs,
+            # A FAQ entry's heading is its question: left in, the pair teaches only to match a
+            # question with itself. The answer text must carry the match.
+            heading = gold.title if _fold(gold.section) == _fold(q) else gold.heading
+            out.append({"question": q, "positive": passage_text(heading, gold.text), "negatives": negs,
                         "passage": gold.id})
     return out
 
