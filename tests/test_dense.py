@@ -238,3 +238,21 @@ def test_fetched_minilm_finds_the_customer_worded_entry(tmp_path: Path):
     docs = make_docs(tmp_path / "docs")
     r = load_retriever([docs], tmp_path / "cache", "dense", cache / "sources" / "all-minilm-l6-v2")
     assert "Refunds" in r.search("I was charged twice, how do I get my money back?", 1)[0].source
+
+
+def test_another_document_set_reuses_the_vectors_it_shares(tmp_path: Path, model: Path, monkeypatch):
+    docs = make_docs(tmp_path / "docs")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "refund.md").write_text("# Refund policy\n\nCharged twice? We pay the money back within a week.\n")
+    emb = Embedder.load(model, precision="fp32")
+    load_retriever([docs], tmp_path / "cache", "dense", model)
+    encoded: list[int] = []
+    real = Embedder.encode
+    monkeypatch.setattr(Embedder, "encode", lambda self, texts, *a, **k: encoded.append(len(texts)) or real(self, texts, *a, **k))
+    both = load_retriever([docs, extra], tmp_path / "cache", "dense", model)
+    assert encoded == [1]                     # only the new document's passage
+    assert len(both.dense) == len(both) and emb.dim == both.dense.matrix.shape[1]
+    encoded.clear()
+    load_retriever([docs, extra], tmp_path / "cache", "dense", model)
+    assert encoded == []                      # its own cache now holds every passage
