@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from chatforge.errors import ChatforgeError
-from chatforge.retrieval import PassageIndex
+from chatforge.retrieval import Passage, PassageIndex
 from chatforge.retrieval.dense import DenseIndex, cache_folder
 from chatforge.retrieval.embed import BertEncoder, Embedder, EncoderConfig, mean_pool
 from chatforge.retrieval.fusion import Retriever, load_retriever, rrf, search_turn
@@ -114,6 +114,16 @@ def test_rrf_sums_reciprocal_ranks():
     assert int(np.argmax(scores)) == 0          # second and first beats first alone
 
 
+def test_weighted_fusion_adds_a_tenth_of_normalised_bm25(tmp_path: Path, model: Path):
+    r = load_retriever([make_docs(tmp_path / "docs")], tmp_path / "cache", "hybrid", model)
+    q = "refund card"
+    b, d = r.scores(q, mode="bm25"), r.scores(q, mode="dense")
+    assert np.allclose(r.scores(q), d + 0.1 * b / b.max())
+    assert np.allclose(r.scores("zzz unknown"), r.scores("zzz unknown", mode="dense"))   # no BM25 match: dense alone
+    rr = Retriever(r.index, r.dense, "hybrid", fusion="rrf")
+    assert rr.scores(q).max() <= 2 / 61 + 1e-9
+
+
 def test_dense_cache_reuses_unchanged_passages(tmp_path: Path, model: Path, monkeypatch):
     docs = make_docs(tmp_path / "docs")
     index = PassageIndex.build([docs], tmp_path / "cache")
@@ -171,6 +181,8 @@ def test_passage_level_hits(tmp_path: Path, model: Path):
     assert gold_ids(r, refunds.source) == {refunds.id}
     assert gold_ids(r, "docs/billing.md") == {p.id for p in r.passages if p.doc == "docs/billing.md"}
     assert gold_ids(r, "nothing/here.md") is None
+    untitled = PassageIndex.from_passages([Passage("a", "d/x.txt", doc="d/x.txt"), Passage("b", "d/x.txt > S", doc="d/x.txt", section="S")])
+    assert gold_ids(untitled, "d/x.txt") == {0, 1}      # a document id names all its passages
     qs = [{"question": "How long until the refund reaches my card?", "source": refunds.source},
           {"question": "and then what happens?", "source": [refunds.source],
            "history": [{"role": "user", "content": "refund request"}]},

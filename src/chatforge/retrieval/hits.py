@@ -34,10 +34,10 @@ def gold_ids(index: Any, source: str | Sequence[str] | None) -> set[int] | None:
             pass
     out: set[int] = set()
     for name in names:
-        if name in by_name:
+        doc, _, rest = name.partition(" > ")
+        if rest and name in by_name:
             out.update(by_name[name])
             continue
-        doc, _, rest = name.partition(" > ")
         docs = index.matching_docs(doc)
         if rest:    # a passage name under another path of the same document ("my_docs/x" vs "docs/x")
             out.update(i for d in docs for i in by_name.get(f"{d} > {rest}", ()))
