@@ -115,9 +115,11 @@ class PairBatches:
 
 def make_batch(pairs: Sequence[dict], embedder: Any) -> dict:
     """Tensors of B questions and their B positives followed by the B x h hard negatives."""
-    q_ids, q_mask = embedder.batch(embedder.token_ids([p["question"] for p in pairs]))
+    from chatforge.retrieval.embed import PAD_MULTIPLE   # few shapes: oneDNN keeps kernels per shape
+
+    q_ids, q_mask = embedder.batch(embedder.token_ids([p["question"] for p in pairs]), PAD_MULTIPLE)
     texts = [p["positive"] for p in pairs] + [n for p in pairs for n in p["negatives"]]
-    p_ids, p_mask = embedder.batch(embedder.token_ids(texts))
+    p_ids, p_mask = embedder.batch(embedder.token_ids(texts), PAD_MULTIPLE)
     return {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask}
 
 
