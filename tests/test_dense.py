@@ -32,7 +32,8 @@ def _tokenizer(words: list[str]):
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return tok
 
 
@@ -48,7 +49,8 @@ def tiny_model(folder: Path, words: list[str], seed: int = 0) -> Path:
     state = {k: v.contiguous() for k, v in enc.state_dict().items()}
     state["pooler.dense.weight"] = torch.zeros(cfg.hidden_size, cfg.hidden_size)   # as HF's files carry it
     save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"], **cfg.__dict__}))
+    config = {"model_type": "bert", "architectures": ["BertModel"], **cfg.__dict__}
+    (folder / "config.json").write_text(json.dumps(config))
     tok.save(str(folder / "tokenizer.json"))
     (folder / "1_Pooling").mkdir(exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
@@ -181,7 +183,8 @@ def test_passage_level_hits(tmp_path: Path, model: Path):
     assert gold_ids(r, refunds.source) == {refunds.id}
     assert gold_ids(r, "docs/billing.md") == {p.id for p in r.passages if p.doc == "docs/billing.md"}
     assert gold_ids(r, "nothing/here.md") is None
-    untitled = PassageIndex.from_passages([Passage("a", "d/x.txt", doc="d/x.txt"), Passage("b", "d/x.txt > S", doc="d/x.txt", section="S")])
+    untitled = PassageIndex.from_passages([Passage("a", "d/x.txt", doc="d/x.txt"),
+                                           Passage("b", "d/x.txt > S", doc="d/x.txt", section="S")])
     assert gold_ids(untitled, "d/x.txt") == {0, 1}      # a document id names all its passages
     qs = [{"question": "How long until the refund reaches my card?", "source": refunds.source},
           {"question": "and then what happens?", "source": [refunds.source],
@@ -261,7 +264,8 @@ def test_another_document_set_reuses_the_vectors_it_shares(tmp_path: Path, model
     load_retriever([docs], tmp_path / "cache", "dense", model)
     encoded: list[int] = []
     real = Embedder.encode
-    monkeypatch.setattr(Embedder, "encode", lambda self, texts, *a, **k: encoded.append(len(texts)) or real(self, texts, *a, **k))
+    monkeypatch.setattr(Embedder, "encode",
+                        lambda self, texts, *a, **k: encoded.append(len(texts)) or real(self, texts, *a, **k))
     both = load_retriever([docs, extra], tmp_path / "cache", "dense", model)
     assert encoded == [1]                     # only the new document's passage
     assert len(both.dense) == len(both) and emb.dim == both.dense.matrix.shape[1]

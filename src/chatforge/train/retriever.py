@@ -244,19 +244,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = subcommands(parser)
     p = add_parser(sub, "train", "fine-tune the embedding model on the data folder's (question, passage) pairs",
                    "chatforge retriever train --data runs/demo/data --out runs/demo/retriever")
-    p.add_argument("--data", default=None, help="data folder from `chatforge data build` (qa_train.jsonl; qa_val.jsonl is held out)")
+    p.add_argument("--data", default=None,
+                   help="data folder from `chatforge data build` (qa_train.jsonl; qa_val.jsonl is held out)")
     p.add_argument("--docs", nargs="*", default=None,
                    help="documents holding the answers (default: the inputs the data folder's report.json lists)")
     p.add_argument("--out", default=None, help="output model folder (default: a `retriever` folder beside --data)")
     p.add_argument("--base", default=None, help="embedding model to start from: a folder or a fetched source "
                                                  "(default all-minilm-l6-v2)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=32, help="questions a step (each one's passage is the others' negative)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="questions a step (each one's passage is the others' negative)")
     p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
     p.add_argument("--hard-negatives", type=int, default=1, help="BM25 hard negatives per question")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens of a passage seen in training")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training questions held out for validation loss")
-    p.add_argument("--questions", nargs="*", default=[], help="more question files scored before and after (evalsets/*.jsonl)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training questions held out for validation loss")
+    p.add_argument("--questions", nargs="*", default=[],
+                   help="more question files scored before and after (evalsets/*.jsonl)")
     p.add_argument("--eval-docs", nargs="*", default=[], help="documents for --questions (default: --docs)")
     p.add_argument("--index-cache", default=None, help="where passage indexes and vectors are cached")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
