@@ -200,7 +200,7 @@ def run_train(data: str | Path, out: str | Path, docs: Sequence[str] | None = No
     train_pairs = [p for p in pairs if p["question"] not in held]
     val_pairs = [p for p in pairs if p["question"] in held]
 
-    before_model = Embedder.load(base, max_tokens=256)
+    before_model = Embedder.load(base)
     sets = _load_sets(data, doc_paths, questions, eval_docs)
     report: dict[str, Any] = {"base": str(before_model.folder), "pairs": len(train_pairs), "val_pairs": len(val_pairs),
                               "documents": [str(p) for p in doc_paths], "before": {}, "after": {}}
@@ -220,7 +220,7 @@ def run_train(data: str | Path, out: str | Path, docs: Sequence[str] | None = No
         Embedder(model, embedder.tokenizer, before_model.folder).save_files(folder, state)
 
     result = train(embedder.encoder, source, contrastive_loss, cfg, out, val_batches=val or None, save_fn=save)
-    after_model = Embedder.load(out, max_tokens=256)
+    after_model = Embedder.load(out)
     for name, (d, qs) in sets.items():
         report["after"][name] = dense_hits(after_model, d, qs, index_cache)
     report.update(steps=result.step, seconds=round(result.seconds, 1), val_loss=result.best_val_loss)
