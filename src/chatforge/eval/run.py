@@ -15,6 +15,10 @@ What it measures
   reference answer, which is the question's `source` field, or, without one, the document of the
   passage closest to the reference (highest ROUGE-L among its 20 best BM25 passages). A question
   whose `source` is not among the documents (a chat transcript, say) is left out of hit@k.
+- with documents, also hit@1 / hit@3 on passages (`retrieval.hits`: the gold passage when
+  `source` names one, "DOC > TITLE > SECTION" as in evalsets/) for `--retrieval`'s mode with
+  BM25 alone beside, and for follow-ups (questions with earlier turns) with the last message
+  alone beside: eval.json's "retrieval_hits", printed under the table.
 - baselines, scored the same way: "extractive" (the reply is the top retrieved passage) and
   "no_retrieval" (the model answers the bare question).
 - grounded precision (`grounded`): the share of the answers' word 4-grams that occur in the
@@ -189,7 +193,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
              batch_size: int = 8, k: int = 3, index_cache: str | Path | None = None,
              max_ppl_batches: int = 20, seq_len: int | None = None, context_tokens: int | None = None,
              feedback_db: str | Path | None = None, quant: str | None = None, second_turn: int = 10,
-             verbose: bool = True, retrieval_mode: str = "bm25", embedding_model: str | None = None) -> dict:
+             verbose: bool = True, retrieval_mode: str = "auto", embedding_model: str | None = None) -> dict:
     """Evaluate a model folder; write eval.json, examples.jsonl and report.html into `out_dir`.
 
     Returns the eval.json dict. See the module docstring for what is measured.
