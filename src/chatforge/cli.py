@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("chatforge.train.pretrain", "pretrain a GPT from scratch or continue a local checkpoint"),
     "sft": ("chatforge.train.sft", "fine-tune a model to chat (full, LoRA or frozen backbone)"),
     "classify": ("chatforge.train.classify", "train / run a text classifier on a model's backbone"),
+    "retriever": ("chatforge.train.retriever", "fine-tune the embedding model of dense retrieval on the company's Q&A"),
     "generate": ("chatforge.infer.generate", "complete a prompt (greedy, beam search or sampling)"),
     "chat": ("chatforge.infer.chat", "talk to a model in the terminal, optionally grounded in documents"),
     "serve": ("chatforge.serve.command", "serve the assistant: OpenAI-compatible API, chat page, feedback"),

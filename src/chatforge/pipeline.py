@@ -305,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.only_input:
         wanted += [d for s in evalsets for d in s.get("docs", []) if d in SOURCES and d not in wanted]
     wanted += [model_source] if model_source else []
+    # The embedding model of dense retrieval (every retrieving stage's --retrieval auto uses it).
+    wanted += [] if args.only_input or cfg.get("embedding_model") is False else ["all-minilm-l6-v2"]
     if wanted:
         runner.stage("fetch", ["data", "fetch", "--cache", cache, "--sources", ",".join(wanted),
                                *to_flags(settings["fetch"])], Path(cache), always=True)
@@ -415,6 +417,11 @@ def run(args: argparse.Namespace) -> int:
 
     total = time.time() - t_start
     print_summary(runner, total, ev, ev2, *set_dirs)
+    from chatforge.eval.customer import customer_rows   # the hand-written customer-worded sets
+
+    rows = customer_rows(Path(cache), run_dir / "eval-customer")
+    if rows:
+        print("\n== retrieval on customer-worded questions and follow-ups (hit@k on passages)\n" + rows)
     if round_wanted and args.until is None:
         from chatforge.continual import run_round
 
@@ -497,11 +504,11 @@ def show_conversation(model_dir: Path, docs: list[Path], questions: list[str], m
         return
     from chatforge.infer.chat import ChatSession
     from chatforge.infer.answer import AnswerSettings
-    from chatforge.retrieval import PassageIndex
     from chatforge.model.folder import load_model
+    from chatforge.retrieval.fusion import load_retriever
 
     model, tokenizer = load_model(model_dir)
-    index = PassageIndex.load_or_build(docs) if docs else None
+    index = load_retriever(docs) if docs else None
     # The model's answer settings (answer.json), as chat, serve and eval use them.
     settings = AnswerSettings.load(model_dir).replace(max_new_tokens=max_new_tokens)
     session = ChatSession(model, tokenizer, index=index, settings=settings)

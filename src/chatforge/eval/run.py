@@ -15,6 +15,10 @@ What it measures
   reference answer, which is the question's `source` field, or, without one, the document of the
   passage closest to the reference (highest ROUGE-L among its 20 best BM25 passages). A question
   whose `source` is not among the documents (a chat transcript, say) is left out of hit@k.
+- with documents, also hit@1 / hit@3 on passages (`retrieval.hits`: the gold passage when
+  `source` names one, "DOC > TITLE > SECTION" as in evalsets/) for `--retrieval`'s mode with
+  BM25 alone beside, and for follow-ups (questions with earlier turns) with the last message
+  alone beside: eval.json's "retrieval_hits", printed under the table.
 - baselines, scored the same way: "extractive" (the reply is the top retrieved passage) and
   "no_retrieval" (the model answers the bare question).
 - grounded precision (`grounded`): the share of the answers' word 4-grams that occur in the
@@ -81,8 +85,9 @@ def _question(obj: Any, where: str) -> dict:
     if not isinstance(obj, dict):
         raise ChatforgeError(f"{where}: {_QUESTIONS_EXPECTED}")
     source = obj.get("source")
-    if source is not None and not isinstance(source, str):
-        raise ChatforgeError(f'{where}: "source" must be a string')
+    if source is not None and not isinstance(source, str) and not (
+            isinstance(source, list) and source and all(isinstance(s, str) for s in source)):
+        raise ChatforgeError(f'{where}: "source" must be a string or a list of strings')
     section = obj.get("section")
     if section is not None and not isinstance(section, str):
         raise ChatforgeError(f'{where}: "section" must be a string')
@@ -93,7 +98,13 @@ def _question(obj: Any, where: str) -> dict:
     if isinstance(obj.get("question"), str) and isinstance(obj.get("answer"), str):
         if answerable and not obj["answer"].strip():
             raise ChatforgeError(f'{where}: an empty "answer" needs "answerable": false')
-        return {"question": obj["question"], "reference": obj["answer"], "source": source, "history": [], **extra}
+        # "history": the earlier turns of a follow-up (evalsets/followups.jsonl)
+        history = obj.get("history") or []
+        if not (isinstance(history, list) and all(isinstance(m, dict) and m.get("role") in ("user", "assistant")
+                                                  and isinstance(m.get("content"), str) for m in history)):
+            raise ChatforgeError(f'{where}: "history" must be a list of {{"role": "user"|"assistant", "content"}}')
+        return {"question": obj["question"], "reference": obj["answer"], "source": source,
+                "history": [{"role": m["role"], "content": m["content"]} for m in history], **extra}
     msgs = obj.get("messages")
     ok = isinstance(msgs, list) and all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                                         and isinstance(m.get("content"), str) for m in msgs)
@@ -196,7 +207,8 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
              batch_size: int = 8, k: int | None = None, index_cache: str | Path | None = None,
              max_ppl_batches: int = 20, seq_len: int | None = None, context_tokens: int | None = None,
              feedback_db: str | Path | None = None, quant: str | None = None, second_turn: int = 10,
-             min_score: float | None = None, bare: bool = True, verbose: bool = True) -> dict:
+             min_score: float | None = None, bare: bool = True, verbose: bool = True,
+             retrieval_mode: str = "auto", embedding_model: str | None = None) -> dict:
     """Evaluate a model folder; write eval.json, examples.jsonl and report.html into `out_dir`.
 
     `bare=False` skips the no-retrieval baseline (the model answering without passages).
@@ -214,7 +226,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
     import torch
 
     from chatforge.eval.metrics import hit_at_k, perplexity, rouge_l
-    from chatforge.retrieval import NOT_FOUND_REPLY, PassageIndex, grounded_messages, strip_citation
+    from chatforge.retrieval import NOT_FOUND_REPLY, grounded_messages, strip_citation
     from chatforge.model.folder import load_model
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -233,7 +245,9 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
         from chatforge.data.feedback import user_satisfaction
 
         satisfaction = user_satisfaction(feedback_db)
-    index = PassageIndex.load_or_build(list(docs), index_cache) if docs else None
+    from chatforge.retrieval.fusion import load_retriever, search_turn
+
+    index = load_retriever(list(docs), index_cache, retrieval_mode, embedding_model) if docs else None
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))   # a shared laptop: stay modest
     model, tokenizer = load_model(model_dir)
@@ -262,10 +276,11 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
         answerer = Answerer(model, tokenizer, max_new_tokens, batch_size, settings)
         plain = [[*q["history"], {"role": "user", "content": q["question"]}] for q in qs]
         if index is not None:
-            hits = [index.search(q["question"], max(k, 3)) for q in qs]
+            hits = [search_turn(index, q["question"], max(k, 3), q["history"]) for q in qs]
             gold = [_gold_keys(index, q, rouge_l) if q["answerable"] else None for q in qs]
             retrieved = [[_key(p, q) for p in h] for h, q in zip(hits, qs)]
             hit = {"hit@1": hit_at_k(retrieved, gold, 1), "hit@3": hit_at_k(retrieved, gold, 3)}
+            results["retrieval_hits"] = mode_hits(index, _at(qs, ok))     # per passage, this mode and BM25 beside
             extractive = [h[0].text if h else "" for h in hits]
             given = [[p.text for p in h[:k]] for h in hits]   # the passages a grounded prompt holds
             baselines["extractive"] = {"perplexity": None, **_scores(_at(extractive, ok), refs), **hit,
@@ -332,6 +347,8 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                  title=f"chatforge evaluation: {model_dir.name}")
     if verbose:
         print(format_table(results))
+        if results.get("retrieval_hits"):
+            print(mode_hits_text(results["retrieval_hits"]))
         if results.get("second_turn"):
             print(second_turn_line(results["second_turn"]))
         if answering_line(results):
@@ -490,12 +507,36 @@ def _gold_docs(index, q: dict, rouge_l) -> list[str] | None:
     """The docs holding a question's answer: those its `source` names (None when none is indexed:
     the question is left out of hit@k), else the doc of the passage closest to the reference."""
     if q["source"]:
-        return index.matching_docs(q["source"]) or None
+        # A passage name ("DOC > TITLE > SECTION", evalsets/) counts its document here.
+        names = [q["source"]] if isinstance(q["source"], str) else q["source"]
+        return [d for s in names for d in index.matching_docs(s.split(" > ", 1)[0])] or None
     candidates = index.search(q["reference"], GOLD_CANDIDATES)
     if not candidates:
         return None
     best = max(candidates, key=lambda p: rouge_l(p.text, q["reference"]))
     return [best.doc]
+
+
+def mode_hits(index, qs: list[dict]) -> dict:
+    """Passage-level hit@1/hit@3 (`retrieval.hits`) of the retrieval mode in use with BM25 alone beside;
+    for questions with earlier turns also with the last message alone (what follow-ups gain)."""
+    from chatforge.retrieval.hits import retrieval_hits
+
+    modes = list(dict.fromkeys(["bm25", getattr(index, "mode", "bm25")]))
+    out = {"modes": retrieval_hits(index, qs, modes)}
+    if any(q["history"] for q in qs):
+        out["last_message_only"] = retrieval_hits(index, qs, modes, last_message_only=True)
+    return out
+
+
+def mode_hits_text(hits: dict) -> str:
+    """eval.json's "retrieval_hits" as lines of text (printed by `eval` and the pipeline)."""
+    from chatforge.retrieval.hits import hits_table
+
+    lines = [hits_table(hits["modes"], "retrieval (passages)")]
+    if hits.get("last_message_only"):
+        lines.append(hits_table(hits["last_message_only"], "last message only"))
+    return "\n".join(lines)
 
 
 def format_table(results: dict) -> str:
@@ -548,6 +589,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="with retrieval: also ask the first N questions as a conversation's second turn, "
                              "after an earlier question and the model's answer to it (0 = off)")
     parser.add_argument("--out", metavar="DIR", default=None, help="output folder; without it, MODEL/eval")
+    from chatforge.retrieval.fusion import add_arguments as add_retrieval_arguments
+
+    add_retrieval_arguments(parser)
     leaf(parser, run)
 
 
@@ -562,6 +606,6 @@ def run(args: argparse.Namespace) -> int:
              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k=args.k,
              index_cache=args.index_cache, max_ppl_batches=args.max_ppl_batches, context_tokens=args.context_tokens,
              feedback_db=args.feedback_db, quant=args.quant, second_turn=args.second_turn, min_score=args.min_score,
-             bare=not args.skip_bare)
+             bare=not args.skip_bare, retrieval_mode=args.retrieval, embedding_model=args.embedding_model)
     sys.stdout.flush()
     return 0

@@ -236,7 +236,9 @@ def fit_prompt(tokenizer, system: SystemPrompt | None, index, history: list[dict
         index = tools.get("docs")               # the grounded format comes with the docs plugin
         passages, facts = found.passages, found.facts
     else:
-        passages = index.search(user_text, k) if index is not None else []
+        from chatforge.retrieval.fusion import search_turn   # earlier user turns help a follow-up
+
+        passages = search_turn(index, user_text, k, history) if index is not None else []
     fixed = len(render(_messages(system, index, "", [], [], MIN_CONTEXT_TOKENS, tokenizer)))
     room = (budget - fixed) * 2 // 3
     context_tokens = max(MIN_CONTEXT_TOKENS, min(room, context_tokens) if context_tokens else room)
@@ -424,6 +426,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passages", type=int, default=None,
                         help="passages retrieved per question with --docs (default: the model's answer settings, "
                              "answer.json, as SFT trained it; else 3)")
+    from chatforge.retrieval.fusion import add_arguments as add_retrieval_arguments
+
+    add_retrieval_arguments(parser)
     parser.add_argument("--index-cache", metavar="DIR", default=None,
                         help="where the passage index is cached "
                              "(default: $CHATFORGE_CACHE/index or ~/.cache/chatforge/index)")
@@ -480,9 +485,9 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device=args.device)
     index = None
     if args.docs and not args.no_retrieval:
-        from chatforge.retrieval import PassageIndex
+        from chatforge.retrieval.fusion import from_args
 
-        index = PassageIndex.load_or_build(args.docs, args.index_cache)
+        index = from_args(args, args.docs, args.index_cache)
     store = None
     if args.db:
         from chatforge.data.feedback import FeedbackStore

@@ -31,7 +31,7 @@ BUILTINS = ("docs", "orders", "calculator", "handoff")
 
 class DocsPlugin(Plugin):
     name = "docs"
-    description = "passages of the company's documents retrieved for the question (BM25)"
+    description = "passages of the company's documents retrieved for the question (BM25, dense or both)"
     intents = ("docs",)
 
     def __init__(self, index, k: int = 3):
@@ -41,7 +41,9 @@ class DocsPlugin(Plugin):
         return True                   # retrieval runs on every question, as it did before plugins
 
     def run(self, message: str, conversation: list[dict]) -> PluginResult:
-        return PluginResult(passages=self.index.search(message, self.k))
+        from chatforge.retrieval.fusion import search_turn
+
+        return PluginResult(passages=search_turn(self.index, message, self.k, conversation))
 
 
 # ------------------------------------------------------------------------------------------ orders

@@ -96,6 +96,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passages", type=int, default=None,
                         help="passages retrieved per question with --docs (default: the answer settings', else 3)")
     parser.add_argument("--index-cache", metavar="DIR", default=None, help="where the passage index is cached")
+    from chatforge.retrieval.fusion import add_arguments as add_retrieval_arguments
+
+    add_retrieval_arguments(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for the model (default: 1 for models under 1B parameters)")
     parser.add_argument("--dtype", default="auto", help="weights to generate with: auto (bf16 where native), float32")
@@ -221,9 +224,9 @@ def run(args: argparse.Namespace) -> int:
     scheduler, tokenizer = load()
     index = None
     if args.docs:
-        from chatforge.retrieval import PassageIndex
+        from chatforge.retrieval.fusion import from_args
 
-        index = PassageIndex.load_or_build(args.docs, args.index_cache)
+        index = from_args(args, args.docs, args.index_cache)
     tools = runner_from_args(args, index, store)
     assistant = Assistant(scheduler, tokenizer, args.name or model_dir.resolve().name, index=index, system=system,
                           guard=guard, store=store, tools=tools, passages=args.passages, default_max_tokens=args.max_tokens,

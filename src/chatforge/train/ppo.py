@@ -94,6 +94,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="documents (files or folders): each prompt gets the grounded prompt, as in chat and eval")
     p.add_argument("--context-tokens", type=int, default=None,
                    help="passage budget of a grounded prompt (default: the one eval uses)")
+    from chatforge.retrieval.fusion import add_arguments as add_retrieval_arguments
+
+    add_retrieval_arguments(p)
     p.add_argument("--eval-prompts", default=None,
                    help="held-out prompts, same formats (default: a --holdout share of --prompts)")
     p.add_argument("--holdout", type=float, default=0.1,
@@ -206,6 +209,7 @@ def ground(prompts: list[list[dict]], index, tokenizer, budget: int, k: int = 3)
     """Each prompt's last user turn as a grounded question (retrieval's prompt format), earlier
     user/assistant turns as its history; prompts already grounded ("Context:") stay as they are."""
     from chatforge.retrieval import grounded_messages
+    from chatforge.retrieval.fusion import search_turn
 
     out = []
     for msgs in prompts:
@@ -214,7 +218,7 @@ def ground(prompts: list[list[dict]], index, tokenizer, budget: int, k: int = 3)
             out.append(msgs)
             continue
         history = [m for m in msgs[:-1] if m["role"] != "system"]
-        out.append(grounded_messages(question, index.search(question, k), history=history,
+        out.append(grounded_messages(question, search_turn(index, question, k, history), history=history,
                                      max_context_tokens=budget, tokenizer=tokenizer))
     return out
 
@@ -297,7 +301,7 @@ def run_ppo(policy: str | Path, reward: str | Path, prompts: str | Path, out: st
 
     import torch
 
-    from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, PassageIndex
+    from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS
     from chatforge.model.folder import load_model
     from chatforge.model.lora import apply_lora
     from chatforge.train import runtime
@@ -340,7 +344,9 @@ def run_ppo(policy: str | Path, reward: str | Path, prompts: str | Path, out: st
         paths = [Path(d) for d in o["docs"] if Path(d).exists()]
         if not paths:
             raise ChatforgeError(f"none of the --docs paths exist: {', '.join(o['docs'])}")
-        index = PassageIndex.load_or_build(paths)
+        from chatforge.retrieval.fusion import load_retriever
+
+        index = load_retriever(paths, mode=o["retrieval"], model=o["embedding_model"])
         # Room for the question, the template and the reply within the context, as eval leaves.
         budget = max(64, min(o["context_tokens"] or DEFAULT_CONTEXT_TOKENS, ctx - o["max_new_tokens"] - 96))
         train_msgs, eval_msgs = ground(train_msgs, index, tok, budget), ground(eval_msgs, index, tok, budget)

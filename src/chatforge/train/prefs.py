@@ -146,14 +146,16 @@ def _answer(record: dict) -> str:
 def make_preferences(model_dir: str | Path | None, data: str | Path, docs: Sequence[str] | None, out: str | Path,
                      kinds: Sequence[str] = KINDS, max_questions: int = 0, missing_fraction: float = 0.2,
                      max_rouge: float = 0.5, max_new_tokens: int = 384, batch_size: int = 8, k: int = 3,
-                     context_tokens: int | None = None, skip_voted: str | Path | None = None, seed: int = 0) -> dict:
+                     context_tokens: int | None = None, skip_voted: str | Path | None = None, seed: int = 0,
+                     retrieval: str = "bm25", embedding_model: str | None = None) -> dict:
     """Write generated preference pairs to `out` (see the module docstring); returns the counts."""
     from chatforge.data.chat_data import read_chat_records
     from chatforge.data.feedback import normalize_question
     from chatforge.data.prefs import Preference, read_preferences, write_preferences
     from chatforge.infer.answer import is_refusal
     from chatforge.model.folder import load_model
-    from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, NOT_FOUND_REPLY, PassageIndex, cite, strip_citation
+    from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, NOT_FOUND_REPLY, cite, strip_citation
+    from chatforge.retrieval.fusion import load_retriever
     from chatforge.retrieval.examples import grounded_sft_examples
     from chatforge.train.sft import document_paths
 
@@ -176,7 +178,7 @@ def make_preferences(model_dir: str | Path | None, data: str | Path, docs: Seque
     if not doc_paths:
         raise ChatforgeError("no documents to ground the answers in: pass --docs FILES_OR_FOLDERS "
                              "(or a --data folder whose report.json lists its inputs)")
-    index = PassageIndex.load_or_build(doc_paths)
+    index = load_retriever(doc_paths, mode=retrieval, model=embedding_model)
     by_source: dict[str, list] = {}
     for passage in index.passages:
         by_source.setdefault(passage.source, []).append(passage)
@@ -332,6 +334,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-voted", default=None,
                    help="preferences.jsonl from `chatforge feedback export`: its questions are left out")
     p.add_argument("--seed", type=int, default=0, help="seed of the question sample and the prompts")
+    from chatforge.retrieval.fusion import add_arguments as add_retrieval_arguments
+
+    add_retrieval_arguments(p)
     leaf(p, run_make)
 
 
@@ -343,7 +348,8 @@ def run_make(args: argparse.Namespace) -> int:
     counts = make_preferences(args.model, args.data, args.docs, out, kinds=kinds, max_questions=args.max_questions,
                               missing_fraction=args.missing_fraction, max_rouge=args.max_rouge,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k=args.k,
-                              context_tokens=args.context_tokens, skip_voted=args.skip_voted, seed=args.seed)
+                              context_tokens=args.context_tokens, skip_voted=args.skip_voted, seed=args.seed,
+                              retrieval=args.retrieval, embedding_model=args.embedding_model)
     pairs = counts["pairs"]
     print(f"{pairs['total']} pairs from {counts['questions']} questions ({counts['answerable']} answerable, "
           f"{counts['not_in_documents']} asked without their documents): "

@@ -103,6 +103,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-top", type=int, default=2, help="freeze: number of top blocks that train")
     p.add_argument("--docs", nargs="*", default=None,
                    help="documents (files or folders) for grounded examples (default: the data folder's corpus.jsonl)")
+    from chatforge.retrieval.fusion import add_arguments as add_retrieval_arguments
+
+    add_retrieval_arguments(p)      # the passages of grounded examples are found as chat finds them
     p.add_argument("--grounded-fraction", type=float, default=0.3,
                    help="share of single-turn Q&A pairs that also get a grounded copy (0 = none)")
     p.add_argument("--grounded-history", type=float, default=0.3,
@@ -352,9 +355,9 @@ def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, 
     doc_paths = document_paths(data, o["docs"]) if o["grounded_fraction"] > 0 else []
     grounded = {"train": 0, "val": 0, "documents": [str(p) for p in doc_paths]}
     if doc_paths:
-        from chatforge.retrieval import PassageIndex
+        from chatforge.retrieval.fusion import load_retriever
 
-        index = PassageIndex.load_or_build(doc_paths)
+        index = load_retriever(doc_paths, mode=o["retrieval"], model=o["embedding_model"])
         shape = {"context_tokens": o["context_tokens"], "history_fraction": o["grounded_history"],
                  "missing_fraction": o["missing_fraction"], "hide_heading": o["hide_headings"],
                  "refusal_history": o["refusal_history"]}

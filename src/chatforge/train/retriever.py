@@ -1,0 +1,284 @@
+"""`chatforge retriever train`: fine-tune the embedding model on the company's own Q&A.
+
+    chatforge retriever train --data runs/demo/data --out runs/demo/retriever
+    chatforge retriever train --data runs/demo/data --docs examples/my_docs --steps 200 \\
+        --questions evalsets/customer-company.jsonl --eval-docs examples/my_docs
+    chatforge chat --model runs/demo/sft --docs examples/my_docs --retrieval dense \\
+        --embedding-model runs/demo/retriever
+
+Every FAQ is a ready set of (question, answer passage) pairs: `DATA/qa_train.jsonl`'s questions
+whose `source` is among the documents, each with its gold passage (the passage of its document
+closest to question + answer, as grounded SFT examples pick it). The encoder
+(`retrieval.embed.BertEncoder`, all-MiniLM-L6-v2 by default) learns to put a question next to
+its passage with the in-batch-negatives loss (each question's passage against every other
+passage of the batch: cross-entropy over scaled cosines, as sentence-transformers'
+MultipleNegativesRankingLoss) plus `--hard-negatives` BM25 negatives per question: BM25's best
+passages for the question that are not its gold passage nor a passage of the same section,
+the near misses a word-based search makes. The shared loop (`train/loop.py`) runs it.
+
+Held out: `DATA/qa_val.jsonl` is never read for training, and `--val-fraction` of the training
+pairs (by question) is kept for the validation loss. Before and after: hit@1 / hit@3 of dense
+retrieval with the base model and with the trained one, on qa_val against `--docs` and on each
+`--questions` file against `--eval-docs` (the hand-written sets in evalsets/), in
+`OUT/retriever.json` and printed. The output folder is an embedding model folder
+(safetensors, the base's tokenizer and pooling files, LICENSE/NOTICE): `--embedding-model OUT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from chatforge import files
+from chatforge.cli import leaf, subcommands, add_parser
+from chatforge.errors import ChatforgeError
+
+SCALE = 20.0          # cosine x 20 as logits (sentence-transformers' default for this loss)
+
+
+def _fold(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def training_pairs(records: Sequence[dict], index: Any, hard_negatives: int = 1) -> list[dict]:
+    """(question, positive passage text, [hard negative texts]) for every record with a question,
+    an answer and a `source` among the indexed documents."""
+    from chatforge.retrieval.embed import passage_text
+
+    out = []
+    for r in records:
+        msgs = r["messages"]
+        q = next((m["content"] for m in msgs if m["role"] == "user"), "")
+        a = next((m["content"] for m in msgs if m["role"] == "assistant"), "")
+        docs = index.matching_docs(r["source"]) if r.get("source") else []
+        if not (q.strip() and a.strip() and docs):
+            continue
+        gold = index.best_in_docs(docs, f"{q}\n{a}")
+        if gold is None:
+            continue
+        negs = []
+        for p in index.search(q, 10 + hard_negatives):
+            if len(negs) >= hard_negatives:
+                break
+            if p.id != gold.id and (p.doc, p.section) != (gold.doc, gold.section) and p.text != gold.text:
+                negs.append(passage_text(p.heading, p.text))
+        if len(negs) == hard_negatives:
+            # A FAQ entry's heading is its question: left in, the pair teaches only to match a
+            # question with itself. The answer text must carry the match.
+            heading = gold.title if _fold(gold.section) == _fold(q) else gold.heading
+            out.append({"question": q, "positive": passage_text(heading, gold.text), "negatives": negs,
+                        "passage": gold.id})
+    return out
+
+
+class PairBatches:
+    """The loop's batch source: `batch_size` pairs a micro-batch, reshuffled (seeded) each epoch;
+    no two pairs of a batch share a gold passage (it would be a false in-batch negative)."""
+
+    def __init__(self, pairs: list[dict], embedder: Any, batch_size: int, seed: int):
+        self.pairs, self.embedder, self.batch_size, self.seed = pairs, embedder, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.pairs)))
+        random.Random(self.seed * 1000 + self.epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> dict:
+        rows: list[int] = []
+        seen: set[int] = set()
+        while len(rows) < self.batch_size:
+            if self.pos >= len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+                if rows:
+                    break
+            i = self._order[self.pos]
+            self.pos += 1
+            if self.pairs[i]["passage"] not in seen:
+                rows.append(i)
+                seen.add(self.pairs[i]["passage"])
+        return make_batch([self.pairs[i] for i in rows], self.embedder)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._shuffle()
+
+
+def make_batch(pairs: Sequence[dict], embedder: Any) -> dict:
+    """Tensors of B questions and their B positives followed by the B x h hard negatives."""
+    from chatforge.retrieval.embed import PAD_MULTIPLE   # few shapes: oneDNN keeps kernels per shape
+
+    q_ids, q_mask = embedder.batch(embedder.token_ids([p["question"] for p in pairs]), PAD_MULTIPLE)
+    texts = [p["positive"] for p in pairs] + [n for p in pairs for n in p["negatives"]]
+    p_ids, p_mask = embedder.batch(embedder.token_ids(texts), PAD_MULTIPLE)
+    return {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask}
+
+
+def contrastive_loss(model: Any, batch: dict) -> tuple:
+    """In-batch negatives: question i's passage is column i among all the batch's passages
+    (positives, then hard negatives); cross-entropy over SCALE x cosine. Also the share of
+    questions whose own passage scores highest (`acc`)."""
+    import torch
+    from torch.nn import functional as F
+
+    q = model.embed(batch["q_ids"], batch["q_mask"])                      # (B, C)
+    p = model.embed(batch["p_ids"], batch["p_mask"])                      # (B + B h, C)
+    logits = SCALE * q @ p.T                                              # (B, B + B h)
+    labels = torch.arange(len(q), device=q.device)
+    loss = F.cross_entropy(logits.float(), labels)
+    acc = (logits.argmax(-1) == labels).float().mean()
+    return loss, len(q), {"acc": acc}
+
+
+def dense_hits(embedder: Any, docs: Sequence[Path], questions: Sequence[dict], cache_dir: Any = None) -> dict:
+    """hit@1/hit@3 of dense retrieval with `embedder` over `docs` (vectors cached as usual)."""
+    from chatforge.retrieval.dense import DenseIndex, cache_folder
+    from chatforge.retrieval.fusion import Retriever
+    from chatforge.retrieval.hits import retrieval_hits
+    from chatforge.retrieval.index import PassageIndex, _resolved, default_cache_dir
+
+    index = PassageIndex.load_or_build(docs, cache_dir)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    dense = DenseIndex.load_or_build(index.passages, embedder, cache_folder(root, _resolved(docs)), _resolved(docs))
+    return retrieval_hits(Retriever(index, dense, "dense"), questions, ("bm25", "dense"))
+
+
+def _load_sets(data: Path, docs: Sequence[Path], questions: Sequence[str], eval_docs: Sequence[str]) -> dict:
+    """{name: (docs, questions)}: qa_val against the training documents, then each --questions file."""
+    from chatforge.retrieval.hits import load_questions
+
+    sets: dict[str, tuple] = {}
+    if (data / "qa_val.jsonl").is_file():
+        sets["qa_val"] = (list(docs), load_questions(data / "qa_val.jsonl"))
+    for q in questions:
+        sets[Path(q).stem] = ([Path(d) for d in eval_docs] or list(docs), load_questions(q))
+    return sets
+
+
+def run_train(data: str | Path, out: str | Path, docs: Sequence[str] | None = None, base: str | None = None,
+              steps: int = 300, batch_size: int = 32, lr: float = 2e-5, hard_negatives: int = 1,
+              max_tokens: int = 128, val_fraction: float = 0.1, seed: int = 0, threads: int = 2,
+              questions: Sequence[str] = (), eval_docs: Sequence[str] = (), index_cache: str | None = None) -> dict:
+    """Fine-tune the embedding model `base` on `data`'s Q&A over `docs`; returns the report
+    (also `OUT/retriever.json`)."""
+    import torch
+
+    from chatforge.data.chat_data import read_chat_records
+    from chatforge.retrieval.embed import Embedder
+    from chatforge.retrieval.index import PassageIndex
+    from chatforge.train.loop import TrainConfig, train
+    from chatforge.train.sft import document_paths
+
+    data, out = Path(data), Path(out)
+    if not (data / "qa_train.jsonl").is_file():
+        raise ChatforgeError(f"{data}/qa_train.jsonl does not exist; pass --data, a folder from `chatforge data build`")
+    if steps < 1 or batch_size < 2 or hard_negatives < 0 or not 0 <= val_fraction < 1:
+        raise ChatforgeError("--steps >= 1, --batch-size >= 2, --hard-negatives >= 0, --val-fraction in [0, 1)")
+    torch.set_num_threads(max(1, threads))
+    doc_paths = document_paths(data, list(docs) if docs else None)
+    if not doc_paths:
+        raise ChatforgeError("no documents: pass --docs (or a --data folder whose report.json lists its inputs)")
+    index = PassageIndex.load_or_build(doc_paths, index_cache)
+    records = read_chat_records(data / "qa_train.jsonl")
+    pairs = training_pairs(records, index, hard_negatives)
+    if len(pairs) < 4:
+        raise ChatforgeError(f"only {len(pairs)} training pairs: qa_train.jsonl needs questions whose source is "
+                             "among --docs")
+    # Held out by question: a question (asked twice in a FAQ) is on one side only.
+    questions_seen = sorted({p["question"] for p in pairs})
+    random.Random(seed).shuffle(questions_seen)
+    held = set(questions_seen[:int(len(questions_seen) * val_fraction)])
+    train_pairs = [p for p in pairs if p["question"] not in held]
+    val_pairs = [p for p in pairs if p["question"] in held]
+
+    before_model = Embedder.load(base)
+    sets = _load_sets(data, doc_paths, questions, eval_docs)
+    report: dict[str, Any] = {"base": str(before_model.folder), "pairs": len(train_pairs), "val_pairs": len(val_pairs),
+                              "documents": [str(p) for p in doc_paths], "before": {}, "after": {}}
+    for name, (d, qs) in sets.items():
+        report["before"][name] = dense_hits(before_model, d, qs, index_cache)
+
+    embedder = Embedder.load(base, max_tokens=max_tokens, precision="fp32")
+    source = PairBatches(train_pairs, embedder, batch_size, seed)
+    val = [make_batch(val_pairs[i:i + batch_size], embedder) for i in range(0, len(val_pairs), batch_size)]
+    cfg = TrainConfig(max_steps=steps, lr=lr, warmup_steps=max(1, steps // 10), weight_decay=0.01,
+                      batch_size=batch_size, seq_len=max_tokens, eval_every=max(1, steps // 3),
+                      log_every=max(1, steps // 20), precision="fp32", compile="off", device="cpu", seed=seed,
+                      beta2=0.999, min_lr_ratio=0.0)
+
+    def save(folder: Path, model: Any, state: dict) -> None:
+        # Into the loop's folder (the top of OUT, or last/), beside what the loop writes there.
+        Embedder(model, embedder.tokenizer, before_model.folder).save_files(folder, state)
+
+    result = train(embedder.encoder, source, contrastive_loss, cfg, out, val_batches=val or None, save_fn=save)
+    after_model = Embedder.load(out)
+    for name, (d, qs) in sets.items():
+        report["after"][name] = dense_hits(after_model, d, qs, index_cache)
+    report.update(steps=result.step, seconds=round(result.seconds, 1), val_loss=result.best_val_loss)
+    files.write_json(out / "retriever.json", report)
+    return report
+
+
+def report_text(report: dict) -> str:
+    lines = [f"{'set':<24}{'bm25 hit@3':>12}{'before hit@1':>14}{'hit@3':>8}{'after hit@1':>13}{'hit@3':>8}"]
+    for name, b in report["before"].items():
+        a = report["after"][name]
+
+        def f(x: Any) -> str:
+            return "-" if x is None else f"{x:.3f}"
+        lines.append(f"{name:<24}{f(b['bm25']['hit@3']):>12}{f(b['dense']['hit@1']):>14}{f(b['dense']['hit@3']):>8}"
+                     f"{f(a['dense']['hit@1']):>13}{f(a['dense']['hit@3']):>8}")
+    return "\n".join(lines)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = subcommands(parser)
+    p = add_parser(sub, "train", "fine-tune the embedding model on the data folder's (question, passage) pairs",
+                   "chatforge retriever train --data runs/demo/data --out runs/demo/retriever")
+    p.add_argument("--data", default=None,
+                   help="data folder from `chatforge data build` (qa_train.jsonl; qa_val.jsonl is held out)")
+    p.add_argument("--docs", nargs="*", default=None,
+                   help="documents holding the answers (default: the inputs the data folder's report.json lists)")
+    p.add_argument("--out", default=None, help="output model folder (default: a `retriever` folder beside --data)")
+    p.add_argument("--base", default=None, help="embedding model to start from: a folder or a fetched source "
+                                                 "(default all-minilm-l6-v2)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="questions a step (each one's passage is the others' negative)")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
+    p.add_argument("--hard-negatives", type=int, default=1, help="BM25 hard negatives per question")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens of a passage seen in training")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training questions held out for validation loss")
+    p.add_argument("--questions", nargs="*", default=[],
+                   help="more question files scored before and after (evalsets/*.jsonl)")
+    p.add_argument("--eval-docs", nargs="*", default=[], help="documents for --questions (default: --docs)")
+    p.add_argument("--index-cache", default=None, help="where passage indexes and vectors are cached")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the batches")
+    leaf(p, run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.data:
+        raise ChatforgeError("pass --data DIR: the folder written by `chatforge data build`")
+    out = args.out or str(Path(args.data).parent / "retriever")
+    report = run_train(args.data, out, args.docs, args.base, args.steps, args.batch_size, args.lr, args.hard_negatives,
+                       args.max_tokens, args.val_fraction, args.seed, args.threads, args.questions, args.eval_docs,
+                       args.index_cache)
+    print(f"{report['pairs']} training pairs ({report['val_pairs']} held out), {report['steps']} steps, "
+          f"{report['seconds']} s; dense retrieval before and after (BM25 beside):")
+    print(report_text(report))
+    print(f"wrote {out} (use it with --retrieval dense --embedding-model {out})")
+    sys.stdout.flush()
+    return 0
+
