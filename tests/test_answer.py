@@ -93,3 +93,10 @@ def test_answer_stream_holds_the_citation_back_until_it_is_checked():
     low = [Passage("x", "a", score=1.5), Passage("y", "b", score=2.5)]
     assert below_min_score(low, 3.0) and not below_min_score(low, 2.0) and not below_min_score(low, 0.0)
     assert below_min_score([], 1.0)
+
+
+def test_threshold_applies_to_the_scores_it_was_fitted_on():
+    s = AnswerSettings(min_score=9.5, retrieval="bm25")
+    assert s.threshold("bm25") == s.threshold(None) == 9.5       # a plain index is BM25
+    assert s.threshold("hybrid") == 0.0                           # cosine-based scores: another scale
+    assert AnswerSettings(min_score=0.4, retrieval="hybrid").threshold("hybrid") == 0.4

@@ -222,7 +222,6 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
     k = settings.passages if k is None else k
     max_new_tokens = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
     context_tokens = settings.context_tokens if context_tokens is None else context_tokens
-    min_score = settings.min_score if min_score is None else min_score
     import torch
 
     from chatforge.eval.metrics import hit_at_k, perplexity, rouge_l
@@ -248,6 +247,8 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
     from chatforge.retrieval.fusion import load_retriever, search_turn
 
     index = load_retriever(list(docs), index_cache, retrieval_mode, embedding_model) if docs else None
+    if min_score is None:      # the answer settings' threshold, for the scores it was fitted on
+        min_score = settings.threshold(getattr(index, "mode", None))
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))   # a shared laptop: stay modest
     model, tokenizer = load_model(model_dir)

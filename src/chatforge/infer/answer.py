@@ -56,6 +56,7 @@ class AnswerSettings:
     repetition_penalty: float = 1.0     # 1 = off: a penalty on prompt tokens works against copying
     max_new_tokens: int = 512           # a copied passage may be a few hundred tokens long
     min_score: float = 0.0              # best retrieval score below which the reply is a refusal (0 = off)
+    retrieval: str = "bm25"             # the retrieval mode min_score was fitted on (scores differ by mode)
 
     def __post_init__(self) -> None:
         if self.context_tokens < 16:
@@ -89,6 +90,11 @@ class AnswerSettings:
     def replace(self, **changes) -> "AnswerSettings":
         """These settings with the given fields changed (None values are ignored: "not told otherwise")."""
         return AnswerSettings(**{**asdict(self), **{k: v for k, v in changes.items() if v is not None}})
+
+    def threshold(self, mode: str | None) -> float:
+        """`min_score` for retrieval in `mode` (a `Retriever`'s mode; None or a plain index: BM25),
+        0 (off) when the threshold was fitted on another mode's scores."""
+        return self.min_score if (mode or "bm25") == self.retrieval else 0.0
 
     def generation(self, **overrides):
         """The `GenerationConfig` these settings mean (`overrides` win; None ignored)."""

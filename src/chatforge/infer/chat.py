@@ -155,7 +155,7 @@ class ChatSession:
         """The prompt for `user_text`; the oldest turns that did not fit are dropped for good."""
         prompt = fit_prompt(self.tokenizer, self.prompt, self.index, self.history, user_text, self.budget, self.k,
                             tools=self.tools, guard=self.guard, context_tokens=self.settings.context_tokens)
-        prompt = refused_below_threshold(prompt, self.settings.min_score)
+        prompt = refused_below_threshold(prompt, self.settings.threshold(getattr(self.index, "mode", None)))
         # Only now that the prompt fits are the turns dropped (a failed message keeps them).
         del self.history[:prompt.skipped]
         self.last_dropped = prompt.skipped

@@ -207,7 +207,7 @@ def modelfile(gguf_file: str, tokenizer: Any, context: int, system: str | None =
     parameters are chatforge serve's defaults: greedy replies, no repetition penalty (it punishes
     copying from the passages), the model's whole context, stops at the end-of-turn tokens."""
     system = tokenizer.default_system if system is None else system
-    lines = [f"# Ollama Modelfile written by `chatforge export`: ollama create NAME -f Modelfile; ollama run NAME",
+    lines = ["# Ollama Modelfile written by `chatforge export`: ollama create NAME -f Modelfile; ollama run NAME",
              f"FROM ./{gguf_file}",
              f'TEMPLATE """{OLLAMA_TEMPLATE}"""']
     if system:

@@ -233,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
                           max_tokens_limit=args.max_tokens_limit, max_message_chars=args.max_message_chars,
                           default_temperature=args.temperature,
                           default_repetition_penalty=args.repetition_penalty, request_timeout=args.request_timeout,
-                          context_tokens=settings.context_tokens, min_score=settings.min_score)
+                          context_tokens=settings.context_tokens,
+                          min_score=settings.threshold(getattr(index, "mode", None)))
     allowed_hosts = None
     if _is_loopback(args.host) and not api_key:
         # Keyless on loopback: only a page the user opened by a loopback name may call it.

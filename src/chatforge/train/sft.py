@@ -373,7 +373,7 @@ def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, 
             grounded["sections"] = len(s_train) + len(s_val)
         grounded.update(train=len(g_train), val=len(g_val), passages=len(index),
                         multi_turn=sum(len(e["messages"]) > 3 for e in g_train),
-                        refusals=sum(e["missing"] for e in g_train),
+                        refusals=sum(e["missing"] for e in g_train), retrieval=getattr(index, "mode", "bm25"),
                         min_score=refusal_threshold(index, train_recs + val_recs))
         if o["grounded_only"]:
             # Pairs answered from the documents are learned only with their passages in front
@@ -548,7 +548,8 @@ def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, *
     from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS
 
     threshold = (grounded.get("min_score") or {}).get("min_score", 0.0) if o["score_threshold"] else 0.0
-    AnswerSettings(context_tokens=o["context_tokens"] or DEFAULT_CONTEXT_TOKENS, min_score=threshold).save(out)
+    AnswerSettings(context_tokens=o["context_tokens"] or DEFAULT_CONTEXT_TOKENS, min_score=threshold,
+                   retrieval=grounded.get("retrieval") or "bm25").save(out)
     if result.best_val_loss is not None:
         print(f"validation loss {result.best_val_loss:.4f} (perplexity {report['best_val_ppl']:.2f}) -> {out}")
     return report
