@@ -370,6 +370,23 @@ def test_grounded_sft_examples(docs, tmp_path):
     assert [e["missing"] for e in other] != [e["missing"] for e in examples]
 
 
+def test_hard_refusals_keep_the_topic_but_not_the_answer(docs, tmp_path):
+    # --hard-missing: the not-found examples see the best passages of every document but the
+    # answer's own, neighbours on the same topic, never a passage that holds the answer.
+    index = PassageIndex.build([docs], tmp_path / "cache")
+    pairs = [{"question": q, "answer": a, "source": s} for q, a, s in QA]
+    hard = grounded_sft_examples(pairs, index, k=3, missing_fraction=1.0, hard_missing=1.0, seed=1)
+    easy = grounded_sft_examples(pairs, index, k=3, missing_fraction=1.0, hard_missing=0.0, seed=1)
+    assert all(e["missing"] and e["messages"][-1]["content"] == NOT_FOUND_REPLY for e in hard)
+    same_doc = 0
+    for e, (q, a, s) in zip(hard, QA):
+        user = e["messages"][1]["content"]
+        assert a not in user                                       # the answer is not in the context
+        same_doc += f"(source: {s}" in user
+    assert same_doc >= 3                                           # on topic: the answer's own document
+    assert not any(f"(source: {s}" in e["messages"][1]["content"] for e, (_, _, s) in zip(easy, QA))
+
+
 def test_gold_passage_survives_a_tight_budget(docs, tmp_path):
     index = PassageIndex.build([docs], tmp_path / "cache")
     pairs = [{"question": q, "answer": a, "source": s} for q, a, s in QA]

@@ -4,6 +4,7 @@ and from the documents' own sections (`chatforge sft --docs`)."""
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import replace
 from typing import Any, Iterable
 
@@ -69,6 +70,11 @@ def copyable_answer(answer: str, shown: str) -> str | None:
     return None
 
 
+def _grams(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
 def _norm(text: str) -> str:
     return " ".join(text.split())
 
@@ -76,7 +82,8 @@ def _norm(text: str) -> str:
 def grounded_sft_examples(qa_pairs: Iterable[Any], index: PassageIndex, k: int = 3,
                           missing_fraction: float = 0.15, seed: int = 0,
                           max_context_tokens: int = DEFAULT_CONTEXT_TOKENS,
-                          tokenizer: Any | None = None, hide_heading: float = 0.0) -> list[dict]:
+                          tokenizer: Any | None = None, hide_heading: float = 0.0,
+                          hard_missing: float = 0.0) -> list[dict]:
     """SFT examples in the grounded format from Q&A pairs.
 
     For each pair whose `source` names indexed documents (see `PassageIndex.matching_docs`):
@@ -89,7 +96,11 @@ def grounded_sft_examples(qa_pairs: Iterable[Any], index: PassageIndex, k: int =
     (`copyable_answer`), and a pair whose answer the prompt does not show at all gets no example:
     the reply is copied from the context, never continued past it. An answer written in other
     words than the document's (a support team's own Q&A) is kept whole. A seeded `missing_fraction` of the examples (rounded) instead get `k`
-    passages from OTHER documents only and reply NOT_FOUND_REPLY. Pairs whose source is not
+    passages from OTHER documents only and reply NOT_FOUND_REPLY; a seeded `hard_missing` share of
+    those instead get the best passages of ALL documents but the answer's own (and any passage
+    that holds a third of the answer's word 4-grams): neighbouring entries on the same topic,
+    which is what a customer's unanswered question finds, so that the model learns to refuse
+    when the context is on topic but does not answer, not only when it is off topic. Pairs whose source is not
     indexed (chat transcripts) are skipped. Pairs are dicts as in qa_train.jsonl
     ({"messages", "source"}: the last user turn is the question, the last assistant turn the
     answer, earlier turns the history), {"question", "answer", "source"} dicts or
@@ -113,7 +124,13 @@ def grounded_sft_examples(qa_pairs: Iterable[Any], index: PassageIndex, k: int =
     missing = set(rng.sample(range(len(usable)), n_missing))
     examples = []
     for i, (q, a, docs, history) in enumerate(usable):
-        if i in missing:
+        if i in missing and rng.random() < hard_missing:
+            gold = index.best_in_docs(docs, f"{q}\n{a}")
+            answer_grams = _grams(a)
+            passages = [p for p in index.search(q, k + 4) if p.id != gold.id
+                        and len(answer_grams & _grams(p.text)) < len(answer_grams) / 3][:k]
+            reply = NOT_FOUND_REPLY
+        elif i in missing:
             passages = index.search(q, k, exclude_docs=docs)
             reply = NOT_FOUND_REPLY
         else:

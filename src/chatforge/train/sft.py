@@ -121,6 +121,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--missing-fraction", type=float, default=0.15,
                    help="share of the grounded copies whose passages come from other documents only and whose "
                         "reply is the not-found sentence (0 = the model never learns to refuse)")
+    p.add_argument("--hard-missing", type=float, default=0.0,
+                   help="share of the not-found examples (--missing-fraction) whose passages are the best of "
+                        "every document but the answer's own: on topic, yet not answering (the others are "
+                        "from other documents only)")
     p.add_argument("--hide-headings", type=float, default=0.0,
                    help="share of the grounded examples that show the answer's passage under its document's "
                         "name alone, not under a heading that repeats the question: teaches answering from "
@@ -238,7 +242,7 @@ MIN_CONTEXT_TOKENS = 64  # below this the context cannot hold a useful passage: 
 def grounded_records(records: list[dict], index, fraction: float, seed: int, tokenizer, seq_len: int,
                      missing_fraction: float = 0.15, context_tokens: int | None = None,
                      history_fraction: float = 0.0, hide_heading: float = 0.0,
-                     refusal_history: float = 0.0) -> list[dict]:
+                     refusal_history: float = 0.0, hard_missing: float = 0.0) -> list[dict]:
     """Grounded copies of a seeded `fraction` of `records` (`{"messages", "source"}` dicts).
 
     Each copy's context budget is what the row has left after the system prompt, the question
@@ -281,7 +285,7 @@ def grounded_records(records: list[dict], index, fraction: float, seed: int, tok
                 break
             ex = grounded_sft_examples([rec], index, k=3, missing_fraction=1.0 if i in missing else 0.0,
                                        seed=seed + i, tokenizer=tokenizer, max_context_tokens=budget,
-                                       hide_heading=hide_heading)
+                                       hide_heading=hide_heading, hard_missing=hard_missing)
             over = len(tokenizer.render_chat(ex[0]["messages"])[0]) - (seq_len + 1) if ex else 0
             if over <= 0:
                 out += ex
@@ -360,7 +364,7 @@ def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, 
         index = load_retriever(doc_paths, mode=o["retrieval"], model=o["embedding_model"])
         shape = {"context_tokens": o["context_tokens"], "history_fraction": o["grounded_history"],
                  "missing_fraction": o["missing_fraction"], "hide_heading": o["hide_headings"],
-                 "refusal_history": o["refusal_history"]}
+                 "refusal_history": o["refusal_history"], "hard_missing": o["hard_missing"]}
         g_train = grounded_records(train_recs, index, o["grounded_fraction"], o["seed"], tok, seq_len, **shape)
         g_val = grounded_records(val_recs, index, o["grounded_fraction"], o["seed"] + 1, tok, seq_len, **shape)
         if o["section_examples"] > 0:
@@ -486,7 +490,8 @@ def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, *
     method = o["method"]
     if method not in METHODS:
         raise ChatforgeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    for name in ("grounded_fraction", "grounded_history", "missing_fraction", "hide_headings", "refusal_history"):
+    for name in ("grounded_fraction", "grounded_history", "missing_fraction", "hide_headings", "refusal_history",
+                 "hard_missing"):
         if not 0 <= o[name] <= 1:
             raise ChatforgeError(f"--{name.replace('_', '-')} must be in [0, 1], got {o[name]}")
     if o["epochs"] <= 0 and not o["steps"]:
