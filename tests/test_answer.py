@@ -52,6 +52,12 @@ def test_citation_kept_replaced_or_dropped():
     spliced = right.replace("Guide > Restoring", "FAQ > When do backups run?")
     assert checked_citation(spliced, PASSAGES) == right
     assert copied_from(spliced, PASSAGES) is PASSAGES[0]
+    # A real passage's name, but not the one the answer copied: the copied one is shown.
+    wrong = right.replace("docs/guide.txt > Guide > Restoring", "docs/faq.md > FAQ > When do backups run?")
+    assert wrong != right and checked_citation(wrong, PASSAGES) == right
+    # A paraphrase (copied from none) keeps a citation that names a given passage.
+    paraphrase = "Open the console and restore it. (source: docs/guide.txt > Guide > Restoring)"
+    assert checked_citation(paraphrase, PASSAGES) == paraphrase
     # An answer copied from no passage shows no source at all.
     invented = "Call us on Sundays for a free upgrade. (source: docs/made-up.txt)"
     assert checked_citation(invented, PASSAGES) == "Call us on Sundays for a free upgrade."

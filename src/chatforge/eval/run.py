@@ -444,9 +444,9 @@ def _refusals(qs: list[dict], answers: Sequence[str], in_context: Sequence[bool]
 
 
 def _citations(raw: Sequence[str], shown: Sequence[str], hits: Sequence, k: int) -> dict:
-    """Of the model's cited replies: the share whose citation names a given passage exactly, and
-    the share naming the passage the answer was copied from; and the source names shown to a user
-    that no given passage has (0 by construction: `checked_citation`)."""
+    """Of the model's own cited replies: the share whose citation names a given passage exactly,
+    and the share naming the passage the answer was copied from; and the source names shown to a
+    user (after `checked_citation`) that no given passage has (0 by construction)."""
     from chatforge.infer.answer import cited_name, copied_from, is_refusal
 
     cited = exact = right = invented = 0
