@@ -106,3 +106,18 @@ def test_threshold_applies_to_the_scores_it_was_fitted_on():
     assert s.threshold("bm25") == s.threshold(None) == 9.5       # a plain index is BM25
     assert s.threshold("hybrid") == 0.0                           # cosine-based scores: another scale
     assert AnswerSettings(min_score=0.4, retrieval="hybrid").threshold("hybrid") == 0.4
+
+
+def test_a_prompt_below_the_threshold_becomes_the_not_found_reply():
+    from chatforge.infer.chat import Prompt, refused_below_threshold
+
+    low = [Passage("x", "a", score=1.5)]
+    grounded = Prompt([1, 2, 3], [], low, 0, grounded=True)
+    refused = refused_below_threshold(grounded, 2.0)
+    assert refused.reply == NOT_FOUND_REPLY and refused.passages == [] and refused.ids == []
+    assert refused_below_threshold(grounded, 0.0) is grounded                 # off
+    assert refused_below_threshold(grounded, 1.0) is grounded                 # a passage reaches it
+    plain = Prompt([1], [], [], 0, grounded=False)
+    assert refused_below_threshold(plain, 5.0) is plain                       # not a grounded prompt
+    with_facts = Prompt([1], [], low, 0, facts=["order 42 shipped"], grounded=True)
+    assert refused_below_threshold(with_facts, 5.0) is with_facts             # a plugin answered
