@@ -321,7 +321,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                 if second_turn:
                     results["second_turn"] = _second_turn(answerer, qs, hits, answers, examples, second_turn,
                                                           prompt_for)
-                    results["after_refusal"] = _after_refusal(answerer, qs, hits, answers, examples, second_turn,
+                    results["after_refusal"] = _after_refusal(answerer, qs, hits, raw, examples, second_turn,
                                                               prompt_for)
             else:
                 answers = answerer.answer(plain, "answer (no retrieval)")
@@ -467,8 +467,9 @@ def _citations(raw: Sequence[str], shown: Sequence[str], hits: Sequence, k: int)
 def _after_refusal(answerer, qs: list[dict], hits: list, answers: list[str], examples: list[dict], n: int,
                    prompt) -> dict | None:
     """The first `n` answerable single-turn questions asked after an earlier question that no
-    document answers and the not-found reply to it: the share refused, beside the same questions'
-    first-turn share. An earlier refusal must not make the next answerable question another."""
+    document answers and the not-found reply to it: the share the model refused, beside its share
+    on the same questions as a first turn (`answers`: the model's own replies, before any score
+    threshold). An earlier refusal must not make the next answerable question another."""
     from chatforge.infer.answer import is_refusal
     from chatforge.retrieval import NOT_FOUND_REPLY
 
