@@ -524,10 +524,28 @@ def llama_cpp_module():
 
 def open_llama(path: Path, **kw):
     """llama.cpp on one thread, keeping every position's logits; f32 KV cache so that the f32 file
-    is compared with no rounding llama.cpp adds by default (its cache is f16)."""
+    is compared with no rounding llama.cpp adds by default (its cache is f16).
+
+    Without llama.cpp's extra buffer types (weight repacking): on a CPU with AMX, llama.cpp
+    0.3.36 repacks q8_0/q4_0 weights for its AMX kernels, and decoding the tiny test model
+    (width 64) through them crashes the process (a segfault in `llama_decode`, seen on this
+    machine; the plain CPU kernels compute the same format)."""
     llama_cpp = llama_cpp_module()
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=1, logits_all=True,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False, **kw)
+    low = llama_cpp.llama_cpp                # the ctypes module `Llama` takes its defaults from
+    defaults = low.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = without_repacking
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=1, logits_all=True,
+                               type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False, **kw)
+    finally:
+        low.llama_model_default_params = defaults
 
 
 TEXTS = [
