@@ -378,7 +378,8 @@ def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, 
         grounded.update(train=len(g_train), val=len(g_val), passages=len(index),
                         multi_turn=sum(len(e["messages"]) > 3 for e in g_train),
                         refusals=sum(e["missing"] for e in g_train), retrieval=getattr(index, "mode", "bm25"),
-                        min_score=refusal_threshold(index, train_recs + val_recs))
+                        # Fitted only when asked for: 2 searches a Q&A pair, for nothing otherwise.
+                        min_score=refusal_threshold(index, train_recs + val_recs) if o["score_threshold"] else None)
         if o["grounded_only"]:
             # Pairs answered from the documents are learned only with their passages in front
             # of them: the plain copy would teach reciting the manual from memory instead.
