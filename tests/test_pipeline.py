@@ -64,6 +64,7 @@ def test_pipeline_on_own_docs(tmp_path, monkeypatch, capsys):
     assert "pipeline summary" in out and "evaluation" in out
     sets = json.loads((run / "eval-unanswerable" / "eval.json").read_text())
     assert sets["answering"]["unanswerable"] == 1 and "no_retrieval" not in sets["baselines"]
+    assert "after_refusal" not in sets    # the conversation measures only where a set asks for them
     assert "refused unanswerable" in out and "evaluation set gone left out" in captured.err
     assert json.loads((run / "sft" / "answer.json").read_text())["passages"] == 3   # SFT's answer settings
 
@@ -94,6 +95,10 @@ def test_settings_follow_the_base(tmp_path):
     # Default: the pretrained base, LoRA SFT, long answers in eval.
     s = load_settings(None)
     assert s["run"]["base"] == DEFAULT_BASE and s["sft"]["method"] == "lora" and s["eval"]["max_new_tokens"] == 512
+    # The demo's budget: no model-alone baseline; the conversation measures on the manual set
+    # (and the validation Q&A, by eval's own default).
+    assert s["eval"]["skip_bare"] is True
+    assert {e["name"]: e.get("second_turn", 0) for e in s["run"]["evalsets"]}["manual"] == 10
     # From scratch: the small preset is pretrained and fully fine-tuned.
     s = load_settings(None, "scratch")
     assert s["sft"]["method"] == "full" and s["pretrain"]["preset"] == "small"

@@ -58,7 +58,7 @@ DEFAULTS: dict[str, dict] = {
         # The hand-written evaluation sets (evalsets/README.md): each is asked against its own
         # documents (fetched source names or paths), none of which the model was trained on.
         "evalsets": [
-            {"name": "manual", "questions": "evalsets/manual-git.jsonl", "docs": ["git-manual"]},
+            {"name": "manual", "questions": "evalsets/manual-git.jsonl", "docs": ["git-manual"], "second_turn": 10},
             {"name": "unanswerable-git", "questions": "evalsets/unanswerable-git.jsonl", "docs": ["git-faq"]},
             {"name": "unanswerable-company", "questions": "evalsets/unanswerable-company.jsonl",
              "docs": ["examples/my_docs"]},
@@ -108,7 +108,10 @@ PRETRAINED: dict[str, dict] = {
     # the unseen FAQ were cut short, each scoring ROUGE-L 0.24-0.73 against a whole reference), and
     # the same context budget as SFT. Fewer questions and perplexity batches: a 135M model
     # decodes ~10x slower than the scratch one on this CPU.
-    "eval": {"max_new_tokens": 512, "context_tokens": 512, "max_questions": 40, "max_ppl_batches": 4},
+    # No model-alone baseline (a 512-token ramble per question, a third of the evaluation time;
+    # `chatforge eval` without --skip-bare still gives it): the demo's 30-minute budget.
+    "eval": {"max_new_tokens": 512, "context_tokens": 512, "max_questions": 40, "max_ppl_batches": 4,
+             "skip_bare": True},
     # Continued pretraining on the company's text (only with run.continue_pretraining: true).
     "pretrain": {"max_tokens": 200_000, "lr": 5e-5, "tokens_per_step": 8192},
     # The round: generated pairs from a sample of the Q&A (prefs make answers each question
@@ -404,7 +407,9 @@ def run(args: argparse.Namespace) -> int:
         if n:
             runner.stage("eval-unseen", ["eval", "--model", str(sft), "--questions", str(unseen_questions),
                                          "--docs", str(unseen), "--out", str(ev2),
-                                         *to_flags(settings["eval"])], ev2, extra=fingerprint([unseen]))
+                                         # the conversation measures run on the validation set
+                                         *to_flags({**settings["eval"], "second_turn": 0})],
+                         ev2, extra=fingerprint([unseen]))
 
     # 8. the hand-written sets: a manual (not a FAQ) and questions the documents do not answer.
     set_dirs = []
@@ -416,10 +421,10 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             continue
         out = run_dir / f"eval-{s['name']}"
-        # No no-retrieval baseline (it would double the time); the after-refusal measure only
-        # where the documents answer.
+        # No no-retrieval baseline (it would double the time); the conversation measures (second
+        # turn, after a refusal) where a set asks for them.
         flags = {**settings["eval"], "max_questions": s.get("max_questions", 200), "skip_bare": True,
-                 "second_turn": settings["eval"].get("second_turn", 10) if "unanswerable" not in s["name"] else 0}
+                 "second_turn": s.get("second_turn", 0)}
         runner.stage(out.name, ["eval", "--model", str(sft), "--questions", str(questions),
                                 "--docs", *map(str, set_docs), "--out", str(out), *to_flags(flags)], out,
                      extra=fingerprint([questions, *set_docs]))
