@@ -1,11 +1,12 @@
 """Export a LoRA adapter alone, for engines that load it on top of a base model exported once.
 
-    chatforge export --model runs/demo/pretrain --format hf --out runs/demo/export/base-hf      # the base, once
-    chatforge export --model runs/demo/sft --format peft --base-export runs/demo/export/base-hf \\
-        --out runs/demo/export/adapter                                                         # PEFT, vLLM
-    chatforge export --model runs/demo/pretrain --format gguf --quant q8_0 --out runs/demo/export/base-q8_0
-    chatforge export --model runs/demo/sft --format gguf-lora --base-export runs/demo/export/base-q8_0 \\
-        --out runs/demo/export/adapter-gguf                                                    # llama.cpp, Ollama
+    chatforge sft --base runs/x/base ... --out runs/x/sft --method lora --lora-save adapter
+    chatforge export --model runs/x/base --format hf --out runs/x/export/base-hf             # the base, once
+    chatforge export --model runs/x/sft --format peft --base-export runs/x/export/base-hf \\
+        --out runs/x/export/adapter                                                        # PEFT, vLLM
+    chatforge export --model runs/x/base --format gguf --quant q8_0 --out runs/x/export/base-q8_0
+    chatforge export --model runs/x/sft --format gguf-lora --base-export runs/x/export/base-q8_0 \\
+        --out runs/x/export/adapter-gguf                                                   # llama.cpp, Ollama
 
 The adapter comes from a model folder that `chatforge sft` / `dpo --method lora --lora-save
 adapter` wrote: `adapter.safetensors` (tensors `layers.0.self_attn.q_proj.lora_A.weight`, ...)
@@ -136,7 +137,7 @@ def check_against_base(adapter: Adapter, folder: Path) -> None:
     module docstring); note it when the base folder is gone and cannot be checked."""
     from safetensors import safe_open
 
-    from chatforge.model.folder import WEIGHTS
+    from chatforge.model.folder import WEIGHTS, load_config
 
     if adapter.base is None:
         adapter.notes.append("the adapter does not name its base folder; make sure the base you export is the model "
@@ -146,6 +147,12 @@ def check_against_base(adapter: Adapter, folder: Path) -> None:
         adapter.notes.append(f"the adapter's base {adapter.base} is not there any more: it was not checked, and the "
                              "engine needs that base exported (--format hf / gguf)")
         return
+    ours, theirs = load_config(folder), load_config(adapter.base)
+    if ours.max_seq_len > theirs.max_seq_len:
+        # `sft --seq-len` above the base's context extends it (RoPE only, no weight changes).
+        adapter.notes.append(f"the fine-tune's context ({ours.max_seq_len} tokens) is longer than its base's "
+                             f"({theirs.max_seq_len}), which the base's export records: give the engine the longer "
+                             f"one (vLLM --max-model-len {ours.max_seq_len}, llama.cpp -c {ours.max_seq_len})")
     with safe_open(str(folder / WEIGHTS), framework="pt") as merged, \
             safe_open(str(adapter.base / WEIGHTS), framework="pt") as base:
         if set(merged.keys()) != set(base.keys()):

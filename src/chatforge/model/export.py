@@ -3,8 +3,8 @@
     chatforge export --model runs/demo/sft --format hf --out runs/demo/export/hf
     chatforge export --model runs/demo/sft --format gguf --quant q8_0 --out runs/demo/export/q8_0
     ollama create acme -f runs/demo/export/q8_0/Modelfile     # Ollama, from the GGUF folder
-    chatforge export --model runs/demo/sft --format peft --base-export runs/demo/export/base-hf
-    chatforge export --model runs/demo/sft --format gguf-lora --base-export runs/demo/export/base-q8_0
+    chatforge export --model runs/x/sft --format peft --base-export runs/x/export/base-hf    # LoRA adapter alone
+    chatforge export --model runs/x/sft --format gguf-lora --base-export runs/x/export/base-q8_0
 
 `--format hf` writes a folder `transformers` loads with `AutoModelForCausalLM` and
 `AutoTokenizer`: `config.json` naming `LlamaForCausalLM` (or `Qwen2ForCausalLM` /
@@ -294,10 +294,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      "  chatforge export --model runs/demo/sft --format gguf --quant q4_0 --name acme \\\n"
                      "      --system \"You are the support assistant of Acme.\"\n"
                      "the LoRA adapter alone (sft --lora-save adapter), on its base exported once:\n"
-                     "  chatforge export --model runs/demo/pretrain --format hf --out runs/demo/export/base-hf\n"
-                     "  chatforge export --model runs/demo/sft --format peft --base-export runs/demo/export/base-hf\n"
-                     "  chatforge export --model runs/demo/pretrain --format gguf --quant q8_0 --out runs/demo/export/base-q8_0\n"
-                     "  chatforge export --model runs/demo/sft --format gguf-lora --base-export runs/demo/export/base-q8_0\n"
+                     "  chatforge export --model runs/x/base --format hf --out runs/x/export/base-hf\n"
+                     "  chatforge export --model runs/x/sft --format peft --base-export runs/x/export/base-hf\n"
+                     "  chatforge export --model runs/x/base --format gguf --quant q8_0 --out runs/x/export/base-q8_0\n"
+                     "  chatforge export --model runs/x/sft --format gguf-lora --base-export runs/x/export/base-q8_0\n"
                      "then: transformers AutoModelForCausalLM.from_pretrained(OUT); llama-cli -m OUT/NAME-QUANT.gguf;\n"
                      "      cd OUT && ollama create NAME -f Modelfile")
     parser.add_argument("--model", metavar="DIR", default=None, help="model folder to export (needed)")
@@ -312,11 +312,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="output folder (an earlier export there is replaced); default: MODEL-FORMAT[-QUANT] "
                              "beside the model folder")
     parser.add_argument("--name", default=None,
-                        help="model name: GGUF general.name and file name NAME-QUANT.gguf; default: the model "
-                             "folder's name")
+                        help="model name: GGUF general.name and file name NAME-QUANT.gguf (gguf-lora: "
+                             "NAME-lora-QUANT.gguf; peft: the LoRA module name in the printed vLLM command); "
+                             "default: the model folder's name")
     parser.add_argument("--system", metavar="TEXT", default=None,
-                        help="gguf: the system message of the Ollama Modelfile; default: the chat template's "
-                             "default system message, if it has one")
+                        help="gguf, gguf-lora: the system message of the Ollama Modelfile; default: the chat "
+                             "template's default system message, if it has one")
     parser.add_argument("--base-export", metavar="PATH", default=None,
                         help="peft / gguf-lora: the export of the adapter's base (its --format hf folder for peft, "
                              "recorded as base_model_name_or_path; its --format gguf folder or file for gguf-lora, "
