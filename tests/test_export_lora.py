@@ -33,9 +33,16 @@ from chatforge.model.folder import load_model, save_model
 from chatforge.model.lora import apply_lora, load_lora, merged_state_dict, save_lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tiny_chat_model import CONVERSATIONS  # noqa: E402
-from test_export import (CHATS, greedy, hf_models, llama_logits, logits, open_llama,  # noqa: E402,F401
-                         parse_modelfile)
+from _tiny_chat_model import CONVERSATIONS
+from test_export import (
+    CHATS,
+    greedy,
+    hf_models,  # noqa: F401  (the fixture: tiny imported Llama / Qwen2 / Qwen3 models)
+    llama_logits,
+    logits,
+    open_llama,
+    parse_modelfile,
+)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -160,7 +167,7 @@ def test_peft_adapter_on_hf_base_gives_chatforges_logits(run, tmp_path):
                "layers.0.mlp.down_proj"]),
     ("qwen3", ["q_proj", "k_proj", "o_proj"]),
 ])
-def test_peft_partial_and_imported_architectures(hf_models, tmp_path, arch, targets):
+def test_peft_partial_and_imported_architectures(hf_models, tmp_path, arch, targets):  # noqa: F811
     """Top-block adapters (--lora-layers) are named module by module; lm_head (untied Llama), q/k/v
     biases (Qwen2) and q/k norms with a head width of its own (Qwen3) change nothing."""
     base, _ = hf_models[arch]
@@ -188,7 +195,7 @@ def test_peft_partial_and_imported_architectures(hf_models, tmp_path, arch, targ
 
 
 def test_peft_half_precision_adapter(run, tmp_path):
-    base, folder = run
+    _, folder = run
     export_model(folder, "peft", tmp_path / "a16", "bf16")
     from safetensors.torch import load_file
 
@@ -304,7 +311,6 @@ def test_gguf_lora_metadata_and_tensors(run, tmp_path):
 
 def test_modelfile_with_adapter(run, tmp_path):
     base, folder = run
-    _, tok = load_model(folder)
     export_model(base, "gguf", tmp_path / "export" / "base-q8_0", "q8_0", name="base")
     out = tmp_path / "export" / "adapter"
     result = export_model(folder, "gguf-lora", out, "f16", name="acme",
@@ -351,7 +357,17 @@ def test_llama_cpp_runs_base_with_adapter_as_chatforge(run, tmp_path):
         assert diff < (1e-3 if quant == "f32" else 0.05)
         # The adapter is applied: llama.cpp says the fine-tune's reply ...
         assert replies["hello"].startswith(NEW_REPLIES[0][1][:20])
-    # ... which the base alone does not.
+    # As users run it: a q8_0 base with the f32 adapter still gives the fine-tune's replies.
+    export_model(base, "gguf", tmp_path / "base-q8_0", "q8_0", name="base")
+    llm = open_llama(tmp_path / "base-q8_0" / "base-q8_0.gguf",
+                     lora_path=str(tmp_path / "lora-f32" / "acme-lora-f32.gguf"))
+    try:
+        for question, reply in NEW_REPLIES:
+            theirs, _ = greedy(llm, model, prompt_ids(tok, question), 12)
+            assert tok.decode(theirs).startswith(reply[:20]), question
+    finally:
+        llm.close()
+    # ... which the base alone does not say.
     llm = open_llama(tmp_path / "base-f32" / "base-f32.gguf")
     try:
         theirs, ours = greedy(llm, plain, prompt_ids(tok, "hello"), 16)
@@ -364,7 +380,7 @@ def test_llama_cpp_runs_base_with_adapter_as_chatforge(run, tmp_path):
 @pytest.mark.parametrize("arch, targets", [("llama", ["layers.1.self_attn.q_proj", "layers.1.self_attn.k_proj",
                                                       "o_proj", "lm_head"]),
                                            ("qwen2", ["q_proj", "k_proj", "v_proj", "down_proj"])])
-def test_llama_cpp_adapter_on_imported_architectures(hf_models, tmp_path, arch, targets):
+def test_llama_cpp_adapter_on_imported_architectures(hf_models, tmp_path, arch, targets):  # noqa: F811
     """q/k rows permuted for llama files (with GQA), not for qwen2; the untied head adapted."""
     base, _ = hf_models[arch]
     model, tok = load_model(base)

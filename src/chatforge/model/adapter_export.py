@@ -85,7 +85,11 @@ def read_adapter(folder: str | Path, config) -> Adapter:
     from safetensors.torch import load_file
 
     from chatforge.model.gpt import GPT
-    from chatforge.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
+    from chatforge.model.lora import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        read_adapter_config,
+    )
 
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG).is_file() and not (folder / ADAPTER_WEIGHTS).is_file():
@@ -158,7 +162,7 @@ def check_against_base(adapter: Adapter, folder: Path) -> None:
         if set(merged.keys()) != set(base.keys()):
             raise ChatforgeError(f"{folder} and its adapter's base {adapter.base} hold different weights; the base "
                                  "is another model than the one the adapter was trained on")
-        for key in merged.keys():
+        for key in merged.keys():  # noqa: SIM118 - a safetensors file, not a dict
             m, b = merged.get_tensor(key), base.get_tensor(key)
             if m.shape != b.shape:
                 raise ChatforgeError(f"{key} is {tuple(m.shape)} in {folder} but {tuple(b.shape)} in the adapter's "

@@ -253,10 +253,11 @@ def _export_adapter(model_dir: Path, fmt: str, out, quant: str, name: str | None
             if base_file is None:
                 notes.append(f"no --base-export: base_model_name_or_path is empty; the engine takes the base's HF "
                              f"export ({base_cmd})")
-            usage = [f"  peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_hf!r}), "
-                     f"{str(out)!r})",
-                     f"  vLLM: python -m vllm.entrypoints.openai.api_server --model {base_hf} --enable-lora "
-                     f"--lora-modules {name}={out} --max-lora-rank {_vllm_rank(adapter.rank)}   (then \"model\": \"{name}\")"]
+            usage = [(f"  peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_hf!r}), "
+                      f"{str(out)!r})"),
+                     (f"  vLLM: python -m vllm.entrypoints.openai.api_server --model {base_hf} --enable-lora "
+                      f"--lora-modules {name}={out} --max-lora-rank {_vllm_rank(adapter.rank)}   "
+                      f"(then \"model\": \"{name}\")")]
         else:
             gguf_name = f"{name}-lora-{quant}.gguf"
             text = None
@@ -267,8 +268,8 @@ def _export_adapter(model_dir: Path, fmt: str, out, quant: str, name: str | None
             types = dict(ae.write_gguf_lora(adapter, config, tmp / gguf_name, quant, name))
             written = [tmp / gguf_name]
             base_gguf = str(base_file) if base_file else "BASE.gguf"
-            usage = [f"  llama.cpp: llama-server -m {base_gguf} --lora {out / gguf_name}   "
-                     f"(llama-cpp-python: Llama(model_path=..., lora_path=...))"]
+            usage = [(f"  llama.cpp: llama-server -m {base_gguf} --lora {out / gguf_name}   "
+                      "(llama-cpp-python: Llama(model_path=..., lora_path=...))")]
             if text is not None:
                 files.write_text(tmp / "Modelfile", text)
                 written.append(tmp / "Modelfile")
