@@ -468,9 +468,11 @@ def test_vllm_serves_base_with_peft_adapter(run, tmp_path):
             for name, ours in (("acme", model), ("base", plain)):
                 for question, _ in NEW_REPLIES:
                     ids = prompt_ids(tok, question)
-                    # Token ids in, greedy; vLLM stops at the generation config's end-of-turn ids.
+                    # Token ids in, greedy, stopping at the end-of-turn ids (also in the base's
+                    # generation_config.json; given here so as not to depend on vLLM reading it).
                     reply = post(f"http://127.0.0.1:{port}/v1/completions",
-                                 {"model": name, "prompt": ids, "max_tokens": 40, "temperature": 0})
+                                 {"model": name, "prompt": ids, "max_tokens": 40, "temperature": 0,
+                                  "stop_token_ids": [tok.im_end_id, tok.eot_id]})
                     text = reply["choices"][0]["text"]
                     assert text == tok.decode(greedy_reply(ours, ids, 40, (tok.im_end_id, tok.eot_id))), \
                         (name, question, text)
