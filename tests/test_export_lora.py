@@ -233,6 +233,23 @@ def test_errors_say_what_to_do(run, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_adapter_of_another_model_is_refused(run, hf_models, tmp_path):  # noqa: F811
+    """Adapter files copied beside a model of another shape are refused before anything is written."""
+    import shutil
+
+    _, folder = run
+    other = tmp_path / "other"
+    shutil.copytree(hf_models["llama"][0], other)
+    for name in ("adapter.safetensors", "adapter_config.json"):
+        shutil.copy(folder / name, other / name)
+    with pytest.raises(ChatforgeError, match=r"the adapter of .*other: layers.0.* has A .* expected .*\(rank 4\)"):
+        export_model(other, "peft", tmp_path / "x")
+    (other / "adapter.safetensors").unlink()
+    with pytest.raises(ChatforgeError, match="adapter.safetensors is missing or corrupt"):
+        export_model(other, "peft", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_adapter_of_a_changed_base_is_refused(run, tmp_path):
     """An adapter whose base folder was retrained at the same path would give another model."""
     import shutil

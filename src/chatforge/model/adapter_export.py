@@ -85,11 +85,7 @@ def read_adapter(folder: str | Path, config) -> Adapter:
     from safetensors.torch import load_file
 
     from chatforge.model.gpt import GPT
-    from chatforge.model.lora import (
-        ADAPTER_CONFIG,
-        ADAPTER_WEIGHTS,
-        read_adapter_config,
-    )
+    from chatforge.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
 
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG).is_file() and not (folder / ADAPTER_WEIGHTS).is_file():
