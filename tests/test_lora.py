@@ -132,6 +132,31 @@ def test_merged_state_dict_leaves_model_wrapped():
     assert torch.allclose(plain(x)[0], model(x)[0], atol=1e-5)
 
 
+def test_merged_state_dict_of_biased_projections():
+    """Qwen2-style q/k/v biases come back under the plain names (`q_proj.bias`), so that the merged
+    state dict loads into the plain model (a LoRA fine-tune of an imported Qwen2 saves it)."""
+    def qwen2_like() -> GPT:
+        torch.manual_seed(0)
+        return GPT(GPTConfig(vocab_size=64, max_seq_len=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2,
+                             d_ff=64, qkv_bias=True))
+
+    model = qwen2_like()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                p.normal_(0, 0.5)
+    apply_lora(model, rank=4, alpha=8, targets=["q_proj", "k_proj", "v_proj"])
+    train_steps(model, 3)
+    merged = merged_state_dict(model)
+    assert not any("base_layer" in k for k in merged)
+    plain = qwen2_like()
+    plain.load_state_dict(merged, strict=True)
+    model.eval(), plain.eval()
+    x, _ = batch(5)
+    assert torch.allclose(plain(x)[0], model(x)[0], atol=1e-5)
+    assert torch.equal(plain.layers[0].self_attn.q_proj.bias, model.layers[0].self_attn.q_proj.base_layer.bias)
+
+
 # ------------------------------------------------------------------------ the fused layer
 
 @pytest.mark.parametrize("bias, p", [(False, 0.0), (True, 0.3)])

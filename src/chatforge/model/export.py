@@ -3,6 +3,8 @@
     chatforge export --model runs/demo/sft --format hf --out runs/demo/export/hf
     chatforge export --model runs/demo/sft --format gguf --quant q8_0 --out runs/demo/export/q8_0
     ollama create acme -f runs/demo/export/q8_0/Modelfile     # Ollama, from the GGUF folder
+    chatforge export --model runs/x/sft --format peft --base-export runs/x/export/base-hf    # LoRA adapter alone
+    chatforge export --model runs/x/sft --format gguf-lora --base-export runs/x/export/base-q8_0
 
 `--format hf` writes a folder `transformers` loads with `AutoModelForCausalLM` and
 `AutoTokenizer`: `config.json` naming `LlamaForCausalLM` (or `Qwen2ForCausalLM` /
@@ -17,10 +19,13 @@ q/k permutation, the tokenizer, weights as f32, f16 (default), bf16, q8_0, q4_0 
 Ollama `Modelfile` beside it: `FROM` the file, a ChatML `TEMPLATE`, `SYSTEM` (`--system`, else the
 chat template's default system message, if any), the stop tokens and the context length.
 
-A LoRA fine-tune (`chatforge sft --method lora`) is saved merged already: its `model.safetensors`
-is exported and an adapter kept beside it (`--lora-save adapter`) is left out. A `last/`
-checkpoint of a LoRA run holds the unmerged training weights and is refused: export the run's
-folder. Every export goes to a temporary folder first, so `--out` appears complete or not at all;
+A LoRA fine-tune (`chatforge sft --method lora`) is saved merged already: `hf` and `gguf` export
+its `model.safetensors` and leave an adapter kept beside it (`--lora-save adapter`) out. That
+adapter alone is what `--format peft` (PEFT's folder: transformers + peft, vLLM) and `--format
+gguf-lora` (llama.cpp's LoRA GGUF, and an Ollama Modelfile with `ADAPTER`) write, for an engine
+that runs the base, exported once with `hf` / `gguf` (`--base-export` names that export; see
+model/adapter_export.py). A `last/` checkpoint of a LoRA run holds the unmerged training weights
+and is refused: export the run's folder. Every export goes to a temporary folder first, so `--out` appears complete or not at all;
 an existing export folder there is replaced, any other existing folder is left alone (an error).
 """
 
@@ -36,9 +41,10 @@ from pathlib import Path
 from chatforge.cli import leaf
 from chatforge.errors import ChatforgeError
 
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "peft", "gguf-lora")
+ADAPTER_FORMATS = ("peft", "gguf-lora")
 HF_QUANTS = ("f32", "f16", "bf16")
-DEFAULT_QUANT = {"hf": "f32", "gguf": "f16"}
+DEFAULT_QUANT = {"hf": "f32", "gguf": "f16", "peft": "f32", "gguf-lora": "f32"}
 MARKER = "chatforge_export.json"     # marks a folder this command wrote (and may replace)
 
 
@@ -51,6 +57,7 @@ class ExportResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     types: dict[str, int] = field(default_factory=dict)   # gguf: stored type -> tensor count
+    usage: list[str] = field(default_factory=list)         # adapters: how an engine loads them
 
     def summary(self) -> str:
         lines = [f"exported {self.format} ({self.quant}) in {self.seconds:.1f} s -> {self.out}"]
@@ -61,6 +68,8 @@ class ExportResult:
         if self.format == "hf":
             lines.append(f"  transformers: AutoModelForCausalLM.from_pretrained({str(self.out)!r}), "
                          f"AutoTokenizer.from_pretrained({str(self.out)!r})")
+        elif self.format in ADAPTER_FORMATS:
+            lines += self.usage
         else:
             gguf_file = next(p for p in self.files if p.suffix == ".gguf")
             lines.append(f"  llama.cpp: llama-cli -m {gguf_file} -cnv   (llama-cpp-python: Llama(model_path=...))")
@@ -159,24 +168,34 @@ def check_out(model_dir: Path, out: Path) -> None:
 
 
 def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None, quant: str | None = None,
-                 name: str | None = None, system: str | None = None) -> ExportResult:
-    """Export the model folder `model_dir` as `fmt` ("hf" or "gguf") into the folder `out`."""
+                 name: str | None = None, system: str | None = None,
+                 base_export: str | Path | None = None) -> ExportResult:
+    """Export the model folder `model_dir` as `fmt` (hf, gguf, or its LoRA adapter alone: peft,
+    gguf-lora) into the folder `out`. `base_export`: for the adapter formats, the base's own
+    export (hf for peft, gguf for gguf-lora)."""
     from chatforge import files
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     if fmt not in FORMATS:
-        raise ChatforgeError(f"unknown --format {fmt!r}; choose hf or gguf")
+        raise ChatforgeError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     quant = quant or DEFAULT_QUANT[fmt]
     if fmt == "hf" and quant not in HF_QUANTS:
         raise ChatforgeError(f"--format hf stores weights as {', '.join(HF_QUANTS)}, not {quant}; use --format gguf "
                              "for quantized weights")
-    if fmt == "hf" and system is not None:
-        raise ChatforgeError("--system goes into the Ollama Modelfile of --format gguf; an HF folder keeps the "
-                             "chat template's own system message")
+    if fmt in ADAPTER_FORMATS and quant not in HF_QUANTS:
+        raise ChatforgeError(f"--format {fmt} stores the adapter as {', '.join(HF_QUANTS)}, not {quant} (an adapter "
+                             "is small; quantize the base's own --format gguf export instead)")
+    if fmt in ("hf", "peft") and system is not None:
+        raise ChatforgeError(f"--system goes into the Ollama Modelfile of --format gguf / gguf-lora; --format {fmt} "
+                             "keeps the chat template's own system message")
+    if base_export is not None and fmt not in ADAPTER_FORMATS:
+        raise ChatforgeError("--base-export names the base's export for --format peft / gguf-lora (an adapter); "
+                             f"--format {fmt} exports the whole model")
+    if fmt in ADAPTER_FORMATS:
+        return _export_adapter(model_dir, fmt, out, quant, name, system, base_export, t0)
     name = name or model_dir.resolve().name
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ChatforgeError(f"--name {name!r} must be letters, digits, '.', '_' or '-' (it names the GGUF file)")
+    _check_name(name)
     out = Path(out) if out else model_dir.parent / f"{model_dir.name}-{fmt}{'' if fmt == 'hf' else '-' + quant}"
     check_out(model_dir, out)
     model, tokenizer, notes = load_for_export(model_dir)
@@ -191,6 +210,81 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
     return ExportResult(out, fmt, quant, [out / p.name for p in written], time.perf_counter() - t0, notes, types)
 
 
+def _vllm_rank(rank: int) -> int:
+    """The smallest value vLLM's --max-lora-rank accepts that holds `rank`."""
+    return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
+
+
+def _check_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ChatforgeError(f"--name {name!r} must be letters, digits, '.', '_' or '-' (it names the GGUF file)")
+
+
+def _export_adapter(model_dir: Path, fmt: str, out, quant: str, name: str | None, system: str | None,
+                    base_export, t0: float) -> ExportResult:
+    """--format peft / gguf-lora: the LoRA adapter saved beside the model, alone."""
+    from chatforge import files
+    from chatforge.model import adapter_export as ae
+    from chatforge.model.folder import load_config, load_tokenizer
+    from chatforge.model.gguf_export import modelfile
+
+    name = name or model_dir.resolve().name
+    _check_name(name)
+    suffix = "" if fmt == "peft" else "-" + quant
+    if not model_dir.is_dir():
+        raise ChatforgeError(f"model folder {model_dir} does not exist")
+    if fmt == "gguf-lora" and system is not None and base_export is None:
+        raise ChatforgeError("--system goes into the Ollama Modelfile, which needs --base-export (the base's "
+                             "--format gguf export) for its FROM line")
+    out = Path(out) if out else model_dir.parent / f"{model_dir.name}-{fmt}{suffix}"
+    check_out(model_dir, out)
+    config = load_config(model_dir)
+    adapter = ae.read_adapter(model_dir, config)
+    ae.check_against_base(adapter, model_dir)
+    base_file = ae.find_base_export(base_export, fmt, adapter, MARKER) if base_export is not None else None
+    base_cmd = (f"chatforge export --model {adapter.base or 'BASE'} --format {'hf' if fmt == 'peft' else 'gguf'}")
+    notes, usage = list(adapter.notes), []
+    with files.atomic_dir(out) as tmp:
+        if fmt == "peft":
+            base_ref = str(base_file.resolve()) if base_file else None
+            written = ae.write_peft(adapter, config, tmp, quant, base_ref)
+            types = {}
+            base_hf = base_ref or "BASE_HF"
+            if base_file is None:
+                notes.append(f"no --base-export: base_model_name_or_path is empty; the engine takes the base's HF "
+                             f"export ({base_cmd})")
+            usage = [(f"  peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_hf!r}), "
+                      f"{str(out)!r})"),
+                     (f"  vLLM: python -m vllm.entrypoints.openai.api_server --model {base_hf} --enable-lora "
+                      f"--lora-modules {name}={out} --max-lora-rank {_vllm_rank(adapter.rank)}   "
+                      f"(then \"model\": \"{name}\")")]
+        else:
+            gguf_name = f"{name}-lora-{quant}.gguf"
+            text = None
+            if base_file is not None:
+                # First the Modelfile, as --format gguf does: a bad system message fails before writing.
+                text = modelfile(ae.relative_ref(base_file, out), load_tokenizer(model_dir), config.max_seq_len,
+                                 system, adapter=gguf_name)
+            types = dict(ae.write_gguf_lora(adapter, config, tmp / gguf_name, quant, name))
+            written = [tmp / gguf_name]
+            base_gguf = str(base_file) if base_file else "BASE.gguf"
+            usage = [(f"  llama.cpp: llama-server -m {base_gguf} --lora {out / gguf_name}   "
+                      "(llama-cpp-python: Llama(model_path=..., lora_path=...))")]
+            if text is not None:
+                files.write_text(tmp / "Modelfile", text)
+                written.append(tmp / "Modelfile")
+                usage.append(f"  Ollama: cd {out} && ollama create {name} -f Modelfile")
+            else:
+                notes.append(f"no --base-export: no Ollama Modelfile (it needs FROM the base's GGUF: {base_cmd})")
+        files.write_json(tmp / MARKER, {"source": str(model_dir.resolve()), "format": fmt, "quant": quant,
+                                        "files": [p.name for p in written],
+                                        "base": str(adapter.base) if adapter.base else None})
+    notes.append(f"LoRA rank {adapter.rank}, alpha {adapter.alpha:g}, {len(adapter.modules)} adapted layers; "
+                 f"base: {adapter.base}")
+    return ExportResult(out, fmt, quant, [out / p.name for p in written], time.perf_counter() - t0, notes, types,
+                        usage)
+
+
 # ---- the command --------------------------------------------------------------------------------
 
 
@@ -200,23 +294,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      "  chatforge export --model runs/demo/sft --format gguf --quant q8_0 --out runs/demo/export/q8_0\n"
                      "  chatforge export --model runs/demo/sft --format gguf --quant q4_0 --name acme \\\n"
                      "      --system \"You are the support assistant of Acme.\"\n"
+                     "the LoRA adapter alone (sft --lora-save adapter), on its base exported once:\n"
+                     "  chatforge export --model runs/x/base --format hf --out runs/x/export/base-hf\n"
+                     "  chatforge export --model runs/x/sft --format peft --base-export runs/x/export/base-hf\n"
+                     "  chatforge export --model runs/x/base --format gguf --quant q8_0 --out runs/x/export/base-q8_0\n"
+                     "  chatforge export --model runs/x/sft --format gguf-lora --base-export runs/x/export/base-q8_0\n"
                      "then: transformers AutoModelForCausalLM.from_pretrained(OUT); llama-cli -m OUT/NAME-QUANT.gguf;\n"
                      "      cd OUT && ollama create NAME -f Modelfile")
     parser.add_argument("--model", metavar="DIR", default=None, help="model folder to export (needed)")
     parser.add_argument("--format", choices=FORMATS, default="gguf",
-                        help="hf: a transformers model folder; gguf: a llama.cpp file and an Ollama Modelfile")
+                        help="hf: a transformers model folder; gguf: a llama.cpp file and an Ollama Modelfile; "
+                             "peft: the LoRA adapter alone in PEFT's format (transformers + peft, vLLM); gguf-lora: "
+                             "the adapter as llama.cpp's LoRA GGUF (llama.cpp --lora, Ollama ADAPTER)")
     parser.add_argument("--quant", choices=sorted(set(HF_QUANTS) | {"q8_0", "q4_0", "q4_1"}), default=None,
-                        help="stored weight type; default f32 for hf (logits equal chatforge's), f16 for gguf; "
-                             "q8_0 / q4_0 / q4_1 are gguf only")
+                        help="stored weight type; default f32 for hf, peft and gguf-lora (logits equal "
+                             "chatforge's), f16 for gguf; q8_0 / q4_0 / q4_1 are gguf only")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="output folder (an earlier export there is replaced); default: MODEL-FORMAT[-QUANT] "
                              "beside the model folder")
     parser.add_argument("--name", default=None,
-                        help="model name: GGUF general.name and file name NAME-QUANT.gguf; default: the model "
-                             "folder's name")
+                        help="model name: GGUF general.name and file name NAME-QUANT.gguf (gguf-lora: "
+                             "NAME-lora-QUANT.gguf; peft: the LoRA module name in the printed vLLM command); "
+                             "default: the model folder's name")
     parser.add_argument("--system", metavar="TEXT", default=None,
-                        help="gguf: the system message of the Ollama Modelfile; default: the chat template's "
-                             "default system message, if it has one")
+                        help="gguf, gguf-lora: the system message of the Ollama Modelfile; default: the chat "
+                             "template's default system message, if it has one")
+    parser.add_argument("--base-export", metavar="PATH", default=None,
+                        help="peft / gguf-lora: the export of the adapter's base (its --format hf folder for peft, "
+                             "recorded as base_model_name_or_path; its --format gguf folder or file for gguf-lora, "
+                             "the FROM of the Ollama Modelfile written then)")
     leaf(parser, run)
 
 
@@ -224,6 +330,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise ChatforgeError("pass --model DIR: the model folder to export (e.g. runs/demo/sft)")
     print(f"exporting {args.model} as {args.format} ...", flush=True)
-    result = export_model(args.model, args.format, args.out, args.quant, args.name, args.system)
+    result = export_model(args.model, args.format, args.out, args.quant, args.name, args.system, args.base_export)
     print(result.summary())
     return 0

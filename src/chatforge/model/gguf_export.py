@@ -55,7 +55,11 @@ NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 def architecture(model: GPT) -> str:
     """The GGUF architecture of `model`: qwen2 (q/k/v biases), qwen3 (q/k norms) or llama."""
-    c = model.config
+    return architecture_of(model.config)
+
+
+def architecture_of(c) -> str:
+    """The GGUF architecture of a model with the `GPTConfig` `c`."""
     if c.n_experts:
         raise ChatforgeError("a mixture-of-experts model cannot be exported (llama.cpp's llama files have no "
                              "chatforge-style router); export a dense model")
@@ -200,22 +204,37 @@ OLLAMA_TEMPLATE = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }
                    "{{ end }}<|im_start|>assistant\n")
 
 
-def modelfile(gguf_file: str, tokenizer: Any, context: int, system: str | None = None) -> str:
+def modelfile(gguf_file: str, tokenizer: Any, context: int, system: str | None = None,
+              adapter: str | None = None) -> str:
     """The text of an Ollama Modelfile for `gguf_file` (a path relative to the Modelfile).
 
     `system` is the system message (default: the one the chat template inserts, if any). The
     parameters are chatforge serve's defaults: greedy replies, no repetition penalty (it punishes
-    copying from the passages), the model's whole context, stops at the end-of-turn tokens."""
+    copying from the passages), the model's whole context, stops at the end-of-turn tokens.
+    `adapter`: a LoRA GGUF (path relative to the Modelfile) that Ollama applies to `gguf_file`,
+    then the base model the adapter was trained on."""
     system = tokenizer.default_system if system is None else system
     lines = ["# Ollama Modelfile written by `chatforge export`: ollama create NAME -f Modelfile; ollama run NAME",
-             f"FROM ./{gguf_file}",
-             f'TEMPLATE """{OLLAMA_TEMPLATE}"""']
+             f"FROM {_ollama_path(gguf_file)}"]
+    if adapter:
+        lines.append(f"ADAPTER {_ollama_path(adapter)}")
+    lines.append(f'TEMPLATE """{OLLAMA_TEMPLATE}"""')
     if system:
         lines.append(f'SYSTEM """{_ollama_text(system)}"""')
     stops = dict.fromkeys(tokenizer.id_to_token(i) for i in (tokenizer.im_end_id, tokenizer.eot_id))
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines += [f"PARAMETER num_ctx {int(context)}", "PARAMETER temperature 0", "PARAMETER repeat_penalty 1"]
     return "\n".join(lines) + "\n"
+
+
+def _ollama_path(path: str) -> str:
+    """A file path as a Modelfile value: relative ones start with ./ or ../ (Ollama resolves them
+    from the Modelfile's folder); one with whitespace is quoted."""
+    if '"' in path or "\n" in path:
+        raise ChatforgeError(f"the path {path!r} cannot go into an Ollama Modelfile (quotes or line breaks)")
+    if not path.startswith(("/", "./", "../")):
+        path = f"./{path}"
+    return f'"{path}"' if any(ch.isspace() for ch in path) else path
 
 
 def _ollama_text(text: str) -> str:

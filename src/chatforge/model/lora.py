@@ -263,6 +263,8 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = 
         base = out.pop(f"{name}.base_layer.weight")
         delta = (state[f"{name}.lora_B.weight"].float() @ state[f"{name}.lora_A.weight"].float()) * m.scaling
         out[f"{name}.weight"] = (base.float() + delta.to(base.device)).to(base.dtype)
+        if f"{name}.base_layer.bias" in out:     # Qwen2's q/k/v: the bias goes back under the plain name too
+            out[f"{name}.bias"] = out.pop(f"{name}.base_layer.bias")
     return out
 
 
