@@ -121,3 +121,35 @@ def test_a_prompt_below_the_threshold_becomes_the_not_found_reply():
     assert refused_below_threshold(plain, 5.0) is plain                       # not a grounded prompt
     with_facts = Prompt([1], [], low, 0, facts=["order 42 shipped"], grounded=True)
     assert refused_below_threshold(with_facts, 5.0) is with_facts             # a plugin answered
+
+
+def test_refused_exchanges_are_left_out_of_the_prompt():
+    from chatforge.infer.answer import answered_history
+    from chatforge.infer.chat import fit_prompt
+    from chatforge.retrieval import PassageIndex
+
+    refused = [{"role": "user", "content": "Do you sell gift cards?"},
+               {"role": "assistant", "content": NOT_FOUND_REPLY}]
+    answered = [{"role": "user", "content": "When do backups run?"},
+                {"role": "assistant", "content": "Every night at two. (source: docs/faq.md > FAQ > When do backups run?)"}]
+    rephrased = [{"role": "user", "content": "Can I pay by cheque?"},
+                 {"role": "assistant", "content": "I couldn't find that in the documentation."}]
+    assert answered_history(refused + answered + rephrased) == answered
+    assert answered_history(answered) == answered
+    # An assistant turn without the user turn before it (a system-opened conversation) stays.
+    assert answered_history([refused[1]]) == [refused[1]]
+
+    class Words:          # a stand-in tokenizer: one token per word
+        def encode(self, text):
+            return text.split()
+
+        def render_chat(self, messages, add_generation_prompt=True):
+            return [" ".join(m["content"] for m in messages).split()], None
+
+    index = PassageIndex.from_passages(PASSAGES)
+    question = "How do I restore a folder?"
+    alone = fit_prompt(Words(), None, index, [], question, 4000)
+    after = fit_prompt(Words(), None, index, refused, question, 4000)
+    assert after.messages == alone.messages and after.ids == alone.ids
+    kept = fit_prompt(Words(), None, index, answered, question, 4000)
+    assert kept.messages[1:3] == answered                  # an answered exchange is still shown

@@ -178,18 +178,23 @@ class Answerer:
         # instead of failing. An answer ends with its citation (`infer.chat.Prompt.generation`).
         settings = settings or AnswerSettings()
         self.cfg = settings.generation(max_new_tokens=max_new_tokens, truncate_prompt=True, stop_after=(CITATION_END,))
+        self.seen: dict[tuple[int, ...], str] = {}
 
     def answer(self, conversations: Sequence[list[dict]], desc: str = "generate") -> list[str]:
         from tqdm import tqdm
 
         prompts = [self.tokenizer.render_chat(c, add_generation_prompt=True)[0] for c in conversations]
+        # A prompt answered before in this evaluation keeps its answer (greedy decoding repeats it).
+        replies: list[str] = [self.seen.get(tuple(p), "") for p in prompts]
+        todo = [i for i, p in enumerate(prompts) if tuple(p) not in self.seen]
         # Batches of similar lengths waste less on left padding; answers go back in order.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        replies: list[str] = [""] * len(prompts)
+        order = sorted(todo, key=lambda i: len(prompts[i]))
         for start in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", disable=None):
             rows = order[start:start + self.batch_size]
             for i, result in zip(rows, self.engine.generate([prompts[i] for i in rows], self.cfg)):
                 replies[i] = (result.text or "").strip()
+        if self.cfg.strategy == "greedy":
+            self.seen.update((tuple(prompts[i]), replies[i]) for i in todo)
         return replies
 
 
@@ -216,7 +221,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
     (`infer.answer`, MODEL/answer.json), as chat and serve use them.
     Returns the eval.json dict. See the module docstring for what is measured.
     """
-    from chatforge.infer.answer import AnswerSettings, checked_citation
+    from chatforge.infer.answer import AnswerSettings, answered_history, checked_citation
 
     settings = AnswerSettings.load(model_dir)
     k = settings.passages if k is None else k
@@ -291,7 +296,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
             if retrieval:
                 # Leave room for the question, the template and the answer within the context.
                 budget = max(64, min(context_tokens, ctx - max_new_tokens - 96))
-                grounded = [grounded_messages(q["question"], h[:k], history=q["history"],
+                grounded = [grounded_messages(q["question"], h[:k], history=answered_history(q["history"]),
                                               max_context_tokens=budget, tokenizer=tokenizer)
                             for q, h in zip(qs, hits)]
                 raw = answerer.answer(grounded, "answer (grounded)")
@@ -317,7 +322,9 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                     if r != a:
                         e["model_reply"] = r
                 def prompt_for(q, h, history):
-                    return grounded_messages(q, h[:k], history=history, max_context_tokens=budget, tokenizer=tokenizer)
+                    # as chat and the server build it: refused exchanges left out (`answered_history`)
+                    return grounded_messages(q, h[:k], history=answered_history(history), max_context_tokens=budget,
+                                             tokenizer=tokenizer)
                 if second_turn:
                     results["second_turn"] = _second_turn(answerer, qs, hits, answers, examples, second_turn,
                                                           prompt_for)
@@ -469,7 +476,10 @@ def _after_refusal(answerer, qs: list[dict], hits: list, answers: list[str], exa
     """The first `n` answerable single-turn questions asked after an earlier question that no
     document answers and the not-found reply to it: the share the model refused, beside its share
     on the same questions as a first turn (`answers`: the model's own replies, before any score
-    threshold). An earlier refusal must not make the next answerable question another."""
+    threshold). An earlier refusal must not make the next answerable question another: chat, the
+    server and `prompt` leave refused exchanges out of the model's prompt (`answered_history`), so
+    the prompts equal the first turn's and the answers are reused (`Answerer`); a prompt path that
+    kept the refusal would show here."""
     from chatforge.infer.answer import is_refusal
     from chatforge.retrieval import NOT_FOUND_REPLY
 

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TextIO
 
 from chatforge.cli import leaf
 from chatforge.errors import ChatforgeError
-from chatforge.infer.answer import AnswerSettings, AnswerStream, below_min_score
+from chatforge.infer.answer import AnswerSettings, AnswerStream, answered_history, below_min_score
 from chatforge.infer.plugins import add_plugin_options, runner_from_args
 from chatforge.infer.prompting import SystemPrompt, load_system_prompt
 from chatforge.infer.safety import ACTIONS, DEFAULT_REFUSAL, ReplyFilter, load_blocked_terms
@@ -204,8 +204,9 @@ def _messages(system: SystemPrompt | None, index, user_text: str, history: list[
         return [*head, *examples, *history, {"role": "user", "content": question}]
     from chatforge.retrieval import grounded_messages
 
-    # system=None gives retrieval's grounded system prompt, the one grounded SFT teaches.
-    messages = grounded_messages(user_text, passages, system=text, history=[*examples, *history],
+    # system=None gives retrieval's grounded system prompt, the one grounded SFT teaches. Refused
+    # exchanges are left out of what the model sees (`answered_history`).
+    messages = grounded_messages(user_text, passages, system=text, history=[*examples, *answered_history(history)],
                                  max_context_tokens=context_tokens, tokenizer=tokenizer)
     messages[-1]["content"] = with_facts(messages[-1]["content"], facts)
     return messages
