@@ -1,5 +1,6 @@
-"""The feedback store (real SQLite files), user satisfaction, the training-data export, the
-`chatforge feedback` command and the report's "User satisfaction" section.
+"""The feedback store (real SQLite files and a real PostgreSQL server: the store's tests run on
+both), user satisfaction, the training-data export, the `chatforge feedback` command and the
+report's "User satisfaction" section.
 
     .venv/bin/pytest -q tests/test_feedback.py
 """
@@ -58,15 +59,30 @@ def record(store, message_id, conversation_id, question, reply, sources=(), hist
     return seen
 
 
-def rows(path, sql):
-    with sqlite3.connect(path) as db:
+def rows(target, sql):
+    """The rows of `sql` in a SQLite file or a PostgreSQL database, read without chatforge."""
+    if isinstance(target, str) and target.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(target) as db:
+            return [tuple(r) for r in db.execute(sql).fetchall()]
+    with sqlite3.connect(target) as db:
         return db.execute(sql).fetchall()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    """Where a test's store lives: a SQLite file (in a folder the store creates) or a new
+    PostgreSQL database (skipped, saying why, where no PostgreSQL server can be started)."""
+    if request.param == "sqlite":
+        return tmp_path / "sub" / "fb.db"
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
-def handmade(tmp_path):
+def handmade(db):
     """A database with known votes: see test_stats_exact for what it holds."""
-    path = tmp_path / "fb.db"
+    path = db
     clock = Clock(DAY1)
     with FeedbackStore(path, clock=clock) as s:
         p = {}
@@ -94,8 +110,8 @@ def handmade(tmp_path):
 
 # --------------------------------------------------------------------------- the store
 
-def test_round_trip(tmp_path):
-    path = tmp_path / "sub" / "fb.db"                      # the folder is created
+def test_round_trip(db):
+    path = db                                              # SQLite: the folder is created
     with FeedbackStore(path, clock=Clock(DAY1)) as s:
         seen = record(s, "chatcmpl-1", "conv-1", "How do I reset?", "Press Reset.", [ACCOUNTS])
         assert s.has_message("chatcmpl-1") and not s.has_message("chatcmpl-2")
@@ -128,8 +144,8 @@ def test_round_trip(tmp_path):
         ("user", "And on Windows?"), ("assistant", "The same.")]
 
 
-def test_new_conversation_keeps_the_history_the_client_sent(tmp_path):
-    with FeedbackStore(tmp_path / "fb.db") as s:
+def test_new_conversation_keeps_the_history_the_client_sent(db):
+    with FeedbackStore(db) as s:
         # As the server passes OpenAI messages: content as text parts, or left out (None).
         s.record_reply("m1", "fresh", "demo", [{"role": "developer"},
                                                {"role": "user", "content": [{"type": "text", "text": "H"},
@@ -137,13 +153,13 @@ def test_new_conversation_keeps_the_history_the_client_sent(tmp_path):
                                                {"role": "assistant", "content": "Hello."},
                                                {"role": "user", "content": "Why?"}],
                        "Because.", prompt_for("Why?"), "prompt", [])
-    assert rows(tmp_path / "fb.db", "SELECT role, content, message_id FROM messages ORDER BY id") == [
+    assert rows(db, "SELECT role, content, message_id FROM messages ORDER BY id") == [
         ("developer", "", None), ("user", "Hi", None), ("assistant", "Hello.", None), ("user", "Why?", None),
         ("assistant", "Because.", "m1")]
 
 
-def test_pii_is_scrubbed_in_every_stored_column(tmp_path):
-    path = tmp_path / "fb.db"
+def test_pii_is_scrubbed_in_every_stored_column(db):
+    path = db
     pii = "jane.doe@example.com or +44 20 7946 0958"
     with FeedbackStore(path) as s:
         s.record_reply("m1", "c1", "demo", [{"role": "user", "content": f"history {pii}"},
@@ -165,8 +181,8 @@ def test_pii_is_scrubbed_in_every_stored_column(tmp_path):
         assert f"{word} <EMAIL> or <PHONE>" in stored
 
 
-def test_unknown_message_and_bad_values_are_refused(tmp_path):
-    path = tmp_path / "fb.db"
+def test_unknown_message_and_bad_values_are_refused(db):
+    path = db
     with FeedbackStore(path) as s:
         record(s, "m1", "c1", "q?", "a.")
         with pytest.raises(LookupError, match="nope"):
@@ -186,10 +202,10 @@ def test_unknown_message_and_bad_values_are_refused(tmp_path):
     assert rows(path, "SELECT count(*) FROM messages") == [(2,)]
 
 
-def test_one_vote_is_one_row_completed_by_the_form(tmp_path):
+def test_one_vote_is_one_row_completed_by_the_form(db):
     """The page saves the thumb at once, then completes that row with the form's fields (or
     turns it into the other thumb): one vote, one row, and the stats count it once."""
-    path = tmp_path / "fb.db"
+    path = db
     with FeedbackStore(path) as s:
         record(s, "m1", "c1", "How do I reset?", "Press Reset.", [ACCOUNTS])
         record(s, "m2", "c2", "How do I reset?", "No idea.", [ACCOUNTS])
@@ -208,8 +224,8 @@ def test_one_vote_is_one_row_completed_by_the_form(tmp_path):
     assert (stats["rated"], stats["down"], stats["reasons"]) == (1, 1, {"inaccurate": 1})
 
 
-def test_a_stopped_reply_is_kept_marked_and_never_taught(tmp_path, capsys):
-    path = tmp_path / "fb.db"
+def test_a_stopped_reply_is_kept_marked_and_never_taught(db, capsys):
+    path = db
     with FeedbackStore(path) as s:
         seen = record(s, "full", "c1", "How do I reset?", "Press Reset.", [ACCOUNTS])
         s.record_reply("cut", "c2", "demo-sft", [{"role": "user", "content": "How do I reset?"}], "Press",
@@ -232,8 +248,8 @@ def test_a_stopped_reply_is_kept_marked_and_never_taught(tmp_path, capsys):
     assert "stopped by the user while streaming: 2 of the rated replies (1 up, 1 down)" in capsys.readouterr().out
 
 
-def test_concurrent_writers(tmp_path):
-    path = tmp_path / "fb.db"
+def test_concurrent_writers(db):
+    path = db
     with FeedbackStore(path) as s:
         record(s, "m0", "c0", "q?", "a.")
         start = threading.Barrier(16)
@@ -264,14 +280,14 @@ def test_concurrent_writers(tmp_path):
 def test_wal_mode_and_settings(tmp_path):
     path = tmp_path / "fb.db"
     with FeedbackStore(path) as s:
-        assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
-        assert s._db.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
+        assert s.db._db.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
+        assert s.db._db.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
     assert rows(path, "PRAGMA journal_mode") == [("wal",)]               # stored in the file
     assert rows(path, "PRAGMA user_version") == [(schema_version(),)]
 
 
-def test_sigkill_keeps_every_acknowledged_row(tmp_path):
-    path = tmp_path / "fb.db"
+def test_sigkill_keeps_every_acknowledged_row(db):
+    path = db
     child = f"""
 from chatforge.data.feedback import FeedbackStore
 s = FeedbackStore({str(path)!r})
@@ -293,7 +309,7 @@ while True:
     assert proc.returncode == -signal.SIGKILL
     with FeedbackStore(path) as s:
         assert s.has_message("m1")
-        stored = {r[0] for r in s._read("SELECT id FROM feedback")}
+        stored = {r["id"] for r in s.db.read("SELECT id FROM feedback")}
     assert len(acked) >= 40 and set(acked) <= stored
 
 
