@@ -362,6 +362,39 @@ def test_older_file_migrates_in_order_and_a_failed_migration_changes_nothing(tmp
     assert rows(path, "SELECT name FROM sqlite_master WHERE name='feedback_session'") == [("feedback_session",)]
 
 
+@pytest.mark.parametrize("old", range(1, len(feedback.MIGRATIONS)))
+def test_a_file_of_an_earlier_schema_is_upgraded_in_place(tmp_path, old):
+    """A file as an earlier chatforge left it (schema `old`, made by its migrations, rows written
+    with its columns) is upgraded on open: every row still there and read, new rows written."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for migrate in feedback.MIGRATIONS[:old]:
+            migrate(db)
+        db.execute(f"PRAGMA user_version={old}")
+        seen = json.dumps(prompt_for("How do I reset?"))
+        db.execute("INSERT INTO conversations VALUES ('c1', '2026-11-30T10:00:00.000Z')")
+        db.execute("INSERT INTO messages (conversation_id, role, content, model, created_at) "
+                   "VALUES ('c1', 'user', 'How do I reset?', 'demo', '2026-11-30T10:00:00.000Z')")
+        db.execute("INSERT INTO messages (message_id, conversation_id, role, content, model, created_at, question_id, "
+                   "prompt, prompt_messages, sources) VALUES ('m1', 'c1', 'assistant', 'Press Reset.', 'demo', "
+                   "'2026-11-30T10:00:00.000Z', 1, 'p', ?, '[]')", (seen,))
+        db.execute("INSERT INTO feedback (message_id, rating, model, created_at) "
+                   "VALUES ('m1', 'up', 'demo', '2026-11-30T10:01:00.000Z')")
+    with FeedbackStore(path, create=False) as s:       # the readers upgrade it too
+        assert s.count_replies() == 1
+        rated = s.rated_replies()
+        assert [(r["message_id"], r["rating"], r["question"], r["stopped"]) for r in rated] == [
+            ("m1", "up", "How do I reset?", False)]
+        assert rated[0]["prompt_messages"] == json.loads(seen)
+        record(s, "m2", "c1", "And then?", "Sign in.")
+        s.add_feedback("m2", "down")
+        s.add_ticket("c1", "a person please", "asked for a person")
+    assert rows(path, "PRAGMA user_version") == [(schema_version(),)]
+    assert rows(path, "SELECT message_id, stopped FROM messages WHERE role='assistant' ORDER BY id") == [
+        ("m1", 0), ("m2", 0)]
+    assert user_satisfaction(path)["rated"] == 2
+
+
 def test_newer_file_is_refused(tmp_path):
     path = tmp_path / "fb.db"
     FeedbackStore(path).close()
@@ -613,3 +646,84 @@ def test_eval_with_feedback_db(setup, handmade, capsys):  # noqa: F811
     assert cli.main(["eval", "--model", str(setup["model"]), "--questions", str(setup["questions"]),
                      "--feedback-db", str(path.parent / "nope.db"), "--out", str(out)]) == 2
     assert "nope.db does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- PostgreSQL only
+
+def test_postgres_schema_version_and_refusals(pg_url, pg_cluster, monkeypatch):
+    import psycopg
+
+    with pytest.raises(ChatforgeError, match="holds no chatforge feedback yet; `chatforge serve --db URL` creates"):
+        FeedbackStore(pg_url, create=False)              # the readers create nothing
+    assert rows(pg_url, "SELECT to_regclass('chatforge_schema') IS NULL") == [(True,)]
+    with FeedbackStore(pg_url) as s:
+        record(s, "m1", "c1", "q?", "a.")
+        s.add_feedback("m1", "up")
+        assert s.where == pg_url and s.path is None
+    assert rows(pg_url, "SELECT version FROM chatforge_schema") == [(schema_version(),)]
+
+    # A later version: migrated in place, in order, once; a failed one changes nothing.
+    def broken(db):
+        db.execute("ALTER TABLE feedback ADD COLUMN half TEXT")
+        raise RuntimeError("migration bug")
+
+    monkeypatch.setattr(feedback, "MIGRATIONS", [*feedback.MIGRATIONS, broken])
+    with pytest.raises(RuntimeError, match="migration bug"):
+        FeedbackStore(pg_url)
+    assert rows(pg_url, "SELECT count(*) FROM information_schema.columns WHERE column_name='half'") == [(0,)]
+
+    def add_session(db):
+        db.execute("ALTER TABLE feedback ADD COLUMN session TEXT")
+        db.execute("UPDATE feedback SET session = ?", ("before-migration",))
+
+    monkeypatch.setattr(feedback, "MIGRATIONS", [*feedback.MIGRATIONS[:-1], add_session])
+    with FeedbackStore(pg_url) as s:
+        s.add_feedback("m1", "down")
+    assert rows(pg_url, "SELECT rating, session FROM feedback ORDER BY id") == [
+        ("up", "before-migration"), ("down", None)]
+    monkeypatch.undo()
+    with pytest.raises(ChatforgeError, match=r"newer chatforge \(schema version 4; this one knows up to 3\)"):
+        FeedbackStore(pg_url)
+
+    # A database where another program has a table of one of our names.
+    other = pg_cluster.url("other_program")
+    with psycopg.connect(other) as conn:
+        conn.execute("CREATE TABLE feedback (id int)")
+    with pytest.raises(ChatforgeError, match="already has tables of another program named feedback"):
+        FeedbackStore(other)
+
+
+def test_postgres_stores_starting_together_migrate_once(pg_url):
+    stores, errors = [], []
+
+    def start():
+        try:
+            stores.append(FeedbackStore(pg_url))
+        except BaseException as e:   # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.close()
+    assert not errors and len(stores) == 6
+    assert rows(pg_url, "SELECT version FROM chatforge_schema") == [(schema_version(),)]
+
+
+def test_postgres_urls_that_cannot_work_say_what_to_fix(pg_cluster, capsys):
+    with pytest.raises(ChatforgeError, match=r"a SQLite file path or a postgresql:// URL"):
+        FeedbackStore("mysql://root:hunter2@localhost/db")
+    missing = pg_cluster._conninfo("no_such_db")
+    with pytest.raises(ChatforgeError, match='cannot use PostgreSQL at .*database "no_such_db" does not exist; '
+                                             r"check the URL \(postgresql://USER:PASSWORD@HOST:PORT/DATABASE\)"):
+        FeedbackStore(missing)
+    nobody = "postgresql://chatforge:hunter2@/x?host=/nonexistent-socket-dir"
+    with pytest.raises(ChatforgeError, match="cannot use PostgreSQL at postgresql://chatforge:\\*\\*\\*@") as e:
+        FeedbackStore(nobody)
+    assert "hunter2" not in str(e.value)                  # the password is never shown
+    assert cli.main(["feedback", "stats", "--db", nobody]) == 2
+    err = capsys.readouterr().err
+    assert "cannot use PostgreSQL" in err and "hunter2" not in err
