@@ -644,7 +644,7 @@ def test_eval_with_feedback_db(setup, handmade, capsys):  # noqa: F811
     assert "user satisfaction: 50.0% thumbs up of 6 rated replies" in capsys.readouterr().out
     # A wrong path fails before the model loads.
     assert cli.main(["eval", "--model", str(setup["model"]), "--questions", str(setup["questions"]),
-                     "--feedback-db", str(path.parent / "nope.db"), "--out", str(out)]) == 2
+                     "--feedback-db", str(setup["root"] / "nope.db"), "--out", str(out)]) == 2
     assert "nope.db does not exist" in capsys.readouterr().err
 
 
