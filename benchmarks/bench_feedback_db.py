@@ -1,7 +1,7 @@
 """Benchmark: feedback writes per second at 32 concurrent clients, PostgreSQL against SQLite, in
 one run; with --libraries, also psycopg 3 against SQLAlchemy Core (the choice feedback_db.py made).
 
-    .venv/bin/python benchmarks/bench_feedback_db.py [--clients 32] [--per-client 40] [--repeats 3] [--libraries]
+    .venv/bin/python benchmarks/bench_feedback_db.py [--clients 32] [--per-client 100] [--repeats 5] [--libraries]
 
 A throw-away PostgreSQL 15 server (tests/_postgres.py: Debian's postgresql package, a unix
 socket, fsync and synchronous_commit on, as shipped) and a SQLite file in the same temporary
@@ -38,10 +38,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))            # the throw-away PostgreSQL cluster of the tests
-from _postgres import Cluster  # noqa: E402
+from _postgres import Cluster
 
-from chatforge.data import feedback_db  # noqa: E402
-from chatforge.data.feedback import FeedbackStore  # noqa: E402
+from chatforge.data import feedback_db
+from chatforge.data.feedback import FeedbackStore
 
 PROMPT = [{"role": "system", "content": "Answer from the context."},
           {"role": "user", "content": "Context:\n[1] (source: account.md > Password) Open the sign-in page and "
@@ -156,7 +156,7 @@ def bench_libraries(url: str, clients: int, per_client: int, repeats: int) -> di
     rates: dict[str, list[float]] = {name: [] for name in writers}
     for r in range(repeats + 1):                    # round 0 warms both up
         for name, write in writers.items():
-            seconds = run_threads(clients, per_client, lambda c, i: write(c, i, f"{name}{r}"))
+            seconds = run_threads(clients, per_client, lambda c, i, write=write, tag=f"{name}{r}": write(c, i, tag))
             if r:
                 rates[name].append(clients * per_client / seconds)
     pool.close()
@@ -173,8 +173,8 @@ def bench_libraries(url: str, clients: int, per_client: int, repeats: int) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--per-client", type=int, default=40, help="writes of each kind per client")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds per backend (the median is reported)")
+    parser.add_argument("--per-client", type=int, default=100, help="writes of each kind per client")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds per backend (the median is reported)")
     parser.add_argument("--libraries", action="store_true", help="also psycopg 3 against SQLAlchemy Core")
     args = parser.parse_args()
     why = Cluster.unavailable()

@@ -727,3 +727,25 @@ def test_postgres_urls_that_cannot_work_say_what_to_fix(pg_cluster, capsys):
     assert cli.main(["feedback", "stats", "--db", nobody]) == 2
     err = capsys.readouterr().err
     assert "cannot use PostgreSQL" in err and "hunter2" not in err
+
+
+def test_sqlite_needs_no_driver_and_postgres_says_which_to_install(tmp_path):
+    """Without psycopg (a plain install): SQLite works, a postgresql:// URL says what to install."""
+    check = f"""
+import sys
+sys.modules["psycopg"] = sys.modules["psycopg_pool"] = None      # as if not installed
+from chatforge.data.feedback import FeedbackStore
+from chatforge.errors import ChatforgeError
+with FeedbackStore({str(tmp_path / "fb.db")!r}) as s:
+    s.record_reply("m", "c", "demo", [{{"role": "user", "content": "q"}}], "a", [], "", [])
+    print(s.add_feedback("m", "up"))
+try:
+    FeedbackStore("postgresql://chatforge:hunter2@db.internal/support")
+except ChatforgeError as e:
+    print(e)
+"""
+    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "1", "--db postgresql://chatforge:***@db.internal/support needs the PostgreSQL driver: "
+             "pip install 'chatforge[postgres]'"]

@@ -81,16 +81,15 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from chatforge import files
+from chatforge.data.feedback_db import IntegrityError, open_database
 from chatforge.data.pii import scrub_pii
-from chatforge.data.feedback_db import BUSY_TIMEOUT_S, IntegrityError, open_database  # noqa: F401
 from chatforge.errors import ChatforgeError
 
 RATINGS = ("up", "down")
