@@ -63,9 +63,17 @@ class Cluster:
             os.chmod(self.root, 0o700)
             shutil.chown(self.root, "postgres", "postgres")
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "-E", "UTF8", "--no-sync")
+        self.up()
+        self._started = True
+
+    def up(self) -> None:
+        """Start the server (again)."""
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-t", "60", "-o",
                   f"-k {self.socket} -c listen_addresses='' -p {PORT} -c max_connections=200", "start")
-        self._started = True
+
+    def down(self) -> None:
+        """Stop the server as an outage would (its connections are cut); `up()` starts it again."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def _run(self, tool: str, *args: str) -> None:
         cmd = [str(self.bin / tool), *args]

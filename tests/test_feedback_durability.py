@@ -190,3 +190,34 @@ def test_two_servers_on_one_database_one_killed_mid_load(model_dir, target):
     assert not errors, errors
     # Up to one reply and one vote per client of A may have been committed without an answer.
     check(target, acked_replies, acked_votes, in_flight=16)
+
+
+def test_postgresql_down_then_back(model_dir, pg_cluster, pg_url):
+    """PostgreSQL stops under a running server: a vote gets 503 `db_unavailable` (saying nothing of
+    where the database is) and the server keeps answering; once PostgreSQL is back, votes are
+    stored again without restarting chatforge."""
+    running = serve(model_dir, db=pg_url)
+    ask = {"model": "tiny", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": QUESTIONS[0]}]}
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as http:
+            first = http.post("/v1/chat/completions", json=ask).json()["id"]
+            assert http.post("/v1/feedback", json={"message_id": first, "rating": "up"}).status_code == 200
+            pg_cluster.down()
+            try:
+                r = http.post("/v1/feedback", json={"message_id": first, "rating": "down", "comment": "lost"})
+                assert r.status_code == 503, r.text
+                err = r.json()["error"]
+                assert err["code"] == "db_unavailable" and "try again" in err["message"]
+                assert pg_cluster.socket.name not in r.text and "postgresql" not in r.text.lower()
+                assert http.get("/health").status_code == 200
+            finally:
+                pg_cluster.up()
+            r = http.post("/v1/feedback", json={"message_id": first, "rating": "down", "comment": "after"})
+            assert r.status_code == 200, r.text
+            second = http.post("/v1/chat/completions", json=ask).json()["id"]
+            assert http.post("/v1/feedback", json={"message_id": second, "rating": "up"}).status_code == 200
+    finally:
+        running.stop()
+    db = stored(pg_url)
+    assert sorted(r["comment"] or "" for r in db["feedback"]) == ["", "", "after"]
+    assert sorted(db["replies"]) == sorted([first, second])

@@ -11,8 +11,9 @@ run each `write` in one transaction that is committed (durably: SQLite `synchron
 PostgreSQL `synchronous_commit=on`) before it returns, and bring the schema up to date on open:
 `migrations[i]` takes version i to i + 1, each in its own transaction, under a lock, so two
 servers starting at once on one database migrate it once. A database from a newer chatforge is
-refused. Unique and foreign-key refusals are raised as `IntegrityError`, every other database
-error as a `ChatforgeError` that says what to fix.
+refused. Unique and foreign-key refusals are raised as `IntegrityError`; a database that cannot
+be reached or stays locked while reading or writing as `DatabaseUnavailable` (the server answers
+503: try again); every other problem as a `ChatforgeError` that says what to fix.
 
 SQLite (the default, the standard library's `sqlite3`): one file in WAL mode, one connection
 behind a lock (SQLite runs one write at a time anyway), a busy timeout for other processes on
@@ -20,7 +21,9 @@ the same file. The schema version is `PRAGMA user_version`.
 
 PostgreSQL (`--db postgresql://...`, the `postgres` extra: `pip install 'chatforge[postgres]'`):
 psycopg 3 with its connection pool (`POOL_SIZE` connections per process, so concurrent writes
-commit together instead of queueing behind one connection). Several chatforge servers may share
+commit together instead of queueing behind one connection; each checked with an empty query
+when taken from the pool, so that after PostgreSQL restarts only the requests made while it was
+down fail). Several chatforge servers may share
 one database. The tables go to the connection's default schema (`public`; another with
 `?options=-csearch_path%3Dname` in the URL); the version is the one row of `chatforge_schema`.
 
@@ -57,6 +60,11 @@ Migration = Callable[[object], None]
 
 class IntegrityError(Exception):
     """A unique or foreign-key constraint refused the write (on either backend)."""
+
+
+class DatabaseUnavailable(ChatforgeError):
+    """A read or write failed for the database's sake, not the caller's (down, unreachable, locked,
+    a full disk): trying again later may work."""
 
 
 def is_url(target) -> bool:
@@ -184,7 +192,7 @@ class SqliteDatabase:
                     db.execute("ROLLBACK")
                 if isinstance(e, sqlite3.IntegrityError):
                     raise IntegrityError(str(e)) from None
-                raise ChatforgeError(self._explain(e)) from None
+                raise DatabaseUnavailable(self._explain(e)) from None
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
@@ -192,9 +200,12 @@ class SqliteDatabase:
 
     def read(self, sql: str, params: Iterable = ()) -> list[dict]:
         with self._lock:
-            cur = self._db.execute(sql, tuple(params))
-            cur.row_factory = sqlite3.Row
-            return [dict(r) for r in cur.fetchall()]
+            try:
+                cur = self._db.execute(sql, tuple(params))
+                cur.row_factory = sqlite3.Row
+                return [dict(r) for r in cur.fetchall()]
+            except sqlite3.OperationalError as e:
+                raise DatabaseUnavailable(self._explain(e)) from None
 
     def close(self) -> None:
         with self._lock:
@@ -239,7 +250,7 @@ class PostgresDatabase:
             raise ChatforgeError(self._explain(e)) from None
         self._pool = ConnectionPool(url, min_size=1, max_size=POOL_SIZE, timeout=BUSY_TIMEOUT_S, open=False,
                                     kwargs={"connect_timeout": CONNECT_TIMEOUT_S}, configure=self._configure,
-                                    name="chatforge-feedback")
+                                    check=ConnectionPool.check_connection, name="chatforge-feedback")
         self._pool.open(wait=True, timeout=BUSY_TIMEOUT_S + CONNECT_TIMEOUT_S)
 
     @staticmethod
@@ -298,19 +309,23 @@ class PostgresDatabase:
         except psycopg.errors.IntegrityError as e:
             raise IntegrityError(str(e)) from None
         except PoolTimeout:
-            raise ChatforgeError(f"no connection to PostgreSQL at {self.where} within {BUSY_TIMEOUT_S:.0f} s "
-                                 "(the server is down or every pooled connection is busy); try again") from None
+            raise DatabaseUnavailable(f"no connection to PostgreSQL at {self.where} within {BUSY_TIMEOUT_S:.0f} s "
+                                      "(the server is down or every pooled connection is busy); try again") from None
         except psycopg.Error as e:
-            raise ChatforgeError(self._explain(e)) from None
+            raise DatabaseUnavailable(self._explain(e)) from None
 
     def read(self, sql: str, params: Iterable = ()) -> list[dict]:
         from psycopg.rows import dict_row
+        from psycopg_pool import PoolTimeout
 
         try:
             with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
                 return cur.execute(sql.replace("?", "%s"), tuple(params) or None).fetchall()
+        except PoolTimeout:
+            raise DatabaseUnavailable(f"no connection to PostgreSQL at {self.where} within {BUSY_TIMEOUT_S:.0f} s "
+                                      "(the server is down or every pooled connection is busy); try again") from None
         except self._psycopg.Error as e:
-            raise ChatforgeError(self._explain(e)) from None
+            raise DatabaseUnavailable(self._explain(e)) from None
 
     def close(self) -> None:
         self._pool.close()
