@@ -50,6 +50,10 @@ from chatforge.errors import ChatforgeError
 BUSY_TIMEOUT_S = 10.0      # how long a write waits for another process holding the file or a pooled connection
 POOL_SIZE = 8              # PostgreSQL connections per process
 CONNECT_TIMEOUT_S = 10     # seconds to reach the PostgreSQL server
+# psycopg's pool retries a lost connection with growing delays (1, 2, 4 s, ...) for this long,
+# then gives up until the next request asks again: short, so that once PostgreSQL is back after
+# an outage a request waits seconds for a connection, not the next retry minutes away.
+RECONNECT_S = 5.0
 URL_SCHEMES = ("postgresql://", "postgres://")
 # The advisory lock two processes migrating one PostgreSQL database take in turn ("chatforg").
 MIGRATION_LOCK = 0x63686174666F7267
@@ -250,7 +254,8 @@ class PostgresDatabase:
             raise ChatforgeError(self._explain(e)) from None
         self._pool = ConnectionPool(url, min_size=1, max_size=POOL_SIZE, timeout=BUSY_TIMEOUT_S, open=False,
                                     kwargs={"connect_timeout": CONNECT_TIMEOUT_S}, configure=self._configure,
-                                    check=ConnectionPool.check_connection, name="chatforge-feedback")
+                                    check=ConnectionPool.check_connection, reconnect_timeout=RECONNECT_S,
+                                    name="chatforge-feedback")
         self._pool.open(wait=True, timeout=BUSY_TIMEOUT_S + CONNECT_TIMEOUT_S)
 
     @staticmethod
