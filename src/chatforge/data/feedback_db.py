@@ -28,13 +28,13 @@ one database. The tables go to the connection's default schema (`public`; anothe
 `?options=-csearch_path%3Dname` in the URL); the version is the one row of `chatforge_schema`.
 
 Why psycopg 3 and not SQLAlchemy Core, measured (`benchmarks/bench_feedback_db.py --libraries`;
-the figures are in docs/SERVING.md): the same insert from 32 threads ran at 0.71-0.82x of
-psycopg's writes per second through SQLAlchemy's engine (its per-statement Python work, under
+the figures are in docs/SERVING.md): the same insert from 32 threads ran at 0.56-0.82x of
+psycopg's writes per second (six runs) through SQLAlchemy's engine (its per-statement Python work, under
 the GIL); SQLAlchemy is a layer above a driver, not a driver, so on PostgreSQL it still needs
 psycopg: 39.2 MiB installed against 12.4 MiB for psycopg with its pool. It would only shorten
 the code if it ran SQLite too, and then every SQLite user would need it; as an extra beside the
 standard library's sqlite3 it adds a second way to say the same statements. psycopg takes the
-store's SQL as it is: the PostgreSQL side below is 92 lines of code.
+store's SQL as it is: the PostgreSQL side below is about 100 lines.
 """
 
 from __future__ import annotations
