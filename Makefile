@@ -34,6 +34,13 @@ $(STAMP): $(CORE)
 	command -v chromium >/dev/null || { test "$$(id -u)" = 0 && (apt-get install -y -q chromium >/dev/null \
 		|| (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)); } \
 		|| echo "chromium not installed: the web page test will skip"
+	@# The PostgreSQL tests start a throw-away server from Debian's postgresql package (its
+	@# binaries in /usr/lib/postgresql/*/bin, run as its postgres user). Without root or apt
+	@# they skip and say why.
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { test "$$(id -u)" = 0 \
+		&& (apt-get install -y -q postgresql >/dev/null \
+		|| (apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null)); } \
+		|| echo "postgresql not installed: the PostgreSQL tests will skip"
 	touch $(STAMP)
 
 demo: $(CORE)

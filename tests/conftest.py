@@ -38,3 +38,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "network" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throw-away PostgreSQL server for the session (tests/_postgres.py), or a skip saying why."""
+    from _postgres import Cluster
+
+    why = Cluster.unavailable()
+    if why:
+        pytest.skip(why)
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed: pip install -e '.[postgres]' (the dev extra has it)")
+    cluster = Cluster()
+    yield cluster
+    cluster.stop()
+
+
+_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def pg_url(pg_cluster):
+    """The URL of a new, empty PostgreSQL database."""
+    return pg_cluster.url(f"test{next(_databases)}")

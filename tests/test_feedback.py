@@ -1,5 +1,6 @@
-"""The feedback store (real SQLite files), user satisfaction, the training-data export, the
-`chatforge feedback` command and the report's "User satisfaction" section.
+"""The feedback store (real SQLite files and a real PostgreSQL server: the store's tests run on
+both), user satisfaction, the training-data export, the `chatforge feedback` command and the
+report's "User satisfaction" section.
 
     .venv/bin/pytest -q tests/test_feedback.py
 """
@@ -58,15 +59,30 @@ def record(store, message_id, conversation_id, question, reply, sources=(), hist
     return seen
 
 
-def rows(path, sql):
-    with sqlite3.connect(path) as db:
+def rows(target, sql):
+    """The rows of `sql` in a SQLite file or a PostgreSQL database, read without chatforge."""
+    if isinstance(target, str) and target.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(target) as db:
+            return [tuple(r) for r in db.execute(sql).fetchall()]
+    with sqlite3.connect(target) as db:
         return db.execute(sql).fetchall()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    """Where a test's store lives: a SQLite file (in a folder the store creates) or a new
+    PostgreSQL database (skipped, saying why, where no PostgreSQL server can be started)."""
+    if request.param == "sqlite":
+        return tmp_path / "sub" / "fb.db"
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
-def handmade(tmp_path):
+def handmade(db):
     """A database with known votes: see test_stats_exact for what it holds."""
-    path = tmp_path / "fb.db"
+    path = db
     clock = Clock(DAY1)
     with FeedbackStore(path, clock=clock) as s:
         p = {}
@@ -94,8 +110,8 @@ def handmade(tmp_path):
 
 # --------------------------------------------------------------------------- the store
 
-def test_round_trip(tmp_path):
-    path = tmp_path / "sub" / "fb.db"                      # the folder is created
+def test_round_trip(db):
+    path = db                                              # SQLite: the folder is created
     with FeedbackStore(path, clock=Clock(DAY1)) as s:
         seen = record(s, "chatcmpl-1", "conv-1", "How do I reset?", "Press Reset.", [ACCOUNTS])
         assert s.has_message("chatcmpl-1") and not s.has_message("chatcmpl-2")
@@ -128,8 +144,8 @@ def test_round_trip(tmp_path):
         ("user", "And on Windows?"), ("assistant", "The same.")]
 
 
-def test_new_conversation_keeps_the_history_the_client_sent(tmp_path):
-    with FeedbackStore(tmp_path / "fb.db") as s:
+def test_new_conversation_keeps_the_history_the_client_sent(db):
+    with FeedbackStore(db) as s:
         # As the server passes OpenAI messages: content as text parts, or left out (None).
         s.record_reply("m1", "fresh", "demo", [{"role": "developer"},
                                                {"role": "user", "content": [{"type": "text", "text": "H"},
@@ -137,13 +153,13 @@ def test_new_conversation_keeps_the_history_the_client_sent(tmp_path):
                                                {"role": "assistant", "content": "Hello."},
                                                {"role": "user", "content": "Why?"}],
                        "Because.", prompt_for("Why?"), "prompt", [])
-    assert rows(tmp_path / "fb.db", "SELECT role, content, message_id FROM messages ORDER BY id") == [
+    assert rows(db, "SELECT role, content, message_id FROM messages ORDER BY id") == [
         ("developer", "", None), ("user", "Hi", None), ("assistant", "Hello.", None), ("user", "Why?", None),
         ("assistant", "Because.", "m1")]
 
 
-def test_pii_is_scrubbed_in_every_stored_column(tmp_path):
-    path = tmp_path / "fb.db"
+def test_pii_is_scrubbed_in_every_stored_column(db):
+    path = db
     pii = "jane.doe@example.com or +44 20 7946 0958"
     with FeedbackStore(path) as s:
         s.record_reply("m1", "c1", "demo", [{"role": "user", "content": f"history {pii}"},
@@ -165,8 +181,8 @@ def test_pii_is_scrubbed_in_every_stored_column(tmp_path):
         assert f"{word} <EMAIL> or <PHONE>" in stored
 
 
-def test_unknown_message_and_bad_values_are_refused(tmp_path):
-    path = tmp_path / "fb.db"
+def test_unknown_message_and_bad_values_are_refused(db):
+    path = db
     with FeedbackStore(path) as s:
         record(s, "m1", "c1", "q?", "a.")
         with pytest.raises(LookupError, match="nope"):
@@ -186,10 +202,10 @@ def test_unknown_message_and_bad_values_are_refused(tmp_path):
     assert rows(path, "SELECT count(*) FROM messages") == [(2,)]
 
 
-def test_one_vote_is_one_row_completed_by_the_form(tmp_path):
+def test_one_vote_is_one_row_completed_by_the_form(db):
     """The page saves the thumb at once, then completes that row with the form's fields (or
     turns it into the other thumb): one vote, one row, and the stats count it once."""
-    path = tmp_path / "fb.db"
+    path = db
     with FeedbackStore(path) as s:
         record(s, "m1", "c1", "How do I reset?", "Press Reset.", [ACCOUNTS])
         record(s, "m2", "c2", "How do I reset?", "No idea.", [ACCOUNTS])
@@ -208,8 +224,8 @@ def test_one_vote_is_one_row_completed_by_the_form(tmp_path):
     assert (stats["rated"], stats["down"], stats["reasons"]) == (1, 1, {"inaccurate": 1})
 
 
-def test_a_stopped_reply_is_kept_marked_and_never_taught(tmp_path, capsys):
-    path = tmp_path / "fb.db"
+def test_a_stopped_reply_is_kept_marked_and_never_taught(db, capsys):
+    path = db
     with FeedbackStore(path) as s:
         seen = record(s, "full", "c1", "How do I reset?", "Press Reset.", [ACCOUNTS])
         s.record_reply("cut", "c2", "demo-sft", [{"role": "user", "content": "How do I reset?"}], "Press",
@@ -232,8 +248,8 @@ def test_a_stopped_reply_is_kept_marked_and_never_taught(tmp_path, capsys):
     assert "stopped by the user while streaming: 2 of the rated replies (1 up, 1 down)" in capsys.readouterr().out
 
 
-def test_concurrent_writers(tmp_path):
-    path = tmp_path / "fb.db"
+def test_concurrent_writers(db):
+    path = db
     with FeedbackStore(path) as s:
         record(s, "m0", "c0", "q?", "a.")
         start = threading.Barrier(16)
@@ -264,14 +280,14 @@ def test_concurrent_writers(tmp_path):
 def test_wal_mode_and_settings(tmp_path):
     path = tmp_path / "fb.db"
     with FeedbackStore(path) as s:
-        assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
-        assert s._db.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
+        assert s.db._db.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
+        assert s.db._db.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
     assert rows(path, "PRAGMA journal_mode") == [("wal",)]               # stored in the file
     assert rows(path, "PRAGMA user_version") == [(schema_version(),)]
 
 
-def test_sigkill_keeps_every_acknowledged_row(tmp_path):
-    path = tmp_path / "fb.db"
+def test_sigkill_keeps_every_acknowledged_row(db):
+    path = db
     child = f"""
 from chatforge.data.feedback import FeedbackStore
 s = FeedbackStore({str(path)!r})
@@ -293,7 +309,7 @@ while True:
     assert proc.returncode == -signal.SIGKILL
     with FeedbackStore(path) as s:
         assert s.has_message("m1")
-        stored = {r[0] for r in s._read("SELECT id FROM feedback")}
+        stored = {r["id"] for r in s.db.read("SELECT id FROM feedback")}
     assert len(acked) >= 40 and set(acked) <= stored
 
 
@@ -344,6 +360,39 @@ def test_older_file_migrates_in_order_and_a_failed_migration_changes_nothing(tmp
     assert rows(path, "SELECT rating, session FROM feedback ORDER BY id") == [
         ("up", "before-migration"), ("down", None)]
     assert rows(path, "SELECT name FROM sqlite_master WHERE name='feedback_session'") == [("feedback_session",)]
+
+
+@pytest.mark.parametrize("old", range(1, len(feedback.MIGRATIONS)))
+def test_a_file_of_an_earlier_schema_is_upgraded_in_place(tmp_path, old):
+    """A file as an earlier chatforge left it (schema `old`, made by its migrations, rows written
+    with its columns) is upgraded on open: every row still there and read, new rows written."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for migrate in feedback.MIGRATIONS[:old]:
+            migrate(db)
+        db.execute(f"PRAGMA user_version={old}")
+        seen = json.dumps(prompt_for("How do I reset?"))
+        db.execute("INSERT INTO conversations VALUES ('c1', '2026-11-30T10:00:00.000Z')")
+        db.execute("INSERT INTO messages (conversation_id, role, content, model, created_at) "
+                   "VALUES ('c1', 'user', 'How do I reset?', 'demo', '2026-11-30T10:00:00.000Z')")
+        db.execute("INSERT INTO messages (message_id, conversation_id, role, content, model, created_at, question_id, "
+                   "prompt, prompt_messages, sources) VALUES ('m1', 'c1', 'assistant', 'Press Reset.', 'demo', "
+                   "'2026-11-30T10:00:00.000Z', 1, 'p', ?, '[]')", (seen,))
+        db.execute("INSERT INTO feedback (message_id, rating, model, created_at) "
+                   "VALUES ('m1', 'up', 'demo', '2026-11-30T10:01:00.000Z')")
+    with FeedbackStore(path, create=False) as s:       # the readers upgrade it too
+        assert s.count_replies() == 1
+        rated = s.rated_replies()
+        assert [(r["message_id"], r["rating"], r["question"], r["stopped"]) for r in rated] == [
+            ("m1", "up", "How do I reset?", False)]
+        assert rated[0]["prompt_messages"] == json.loads(seen)
+        record(s, "m2", "c1", "And then?", "Sign in.")
+        s.add_feedback("m2", "down")
+        s.add_ticket("c1", "a person please", "asked for a person")
+    assert rows(path, "PRAGMA user_version") == [(schema_version(),)]
+    assert rows(path, "SELECT message_id, stopped FROM messages WHERE role='assistant' ORDER BY id") == [
+        ("m1", 0), ("m2", 0)]
+    assert user_satisfaction(path)["rated"] == 2
 
 
 def test_newer_file_is_refused(tmp_path):
@@ -595,5 +644,108 @@ def test_eval_with_feedback_db(setup, handmade, capsys):  # noqa: F811
     assert "user satisfaction: 50.0% thumbs up of 6 rated replies" in capsys.readouterr().out
     # A wrong path fails before the model loads.
     assert cli.main(["eval", "--model", str(setup["model"]), "--questions", str(setup["questions"]),
-                     "--feedback-db", str(path.parent / "nope.db"), "--out", str(out)]) == 2
+                     "--feedback-db", str(setup["root"] / "nope.db"), "--out", str(out)]) == 2
     assert "nope.db does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- PostgreSQL only
+
+def test_postgres_schema_version_and_refusals(pg_url, pg_cluster, monkeypatch):
+    import psycopg
+
+    with pytest.raises(ChatforgeError, match="holds no chatforge feedback yet; `chatforge serve --db URL` creates"):
+        FeedbackStore(pg_url, create=False)              # the readers create nothing
+    assert rows(pg_url, "SELECT to_regclass('chatforge_schema') IS NULL") == [(True,)]
+    with FeedbackStore(pg_url) as s:
+        record(s, "m1", "c1", "q?", "a.")
+        s.add_feedback("m1", "up")
+        assert s.where == pg_url and s.path is None
+    assert rows(pg_url, "SELECT version FROM chatforge_schema") == [(schema_version(),)]
+
+    # A later version: migrated in place, in order, once; a failed one changes nothing.
+    def broken(db):
+        db.execute("ALTER TABLE feedback ADD COLUMN half TEXT")
+        raise RuntimeError("migration bug")
+
+    monkeypatch.setattr(feedback, "MIGRATIONS", [*feedback.MIGRATIONS, broken])
+    with pytest.raises(RuntimeError, match="migration bug"):
+        FeedbackStore(pg_url)
+    assert rows(pg_url, "SELECT count(*) FROM information_schema.columns WHERE column_name='half'") == [(0,)]
+
+    def add_session(db):
+        db.execute("ALTER TABLE feedback ADD COLUMN session TEXT")
+        db.execute("UPDATE feedback SET session = ?", ("before-migration",))
+
+    monkeypatch.setattr(feedback, "MIGRATIONS", [*feedback.MIGRATIONS[:-1], add_session])
+    with FeedbackStore(pg_url) as s:
+        s.add_feedback("m1", "down")
+    assert rows(pg_url, "SELECT rating, session FROM feedback ORDER BY id") == [
+        ("up", "before-migration"), ("down", None)]
+    monkeypatch.undo()
+    with pytest.raises(ChatforgeError, match=r"newer chatforge \(schema version 4; this one knows up to 3\)"):
+        FeedbackStore(pg_url)
+
+    # A database where another program has a table of one of our names.
+    other = pg_cluster.url("other_program")
+    with psycopg.connect(other) as conn:
+        conn.execute("CREATE TABLE feedback (id int)")
+    with pytest.raises(ChatforgeError, match="already has tables of another program named feedback"):
+        FeedbackStore(other)
+
+
+def test_postgres_stores_starting_together_migrate_once(pg_url):
+    stores, errors = [], []
+
+    def start():
+        try:
+            stores.append(FeedbackStore(pg_url))
+        except BaseException as e:   # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.close()
+    assert not errors and len(stores) == 6
+    assert rows(pg_url, "SELECT version FROM chatforge_schema") == [(schema_version(),)]
+
+
+def test_postgres_urls_that_cannot_work_say_what_to_fix(pg_cluster, capsys):
+    with pytest.raises(ChatforgeError, match=r"a SQLite file path or a postgresql:// URL"):
+        FeedbackStore("mysql://root:hunter2@localhost/db")
+    missing = pg_cluster._conninfo("no_such_db")
+    with pytest.raises(ChatforgeError, match='cannot use PostgreSQL at .*database "no_such_db" does not exist; '
+                                             r"check the URL \(postgresql://USER:PASSWORD@HOST:PORT/DATABASE\)"):
+        FeedbackStore(missing)
+    nobody = "postgresql://chatforge:hunter2@/x?host=/nonexistent-socket-dir"
+    with pytest.raises(ChatforgeError, match="cannot use PostgreSQL at postgresql://chatforge:\\*\\*\\*@") as e:
+        FeedbackStore(nobody)
+    assert "hunter2" not in str(e.value)                  # the password is never shown
+    assert cli.main(["feedback", "stats", "--db", nobody]) == 2
+    err = capsys.readouterr().err
+    assert "cannot use PostgreSQL" in err and "hunter2" not in err
+
+
+def test_sqlite_needs_no_driver_and_postgres_says_which_to_install(tmp_path):
+    """Without psycopg (a plain install): SQLite works, a postgresql:// URL says what to install."""
+    check = f"""
+import sys
+sys.modules["psycopg"] = sys.modules["psycopg_pool"] = None      # as if not installed
+from chatforge.data.feedback import FeedbackStore
+from chatforge.errors import ChatforgeError
+with FeedbackStore({str(tmp_path / "fb.db")!r}) as s:
+    s.record_reply("m", "c", "demo", [{{"role": "user", "content": "q"}}], "a", [], "", [])
+    print(s.add_feedback("m", "up"))
+try:
+    FeedbackStore("postgresql://chatforge:hunter2@db.internal/support")
+except ChatforgeError as e:
+    print(e)
+"""
+    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "1", "--db postgresql://chatforge:***@db.internal/support needs the PostgreSQL driver: "
+             "pip install 'chatforge[postgres]'"]

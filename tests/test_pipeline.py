@@ -217,10 +217,12 @@ def _served_feedback(db: Path, questions: list[tuple[str, str]], tag: str) -> No
 
 
 @pytest.mark.e2e
-def test_continual_learning_round(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_continual_learning_round(tmp_path, monkeypatch, capsys, request, backend):
     """`pipeline --feedback DB`: export, SFT on corrections, reward model, DPO, evaluation beside
     the served model, promotion by the rule; nothing new -> up to date; new feedback -> round 2
-    (PPO) from the served model; --rollback points the link back."""
+    (PPO) from the served model; --rollback points the link back. DB: a SQLite file or a
+    PostgreSQL URL (skipped, saying why, where no PostgreSQL server can be started)."""
     from chatforge import continual
     from chatforge.eval.run import load_questions
 
@@ -235,7 +237,7 @@ def test_continual_learning_round(tmp_path, monkeypatch, capsys):
     qa = [(q["question"], q["reference"]) for q in load_questions(run / "data" / "qa_train.jsonl")]
     assert len(qa) >= 10
     # A database without a single pair yet: a clear error, and no round folder.
-    db = tmp_path / "feedback.db"
+    db = tmp_path / "feedback.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
     from chatforge.data.feedback import FeedbackStore
 
     with FeedbackStore(db) as store:

@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 from chatforge import files
+from chatforge.data.feedback_db import is_url, redact
 from chatforge.errors import ChatforgeError
 from chatforge.pipeline import Runner, to_flags
 
@@ -130,7 +131,7 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
         if not p.is_file():
             raise ChatforgeError(f"align.prefs: {p} does not exist")
     generated = bool(generated or align.get("generated"))
-    if feedback and not Path(feedback).is_file():
+    if feedback and not is_url(str(feedback)) and not Path(feedback).is_file():
         raise ChatforgeError(f"--feedback {feedback} does not exist: give the database `chatforge serve --db` writes")
     if not (feedback or generated or extra):
         raise ChatforgeError("a round needs preference pairs: --feedback FILE.sqlite, --generated-prefs or align.prefs")
@@ -145,8 +146,9 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
             raise ChatforgeError("exporting the feedback failed; see the error above")
     exported = [staging / "preferences.jsonl", staging / "sft.jsonl"] if feedback else []
     if not generated and not sum(_count_lines(p) for p in [*exported[:1], *extra]):
-        raise ChatforgeError(f"no preference pairs to learn from: {feedback} holds no corrected reply and no question "
-                             "with both an up- and a down-voted reply yet; add --generated-prefs or wait for more votes")
+        raise ChatforgeError(f"no preference pairs to learn from: {redact(str(feedback))} holds no corrected reply "
+                             "and no question with both an up- and a down-voted reply yet; add --generated-prefs or "
+                             "wait for more votes")
     keys = ("align", "prefs", "sft", "reward", "dpo", "ppo", "eval")
     identity = hashlib.sha256(json.dumps([_digest(exported), _digest(extra), generated,
                                           {k: settings[k] for k in keys}], sort_keys=True, default=str)

@@ -148,9 +148,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=None, help="download cache (default: $CHATFORGE_CACHE or ~/.cache/chatforge)")
     parser.add_argument("--force", action="store_true", help="re-run every stage even when up to date")
     parser.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
-    parser.add_argument("--feedback", metavar="FILE.sqlite", default=None,
+    parser.add_argument("--feedback", metavar="FILE|URL", default=None,
                         help="after the stages, a continual-learning round on this feedback database "
-                             "(`chatforge serve --db`): SFT on corrections, DPO (or PPO), evaluation, promotion")
+                             "(`chatforge serve --db`: a SQLite file or a postgresql:// URL): SFT on corrections, DPO (or PPO), evaluation, promotion")
     parser.add_argument("--generated-prefs", action="store_true",
                         help="a round on preference pairs generated from the Q&A (`chatforge prefs make`), "
                              "alone or added to --feedback's")

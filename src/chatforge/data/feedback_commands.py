@@ -3,6 +3,7 @@
     chatforge feedback stats --db runs/demo/feedback.db            # tables of user satisfaction
     chatforge feedback stats --db runs/demo/feedback.db --json     # the same as one JSON object
     chatforge feedback export --db runs/demo/feedback.db --out runs/demo/feedback-data
+    chatforge feedback stats --db postgresql://chatforge@db.internal/support   # a shared PostgreSQL database
 
 `stats` prints the share of thumbs up among rated replies: overall, among the replies the user
 stopped, per day, per source document, and the questions with the most down-voted replies.
@@ -18,7 +19,7 @@ import json
 from chatforge.cli import add_parser, leaf, subcommands
 
 QUESTION_WIDTH = 80   # characters of a question shown in the table
-DB_HELP = "the feedback database `chatforge serve --db` writes (needed)"
+DB_HELP = "the feedback database `chatforge serve --db` writes: a SQLite file or a postgresql:// URL (needed)"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -28,14 +29,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p = add_parser(sub, "stats", "user satisfaction: share of thumbs up overall, per day, per document; "
                                  "the most down-voted questions",
                    "chatforge feedback stats --db runs/demo/feedback.db --top 5")
-    p.add_argument("--db", metavar="FILE", default=None, help=DB_HELP)
+    p.add_argument("--db", metavar="FILE|URL", default=None, help=DB_HELP)
     p.add_argument("--top", type=int, default=10, help="how many of the most down-voted questions to list")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     leaf(p, run_stats)
 
     p = add_parser(sub, "export", "write preference pairs and SFT examples from corrections and votes",
                    "chatforge feedback export --db runs/demo/feedback.db --out runs/demo/feedback-data")
-    p.add_argument("--db", metavar="FILE", default=None, help=DB_HELP)
+    p.add_argument("--db", metavar="FILE|URL", default=None, help=DB_HELP)
     p.add_argument("--out", metavar="DIR", default=None,
                    help="folder for preferences.jsonl and sft.jsonl (needed; the two files are replaced)")
     leaf(p, run_export)
@@ -45,7 +46,7 @@ def _need_db(args: argparse.Namespace) -> None:
     from chatforge.errors import ChatforgeError
 
     if not args.db:
-        raise ChatforgeError("--db is required: the feedback database `chatforge serve --db FILE` writes")
+        raise ChatforgeError("--db is required: the feedback database `chatforge serve --db FILE|URL` writes")
 
 
 def _pct(value: float | None) -> str:
@@ -88,13 +89,14 @@ def format_stats(stats: dict, db: str) -> str:
 
 def run_stats(args: argparse.Namespace) -> int:
     from chatforge.data.feedback import user_satisfaction
+    from chatforge.data.feedback_db import redact
     from chatforge.errors import ChatforgeError
 
     _need_db(args)
     if args.top < 0:
         raise ChatforgeError("--top must be 0 or more")
     stats = user_satisfaction(args.db, args.top)
-    print(json.dumps(stats, indent=2, ensure_ascii=False) if args.json else format_stats(stats, args.db))
+    print(json.dumps(stats, indent=2, ensure_ascii=False) if args.json else format_stats(stats, redact(str(args.db))))
     return 0
 
 

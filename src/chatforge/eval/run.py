@@ -592,8 +592,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-cache", metavar="DIR", default=None,
                         help="where the passage index is cached; without it, $CHATFORGE_CACHE/index "
                              "or ~/.cache/chatforge/index")
-    parser.add_argument("--feedback-db", metavar="FILE", default=None,
-                        help="feedback database of `chatforge serve --db`: adds user satisfaction to eval.json "
+    parser.add_argument("--feedback-db", metavar="FILE|URL", default=None,
+                        help="feedback database of `chatforge serve --db` (file or postgresql:// URL): adds user satisfaction to eval.json "
                              "and the report")
     parser.add_argument("--quant", choices=["int8", "int4"], default=None,
                         help="evaluate the model with weight-only 8- or 4-bit linear layers")

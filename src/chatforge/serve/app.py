@@ -42,6 +42,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chatforge.data.feedback_db import DatabaseUnavailable
 from chatforge.errors import ChatforgeError
 from chatforge.infer.batching import Done, Piece, QueueFull, Scheduler, ShuttingDown
 from chatforge.infer.answer import AnswerStream, checked_citation, is_refusal
@@ -589,6 +590,9 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
                 raise oa.ApiError(404, f"no feedback {body.feedback_id} was given on reply {body.message_id!r} "
                                        "here", "feedback_id") from None
             raise oa.ApiError(404, f"no reply with id {body.message_id!r} was served here", "message_id") from None
+        except DatabaseUnavailable:
+            log.exception("a vote was not stored")         # the details (where the database is) stay here
+            raise oa.ApiError(503, "the feedback database is unavailable; try again", code="db_unavailable") from None
         except ChatforgeError as e:
             raise oa.ApiError(400, str(e)) from None
         return {"id": row, "status": "stored"}

@@ -9,8 +9,9 @@ The routes and chatforge's additions to OpenAI's shapes are in docs/SERVING.md; 
 `serve/app.py`. `kill -HUP PID` (or `POST /admin/reload` with the --admin-key) loads the model
 folder again, e.g. after the next training round wrote it, and serves new requests from it while
 the running ones finish on the old model. Replies are rated on the page or with POST /v1/feedback and kept in a SQLite file
-(default: beside the model folder, e.g. runs/demo/feedback.sqlite); `chatforge feedback stats`
-and `chatforge feedback export` read it.
+(default: beside the model folder, e.g. runs/demo/feedback.sqlite) or, with `--db postgresql://...`
+(the `postgres` extra), in a PostgreSQL database several servers share; `chatforge feedback stats`
+and `chatforge feedback export` read either.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; anything but loopback needs care (use --api-key)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--db", metavar="FILE", default=None,
-                        help="feedback database (SQLite; default: feedback.sqlite beside the model folder)")
+    parser.add_argument("--db", metavar="FILE|URL", default=None,
+                        help="feedback database: a SQLite file (default: feedback.sqlite beside the model folder) "
+                             "or postgresql://USER:PASSWORD@HOST:PORT/DATABASE (pip install 'chatforge[postgres]')")
     parser.add_argument("--no-feedback", action="store_true", default=False,
                         help="keep no replies or feedback (POST /v1/feedback answers 503)")
     parser.add_argument("--api-key", metavar="KEY", default=None,
@@ -269,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     if tools is not None:
         grounded += f", plugins: {', '.join(tools.names)}"
     print(f"chatforge serve: {assistant.name} on {where}/ (API: {where}/v1{grounded}; "
-          f"feedback: {store.path if store else 'off'})", flush=True)
+          f"feedback: {store.where if store else 'off'})", flush=True)
     try:
         server.run()
     finally:
