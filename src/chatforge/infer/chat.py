@@ -454,8 +454,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", choices=["int8", "int4"], default=None,
                         help="weight-only 8- or 4-bit linear layers (CPU): smaller, faster decoding")
     add_plugin_options(parser)
-    parser.add_argument("--db", metavar="FILE", default=None,
-                        help="feedback database where the handoff plugin opens its tickets (SQLite)")
+    parser.add_argument("--db", metavar="FILE|URL", default=None,
+                        help="feedback database where the handoff plugin opens its tickets: a SQLite file or "
+                             "a postgresql:// URL")
     leaf(parser, run)
 
 
