@@ -160,6 +160,36 @@ def test_token_id_prompts_on_completions(local, model_dir):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
 
 
+def test_the_serve_command_with_an_upstream(model_dir, docs_dir, local, reference, tmp_path):
+    """`chatforge serve --upstream URL` as a user runs it: the probe's line, the same answers."""
+    (tmp_path / "system.txt").write_text(SYSTEM.text)
+    port = free_port()
+    args = [sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--docs", str(docs_dir),
+            "--system", str(tmp_path / "system.txt"), "--port", str(port), "--db", str(tmp_path / "f.sqlite"),
+            "--upstream", local.url, "--upstream-timeout", "20", "--quant", "int8", "--name", "tiny"]
+    env = {**os.environ, "CHATFORGE_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 120
+        while "Application startup complete" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.2)
+        text = log.read_text()
+        assert f"generating with {local.url} serving tiny, prompts as token ids" in text
+        assert "--quant set the local engine, which --upstream replaces: ignored" in text
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        r = c.chat.completions.create(**ask(REFUNDS))
+        assert (r.choices[0].message.content, r.model_extra["sources"]) == reference[1][:2]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    bad = subprocess.run([sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--upstream",
+                          "localhost:8080"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode != 0 and "--upstream must be an http(s) URL" in bad.stderr
+
+
 # ----------------------------------------------------------------------------- (b) llama.cpp
 
 @pytest.fixture(scope="module")

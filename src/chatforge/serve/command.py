@@ -203,8 +203,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.request_timeout > 0 or not args.read_timeout > 0 or not args.upstream_timeout > 0:
         raise ChatforgeError("--request-timeout, --read-timeout and --upstream-timeout must be above 0 seconds")
     upstream_key = args.upstream_key or os.environ.get("CHATFORGE_UPSTREAM_KEY") or None
-    if args.upstream is None and (args.upstream_model or upstream_key):
+    if args.upstream is None and (args.upstream_model or args.upstream_key):
         raise ChatforgeError("--upstream-model and --upstream-key go with --upstream URL")
+    if args.upstream:
+        local = [f for f, v in (("--threads", args.threads), ("--quant", args.quant), ("--kv-cache-mb", args.kv_cache_mb),
+                                ("--dtype", None if args.dtype == "auto" else args.dtype)) if v is not None]
+        if local:
+            print(f"warning: {', '.join(local)} set the local engine, which --upstream replaces: ignored",
+                  file=sys.stderr)
     api_key = args.api_key or os.environ.get("CHATFORGE_API_KEY") or None
     admin_key = args.admin_key or os.environ.get("CHATFORGE_ADMIN_KEY") or None
     if admin_key and admin_key == api_key:
