@@ -315,7 +315,8 @@ def test_vllm_as_upstream(model_dir, docs_dir, reference, tmp_path):
 class Engine:
     """An OpenAI-shaped engine on loopback whose next streamed replies do what `mode` says:
     "slow" (ten words, 0.2 s apart), "hang" (never answers), "trickle" (a word every 0.3 s,
-    forever), "error" (500), "context" (400), "breakoff" (two words, then the connection drops).
+    forever), "error" (500), "context" (400), "breakoff" (two words, then the connection drops), "whole"
+    (one JSON answer, not streamed).
     `closed` counts streams whose client went away (the front stopped generating)."""
 
     WORDS = ["Open", " the", " sign", "-in", " page", " and", " choose", " Forgot", " password", "."]
@@ -343,6 +344,9 @@ class Engine:
             if not body.get("stream"):                       # the front's probe
                 return {"choices": [{"index": 0, "text": "Open", "finish_reason": "length"}]}
             mode = self.mode
+            if mode == "whole":
+                return {"choices": [{"index": 0, "text": "".join(self.WORDS), "finish_reason": "length"}],
+                        "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 10}}
             if mode == "error":
                 return JSONResponse({"error": {"message": "out of memory"}}, status_code=500)
             if mode == "context":
@@ -412,6 +416,17 @@ def test_streaming_passes_through_as_the_engine_sends(model_dir, engine):
         # Words reach the client while the engine is still writing: the first one long before the last is sent.
         assert len(arrived) >= 5 and arrived[0][0] < engine.sent[-1] - 1.0
         assert r.status_code == 200
+    finally:
+        running.stop()
+
+
+def test_an_engine_that_does_not_stream(model_dir, engine):
+    engine.mode = "whole"
+    running = plain(model_dir, engine.url)
+    try:
+        r = client(running).chat.completions.create(**ask("hi"))
+        assert r.choices[0].message.content == "".join(Engine.WORDS) and r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == 10
     finally:
         running.stop()
 

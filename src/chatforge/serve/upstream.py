@@ -367,7 +367,11 @@ class UpstreamClient:
             async with self._http.stream("POST", self.url + "/v1/completions", json=self._body(request)) as r:
                 if r.status_code != 200:
                     raise self._status_error(r.status_code, (await r.aread()).decode("utf-8", "replace"))
-                async for line in r.aiter_lines():
+                if r.headers.get("content-type", "").startswith("application/json"):
+                    lines = [f"data: {(await r.aread()).decode('utf-8', 'replace')}"]   # an engine that does not stream
+                else:
+                    lines = r.aiter_lines()
+                async for line in _lines(lines):
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
@@ -445,3 +449,12 @@ class UpstreamClient:
             return UpstreamError(503, said, "upstream_unavailable")
         return UpstreamError(502, said, "upstream_error")
 
+
+async def _lines(lines):
+    """The lines of a streamed answer (an async iterator) or of a whole one (a list)."""
+    if isinstance(lines, list):
+        for line in lines:
+            yield line
+    else:
+        async for line in lines:
+            yield line
