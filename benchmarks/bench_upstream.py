@@ -86,11 +86,22 @@ def build_prompts(model: Path, docs: list[str], questions: list[str], max_tokens
 
 async def stream(client: httpx.AsyncClient, url: str, body: dict, chat: bool) -> dict:
     """One streamed request: TTFT, decode seconds, tokens, text, errors."""
-    r = {"start": time.perf_counter(), "first": None, "end": None, "text": "", "usage": None, "error": None}
+    r = {"start": time.perf_counter(), "first": None, "end": None, "text": "", "first_text": "", "usage": None,
+         "error": None}
     parts = []
     try:
-        async with client.stream("POST", url + ("/v1/chat/completions" if chat else "/v1/completions"),
-                                 json={**body, "stream": True, "stream_options": {"include_usage": True}}) as resp:
+        for attempt in (0, 1):
+            try:
+                # llama-server may close a kept-alive connection as a request goes out on it (no
+                # answer at all): sent once more, as chatforge's upstream client does.
+                resp = await client.send(client.build_request(
+                    "POST", url + ("/v1/chat/completions" if chat else "/v1/completions"),
+                    json={**body, "stream": True, "stream_options": {"include_usage": True}}), stream=True)
+                break
+            except httpx.RemoteProtocolError:
+                if attempt:
+                    raise
+        async with resp:
             if resp.status_code != 200:
                 r["error"] = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
             async for line in resp.aiter_lines():
@@ -103,7 +114,8 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict, chat: bool) ->
                 for c in chunk.get("choices") or []:
                     text = (c.get("delta") or {}).get("content") if chat else c.get("text")
                     if text:
-                        r["first"] = r["first"] or time.perf_counter()
+                        if r["first"] is None:
+                            r["first"], r["first_text"] = time.perf_counter(), text
                         parts.append(text)
     except httpx.HTTPError as e:
         r["error"] = f"{type(e).__name__}: {e}"
@@ -112,10 +124,14 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict, chat: bool) ->
 
 
 def figures(r: dict, count) -> dict:
+    """TTFT; decode tokens/s = the tokens of the text that came after the first chunk, over the
+    time after it (chatforge's reply filter may send its first chunk a few tokens late, holding a
+    word until it is whole: counting from that chunk on keeps the rate a rate)."""
     tokens = (r["usage"] or {}).get("completion_tokens") or count(r["text"])
     decode = r["end"] - r["first"] if r["first"] else 0
+    after = count(r["text"]) - count(r["first_text"])
     return {"ttft_s": r["first"] - r["start"] if r["first"] else None, "tokens": tokens,
-            "decode_tok_s": (tokens - 1) / decode if decode > 0 and tokens > 1 else None,
+            "decode_tok_s": after / decode if decode > 0 and after > 0 else None,
             "prompt_tokens": (r["usage"] or {}).get("prompt_tokens"), "error": r["error"]}
 
 
@@ -141,8 +157,11 @@ def start(name: str, cmd: list[str], log_dir: Path, path: str) -> bs.Server:
 
 
 def llama(binary: Path, gguf: Path, slots: int, ctx: int) -> list[str]:
+    # --no-repack: on this AMX CPU the llama-server built from llama-cpp-python 0.3.36's sources
+    # segfaults right after loading a q8_0 file with its weights repacked (seen with the demo's
+    # q8_0 export; tests/test_export.py notes the same for the binding).
     return [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(bs.free_port()), "-np", str(slots),
-            "-c", str(slots * ctx), "-t", "1", "-tb", "1", "--no-webui", "--log-disable"]
+            "-c", str(slots * ctx), "-t", "1", "-tb", "1", "--no-webui", "--log-disable", "--no-repack"]
 
 
 def front(model: Path, docs: list[str], upstream: str | None, db: Path, slots: int) -> list[str]:
@@ -154,10 +173,14 @@ def front(model: Path, docs: list[str], upstream: str | None, db: Path, slots: i
 
 
 def single_stream(args, binary, gguf, prompts, count, log_dir) -> dict:
+    """Two llama-servers of the same file, one alone and one behind chatforge: llama-server keeps
+    a slot's last prompt in its KV cache, and one shared server would answer the second asking of
+    a prompt without its prefill."""
     engine = start("llama-server", llama(binary, gguf, 1, args.ctx), log_dir, "/health")
-    cf = None
+    behind = cf = None
     try:
-        cf = start("chatforge --upstream", front(args.model, args.docs, engine.url, log_dir / "f.sqlite", 1),
+        behind = start("llama-server (behind chatforge)", llama(binary, gguf, 1, args.ctx), log_dir, "/health")
+        cf = start("chatforge --upstream", front(args.model, args.docs, behind.url, log_dir / "f.sqlite", 1),
                    log_dir, "/health")
 
         async def run():
@@ -172,17 +195,25 @@ def single_stream(args, binary, gguf, prompts, count, log_dir) -> dict:
                         rows[name].append(figures(await stream(c, url, body, chat), count))
                 return rows
 
+        first_before = cf.first_token_totals()
         rows = asyncio.run(run())
+        first_after = cf.first_token_totals()
     finally:
-        for s in (cf, engine):
+        for s in (cf, behind, engine):
             if s is not None:
                 s.stop()
     mismatch = [i for i, r in enumerate(rows["chatforge --upstream"]) if r["prompt_tokens"] not in (None, len(prompts[i]))]
     if mismatch:
         print(f"  note: questions {mismatch}: chatforge's prompt differs from the one rebuilt here", flush=True)
-    return {name: {"ttft_s": med(r["ttft_s"] for r in rs), "decode_tok_s": med(r["decode_tok_s"] for r in rs),
-                   "tokens": med(r["tokens"] for r in rs), "errors": sum(bool(r["error"]) for r in rs)}
-            for name, rs in rows.items()}
+    out = {name: {"ttft_s": med(r["ttft_s"] for r in rs), "decode_tok_s": med(r["decode_tok_s"] for r in rs),
+                  "tokens": med(r["tokens"] for r in rs), "errors": sum(bool(r["error"]) for r in rs),
+                  "error_examples": sorted({r["error"] for r in rs if r["error"]})[:2]}
+           for name, rs in rows.items()}
+    if first_before and first_after and first_after[1] > first_before[1]:
+        # chatforge's own clock: the request to the engine's first token, before the reply filter.
+        out["chatforge --upstream"]["engine_first_token_mean_s"] = (
+            (first_after[0] - first_before[0]) / (first_after[1] - first_before[1]))
+    return out
 
 
 def concurrent(args, binary, gguf, prompts, count, log_dir) -> dict:
@@ -225,6 +256,7 @@ def concurrent(args, binary, gguf, prompts, count, log_dir) -> dict:
             out[name] = {"agg_tok_s": sum(r["tokens"] for r in results if not r["error"]) / wall,
                          "ttft_p50_s": bs.percentile(ttfts, 50), "ttft_p95_s": bs.percentile(ttfts, 95),
                          "errors": sum(bool(r["error"]) for r in results), "wall_s": wall,
+                         "error_examples": sorted({r["error"] for r in results if r["error"]})[:2],
                          "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
             print(f"  {name}: {out[name]}", flush=True)
         finally:
@@ -281,7 +313,8 @@ def main() -> None:
               f"llama-server {bs.fmt(theirs['decode_tok_s'], 1)} tok/s = {bs.fmt(ratio, 3)}x (target >= 0.95); "
               f"TTFT {bs.fmt(ours['ttft_s'], 3)} s vs {bs.fmt(theirs['ttft_s'], 3)} s + retrieval "
               f"{retrieval_s:.3f} s (target: at most that sum; {bs.fmt(single['ttft_over_llama_plus_retrieval_s'], 3)} s "
-              f"over it); errors {ours['errors']} / {theirs['errors']}", flush=True)
+              f"over it; chatforge's clock to the engine's first token {bs.fmt(ours.get('engine_first_token_mean_s'), 3)} s); "
+              f"errors {ours['errors']} / {theirs['errors']} {ours['error_examples'] + theirs['error_examples']}", flush=True)
     if not args.skip_concurrent:
         report["concurrent"] = concurrent(args, binary, gguf_file(gguf_dir, "q8_0", args.model), prompts, count,
                                           log_dir)

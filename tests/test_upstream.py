@@ -531,3 +531,41 @@ def test_engine_errors_become_openai_errors(model_dir, engine, mode, status, cod
         assert json.loads(lines[-1][6:])["error"]["code"] == code
     finally:
         running.stop()
+
+
+def test_a_closed_kept_alive_connection_is_retried_once(model_dir):
+    """llama-server may close an idle kept-alive connection as the next request goes out on it:
+    nothing was generated, so the request goes again on a new connection (seen in the benchmark)."""
+    from chatforge.infer.batching import Done
+    from chatforge.model.folder import load_tokenizer
+    from chatforge.serve.upstream import UpstreamClient
+
+    answer = json.dumps({"choices": [{"index": 0, "text": "Open the page.", "finish_reason": "stop"}]}).encode()
+    connections = []
+
+    def engine(listener: socket.socket) -> None:
+        for n in range(3):
+            conn, _ = listener.accept()
+            connections.append(conn)
+            conn.recv(65536)
+            if n == 0:
+                conn.close()                          # dropped without an answer
+                continue
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                         b"Content-Length: " + str(len(answer)).encode() + b"\r\n\r\n" + answer)
+            conn.close()
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=engine, args=(listener,), daemon=True).start()
+    tok = load_tokenizer(model_dir)
+    up = UpstreamClient(f"http://127.0.0.1:{listener.getsockname()[1]}", tok, CONTEXT, model="x")
+    up.prompt_format = "ids"
+
+    async def ask_once() -> Done:
+        done = asyncio.get_running_loop().create_future()
+        up.submit([1, 2, 3], on_event=lambda e: isinstance(e, Done) and done.set_result(e))
+        return await asyncio.wait_for(done, 10)
+
+    first = asyncio.run(ask_once())
+    assert first.finish_reason == "stop" and first.text == "Open the page." and len(connections) == 2
+    listener.close()

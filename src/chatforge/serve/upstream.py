@@ -364,7 +364,8 @@ class UpstreamClient:
         cut = _TextCut((*request.cfg.stop_strings, *self.controls), request.cfg.stop_after)
         finish, usage, pieces = None, None, 0
         try:
-            async with self._http.stream("POST", self.url + "/v1/completions", json=self._body(request)) as r:
+            r = await self._send_stream(self._body(request))
+            try:
                 if r.status_code != 200:
                     raise self._status_error(r.status_code, (await r.aread()).decode("utf-8", "replace"))
                 if r.headers.get("content-type", "").startswith("application/json"):
@@ -399,7 +400,9 @@ class UpstreamClient:
                                 request._emit(Piece(out, pieces))
                     if cut.stopped:
                         finish = "stop"
-                        break               # leaving the block closes the stream: the engine stops
+                        break
+            finally:
+                await r.aclose()          # leaving early closes the stream: the engine stops
         except httpx.HTTPError as e:
             raise self._transport_error(e) from None
         tail = cut.finish()
@@ -416,6 +419,19 @@ class UpstreamClient:
         tokens = done if isinstance(done, int) else len(self.tokenizer.encode(cut.emitted)) if cut.emitted else 0
         reason = "length" if finish == "length" else "stop"
         request._emit(UpstreamDone(cut.emitted, [], reason, prompt_tokens, completion_tokens=tokens))
+
+    async def _send_stream(self, body: dict) -> httpx.Response:
+        """POST a streamed completion; once more on a new connection when the kept-alive one it
+        went out on turns out closed before any answer (llama-server closes idle connections,
+        and a request can race that: "Server disconnected without sending a response")."""
+        for attempt in (0, 1):
+            try:
+                return await self._http.send(self._http.build_request("POST", self.url + "/v1/completions", json=body),
+                                             stream=True)
+            except (httpx.RemoteProtocolError, httpx.ReadError):
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------------------ errors
 
