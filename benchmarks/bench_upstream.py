@@ -101,7 +101,7 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict, chat: bool) ->
             except httpx.RemoteProtocolError:
                 if attempt:
                     raise
-        async with resp:
+        try:
             if resp.status_code != 200:
                 r["error"] = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
             async for line in resp.aiter_lines():
@@ -117,6 +117,8 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict, chat: bool) ->
                         if r["first"] is None:
                             r["first"], r["first_text"] = time.perf_counter(), text
                         parts.append(text)
+        finally:
+            await resp.aclose()
     except httpx.HTTPError as e:
         r["error"] = f"{type(e).__name__}: {e}"
     r["end"], r["text"] = time.perf_counter(), "".join(parts)
@@ -195,9 +197,9 @@ def single_stream(args, binary, gguf, prompts, count, log_dir) -> dict:
                         rows[name].append(figures(await stream(c, url, body, chat), count))
                 return rows
 
-        first_before = cf.first_token_totals()
+        first_before, cpu_before = cf.first_token_totals(), cf.cpu_seconds()
         rows = asyncio.run(run())
-        first_after = cf.first_token_totals()
+        first_after, cpu = cf.first_token_totals(), cf.cpu_seconds() - cpu_before
     finally:
         for s in (cf, behind, engine):
             if s is not None:
@@ -209,6 +211,10 @@ def single_stream(args, binary, gguf, prompts, count, log_dir) -> dict:
                   "tokens": med(r["tokens"] for r in rs), "errors": sum(bool(r["error"]) for r in rs),
                   "error_examples": sorted({r["error"] for r in rs if r["error"]})[:2]}
            for name, rs in rows.items()}
+    # What the front itself costs: its process's CPU time per token it passed on (on a 2-core
+    # machine that time is taken from the engine's core).
+    shown = sum(r["tokens"] for r in rows["chatforge --upstream"])
+    out["chatforge --upstream"]["front_cpu_ms_per_token"] = 1e3 * cpu / shown if shown else None
     if first_before and first_after and first_after[1] > first_before[1]:
         # chatforge's own clock: the request to the engine's first token, before the reply filter.
         out["chatforge --upstream"]["engine_first_token_mean_s"] = (
@@ -314,6 +320,7 @@ def main() -> None:
               f"TTFT {bs.fmt(ours['ttft_s'], 3)} s vs {bs.fmt(theirs['ttft_s'], 3)} s + retrieval "
               f"{retrieval_s:.3f} s (target: at most that sum; {bs.fmt(single['ttft_over_llama_plus_retrieval_s'], 3)} s "
               f"over it; chatforge's clock to the engine's first token {bs.fmt(ours.get('engine_first_token_mean_s'), 3)} s); "
+              f"front CPU {bs.fmt(ours.get('front_cpu_ms_per_token'), 2)} ms/token; "
               f"errors {ours['errors']} / {theirs['errors']} {ours['error_examples'] + theirs['error_examples']}", flush=True)
     if not args.skip_concurrent:
         report["concurrent"] = concurrent(args, binary, gguf_file(gguf_dir, "q8_0", args.model), prompts, count,
