@@ -431,6 +431,27 @@ def test_an_engine_that_does_not_stream(model_dir, engine):
         running.stop()
 
 
+def test_reload_keeps_the_replies_in_flight(model_dir, engine):
+    """SIGHUP / POST /admin/reload with an upstream: a new client takes new requests, the old one
+    finishes the replies it is streaming, then closes."""
+    running = plain(model_dir, engine.url, reloadable=True, app_kw={"admin_key": "admin"})
+    try:
+        old = running.assistant.scheduler
+        with ThreadPoolExecutor(1) as pool:
+            streaming = pool.submit(httpx.post, running.url + "/v1/chat/completions", json=ask("hi"), timeout=30)
+            deadline = time.time() + 10
+            while not old.running and time.time() < deadline:
+                time.sleep(0.02)
+            r = httpx.post(running.url + "/admin/reload", headers={"Authorization": "Bearer admin"}, timeout=30)
+            assert r.status_code == 200, r.text
+            assert running.assistant.scheduler is not old
+            assert streaming.result().json()["choices"][0]["message"]["content"] == "".join(Engine.WORDS)
+        again = httpx.post(running.url + "/v1/chat/completions", json=ask("hi"), timeout=30)
+        assert again.status_code == 200 and running.assistant.scheduler.prompt_format == "ids"
+    finally:
+        running.stop()
+
+
 def test_dead_upstream_is_a_503_at_once(model_dir):
     from chatforge.model.folder import load_config, load_tokenizer
     from chatforge.serve.upstream import UpstreamClient, UpstreamError
