@@ -47,8 +47,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_serve as bs  # noqa: E402
-from _llamacpp import gguf_file, llama_server_binary  # noqa: E402
+import bench_serve as bs
+from _llamacpp import gguf_file, llama_server_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
@@ -238,7 +238,7 @@ def concurrent(args, binary, gguf, prompts, count, log_dir) -> dict:
                                        log_dir / f"{kind}.sqlite", n), log_dir, "/health")
             url, chat = (cf.url, True) if cf else (engine.url, False)
 
-            async def run():
+            async def run(url: str = url, chat: bool = chat):
                 limits = httpx.Limits(max_connections=n + 4)
                 async with httpx.AsyncClient(timeout=600, limits=limits) as c:
                     await asyncio.gather(*(stream(c, url, chat_body(QUESTIONS[i], 8) if chat else

@@ -28,12 +28,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from _serve_fixtures import serve, write_docs
+from _tiny_chat_model import CONTEXT, train_tiny_chat_model
 from fastapi import Request
 
 from chatforge.infer.prompting import SystemPrompt
-
-from _serve_fixtures import serve, write_docs
-from _tiny_chat_model import CONTEXT, CONVERSATIONS, train_tiny_chat_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -322,11 +321,11 @@ class Engine:
     WORDS = ["Open", " the", " sign", "-in", " page", " and", " choose", " Forgot", " password", "."]
 
     def __init__(self):
+        import uvicorn
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse, StreamingResponse
 
         from chatforge.serve.http import server_config
-        import uvicorn
 
         self.mode, self.closed, self.sent = "slow", 0, []
         app = FastAPI()

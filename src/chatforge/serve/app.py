@@ -52,8 +52,8 @@ from chatforge.infer.engine import GenerationConfig
 from chatforge.infer.prompting import SystemPrompt
 from chatforge.infer.safety import ReplyFilter
 from chatforge.serve import openai_api as oa
-from chatforge.serve.upstream import UpstreamDone
 from chatforge.serve.http import SECURITY_HEADERS, host_name
+from chatforge.serve.upstream import UpstreamDone
 
 log = logging.getLogger("chatforge.serve")
 disable_created_metrics()     # the *_created series only double the scrape

@@ -46,8 +46,9 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence, Sized
+from typing import Any, Protocol
 
 import httpx
 
@@ -311,7 +312,7 @@ class UpstreamClient:
             log.warning("upstream request failed: %s", e.message)
             request._emit(UpstreamDone("", [], "error", len(request.prompt), error=e.message, status=e.status,
                                        code=e.code))
-        except Exception as e:                      # noqa: BLE001 - one request's failure is its own
+        except Exception as e:
             log.exception("upstream request failed")
             request._emit(UpstreamDone("", [], "error", len(request.prompt), error=f"{type(e).__name__}: {e}",
                                        status=502, code="upstream_error"))
@@ -402,17 +403,17 @@ class UpstreamClient:
                         finish = "stop"
                         break
             finally:
-                await r.aclose()          # leaving early closes the stream: the engine stops
+                await r.aclose()          # closing early (a stop, a cancel) makes the engine stop
         except httpx.HTTPError as e:
             raise self._transport_error(e) from None
         tail = cut.finish()
         if tail:
             request._emit(Piece(tail, pieces))
         prompt_tokens = len(request.prompt)
-        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            if usage["prompt_tokens"] != prompt_tokens and not self._warned:
-                self._warned = True
-                log.warning("the upstream engine counted %d prompt tokens where chatforge counts %d: its "
+        counted = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        if isinstance(counted, int) and counted != prompt_tokens and not self._warned:
+            self._warned = True
+            log.warning("the upstream engine counted %d prompt tokens where chatforge counts %d: its "
                             "tokenizer (or BOS setting) is not the model folder's; answers may suffer",
                             usage["prompt_tokens"], prompt_tokens)
         done = isinstance(usage, dict) and usage.get("completion_tokens")
