@@ -18,7 +18,7 @@ the model folder then gives only its tokenizer, context and answer settings, and
 retrieval, plugins, the prompt, citations, the reply filter, feedback, the page and metrics
 (`serve/upstream.py`; docs/SCALING.md).
 
-    llama-server -m runs/demo/export/demo-q8_0.gguf --port 8080 -np 8 -c 16384 &
+    llama-server -m runs/demo/export/q8_0/sft-q8_0.gguf --port 8080 -np 8 -c 16384 --no-repack &
     chatforge serve --model runs/demo/sft --docs examples/my_docs --upstream http://127.0.0.1:8080
 """
 
