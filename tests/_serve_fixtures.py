@@ -40,9 +40,12 @@ class Running:
 
 def serve(model_dir: Path, db: Path | None = None, docs: Path | None = None, api_key: str | None = None,
           max_batch: int = 8, max_queue: int = 32, reloadable: bool = False, app_kw: dict | None = None,
-          http_kw: dict | None = None, scheduler_kw: dict | None = None, **assistant_kw) -> Running:
+          http_kw: dict | None = None, scheduler_kw: dict | None = None, upstream: str | None = None,
+          upstream_kw: dict | None = None, **assistant_kw) -> Running:
     """Start the app for `model_dir` on a free loopback port; `stop()` it at the end. `app_kw` go
-    to `create_app`, `http_kw` to `serve.http.server_config`, `scheduler_kw` to `Scheduler`."""
+    to `create_app`, `http_kw` to `serve.http.server_config`, `scheduler_kw` to `Scheduler`. With
+    `upstream` (a URL) the engine there generates (`serve.upstream.UpstreamClient`, given
+    `upstream_kw`) and `model_dir` gives the tokenizer and context only."""
     import uvicorn
 
     from chatforge.data.feedback import FeedbackStore
@@ -54,6 +57,13 @@ def serve(model_dir: Path, db: Path | None = None, docs: Path | None = None, api
     from chatforge.serve.http import server_config
 
     def load():
+        if upstream is not None:
+            from chatforge.model.folder import load_config, load_tokenizer
+            from chatforge.serve.upstream import UpstreamClient
+
+            tok = load_tokenizer(model_dir)
+            kw = {"max_batch": max_batch, "max_queue": max_queue, **(upstream_kw or {})}
+            return UpstreamClient(upstream, tok, load_config(model_dir).max_seq_len, **kw), tok
         model, tok = load_model(model_dir)
         engine = Engine(model, tok, stop_ids=[tok.eot_id, tok.im_end_id, tok.im_start_id], dtype="float32")
         return Scheduler(engine, max_batch=max_batch, max_queue=max_queue, **(scheduler_kw or {})).start(), tok

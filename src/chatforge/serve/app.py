@@ -1,5 +1,7 @@
 """The HTTP server's application: OpenAI's chat and text completions, the chat page, feedback,
-health and Prometheus metrics, on one continuously batched engine (`infer/batching.py`).
+health and Prometheus metrics. Generation is behind one small interface (`serve/upstream.Generator`):
+chatforge's own continuously batched engine (`infer/batching.py`), or with `--upstream URL` any
+OpenAI-compatible engine (`serve/upstream.py`); everything else here is the same for both.
 
     app = create_app(Assistant(model, tokenizer, index=index, store=store), api_key="...")
     uvicorn.run(app, host="127.0.0.1", port=8000)
@@ -52,6 +54,7 @@ from chatforge.infer.prompting import SystemPrompt
 from chatforge.infer.safety import ReplyFilter
 from chatforge.serve import openai_api as oa
 from chatforge.serve.http import SECURITY_HEADERS, host_name
+from chatforge.serve.upstream import UpstreamDone
 
 log = logging.getLogger("chatforge.serve")
 disable_created_metrics()     # the *_created series only double the scrape
@@ -63,10 +66,11 @@ OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 @dataclass
 class Assistant:
-    """What the server serves: the model's scheduler and tokenizer, retrieval, the system prompt,
-    the reply filter and the feedback store (None: feedback is off)."""
+    """What the server serves: what generates (the model's scheduler, or an `UpstreamClient`) and
+    the tokenizer, retrieval, the system prompt, the reply filter and the feedback store (None:
+    feedback is off)."""
 
-    scheduler: Scheduler
+    scheduler: Any                                 # serve.upstream.Generator: a Scheduler or an UpstreamClient
     tokenizer: Any
     name: str                                      # the model id clients use
     index: Any = None                              # PassageIndex with --docs
@@ -94,7 +98,8 @@ class Assistant:
 
     @property
     def context(self) -> int:
-        return self.scheduler.engine.config.max_seq_len
+        upstream = getattr(self.scheduler, "context", None)      # an UpstreamClient's
+        return upstream if upstream is not None else self.scheduler.engine.config.max_seq_len
 
 
 class Metrics:
@@ -236,6 +241,19 @@ class _Job:
             # A client that went away (or an error) frees the batch slot at the next step.
             if self.request.outcome is None:
                 self.request.cancel()
+
+
+def _generated(done: Done) -> int:
+    """Tokens a request generated: an upstream engine's own count, else the ids the engine made."""
+    return done.completion_tokens if isinstance(done, UpstreamDone) else len(done.tokens)
+
+
+def _failed(done: Done) -> oa.ApiError:
+    """The error a failed generation is answered with: an upstream engine's failure as it maps to
+    (unreachable 503, silent 504, broken 502, ...), the local engine's as 500."""
+    if isinstance(done, UpstreamDone):
+        return oa.ApiError(done.status, done.error or "the upstream engine failed", code=done.code)
+    return oa.ApiError(500, "generation failed; see the server's log")
 
 
 class ClientGone(Exception):
@@ -409,11 +427,11 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
 
         async def finish(done: Done, reply: str) -> None:
             metrics.prompt_tokens.inc(done.prompt_tokens)
-            metrics.completion_tokens.inc(len(done.tokens))
+            metrics.completion_tokens.inc(_generated(done))
             if job.request is not None and job.request.first_token is not None:
                 metrics.ttft.observe(job.request.first_token - job.request.submitted)
             if done.finish_reason == "error":
-                raise oa.ApiError(500, "generation failed; see the server's log")
+                raise _failed(done)
             if assistant.store is not None:
                 text = assistant.tokenizer.render_chat_text(prompt.messages, add_generation_prompt=True)
                 await run_in_threadpool(assistant.store.record_reply, reply=reply, prompt=text, **record)
@@ -434,7 +452,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
             return {"id": rid, "object": "chat.completion", "created": created, "model": assistant.name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
                                  "logprobs": None, "finish_reason": done.finish_reason}],
-                    "usage": oa.usage(done.prompt_tokens, len(done.tokens)), **extra, **verdict(reply)}
+                    "usage": oa.usage(done.prompt_tokens, _generated(done)), **extra, **verdict(reply)}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         shown: list[str] = []        # the text sent so far
@@ -460,7 +478,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
                                                  **verdict("".join(shown))))
                         if include_usage:
                             yield _sse({**oa.chat_chunk(rid, assistant.name, created, {}), "choices": [],
-                                        "usage": oa.usage(event.prompt_tokens, len(event.tokens))})
+                                        "usage": oa.usage(event.prompt_tokens, _generated(event))})
             except oa.ApiError as e:
                 yield _sse(e.body())
                 return
@@ -502,11 +520,19 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         _check_text(body)
         if body.echo or body.logprobs or body.suffix:
             raise oa.ApiError(400, "echo, logprobs and suffix are not supported", "echo")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1 or not prompts[0]:
-            raise oa.ApiError(400, "prompt must be one non-empty string", "prompt")
+        if body.prompt and all(isinstance(t, int) for t in body.prompt):
+            # Token ids, as OpenAI's API allows: the exact prompt (another chatforge in front of
+            # this one sends its rendered prompt so; control tokens are tokens here, not text).
+            ids = list(body.prompt)
+            vocab = assistant.tokenizer.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise oa.ApiError(400, f"prompt holds token ids outside the vocabulary (0..{vocab - 1})", "prompt")
+        else:
+            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if len(prompts) != 1 or not isinstance(prompts[0], str) or not prompts[0]:
+                raise oa.ApiError(400, "prompt must be one non-empty string or a list of token ids", "prompt")
+            ids = assistant.tokenizer.encode(prompts[0])
         cfg = _generation(body, body.max_tokens, assistant)
-        ids = assistant.tokenizer.encode(prompts[0])
         if len(ids) >= assistant.context:
             raise oa.ApiError(400, f"the prompt has {len(ids)} tokens; the model's context is {assistant.context}",
                               "prompt", "context_length_exceeded")
@@ -515,16 +541,16 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
 
         def counted(done: Done) -> None:
             metrics.prompt_tokens.inc(done.prompt_tokens)
-            metrics.completion_tokens.inc(len(done.tokens))
+            metrics.completion_tokens.inc(_generated(done))
             if done.finish_reason == "error":
-                raise oa.ApiError(500, "generation failed; see the server's log")
+                raise _failed(done)
 
         if not body.stream:
             done = await _collect(job, request)
             counted(done)
             return {"id": rid, "object": "text_completion", "created": created, "model": assistant.name,
                     "choices": [{"index": 0, "text": done.text, "logprobs": None, "finish_reason": done.finish_reason}],
-                    "usage": oa.usage(done.prompt_tokens, len(done.tokens))}
+                    "usage": oa.usage(done.prompt_tokens, _generated(done))}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -538,7 +564,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
                     yield _sse(oa.completion_chunk(rid, assistant.name, created, "", event.finish_reason))
                     if include_usage:
                         yield _sse({**oa.completion_chunk(rid, assistant.name, created, ""), "choices": [],
-                                    "usage": oa.usage(event.prompt_tokens, len(event.tokens))})
+                                    "usage": oa.usage(event.prompt_tokens, _generated(event))})
             except oa.ApiError as e:
                 yield _sse(e.body())
                 return

@@ -12,6 +12,15 @@ the running ones finish on the old model. Replies are rated on the page or with 
 (default: beside the model folder, e.g. runs/demo/feedback.sqlite) or, with `--db postgresql://...`
 (the `postgres` extra), in a PostgreSQL database several servers share; `chatforge feedback stats`
 and `chatforge feedback export` read either.
+
+With `--upstream URL` another engine generates (llama.cpp's llama-server, vLLM, another chatforge:
+any OpenAI-compatible server of the same model, e.g. a `chatforge export --format gguf` of it):
+the model folder then gives only its tokenizer, context and answer settings, and chatforge keeps
+retrieval, plugins, the prompt, citations, the reply filter, feedback, the page and metrics
+(`serve/upstream.py`; docs/SCALING.md).
+
+    llama-server -m runs/demo/export/q8_0/sft-q8_0.gguf --port 8080 -np 8 -c 16384 --no-repack &
+    chatforge serve --model runs/demo/sft --docs examples/my_docs --upstream http://127.0.0.1:8080
 """
 
 from __future__ import annotations
@@ -69,6 +78,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-alive", type=int, default=5, help="seconds an idle kept-alive connection stays open")
     parser.add_argument("--max-connections", type=int, default=1000,
                         help="open connections at most; beyond it new requests get 503")
+    parser.add_argument("--upstream", metavar="URL", default=None,
+                        help="generate with the OpenAI-compatible engine at URL (llama-server, vLLM, another "
+                             "chatforge) serving this --model (e.g. its GGUF export); chatforge keeps retrieval, "
+                             "citations, feedback, the page. --max-batch requests are sent to it at once")
+    parser.add_argument("--upstream-model", metavar="ID", default=None,
+                        help="the engine's model id (default: the only one its /v1/models lists)")
+    parser.add_argument("--upstream-key", metavar="KEY", default=None,
+                        help="API key the engine wants (sent as a Bearer token); prefer CHATFORGE_UPSTREAM_KEY")
+    parser.add_argument("--upstream-timeout", type=float, default=60.0,
+                        help="seconds the engine may stay silent (connecting, before the first token, between "
+                             "two) before the request fails with 504")
     parser.add_argument("--name", default=None, help="the model id clients use (default: the model folder's name)")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     parser.add_argument("--max-queue", type=int, default=64,
@@ -182,8 +202,17 @@ def run(args: argparse.Namespace) -> int:
         raise ChatforgeError("--temperature must be in [0, 2] and --repetition-penalty in (0, 10]")
     if not 0 < args.port < 65536:
         raise ChatforgeError(f"--port must be between 1 and 65535, got {args.port}")
-    if not args.request_timeout > 0 or not args.read_timeout > 0:
-        raise ChatforgeError("--request-timeout and --read-timeout must be above 0 seconds")
+    if not args.request_timeout > 0 or not args.read_timeout > 0 or not args.upstream_timeout > 0:
+        raise ChatforgeError("--request-timeout, --read-timeout and --upstream-timeout must be above 0 seconds")
+    upstream_key = args.upstream_key or os.environ.get("CHATFORGE_UPSTREAM_KEY") or None
+    if args.upstream is None and (args.upstream_model or args.upstream_key):
+        raise ChatforgeError("--upstream-model and --upstream-key go with --upstream URL")
+    if args.upstream:
+        local = [f for f, v in (("--threads", args.threads), ("--quant", args.quant), ("--kv-cache-mb", args.kv_cache_mb),
+                                ("--dtype", None if args.dtype == "auto" else args.dtype)) if v is not None]
+        if local:
+            print(f"warning: {', '.join(local)} set the local engine, which --upstream replaces: ignored",
+                  file=sys.stderr)
     api_key = args.api_key or os.environ.get("CHATFORGE_API_KEY") or None
     admin_key = args.admin_key or os.environ.get("CHATFORGE_ADMIN_KEY") or None
     if admin_key and admin_key == api_key:
@@ -210,8 +239,20 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_feedback:
         store = FeedbackStore(args.db or model_dir.resolve().parent / "feedback.sqlite")
 
+    def load_upstream() -> tuple[object, object]:
+        """The model folder's tokenizer and context, generation by the engine at --upstream."""
+        from chatforge.model.folder import load_config, load_tokenizer
+        from chatforge.serve.upstream import UpstreamClient
+
+        tokenizer = load_tokenizer(model_dir)
+        return UpstreamClient(args.upstream, tokenizer, load_config(model_dir).max_seq_len, model=args.upstream_model,
+                              key=upstream_key, timeout=args.upstream_timeout, max_batch=args.max_batch,
+                              max_queue=args.max_queue), tokenizer
+
     def load() -> tuple[Scheduler, object]:
         """The model folder as it is now, on a started scheduler (at start and on each reload)."""
+        if args.upstream:
+            return load_upstream()
         model, tokenizer = load_model(model_dir)
         stops = [tokenizer.eot_id, tokenizer.im_end_id, tokenizer.im_start_id]
         engine = Engine(model, tokenizer, stop_ids=[s for s in stops if s is not None], threads=args.threads,
@@ -224,6 +265,14 @@ def run(args: argparse.Namespace) -> int:
                          prefill_chunk=args.prefill_chunk).start(), tokenizer
 
     scheduler, tokenizer = load()
+    if args.upstream:
+        from chatforge.serve.upstream import UpstreamError
+
+        try:
+            print(f"chatforge serve: generating with {scheduler.check()}", flush=True)
+        except UpstreamError as e:
+            # It may start later (vLLM takes minutes): requests get 503 until it answers.
+            print(f"warning: {e.message}; requests are answered 503 until it answers", file=sys.stderr, flush=True)
     index = None
     if args.docs:
         from chatforge.retrieval.fusion import from_args

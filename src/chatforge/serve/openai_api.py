@@ -28,7 +28,7 @@ class ApiError(Exception):
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
              404: "not_found_error", 501: "server_error",
              411: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-             500: "server_error", 503: "service_unavailable", 504: "timeout_error"}
+             500: "server_error", 502: "server_error", 503: "service_unavailable", 504: "timeout_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -81,7 +81,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[StrictInt] | list[str]      # text, or the token ids of one prompt
     echo: StrictBool | None = None
     logprobs: StrictInt | None = None
     suffix: str | None = None
