@@ -101,12 +101,17 @@ def _digest(paths: list[Path]) -> list[str]:
     return [hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "-" for p in paths]
 
 
+def _h(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _count_lines(path: Path) -> int:
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
 
 
 def check_settings(align: dict) -> None:
-    known = {"algo", "generated", "prefs", "reward", "min_reward_pairs", "sft_epochs", "promote", "max_rouge_drop"}
+    known = {"algo", "generated", "prefs", "reward", "min_reward_pairs", "sft_epochs", "promote", "max_rouge_drop",
+             "retriever"}
     unknown = sorted(set(align) - known)
     if unknown:
         raise ChatforgeError(f"unknown key(s) in the align section: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -114,6 +119,74 @@ def check_settings(align: dict) -> None:
         raise ChatforgeError(f"align.algo must be one of {', '.join(ALGOS)}, got {align['algo']!r}")
     if align["promote"] not in PROMOTE:
         raise ChatforgeError(f"align.promote must be one of {', '.join(PROMOTE)}, got {align['promote']!r}")
+    if not isinstance(align.get("retriever", False), bool):
+        raise ChatforgeError(f"align.retriever must be true or false, got {align['retriever']!r}")
+
+
+def served_embedding_model(model: Path) -> str | None:
+    """The embedding model retrieval uses with `model` (its answer.json's), None = the default."""
+    from chatforge.infer.answer import AnswerSettings
+
+    return AnswerSettings.load(model).embedding_model_for(model)
+
+
+def retrieval_mode(settings: dict) -> str:
+    """The mode the round's evaluations retrieve in (their `--retrieval`, auto = the best mode)."""
+    from chatforge.retrieval.fusion import BEST_MODE
+
+    mode = str(settings.get("eval", {}).get("retrieval") or "auto")
+    return BEST_MODE if mode == "auto" else mode
+
+
+def keep_retriever(report: dict, mode: str) -> list[str]:
+    """Why the retriever `retriever train` reported on is not kept ([] = keep it): hit@3 in `mode`
+    fell on the validation Q&A or on a held-out set. The feedback's own questions were trained on
+    and never decide."""
+    why_not = []
+    for name, before in report["before"].items():
+        if name.startswith("feedback"):
+            continue
+        b, a = before[mode]["hit@3"], report["after"][name][mode]["hit@3"]
+        if b is not None and a is not None and a < b:
+            why_not.append(f"{mode} hit@3 on {name} fell {b:.3f} -> {a:.3f}")
+    return why_not
+
+
+def retriever_step(settings: dict, runner: Runner, round_dir: Path, data: Path, docs: list[Path],
+                   unseen: tuple[Path, Path] | None, previous: Path) -> dict:
+    """`chatforge retriever train` from the served model's embedding model on the Q&A and the
+    round's corrected and up-voted replies; kept by `keep_retriever`. Returns round.json's
+    `retriever` entry; `use` is the embedding model the round's model retrieves with."""
+    base = served_embedding_model(previous)
+    out = round_dir / "retriever"
+    corrections = round_dir / "feedback" / "sft.jsonl"
+    argv = ["retriever", "train", "--data", str(data), "--docs", *map(str, docs), "--out", str(out)]
+    argv += ["--base", base] if base else []
+    argv += ["--feedback", str(corrections)] if _count_lines(corrections) else []
+    argv += ["--questions", str(unseen[0]), "--eval-docs", str(unseen[1])] if unseen else []
+    runner.stage("retriever", argv + to_flags(settings.get("retriever") or {}), out)
+    report = json.loads((out / "retriever.json").read_text(encoding="utf-8"))
+    mode = retrieval_mode(settings)
+    why_not = keep_retriever(report, mode)
+    keep = not why_not
+    return {"base": base, "trained": str(out), "kept": keep, "kept_because": why_not, "mode": mode,
+            "feedback": report.get("feedback"), "before": report["before"], "after": report["after"],
+            "use": str(out) if keep else base}
+
+
+def record_answer_settings(previous: Path, new: Path, embedding_model: str | None) -> None:
+    """Give the round's model the served model's answer settings (DPO and PPO write none; the
+    prompt shape is unchanged) with `embedding_model`, a folder stored relative to `new`."""
+    from dataclasses import replace
+
+    from chatforge.infer.answer import ANSWER_FILE, AnswerSettings
+
+    if embedding_model is None and not (previous / ANSWER_FILE).is_file():
+        return
+    value = embedding_model
+    if value is not None and Path(value).is_dir():
+        value = os.path.relpath(Path(value).resolve(), new.resolve())
+    replace(AnswerSettings.load(previous), embedding_model=value).save(new)
 
 
 def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unseen: tuple[Path, Path] | None,
@@ -147,9 +220,9 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
     if not generated and not sum(_count_lines(p) for p in [*exported[:1], *extra]):
         raise ChatforgeError(f"no preference pairs to learn from: {feedback} holds no corrected reply and no question "
                              "with both an up- and a down-voted reply yet; add --generated-prefs or wait for more votes")
-    keys = ("align", "prefs", "sft", "reward", "dpo", "ppo", "eval")
+    keys = ("align", "prefs", "sft", "reward", "dpo", "ppo", "eval", "retriever")
     identity = hashlib.sha256(json.dumps([_digest(exported), _digest(extra), generated,
-                                          {k: settings[k] for k in keys}], sort_keys=True, default=str)
+                                          {k: settings.get(k) for k in keys}], sort_keys=True, default=str)
                               .encode()).hexdigest()
     done = round_dirs(run_dir)
     last = read_round(done[-1]) if done else {}
@@ -191,6 +264,17 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
     pairs = round_dir / "preferences.jsonl"
     write_preferences(pairs, prefs)
     counts = {"pairs": len(prefs), "from": {str(p): _count_lines(p) for p in parts}}
+
+    # The retriever, on the Q&A and the answers users wrote or liked (align.retriever).
+    retriever = None
+    embedding_model = served_embedding_model(previous)
+    if align.get("retriever"):
+        if retrieval_mode(settings) == "bm25":
+            print("note: align.retriever is on but the round's evaluations retrieve with bm25: "
+                  "no embedding model to train")
+        else:
+            retriever = retriever_step(settings, runner, round_dir, data, docs, unseen, previous)
+            embedding_model = retriever["use"]
 
     # SFT on what users wrote or liked, in the prompt they were served.
     start = previous
@@ -237,6 +321,9 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
         runner.stage("ppo", ["ppo", "--policy", str(start), "--reward", str(reward_dir), "--prompts", str(prompts),
                              "--out", str(new), *to_flags(settings["ppo"])], new)
 
+    # The new model answers as the served one did, with the retriever the round keeps (answer.json).
+    record_answer_settings(previous, new, embedding_model)
+
     # The new model on the served model's questions and settings.
     comparisons: dict[str, dict] = {}
     evals = [("eval", ["--data", str(data), "--questions", str(data / "qa_val.jsonl"), "--docs", *map(str, docs)])]
@@ -276,7 +363,7 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
     promoted = align["promote"] == "always" or (align["promote"] == "better" and not why_not)
     if promoted:
         point_at(run_dir, new)
-    info.update(model=str(new), counts=counts, reward=str(reward_dir) if reward_dir else None,
+    info.update(model=str(new), counts=counts, reward=str(reward_dir) if reward_dir else None, retriever=retriever,
                 reward_heldout=reward_accuracy, comparison=results, promoted=promoted, kept_because=why_not,
                 stages={n: round(s, 1) for n, s, _ in runner.times}, seconds=round(time.time() - t0, 1),
                 finished=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -287,6 +374,15 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
     if reward_accuracy:
         print(f"reward model: held-out pair accuracy {reward_accuracy.get('model')} (longer answer wins: "
               f"{reward_accuracy.get('longer_wins')}, chance 0.5) on {reward_accuracy.get('pairs')} pairs")
+    if retriever is not None:
+        print(f"retriever ({retriever['mode']} hit@1 / hit@3, before -> after; the feedback's "
+              f"{(retriever['feedback'] or {}).get('pairs', 0)} copied answers trained on):")
+        for name, b in retriever["before"].items():
+            a, m = retriever["after"][name], retriever["mode"]
+            print(f"  {name:<28} {_h(b[m]['hit@1'])} / {_h(b[m]['hit@3'])} -> {_h(a[m]['hit@1'])} / {_h(a[m]['hit@3'])}")
+        print(f"  kept: {retriever['trained']} (in the new model's answer.json)" if retriever["kept"] else
+              f"  not kept ({'; '.join(retriever['kept_because'])}): the new model retrieves with "
+              f"{retriever['base'] or 'the default embedding model'}")
     for name, result in results.items():
         print(format_comparison(name, result))
     if promoted:
