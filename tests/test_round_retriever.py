@@ -291,3 +291,63 @@ def test_align_retriever_setting_is_checked():
     continual.check_settings({**base, "retriever": True})
     with pytest.raises(ChatforgeError, match="align.retriever must be true or false"):
         continual.check_settings({**base, "retriever": "yes"})
+
+
+@pytest.mark.e2e
+def test_pipeline_round_retrains_the_retriever_and_rollback_restores_it(tmp_path: Path, monkeypatch, capsys):
+    """`pipeline --feedback DB --train-retriever` on examples/my_docs with a tiny Llama: the round
+    trains the retriever from the served model's embedding model on the Q&A and the corrections,
+    records the one it uses in the new model's answer.json, evaluates the new model with it, and
+    `--rollback` serves the previous model with its own answer.json's embedding model again."""
+    from chatforge import continual
+    from chatforge.eval.run import load_questions
+
+    from test_pipeline import ROOT, ROUND, _hf_base, _served_feedback
+
+    monkeypatch.chdir(tmp_path)
+    docs = ROOT / "examples" / "my_docs"
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(ROUND.replace("  sft-epochs: 1", "  sft-epochs: 1\n  promote: always") +
+                   f"retriever:\n  steps: 2\n  batch-size: 4\n  max-tokens: 32\n  threads: 1\n")
+    argv = ["pipeline", "--base", str(_hf_base(tmp_path, docs)), "--config", str(cfg), "--input", str(docs),
+            "--only-input", "--name", "r"]
+    assert main_ok(argv)
+    run = tmp_path / "runs" / "r"
+    # The served model retrieves with a (tiny) embedding model its answer.json names.
+    embedder = tiny_model(tmp_path / "embedder", WORDS)
+    sft = run / "sft"
+    replace(AnswerSettings.load(sft), embedding_model=str(embedder)).save(sft)
+    # Corrections: two support agents' replies of the transcripts (their own words: no passage
+    # holds them) and three pasted from the documents (copied: they teach the retriever).
+    qa = [(q["question"], q["reference"]) for q in load_questions(run / "data" / "qa_train.jsonl")][:2]
+    qa += [("Can I get one file back?", "Open the device in the web console, browse to the folder, pick the file "
+                                        "and choose a version from the timeline."),
+           ("Is the upload private?", "Files are encrypted on your device with AES-256 before they leave it, and "
+                                      "travel over TLS 1.3."),
+           ("How do I quit?", "Go to Billing > Plan and choose Cancel plan. Your backups stay available for 30 days "
+                              "after the end of the billing period.")]
+    db = tmp_path / "feedback.db"
+    _served_feedback(db, qa, "a")
+    capsys.readouterr()
+    assert main_ok([*argv, "--feedback", str(db), "--train-retriever"])
+    out = capsys.readouterr().out
+    assert "== retriever: chatforge retriever train" in out and f"--base {embedder}" in out
+    info = json.loads((run / "rounds" / "1" / "round.json").read_text())
+    r = info["retriever"]
+    # 5 corrections + the up-voted reply to the first question (a transcript's words: no pair)
+    assert r["base"] == str(embedder) and r["feedback"] == {"records": 6, "pairs": 3}
+    assert r["kept"] == (not r["kept_because"])
+    new = run / "rounds" / "1" / "dpo"
+    expected = str((run / "rounds" / "1" / "retriever").resolve()) if r["kept"] else str(embedder)
+    assert AnswerSettings.load(new).embedding_model_for(new) == expected
+    assert continual.served_model(run).resolve() == new.resolve()       # promote: always
+    assert AnswerSettings.load(run / "assistant").embedding_model_for(run / "assistant") == expected
+    assert json.loads((run / "rounds" / "1" / "eval" / "eval.json").read_text())["retrieval_hits"]["modes"].get("hybrid")
+    assert ("kept: " if r["kept"] else "not kept (") in out
+    # Roll back: the previous model, with the embedding model its own answer.json names.
+    assert main_ok([*argv, "--rollback"])
+    assert AnswerSettings.load(run / "assistant").embedding_model_for(run / "assistant") == str(embedder)
+
+
+def main_ok(argv: list[str]) -> bool:
+    return cli.main(argv) == 0

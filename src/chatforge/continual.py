@@ -130,12 +130,13 @@ def served_embedding_model(model: Path) -> str | None:
     return AnswerSettings.load(model).embedding_model_for(model)
 
 
-def retrieval_mode(settings: dict) -> str:
-    """The mode the round's evaluations retrieve in (their `--retrieval`, auto = the best mode)."""
-    from chatforge.retrieval.fusion import BEST_MODE
+def retrieval_mode(settings: dict, embedding_model: str | None) -> str:
+    """The mode the round's evaluations retrieve in: their `--retrieval`, where auto is the best
+    mode when `embedding_model` (None: the default one) can be loaded, else BM25."""
+    from chatforge.retrieval.fusion import auto_mode
 
     mode = str(settings.get("eval", {}).get("retrieval") or "auto")
-    return BEST_MODE if mode == "auto" else mode
+    return auto_mode(embedding_model) if mode == "auto" else mode
 
 
 def keep_retriever(report: dict, mode: str) -> list[str]:
@@ -166,7 +167,7 @@ def retriever_step(settings: dict, runner: Runner, round_dir: Path, data: Path, 
     argv += ["--questions", str(unseen[0]), "--eval-docs", str(unseen[1])] if unseen else []
     runner.stage("retriever", argv + to_flags(settings.get("retriever") or {}), out)
     report = json.loads((out / "retriever.json").read_text(encoding="utf-8"))
-    mode = retrieval_mode(settings)
+    mode = retrieval_mode(settings, base)
     why_not = keep_retriever(report, mode)
     keep = not why_not
     return {"base": base, "trained": str(out), "kept": keep, "kept_because": why_not, "mode": mode,
@@ -269,9 +270,9 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
     retriever = None
     embedding_model = served_embedding_model(previous)
     if align.get("retriever"):
-        if retrieval_mode(settings) == "bm25":
-            print("note: align.retriever is on but the round's evaluations retrieve with bm25: "
-                  "no embedding model to train")
+        if retrieval_mode(settings, embedding_model) == "bm25":
+            print("note: align.retriever is on but the round's evaluations retrieve with bm25 (see above): "
+                  "no retriever is trained")
         else:
             retriever = retriever_step(settings, runner, round_dir, data, docs, unseen, previous)
             embedding_model = retriever["use"]
