@@ -3,6 +3,7 @@
     chatforge pipeline --feedback runs/demo/feedback.db              # a round on the users' feedback
     chatforge pipeline --feedback runs/demo/feedback.db --align ppo  # PPO against a reward model, not DPO
     chatforge pipeline --generated-prefs                             # a round on pairs made from the Q&A
+    chatforge pipeline --feedback runs/demo/feedback.db --train-retriever  # the retriever too
     chatforge pipeline --rollback                                    # serve the previous model again
 
 The pipeline runs its own stages first (all up to date after `make demo`), then the round in
@@ -13,6 +14,13 @@ The pipeline runs its own stages first (all up to date after `make demo`), then 
               question) and sft.jsonl
   prefs       `chatforge prefs make` on the served model (with --generated-prefs or align.generated),
               plus the JSONL files align.prefs names; all the pairs go to preferences.jsonl
+  retriever   (align.retriever or --train-retriever; off by default) `chatforge retriever train`
+              from the served model's embedding model (its answer.json's, at first the fetched
+              all-minilm-l6-v2) on the Q&A and feedback/sft.jsonl: each corrected or up-voted
+              answer copied from a passage teaches question -> that passage. Kept when hit@3 (in
+              the mode the evaluations retrieve with, hybrid by default) does not fall on the
+              validation Q&A (held out, never trained on) nor on the held-out manual's
+              questions; the feedback's own questions are reported, never decide
   sft         `chatforge sft` from the served model on the corrections and up-voted replies, in
               the prompt the server showed (passages included); skipped with fewer than two
   reward      `chatforge reward train` on the round's pairs: it judges the win-rate below and is
@@ -23,13 +31,20 @@ The pipeline runs its own stages first (all up to date after `make demo`), then 
   compare     the metrics side by side and the reward model's win-rate of the new answers over
               the served model's (`eval/compare.py`)
 
+The new model gets the served model's answer settings (answer.json: DPO and PPO keep the prompt
+shape SFT trained) with `embedding_model` naming the retriever it uses: the one the round kept,
+else the served model's. So the round's evaluations measure the new model with its retriever,
+chat, serve and eval retrieve with it without --embedding-model, a retriever reaches users only
+with a promoted model, and `--rollback` brings the previous model's retriever back with it.
+
 The model served is `runs/NAME/assistant`, a symbolic link to the promoted model folder (at first
 `sft`). The new model is promoted when it does not lose (align.promote: better, always or never):
 its win-rate on the validation questions is at least 0.5 where there is a reward model, and its
 ROUGE-L there at most align.max_rouge_drop below the served model's. The unseen manual is
 reported, never used to decide. Nothing is deleted: `--rollback` points the link back at the
 model the round started from, and `chatforge serve --model runs/NAME/assistant` picks either
-change up on SIGHUP or `POST /admin/reload` without dropping requests in flight.
+change up on SIGHUP or `POST /admin/reload` without dropping requests in flight (the weights: a
+server reads the answer settings, the retriever included, when it starts).
 
 A round is named by what it learns from (the exported feedback, the extra pair files and the
 settings): running the pipeline again with nothing new reports the last round; new votes start
