@@ -236,9 +236,14 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
     if not generated and not sum(_count_lines(p) for p in [*exported[:1], *extra]):
         raise ChatforgeError(f"no preference pairs to learn from: {feedback} holds no corrected reply and no question "
                              "with both an up- and a down-voted reply yet; add --generated-prefs or wait for more votes")
-    keys = ("align", "prefs", "sft", "reward", "dpo", "ppo", "eval", "retriever")
-    identity = hashlib.sha256(json.dumps([_digest(exported), _digest(extra), generated,
-                                          {k: settings.get(k) for k in keys}], sort_keys=True, default=str)
+    keys = ("align", "prefs", "sft", "reward", "dpo", "ppo", "eval")
+    named = {k: settings[k] for k in keys}
+    if align.get("retriever"):
+        named["retriever"] = settings.get("retriever")
+    else:   # a round without the retriever step is named as before it existed
+        named["align"] = {k: v for k, v in align.items() if k != "retriever"}
+    identity = hashlib.sha256(json.dumps([_digest(exported), _digest(extra), generated, named],
+                                         sort_keys=True, default=str)
                               .encode()).hexdigest()
     done = round_dirs(run_dir)
     last = read_round(done[-1]) if done else {}
