@@ -308,7 +308,7 @@ def test_pipeline_round_retrains_the_retriever_and_rollback_restores_it(tmp_path
     docs = ROOT / "examples" / "my_docs"
     cfg = tmp_path / "r.yaml"
     cfg.write_text(ROUND.replace("  sft-epochs: 1", "  sft-epochs: 1\n  promote: always") +
-                   f"retriever:\n  steps: 2\n  batch-size: 4\n  max-tokens: 32\n  threads: 1\n")
+                   "retriever:\n  steps: 2\n  batch-size: 4\n  max-tokens: 32\n  threads: 1\n")
     argv = ["pipeline", "--base", str(_hf_base(tmp_path, docs)), "--config", str(cfg), "--input", str(docs),
             "--only-input", "--name", "r"]
     assert main_ok(argv)
@@ -320,12 +320,12 @@ def test_pipeline_round_retrains_the_retriever_and_rollback_restores_it(tmp_path
     # Corrections: two support agents' replies of the transcripts (their own words: no passage
     # holds them) and three pasted from the documents (copied: they teach the retriever).
     qa = [(q["question"], q["reference"]) for q in load_questions(run / "data" / "qa_train.jsonl")][:2]
-    qa += [("Can I get one file back?", "Open the device in the web console, browse to the folder, pick the file "
-                                        "and choose a version from the timeline."),
-           ("Is the upload private?", "Files are encrypted on your device with AES-256 before they leave it, and "
-                                      "travel over TLS 1.3."),
-           ("How do I quit?", "Go to Billing > Plan and choose Cancel plan. Your backups stay available for 30 days "
-                              "after the end of the billing period.")]
+    qa += [("Can I get one file back?", ("Open the device in the web console, browse to the folder, pick the "
+                                         "file and choose a version from the timeline.")),
+           ("Is the upload private?", ("Files are encrypted on your device with AES-256 before they leave it, "
+                                       "and travel over TLS 1.3.")),
+           ("How do I quit?", ("Go to Billing > Plan and choose Cancel plan. Your backups stay available for 30 "
+                               "days after the end of the billing period."))]
     db = tmp_path / "feedback.db"
     _served_feedback(db, qa, "a")
     capsys.readouterr()

@@ -107,7 +107,7 @@ def prompt_question(user_content: str) -> str:
     """The question of a grounded prompt's user turn ("Context: ...\\n\\nQuestion: Q" -> "Q"), as
     the server stores what the model saw; any other text unchanged."""
     if user_content.startswith("Context:"):
-        head, sep, question = user_content.rpartition("\nQuestion: ")
+        _, sep, question = user_content.rpartition("\nQuestion: ")
         if sep:
             return question.strip()
     return user_content.strip()
