@@ -3,6 +3,7 @@
     chatforge pipeline --feedback runs/demo/feedback.db              # a round on the users' feedback
     chatforge pipeline --feedback runs/demo/feedback.db --align ppo  # PPO against a reward model, not DPO
     chatforge pipeline --generated-prefs                             # a round on pairs made from the Q&A
+    chatforge pipeline --feedback runs/demo/feedback.db --train-retriever  # the retriever too
     chatforge pipeline --rollback                                    # serve the previous model again
 
 The pipeline runs its own stages first (all up to date after `make demo`), then the round in
@@ -13,6 +14,13 @@ The pipeline runs its own stages first (all up to date after `make demo`), then 
               question) and sft.jsonl
   prefs       `chatforge prefs make` on the served model (with --generated-prefs or align.generated),
               plus the JSONL files align.prefs names; all the pairs go to preferences.jsonl
+  retriever   (align.retriever or --train-retriever; off by default) `chatforge retriever train`
+              from the served model's embedding model (its answer.json's, at first the fetched
+              all-minilm-l6-v2) on the Q&A and feedback/sft.jsonl: each corrected or up-voted
+              answer copied from a passage teaches question -> that passage. Kept when hit@3 (in
+              the mode the evaluations retrieve with, hybrid by default) does not fall on the
+              validation Q&A (held out, never trained on) nor on the held-out manual's
+              questions; the feedback's own questions are reported, never decide
   sft         `chatforge sft` from the served model on the corrections and up-voted replies, in
               the prompt the server showed (passages included); skipped with fewer than two
   reward      `chatforge reward train` on the round's pairs: it judges the win-rate below and is
@@ -23,13 +31,20 @@ The pipeline runs its own stages first (all up to date after `make demo`), then 
   compare     the metrics side by side and the reward model's win-rate of the new answers over
               the served model's (`eval/compare.py`)
 
+The new model gets the served model's answer settings (answer.json: DPO and PPO keep the prompt
+shape SFT trained) with `embedding_model` naming the retriever it uses: the one the round kept,
+else the served model's. So the round's evaluations measure the new model with its retriever,
+chat, serve and eval retrieve with it without --embedding-model, a retriever reaches users only
+with a promoted model, and `--rollback` brings the previous model's retriever back with it.
+
 The model served is `runs/NAME/assistant`, a symbolic link to the promoted model folder (at first
 `sft`). The new model is promoted when it does not lose (align.promote: better, always or never):
 its win-rate on the validation questions is at least 0.5 where there is a reward model, and its
 ROUGE-L there at most align.max_rouge_drop below the served model's. The unseen manual is
 reported, never used to decide. Nothing is deleted: `--rollback` points the link back at the
 model the round started from, and `chatforge serve --model runs/NAME/assistant` picks either
-change up on SIGHUP or `POST /admin/reload` without dropping requests in flight.
+change up on SIGHUP or `POST /admin/reload` without dropping requests in flight (the weights: a
+server reads the answer settings, the retriever included, when it starts).
 
 A round is named by what it learns from (the exported feedback, the extra pair files and the
 settings): running the pipeline again with nothing new reports the last round; new votes start
@@ -102,12 +117,17 @@ def _digest(paths: list[Path]) -> list[str]:
     return [hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "-" for p in paths]
 
 
+def _h(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _count_lines(path: Path) -> int:
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
 
 
 def check_settings(align: dict) -> None:
-    known = {"algo", "generated", "prefs", "reward", "min_reward_pairs", "sft_epochs", "promote", "max_rouge_drop"}
+    known = {"algo", "generated", "prefs", "reward", "min_reward_pairs", "sft_epochs", "promote", "max_rouge_drop",
+             "retriever"}
     unknown = sorted(set(align) - known)
     if unknown:
         raise ChatforgeError(f"unknown key(s) in the align section: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -115,6 +135,75 @@ def check_settings(align: dict) -> None:
         raise ChatforgeError(f"align.algo must be one of {', '.join(ALGOS)}, got {align['algo']!r}")
     if align["promote"] not in PROMOTE:
         raise ChatforgeError(f"align.promote must be one of {', '.join(PROMOTE)}, got {align['promote']!r}")
+    if not isinstance(align.get("retriever", False), bool):
+        raise ChatforgeError(f"align.retriever must be true or false, got {align['retriever']!r}")
+
+
+def served_embedding_model(model: Path) -> str | None:
+    """The embedding model retrieval uses with `model` (its answer.json's), None = the default."""
+    from chatforge.infer.answer import AnswerSettings
+
+    return AnswerSettings.load(model).embedding_model_for(model)
+
+
+def retrieval_mode(settings: dict, embedding_model: str | None) -> str:
+    """The mode the round's evaluations retrieve in: their `--retrieval`, where auto is the best
+    mode when `embedding_model` (None: the default one) can be loaded, else BM25."""
+    from chatforge.retrieval.fusion import auto_mode
+
+    mode = str(settings.get("eval", {}).get("retrieval") or "auto")
+    return auto_mode(embedding_model) if mode == "auto" else mode
+
+
+def keep_retriever(report: dict, mode: str) -> list[str]:
+    """Why the retriever `retriever train` reported on is not kept ([] = keep it): hit@3 in `mode`
+    fell on the validation Q&A or on a held-out set. The feedback's own questions were trained on
+    and never decide."""
+    why_not = []
+    for name, before in report["before"].items():
+        if name.startswith("feedback"):
+            continue
+        b, a = before[mode]["hit@3"], report["after"][name][mode]["hit@3"]
+        if b is not None and a is not None and a < b:
+            why_not.append(f"{mode} hit@3 on {name} fell {b:.3f} -> {a:.3f}")
+    return why_not
+
+
+def retriever_step(settings: dict, runner: Runner, round_dir: Path, data: Path, docs: list[Path],
+                   unseen: tuple[Path, Path] | None, previous: Path) -> dict:
+    """`chatforge retriever train` from the served model's embedding model on the Q&A and the
+    round's corrected and up-voted replies; kept by `keep_retriever`. Returns round.json's
+    `retriever` entry; `use` is the embedding model the round's model retrieves with."""
+    base = served_embedding_model(previous)
+    out = round_dir / "retriever"
+    corrections = round_dir / "feedback" / "sft.jsonl"
+    argv = ["retriever", "train", "--data", str(data), "--docs", *map(str, docs), "--out", str(out)]
+    argv += ["--base", base] if base else []
+    argv += ["--feedback", str(corrections)] if _count_lines(corrections) else []
+    argv += ["--questions", str(unseen[0]), "--eval-docs", str(unseen[1])] if unseen else []
+    runner.stage("retriever", argv + to_flags(settings.get("retriever") or {}), out)
+    report = json.loads((out / "retriever.json").read_text(encoding="utf-8"))
+    mode = retrieval_mode(settings, base)
+    why_not = keep_retriever(report, mode)
+    keep = not why_not
+    return {"base": base, "trained": str(out), "kept": keep, "kept_because": why_not, "mode": mode,
+            "feedback": report.get("feedback"), "before": report["before"], "after": report["after"],
+            "use": str(out) if keep else base}
+
+
+def record_answer_settings(previous: Path, new: Path, embedding_model: str | None) -> None:
+    """Give the round's model the served model's answer settings (DPO and PPO write none; the
+    prompt shape is unchanged) with `embedding_model`, a folder stored relative to `new`."""
+    from dataclasses import replace
+
+    from chatforge.infer.answer import ANSWER_FILE, AnswerSettings
+
+    if embedding_model is None and not (previous / ANSWER_FILE).is_file():
+        return
+    value = embedding_model
+    if value is not None and Path(value).is_dir():
+        value = os.path.relpath(Path(value).resolve(), new.resolve())
+    replace(AnswerSettings.load(previous), embedding_model=value).save(new)
 
 
 def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unseen: tuple[Path, Path] | None,
@@ -150,8 +239,13 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
                              "and no question with both an up- and a down-voted reply yet; add --generated-prefs or "
                              "wait for more votes")
     keys = ("align", "prefs", "sft", "reward", "dpo", "ppo", "eval")
-    identity = hashlib.sha256(json.dumps([_digest(exported), _digest(extra), generated,
-                                          {k: settings[k] for k in keys}], sort_keys=True, default=str)
+    named = {k: settings[k] for k in keys}
+    if align.get("retriever"):
+        named["retriever"] = settings.get("retriever")
+    else:   # a round without the retriever step is named as before it existed
+        named["align"] = {k: v for k, v in align.items() if k != "retriever"}
+    identity = hashlib.sha256(json.dumps([_digest(exported), _digest(extra), generated, named],
+                                         sort_keys=True, default=str)
                               .encode()).hexdigest()
     done = round_dirs(run_dir)
     last = read_round(done[-1]) if done else {}
@@ -193,6 +287,17 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
     pairs = round_dir / "preferences.jsonl"
     write_preferences(pairs, prefs)
     counts = {"pairs": len(prefs), "from": {str(p): _count_lines(p) for p in parts}}
+
+    # The retriever, on the Q&A and the answers users wrote or liked (align.retriever).
+    retriever = None
+    embedding_model = served_embedding_model(previous)
+    if align.get("retriever"):
+        if retrieval_mode(settings, embedding_model) == "bm25":
+            print("note: align.retriever is on but the round's evaluations retrieve with bm25 (see above): "
+                  "no retriever is trained")
+        else:
+            retriever = retriever_step(settings, runner, round_dir, data, docs, unseen, previous)
+            embedding_model = retriever["use"]
 
     # SFT on what users wrote or liked, in the prompt they were served.
     start = previous
@@ -239,6 +344,9 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
         runner.stage("ppo", ["ppo", "--policy", str(start), "--reward", str(reward_dir), "--prompts", str(prompts),
                              "--out", str(new), *to_flags(settings["ppo"])], new)
 
+    # The new model answers as the served one did, with the retriever the round keeps (answer.json).
+    record_answer_settings(previous, new, embedding_model)
+
     # The new model on the served model's questions and settings.
     comparisons: dict[str, dict] = {}
     evals = [("eval", ["--data", str(data), "--questions", str(data / "qa_val.jsonl"), "--docs", *map(str, docs)])]
@@ -278,7 +386,7 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
     promoted = align["promote"] == "always" or (align["promote"] == "better" and not why_not)
     if promoted:
         point_at(run_dir, new)
-    info.update(model=str(new), counts=counts, reward=str(reward_dir) if reward_dir else None,
+    info.update(model=str(new), counts=counts, reward=str(reward_dir) if reward_dir else None, retriever=retriever,
                 reward_heldout=reward_accuracy, comparison=results, promoted=promoted, kept_because=why_not,
                 stages={n: round(s, 1) for n, s, _ in runner.times}, seconds=round(time.time() - t0, 1),
                 finished=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -289,6 +397,15 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
     if reward_accuracy:
         print(f"reward model: held-out pair accuracy {reward_accuracy.get('model')} (longer answer wins: "
               f"{reward_accuracy.get('longer_wins')}, chance 0.5) on {reward_accuracy.get('pairs')} pairs")
+    if retriever is not None:
+        print(f"retriever ({retriever['mode']} hit@1 / hit@3, before -> after; the feedback's "
+              f"{(retriever['feedback'] or {}).get('pairs', 0)} copied answers trained on):")
+        for name, b in retriever["before"].items():
+            a, m = retriever["after"][name], retriever["mode"]
+            print(f"  {name:<28} {_h(b[m]['hit@1'])} / {_h(b[m]['hit@3'])} -> {_h(a[m]['hit@1'])} / {_h(a[m]['hit@3'])}")
+        print(f"  kept: {retriever['trained']} (in the new model's answer.json)" if retriever["kept"] else
+              f"  not kept ({'; '.join(retriever['kept_because'])}): the new model retrieves with "
+              f"{retriever['base'] or 'the default embedding model'}")
     for name, result in results.items():
         print(format_comparison(name, result))
     if promoted:

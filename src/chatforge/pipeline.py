@@ -74,11 +74,13 @@ DEFAULTS: dict[str, dict] = {
     # The continual-learning round (continual.py). `align` holds the round's own settings; the
     # other sections are the options of the commands it runs.
     "align": {"algo": "dpo", "generated": False, "prefs": [], "reward": "train", "min_reward_pairs": 20,
-              "sft_epochs": 2, "promote": "better", "max_rouge_drop": 0.02},
+              "sft_epochs": 2, "promote": "better", "max_rouge_drop": 0.02, "retriever": False},
     "prefs": {},
     "reward": {},
     "dpo": {},
     "ppo": {},
+    # `retriever train` in the round (align.retriever): a CPU-sized run (README, the round).
+    "retriever": {"steps": 60, "batch_size": 16},
 }
 # The pipeline's own settings in the `run` section, besides the above: where the model starts.
 DEFAULT_BASE = "smollm2-135m-instruct"   # a fetched model source, a .gguf file, an HF folder, or "scratch"
@@ -156,6 +158,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "alone or added to --feedback's")
     parser.add_argument("--align", choices=["dpo", "ppo"], default=None,
                         help="the round's alignment: dpo (default) or ppo against the round's reward model")
+    parser.add_argument("--train-retriever", action="store_true",
+                        help="the round also retrains the retriever on the Q&A and the corrected answers, kept "
+                             "when it does not lose (align.retriever: true)")
     parser.add_argument("--rollback", action="store_true",
                         help="serve the previous model again: point runs/NAME/assistant back, and stop")
     parser.epilog = ("example:\n  chatforge pipeline\n  chatforge pipeline --input examples/my_docs --name acme\n"
@@ -294,6 +299,8 @@ def run(args: argparse.Namespace) -> int:
         raise ChatforgeError("--only-input needs --input PATH")
     if args.align:
         settings["align"]["algo"] = args.align
+    if args.train_retriever:
+        settings["align"]["retriever"] = True
     if args.rollback:
         from chatforge.continual import LINK, rollback
 

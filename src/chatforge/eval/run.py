@@ -251,6 +251,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
         satisfaction = user_satisfaction(feedback_db)
     from chatforge.retrieval.fusion import load_retriever, search_turn
 
+    embedding_model = embedding_model or settings.embedding_model_for(model_dir)   # answer.json's retriever
     index = load_retriever(list(docs), index_cache, retrieval_mode, embedding_model) if docs else None
     if min_score is None:      # the answer settings' threshold, for the scores it was fitted on
         min_score = settings.threshold(getattr(index, "mode", None))

@@ -9,7 +9,11 @@ One set of answer settings. SFT trains a model on prompts of one shape: `passage
 context block of at most `context_tokens` tokens. A model answers best when it is asked in that
 shape and decoded the way it was evaluated, so SFT writes `answer.json` into the model folder and
 `chat`, `serve`, `eval` and the continual-learning round read it (their flags still override it).
-A model folder without the file (an imported base, an older run) gets the defaults below.
+A model folder without the file (an imported base, an older run) gets the defaults below. The
+file also names the embedding model retrieval uses with the model (`embedding_model`, written
+by the continual-learning round when it keeps a retriever it trained): a retrieving command
+without --embedding-model uses it, so a promoted model brings its retriever along and
+`--rollback` brings the previous one back.
 
 Knowing when nothing answers. The model says NOT_FOUND_REPLY when its context lacks the answer
 (grounded SFT teaches it). A second, independent signal is the retrieval score: when even the
@@ -28,6 +32,7 @@ one of the given passages.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -58,6 +63,10 @@ class AnswerSettings:
     max_new_tokens: int = 512           # a copied passage may be a few hundred tokens long
     min_score: float = 0.0              # best retrieval score below which the reply is a refusal (0 = off)
     retrieval: str = "bm25"             # the retrieval mode min_score was fitted on (scores differ by mode)
+    # The embedding model dense/hybrid retrieval uses with this model (the continual-learning
+    # round records the retriever it trained): a folder relative to the model folder, an absolute
+    # folder, or a fetched source name; None = the default (all-minilm-l6-v2).
+    embedding_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.context_tokens < 16:
@@ -69,6 +78,10 @@ class AnswerSettings:
         if self.max_new_tokens < 1 or self.min_score < 0 or self.repetition_penalty <= 0:
             raise ChatforgeError("answer settings: max_new_tokens must be at least 1, min_score at least 0 "
                                  "and repetition_penalty above 0")
+        if self.embedding_model is not None and (not isinstance(self.embedding_model, str)
+                                                 or not self.embedding_model.strip()):
+            raise ChatforgeError("answer settings: embedding_model must be a folder (relative to the model "
+                                 f"folder, or absolute) or a fetched source name, got {self.embedding_model!r}")
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "AnswerSettings":
@@ -84,6 +97,26 @@ class AnswerSettings:
         if not isinstance(data, dict) or set(data) - known:
             raise ChatforgeError(f"{path}: expected an object with keys among {', '.join(sorted(known))}")
         return cls(**data)
+
+    def embedding_model_for(self, model_dir: str | Path) -> str | None:
+        """The embedding model these settings name, for the model in `model_dir`: a folder path
+        (relative ones resolved against `model_dir`), a fetched source name, or None (the default).
+        A named folder that is missing is an error saying which file names it."""
+        value = self.embedding_model
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            # Against the real folder: runs/NAME/assistant is a link, and "../x" means beside its target.
+            folder = Path(model_dir).resolve()
+            if "/" not in value and os.sep not in value and not (folder / path).exists():
+                return value            # a fetched source name (resolved where it is loaded)
+            path = Path(os.path.normpath(folder / path))
+        if not path.is_dir():
+            raise ChatforgeError(f"{Path(model_dir) / ANSWER_FILE} names the embedding model {value}, but {path} "
+                                 "is not a folder; restore it, or remove embedding_model from the file to use "
+                                 "the default one")
+        return str(path)
 
     def save(self, model_dir: str | Path) -> None:
         files.write_json(Path(model_dir) / ANSWER_FILE, asdict(self))

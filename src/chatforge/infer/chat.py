@@ -489,7 +489,7 @@ def run(args: argparse.Namespace) -> int:
     if args.docs and not args.no_retrieval:
         from chatforge.retrieval.fusion import from_args
 
-        index = from_args(args, args.docs, args.index_cache)
+        index = from_args(args, args.docs, args.index_cache, settings.embedding_model_for(args.model))
     store = None
     if args.db:
         from chatforge.data.feedback import FeedbackStore

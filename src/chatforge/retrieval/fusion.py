@@ -191,14 +191,18 @@ def add_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_MODE) 
                              f"the embedding model is fetched, else bm25 (default {default})")
     parser.add_argument("--embedding-model", metavar="NAME|DIR", default=None,
                         help="embedding model for dense/hybrid retrieval: a model folder (e.g. one "
-                             "`chatforge retriever train` wrote) or a fetched source; default all-minilm-l6-v2")
+                             "`chatforge retriever train` wrote) or a fetched source; default: the one the "
+                             "model's answer.json names (a retriever the continual-learning round kept), "
+                             "else all-minilm-l6-v2")
 
 
 def from_args(args: argparse.Namespace, paths: Sequence[str | os.PathLike],
-              cache_dir: str | os.PathLike | None = None) -> Retriever:
-    """`load_retriever` with the options `add_arguments` added (BM25 for a parser without them)."""
+              cache_dir: str | os.PathLike | None = None, default_model: str | os.PathLike | None = None) -> Retriever:
+    """`load_retriever` with the options `add_arguments` added (BM25 for a parser without them).
+    `default_model`: the embedding model when --embedding-model is not given (the one the served
+    model's answer settings name, `AnswerSettings.embedding_model_for`)."""
     return load_retriever(paths, cache_dir, getattr(args, "retrieval", "bm25"),
-                          getattr(args, "embedding_model", None))
+                          getattr(args, "embedding_model", None) or default_model)
 
 
 def search_turn(index: Any, query: str, k: int, conversation: Sequence[dict] = (),

@@ -103,6 +103,16 @@ def grounded_messages(question: str, passages: Sequence[Passage], system: str | 
             {"role": "user", "content": f"{context}\n\nQuestion: {question.strip()}"}]
 
 
+def prompt_question(user_content: str) -> str:
+    """The question of a grounded prompt's user turn ("Context: ...\\n\\nQuestion: Q" -> "Q"), as
+    the server stores what the model saw; any other text unchanged."""
+    if user_content.startswith("Context:"):
+        _, sep, question = user_content.rpartition("\nQuestion: ")
+        if sep:
+            return question.strip()
+    return user_content.strip()
+
+
 def cite(answer: str, source: str) -> str:
     """`answer` with its citation: "ANSWER (source: NAME)"."""
     return f"{answer.strip()} (source: {source})"

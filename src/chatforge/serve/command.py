@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     if args.docs:
         from chatforge.retrieval.fusion import from_args
 
-        index = from_args(args, args.docs, args.index_cache)
+        index = from_args(args, args.docs, args.index_cache, settings.embedding_model_for(model_dir))
     tools = runner_from_args(args, index, store)
     assistant = Assistant(scheduler, tokenizer, args.name or model_dir.resolve().name, index=index, system=system,
                           guard=guard, store=store, tools=tools, passages=args.passages, default_max_tokens=args.max_tokens,

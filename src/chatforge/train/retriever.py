@@ -5,6 +5,7 @@
         --questions evalsets/customer-company.jsonl --eval-docs examples/my_docs
     chatforge chat --model runs/demo/sft --docs examples/my_docs --retrieval dense \\
         --embedding-model runs/demo/retriever
+    chatforge retriever train --data runs/demo/data --feedback runs/demo/rounds/1/feedback/sft.jsonl
 
 Every FAQ is a ready set of (question, answer passage) pairs: `DATA/qa_train.jsonl`'s questions
 whose `source` is among the documents, each with its gold passage (the passage of its document
@@ -16,9 +17,19 @@ MultipleNegativesRankingLoss) plus `--hard-negatives` BM25 negatives per questio
 passages for the question that are not its gold passage nor a passage of the same section,
 the near misses a word-based search makes. The shared loop (`train/loop.py`) runs it.
 
+Corrected answers (`--feedback`, the sft.jsonl `chatforge feedback export` writes, as the
+continual-learning round passes it): such a record names no source, so its gold passage is the
+passage of all indexed documents its answer was copied from (`copied_passage`: among BM25's 10
+best for question + answer, the one holding the most of the answer's word 4-grams, at least
+half of them). A correction in the user's own words teaches the retriever nothing and is left
+out, as are follow-ups (their last turn alone does not say what they are about). The question
+is the user's own turn, taken out of the grounded prompt the server stored. All of these pairs
+are trained on; their hit@k before and after is reported as "feedback (trained on)", never as a
+held-out figure.
+
 Held out: `DATA/qa_val.jsonl` is never read for training, and `--val-fraction` of the training
 pairs (by question) is kept for the validation loss. Before and after: hit@1 / hit@3 of dense
-retrieval with the base model and with the trained one, on qa_val against `--docs` and on each
+and hybrid retrieval (BM25 beside) with the base model and with the trained one, on qa_val against `--docs` and on each
 `--questions` file against `--eval-docs` (the hand-written sets in evalsets/), in
 `OUT/retriever.json` and printed. The output folder is an embedding model folder
 (safetensors, the base's tokenizer and pooling files, LICENSE/NOTICE): `--embedding-model OUT`.
@@ -38,26 +49,83 @@ from chatforge.cli import leaf, subcommands, add_parser
 from chatforge.errors import ChatforgeError
 
 SCALE = 20.0          # cosine x 20 as logits (sentence-transformers' default for this loss)
+# A feedback answer (no `source`) teaches the retriever only when it was copied from a passage:
+# at least half of its word 4-grams in one passage. `infer.answer.copied_from` accepts a third
+# to pick a citation among the three passages a prompt showed; here the passage is picked among
+# all documents and then trained on, so a wrong pick costs more and the bar is higher: half
+# means most of the answer is the passage's own words (a correction pasted from the manual,
+# maybe with a sentence of its own), while an answer merely on the same topic shares few.
+MIN_COPIED_SHARE = 0.5
+CANDIDATES = 10       # BM25's best passages for question + answer among which the copied one is sought
 
 
 def _fold(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
+def _grams(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def _copied_share(answer_grams: set, passage_text: str) -> float:
+    return len(answer_grams & _grams(passage_text)) / len(answer_grams) if answer_grams else 0.0
+
+
+def _question_and_answer(record: dict) -> tuple[str, str, bool]:
+    """(question, answer, is a follow-up) of a chat record: the last user turn (the question alone
+    when it is a grounded prompt, as the server stores it) and the last assistant turn."""
+    from chatforge.retrieval import strip_citation
+    from chatforge.retrieval.prompt import prompt_question
+
+    msgs = [m for m in record.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    users = [m["content"] for m in msgs if m.get("role") == "user"]
+    answers = [m["content"] for m in msgs if m.get("role") == "assistant"]
+    if not users or not answers:
+        return "", "", False
+    if "source" in record:      # a data folder's Q&A pair: its first turns, as before
+        return users[0], answers[0], False
+    return prompt_question(users[-1]), strip_citation(answers[-1]), len(users) > 1
+
+
+def copied_passage(index: Any, question: str, answer: str, min_share: float = MIN_COPIED_SHARE) -> Any | None:
+    """The passage of all `index`'s documents an answer was copied from: among BM25's best
+    CANDIDATES for question + answer (as grounded SFT examples pick a gold passage, over every
+    document since feedback names none), the one holding the largest share of the answer's word
+    4-grams, when that share is at least `min_share`; else None."""
+    grams = _grams(answer)
+    if not grams:
+        return None
+    best, share = None, 0.0
+    for p in index.search(f"{question}\n{answer}", CANDIDATES):
+        s = _copied_share(grams, p.text)
+        if s > share:
+            best, share = p, s
+    return best if share >= min_share else None
+
+
 def training_pairs(records: Sequence[dict], index: Any, hard_negatives: int = 1) -> list[dict]:
-    """(question, positive passage text, [hard negative texts]) for every record with a question,
-    an answer and a `source` among the indexed documents."""
+    """(question, positive passage text, [hard negative texts]) for every usable record.
+
+    A record with a `source` (a data folder's Q&A pair) is usable when the source is among the
+    indexed documents: its gold passage is the passage of those documents closest to question +
+    answer. A record without one (the round's corrected or up-voted replies, `feedback export`'s
+    sft.jsonl: the user turn may be the grounded prompt the server showed) is usable when its
+    answer was copied from a passage (`copied_passage`): a correction that copies no passage
+    teaches the retriever nothing, and a guessed gold passage would teach it wrongly. A follow-up
+    ("and how do I undo that?") is left out: its last turn alone does not say what it is about."""
     from chatforge.retrieval.embed import passage_text
 
     out = []
     for r in records:
-        msgs = r["messages"]
-        q = next((m["content"] for m in msgs if m["role"] == "user"), "")
-        a = next((m["content"] for m in msgs if m["role"] == "assistant"), "")
-        docs = index.matching_docs(r["source"]) if r.get("source") else []
-        if not (q.strip() and a.strip() and docs):
+        q, a, follow_up = _question_and_answer(r)
+        if not (q.strip() and a.strip()) or follow_up:
             continue
-        gold = index.best_in_docs(docs, f"{q}\n{a}")
+        if "source" in r:
+            docs = index.matching_docs(r["source"]) if r.get("source") else []
+            gold = index.best_in_docs(docs, f"{q}\n{a}") if docs else None
+        else:
+            gold = copied_passage(index, q, a)
         if gold is None:
             continue
         negs = []
@@ -71,7 +139,7 @@ def training_pairs(records: Sequence[dict], index: Any, hard_negatives: int = 1)
             # question with itself. The answer text must carry the match.
             heading = gold.title if _fold(gold.section) == _fold(q) else gold.heading
             out.append({"question": q, "positive": passage_text(heading, gold.text), "negatives": negs,
-                        "passage": gold.id})
+                        "passage": gold.id, "source": gold.source})
     return out
 
 
@@ -140,7 +208,8 @@ def contrastive_loss(model: Any, batch: dict) -> tuple:
 
 
 def dense_hits(embedder: Any, docs: Sequence[Path], questions: Sequence[dict], cache_dir: Any = None) -> dict:
-    """hit@1/hit@3 of dense retrieval with `embedder` over `docs` (vectors cached as usual)."""
+    """hit@1/hit@3 of BM25, dense and hybrid retrieval with `embedder` over `docs` (vectors cached
+    as usual)."""
     from chatforge.retrieval.dense import DenseIndex, cache_folder
     from chatforge.retrieval.fusion import Retriever
     from chatforge.retrieval.hits import retrieval_hits
@@ -149,7 +218,7 @@ def dense_hits(embedder: Any, docs: Sequence[Path], questions: Sequence[dict], c
     index = PassageIndex.load_or_build(docs, cache_dir)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     dense = DenseIndex.load_or_build(index.passages, embedder, cache_folder(root, _resolved(docs)), _resolved(docs))
-    return retrieval_hits(Retriever(index, dense, "dense"), questions, ("bm25", "dense"))
+    return retrieval_hits(Retriever(index, dense, "dense"), questions, ("bm25", "dense", "hybrid"))
 
 
 def _load_sets(data: Path, docs: Sequence[Path], questions: Sequence[str], eval_docs: Sequence[str]) -> dict:
@@ -167,9 +236,11 @@ def _load_sets(data: Path, docs: Sequence[Path], questions: Sequence[str], eval_
 def run_train(data: str | Path, out: str | Path, docs: Sequence[str] | None = None, base: str | None = None,
               steps: int = 300, batch_size: int = 32, lr: float = 2e-5, hard_negatives: int = 1,
               max_tokens: int = 128, val_fraction: float = 0.1, seed: int = 0, threads: int = 2,
-              questions: Sequence[str] = (), eval_docs: Sequence[str] = (), index_cache: str | None = None) -> dict:
-    """Fine-tune the embedding model `base` on `data`'s Q&A over `docs`; returns the report
-    (also `OUT/retriever.json`)."""
+              questions: Sequence[str] = (), eval_docs: Sequence[str] = (), index_cache: str | None = None,
+              feedback: Sequence[str] = ()) -> dict:
+    """Fine-tune the embedding model `base` on `data`'s Q&A over `docs`, plus the corrected and
+    up-voted replies of the `feedback` files (sft.jsonl of `chatforge feedback export`); returns
+    the report (also `OUT/retriever.json`)."""
     import torch
 
     from chatforge.data.chat_data import read_chat_records
@@ -193,16 +264,27 @@ def run_train(data: str | Path, out: str | Path, docs: Sequence[str] | None = No
     if len(pairs) < 4:
         raise ChatforgeError(f"only {len(pairs)} training pairs: qa_train.jsonl needs questions whose source is "
                              "among --docs")
+    fed: list[dict] = []
+    fed_records = 0
+    for path in feedback:
+        if not Path(path).is_file():
+            raise ChatforgeError(f"--feedback {path} does not exist: give sft.jsonl of `chatforge feedback export`")
+        rows = [{k: v for k, v in r.items() if k != "source"} for r in read_chat_records(path)]
+        fed_records += len(rows)
+        fed += training_pairs(rows, index, hard_negatives)
     # Held out by question: a question (asked twice in a FAQ) is on one side only.
     questions_seen = sorted({p["question"] for p in pairs})
     random.Random(seed).shuffle(questions_seen)
     held = set(questions_seen[:int(len(questions_seen) * val_fraction)])
-    train_pairs = [p for p in pairs if p["question"] not in held]
+    train_pairs = [p for p in pairs if p["question"] not in held] + fed   # feedback: all trained on
     val_pairs = [p for p in pairs if p["question"] in held]
 
     before_model = Embedder.load(base)
     sets = _load_sets(data, doc_paths, questions, eval_docs)
+    if fed:     # trained on, so not held out: shows what the feedback taught, never decides
+        sets["feedback (trained on)"] = (doc_paths, [{"question": p["question"], "source": p["source"]} for p in fed])
     report: dict[str, Any] = {"base": str(before_model.folder), "pairs": len(train_pairs), "val_pairs": len(val_pairs),
+                              "feedback": {"records": fed_records, "pairs": len(fed)},
                               "documents": [str(p) for p in doc_paths], "before": {}, "after": {}}
     for name, (d, qs) in sets.items():
         report["before"][name] = dense_hits(before_model, d, qs, index_cache)
@@ -229,14 +311,18 @@ def run_train(data: str | Path, out: str | Path, docs: Sequence[str] | None = No
 
 
 def report_text(report: dict) -> str:
-    lines = [f"{'set':<24}{'bm25 hit@3':>12}{'before hit@1':>14}{'hit@3':>8}{'after hit@1':>13}{'hit@3':>8}"]
+    """Dense hit@1/hit@3 before and after, hybrid hit@3 before -> after, BM25 beside."""
+    lines = [f"{'set':<24}{'bm25 hit@3':>12}{'dense before hit@1':>20}{'hit@3':>8}{'after hit@1':>13}{'hit@3':>8}"
+             f"{'hybrid hit@3':>16}"]
+
+    def f(x: Any) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
     for name, b in report["before"].items():
         a = report["after"][name]
-
-        def f(x: Any) -> str:
-            return "-" if x is None else f"{x:.3f}"
-        lines.append(f"{name:<24}{f(b['bm25']['hit@3']):>12}{f(b['dense']['hit@1']):>14}{f(b['dense']['hit@3']):>8}"
-                     f"{f(a['dense']['hit@1']):>13}{f(a['dense']['hit@3']):>8}")
+        hybrid = f"{f(b['hybrid']['hit@3'])} -> {f(a['hybrid']['hit@3'])}" if "hybrid" in b else "-"
+        lines.append(f"{name:<24}{f(b['bm25']['hit@3']):>12}{f(b['dense']['hit@1']):>20}{f(b['dense']['hit@3']):>8}"
+                     f"{f(a['dense']['hit@1']):>13}{f(a['dense']['hit@3']):>8}{hybrid:>16}")
     return "\n".join(lines)
 
 
@@ -259,6 +345,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens of a passage seen in training")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the training questions held out for validation loss")
+    p.add_argument("--feedback", nargs="*", default=[], metavar="FILE.jsonl",
+                   help="corrected and up-voted replies to train on too (sft.jsonl of `chatforge feedback export`): "
+                        "each answer copied from a passage teaches its question -> that passage")
     p.add_argument("--questions", nargs="*", default=[],
                    help="more question files scored before and after (evalsets/*.jsonl)")
     p.add_argument("--eval-docs", nargs="*", default=[], help="documents for --questions (default: --docs)")
@@ -274,7 +363,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.data).parent / "retriever")
     report = run_train(args.data, out, args.docs, args.base, args.steps, args.batch_size, args.lr, args.hard_negatives,
                        args.max_tokens, args.val_fraction, args.seed, args.threads, args.questions, args.eval_docs,
-                       args.index_cache)
+                       args.index_cache, args.feedback)
+    if args.feedback:
+        fb = report["feedback"]
+        print(f"feedback: {fb['pairs']} of {fb['records']} replies copied from a passage, trained on")
     print(f"{report['pairs']} training pairs ({report['val_pairs']} held out), {report['steps']} steps, "
           f"{report['seconds']} s; dense retrieval before and after (BM25 beside):")
     print(report_text(report))
