@@ -335,8 +335,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                last_only: bool = False, loss_only: bool = False):
+                last_only: bool = False, loss_only: bool = False, take: torch.Tensor | None = None):
         """Logits (B, T, vocab) (or (B, 1, vocab) with last_only) and the loss if targets are given.
+
+        take: (B,) one position per row whose logits alone are computed, (B, 1, vocab): the last
+        real token of right-padded prompts prefilled together.
 
         targets: (B, T) next-token ids, -100 where no loss is wanted.
         loss_only: with targets, apply the LM head only where a target is (logits come back None).
@@ -360,6 +363,8 @@ class GPT(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:, :]
+        elif take is not None:
+            x = x[torch.arange(B, device=x.device), take].unsqueeze(1)
         if loss_only and targets is not None:
             keep = targets.reshape(-1) != -100
             logits, targets = None, targets.reshape(-1)[keep]

@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
 
     from chatforge.data.feedback import FeedbackStore
     from chatforge.infer.batching import Scheduler
-    from chatforge.infer.engine import Engine
+    from chatforge.infer.engine import Engine, weights_dtype
     from chatforge.model.folder import load_model
     from chatforge.serve.app import Assistant, create_app, release_memory, swap_model
     from chatforge.serve.http import LOOPBACK_NAMES, server_config
@@ -210,13 +210,14 @@ def run(args: argparse.Namespace) -> int:
 
     def load() -> tuple[Scheduler, object]:
         """The model folder as it is now, on a started scheduler (at start and on each reload)."""
-        model, tokenizer = load_model(model_dir)
+        # Loaded straight in the dtype it is served in, and handed over to the engine, which
+        # rewrites it in place (fused, prepacked or quantized): no fp32 copy beside it, ever.
+        model, tokenizer = load_model(model_dir, dtype=weights_dtype(args.dtype))
         stops = [tokenizer.eot_id, tokenizer.im_end_id, tokenizer.im_start_id]
         engine = Engine(model, tokenizer, stop_ids=[s for s in stops if s is not None], threads=args.threads,
-                        dtype=args.dtype, quant=args.quant)
-        if engine.model is not model:
-            del model              # the engine serves its own copy (bf16, packed or quantized)
-            release_memory()
+                        dtype=None, quant=args.quant, own=True)
+        del model                  # the engine's now (its unfused or unquantized layers go with it)
+        release_memory()           # what loading freed goes back to the system
         budget = kv_cache_bytes(args.kv_cache_mb, engine, args.max_batch)
         return Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue, kv_cache_bytes=budget,
                          prefill_chunk=args.prefill_chunk).start(), tokenizer
