@@ -24,7 +24,8 @@ Phase `limits` (bf16, each tree):
 
 Phase `load` (each precision, each tree, and llama-server on the peer GGUF file - f16 for bf16,
 q8_0 for int8, exported with `chatforge export` into the cache when missing - with --clients
-slots, 1,024 positions each, -t --threads): a fresh server, a warm-up request, then --clients
+slots, 1,024 positions each, -t --threads; q8_0 with --no-repack, as its repacked kernels segfault
+on this AMX CPU): a fresh server, a warm-up request, then --clients
 streaming clients at once, each one chat of about --prompt-tokens tokens (a system message, passages
 and a question, different for each client), max_tokens 128, greedy: output tokens/s over the
 wall time, TTFT p50, and the server's peak resident memory over its whole life (VmHWM: loading
@@ -270,6 +271,10 @@ def main() -> None:
                     gguf = gguf_file(cache_root() / "gguf" / folder.name, PEER[prec], folder)
                     port = free_port()
                     cmd = llama_server_cmd(binary, gguf, port, args.threads, args.clients, 1024)
+                    if PEER[prec] == "q8_0":
+                        # Its repacked q8_0 kernels segfault at start on this AMX CPU (llama.cpp
+                        # 0.3.36, as in tests/test_export.py): the plain q8_0 kernels.
+                        cmd.append("--no-repack")
                     with Proc(f"llama-server {PEER[prec]}", cmd, port, dict(os.environ)) as server:
                         out["load"][f"llama-server {PEER[prec]}"] = load(server, prompts, args.max_tokens)
                     print(f"load llama-server {PEER[prec]}: {json.dumps(out['load'][f'llama-server {PEER[prec]}'])}",

@@ -184,8 +184,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                                 # (B, nkv, S, hs)
-            # A cache may be wider than the weights (the engine keeps fp32 keys/values for bf16
-            # weights on CPU, where bf16 attention over a cache was 5-9x slower): attend in its dtype.
+            # A cache may be in another dtype than the weights (an fp32 cache beside bf16
+            # weights): attend in the cache's dtype.
             q = q.to(k.dtype)
         gqa = self.n_kv_head != self.n_head
         if gqa and not _SDPA_GQA:
