@@ -389,3 +389,26 @@ def test_short_prompts_go_ahead_of_a_long_ones_chunks_in_one_forward(engine, mon
     scheduler.run_until_idle()
     for prompt, request in zip((LONG, *PROMPTS[:3]), (long_request, *shorts)):
         assert request.result(timeout=0).tokens == alone(engine, prompt, cfg)[0]
+
+
+def test_a_long_prompt_waits_for_just_started_requests_for_a_few_steps_at_most(engine):
+    """While requests that have just started decode their first tokens, the long prompt's prefill
+    waits (their first words reach their clients at full speed), for at most MAX_PAUSE steps in
+    a row; then it goes on, and once they are under way it goes on every step."""
+    scheduler = Scheduler(engine, max_batch=4, prefill_chunk=16)
+    long_request = scheduler.submit(LONG, GenerationConfig(max_new_tokens=4))
+    scheduler.step()
+    short_request = scheduler.submit(PROMPTS[0], GenerationConfig(max_new_tokens=40))
+    progress = []
+    while long_request.first_token is None:
+        before = scheduler.prefilling.prefilled if scheduler.prefilling else None
+        scheduler.step()
+        after = scheduler.prefilling.prefilled if scheduler.prefilling else len(LONG)
+        young = len(scheduler.running[0].tokens) < Scheduler.YOUNG_TOKENS if scheduler.running else False
+        progress.append((before is not None and after > before, young))
+    paused = [moved for moved, young in progress if young]
+    assert paused and not paused[0] and len(paused) <= Scheduler.MAX_PAUSE + 1   # waited while it was young
+    assert all(moved for moved, young in progress[len(paused) + 1:] if not young)
+    assert short_request.first_token < long_request.first_token
+    scheduler.run_until_idle()
+    assert long_request.result(timeout=0).tokens == alone(engine, LONG, GenerationConfig(max_new_tokens=4))[0]
