@@ -15,12 +15,12 @@ reply. Here each step of the loop:
 1. prefills at most `prefill_chunk` prompt tokens (`burst_tokens` while nothing decodes): waiting
    requests are admitted while slots are free and the KV-cache budget holds them beside the
    running ones at their worst; short prompts go in whole, those waiting together in one forward
-   (right-padded, each into its own slot, each row's logits at its own last token: 16 chat
-   prompts arriving at once got their first tokens ~1.8x sooner at the median than one forward
-   each), also while a long prompt is halfway in; a long one goes in a chunk a step, smaller
-   while requests have just started (about one decode step's time), so a long prompt does not
-   hold every other reply up for its whole prefill; a request's first token comes out of its
-   last chunk;
+   (right-padded, each into its own slot, each row's logits at its own last token: 16 chats
+   sent at once to the 135M model's server got their first text 2.3-3x sooner at the median
+   than with one forward each, benchmarks/bench_serve_limits.py), also while a long prompt is
+   halfway in; a long one goes in a chunk a step (`_chunk_tokens`), waiting while requests that
+   have just started decode their first tokens, so a long prompt does not hold every other reply
+   up for its whole prefill; a request's first token comes out of its last chunk;
 2. runs one decode step over every running request at once: each row has its own length, RoPE
    position and attention mask over its own slot, so a request's output does not depend on the
    others in the batch (the greedy output equals `Engine.generate` alone; the tests check it);
@@ -344,9 +344,9 @@ class Scheduler:
         is decoding (a burst of requests arriving at once: nobody waits for a decode step).
         Prompts up to 4 x `prefill_chunk` tokens go in whole (one a step at least, however long
         it takes); longer ones a chunk a step (`_chunk_tokens`)."""
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise ChatforgeError(f"max_batch and prefill_chunk must be >= 1 and max_queue >= 0, got "
-                                 f"{max_batch}, {prefill_chunk} and {max_queue}")
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or burst_tokens < 1:
+            raise ChatforgeError(f"max_batch, prefill_chunk and burst_tokens must be >= 1 and max_queue >= 0, "
+                                 f"got {max_batch}, {prefill_chunk}, {burst_tokens} and {max_queue}")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
         self.prefill_chunk, self.burst_tokens = prefill_chunk, burst_tokens
         self._chunk = prefill_chunk                  # tokens of the long prompt's next chunk
