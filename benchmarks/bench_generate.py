@@ -70,8 +70,8 @@ read bandwidth (a sum over 512 MiB, the best over the rounds) / the bytes one de
 the weights as each engine holds them (chatforge: every linear layer's weights, scales, zero
 points; int8 ~1 byte a weight, int4 ~0.5 + a bf16 scale and zero point per 32; llama.cpp: the
 GGUF's tensors, its 4-bit file keeps the tied embedding / LM head in q8_0; HF: its linear layers)
-plus the KV cache at the mean context (chatforge keeps fp32 keys/values beside bf16 weights,
-llama.cpp f16). Peers in the same run: chatforge bf16 vs llama.cpp f16, int8 vs q8_0, int4 vs q4_0
+plus the KV cache at the mean context (chatforge keeps keys/values in its weights' dtype,
+fp32 or bf16 (int8/int4 compute in bf16), llama.cpp f16). Peers in the same run: chatforge bf16 vs llama.cpp f16, int8 vs q8_0, int4 vs q4_0
 (fp32 vs f16 is shown, not a target), and vs HF. Where the time of a chatforge decode step goes is
 measured without a profiler (the step, its linear layers alone, attention alone, the rest), with
 the prompt's linear layers (and for int4, a dense bf16 matmul of the same weights); `--profile`
@@ -836,7 +836,7 @@ def demo_decode(args: argparse.Namespace, prompt: list[int], threads: int, log_d
         decode = [(new - 1) / x["rest_s"] for x in rs]
         ttft = [x["ttft_s"] for x in rs]
         info, end = ready[name], memory.get(name) or {}
-        elem = 2 if e == "llama.cpp" or (e == "HF" and p == "bf16") else 4
+        elem = 4 if p == "fp32" else 2
         wbytes = info["weight_bytes"]
         kv = kv_bytes_per_token(cfg, mean_ctx, elem)
         row = {"decode_tok_s_best": max(decode), "decode_tok_s_median": statistics.median(decode),

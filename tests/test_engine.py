@@ -114,8 +114,8 @@ def test_bf16_weights_by_default_where_native(model, monkeypatch):
     x = torch.randn(3, model.config.d_model, dtype=torch.bfloat16)
     head = engine.model.lm_head(x) if native else x @ engine.model.lm_head.weight.T
     assert torch.allclose(head.float(), (x @ engine.model.embed_tokens.weight.T).float(), atol=1e-2, rtol=1e-2)
-    assert engine.cache_dtype == torch.float32                    # attention over the cache in fp32
-    if native:  # bf16 kernels run (fast) only where native: greedy over the fp32 cache equals a
+    assert engine.cache_dtype == torch.bfloat16                   # the cache in the weights' dtype
+    if native:  # bf16 kernels run (fast) only where native: greedy over the bf16 cache equals a
         # full bf16 recompute at each step.
         for prompt in PROMPTS:
             seq = list(prompt)
@@ -462,3 +462,42 @@ def test_stream_rejects_beam_search(tokenizer):
     engine = Engine(ScriptedModel([1], tokenizer.vocab_size, 1), tokenizer)
     with pytest.raises(ChatforgeError, match="stream"):
         list(engine.stream([1], GenerationConfig(strategy="beam")))
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_a_model_loaded_in_its_serving_dtype_and_handed_over_serves_the_same(model, tmp_path, quant):
+    """Issue 23: the server kept the fp32 weights beside its bf16 and prepacked copies. Loaded
+    straight in bf16 (`load_model(dtype=)`: every tensor converted as it is read, into a model
+    built without weights) and handed over (`own=True`: rewritten in place, not copied), the
+    model holds what the fp32 load cast to bf16 holds, and generates the same tokens."""
+    from chatforge.model.folder import load_model, save_model
+
+    class Tok:                                   # save_model needs a tokenizer; a stand-in's files
+        vocab_size = VOCAB
+
+        def save(self, out):
+            pass
+
+    save_model(tmp_path, model, None)
+    import chatforge.model.folder as folder
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(folder, "load_tokenizer", lambda _: Tok())
+    try:
+        bf16, _ = load_model(tmp_path, dtype=torch.bfloat16)
+        fp32, _ = load_model(tmp_path)
+    finally:
+        monkey.undo()
+    want = {k: v.to(torch.bfloat16) for k, v in fp32.state_dict().items()}
+    got = bf16.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert bf16.lm_head.weight is bf16.embed_tokens.weight                      # still tied
+    assert torch.equal(bf16.rope_cos, fp32.rope_cos.to(torch.bfloat16))
+    assert not any(t.is_meta for t in [*bf16.parameters(), *bf16.buffers()])
+    copied = Engine(fp32, stop_ids=[], dtype="bfloat16", quant=quant)
+    owned = Engine(bf16, stop_ids=[], dtype=None, quant=quant, own=True)
+    assert owned.dtype == copied.dtype
+    if quant is None:
+        assert owned.model is bf16 and getattr(bf16.layers[0].self_attn, "qkv_proj", None) is not None   # in place
+    cfg = GenerationConfig(max_new_tokens=10)
+    assert [r.tokens for r in owned.generate(PROMPTS, cfg)] == [r.tokens for r in copied.generate(PROMPTS, cfg)]

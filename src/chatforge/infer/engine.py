@@ -253,7 +253,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, stop_ids: Iterable[int] | None = None,
                  pad_id: int | None = None, threads: int | None = None,
-                 dtype: torch.dtype | str | None = "auto", quant: str | None = None):
+                 dtype: torch.dtype | str | None = "auto", quant: str | None = None, own: bool = False):
         """`threads`: torch intra-op threads while the model runs. By default a model under 1B
         parameters on CPU uses 1. Its decode steps are matrix-vector products bound by memory
         bandwidth, which a second core adds little to (the 135M model's weight matmuls: fp32
@@ -271,26 +271,32 @@ class Engine:
         leaves the model passed in as it is and is taken here: weights the caller changes
         afterwards (training) are not seen, so make a new Engine then. Asking for bfloat16
         explicitly on a CPU without native bf16 instructions warns and keeps fp32: emulated bf16
-        matrix products are slower. With bf16 weights on CPU the KV cache stays fp32: for one new
-        token the bf16 attention kernel was 5x (64 cached keys) to 9x (600 keys, batch 1 or 8)
-        slower than the fp32 one, and a 512-token prefill costs the same in either. A copy is also
+        matrix products are slower. The KV cache is kept in the weights' dtype: with torch 2.x's
+        CPU kernels, attention over a bf16 cache was as fast as over an fp32 one at batch 1 and
+        1.5-2x faster at batch 8 (600 cached keys; a 135M model's decode step 71-110 ms against
+        114-202 ms at batch 8, 51-54 ms either way at batch 1, same greedy tokens), and it takes half
+        the memory (the 135M model: 23 KB a position instead of 46). A copy is also
         rewritten for decoding (`model/inference.py`: q/k/v and gate/up each one matmul, bf16
         weights prepacked for oneDNN): the demo assistant (SmolLM2-135M) decoded 1.6x faster in
         bf16 at batch 1 on 1 thread, same tokens. A model used as given is never rewritten.
 
         `quant`: "int8" or "int4" stores every linear layer's weights in 8 or 4 bits
         (`model/quant.py`; CPU only), computing in the weights' dtype chosen above. Its output is
-        measured (perplexity, agreement), not asserted equal to the full-precision model's."""
+        measured (perplexity, agreement), not asserted equal to the full-precision model's.
+
+        `own`: the caller hands the model over (a server that loaded it for this engine alone, in
+        the serving dtype: `load_model(dtype=)`): it is rewritten for decoding in place, as a copy
+        would be, so no second copy of the weights is made."""
         given = getattr(model, "_orig_mod", model)
         self.model = _in_dtype(given, dtype).eval()
         # A copy the engine owns (another dtype, or quantized) is only ever run, so it is rewritten
         # for decoding speed (model/inference.py): q/k/v and gate/up fused, bf16 weights prepacked
         # for oneDNN. A model used as it was given is left alone: its owner may train or refresh it.
-        owned = self.model is not given
+        owned = own or self.model is not given
         if quant:
             from chatforge.model.quant import quantize_model
 
-            self.model = quantize_model(self.model, quant, fuse=True)
+            self.model = quantize_model(self.model, quant, fuse=True, inplace=own)
         elif owned:
             from chatforge.model.inference import fuse_projections, pack_linears
 
@@ -305,7 +311,7 @@ class Engine:
         self.pad_id = pad_id if pad_id is not None else getattr(tokenizer, "pad_id", None) or 0
         weights = next(self.model.parameters())
         self.device, self.dtype = weights.device, weights.dtype
-        self.cache_dtype = torch.float32 if self.device.type == "cpu" and self.dtype != torch.float32 else self.dtype
+        self.cache_dtype = self.dtype if self.dtype.is_floating_point else torch.float32
         if threads is None and self.device.type == "cpu":
             threads = 1 if sum(p.numel() for p in self.model.parameters()) < 1e9 else None
         self.threads = threads
@@ -392,8 +398,13 @@ class Engine:
     def _new_tokens(self, batch_prompt_len: int, cfg: GenerationConfig) -> int:
         return min(cfg.max_new_tokens, self.config.max_seq_len - batch_prompt_len)
 
-    def _forward(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor, mask) -> torch.Tensor:
-        logits, _ = self.model(ids, cache=cache, positions=positions, attn_mask=mask, last_only=True)
+    def _forward(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor, mask,
+                 take: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of each row's last position (or of position `take[row]`), in fp32: (B, V)."""
+        if take is None:
+            logits, _ = self.model(ids, cache=cache, positions=positions, attn_mask=mask, last_only=True)
+        else:
+            logits, _ = self.model(ids, cache=cache, positions=positions, attn_mask=mask, take=take)
         return logits[:, -1, :].float()                                                       # (B, V)
 
     def _prefill(self, batch: _Batch) -> tuple[torch.Tensor, KVCache]:
@@ -579,30 +590,39 @@ class Engine:
                  for score, toks, reason, stop in finished[p][:cfg.num_return_sequences]] for p in range(P)]
 
 
-def _in_dtype(model: torch.nn.Module, dtype: torch.dtype | str | None) -> torch.nn.Module:
-    """`model`, or a copy of it in `dtype` when that differs and the device computes it natively
-    ("auto": bfloat16 where native, else the model as it is)."""
+def weights_dtype(dtype: torch.dtype | str | None, current: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype an engine given weights in `current` on `device` generates in, for its `dtype`
+    argument ("auto": bfloat16 where the device computes it natively, else `current`). A server
+    loads its model straight in it (`load_model(dtype=)`)."""
     from chatforge.train.runtime import bf16_supported
 
-    param = next(model.parameters())
+    device = torch.device(device)
     if dtype == "auto":
-        native = param.dtype == torch.float32 and bf16_supported(param.device)
-        dtype = torch.bfloat16 if native else None
+        native = current == torch.float32 and bf16_supported(device)
+        return torch.bfloat16 if native else current
     if dtype is None:
-        return model
+        return current
     if isinstance(dtype, str):
         names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                  "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
         if dtype not in names:
             raise ChatforgeError(f"unknown dtype {dtype!r}; choose auto or one of {', '.join(names)}")
         dtype = names[dtype]
+    if dtype != current and device.type == "cpu" and dtype != torch.float32:
+        if not (dtype == torch.bfloat16 and bf16_supported(device)):
+            warnings.warn(f"this CPU has no native {dtype} matrix products; generating in {current}")
+            return current
+    return dtype
+
+
+def _in_dtype(model: torch.nn.Module, dtype: torch.dtype | str | None) -> torch.nn.Module:
+    """`model`, or a copy of it in `dtype` when that differs and the device computes it natively
+    ("auto": bfloat16 where native, else the model as it is)."""
+    param = next(model.parameters())
+    dtype = weights_dtype(dtype, param.dtype, param.device)
     if param.dtype == dtype:
         return model
-    if param.device.type == "cpu" and dtype != torch.float32:
-        native = dtype == torch.bfloat16 and bf16_supported(param.device)
-        if not native:
-            warnings.warn(f"this CPU has no native {dtype} matrix products; generating in {param.dtype}")
-            return model
     # A copy, so training code holding the model keeps its fp32 weights. Each floating tensor is
     # converted on its own and handed to deepcopy, so the model is never copied whole in fp32
     # first, and tied weights stay tied (one tensor, one copy). The RoPE tables are cast too, as

@@ -184,8 +184,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                                 # (B, nkv, S, hs)
-            # A cache may be wider than the weights (the engine keeps fp32 keys/values for bf16
-            # weights on CPU, where bf16 attention over a cache was 5-9x slower): attend in its dtype.
+            # A cache may be in another dtype than the weights (an fp32 cache beside bf16
+            # weights): attend in the cache's dtype.
             q = q.to(k.dtype)
         gqa = self.n_kv_head != self.n_head
         if gqa and not _SDPA_GQA:
@@ -335,8 +335,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                last_only: bool = False, loss_only: bool = False):
+                last_only: bool = False, loss_only: bool = False, take: torch.Tensor | None = None):
         """Logits (B, T, vocab) (or (B, 1, vocab) with last_only) and the loss if targets are given.
+
+        take: (B,) one position per row whose logits alone are computed, (B, 1, vocab): the last
+        real token of right-padded prompts prefilled together.
 
         targets: (B, T) next-token ids, -100 where no loss is wanted.
         loss_only: with targets, apply the LM head only where a target is (logits come back None).
@@ -360,6 +363,8 @@ class GPT(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:, :]
+        elif take is not None:
+            x = x[torch.arange(B, device=x.device), take].unsqueeze(1)
         if loss_only and targets is not None:
             keep = targets.reshape(-1) != -100
             logits, targets = None, targets.reshape(-1)[keep]

@@ -58,13 +58,22 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        w = linear.weight.detach().float()
-        # The scale is rounded to its stored dtype first, so each weight is rounded against the
-        # scale the kernel will use: at most half a step off.
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(COMPUTE).float()
+        weight = linear.weight.detach()
+        qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scales = []
+        # A block of output rows at a time: the whole LM head of a 135M model in fp32 (and its
+        # rounded copy) was 230 MB of temporaries beside the weights (scales are per row, so
+        # blocks give the same codes).
+        for i in range(0, weight.shape[0], 4096):
+            w = weight[i:i + 4096].to(torch.float32, copy=True)      # divided in place below
+            # The scale is rounded to its stored dtype first, so each weight is rounded against
+            # the scale the kernel will use: at most half a step off.
+            scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(COMPUTE).float()
+            qweight[i:i + 4096] = w.div_(scale[:, None]).round_().clamp_(-128, 127)
+            scales.append(scale)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(COMPUTE))
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", torch.cat(scales).to(COMPUTE))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def dequantized(self) -> torch.Tensor:
@@ -177,7 +186,8 @@ def _int4_layout() -> tuple[int, bool] | None:
 _INT4_LAYOUT: tuple[int, bool] | None | bool = False      # False: not probed yet
 
 
-def quantize_model(model: nn.Module, mode: str, group_size: int = 32, fuse: bool = False) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, group_size: int = 32, fuse: bool = False,
+                   inplace: bool = False) -> nn.Module:
     """A copy of `model` with every `nn.Linear` stored in `mode` ("int8" or "int4").
 
     The copy shares the tensors it does not replace (embeddings, norms) with `model`, so the
@@ -192,14 +202,20 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, fuse: bool
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ChatforgeError("int8/int4 weights use PyTorch's CPU kernels; run the quantized model on the CPU")
-    # Copy the modules, not the tensors: every parameter and buffer maps to itself.
-    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    clone = copy.deepcopy(model, memo)
+    if inplace:
+        # The caller hands the model over (a server's engine): each layer's full-precision
+        # weights go as soon as its quantized layer is in, never all of them beside the codes.
+        clone = model
+    else:
+        # Copy the modules, not the tensors: every parameter and buffer maps to itself.
+        memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        clone = copy.deepcopy(model, memo)
     if fuse:
         from chatforge.model.inference import fuse_projections
 
         fuse_projections(clone)     # new concatenated tensors; `model`'s are untouched
-    for parent in list(clone.modules()):
+    # The parents only: a list of every module would keep each replaced layer alive to the end.
+    for parent in [m for m in clone.modules() if any(isinstance(c, nn.Linear) for c in m.children())]:
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue

@@ -26,6 +26,8 @@ retrieval, plugins, the prompt, citations, the reply filter, feedback, the page 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import ipaddress
 import os
 import signal
@@ -179,6 +181,29 @@ def kv_cache_bytes(mb: int | None, engine, max_batch: int) -> int:
     return min(need, max(256 << 20, memory // 4))
 
 
+M_MMAP_THRESHOLD = -3          # glibc's mallopt parameter
+
+
+@contextlib.contextmanager
+def _loading_memory():
+    """While a model loads, every C allocation above 256 KiB gets its own mapping, returned to the
+    system the moment it is freed: loading converts, fuses, prepacks or quantizes the weights one
+    tensor at a time, and from glibc's heap each freed tensor stayed, too small for the next
+    (the int8 demo model's server peaked at 790 MB loading, 650 MB this way). Afterwards the
+    threshold is glibc's largest dynamic one (32 MiB), so a step's activations are reused from
+    the heap, not mapped and zeroed again on every forward."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):           # not glibc
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, 256 << 10)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise ChatforgeError("--model is required: the folder of a trained model (the output of sft)")
@@ -229,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
 
     from chatforge.data.feedback import FeedbackStore
     from chatforge.infer.batching import Scheduler
-    from chatforge.infer.engine import Engine
+    from chatforge.infer.engine import Engine, weights_dtype
     from chatforge.model.folder import load_model
     from chatforge.serve.app import Assistant, create_app, release_memory, swap_model
     from chatforge.serve.http import LOOPBACK_NAMES, server_config
@@ -253,13 +278,15 @@ def run(args: argparse.Namespace) -> int:
         """The model folder as it is now, on a started scheduler (at start and on each reload)."""
         if args.upstream:
             return load_upstream()
-        model, tokenizer = load_model(model_dir)
-        stops = [tokenizer.eot_id, tokenizer.im_end_id, tokenizer.im_start_id]
-        engine = Engine(model, tokenizer, stop_ids=[s for s in stops if s is not None], threads=args.threads,
-                        dtype=args.dtype, quant=args.quant)
-        if engine.model is not model:
-            del model              # the engine serves its own copy (bf16, packed or quantized)
-            release_memory()
+        # Loaded straight in the dtype it is served in, and handed over to the engine, which
+        # rewrites it in place (fused, prepacked or quantized): no fp32 copy beside it, ever.
+        with _loading_memory():
+            model, tokenizer = load_model(model_dir, dtype=weights_dtype(args.dtype))
+            stops = [tokenizer.eot_id, tokenizer.im_end_id, tokenizer.im_start_id]
+            engine = Engine(model, tokenizer, stop_ids=[s for s in stops if s is not None], threads=args.threads,
+                            dtype=None, quant=args.quant, own=True)
+            del model              # the engine's now (its unfused or unquantized layers go with it)
+            release_memory()       # what loading freed goes back to the system
         budget = kv_cache_bytes(args.kv_cache_mb, engine, args.max_batch)
         return Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue, kv_cache_bytes=budget,
                          prefill_chunk=args.prefill_chunk).start(), tokenizer
