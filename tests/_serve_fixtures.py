@@ -1,7 +1,12 @@
-"""A real chatforge server on loopback for tests: the tiny chat model behind uvicorn in a thread."""
+"""A real chatforge server on loopback for tests: the tiny chat model behind uvicorn in a thread
+(`serve`), or the `python -m chatforge serve` command in its own process (`start_serve_process`)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -83,3 +88,28 @@ def serve(model_dir: Path, db: Path | None = None, docs: Path | None = None, api
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     return Running(f"http://127.0.0.1:{port}", app, assistant, server, thread)
+
+
+def start_serve_process(model_dir: Path, db: str | Path, timeout: float = 90) -> tuple[subprocess.Popen, str]:
+    """`python -m chatforge serve --db DB` in its own process on a free port, once GET /health
+    answers 200 (the process and its URL); its output in the assertion if it never does."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--port",
+                             str(port), "--db", str(db), "--name", "tiny", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(proc.stdout.read().decode())
+        time.sleep(0.1)

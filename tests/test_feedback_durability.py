@@ -7,18 +7,15 @@ one of them SIGKILLed mid-load. Afterwards every acknowledged reply and vote is 
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from _serve_fixtures import serve
+from _serve_fixtures import serve, start_serve_process
 from _tiny_chat_model import CONVERSATIONS, train_tiny_chat_model
 
 from chatforge.data.feedback import FeedbackStore
@@ -98,25 +95,7 @@ def test_32_concurrent_clients_on_one_server(model_dir, target):
 # ------------------------------------------------------------ two servers, one of them killed
 
 def _start(model_dir, target: str) -> tuple[subprocess.Popen, str]:
-    """`python -m chatforge serve --db TARGET` in its own process on a free port, once /health answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--port",
-                             str(port), "--db", target, "--name", "tiny", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(proc.stdout.read().decode())
-        time.sleep(0.1)
+    return start_serve_process(model_dir, target)
 
 
 def test_two_servers_on_one_database_one_killed_mid_load(model_dir, target):

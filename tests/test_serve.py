@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 
 from chatforge.infer.prompting import SystemPrompt
 
-from _serve_fixtures import serve, write_docs
+from _serve_fixtures import serve, start_serve_process, write_docs
 from _tiny_chat_model import CONVERSATIONS, EMAIL, train_tiny_chat_model
 
 QUESTION = "How do I reset my password?"
@@ -375,30 +375,7 @@ def test_generated_requests_never_get_a_5xx(server):
 
 
 def _start_cli_server(model_dir, db):
-    """`python -m chatforge serve` in its own process on a free port, once /health answers."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--db", str(db), "--name", "tiny", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(proc.stdout.read().decode())
-        time.sleep(0.1)
+    return start_serve_process(model_dir, db, timeout=60)
 
 
 @pytest.mark.e2e

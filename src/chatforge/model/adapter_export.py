@@ -267,7 +267,7 @@ def write_gguf_lora(adapter: Adapter, config, path: Path, quant: str = "f32", na
     """Write the adapter as llama.cpp's LoRA GGUF `path`; returns the count of tensors per type."""
     import gguf
 
-    from chatforge.model.gguf_export import architecture_of
+    from chatforge.model.gguf_export import architecture_of, write_tensors
 
     if quant not in ADAPTER_QUANTS:
         raise ChatforgeError(f"--format gguf-lora stores the adapter as {', '.join(ADAPTER_QUANTS)}, not {quant}")
@@ -276,17 +276,7 @@ def write_gguf_lora(adapter: Adapter, config, path: Path, quant: str = "f32", na
     writer.add_name(name)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter.alpha))
-    types: Counter = Counter()
-    for gname, data, qtype in gguf_lora_tensors(adapter, config, quant):
-        writer.add_tensor(gname, data, raw_dtype=qtype)
-        types[qtype.name] += 1
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    return types
+    return write_tensors(writer, gguf_lora_tensors(adapter, config, quant))
 
 
 # ---- the base's export --------------------------------------------------------------------------

@@ -181,8 +181,14 @@ def write_gguf(model: GPT, tokenizer: Any, path: str | Path, quant: str = "f16",
         writer.add_key_length(c.head_dim)
         writer.add_value_length(c.head_dim)
     add_tokenizer(writer, tokenizer)
+    return write_tensors(writer, gguf_tensors(model, quant))
+
+
+def write_tensors(writer, tensors) -> Counter:
+    """Add `tensors` ((name, data, GGML type) triples) to `writer` after its metadata, write the
+    file and close it; the count of tensors per type."""
     types: Counter = Counter()
-    for gname, data, qtype in gguf_tensors(model, quant):
+    for gname, data, qtype in tensors:
         writer.add_tensor(gname, data, raw_dtype=qtype)
         types[qtype.name] += 1
     try:
