@@ -64,7 +64,8 @@ from bench_sft import load, load_hf, logit_gap  # noqa: E402  (the SFT benchmark
 from chatforge.data.prefs import read_preferences  # noqa: E402
 from chatforge.model.folder import load_model  # noqa: E402
 from chatforge.model.lora import apply_lora  # noqa: E402
-from chatforge.train import dpo, reward, runtime, sft  # noqa: E402
+from chatforge import runtime  # noqa: E402
+from chatforge.train import dpo, reward, sft  # noqa: E402
 from chatforge.train.loop import train  # noqa: E402
 from chatforge.train.pairs import PairBatches, ReplyLogProbs, encode_pairs  # noqa: E402
 

@@ -470,7 +470,7 @@ def cpu_bf16() -> bool:
     """Whether this CPU has native bf16 matrix products (where chatforge's `auto` serves bf16)."""
     import torch
 
-    from chatforge.train.runtime import bf16_supported
+    from chatforge.runtime import bf16_supported
 
     return bf16_supported(torch.device("cpu"))
 

@@ -57,7 +57,8 @@ from chatforge.data.chat_data import (PackedRows, ShuffledBatches, eval_batches,
                                       make_batch, pack, read_chat_records, tokenize_examples)
 from chatforge.model.folder import load_model
 from chatforge.model.lora import apply_lora
-from chatforge.train import runtime, sft
+from chatforge import runtime
+from chatforge.train import sft
 from chatforge.train.loop import evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ import warnings
 import torch
 
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.train import runtime
+from chatforge import runtime
 
 SHAPE = dict(vocab_size=8192, max_seq_len=256, d_model=384, n_layer=6, n_head=6, n_kv_head=6, d_ff=1024,
              tie_embeddings=True)

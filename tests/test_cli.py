@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from chatforge import cli
-from chatforge.pipeline import load_settings, to_flags
+from chatforge.pipeline import load_settings
+from chatforge.stages import to_flags
 
 
 def test_top_level_help_lists_commands(capsys):

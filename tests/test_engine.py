@@ -97,7 +97,7 @@ def test_kv_cache_select_rows_moves_only_what_changes():
 
 
 def test_bf16_weights_by_default_where_native(model, monkeypatch):
-    from chatforge.train import runtime
+    from chatforge import runtime
 
     native = runtime.bf16_supported(torch.device("cpu"))
     fp32 = Engine(model, stop_ids=[], dtype="float32")
@@ -158,7 +158,7 @@ def test_engine_copies_are_fused_and_prepacked(model):
     """The engine's bf16 copy is rewritten for decoding (fused, oneDNN-prepacked where this torch
     has it); its greedy output equals that of the same bf16 weights used as they are."""
     from chatforge.model.inference import PackedLinear, packing_works
-    from chatforge.train import runtime
+    from chatforge import runtime
 
     if not runtime.bf16_supported(torch.device("cpu")):
         pytest.skip("no native bf16 on this CPU: the engine keeps fp32 and copies nothing")

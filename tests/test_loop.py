@@ -20,7 +20,8 @@ from chatforge.data.shards import build_shards, load_tokens  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
 from chatforge.model import folder as model_folder  # noqa: E402
-from chatforge.train import checkpoint, runtime  # noqa: E402
+from chatforge import runtime  # noqa: E402
+from chatforge.train import checkpoint  # noqa: E402
 from chatforge.train.loop import TrainConfig, lr_factor, make_optimizer, train  # noqa: E402
 from chatforge.train.pretrain import RandomWindows, lm_loss, validation_batches  # noqa: E402
 

@@ -216,7 +216,7 @@ def _settings(cache: Path, lr: float) -> dict:
 
 def _step(tmp_path: Path, monkeypatch, poisoned: bool, steps: int, lr: float) -> tuple[dict, dict]:
     from chatforge import continual
-    from chatforge.pipeline import Runner
+    from chatforge.stages import Runner
 
     monkeypatch.chdir(tmp_path)
     s = _round_setup(tmp_path, poisoned)

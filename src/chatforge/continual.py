@@ -64,7 +64,7 @@ from pathlib import Path
 from chatforge import files
 from chatforge.data.feedback_db import is_url, redact
 from chatforge.errors import ChatforgeError
-from chatforge.pipeline import Runner, to_flags
+from chatforge.stages import Runner, to_flags
 
 LINK = "assistant"          # runs/NAME/assistant -> the served model folder
 ROUND_FILE = "round.json"

@@ -595,7 +595,7 @@ def weights_dtype(dtype: torch.dtype | str | None, current: torch.dtype = torch.
     """The dtype an engine given weights in `current` on `device` generates in, for its `dtype`
     argument ("auto": bfloat16 where the device computes it natively, else `current`). A server
     loads its model straight in it (`load_model(dtype=)`)."""
-    from chatforge.train.runtime import bf16_supported
+    from chatforge.runtime import bf16_supported
 
     device = torch.device(device)
     if dtype == "auto":

@@ -24,7 +24,7 @@ import sqlite3
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
-from chatforge.infer.plugins import Fact, Plugin, PluginResult
+from chatforge.infer.plugin_api import Fact, Plugin, PluginResult
 
 BUILTINS = ("docs", "orders", "calculator", "handoff")
 

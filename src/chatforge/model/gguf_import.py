@@ -35,7 +35,7 @@ import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPTConfig
-from chatforge.model.importer import Checkpoint, check_state, context_length, expected_shapes
+from chatforge.model.checkpoint import Checkpoint, check_state, context_length, expected_shapes
 
 # GGUF `general.architecture` values that map onto GPTConfig (Mistral 7B files say "llama").
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")

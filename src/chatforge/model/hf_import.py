@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPTConfig
-from chatforge.model.importer import ARCHITECTURES, Checkpoint, check_state, context_length
+from chatforge.model.checkpoint import ARCHITECTURES, Checkpoint, check_state, context_length
 
 INDEX = "model.safetensors.index.json"
 

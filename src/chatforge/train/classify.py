@@ -60,8 +60,12 @@ from typing import Iterator, Sequence
 from chatforge import files
 from chatforge.cli import add_parser, leaf, option_defaults, subcommands
 from chatforge.errors import ChatforgeError
+# The classifier itself (model, loading, prediction) is model code: the server's intent router
+# loads it without the training code (model/classifier.py).
+from chatforge.model.classifier import (CLASSIFIER_CONFIG, HEAD_WEIGHTS, TextClassifier, encode_texts,  # noqa: F401
+                                        length_order, load_classifier, load_head, predict, predict_logits)
 
-HEAD_WEIGHTS, CLASSIFIER_CONFIG, METRICS = "head.safetensors", "classifier.json", "metrics.json"
+METRICS = "metrics.json"
 VADER_NEGATIVE, VADER_POSITIVE = -0.5, 0.5
 
 
@@ -227,51 +231,6 @@ def bow_logreg(train_texts: Sequence[str], train_y: Sequence[int], test_texts: S
 # Model
 
 
-def encode_texts(tokenizer, texts: Sequence[str], max_len: int):
-    """(ids, mask), both (N, T) with T the longest kept text: right-padded, cut to `max_len` tokens."""
-    import torch
-
-    encoded = [ids[:max_len] or [tokenizer.eot_id] for ids in tokenizer.encode_batch(list(texts))]
-    T = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), T), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), T), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, :len(e)] = torch.tensor(e)
-        mask[i, :len(e)] = 1
-    return ids, mask
-
-
-def _classifier_class():
-    """`TextClassifier`, defined on first use so that `--help` does not import torch."""
-    import torch.nn as nn
-
-    from chatforge.model.heads import ClassifierHead, hidden_states, pool
-
-    class TextClassifier(nn.Module):
-        """A GPT backbone, pooled, then a `ClassifierHead`: (ids, mask) -> class logits."""
-
-        def __init__(self, backbone: nn.Module, n_classes: int, pooling: str = "last", dropout: float = 0.1,
-                     layer: int = 0):
-            super().__init__()
-            self.backbone, self.pooling, self.layer = backbone, pooling, layer
-            self.head = ClassifierHead(backbone.config.d_model, n_classes, dropout)
-
-        def features(self, input_ids, mask):
-            return pool(hidden_states(self.backbone, input_ids, self.layer), mask, self.pooling)
-
-        def forward(self, input_ids, mask):
-            return self.head(self.features(input_ids, mask))
-
-    return TextClassifier
-
-
-def length_order(mask):
-    """Row indices, longest first: batches of neighbours pad little and are cut to their longest row."""
-    import torch
-
-    return torch.argsort(mask.sum(1), descending=True, stable=True)
-
-
 def pooled_features(backbone, ids, mask, specs: Sequence[tuple[int, str]], batch_size: int = 64,
                     precision: str = "fp32") -> dict:
     """{(layer, pooling): (N, C) float32 features} of every row, from one pass of the frozen backbone.
@@ -434,31 +393,6 @@ def classify_loss(model, batch: dict):
     return classification_loss(logits, batch["labels"]), batch["labels"].numel()
 
 
-def predict_logits(model, data: dict, batch_size: int = 64, precision: str = "fp32"):
-    """Logits (float32) for every row of `data` (features, or input_ids + mask) with the model in
-    eval mode; token rows go longest first (little padding) and come back in their own order.
-    With `precision` "bf16" a bf16 copy of the model runs them (see `pooled_features`)."""
-    import copy
-
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        if "features" in data:
-            return torch.cat([model(f) for f in data["features"].split(batch_size)]).float()
-        ids, mask = data["input_ids"], data["mask"]
-        if precision == "bf16":
-            model = copy.deepcopy(model).to(torch.bfloat16)
-        logits = None
-        for rows in length_order(mask).split(batch_size):
-            T = int(mask[rows].sum(1).max())
-            part = model(ids[rows, :T], mask[rows, :T]).float()
-            if logits is None:
-                logits = torch.zeros(len(ids), part.shape[-1], device=part.device)
-            logits[rows] = part
-        return logits
-
-
 # ---------------------------------------------------------------------------------------------
 # Saving and loading
 
@@ -468,47 +402,6 @@ def _save_head(folder: Path, head_state: dict) -> None:
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in head_state.items()}
     files.write_bytes(folder / HEAD_WEIGHTS, save(tensors, metadata={"format": "pt"}))
-
-
-def load_head(folder: str | Path, head) -> None:
-    """Load `head.safetensors` from a classifier folder into `head` (a `ClassifierHead`)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(folder) / HEAD_WEIGHTS
-    try:
-        head.load_state_dict(load_file(str(path)))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise ChatforgeError(f"{path} is missing, corrupt or of another shape ({e})") from None
-
-
-def load_classifier(folder: str | Path):
-    """(TextClassifier in eval mode, tokenizer, classifier.json) from a folder `classify train` wrote."""
-    from chatforge.model.folder import load_model
-
-    folder = Path(folder)
-    if not (folder / CLASSIFIER_CONFIG).is_file():
-        raise ChatforgeError(f"{folder} is not a classifier folder ({CLASSIFIER_CONFIG} is missing); "
-                             "train one with `chatforge classify train`")
-    meta = files.read_json(folder / CLASSIFIER_CONFIG)
-    backbone, tok = load_model(folder)
-    model = _classifier_class()(backbone, len(meta["labels"]), meta["pooling"], meta.get("head_dropout", 0.1),
-                                meta.get("layer", 0))
-    load_head(folder, model.head)
-    return model.eval(), tok, meta
-
-
-def predict(folder: str | Path, texts: Sequence[str], batch_size: int = 64) -> list[tuple[str, float]]:
-    """(label, probability) for each text, with the classifier saved in `folder`."""
-    import torch
-
-    model, tok, meta = load_classifier(folder)
-    if not texts:
-        return []
-    ids, mask = encode_texts(tok, texts, meta["max_len"])
-    probs = torch.softmax(predict_logits(model, {"input_ids": ids, "mask": mask}, batch_size).float(), -1)
-    best = probs.max(-1)
-    return [(meta["labels"][int(i)], float(p)) for p, i in zip(best.values, best.indices)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,7 +503,7 @@ def train_classifier(base: str | Path, texts: Sequence[str], labels: Sequence[st
     from chatforge.model.heads import POOLINGS
     from chatforge.model.lora import apply_lora
     from chatforge.model.folder import load_model
-    from chatforge.train import runtime
+    from chatforge import runtime
     from chatforge.train.loop import train
     from chatforge.train.sft import loop_config
 
@@ -654,7 +547,7 @@ def train_classifier(base: str | Path, texts: Sequence[str], labels: Sequence[st
                                precision, o["batch_size"])[spec]
 
     torch.manual_seed(o["seed"])
-    model = _classifier_class()(backbone, len(names), o["pooling"], o["head_dropout"], o["layer"])
+    model = TextClassifier(backbone, len(names), o["pooling"], o["head_dropout"], o["layer"])
     feature_start = time.time()
     if o["method"] == "frozen":
         used = sorted(set(fit_idx) | set(val_idx) | set(test_idx))

@@ -137,7 +137,7 @@ def reference_logps(model, examples, batch_size: int, pad_id: int, device, preci
     import torch
     from tqdm import tqdm
 
-    from chatforge.train import runtime
+    from chatforge import runtime
     from chatforge.train.pairs import length_batches, make_pair_batch, reply_token_logps
 
     was_training = model.training
@@ -291,7 +291,7 @@ def run_dpo(base: str | Path, prefs: str | Path, out: str | Path | None = None, 
     from chatforge.data.prefs import read_preferences, split_by_question
     from chatforge.model.folder import load_model
     from chatforge.model.lora import apply_lora
-    from chatforge.train import runtime
+    from chatforge import runtime
     from chatforge.train.loop import train
     from chatforge.train.pairs import PairBatches, ReplyLogProbs, encode_pairs, eval_pair_batches
     from chatforge.train.sft import loop_config, top_block_targets

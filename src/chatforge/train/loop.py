@@ -67,7 +67,8 @@ import torch.nn as nn
 from chatforge import files
 from chatforge.errors import ChatforgeError
 from chatforge.model import folder as model_folder
-from chatforge.train import checkpoint, runtime
+from chatforge import runtime
+from chatforge.train import checkpoint
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -304,7 +304,7 @@ def run_ppo(policy: str | Path, reward: str | Path, prompts: str | Path, out: st
     from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS
     from chatforge.model.folder import load_model
     from chatforge.model.lora import apply_lora
-    from chatforge.train import runtime
+    from chatforge import runtime
     from chatforge.train.loop import TrainConfig, train
     from chatforge.train.reward import load_reward_model
     from chatforge.train.rollouts import PolicyValue, Rollouts

@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
 
     from chatforge.data import shards
     from chatforge.model.gpt import PRESETS
-    from chatforge.train import runtime
+    from chatforge import runtime
     from chatforge.train.loop import TrainConfig, train
 
     if not args.data:

@@ -271,7 +271,7 @@ def backbone_features(model, examples, batch_size: int, pad_id: int, device, pre
     """(N, 2, C) float32 hidden states at each pair's reply ends, from the fixed backbone."""
     import torch
 
-    from chatforge.train import runtime
+    from chatforge import runtime
     from chatforge.train.pairs import length_batches, make_pair_batch
 
     out = torch.zeros(len(examples), 2, model.backbone.config.d_model)
@@ -287,7 +287,7 @@ def pair_scores(model, examples, batch_size: int, pad_id: int, device, precision
     """(N, 2) float32 scores of each pair's chosen and rejected reply, in the order of `examples`."""
     import torch
 
-    from chatforge.train import runtime
+    from chatforge import runtime
     from chatforge.train.pairs import length_batches, make_pair_batch
 
     out = torch.zeros(len(examples), 2)
@@ -309,7 +309,7 @@ def train_reward_model(base: str | Path, prefs: str | Path, out: str | Path, **o
     from chatforge.data.prefs import read_preferences, split_by_question
     from chatforge.model.folder import load_model
     from chatforge.model.lora import apply_lora
-    from chatforge.train import runtime
+    from chatforge import runtime
     from chatforge.train.loop import train
     from chatforge.train.pairs import PairBatches, encode_pairs, eval_pair_batches
     from chatforge.train.sft import loop_config, top_block_targets

@@ -58,7 +58,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import Engine, GenerationConfig
 from chatforge.model.heads import ValueHead, hidden_states
 from chatforge.model.lora import lora_modules, lora_state_dict, merged_state_dict
-from chatforge.train import runtime
+from chatforge import runtime
 from chatforge.train.rl_losses import AdaptiveKLController, gae, group_advantages, kl_estimate, token_rewards, whiten
 
 
