@@ -13,7 +13,7 @@ The model is the demo assistant (--model; its GGUF exports q8_0 and q4_0 are wri
 The prompts are the same token ids for every server. chatforge (front or own engine) gets a chat
 request with one question (--docs: it retrieves passages and renders the grounded prompt);
 llama-server alone gets, on /v1/completions, the token ids of the prompt chatforge renders for
-it, made here by the same code (`infer.chat.fit_prompt`, BM25 over --docs, the model's answer
+it, made here by the same code (`infer.turn.fit_prompt`, BM25 over --docs, the model's answer
 settings); each chatforge reply's `usage.prompt_tokens` is checked against it. The time that
 costs here (retrieval and rendering, the median over the questions) is reported apart as the
 retrieval time.
@@ -63,7 +63,7 @@ def build_prompts(model: Path, docs: list[str], questions: list[str], max_tokens
     """The ids chatforge renders for each question (grounded, as `serve` does) and the median
     seconds that takes (retrieval + rendering)."""
     from chatforge.infer.answer import AnswerSettings
-    from chatforge.infer.chat import fit_prompt, refused_below_threshold
+    from chatforge.infer.turn import fit_prompt, refused_below_threshold
     from chatforge.infer.plugin_builtins import DocsPlugin
     from chatforge.infer.plugins import PluginRunner
     from chatforge.model.folder import load_config, load_tokenizer

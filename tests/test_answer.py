@@ -109,7 +109,7 @@ def test_threshold_applies_to_the_scores_it_was_fitted_on():
 
 
 def test_a_prompt_below_the_threshold_becomes_the_not_found_reply():
-    from chatforge.infer.chat import Prompt, refused_below_threshold
+    from chatforge.infer.turn import Prompt, refused_below_threshold
 
     low = [Passage("x", "a", score=1.5)]
     grounded = Prompt([1, 2, 3], [], low, 0, grounded=True)
@@ -125,7 +125,7 @@ def test_a_prompt_below_the_threshold_becomes_the_not_found_reply():
 
 def test_refused_exchanges_are_left_out_of_the_prompt():
     from chatforge.infer.answer import answered_history
-    from chatforge.infer.chat import fit_prompt
+    from chatforge.infer.turn import fit_prompt
     from chatforge.retrieval import PassageIndex
 
     refused = [{"role": "user", "content": "Do you sell gift cards?"},

@@ -160,7 +160,7 @@ def test_fitting_a_long_history_renders_each_message_about_once(loaded):
     """Issue 23, defect 4: fitting re-rendered the whole history once per dropped turn, quadratic
     time (8,000 one-character messages: 102 s). Count the messages the tokenizer renders."""
     from chatforge.errors import ChatforgeError
-    from chatforge.infer.chat import fit_prompt
+    from chatforge.infer.turn import fit_prompt
 
     _, tok = loaded
     history = [{"role": ("user", "assistant")[i % 2], "content": "abcdefgh"[i % 8]} for i in range(8000)]

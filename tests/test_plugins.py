@@ -267,7 +267,8 @@ def loaded(model_dir):
 
 
 def test_chat_session_puts_the_order_in_the_prompt_and_names_the_plugin(loaded, tmp_path):
-    from chatforge.infer.chat import ChatSession, fit_prompt
+    from chatforge.infer.chat import ChatSession
+    from chatforge.infer.turn import fit_prompt
     from chatforge.infer.engine import GenerationConfig
 
     model, tok = loaded

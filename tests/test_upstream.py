@@ -81,7 +81,7 @@ def docs_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, docs_dir) -> Path:
     """The tiny model fitted to the grounded prompts the servers below build."""
-    from chatforge.infer.chat import fit_prompt
+    from chatforge.infer.turn import fit_prompt
     from chatforge.retrieval import PassageIndex
 
     index = PassageIndex.load_or_build([docs_dir], tmp_path_factory.mktemp("index"))

@@ -83,7 +83,7 @@ def docs_dir(tmp_path_factory) -> Path:
 def model_dir(tmp_path_factory, docs_dir) -> Path:
     """The tiny model, fitted to the grounded prompts the servers below build (same documents,
     system prompt and budget), plus a refusal and a Markdown answer."""
-    from chatforge.infer.chat import fit_prompt
+    from chatforge.infer.turn import fit_prompt
     from chatforge.infer.plugin_builtins import DocsPlugin
     from chatforge.infer.plugins import PluginRunner
     from chatforge.infer.prompting import parse_system_prompt

@@ -175,7 +175,7 @@ class Answerer:
         self.engine = Engine(model, tokenizer)
         # The model's answer settings' decoding (greedy unless it says otherwise, the same in chat
         # and serve). truncate_prompt: a prompt longer than the context loses its oldest tokens
-        # instead of failing. An answer ends with its citation (`infer.chat.Prompt.generation`).
+        # instead of failing. An answer ends with its citation (`infer.turn.Prompt.generation`).
         settings = settings or AnswerSettings()
         self.cfg = settings.generation(max_new_tokens=max_new_tokens, truncate_prompt=True, stop_after=(CITATION_END,))
         self.seen: dict[tuple[int, ...], str] = {}

@@ -8,7 +8,7 @@ OpenAI-compatible engine (`serve/upstream.py`); everything else here is the same
 
 `chatforge serve` (serve/command.py) builds it from a model folder; docs/SERVING.md is the API.
 
-A chat request goes: OpenAI messages -> the prompt (`infer/chat.fit_prompt`: system prompt,
+A chat request goes: OpenAI messages -> the prompt (`infer/turn.fit_prompt`: system prompt,
 retrieved passages, as much history as fits) -> the scheduler, which streams pieces back through
 an asyncio queue -> the reply filter (PII, blocked terms) -> the client. The finished reply is
 written to the feedback store before the response ends, so a client can rate it at once; a
@@ -48,7 +48,7 @@ from chatforge.data.feedback_db import DatabaseUnavailable
 from chatforge.errors import ChatforgeError
 from chatforge.infer.batching import Done, Piece, QueueFull, Scheduler, ShuttingDown
 from chatforge.infer.answer import AnswerStream, checked_citation, is_refusal
-from chatforge.infer.chat import fit_prompt, refused_below_threshold
+from chatforge.infer.turn import fit_prompt, refused_below_threshold
 from chatforge.infer.engine import GenerationConfig
 from chatforge.infer.prompting import SystemPrompt
 from chatforge.infer.safety import ReplyFilter

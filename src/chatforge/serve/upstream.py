@@ -10,7 +10,7 @@ continuous batcher (`infer/batching.Scheduler`) and `UpstreamClient` both implem
 a prompt's token ids with a `GenerationConfig` and get `Piece` events as text comes and one
 `Done` at the end, through the `on_event` callback; `cancel()` the returned request; `queued`
 and `running` for the metrics; `stop()` and `close()`. Retrieval, plugins, the prompt
-(`infer/chat.fit_prompt`), the reply filter, the citation check, feedback, the page and
+(`infer/turn.fit_prompt`), the reply filter, the citation check, feedback, the page and
 `/metrics` stay in chatforge and do not know which one generates.
 
 How the prompt goes upstream. chatforge renders the prompt itself (the grounded format SFT
