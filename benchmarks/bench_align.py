@@ -87,7 +87,7 @@ def default_gguf() -> str:
 def benchmark_pairs(path: Path, data: Path, tok, n: int) -> list:
     """The first `n` pairs of `path` that fit whole in MAX_LENGTH (made from `data` when `path` is missing)."""
     if not path.is_file():
-        from chatforge.train.prefs import make_preferences
+        from chatforge.train.make_pairs import make_preferences
 
         print(f"{path} is missing: making wrong_passage pairs from {data}", flush=True)
         path = Path(tempfile.mkdtemp()) / "prefs.jsonl"

@@ -503,7 +503,7 @@ def demo_prompts(tok, data: Path, index_paths: list[Path], n: int, target: int) 
     passage budget chosen for each question so that the prompt, rendered with the tokenizer's
     chat template, comes closest to `target` tokens. Chit-chat questions without a source are
     skipped: they are answered without passages."""
-    from chatforge.eval.run import load_questions
+    from chatforge.eval.evaluate import load_questions
     from chatforge.retrieval import PassageIndex, grounded_messages
 
     index = PassageIndex.load_or_build(index_paths)

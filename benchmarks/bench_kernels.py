@@ -9,7 +9,7 @@ times, on the demo model's own layer shapes (every linear layer of the model, th
 included, each with its own weights, one row in), each kernel PyTorch offers for the job, and
 bitsandbytes' 4-bit one when it is importable:
 
-- bf16: `nn.Linear` on oneDNN with the weight prepacked (`model/inference.py`, the engine's path);
+- bf16: `nn.Linear` on oneDNN with the weight prepacked (`model/fuse.py`, the engine's path);
   fp32 `F.linear` for reference;
 - int8: `aten._weight_int8pack_mm` (weight-only, the engine's `--quant int8`), and, for reference,
   `quantized.linear_dynamic` (fbgemm/x86: the activations are quantized to 8 bits per call, so not

@@ -13,7 +13,7 @@ Question sets (the first and third are exactly what the pipeline's `chatforge ev
 - "unseen+": the same questions in that manual plus all the default sources (harder: the
   manual must win against 20 MB of other documentation).
 For each variant: hit@1 and hit@3 exactly as `chatforge eval` counts them (a top passage comes
-from a gold document, `chatforge.eval.run._gold_docs`), MRR over the first 10 passages, ans@3
+from a gold document, `chatforge.eval.evaluate._gold_docs`), MRR over the first 10 passages, ans@3
 (a top-3 passage of a gold document holds at least 80% of the reference answer's distinct
 words: the passage the model must copy from, not just its document), the index's build time
 (reading, splitting, indexing, saving) and size on disk, and the search time per question.
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from chatforge.data.fetch import default_cache
 from chatforge.eval.metrics import rouge_l
-from chatforge.eval.run import _gold_docs, load_questions
+from chatforge.eval.evaluate import _gold_docs, load_questions
 from chatforge.retrieval import index as retrieval
 from chatforge.pipeline import DEFAULTS, write_unseen_questions
 

@@ -131,11 +131,11 @@ def test_bf16_weights_by_default_where_native(model, monkeypatch):
 
 @pytest.mark.parametrize("kw", [dict(n_kv_head=2), dict(n_kv_head=4, qkv_bias=True), dict(n_experts=3)])
 def test_fused_projections_keep_the_outputs(kw):
-    """q/k/v and gate/up joined into one layer each (model/inference.py; the engine does it to the
+    """q/k/v and gate/up joined into one layer each (model/fuse.py; the engine does it to the
     copies it makes) compute what the separate layers did, and leave the model given alone."""
     import copy
 
-    from chatforge.model.inference import fuse_projections
+    from chatforge.model.fuse import fuse_projections
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_ff=64, max_seq_len=64,
@@ -157,7 +157,7 @@ def test_fused_projections_keep_the_outputs(kw):
 def test_engine_copies_are_fused_and_prepacked(model):
     """The engine's bf16 copy is rewritten for decoding (fused, oneDNN-prepacked where this torch
     has it); its greedy output equals that of the same bf16 weights used as they are."""
-    from chatforge.model.inference import PackedLinear, packing_works
+    from chatforge.model.fuse import PackedLinear, packing_works
     from chatforge import runtime
 
     if not runtime.bf16_supported(torch.device("cpu")):

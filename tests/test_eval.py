@@ -10,7 +10,7 @@ import torch
 
 from chatforge import cli
 from chatforge.errors import ChatforgeError
-from chatforge.eval.run import evaluate, load_questions
+from chatforge.eval.evaluate import evaluate, load_questions
 from test_retrieval import ACCOUNTS, BILLING, NETWORK, QA, make_docs
 
 KEYS = ("perplexity", "bleu", "rouge1", "rouge2", "rougeL", "hit@1", "hit@3")
@@ -81,7 +81,7 @@ def test_eval_cli_writes_json_examples_and_report(setup, capsys):
 
 
 def test_second_turn_measures_a_model_that_repeats_itself():
-    from chatforge.eval.run import _second_turn
+    from chatforge.eval.evaluate import _second_turn
 
     qs = [{"question": f"q{i}", "reference": ref, "history": []}
           for i, ref in enumerate(["open settings and pick reset", "the fee is ten dollars a month",
@@ -189,7 +189,7 @@ def test_refusals_citations_and_the_answer_settings(setup, monkeypatch):
     """False refusals, refusals of unanswerable questions and citation accuracy, from a stub model
     whose replies are known: it refuses questions marked unanswerable and one answerable one, and
     copies the first passage under a spliced source name otherwise."""
-    from chatforge.eval import run as eval_run
+    from chatforge.eval import evaluate as eval_run
     from chatforge.infer.answer import AnswerSettings
     from chatforge.retrieval import NOT_FOUND_REPLY
 

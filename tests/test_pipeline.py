@@ -224,7 +224,7 @@ def test_continual_learning_round(tmp_path, monkeypatch, capsys, request, backen
     (PPO) from the served model; --rollback points the link back. DB: a SQLite file or a
     PostgreSQL URL (skipped, saying why, where no PostgreSQL server can be started)."""
     from chatforge import continual
-    from chatforge.eval.run import load_questions
+    from chatforge.eval.evaluate import load_questions
 
     monkeypatch.chdir(tmp_path)
     docs = ROOT / "examples" / "my_docs"

@@ -107,14 +107,14 @@ def company(tmp_path_factory):
 
 
 def make(company, out: Path, **kw):
-    from chatforge.train.prefs import make_preferences
+    from chatforge.train.make_pairs import make_preferences
 
     return make_preferences(company["model"], company["data"], [str(MY_DOCS)], out, **kw)
 
 
 def fake_answers(monkeypatch, text: str) -> None:
     """Model answers without a model: `text` for every prompt."""
-    monkeypatch.setattr("chatforge.train.prefs.generate_replies",
+    monkeypatch.setattr("chatforge.train.make_pairs.generate_replies",
                         lambda model, tok, conversations, budgets, batch_size: [(text, True)] * len(conversations))
 
 

@@ -300,7 +300,7 @@ def test_pipeline_round_retrains_the_retriever_and_rollback_restores_it(tmp_path
     records the one it uses in the new model's answer.json, evaluates the new model with it, and
     `--rollback` serves the previous model with its own answer.json's embedding model again."""
     from chatforge import continual
-    from chatforge.eval.run import load_questions
+    from chatforge.eval.evaluate import load_questions
 
     from test_pipeline import ROOT, ROUND, _hf_base, _served_feedback
 

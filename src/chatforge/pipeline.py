@@ -439,7 +439,7 @@ def print_summary(runner: Runner, total: float, *eval_dirs: Path) -> None:
         for label, row in rows:
             cells = "".join(f"{row[k]:>11.3f}" if isinstance(row.get(k), (int, float)) else f"{'-':>11}" for k in keys)
             print(f"{label:<16}{cells}")
-        from chatforge.eval.run import answering_line, second_turn_line
+        from chatforge.eval.evaluate import answering_line, second_turn_line
 
         if res.get("second_turn"):
             print(second_turn_line(res["second_turn"]))

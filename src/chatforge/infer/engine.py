@@ -276,7 +276,7 @@ class Engine:
         1.5-2x faster at batch 8 (600 cached keys; a 135M model's decode step 71-110 ms against
         114-202 ms at batch 8, 51-54 ms either way at batch 1, same greedy tokens), and it takes half
         the memory (the 135M model: 23 KB a position instead of 46). A copy is also
-        rewritten for decoding (`model/inference.py`: q/k/v and gate/up each one matmul, bf16
+        rewritten for decoding (`model/fuse.py`: q/k/v and gate/up each one matmul, bf16
         weights prepacked for oneDNN): the demo assistant (SmolLM2-135M) decoded 1.6x faster in
         bf16 at batch 1 on 1 thread, same tokens. A model used as given is never rewritten.
 
@@ -290,7 +290,7 @@ class Engine:
         given = getattr(model, "_orig_mod", model)
         self.model = _in_dtype(given, dtype).eval()
         # A copy the engine owns (another dtype, or quantized) is only ever run, so it is rewritten
-        # for decoding speed (model/inference.py): q/k/v and gate/up fused, bf16 weights prepacked
+        # for decoding speed (model/fuse.py): q/k/v and gate/up fused, bf16 weights prepacked
         # for oneDNN. A model used as it was given is left alone: its owner may train or refresh it.
         owned = own or self.model is not given
         if quant:
@@ -298,7 +298,7 @@ class Engine:
 
             self.model = quantize_model(self.model, quant, fuse=True, inplace=own)
         elif owned:
-            from chatforge.model.inference import fuse_projections, pack_linears
+            from chatforge.model.fuse import fuse_projections, pack_linears
 
             pack_linears(fuse_projections(self.model))
         self.quant = quant

@@ -163,7 +163,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
-        # q/k/v as one layer, set only on an inference copy by `model/inference.py` (which then
+        # q/k/v as one layer, set only on an inference copy by `model/fuse.py` (which then
         # drops q_proj, k_proj and v_proj): one matmul, and RoPE applied once to q and k together.
         self.qkv_proj = None
 
@@ -214,7 +214,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
-        self.gate_up_proj = None     # gate and up as one layer on an inference copy (model/inference.py)
+        self.gate_up_proj = None     # gate and up as one layer on an inference copy (model/fuse.py)
 
     def forward(self, x):
         if self.gate_up_proj is not None:

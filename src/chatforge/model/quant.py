@@ -192,7 +192,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, fuse: bool
 
     The copy shares the tensors it does not replace (embeddings, norms) with `model`, so the
     original's weights are neither changed nor duplicated. `fuse` joins q/k/v and gate/up into one layer
-    each before quantizing (`model/inference.py`; the engine does): the codes and scales are
+    each before quantizing (`model/fuse.py`; the engine does): the codes and scales are
     those of the separate layers side by side, as scales are per output row (int4: per row and
     group), and a decode step makes 4 quantized matmuls per block instead of 7."""
     if mode not in MODES:
@@ -211,7 +211,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, fuse: bool
         memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
         clone = copy.deepcopy(model, memo)
     if fuse:
-        from chatforge.model.inference import fuse_projections
+        from chatforge.model.fuse import fuse_projections
 
         fuse_projections(clone)     # new concatenated tensors; `model`'s are untouched
     # The parents only: a list of every module would keep each replaced layer alive to the end.
