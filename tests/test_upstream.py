@@ -494,7 +494,34 @@ def test_dead_upstream_is_a_503_at_once(model_dir):
             lines = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert json.loads(lines[-1][6:])["error"]["code"] == "upstream_unavailable"
         assert time.perf_counter() - t < 5
-        assert httpx.get(running.url + "/health").status_code == 200
+        # A load balancer's health check sees the dead engine: 503 and why, at once.
+        h = httpx.get(running.url + "/health", timeout=10)
+        assert h.status_code == 503 and h.json()["status"] == "unavailable"
+        assert "cannot be reached" in h.json()["reason"] and dead in h.json()["reason"]
+        assert time.perf_counter() - t < 5
+    finally:
+        running.stop()
+
+
+def test_health_is_503_after_the_engine_failed_its_last_requests(model_dir, engine):
+    """An engine that answers /v1/models but fails every completion: after FAILURES_UNHEALTHY
+    failed requests in a row /health says so; one good reply makes it healthy again."""
+    from chatforge.serve.upstream import FAILURES_UNHEALTHY
+
+    running = plain(model_dir, engine.url)
+    try:
+        assert httpx.get(running.url + "/health", timeout=10).status_code == 200
+        engine.mode = "error"
+        for i in range(FAILURES_UNHEALTHY):
+            assert httpx.get(running.url + "/health", timeout=10).status_code == 200, i     # not yet
+            r = httpx.post(running.url + "/v1/chat/completions", json=ask("hi"), timeout=30)
+            assert r.status_code == 502, r.text
+        h = httpx.get(running.url + "/health", timeout=10)
+        assert h.status_code == 503 and h.json()["status"] == "unavailable"
+        assert h.json()["reason"].startswith(f"the upstream engine failed the last {FAILURES_UNHEALTHY} requests")
+        engine.mode = "slow"
+        assert httpx.post(running.url + "/v1/chat/completions", json=ask("hi"), timeout=30).status_code == 200
+        assert httpx.get(running.url + "/health", timeout=10).status_code == 200
     finally:
         running.stop()
 
