@@ -286,7 +286,8 @@ def vllm_section(args, prompts, count, log_dir) -> dict:
     """vLLM's OpenAI server (its own venv's python, --vllm) on the HF export of --model, bf16,
     --max-model-len 2048, at 1 and --clients clients: vLLM alone (token ids on /v1/completions),
     chatforge --upstream vLLM (chat), then chatforge's own engine on the same model folder (vLLM
-    stopped first). One thread each (OMP_NUM_THREADS=1, VLLM_CPU_OMP_THREADS_BIND=nobind). One
+    stopped first; vLLM alone first at 1 client, chatforge first at the next count). OMP_NUM_THREADS=1
+    for each (VLLM_CPU_OMP_THREADS_BIND=nobind; chatforge --threads 1). One
     vLLM serves both the alone and the behind-chatforge runs, so its prefix cache is turned off:
     neither may answer from the other's prompts."""
     hf = args.hf_export or (log_dir / "hf")
@@ -308,8 +309,11 @@ def vllm_section(args, prompts, count, log_dir) -> dict:
         print(f"  vLLM ready after {time.perf_counter() - t:.0f} s", flush=True)
         cf = start("chatforge --upstream vllm", front(args.model, args.docs, engine.url, log_dir / "v.sqlite",
                                                       args.clients), log_dir, "/health")
-        for n in counts:
-            for name, url, chat in (("vllm alone", engine.url, False), ("chatforge --upstream vllm", cf.url, True)):
+        for i, n in enumerate(counts):
+            # Which goes first alternates with the client count: vLLM's CPU kernels warm up (and
+            # the machine's load drifts) as a run goes on, which would favour whoever is second.
+            pair = [("vllm alone", engine.url, False), ("chatforge --upstream vllm", cf.url, True)]
+            for name, url, chat in pair[i % 2:] + pair[:i % 2]:
                 out[name][n] = closed_loop(url, chat, n, args.requests, args.max_tokens, prompts, count)
                 print(f"  {name}, {n} client(s): {out[name][n]}", flush=True)
     finally:
