@@ -250,7 +250,8 @@ def closed_loop(url: str, chat: bool, n: int, requests: int, max_tokens: int, pr
     load = os.getloadavg()[0]
     results, wall = asyncio.run(run())
     ttfts = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
-    return {"agg_tok_s": sum(r["tokens"] for r in results if not r["error"]) / wall,
+    tokens = sum(r["tokens"] for r in results if not r["error"])
+    return {"agg_tok_s": tokens / wall, "tokens": tokens,
             "ttft_p50_s": bs.percentile(ttfts, 50), "ttft_p95_s": bs.percentile(ttfts, 95),
             "decode_tok_s_p50": med(r["decode_tok_s"] for r in results),
             "errors": sum(bool(r["error"]) for r in results), "wall_s": wall,
@@ -314,7 +315,11 @@ def vllm_section(args, prompts, count, log_dir) -> dict:
             # the machine's load drifts) as a run goes on, which would favour whoever is second.
             pair = [("vllm alone", engine.url, False), ("chatforge --upstream vllm", cf.url, True)]
             for name, url, chat in pair[i % 2:] + pair[:i % 2]:
+                cpu = cf.cpu_seconds()
                 out[name][n] = closed_loop(url, chat, n, args.requests, args.max_tokens, prompts, count)
+                if chat:   # the front's own CPU per token passed on (taken from the cores vLLM runs on)
+                    tokens = out[name][n]["tokens"]
+                    out[name][n]["front_cpu_ms_per_token"] = 1e3 * (cf.cpu_seconds() - cpu) / tokens if tokens else None
                 print(f"  {name}, {n} client(s): {out[name][n]}", flush=True)
     finally:
         for s in (cf, engine):
