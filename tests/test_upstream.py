@@ -503,6 +503,28 @@ def test_dead_upstream_is_a_503_at_once(model_dir):
         running.stop()
 
 
+def test_health_is_503_while_the_engine_does_not_answer(model_dir):
+    """An engine that takes connections and never answers (a hung process): /health says so
+    after HEALTH_TIMEOUT_S, not after --upstream-timeout, and keeps the answer HEALTH_CACHE_S."""
+    from chatforge.serve.upstream import HEALTH_TIMEOUT_S
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)                      # the kernel completes the connections; nothing reads them
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        running = plain(model_dir, url)
+        try:
+            t = time.perf_counter()
+            h = httpx.get(running.url + "/health", timeout=30)
+            assert h.status_code == 503 and f"did not answer GET /v1/models within {HEALTH_TIMEOUT_S:g} s" in h.json()["reason"]
+            assert HEALTH_TIMEOUT_S <= time.perf_counter() - t < HEALTH_TIMEOUT_S + 2
+            t = time.perf_counter()
+            assert httpx.get(running.url + "/health", timeout=30).status_code == 503
+            assert time.perf_counter() - t < 1                       # the kept answer
+        finally:
+            running.stop()
+
+
 def test_health_is_503_after_the_engine_failed_its_last_requests(model_dir, engine):
     """An engine that answers /v1/models but fails every completion: after FAILURES_UNHEALTHY
     failed requests in a row /health says so; one good reply makes it healthy again."""

@@ -261,7 +261,8 @@ class UpstreamClient:
                 reason = None
                 break
             except UpstreamError as e:
-                reason = e.message
+                reason = (f"the upstream engine at {self.url} did not answer GET /v1/models within "
+                          f"{HEALTH_TIMEOUT_S:g} s" if e.code == "upstream_timeout" else e.message)
                 # A kept-alive connection the engine had closed: once more, on a new one.
                 if e.code != "upstream_error":
                     break
