@@ -295,7 +295,7 @@ def test_vllm_as_upstream(docs_dir, tmp_path, monkeypatch):
     python = os.environ.get("CHATFORGE_VLLM_PYTHON")
     if not python:
         pytest.skip("set CHATFORGE_VLLM_PYTHON to the python of a venv with vLLM (README, 'Serving')")
-    from chatforge.infer.chat import fit_prompt
+    from chatforge.infer.turn import fit_prompt
     from chatforge.model.export import export_model
     from chatforge.retrieval import PassageIndex
 

@@ -6,7 +6,7 @@
 
 A question's `source` (a string or a list of them) names its gold: a passage as retrieval cites
 it ("DOC > TITLE > SECTION", the evaluation sets in evalsets/ do so), or a document id (any
-passage of the document counts, as `eval.run._gold_docs` scores). A source naming nothing
+passage of the document counts, as `eval.evaluate._gold_docs` scores). A source naming nothing
 indexed leaves the question out. Follow-ups (`history`) are searched with their earlier user
 turns, and, for comparison, with the last message alone (`last_message_only`).
 """
@@ -54,7 +54,7 @@ def retrieval_hits(retriever: Any, questions: Sequence[dict], modes: Sequence[st
                    ks: Sequence[int] = (1, 3), last_message_only: bool = False) -> dict:
     """{mode: {"hit@K": share, "n": questions scored}} for each mode the retriever can rank by.
 
-    `questions`: dicts with "question", "source" and optionally "history" (as `eval.run.load_questions`
+    `questions`: dicts with "question", "source" and optionally "history" (as `eval.evaluate.load_questions`
     returns them). With `last_message_only`, follow-ups are searched without their history.
     """
     out: dict[str, dict] = {}
