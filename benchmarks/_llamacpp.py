@@ -171,10 +171,13 @@ def llama_server_binary(explicit: str | None = None, build: bool = True) -> Path
 
 def llama_server_cmd(binary: Path, gguf: Path, port: int, threads: int, slots: int, ctx_per_slot: int) -> list[str]:
     """llama-server with `slots` parallel slots (continuous batching is its default), the GGUF's
-    own chat template (--jinja), `threads` threads for decoding and for prompts."""
+    own chat template (--jinja), `threads` threads for decoding and for prompts. --no-repack: on
+    CPUs with AMX, llama.cpp 0.3.36's repacked q8_0/q4_0 weights crash the server at start (a
+    segfault; tests/test_export.py opens llama-cpp-python without them for the same reason), so
+    the peer runs its plain kernels here."""
     return [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
             "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(threads), "--jinja",
-            "--no-webui", "--log-disable"]
+            "--no-webui", "--log-disable", "--no-repack"]
 
 
 def server_deps() -> Path | None:
