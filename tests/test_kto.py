@@ -22,7 +22,7 @@ from chatforge.data.unpaired import parse_unpaired, read_unpaired  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.folder import load_model  # noqa: E402
 from chatforge.train import dpo, kto  # noqa: E402
-from chatforge.train.pairs import ReplyLogProbs  # noqa: E402
+from chatforge.train.pairs import make_pair_batch, reply_token_logps  # noqa: E402
 
 CPU = torch.device("cpu")
 ROWS = [
@@ -57,6 +57,20 @@ def test_loss_on_hand_computed_values():
     z = kto.kl_estimate(p, torch.tensor([-2.0, -2.0]))
     assert z.item() == 0.5 and not z.requires_grad
     assert kto.kl_estimate(torch.tensor([-3.0]), torch.tensor([-1.0])).item() == 0.0
+
+
+def test_the_kl_rows_run_without_gradients_and_compute_the_same(tiny):
+    _, model, tok = tiny
+    rows = [r for obj in ROWS for r in parse_unpaired(obj)]
+    examples, _ = kto.encode_rows(rows, tok, 200)
+    batch = make_pair_batch(kto.with_mismatched(examples, 200), tok.pad_id)
+    with torch.no_grad():
+        expected = reply_token_logps(model, batch)
+    got = kto.kto_token_logps(model, batch)
+    assert torch.allclose(got.detach(), expected, atol=1e-5)
+    got[len(rows):].sum().backward()          # the mismatched half holds no graph: no gradient flows from it
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    model.zero_grad(set_to_none=True)
 
 
 def test_rows_file_formats_and_errors(tmp_path):
@@ -119,7 +133,7 @@ def test_loss_equals_trl(tiny, tmp_path, beta, desirable_weight, undesirable_wei
     ref_logps = dpo.reference_logps(ref, pairs, 8, tok.pad_id, CPU, "fp32")
     loss_fn = kto.make_loss_fn(beta, desirable_weight, undesirable_weight)
     with torch.no_grad():
-        loss, n, metrics = loss_fn(ReplyLogProbs(policy), kto.make_kto_batch(examples, pairs, tok.pad_id, ref_logps))
+        loss, n, metrics = loss_fn(kto.KTOLogProbs(policy), kto.make_kto_batch(examples, pairs, tok.pad_id, ref_logps))
     assert n == 5
     assert loss.item() == pytest.approx(trl_loss, abs=1e-5)
     assert metrics["kl"].item() == pytest.approx(trl_metrics["kl"], abs=1e-5)

@@ -22,7 +22,9 @@ reference values are computed once with the others.
 
 Layout: one row per (prompt, completion, mismatched completion), the pair layout of
 `train/pairs.py` with the completion as the "chosen" side and the mismatched one as the
-"rejected" side: the prompt's forward and backward run once for both. The reference's
+"rejected" side: the prompt's forward and backward run once for both, and the mismatched
+completions run without gradients (`kto_token_logps`: z is detached, so their backward would
+compute only zeros). The reference's
 log-probabilities are computed once before training by the model as loaded (no second copy in
 memory, with LoRA or full training) and cached in `OUT/reference_logps.safetensors` (the DPO
 stage's cache and helpers, `train/dpo.py`).
@@ -43,6 +45,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from chatforge import files
 from chatforge.errors import ChatforgeError
@@ -80,7 +84,7 @@ def kto_losses(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torc
 
 def make_loss_fn(beta: float = DEFAULT_BETA, desirable_weight: float = DEFAULT_DESIRABLE_WEIGHT,
                  undesirable_weight: float = DEFAULT_UNDESIRABLE_WEIGHT):
-    """The loop's loss: (mean loss over the batch's rows, rows, metrics) for a `ReplyLogProbs` model."""
+    """The loop's loss: (mean loss over the batch's rows, rows, metrics) for a `KTOLogProbs` model."""
     from chatforge.train.pairs import side_sums
 
     if not beta > 0:
@@ -104,6 +108,54 @@ def make_loss_fn(beta: float = DEFAULT_BETA, desirable_weight: float = DEFAULT_D
                    "logps": policy.detach().mean()}
         return losses.mean(), len(losses), metrics
     return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass
+
+
+def kto_token_logps(model: nn.Module, batch: dict) -> torch.Tensor:
+    """(2B, R) log-probabilities of the scored reply tokens, as `pairs.reply_token_logps` gives
+    them: rows 0..B-1 the completions, B..2B-1 the mismatched ones. The prompt runs once; the
+    mismatched completions run after the others without gradients (z is detached: their
+    backward would only compute zeros)."""
+    from chatforge.model.heads import hidden_states
+    from chatforge.train.pairs import PrefixCache, reply_attention_mask
+
+    prompt_ids, reply_ids, prompt_len = batch["prompt_ids"], batch["reply_ids"], batch["prompt_len"]
+    (B, P), R = prompt_ids.shape, reply_ids.shape[1]
+    cache = PrefixCache()
+    prompt_states = hidden_states(model, prompt_ids, cache=cache,
+                                  positions=torch.arange(P, device=prompt_ids.device).expand(B, P))
+    cache.recording = False
+    last_prompt = prompt_states[torch.arange(B, device=prompt_ids.device), prompt_len - 1]          # (B, C)
+    positions = prompt_len[:, None] + torch.arange(R, device=reply_ids.device)[None, :]
+    mask = reply_attention_mask(prompt_len, P, R, times=1)
+
+    def logps(ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        states = hidden_states(model, ids, cache=cache, positions=positions, attn_mask=mask)
+        # Reply token j is predicted by the state before it: the prompt's last one for j = 0.
+        before = torch.cat([last_prompt[:, None], states[:, :-1]], dim=1)
+        logits = model.lm_head(before[keep])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        values = -F.cross_entropy(logits, ids[keep], reduction="none")
+        return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
+
+    own = logps(reply_ids[:B], batch["reply_scored"][:B])
+    with torch.no_grad():
+        other = logps(reply_ids[B:], batch["reply_scored"][B:])
+    return torch.cat([own, other.to(own.dtype)])
+
+
+class KTOLogProbs(nn.Module):
+    """What the loop trains: a GPT whose forward is `kto_token_logps` of a KTO batch."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return kto_token_logps(self.model, batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +275,6 @@ def run_kto(base: str | Path, data: str | Path, out: str | Path | None = None, *
     from chatforge.train import dpo
     from chatforge.train.kto_command import default_options
     from chatforge.train.loop import train
-    from chatforge.train.pairs import ReplyLogProbs
     from chatforge.train.sft import loop_config, top_block_targets
 
     o = default_options()
@@ -285,7 +336,7 @@ def run_kto(base: str | Path, data: str | Path, out: str | Path | None = None, *
         targets = [t.strip() for t in str(o["lora_targets"]).split(",") if t.strip()]
         apply_lora(model, o["lora_rank"], o["lora_alpha"], o["lora_dropout"],
                    top_block_targets(model, targets, o["lora_layers"]))
-    policy = ReplyLogProbs(model)
+    policy = KTOLogProbs(model)
     params = [p for p in policy.parameters() if p.requires_grad]
     source = KTOBatches(train_ex, groups, pairs, tok.pad_id, o["seed"], ref_groups[:len(groups)])
     accum = max(1, math.ceil(o["tokens_per_step"] / (o["batch_size"] * max_length))) if o["tokens_per_step"] else 1
