@@ -1,8 +1,9 @@
 """KTO: aligning a chat model on unpaired thumbs (prompt, reply, good or bad), the loss and its training.
 
+    from chatforge.train.kto_command import run_kto     # the defaults filled in
     report = run_kto("runs/demo/sft", "runs/demo/feedback-data/kto.jsonl", "runs/demo/kto", beta=0.1)
 
-(`chatforge kto` is the command: `train/kto_command.py`.)
+(`chatforge kto` is the command: `train/kto_command.py`, the only module here that knows argparse.)
 
 KTO (Ethayarajh et al., 2024) needs no pairs: each row is one reply with a label, desirable (a
 thumbs up, a correction) or undesirable (a thumbs down). With pi the model trained, pi_ref the
@@ -263,25 +264,20 @@ class KTOBatches:
 # The stage
 
 
-def run_kto(base: str | Path, data: str | Path, out: str | Path | None = None, **options: Any) -> dict:
+def run_kto(base: str | Path, data: str | Path, out: str | Path | None, o: dict[str, Any]) -> dict:
     """KTO-train `base` on the rows in `data` into `out`; returns the report (also `OUT/kto.json`).
 
-    `options` are `chatforge kto`'s options by their Python names (`beta=0.1`, ...)."""
+    `o`: every option of `chatforge kto` by its Python name (`kto_command.run_kto` fills in the
+    defaults; the stage never imports its command line)."""
     from chatforge import runtime
     from chatforge.data.prefs import split_by_question
     from chatforge.data.unpaired import read_unpaired
     from chatforge.model.folder import load_model
     from chatforge.model.lora import apply_lora
     from chatforge.train import dpo
-    from chatforge.train.kto_command import default_options
     from chatforge.train.loop import train
     from chatforge.train.sft import loop_config, top_block_targets
 
-    o = default_options()
-    unknown = set(options) - set(o)
-    if unknown:
-        raise ChatforgeError(f"unknown kto option(s) {sorted(unknown)}; valid: {', '.join(sorted(o))}")
-    o.update(options)
     if not base:
         raise ChatforgeError("pass --base DIR: the model folder to align (e.g. the output of `chatforge sft`)")
     if not data:

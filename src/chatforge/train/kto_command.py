@@ -64,9 +64,20 @@ def default_options() -> dict[str, Any]:
     return option_defaults(add_options)
 
 
-def run(args: argparse.Namespace) -> int:
-    from chatforge.train.kto import run_kto
+def run_kto(base, data, out=None, **options: Any) -> dict:
+    """`chatforge kto` from Python: `train.kto.run_kto` with the command's defaults for the
+    options not given (by their Python names: `beta=0.1`, ...); returns the report."""
+    from chatforge.errors import ChatforgeError
+    from chatforge.train import kto
 
+    o = default_options()
+    unknown = set(options) - set(o)
+    if unknown:
+        raise ChatforgeError(f"unknown kto option(s) {sorted(unknown)}; valid: {', '.join(sorted(o))}")
+    return kto.run_kto(base, data, out, {**o, **options})
+
+
+def run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("config", "base", "data", "out")}
     report = run_kto(args.base, args.data, args.out, **options)
     return 130 if report["interrupted"] else 0
