@@ -64,6 +64,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from chatforge import files
 from chatforge.data.feedback_db import is_url, redact
@@ -267,8 +268,15 @@ def kto_step(step: AlignStep) -> Path:
     return new
 
 
-# The round's alignment methods: align.algo (--align) names one; each runs its command.
-ALIGNERS = {"dpo": dpo_step, "ppo": ppo_step, "kto": kto_step}
+@dataclass(frozen=True)
+class Aligner:
+    run: Callable[[AlignStep], Path]   # runs the step's command, returns the new model's folder
+    thumbs: bool = False               # learns from every rated reply (kto.jsonl): needs no pairs
+
+
+# The round's alignment methods: align.algo (--align) names one. A new method is one entry here
+# (its command's options are the settings section of its name).
+ALIGNERS = {"dpo": Aligner(dpo_step), "ppo": Aligner(ppo_step), "kto": Aligner(kto_step, thumbs=True)}
 ALGOS = tuple(ALIGNERS)
 
 
@@ -300,19 +308,21 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
         if cli_main(["feedback", "export", "--db", str(feedback), "--out", str(staging)]) != 0:
             raise ChatforgeError("exporting the feedback failed; see the error above")
     exported = [staging / "preferences.jsonl", staging / "sft.jsonl"] if feedback else []
-    # A kto round learns from every thumb (kto.jsonl), so its rows name the round too.
-    kto = align["algo"] == "kto"
-    learned = [*exported[:1], *extra] + ([staging / "kto.jsonl"] if kto and feedback else [])
+    # An aligner that learns from every thumb (kto.jsonl) needs no pairs, and its rows name the round.
+    thumbs = ALIGNERS[align["algo"]].thumbs
+    learned = [*exported[:1], *extra] + ([staging / "kto.jsonl"] if thumbs and feedback else [])
     if not generated and not sum(_count_lines(p) for p in learned):
+        others = [f"--align {name}" for name, a in ALIGNERS.items() if a.thumbs]
         raise ChatforgeError(f"no preference pairs to learn from: {redact(str(feedback))} holds no corrected reply "
                              "and no question with both an up- and a down-voted reply yet; add --generated-prefs or "
-                             "wait for more votes" + ("" if kto else " (or --align kto, which learns from every thumb)"))
-    if kto and feedback:
+                             "wait for more votes" + ("" if thumbs else f" (or {' / '.join(others)}, which learns "
+                                                                         "from every thumb)"))
+    if thumbs and feedback:
         exported.append(staging / "kto.jsonl")
     keys = ("align", "prefs", "sft", "reward", "dpo", "ppo", "eval")
     named = {k: settings[k] for k in keys}
-    if kto:   # other rounds are named as before kto existed
-        named["kto"] = settings.get("kto") or {}
+    if align["algo"] not in named:   # an aligner added later: its section names its rounds (others as before)
+        named[align["algo"]] = settings.get(align["algo"]) or {}
     if align.get("retriever"):
         named["retriever"] = settings.get("retriever")
     else:   # a round without the retriever step is named as before it existed
@@ -356,7 +366,7 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
     prefs = [p for part in parts if _count_lines(part) for p in read_preferences(part)]
     other_prefs = [p for part in parts[1 if feedback else 0:] if _count_lines(part) for p in read_preferences(part)]
     kto_rows = round_dir / "feedback" / "kto.jsonl"
-    if not prefs and not (kto and _count_lines(kto_rows)):
+    if not prefs and not (thumbs and _count_lines(kto_rows)):
         raise ChatforgeError(f"round {round_dir.name} has no preference pairs: `prefs make` made none (see its "
                              "report above) and the feedback holds none")
     pairs = round_dir / "preferences.jsonl"
@@ -403,8 +413,8 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
                   "no reward model, so no win-rate this round")
     elif str(align["reward"]) != "none":
         reward_dir = Path(align["reward"])
-    new = ALIGNERS[align["algo"]](AlignStep(settings, runner, round_dir, start, pairs, prefs, other_prefs,
-                                            reward_dir, kto_rows))
+    new = ALIGNERS[align["algo"]].run(AlignStep(settings, runner, round_dir, start, pairs, prefs, other_prefs,
+                                                reward_dir, kto_rows))
 
     # The new model answers as the served one did, with the retriever the round keeps (answer.json).
     record_answer_settings(previous, new, embedding_model)
