@@ -244,6 +244,9 @@ def test_a_stopped_reply_is_kept_marked_and_never_taught(db, capsys):
     prefs, sft_lines, _ = training_examples(rated)
     assert prefs == [pref(seen, "Press Reset.", "Press")]  # the stopped one only as the worse answer
     assert sft_lines == [sft(seen, "Press Reset.")]
+    kto_lines, counts = feedback.kto_rows(rated)                # the stopped up-voted start is not desirable
+    assert kto_lines == sorted([kto_row(seen, "Press Reset.", True), kto_row(seen, "Press", False)])
+    assert counts == {"desirable": 1, "undesirable": 1}
     assert cli.main(["feedback", "stats", "--db", str(path)]) == 0
     assert "stopped by the user while streaming: 2 of the rated replies (1 up, 1 down)" in capsys.readouterr().out
 
@@ -500,6 +503,11 @@ def sft(prompt, answer) -> str:
     return json.dumps({"messages": [*prompt, {"role": "assistant", "content": answer}]}, ensure_ascii=False)
 
 
+def kto_row(prompt, completion, label) -> str:
+    return json.dumps({"prompt": prompt, "completion": [{"role": "assistant", "content": completion}],
+                       "label": label}, ensure_ascii=False)
+
+
 def test_export_exact_deterministic_and_deduplicated(handmade, tmp_path):
     path, p = handmade
     expected_prefs = sorted([
@@ -510,14 +518,28 @@ def test_export_exact_deterministic_and_deduplicated(handmade, tmp_path):
     ])
     expected_sft = sorted([sft(p[1], "Press Reset."), sft(p[2], "Press Reset on the login page."),
                            sft(p[6], "Port 8443.")])
+    expected_kto = sorted([
+        kto_row(p[1], "Press Reset.", True),                                # r1 (= r7) up
+        kto_row(p[2], "I do not know.", False),                             # r2 down...
+        kto_row(p[2], "Press Reset on the login page.", True),              # ...and its correction
+        kto_row(p[3], "Port 80.", False),                                   # r3: its latest vote
+        kto_row(p[4], "Ask support.", False),
+        kto_row(p[6], "Port 8443.", True),                                  # r5 is not rated
+    ])
     out = tmp_path / "out"
     assert cli.main(["feedback", "export", "--db", str(path), "--out", str(out)]) == 0
-    first = {name: (out / name).read_bytes() for name in ("preferences.jsonl", "sft.jsonl")}
+    first = {name: (out / name).read_bytes() for name in ("preferences.jsonl", "sft.jsonl", "kto.jsonl")}
     assert first["preferences.jsonl"].decode() == "".join(line + "\n" for line in expected_prefs)
     assert first["sft.jsonl"].decode() == "".join(line + "\n" for line in expected_sft)
+    assert first["kto.jsonl"].decode() == "".join(line + "\n" for line in expected_kto)
     assert cli.main(["feedback", "export", "--db", str(path), "--out", str(out)]) == 0
     assert {name: (out / name).read_bytes() for name in first} == first
-    assert sorted(os.listdir(out)) == ["preferences.jsonl", "sft.jsonl"]   # no temporary files left
+    assert sorted(os.listdir(out)) == ["kto.jsonl", "preferences.jsonl", "sft.jsonl"]   # no temporary files left
+
+    # The KTO stage reads the file: three desirable and three undesirable rows.
+    from chatforge.data.unpaired import read_unpaired
+
+    assert sorted(r.label for r in read_unpaired(out / "kto.jsonl")) == [False] * 3 + [True] * 3
 
     # The SFT stage reads the file as the training split of a data folder.
     from chatforge.train.sft import read_records
@@ -557,7 +579,7 @@ def test_export_writes_nothing_when_it_fails(handmade, tmp_path, monkeypatch):
     monkeypatch.setattr(feedback, "training_examples", lambda rated: (real(rated)[0], broken_lines(), {}))
     assert cli.main(["feedback", "export", "--db", str(path), "--out", str(out)]) == 2
     assert (out / "preferences.jsonl").read_text() == "old\n" and (out / "sft.jsonl").read_text() == "old\n"
-    assert sorted(os.listdir(out)) == ["preferences.jsonl", "sft.jsonl"]
+    assert sorted(os.listdir(out)) == ["preferences.jsonl", "sft.jsonl"]      # nor a kto.jsonl
 
 
 # --------------------------------------------------------------------------- the command

@@ -297,12 +297,51 @@ def test_continual_learning_round(tmp_path, monkeypatch, capsys, request, backen
     assert "nothing to roll back to" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
+def test_kto_round_learns_from_thumbs_alone(tmp_path, monkeypatch, capsys):
+    """Thumbs on different questions make no pair: a dpo round has nothing to learn from, a kto
+    round (`--align kto`, continual.ALIGNERS) trains on every thumb, evaluates and decides."""
+    from chatforge.data.feedback import FeedbackStore
+    from chatforge.eval.evaluate import load_questions
+
+    monkeypatch.chdir(tmp_path)
+    docs = ROOT / "examples" / "my_docs"
+    base = _hf_base(tmp_path, docs)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(ROUND)
+    argv = ["pipeline", "--base", str(base), "--config", str(cfg), "--input", str(docs), "--only-input", "--name", "k"]
+    assert main(argv) == 0
+    run = tmp_path / "runs" / "k"
+    qa = [(q["question"], q["reference"]) for q in load_questions(run / "data" / "qa_train.jsonl")]
+    db = tmp_path / "feedback.db"
+    with FeedbackStore(db) as store:
+        for i, (q, answer) in enumerate(qa[:6]):
+            prompt = [{"role": "user", "content": q}]
+            rating, reply = ("up", answer) if i % 2 == 0 else ("down", "Nobody knows.")
+            store.record_reply(f"t-{i}", f"conv-{i}", "assistant", prompt, reply, prompt, "...", [])
+            store.add_feedback(f"t-{i}", rating)
+    capsys.readouterr()
+    assert main([*argv, "--feedback", str(db)]) == 2
+    assert "or --align kto, which learns from every thumb" in capsys.readouterr().err
+    assert main([*argv, "--feedback", str(db), "--align", "kto"]) == 0
+    out = capsys.readouterr().out
+    assert "== kto: chatforge kto" in out
+    info = json.loads((run / "rounds" / "1" / "round.json").read_text())
+    assert info["algo"] == "kto" and info["model"] == "runs/k/rounds/1/kto" and info["counts"]["pairs"] == 0
+    report = json.loads((run / "rounds" / "1" / "kto" / "kto.json").read_text())
+    assert report["train_rows"] == 6 and report["train_desirable"] == 3
+    assert "rougeL" in info["comparison"]["eval"]["metrics"]
+    # Nothing new: up to date.
+    assert main([*argv, "--feedback", str(db), "--align", "kto"]) == 0
+    assert "== round 1: up to date" in capsys.readouterr().out
+
+
 def test_round_errors(tmp_path, capsys):
     run = tmp_path / "runs" / "x"
     assert main(["pipeline", "--name", "x", "--rollback", "--base", "scratch"]) == 2
     from chatforge import continual
 
-    with pytest.raises(Exception, match="align.algo must be one of dpo, ppo"):
+    with pytest.raises(Exception, match="align.algo must be one of dpo, ppo, kto"):
         continual.check_settings({"algo": "rlhf", "promote": "better"})
     with pytest.raises(Exception, match="unknown key"):
         continual.check_settings({"algo": "dpo", "promote": "better", "colour": 1})

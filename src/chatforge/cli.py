@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prefs": ("chatforge.train.make_pairs", "make preference pairs from the company's Q&A (chosen vs rejected replies)"),
     "reward": ("chatforge.train.reward", "train / run a reward model (a scalar score of a reply) on preference pairs"),
     "dpo": ("chatforge.train.dpo", "align a chat model with preference pairs (DPO, IPO or hinge loss)"),
+    "kto": ("chatforge.train.kto_command", "align a chat model with unpaired thumbs up and down (KTO)"),
     "ppo": ("chatforge.train.ppo", "align a chat model against a reward model with PPO or GRPO (sampled replies)"),
     "pipeline": ("chatforge.pipeline", "run every stage in order from one config (the main job)"),
 }

@@ -25,7 +25,10 @@ The pipeline runs its own stages first (all up to date after `make demo`), then 
               the prompt the server showed (passages included); skipped with fewer than two
   reward      `chatforge reward train` on the round's pairs: it judges the win-rate below and is
               PPO's reward (or align.reward names an existing reward model folder, or `none`)
-  dpo | ppo   `chatforge dpo` on the pairs (the default), or `chatforge ppo` on their prompts
+  dpo | ppo | kto  the round's aligner (`ALIGNERS`, align.algo or --align): `chatforge dpo` on the
+              pairs (the default), `chatforge ppo` on their prompts, or `chatforge kto` on the
+              feedback's kto.jsonl (every up- and down-voted reply, corrections as desirable)
+              plus the other pairs unpaired; a kto round needs thumbs, not pairs
   eval        the new model on the questions and settings the served model was measured on
               (`eval`, and `eval-unseen` on the held-out manual)
   compare     the metrics side by side and the reward model's win-rate of the new answers over
@@ -59,7 +62,9 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from chatforge import files
 from chatforge.data.feedback_db import is_url, redact
@@ -68,7 +73,6 @@ from chatforge.stages import Runner, to_flags
 
 LINK = "assistant"          # runs/NAME/assistant -> the served model folder
 ROUND_FILE = "round.json"
-ALGOS = ("dpo", "ppo")
 PROMOTE = ("better", "always", "never")
 MIN_SFT_EXAMPLES = 2        # sft holds one out for validation
 
@@ -206,6 +210,76 @@ def record_answer_settings(previous: Path, new: Path, embedding_model: str | Non
     replace(AnswerSettings.load(previous), embedding_model=value).save(new)
 
 
+@dataclass
+class AlignStep:
+    """What an aligner gets: the round's settings, runner and folder, the model it starts from,
+    the round's pairs (`pairs`: their file; `other_prefs`: those not from the feedback), the reward
+    model (or None) and the feedback's KTO rows (`kto_rows`: a file, maybe missing). It runs its
+    command and returns the new model's folder."""
+
+    settings: dict
+    runner: Runner
+    round_dir: Path
+    start: Path
+    pairs: Path
+    prefs: list
+    other_prefs: list
+    reward_dir: Path | None
+    kto_rows: Path
+
+
+def dpo_step(step: AlignStep) -> Path:
+    new = step.round_dir / "dpo"
+    dpo_opts = {**step.settings["dpo"], **({"val_fraction": 0} if len(step.prefs) < 20 else {})}
+    step.runner.stage("dpo", ["dpo", "--base", str(step.start), "--prefs", str(step.pairs), "--out", str(new),
+                              *to_flags(dpo_opts)], new)
+    return new
+
+
+def ppo_step(step: AlignStep) -> Path:
+    if step.reward_dir is None:
+        raise ChatforgeError("--align ppo needs a reward model: set align.reward to `train` or a reward model folder")
+    new = step.round_dir / "ppo"
+    prompts = step.round_dir / "prompts.jsonl"
+    unique = {json.dumps({"messages": p.prompt}, ensure_ascii=False, sort_keys=True) for p in step.prefs}
+    files.write_text(prompts, "".join(line + "\n" for line in sorted(unique)))
+    step.runner.stage("ppo", ["ppo", "--policy", str(step.start), "--reward", str(step.reward_dir), "--prompts",
+                              str(prompts), "--out", str(new), *to_flags(step.settings["ppo"])], new)
+    return new
+
+
+def kto_step(step: AlignStep) -> Path:
+    """`chatforge kto` on the feedback's rows plus the generated and extra pairs, unpaired (the
+    feedback's own pairs are its thumbs and corrections, already rows)."""
+    from chatforge.data.unpaired import Unpaired, read_unpaired, write_unpaired
+
+    rows = read_unpaired(step.kto_rows) if _count_lines(step.kto_rows) else []
+    for p in step.other_prefs:
+        rows += [Unpaired(p.prompt, p.chosen, True), Unpaired(p.prompt, p.rejected, False)]
+    if len(rows) < 2:
+        raise ChatforgeError(f"--align kto needs at least two rated replies or pairs; round {step.round_dir.name} "
+                             f"has {len(rows)}")
+    data = step.round_dir / "kto.jsonl"
+    write_unpaired(data, rows)
+    new = step.round_dir / "kto"
+    kto_opts = {**(step.settings.get("kto") or {}), **({"val_fraction": 0} if len(rows) < 40 else {})}
+    step.runner.stage("kto", ["kto", "--base", str(step.start), "--data", str(data), "--out", str(new),
+                              *to_flags(kto_opts)], new)
+    return new
+
+
+@dataclass(frozen=True)
+class Aligner:
+    run: Callable[[AlignStep], Path]   # runs the step's command, returns the new model's folder
+    thumbs: bool = False               # learns from every rated reply (kto.jsonl): needs no pairs
+
+
+# The round's alignment methods: align.algo (--align) names one. A new method is one entry here
+# (its command's options are the settings section of its name).
+ALIGNERS = {"dpo": Aligner(dpo_step), "ppo": Aligner(ppo_step), "kto": Aligner(kto_step, thumbs=True)}
+ALGOS = tuple(ALIGNERS)
+
+
 def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unseen: tuple[Path, Path] | None,
               feedback: str | None, generated: bool, force: bool) -> dict:
     """One round (see the module docstring); returns its round.json. `unseen` is the held-out
@@ -234,12 +308,21 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
         if cli_main(["feedback", "export", "--db", str(feedback), "--out", str(staging)]) != 0:
             raise ChatforgeError("exporting the feedback failed; see the error above")
     exported = [staging / "preferences.jsonl", staging / "sft.jsonl"] if feedback else []
-    if not generated and not sum(_count_lines(p) for p in [*exported[:1], *extra]):
+    # An aligner that learns from every thumb (kto.jsonl) needs no pairs, and its rows name the round.
+    thumbs = ALIGNERS[align["algo"]].thumbs
+    learned = [*exported[:1], *extra] + ([staging / "kto.jsonl"] if thumbs and feedback else [])
+    if not generated and not sum(_count_lines(p) for p in learned):
+        others = [f"--align {name}" for name, a in ALIGNERS.items() if a.thumbs]
         raise ChatforgeError(f"no preference pairs to learn from: {redact(str(feedback))} holds no corrected reply "
                              "and no question with both an up- and a down-voted reply yet; add --generated-prefs or "
-                             "wait for more votes")
+                             "wait for more votes" + ("" if thumbs else f" (or {' / '.join(others)}, which learns "
+                                                                         "from every thumb)"))
+    if thumbs and feedback:
+        exported.append(staging / "kto.jsonl")
     keys = ("align", "prefs", "sft", "reward", "dpo", "ppo", "eval")
     named = {k: settings[k] for k in keys}
+    if align["algo"] not in named:   # an aligner added later: its section names its rounds (others as before)
+        named[align["algo"]] = settings.get(align["algo"]) or {}
     if align.get("retriever"):
         named["retriever"] = settings.get("retriever")
     else:   # a round without the retriever step is named as before it existed
@@ -281,7 +364,9 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
         parts.append(out)
     parts += extra
     prefs = [p for part in parts if _count_lines(part) for p in read_preferences(part)]
-    if not prefs:
+    other_prefs = [p for part in parts[1 if feedback else 0:] if _count_lines(part) for p in read_preferences(part)]
+    kto_rows = round_dir / "feedback" / "kto.jsonl"
+    if not prefs and not (thumbs and _count_lines(kto_rows)):
         raise ChatforgeError(f"round {round_dir.name} has no preference pairs: `prefs make` made none (see its "
                              "report above) and the feedback holds none")
     pairs = round_dir / "preferences.jsonl"
@@ -328,21 +413,8 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
                   "no reward model, so no win-rate this round")
     elif str(align["reward"]) != "none":
         reward_dir = Path(align["reward"])
-    if align["algo"] == "ppo" and reward_dir is None:
-        raise ChatforgeError("--align ppo needs a reward model: set align.reward to `train` or a reward model folder")
-
-    if align["algo"] == "dpo":
-        new = round_dir / "dpo"
-        dpo_opts = {**settings["dpo"], **({"val_fraction": 0} if len(prefs) < 20 else {})}
-        runner.stage("dpo", ["dpo", "--base", str(start), "--prefs", str(pairs), "--out", str(new),
-                             *to_flags(dpo_opts)], new)
-    else:
-        new = round_dir / "ppo"
-        prompts = round_dir / "prompts.jsonl"
-        unique = {json.dumps({"messages": p.prompt}, ensure_ascii=False, sort_keys=True) for p in prefs}
-        files.write_text(prompts, "".join(line + "\n" for line in sorted(unique)))
-        runner.stage("ppo", ["ppo", "--policy", str(start), "--reward", str(reward_dir), "--prompts", str(prompts),
-                             "--out", str(new), *to_flags(settings["ppo"])], new)
+    new = ALIGNERS[align["algo"]].run(AlignStep(settings, runner, round_dir, start, pairs, prefs, other_prefs,
+                                                reward_dir, kto_rows))
 
     # The new model answers as the served one did, with the retriever the round keeps (answer.json).
     record_answer_settings(previous, new, embedding_model)

@@ -159,8 +159,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generated-prefs", action="store_true",
                         help="a round on preference pairs generated from the Q&A (`chatforge prefs make`), "
                              "alone or added to --feedback's")
-    parser.add_argument("--align", choices=["dpo", "ppo"], default=None,
-                        help="the round's alignment: dpo (default) or ppo against the round's reward model")
+    parser.add_argument("--align", choices=["dpo", "ppo", "kto"], default=None,
+                        help="the round's alignment: dpo (default), ppo against the round's reward model, or kto "
+                             "on every thumb up and down (continual.ALIGNERS)")
     parser.add_argument("--train-retriever", action="store_true",
                         help="the round also retrains the retriever on the Q&A and the corrected answers, kept "
                              "when it does not lose (align.retriever: true)")

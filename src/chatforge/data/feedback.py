@@ -5,7 +5,7 @@
     store.record_reply("chatcmpl-1", "conv-1", "sft", messages, reply, prompt_messages, prompt, sources)
     store.add_feedback("chatcmpl-1", "down", reason="inaccurate", correction="Press Reset.")
     stats = satisfaction_stats(store.rated_replies(), store.count_replies())
-    export_training_data(store, "runs/demo/feedback-data")  # preferences.jsonl + sft.jsonl
+    export_training_data(store, "runs/demo/feedback-data")  # preferences.jsonl, sft.jsonl, kto.jsonl
 
 `chatforge serve --db FILE|URL` writes it (docs/SERVING.md); `chatforge feedback stats|export` and
 `chatforge eval --feedback-db FILE|URL` read it.
@@ -70,8 +70,15 @@ line format of the data stage's `qa_train.jsonl`: `chatforge.data.chat_data.read
 reads it, so it can be appended to a data folder's `qa_train.jsonl` for `chatforge sft`. Note
 that SFT learns every assistant turn of a conversation, including earlier replies in the history.
 
-A reply the user stopped is only the start of an answer: it is never a chosen answer or an
-SFT example (its correction still is), only a rejected one.
+`kto.jsonl`, TRL's conversational unpaired preference format for KTO (`chatforge kto`), one row a
+line: every up-voted reply (label true) and down-voted reply (label false) in the prompt the
+server showed, and every correction as a desirable row:
+
+    {"prompt": [...prompt messages...], "completion": [{"role": "assistant", "content": ...}],
+     "label": true}
+
+A reply the user stopped is only the start of an answer: it is never a chosen answer, an
+SFT example or a desirable KTO row (its correction still is), only a rejected or undesirable one.
 
 Both files are re-scrubbed, deduplicated, sorted by their JSON text (the same database gives
 byte-identical files) and written atomically once everything is computed.
@@ -500,21 +507,50 @@ def training_examples(rated: Sequence[dict]) -> tuple[list[str], list[str], dict
     return sorted(prefs), sorted(sft), {**counts, "preferences": len(prefs), "sft": len(sft)}
 
 
+def kto_rows(rated: Sequence[dict]) -> tuple[list[str], dict]:
+    """(KTO lines, counts) from `FeedbackStore.rated_replies()`: JSON lines, deduplicated and
+    sorted; every rated reply with its label, and every correction as a desirable reply."""
+    lines: set[str] = set()
+    counts = Counter(desirable=0, undesirable=0)
+
+    def row(prompt: list[dict], completion: str, label: bool) -> None:
+        if completion.strip():
+            lines.add(json.dumps({"prompt": _clean(prompt), "completion": _assistant(_scrub(completion)),
+                                  "label": label}, ensure_ascii=False))
+
+    for r in rated:
+        if not r["prompt_messages"]:
+            continue   # nothing to condition on (not a chat reply)
+        if r["rating"] == "down":
+            row(r["prompt_messages"], r["reply"], False)
+        elif not r.get("stopped"):   # a stopped reply is only the start of an answer: never desirable
+            row(r["prompt_messages"], r["reply"], True)
+        if r["correction"]:
+            row(r["prompt_messages"], r["correction"], True)
+    for line in lines:
+        counts["desirable" if json.loads(line)["label"] else "undesirable"] += 1
+    return sorted(lines), dict(counts)
+
+
 def export_training_data(store: FeedbackStore, out_dir: str | os.PathLike) -> dict:
-    """Write `preferences.jsonl` and `sft.jsonl` into `out_dir`; return the counts.
+    """Write `preferences.jsonl`, `sft.jsonl` and `kto.jsonl` into `out_dir`; return the counts.
 
     Everything is computed before anything is written, and the files are replaced atomically.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ChatforgeError(f"{out_dir} is a file; --out needs a folder")
-    prefs, sft, counts = training_examples(store.rated_replies())
+    rated = store.rated_replies()
+    prefs, sft, counts = training_examples(rated)
+    kto, kto_counts = kto_rows(rated)
+    counts.update(kto=len(kto), kto_desirable=kto_counts["desirable"], kto_undesirable=kto_counts["undesirable"])
     try:
-        # Both files are written to temporary names first and renamed only once both are complete.
+        # The files are written to temporary names first and renamed only once all are complete.
         with files.atomic_open(out_dir / "preferences.jsonl") as f_prefs, \
-                files.atomic_open(out_dir / "sft.jsonl") as f_sft:
+                files.atomic_open(out_dir / "sft.jsonl") as f_sft, files.atomic_open(out_dir / "kto.jsonl") as f_kto:
             f_prefs.writelines(line + "\n" for line in prefs)
             f_sft.writelines(line + "\n" for line in sft)
+            f_kto.writelines(line + "\n" for line in kto)
     except OSError as e:
         raise ChatforgeError(f"cannot write into {out_dir}: {e.strerror or e}") from None
     return counts

@@ -7,8 +7,9 @@
 
 `stats` prints the share of thumbs up among rated replies: overall, among the replies the user
 stopped, per day, per source document, and the questions with the most down-voted replies.
-`export` writes `preferences.jsonl` (TRL's conversational preference pairs) and `sft.jsonl` (chat examples in
-the `qa_train.jsonl` format). What counts and what becomes a pair: `chatforge/data/feedback.py`.
+`export` writes `preferences.jsonl` (TRL's conversational preference pairs), `sft.jsonl` (chat examples in
+the `qa_train.jsonl` format) and `kto.jsonl` (TRL's unpaired rows: each rated reply with its label,
+for `chatforge kto`). What counts and what becomes a pair: `chatforge/data/feedback.py`.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     leaf(p, run_stats)
 
-    p = add_parser(sub, "export", "write preference pairs and SFT examples from corrections and votes",
+    p = add_parser(sub, "export", "write preference pairs, SFT examples and KTO rows from corrections and votes",
                    "chatforge feedback export --db runs/demo/feedback.db --out runs/demo/feedback-data")
     p.add_argument("--db", metavar="FILE|URL", default=None, help=DB_HELP)
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="folder for preferences.jsonl and sft.jsonl (needed; the two files are replaced)")
+                   help="folder for preferences.jsonl, sft.jsonl and kto.jsonl (needed; the files are replaced)")
     leaf(p, run_export)
 
 
@@ -106,10 +107,12 @@ def run_export(args: argparse.Namespace) -> int:
 
     _need_db(args)
     if not args.out:
-        raise ChatforgeError("--out is required: the folder for preferences.jsonl and sft.jsonl")
+        raise ChatforgeError("--out is required: the folder for preferences.jsonl, sft.jsonl and kto.jsonl")
     with FeedbackStore(args.db, create=False) as store:
         counts = export_training_data(store, args.out)
     print(f"wrote {counts['preferences']} preference pairs ({counts['corrections']} from corrections, "
           f"{counts['vote_pairs']} from up- against down-voted replies, before removing duplicates) to "
-          f"{args.out}/preferences.jsonl and {counts['sft']} SFT examples to {args.out}/sft.jsonl")
+          f"{args.out}/preferences.jsonl, {counts['sft']} SFT examples to {args.out}/sft.jsonl and {counts['kto']} "
+          f"KTO rows ({counts['kto_desirable']} desirable, {counts['kto_undesirable']} undesirable) to "
+          f"{args.out}/kto.jsonl")
     return 0

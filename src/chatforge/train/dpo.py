@@ -247,7 +247,7 @@ def default_options() -> dict[str, Any]:
 # The stage
 
 
-def _save_fn(out: Path, tokenizer, o: dict, base: Path):
+def model_save_fn(out: Path, tokenizer, o: dict, base: Path):
     """At the top of `out` a plain model folder (adapters merged); in `last/` the trained module's
     own weights (a `ReplyLogProbs`, adapters unmerged), which `--resume` loads back."""
     from chatforge.model import folder as model_folder
@@ -270,7 +270,7 @@ def _save_fn(out: Path, tokenizer, o: dict, base: Path):
     return save
 
 
-def _best_validation(out: Path) -> dict:
+def best_validation(out: Path) -> dict:
     """The metrics of the validation with the lowest loss in `OUT/metrics.jsonl` (the saved model's)."""
     best: dict = {}
     path = out / "metrics.jsonl"
@@ -357,8 +357,8 @@ def run_dpo(base: str | Path, prefs: str | Path, out: str | Path | None = None, 
           f"(truncated {stats.truncated}, dropped {stats.dropped}), training {n_train / 1e6:.2f}M of "
           f"{model.num_params() / 1e6:.2f}M parameters for {steps} steps at lr {lr:g}")
     result = train(policy, source, loss_fn, cfg, out, val_batches=val_batches, tokenizer=tok, resume=o["resume"],
-                   params=params, save_fn=_save_fn(out, tok, o, base))
-    best = _best_validation(out)
+                   params=params, save_fn=model_save_fn(out, tok, o, base))
+    best = best_validation(out)
     report = {"base": str(base), "prefs": str(prefs), "method": o["method"], "loss": o["loss"], "beta": o["beta"],
               "lr": lr, "steps": result.step, "max_length": max_length, "pairs": stats.to_dict(),
               "train_pairs": len(train_ex), "val_pairs": len(val_ex), "trainable_parameters": n_train,

@@ -77,14 +77,14 @@ class PairStats:
         return {"kept": self.kept, "truncated": self.truncated, "dropped": self.dropped}
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
 
 
-def _reply(ids: list[int], mask: list[int], start: int) -> tuple[list[int], list[int]]:
+def reply_span(ids: list[int], mask: list[int], start: int) -> tuple[list[int], list[int]]:
     """The reply's tokens from `start` to its last scored token (its <|im_end|>), and their mask."""
     end = max((i for i, m in enumerate(mask) if m), default=-1) + 1
     return ids[start:end], mask[start:end]
@@ -95,9 +95,9 @@ def encode_pair(pref, tokenizer, max_length: int, truncate: str = "left") -> tup
     prompt = tokenizer.render_chat(pref.prompt, add_generation_prompt=True)[0]
     ids_c, mask_c = tokenizer.render_chat(pref.conversation("chosen"))
     ids_r, mask_r = tokenizer.render_chat(pref.conversation("rejected"))
-    p = min(len(prompt), _common_prefix(prompt, ids_c), _common_prefix(prompt, ids_r))
-    chosen, chosen_mask = _reply(ids_c, mask_c, p)
-    rejected, rejected_mask = _reply(ids_r, mask_r, p)
+    p = min(len(prompt), common_prefix(prompt, ids_c), common_prefix(prompt, ids_r))
+    chosen, chosen_mask = reply_span(ids_c, mask_c, p)
+    rejected, rejected_mask = reply_span(ids_r, mask_r, p)
     if p == 0 or not any(chosen_mask) or not any(rejected_mask):
         return None, "dropped"
     excess = p + max(len(chosen), len(rejected)) - max_length
