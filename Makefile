@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CORE := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
-LLAMA_CPP := $(shell grep -o 'llama-cpp-python[^"]*' pyproject.toml)
+LLAMA_CPP := $(shell grep -o '"llama-cpp-python[^"]*"' pyproject.toml | tr -d '"')
 LLAMA_CMAKE_ARGS := -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF
 # The dev extra's requirements without llama-cpp-python (for a machine where it does not build).
 export DEV_WITHOUT_LLAMA := import tomllib; dev = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]; print(" ".join(r for r in dev if not r.startswith("llama-cpp-python")))
