@@ -126,7 +126,6 @@ PRETRAINED: dict[str, dict] = {
     "prefs": {"max_questions": 60, "context_tokens": 512},
     "reward": {"method": "freeze", "lr": 0.01},
     "dpo": {"lora_layers": 15, "batch_size": 4},
-    "kto": {"lora_layers": 15, "batch_size": 4},
     "ppo": {"max_new_tokens": 96, "phases": 10, "rollout_prompts": 8},
 }
 SCRATCH_DEFAULTS: dict[str, dict] = {
