@@ -375,7 +375,7 @@ def test_generated_requests_never_get_a_5xx(server):
 
 
 def _start_cli_server(model_dir, db):
-    return start_serve_process(model_dir, db, timeout=60)
+    return start_serve_process(model_dir, db)
 
 
 @pytest.mark.e2e
