@@ -90,16 +90,17 @@ def serve(model_dir: Path, db: Path | None = None, docs: Path | None = None, api
     return Running(f"http://127.0.0.1:{port}", app, assistant, server, thread)
 
 
-def start_serve_process(model_dir: Path, db: str | Path, timeout: float = 90) -> tuple[subprocess.Popen, str]:
-    """`python -m chatforge serve --db DB` in its own process on a free port, once GET /health
-    answers 200 (the process and its URL); its output in the assertion if it never does."""
+def start_serve_process(model_dir: Path, db: str | Path, timeout: float = 90,
+                        extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`python -m chatforge serve --db DB [EXTRA...]` in its own process on a free port, once GET
+    /health answers 200 (the process and its URL); its output in the assertion if it never does."""
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--port",
-                             str(port), "--db", str(db), "--name", "tiny", "--log-level", "warning"],
+                             str(port), "--db", str(db), "--name", "tiny", "--log-level", "warning", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout

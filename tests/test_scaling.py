@@ -13,15 +13,12 @@ skipped saying why where none can start.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
-from _serve_fixtures import serve
+from _serve_fixtures import serve, start_serve_process
 from _tiny_chat_model import CONVERSATIONS, train_tiny_chat_model
 
 from chatforge.data.feedback import FeedbackStore
@@ -31,24 +28,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 def replica(model_dir, upstream: str, db: str) -> tuple[subprocess.Popen, str]:
     """`python -m chatforge serve --upstream UPSTREAM --db DB` on a free port, once /health answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--upstream", upstream, "--db", db, "--name", "tiny", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(proc.stdout.read().decode())
-        time.sleep(0.1)
+    return start_serve_process(model_dir, db, extra=("--upstream", upstream))
 
 
 def test_replicas_share_postgresql_behind_round_robin(tmp_path, pg_url):
