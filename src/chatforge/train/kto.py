@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from chatforge import files
 from chatforge.errors import ChatforgeError
-from chatforge.train.pairs import PairExample, PairStats, common_prefix, make_pair_batch, reply_span
+from chatforge.train.pairs import PairExample, PairStats, common_prefix, encode_all, make_pair_batch, reply_span
 
 METHODS = ("lora", "full")
 DEFAULT_LR = {"lora": 5e-5, "full": 1e-6}
@@ -196,16 +196,7 @@ def encode_row(row, tokenizer, max_length: int, truncate: str = "left") -> tuple
 def encode_rows(rows: Sequence, tokenizer, max_length: int,
                 truncate: str = "left") -> tuple[list[KTOExample | None], PairStats]:
     """Every row encoded (None where dropped, so indices match `rows`) and the counts."""
-    if truncate not in ("left", "drop"):
-        raise ChatforgeError(f"truncate must be 'left' or 'drop', got {truncate!r}")
-    if max_length < 8:
-        raise ChatforgeError(f"the maximum length must be at least 8 tokens, got {max_length}")
-    stats, out = PairStats(), []
-    for row in rows:
-        example, what = encode_row(row, tokenizer, max_length, truncate)
-        setattr(stats, what, getattr(stats, what) + 1)
-        out.append(example)
-    return out, stats
+    return encode_all(rows, encode_row, tokenizer, max_length, truncate)
 
 
 def kto_groups(examples: Sequence[KTOExample], batch_size: int, seed: int = 0) -> list[list[int]]:

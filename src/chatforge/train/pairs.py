@@ -110,19 +110,26 @@ def encode_pair(pref, tokenizer, max_length: int, truncate: str = "left") -> tup
     return PairExample(prompt[cut:p], chosen, rejected, chosen_mask, rejected_mask), "truncated" if cut else "kept"
 
 
-def encode_pairs(prefs: Sequence, tokenizer, max_length: int,
-                 truncate: str = "left") -> tuple[list[PairExample | None], PairStats]:
-    """Every pair encoded (None where dropped, so indices still match `prefs`) and the counts."""
+def encode_all(items: Sequence, encode_one, tokenizer, max_length: int, truncate: str = "left") -> tuple[list, PairStats]:
+    """`encode_one(item, tokenizer, max_length, truncate) -> (example or None, "kept" | "truncated"
+    | "dropped")` over every item (None where dropped, so indices still match `items`) and the
+    counts: preference pairs (`encode_pair`) and KTO's unpaired rows alike."""
     if truncate not in ("left", "drop"):
         raise ChatforgeError(f"truncate must be 'left' or 'drop', got {truncate!r}")
     if max_length < 8:
         raise ChatforgeError(f"the maximum length must be at least 8 tokens, got {max_length}")
     stats, out = PairStats(), []
-    for pref in prefs:
-        example, what = encode_pair(pref, tokenizer, max_length, truncate)
+    for item in items:
+        example, what = encode_one(item, tokenizer, max_length, truncate)
         setattr(stats, what, getattr(stats, what) + 1)
         out.append(example)
     return out, stats
+
+
+def encode_pairs(prefs: Sequence, tokenizer, max_length: int,
+                 truncate: str = "left") -> tuple[list[PairExample | None], PairStats]:
+    """Every pair encoded (None where dropped, so indices still match `prefs`) and the counts."""
+    return encode_all(prefs, encode_pair, tokenizer, max_length, truncate)
 
 
 # ---------------------------------------------------------------------------------------------
