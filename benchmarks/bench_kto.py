@@ -53,7 +53,7 @@ from chatforge import runtime  # noqa: E402
 from chatforge.data.unpaired import Unpaired  # noqa: E402
 from chatforge.model.folder import load_model  # noqa: E402
 from chatforge.model.lora import apply_lora  # noqa: E402
-from chatforge.train import dpo, kto, kto_command, sft  # noqa: E402
+from chatforge.train import dpo, kto  # noqa: E402
 from chatforge.train.loop import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,11 +78,10 @@ def run_chatforge(folder: str, rows, batch_size: int, precision: str, seed: int)
     ref_groups = [ref[g[0]:g[-1] + 1] for g in groups]
     torch.manual_seed(seed)
     apply_lora(model, LORA["rank"], LORA["alpha"], LORA["dropout"], LORA["targets"])
-    o = kto_command.default_options()
-    o.update(precision=precision, compile="off", seed=seed, log_every=1, batch_size=batch_size)
+    o = kto.KTOConfig(precision=precision, compile="off", seed=seed, log_every=1, batch_size=batch_size)
     source = kto.KTOBatches(examples, groups, pairs, tok.pad_id, seed, ref_groups)
     steps = source.batches_per_epoch
-    cfg = sft.loop_config(o, steps, MAX_LENGTH, LR, eval_every=steps)
+    cfg = o.train_config(steps, MAX_LENGTH, LR, eval_every=steps)
     end: list[tuple[float, float]] = []
 
     def save(folder, m, state) -> None:   # the loop saves `last/` right after the final step

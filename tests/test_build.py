@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.cli import main
+from chatforge.commands.main import main
 from chatforge.data import sources
 from chatforge.data.build import build, split_chunks
 from chatforge.errors import ChatforgeError

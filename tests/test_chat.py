@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatforge import cli
+from chatforge.commands import main as cli
 from chatforge.infer.chat import ChatSession, converse
 from chatforge.infer.engine import GenerationConfig
 from chatforge.infer.prompting import parse_system_prompt

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from chatforge.cli import main
+from chatforge.commands.main import main
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.heads import ClassifierHead, RewardHead, ValueHead, hidden_states, layer_states, pool
 from chatforge.model.folder import save_model

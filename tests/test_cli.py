@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from chatforge import cli
+from chatforge.commands import main as cli
 from chatforge.pipeline import load_settings
 from chatforge.stages import to_flags
 

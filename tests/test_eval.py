@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatforge import cli
+from chatforge.commands import main as cli
 from chatforge.errors import ChatforgeError
 from chatforge.eval.evaluate import evaluate, load_questions
 from test_retrieval import ACCOUNTS, BILLING, NETWORK, QA, make_docs

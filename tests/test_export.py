@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from chatforge import cli
+from chatforge.commands import main as cli
 from chatforge.data.tokenizer import ChatTokenizer, train_tokenizer
 from chatforge.errors import ChatforgeError
 from chatforge.model.export import MARKER, export_model

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from chatforge import cli
+from chatforge.commands import main as cli
 from chatforge.errors import ChatforgeError
 from chatforge.model.export import MARKER, export_model
 from chatforge.model.folder import load_model, save_model

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from chatforge import cli
+from chatforge.commands import main as cli
 from chatforge.data import feedback
 from chatforge.data.feedback import (FeedbackStore, satisfaction_stats, schema_version, training_examples,
                                      user_satisfaction)

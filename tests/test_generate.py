@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from chatforge.cli import main
+from chatforge.commands.main import main
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.folder import save_model
 

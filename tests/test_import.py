@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from chatforge import cli
+from chatforge.commands import main as cli
 from chatforge.errors import ChatforgeError
 from chatforge.model.folder import load_model
 from chatforge.model.gguf_import import open_gguf, read_gguf

@@ -17,11 +17,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _align_fixtures import synthetic_pairs, tiny_model_folder, write_jsonl  # noqa: E402
 
-from chatforge.cli import main  # noqa: E402
+from chatforge.commands.main import main  # noqa: E402
 from chatforge.data.unpaired import parse_unpaired, read_unpaired  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.folder import load_model  # noqa: E402
-from chatforge.train import dpo, kto, kto_command  # noqa: E402
+from chatforge.train import dpo, kto  # noqa: E402
 from chatforge.train.pairs import make_pair_batch, reply_token_logps  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -164,7 +164,7 @@ def test_lora_kto_learns_the_desirable_replies_and_resumes(tiny, tmp_path, capsy
     folder, base_model, _ = tiny
     data = write_jsonl(tmp_path / "rows.jsonl", synthetic_pairs(64))          # 128 rows, half desirable
     out = tmp_path / "kto"
-    report = kto_command.run_kto(folder, data, out, **kto_options())
+    report = kto.run_kto(folder, data, out, **kto_options())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows, val_rows = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
     for key in ("kl", "reward_accuracy", "rewards_desirable", "rewards_undesirable", "logps"):
@@ -179,7 +179,7 @@ def test_lora_kto_learns_the_desirable_replies_and_resumes(tiny, tmp_path, capsy
     assert margin["kto"] > margin["base"] + 1.0
     # Resume continues the same run, reading the cached reference.
     capsys.readouterr()
-    report = kto_command.run_kto(folder, data, out, **kto_options(steps=26, resume=True))
+    report = kto.run_kto(folder, data, out, **kto_options(steps=26, resume=True))
     assert report["steps"] == 26 and "reference log-probabilities from" in capsys.readouterr().out
 
 
@@ -197,7 +197,7 @@ def test_cli_help_and_errors(tiny, tmp_path, capsys):
     assert main(["kto", "--base", str(folder), "--data", str(data), "--undesirable-weight", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
     with pytest.raises(ChatforgeError, match="unknown kto option"):
-        kto_command.run_kto(folder, data, tmp_path / "y", betta=0.1)
+        kto.run_kto(folder, data, tmp_path / "y", betta=0.1)
     assert main(["kto", "--base", str(folder), "--data", str(data), "--out", str(tmp_path / "cli"),
                  "--steps", "2", "--precision", "fp32", "--lr", "1e-3", "--method", "full"]) == 0
     load_model(tmp_path / "cli")

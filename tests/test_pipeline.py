@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.cli import main
+from chatforge.commands.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """

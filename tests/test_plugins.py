@@ -336,7 +336,7 @@ def test_server_response_names_the_orders_plugin(model_dir, tmp_path):
 def test_chat_takes_its_plugins_from_the_yaml_config(model_dir, tmp_path, monkeypatch, capsys):
     import io
 
-    from chatforge import cli
+    from chatforge.commands import main as cli
 
     cfg = tmp_path / "chat.yaml"
     cfg.write_text(f"plugins: orders,calculator,handoff\norders: {ORDERS}\ndb: {tmp_path / 'f.db'}\n"

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _align_fixtures import MY_DOCS, synthetic_pairs, tiny_model_folder, write_jsonl  # noqa: E402
 
-from chatforge.cli import main  # noqa: E402
+from chatforge.commands.main import main  # noqa: E402
 from chatforge.data.prefs import Preference, parse_preference, read_preferences, split_by_question  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.retrieval import NOT_FOUND_REPLY  # noqa: E402

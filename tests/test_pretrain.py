@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from _pretrain_fixtures import make_data, make_tokenizer  # noqa: E402
 
-from chatforge.cli import main  # noqa: E402
+from chatforge.commands.main import main  # noqa: E402
 
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CHATFORGE_QUIET": "1"}

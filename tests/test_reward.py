@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _align_fixtures import synthetic_pairs, tiny_model_folder, write_jsonl  # noqa: E402
 
-from chatforge.cli import main  # noqa: E402
+from chatforge.commands.main import main  # noqa: E402
 from chatforge.data.prefs import Preference, parse_preference  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.folder import load_model  # noqa: E402

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatforge import cli
+from chatforge.commands import main as cli
 from chatforge.errors import ChatforgeError
 from chatforge.infer.answer import AnswerSettings
 from chatforge.retrieval import PassageIndex

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from chatforge.cli import main
+from chatforge.commands.main import main
 from chatforge.data.chat_data import eval_batches, pack, tokenize_examples
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.folder import load_model

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatforge import cli
+from chatforge.commands import main as cli
 from chatforge.data.tokenizer import (
     CHAT_TEMPLATE,
     EOT,

@@ -284,7 +284,7 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
               feedback: str | None, generated: bool, force: bool) -> dict:
     """One round (see the module docstring); returns its round.json. `unseen` is the held-out
     manual's (questions file, documents) as the pipeline measured it, or None."""
-    from chatforge.cli import main as cli_main
+    from chatforge.commands.main import main as cli_main
     from chatforge.data.prefs import read_preferences, write_preferences
 
     align = settings["align"]

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from chatforge import files
-from chatforge.cli import leaf
+from chatforge.commands import leaf
 from chatforge.stages import Runner, fingerprint, model_stamp, to_flags
 from chatforge.errors import ChatforgeError
 

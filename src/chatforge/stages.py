@@ -69,7 +69,7 @@ class Runner:
     def stage(self, name: str, argv: list[str], output: Path, extra: str = "", always: bool = False) -> None:
         """Run `chatforge ARGV` unless up to date. `always` stages (fetch, whose own cache makes a
         re-run cheap) run every time and do not enter the chain of stamps."""
-        from chatforge.cli import main as cli_main
+        from chatforge.commands.main import main as cli_main
 
         stamp = hashlib.sha256(json.dumps([name, argv, extra, self.upstream]).encode()).hexdigest()
         stamp_file = self.stamps / f"{name}.json"

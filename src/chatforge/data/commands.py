@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from chatforge.cli import add_parser, leaf, subcommands
+from chatforge.commands import add_parser, leaf, subcommands
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from chatforge.cli import add_parser, leaf, subcommands
+from chatforge.commands import add_parser, leaf, subcommands
 
 QUESTION_WIDTH = 80   # characters of a question shown in the table
 DB_HELP = "the feedback database `chatforge serve --db` writes: a SQLite file or a postgresql:// URL (needed)"

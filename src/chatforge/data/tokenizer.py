@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from chatforge import files
-from chatforge.cli import add_parser, leaf, subcommands
+from chatforge.commands import add_parser, leaf, subcommands
 from chatforge.errors import ChatforgeError
 
 EOT = "<|endoftext|>"

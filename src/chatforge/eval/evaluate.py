@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from chatforge import files
-from chatforge.cli import leaf
+from chatforge.commands import leaf
 from chatforge.errors import ChatforgeError
 from chatforge.eval.report import METRICS, fmt, load_curves, metric_rows, write_report
 
@@ -602,7 +602,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="with retrieval: also ask the first N questions as a conversation's second turn, "
                              "after an earlier question and the model's answer to it (0 = off)")
     parser.add_argument("--out", metavar="DIR", default=None, help="output folder; without it, MODEL/eval")
-    from chatforge.retrieval.fusion import add_arguments as add_retrieval_arguments
+    from chatforge.commands import add_retrieval as add_retrieval_arguments
 
     add_retrieval_arguments(parser)
     leaf(parser, run)

@@ -25,7 +25,7 @@ import os
 import sys
 from typing import Callable, Iterable, Iterator, TextIO
 
-from chatforge.cli import leaf
+from chatforge.commands import leaf
 from chatforge.errors import ChatforgeError
 from chatforge.infer.answer import AnswerSettings, AnswerStream
 from chatforge.infer.plugins import add_plugin_options, runner_from_args
@@ -286,7 +286,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passages", type=int, default=None,
                         help="passages retrieved per question with --docs (default: the model's answer settings, "
                              "answer.json, as SFT trained it; else 3)")
-    from chatforge.retrieval.fusion import add_arguments as add_retrieval_arguments
+    from chatforge.commands import add_retrieval as add_retrieval_arguments
 
     add_retrieval_arguments(parser)
     parser.add_argument("--index-cache", metavar="DIR", default=None,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from chatforge.cli import leaf
+from chatforge.commands import leaf
 from chatforge.errors import ChatforgeError
 
 

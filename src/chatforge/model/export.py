@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatforge.cli import leaf
+from chatforge.commands import leaf
 from chatforge.errors import ChatforgeError
 
 FORMATS = ("hf", "gguf", "peft", "gguf-lora")

@@ -9,6 +9,7 @@ This is model code (every command that loads a model comes here); the training s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -23,6 +24,17 @@ from chatforge.model.gpt import GPT, GPTConfig, rope_tables
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def model_fingerprint(folder: str | Path, salt: str = "") -> str:
+    """A hash of a model folder's config and weights (and `salt`): what is cached under it belongs
+    to exactly these weights (a re-imported or retrained model gets a new one; a copy keeps it)."""
+    h = hashlib.sha256(salt.encode())
+    for name in (CONFIG, WEIGHTS):
+        with open(Path(folder) / name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:20]
 
 
 def save_weights(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:

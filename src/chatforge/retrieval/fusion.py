@@ -33,15 +33,16 @@ unrelated question the earlier turn costs dense 0.944 -> 0.869 (weights 0.3 / 0.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 
 from chatforge.errors import ChatforgeError
+from chatforge.options import option
 from chatforge.retrieval.index import PassageIndex, _resolved, default_cache_dir
 from chatforge.retrieval.passages import Passage
 
@@ -183,22 +184,27 @@ def auto_mode(model: str | os.PathLike | None = None) -> str:
     return BEST_MODE
 
 
-def add_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_MODE) -> None:
-    """The retrieval options every command that retrieves shares."""
-    parser.add_argument("--retrieval", choices=("auto", *MODES), default=default,
-                        help=f"how passages are found: bm25 (words), dense (sentence embeddings) or hybrid "
-                             f"(the cosine plus a tenth of the normalised BM25 score); auto: {BEST_MODE} when "
-                             f"the embedding model is fetched, else bm25 (default {default})")
-    parser.add_argument("--embedding-model", metavar="NAME|DIR", default=None,
-                        help="embedding model for dense/hybrid retrieval: a model folder (e.g. one "
-                             "`chatforge retriever train` wrote) or a fetched source; default: the one the "
-                             "model's answer.json names (a retriever the continual-learning round kept), "
-                             "else all-minilm-l6-v2")
+@dataclass
+class RetrievalOptions:
+    """The retrieval options of every command that retrieves (`--retrieval`, `--embedding-model`);
+    a stage's config takes them as `group(RetrievalOptions)`."""
+    SECTION: ClassVar[str] = "retrieval"
+
+    retrieval: str = option(DEFAULT_MODE, f"how passages are found: bm25 (words), dense (sentence embeddings) or "
+                                          f"hybrid (the cosine plus a tenth of the normalised BM25 score); auto: "
+                                          f"{BEST_MODE} when the embedding model is fetched, else bm25",
+                            choices=("auto", *MODES))
+    embedding_model: str | None = option(None, "embedding model for dense/hybrid retrieval: a model folder (e.g. "
+                                               "one `chatforge retriever train` wrote) or a fetched source; default: "
+                                               "the one the model's answer.json names (a retriever the "
+                                               "continual-learning round kept), else all-minilm-l6-v2",
+                                         metavar="NAME|DIR")
 
 
-def from_args(args: argparse.Namespace, paths: Sequence[str | os.PathLike],
+def from_args(args: Any, paths: Sequence[str | os.PathLike],
               cache_dir: str | os.PathLike | None = None, default_model: str | os.PathLike | None = None) -> Retriever:
-    """`load_retriever` with the options `add_arguments` added (BM25 for a parser without them).
+    """`load_retriever` with `RetrievalOptions` (a config holding them, or parsed arguments; BM25
+    for one without them).
     `default_model`: the embedding model when --embedding-model is not given (the one the served
     model's answer settings name, `AnswerSettings.embedding_model_for`)."""
     return load_retriever(paths, cache_dir, getattr(args, "retrieval", "bm25"),

@@ -36,7 +36,7 @@ import sys
 import threading
 from pathlib import Path
 
-from chatforge.cli import leaf
+from chatforge.commands import leaf
 from chatforge.errors import ChatforgeError
 from chatforge.infer.plugins import add_plugin_options, runner_from_args
 from chatforge.infer.prompting import load_system_prompt
@@ -120,7 +120,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passages", type=int, default=None,
                         help="passages retrieved per question with --docs (default: the answer settings', else 3)")
     parser.add_argument("--index-cache", metavar="DIR", default=None, help="where the passage index is cached")
-    from chatforge.retrieval.fusion import add_arguments as add_retrieval_arguments
+    from chatforge.commands import add_retrieval as add_retrieval_arguments
 
     add_retrieval_arguments(parser)
     parser.add_argument("--threads", type=int, default=None,

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from chatforge import files
-from chatforge.cli import add_parser, leaf, option_defaults, subcommands
+from chatforge.commands import add_parser, leaf, option_defaults, subcommands
 from chatforge.errors import ChatforgeError
 # The classifier itself (model, loading, prediction) is model code: the server's intent router
 # loads it without the training code (model/classifier.py).

@@ -50,19 +50,29 @@ counts, options, the best validation's metrics).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chatforge import files
-from chatforge.cli import leaf, option_defaults
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from tqdm import tqdm
+
+from chatforge import files, runtime
+from chatforge.data.prefs import read_preferences, split_by_question
 from chatforge.errors import ChatforgeError
+from chatforge.model.folder import load_model, model_fingerprint
+from chatforge.options import build, flatten, option
+from chatforge.train import recipe
+from chatforge.train.loop import train
+from chatforge.train.pairs import (PairBatches, PreferenceOptions, ReplyLogProbs, encode_pairs, eval_pair_batches,
+                                   length_batches, make_pair_batch, reply_token_logps, side_counts, side_sums)
 
 LOSSES = ("sigmoid", "ipo", "hinge")
-METHODS = ("lora", "full")
 DEFAULT_LR = {"lora": 5e-5, "full": 1e-6}
 REFERENCE_FILE = "reference_logps.safetensors"
 REFERENCE_VERSION = 1
@@ -78,7 +88,6 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
 
     `chosen_tokens` / `rejected_tokens` (B,) are the replies' token counts, needed by "ipo".
     Rewards are beta * (log pi - log pi_ref), detached (they are reported, not optimised)."""
-    import torch.nn.functional as F
 
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
@@ -105,7 +114,6 @@ def kl_k3(policy_logps, ref_logps, mask):
 
 def make_loss_fn(beta: float, loss_type: str):
     """The loop's loss: (mean loss over the batch's pairs, pairs, metrics) for a `ReplyLogProbs` model."""
-    from chatforge.train.pairs import side_counts, side_sums
 
     if loss_type not in LOSSES:
         raise ChatforgeError(f"--loss must be one of {', '.join(LOSSES)}, got {loss_type!r}")
@@ -134,11 +142,7 @@ def make_loss_fn(beta: float, loss_type: str):
 def reference_logps(model, examples, batch_size: int, pad_id: int, device, precision: str) -> list:
     """Per example, the log-probabilities (float32) of its scored reply tokens (chosen, then rejected)
     under `model` as it is now (eval mode, no gradients), in batches of similar length."""
-    import torch
-    from tqdm import tqdm
 
-    from chatforge import runtime
-    from chatforge.train.pairs import length_batches, make_pair_batch, reply_token_logps
 
     was_training = model.training
     model.eval().to(device)
@@ -157,7 +161,6 @@ def reference_logps(model, examples, batch_size: int, pad_id: int, device, preci
 
 def reference_fingerprint(base: Path, examples, precision: str) -> str:
     """What the cached reference depends on: the base weights, every pair's tokens, the precision."""
-    from chatforge.train.classify import model_fingerprint
 
     h = hashlib.sha256(f"chatforge-dpo-reference-{REFERENCE_VERSION}-{precision}-{model_fingerprint(base)}".encode())
     for e in examples:
@@ -166,8 +169,6 @@ def reference_fingerprint(base: Path, examples, precision: str) -> str:
 
 
 def save_reference(path: Path, values: list, fingerprint: str) -> None:
-    import torch
-    from safetensors.torch import save
 
     lengths = torch.tensor([len(v) for v in values], dtype=torch.long)
     flat = torch.cat(values) if values else torch.zeros(0)
@@ -177,7 +178,6 @@ def save_reference(path: Path, values: list, fingerprint: str) -> None:
 
 def load_reference(path: Path, fingerprint: str) -> list | None:
     """The cached values when `path` holds them for `fingerprint`, else None (missing, stale or damaged)."""
-    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         return None
@@ -195,79 +195,17 @@ def load_reference(path: Path, fingerprint: str) -> list | None:
 # Options
 
 
-def add_options(p: argparse.ArgumentParser) -> None:
-    from chatforge.train.pretrain import add_loop_options
-    from chatforge.train.sft import NO_DROPOUT_HELP, _set_default, add_lora_options
-
-    p.add_argument("--base", default=None, help="model folder to start from, and the reference (e.g. runs/demo/sft)")
-    p.add_argument("--prefs", default=None, help="preference pairs: JSONL of {\"prompt\", \"chosen\", \"rejected\"}")
-    p.add_argument("--out", default=None, help="output folder (default: a `dpo` folder beside --base)")
-    p.add_argument("--beta", type=float, default=0.1,
-                   help="how far the model may move from --base: larger keeps it closer")
-    p.add_argument("--loss", default="sigmoid", choices=LOSSES,
-                   help="sigmoid: DPO; ipo: squared, per-token log-ratios; hinge: SLiC's max(0, 1 - beta h)")
-    p.add_argument("--method", default="lora", choices=METHODS, help="lora: low-rank adapters; full: all weights")
-    add_lora_options(p, dropout=0.0, save=True, dropout_help=NO_DROPOUT_HELP)
-    p.add_argument("--max-length", type=int, default=1024,
-                   help="most tokens the model reads at once, the prompt plus the longer reply "
-                        "(capped at the model's context)")
-    p.add_argument("--truncate", default="left", choices=["left", "drop"],
-                   help="too-long pairs: cut the prompt from the left, or drop them")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of the questions (with all their pairs) held out for validation (0 = none)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs (ignored with --steps)")
-    add_loop_options(p, lr=None)
-    _set_default(p, "steps", None, "optimizer steps (overrides --epochs)")
-    _set_default(p, "lr", None, "peak learning rate (default: 5e-5 lora, 1e-6 full)")
-    _set_default(p, "batch_size", 8, "pairs per micro-batch")
-    _set_default(p, "tokens_per_step", 0, "pairs per optimizer step x --max-length (0 = one micro-batch a step; "
-                                          "e.g. 4 x batch x max-length accumulates 4 micro-batches)")
-    _set_default(p, "eval_every", 0, "steps between validations and checkpoints (0 = four times a run)")
-    _set_default(p, "log_every", 1, "steps between metrics.jsonl lines")
-    _set_default(p, "compile", "auto", "torch.compile: auto = off here (every batch has its own length, and each "
-                                        "new shape would compile again)")
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("examples:\n"
-                     "  chatforge dpo --base runs/demo/sft --prefs runs/demo/prefs.jsonl --out runs/demo/dpo\n"
-                     "  chatforge dpo --base runs/demo/sft --prefs runs/demo/feedback-data/preferences.jsonl "
-                     "--out runs/demo/dpo --loss ipo --beta 0.5\n"
-                     "  chatforge dpo ... --method full --lr 1e-6\n\n"
-                     "make pairs with `chatforge prefs make` or `chatforge feedback export`")
-    add_options(parser)
-    leaf(parser, run)
-
-
-def default_options() -> dict[str, Any]:
-    return option_defaults(add_options)
+@dataclass
+class DPOConfig(PreferenceOptions):
+    """`chatforge dpo`'s options (those of the rows and the loop: `PreferenceOptions`)."""
+    beta: float = option(0.1, "how far the model may move from --base: larger keeps it closer")
+    loss: str = option("sigmoid", "sigmoid: DPO; ipo: squared, per-token log-ratios; hinge: SLiC's max(0, 1 - beta h)",
+                       choices=LOSSES)
+    batch_size: int = option(8, "pairs per micro-batch")
 
 
 # ---------------------------------------------------------------------------------------------
 # The stage
-
-
-def model_save_fn(out: Path, tokenizer, o: dict, base: Path):
-    """At the top of `out` a plain model folder (adapters merged); in `last/` the trained module's
-    own weights (a `ReplyLogProbs`, adapters unmerged), which `--resume` loads back."""
-    from chatforge.model import folder as model_folder
-    from chatforge.model.lora import merged_state_dict, save_lora
-
-    def save(folder: Path, wrapper, state: dict) -> None:
-        if Path(folder).resolve() != out.resolve():
-            # Clones: a tied embedding appears twice in the state and safetensors refuses shared memory.
-            model_folder.save_weights(Path(folder) / model_folder.WEIGHTS, wrapper,
-                                      {k: v.clone() for k, v in state.items()})
-            return
-        gpt = wrapper.model
-        plain = {k.removeprefix("model."): v for k, v in state.items()}
-        if o["method"] == "lora":
-            model_folder.save_model(folder, gpt, tokenizer, state=merged_state_dict(gpt, plain))
-            if o["lora_save"] == "adapter":
-                save_lora(gpt, folder, state=plain, base=str(base.resolve()))
-        else:
-            model_folder.save_model(folder, gpt, tokenizer, state=plain)
-    return save
 
 
 def best_validation(out: Path) -> dict:
@@ -282,99 +220,69 @@ def best_validation(out: Path) -> dict:
     return best
 
 
-def run_dpo(base: str | Path, prefs: str | Path, out: str | Path | None = None, **options: Any) -> dict:
+def run_dpo(base: str | Path, prefs: str | Path, out: str | Path | None = None, config: DPOConfig | None = None,
+            **options: Any) -> dict:
     """DPO-train `base` on the pairs in `prefs` into `out`; returns the report (also `OUT/dpo.json`).
 
-    `options` are the command's options by their Python names (`beta=0.1`, `loss="ipo"`, ...)."""
-    import torch
-
-    from chatforge.data.prefs import read_preferences, split_by_question
-    from chatforge.model.folder import load_model
-    from chatforge.model.lora import apply_lora
-    from chatforge import runtime
-    from chatforge.train.loop import train
-    from chatforge.train.pairs import PairBatches, ReplyLogProbs, encode_pairs, eval_pair_batches
-    from chatforge.train.sft import loop_config, top_block_targets
-
-    o = default_options()
-    unknown = set(options) - set(o)
-    if unknown:
-        raise ChatforgeError(f"unknown dpo option(s) {sorted(unknown)}; valid: {', '.join(sorted(o))}")
-    o.update(options)
+    `config` holds the options (default: `DPOConfig()`); `options` change some by their flat
+    names (`beta=0.1`, `loss="ipo"`, `lora_rank=16`, ...)."""
+    o = build(DPOConfig, {**(flatten(config) if config else {}), **options}, "dpo")
     if not base:
         raise ChatforgeError("pass --base DIR: the model folder to align (e.g. the output of `chatforge sft`)")
     if not prefs:
         raise ChatforgeError("pass --prefs FILE.jsonl: preference pairs from `chatforge prefs make` "
                              "or `chatforge feedback export`")
     base, out = Path(base), Path(out) if out else Path(base).parent / "dpo"
-    if o["method"] not in METHODS:
-        raise ChatforgeError(f"--method must be one of {', '.join(METHODS)}, got {o['method']!r}")
-    loss_fn = make_loss_fn(o["beta"], o["loss"])
-    if not 0 <= o["val_fraction"] < 1:
-        raise ChatforgeError(f"--val-fraction must be in [0, 1), got {o['val_fraction']}")
-    if o["epochs"] <= 0 and not o["steps"]:
-        raise ChatforgeError(f"--epochs must be positive, got {o['epochs']}")
+    loss_fn = make_loss_fn(o.beta, o.loss)
 
     pairs = read_preferences(prefs)
     model, tok = load_model(base)
-    max_length = min(o["max_length"], model.config.max_seq_len)
-    encoded, stats = encode_pairs(pairs, tok, max_length, o["truncate"])
-    train_idx, val_idx = split_by_question(pairs, o["val_fraction"], o["seed"])
+    max_length = min(o.max_length, model.config.max_seq_len)
+    encoded, stats = encode_pairs(pairs, tok, max_length, o.truncate)
+    train_idx, val_idx = split_by_question(pairs, o.val_fraction, o.seed)
     train_ex = [encoded[i] for i in train_idx if encoded[i] is not None]
     val_ex = [encoded[i] for i in val_idx if encoded[i] is not None]
     if not train_ex:
         raise ChatforgeError(f"no pair of {prefs} fits in --max-length {max_length} tokens; raise it or use --truncate left")
 
-    device = runtime.pick_device(o["device"])
-    precision = runtime.resolve_precision(o["precision"], device)
+    device = runtime.pick_device(o.device)
+    precision = runtime.resolve_precision(o.precision, device)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = reference_fingerprint(base, train_ex + val_ex, precision)
     ref = load_reference(out / REFERENCE_FILE, fingerprint)
     if ref is None:
         # The model exactly as loaded: nothing is trained or added yet, so it IS the reference.
-        ref = reference_logps(model, train_ex + val_ex, o["batch_size"], tok.pad_id, device, precision)
+        ref = reference_logps(model, train_ex + val_ex, o.batch_size, tok.pad_id, device, precision)
         save_reference(out / REFERENCE_FILE, ref, fingerprint)
     else:
         print(f"dpo: reference log-probabilities from {out / REFERENCE_FILE}")
     ref_train, ref_val = ref[:len(train_ex)], ref[len(train_ex):]
 
-    torch.manual_seed(o["seed"])  # LoRA's A matrices
-    if o["method"] == "lora":
-        targets = [t.strip() for t in str(o["lora_targets"]).split(",") if t.strip()]
-        apply_lora(model, o["lora_rank"], o["lora_alpha"], o["lora_dropout"],
-                   top_block_targets(model, targets, o["lora_layers"]))
+    recipe.prepare(model, o.method, o.lora, o.seed)
     policy = ReplyLogProbs(model)
     params = [p for p in policy.parameters() if p.requires_grad]
-    source = PairBatches(train_ex, o["batch_size"], tok.pad_id, seed=o["seed"], ref=ref_train)
-    accum = max(1, math.ceil(o["tokens_per_step"] / (o["batch_size"] * max_length))) if o["tokens_per_step"] else 1
-    steps = o["steps"] or max(1, math.ceil(o["epochs"] * source.batches_per_epoch / accum))
-    lr = o["lr"] if o["lr"] is not None else DEFAULT_LR[o["method"]]
-    loop_options = {**o, "compile": "off" if o["compile"] == "auto" else o["compile"]}
-    cfg = loop_config(loop_options, steps, max_length, lr, o["eval_every"] or max(1, steps // 4))
-    val_batches = eval_pair_batches(val_ex, o["batch_size"], tok.pad_id, ref_val) if val_ex else None
+    source = PairBatches(train_ex, o.batch_size, tok.pad_id, seed=o.seed, ref=ref_train)
+    steps = recipe.steps(o, o.epochs, source.batches_per_epoch, max_length)
+    lr = recipe.learning_rate(o, DEFAULT_LR, o.method)
+    cfg = o.train_config(steps, max_length, lr, o.eval_every or max(1, steps // 4),
+                         compile="off" if o.compile == "auto" else o.compile)
+    val_batches = eval_pair_batches(val_ex, o.batch_size, tok.pad_id, ref_val) if val_ex else None
     n_train = sum(p.numel() for p in params)
-    print(f"dpo ({o['method']}, {o['loss']} loss, beta {o['beta']:g}): {len(train_ex)} train / {len(val_ex)} val pairs "
+    print(f"dpo ({o.method}, {o.loss} loss, beta {o.beta:g}): {len(train_ex)} train / {len(val_ex)} val pairs "
           f"(truncated {stats.truncated}, dropped {stats.dropped}), training {n_train / 1e6:.2f}M of "
           f"{model.num_params() / 1e6:.2f}M parameters for {steps} steps at lr {lr:g}")
-    result = train(policy, source, loss_fn, cfg, out, val_batches=val_batches, tokenizer=tok, resume=o["resume"],
-                   params=params, save_fn=model_save_fn(out, tok, o, base))
+    result = train(policy, source, loss_fn, cfg, out, val_batches=val_batches, tokenizer=tok, resume=o.resume,
+                   params=params, save_fn=recipe.save_fn(out, tok, base, o.method, o.lora_save, inner="model"))
     best = best_validation(out)
-    report = {"base": str(base), "prefs": str(prefs), "method": o["method"], "loss": o["loss"], "beta": o["beta"],
+    report = {"base": str(base), "prefs": str(prefs), "method": o.method, "loss": o.loss, "beta": o.beta,
               "lr": lr, "steps": result.step, "max_length": max_length, "pairs": stats.to_dict(),
               "train_pairs": len(train_ex), "val_pairs": len(val_ex), "trainable_parameters": n_train,
               "validation": {k.removeprefix("val_"): v for k, v in best.items() if k.startswith("val_")},
-              "best_step": best.get("step"), "seconds": round(result.seconds, 1), "interrupted": result.interrupted}
-    if o["method"] == "lora":
-        report["lora"] = {k: o[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers")}
+              "best_step": best.get("step"), "seconds": round(result.seconds, 1), "interrupted": result.interrupted,
+              **recipe.lora_report(o.method, o.lora)}
     files.write_json(out / "dpo.json", report)
     if report["validation"]:
         v = report["validation"]
         print(f"validation (step {report['best_step']}): loss {v['loss']:.4f}, reward accuracy "
               f"{v['reward_accuracy']:.3f}, margin {v['reward_margin']:.3f}, kl {v['kl']:.4f} -> {out}")
     return report
-
-
-def run(args: argparse.Namespace) -> int:
-    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("config", "base", "prefs", "out")}
-    report = run_dpo(args.base, args.prefs, args.out, **options)
-    return 130 if report["interrupted"] else 0

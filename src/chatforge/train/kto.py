@@ -1,9 +1,10 @@
 """KTO: aligning a chat model on unpaired thumbs (prompt, reply, good or bad), the loss and its training.
 
-    from chatforge.train.kto_command import run_kto     # the defaults filled in
+    from chatforge.train.kto import run_kto
     report = run_kto("runs/demo/sft", "runs/demo/feedback-data/kto.jsonl", "runs/demo/kto", beta=0.1)
 
-(`chatforge kto` is the command: `train/kto_command.py`, the only module here that knows argparse.)
+(`chatforge kto` is the command: `commands/kto.py`. The options are `KTOConfig`: those DPO shares,
+`train.pairs.PreferenceOptions`, plus the loss's weights.)
 
 KTO (Ethayarajh et al., 2024) needs no pairs: each row is one reply with a label, desirable (a
 thumbs up, a correction) or undesirable (a thumbs down). With pi the model trained, pi_ref the
@@ -49,12 +50,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chatforge import files
+from chatforge import files, runtime
+from chatforge.data.prefs import split_by_question
+from chatforge.data.unpaired import read_unpaired
 from chatforge.errors import ChatforgeError
-from chatforge.train.pairs import PairExample, PairStats, common_prefix, encode_all, make_pair_batch, reply_span
+from chatforge.model.folder import load_model
+from chatforge.options import build, flatten, option
+from chatforge.train import dpo, recipe
+from chatforge.train.loop import train
+from chatforge.train.pairs import (PairExample, PairStats, PreferenceOptions, PrefixCache, common_prefix, encode_all,
+                                   make_pair_batch, reply_attention_mask, reply_span, side_sums)
 
-METHODS = ("lora", "full")
-DEFAULT_LR = {"lora": 5e-5, "full": 1e-6}
+DEFAULT_LR = dpo.DEFAULT_LR
 # TRL's KTOConfig defaults.
 DEFAULT_BETA = 0.1
 DEFAULT_DESIRABLE_WEIGHT = 1.0
@@ -86,7 +93,7 @@ def kto_losses(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torc
 def make_loss_fn(beta: float = DEFAULT_BETA, desirable_weight: float = DEFAULT_DESIRABLE_WEIGHT,
                  undesirable_weight: float = DEFAULT_UNDESIRABLE_WEIGHT):
     """The loop's loss: (mean loss over the batch's rows, rows, metrics) for a `KTOLogProbs` model."""
-    from chatforge.train.pairs import side_sums
+
 
     if not beta > 0:
         raise ChatforgeError(f"--beta must be positive, got {beta}")
@@ -121,7 +128,7 @@ def kto_token_logps(model: nn.Module, batch: dict) -> torch.Tensor:
     mismatched completions run after the others without gradients (z is detached: their
     backward would only compute zeros)."""
     from chatforge.model.heads import hidden_states
-    from chatforge.train.pairs import PrefixCache, reply_attention_mask
+
 
     prompt_ids, reply_ids, prompt_len = batch["prompt_ids"], batch["reply_ids"], batch["prompt_len"]
     (B, P), R = prompt_ids.shape, reply_ids.shape[1]
@@ -255,61 +262,62 @@ class KTOBatches:
 # The stage
 
 
-def run_kto(base: str | Path, data: str | Path, out: str | Path | None, o: dict[str, Any]) -> dict:
+@dataclass
+class KTOConfig(PreferenceOptions):
+    """`chatforge kto`'s options: the loss's, plus those DPO shares (`PreferenceOptions`)."""
+    beta: float = option(DEFAULT_BETA, "how far the model may move from --base: larger keeps it closer")
+    desirable_weight: float = option(DEFAULT_DESIRABLE_WEIGHT, "weight of the desirable rows' losses (raise it when "
+                                                               "they are the fewer)")
+    undesirable_weight: float = option(DEFAULT_UNDESIRABLE_WEIGHT, "weight of the undesirable rows' losses (raise it "
+                                                                   "when they are the fewer)")
+    batch_size: int = option(8, "rows per micro-batch (at least 2: the KL term is estimated from the others)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 2:
+            raise ChatforgeError(f"--batch-size must be at least 2: KTO estimates its KL term from the other rows of "
+                                 f"a batch, got {self.batch_size}")
+
+
+def run_kto(base: str | Path, data: str | Path, out: str | Path | None = None, config: KTOConfig | None = None,
+            **options: Any) -> dict:
     """KTO-train `base` on the rows in `data` into `out`; returns the report (also `OUT/kto.json`).
 
-    `o`: every option of `chatforge kto` by its Python name (`kto_command.run_kto` fills in the
-    defaults; the stage never imports its command line)."""
-    from chatforge import runtime
-    from chatforge.data.prefs import split_by_question
-    from chatforge.data.unpaired import read_unpaired
-    from chatforge.model.folder import load_model
-    from chatforge.model.lora import apply_lora
-    from chatforge.train import dpo
-    from chatforge.train.loop import train
-    from chatforge.train.sft import loop_config, top_block_targets
-
+    `config` holds the options (default: `KTOConfig()`); `options` change some by their flat
+    names (`beta=0.1`, `lora_rank=16`, ...)."""
+    o = build(KTOConfig, {**(flatten(config) if config else {}), **options}, "kto")
     if not base:
         raise ChatforgeError("pass --base DIR: the model folder to align (e.g. the output of `chatforge sft`)")
     if not data:
         raise ChatforgeError("pass --data FILE.jsonl: KTO rows from `chatforge feedback export` (kto.jsonl), "
                              "or preference pairs")
     base, out = Path(base), Path(out) if out else Path(base).parent / "kto"
-    if o["method"] not in METHODS:
-        raise ChatforgeError(f"--method must be one of {', '.join(METHODS)}, got {o['method']!r}")
-    loss_fn = make_loss_fn(o["beta"], o["desirable_weight"], o["undesirable_weight"])
-    if o["batch_size"] < 2:
-        raise ChatforgeError(f"--batch-size must be at least 2: KTO estimates its KL term from the other rows of "
-                             f"a batch, got {o['batch_size']}")
-    if not 0 <= o["val_fraction"] < 1:
-        raise ChatforgeError(f"--val-fraction must be in [0, 1), got {o['val_fraction']}")
-    if o["epochs"] <= 0 and not o["steps"]:
-        raise ChatforgeError(f"--epochs must be positive, got {o['epochs']}")
+    loss_fn = make_loss_fn(o.beta, o.desirable_weight, o.undesirable_weight)
 
     rows = read_unpaired(data)
     model, tok = load_model(base)
-    max_length = min(o["max_length"], model.config.max_seq_len)
-    encoded, stats = encode_rows(rows, tok, max_length, o["truncate"])
-    train_idx, val_idx = split_by_question(rows, o["val_fraction"], o["seed"])
+    max_length = min(o.max_length, model.config.max_seq_len)
+    encoded, stats = encode_rows(rows, tok, max_length, o.truncate)
+    train_idx, val_idx = split_by_question(rows, o.val_fraction, o.seed)
     train_ex = [encoded[i] for i in train_idx if encoded[i] is not None]
     val_ex = [encoded[i] for i in val_idx if encoded[i] is not None]
     if len(train_ex) < 2:
         raise ChatforgeError(f"{len(train_ex)} training row(s) of {data} fit in --max-length {max_length} tokens; "
                              "KTO needs at least two (raise --max-length, lower --val-fraction or add rows)")
-    groups = kto_groups(train_ex, o["batch_size"], o["seed"])
-    val_groups = kto_groups(val_ex, o["batch_size"]) if len(val_ex) >= 2 else []
+    groups = kto_groups(train_ex, o.batch_size, o.seed)
+    val_groups = kto_groups(val_ex, o.batch_size) if len(val_ex) >= 2 else []
     pairs = [with_mismatched([train_ex[i] for i in g], max_length) for g in groups]
     val_pairs = [with_mismatched([val_ex[i] for i in g], max_length) for g in val_groups]
     flat = [p for g in pairs + val_pairs for p in g]
 
-    device = runtime.pick_device(o["device"])
-    precision = runtime.resolve_precision(o["precision"], device)
+    device = runtime.pick_device(o.device)
+    precision = runtime.resolve_precision(o.precision, device)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = dpo.reference_fingerprint(base, flat, precision)
     ref = dpo.load_reference(out / dpo.REFERENCE_FILE, fingerprint)
     if ref is None:
         # The model exactly as loaded: nothing is trained or added yet, so it IS the reference.
-        ref = dpo.reference_logps(model, flat, o["batch_size"], tok.pad_id, device, precision)
+        ref = dpo.reference_logps(model, flat, o.batch_size, tok.pad_id, device, precision)
         dpo.save_reference(out / dpo.REFERENCE_FILE, ref, fingerprint)
     else:
         print(f"kto: reference log-probabilities from {out / dpo.REFERENCE_FILE}")
@@ -318,39 +326,33 @@ def run_kto(base: str | Path, data: str | Path, out: str | Path | None, o: dict[
         ref_groups.append(ref[start:start + len(g)])
         start += len(g)
 
-    torch.manual_seed(o["seed"])  # LoRA's A matrices
-    if o["method"] == "lora":
-        targets = [t.strip() for t in str(o["lora_targets"]).split(",") if t.strip()]
-        apply_lora(model, o["lora_rank"], o["lora_alpha"], o["lora_dropout"],
-                   top_block_targets(model, targets, o["lora_layers"]))
+    recipe.prepare(model, o.method, o.lora, o.seed)
     policy = KTOLogProbs(model)
     params = [p for p in policy.parameters() if p.requires_grad]
-    source = KTOBatches(train_ex, groups, pairs, tok.pad_id, o["seed"], ref_groups[:len(groups)])
-    accum = max(1, math.ceil(o["tokens_per_step"] / (o["batch_size"] * max_length))) if o["tokens_per_step"] else 1
-    steps = o["steps"] or max(1, math.ceil(o["epochs"] * source.batches_per_epoch / accum))
-    lr = o["lr"] if o["lr"] is not None else DEFAULT_LR[o["method"]]
-    loop_options = {**o, "compile": "off" if o["compile"] == "auto" else o["compile"]}
-    cfg = loop_config(loop_options, steps, max_length, lr, o["eval_every"] or max(1, steps // 4))
+    source = KTOBatches(train_ex, groups, pairs, tok.pad_id, o.seed, ref_groups[:len(groups)])
+    steps = recipe.steps(o, o.epochs, source.batches_per_epoch, max_length)
+    lr = recipe.learning_rate(o, DEFAULT_LR, o.method)
+    cfg = o.train_config(steps, max_length, lr, o.eval_every or max(1, steps // 4),
+                         compile="off" if o.compile == "auto" else o.compile)
     val_batches = [make_kto_batch([val_ex[i] for i in g], p, tok.pad_id, r)
                    for g, p, r in zip(val_groups, val_pairs, ref_groups[len(groups):])] or None
     n_desirable = sum(e.label for e in train_ex)
     n_train = sum(p.numel() for p in params)
-    print(f"kto ({o['method']}, beta {o['beta']:g}, weights {o['desirable_weight']:g} / {o['undesirable_weight']:g}): "
+    print(f"kto ({o.method}, beta {o.beta:g}, weights {o.desirable_weight:g} / {o.undesirable_weight:g}): "
           f"{len(train_ex)} train rows ({n_desirable} desirable) / {len(val_ex)} val (truncated {stats.truncated}, "
           f"dropped {stats.dropped}), training {n_train / 1e6:.2f}M of {model.num_params() / 1e6:.2f}M parameters "
           f"for {steps} steps at lr {lr:g}")
-    result = train(policy, source, loss_fn, cfg, out, val_batches=val_batches, tokenizer=tok, resume=o["resume"],
-                   params=params, save_fn=dpo.model_save_fn(out, tok, o, base))
+    result = train(policy, source, loss_fn, cfg, out, val_batches=val_batches, tokenizer=tok, resume=o.resume,
+                   params=params, save_fn=recipe.save_fn(out, tok, base, o.method, o.lora_save, inner="model"))
     best = dpo.best_validation(out)
-    report = {"base": str(base), "data": str(data), "method": o["method"], "beta": o["beta"],
-              "desirable_weight": o["desirable_weight"], "undesirable_weight": o["undesirable_weight"],
+    report = {"base": str(base), "data": str(data), "method": o.method, "beta": o.beta,
+              "desirable_weight": o.desirable_weight, "undesirable_weight": o.undesirable_weight,
               "lr": lr, "steps": result.step, "max_length": max_length, "rows": stats.to_dict(),
               "train_rows": len(train_ex), "train_desirable": n_desirable, "val_rows": len(val_ex),
               "trainable_parameters": n_train,
               "validation": {k.removeprefix("val_"): v for k, v in best.items() if k.startswith("val_")},
-              "best_step": best.get("step"), "seconds": round(result.seconds, 1), "interrupted": result.interrupted}
-    if o["method"] == "lora":
-        report["lora"] = {k: o[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers")}
+              "best_step": best.get("step"), "seconds": round(result.seconds, 1), "interrupted": result.interrupted,
+              **recipe.lora_report(o.method, o.lora)}
     files.write_json(out / "kto.json", report)
     if report["validation"]:
         v = report["validation"]

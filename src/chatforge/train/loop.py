@@ -58,7 +58,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -66,6 +66,7 @@ import torch.nn as nn
 
 from chatforge import files
 from chatforge.errors import ChatforgeError
+from chatforge.options import option
 from chatforge.model import folder as model_folder
 from chatforge import runtime
 from chatforge.train import checkpoint
@@ -146,6 +147,58 @@ class TrainConfig:
         """Micro-batches per optimizer step so that the global batch reaches `tokens_per_step`."""
         per_micro = self.batch_size * self.seq_len * world_size
         return max(1, math.ceil(self.tokens_per_step / per_micro)) if self.tokens_per_step else 1
+
+
+@dataclass
+class LoopOptions:
+    """The training-loop options every training command takes (`--lr`, `--batch-size`, ...).
+
+    A stage's config subclasses it and re-declares a field to change its default or help (SFT's
+    `lr` is None: the method's own). `train_config` turns them into the loop's `TrainConfig` once
+    the stage knows its step count and row length."""
+    SECTION: ClassVar[str] = "training loop"
+
+    steps: int | None = option(None, "optimizer steps (overrides --epochs)")
+    lr: float | None = option(None, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak")
+    warmup: int | None = option(None, "warm-up steps (default: 5%% of the steps, at most 200)")
+    schedule: str = option("cosine", "learning-rate schedule after warm-up (wsd = warmup-stable-decay)",
+                           choices=SCHEDULES)
+    decay_frac: float = option(0.2, "wsd: fraction of the steps spent decaying")
+    batch_size: int = option(8, "sequences per micro-batch per process")
+    tokens_per_step: int = option(8192, "tokens per optimizer step over all processes (gradient accumulation "
+                                        "reaches it)")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    grad_clip: float = option(1.0, "max gradient norm (0 = off)")
+    eval_every: int = option(100, "steps between validations and checkpoints")
+    save_every: int = option(0, "extra checkpoints every N steps (0 = at validations)")
+    log_every: int = option(10, "steps between metrics.jsonl lines")
+    early_stop: int = option(0, "stop after N validations without improvement (0 = never)")
+    precision: str = option("auto", "auto = bf16 autocast where the hardware supports it (CUDA, AVX512-BF16/AMX "
+                                    "CPUs)", choices=PRECISIONS)
+    compile: str = option("auto", "torch.compile the model: auto = for runs of 300+ micro-batches when a backend "
+                                  "(C++ compiler on CPU, triton on CUDA) exists; costs ~20 s once, then ~1.3x faster",
+                          choices=runtime.COMPILE_MODES)
+    fsdp: bool = option(False, "under torchrun, shard the model with FSDP instead of DDP")
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    seed: int = option(1337, "random seed (weights, data order, dropout)")
+    resume: bool = option(False, "continue the run in --out from its last/ checkpoint")
+
+    def accumulation(self, row_tokens: int) -> int:
+        """Micro-batches per optimizer step for rows of `row_tokens` tokens (one process)."""
+        return max(1, math.ceil(self.tokens_per_step / (self.batch_size * row_tokens))) if self.tokens_per_step else 1
+
+    def train_config(self, steps: int, seq_len: int, lr: float, eval_every: int, compile: str | None = None,
+                     **extra: Any) -> "TrainConfig":
+        """The loop's config for a run of `steps` steps over `seq_len`-token rows at peak `lr`
+        (`compile` overrides the option: stages whose batches change shape pass "off" for auto)."""
+        warmup = self.warmup if self.warmup is not None else min(200, max(1, steps // 20))
+        return TrainConfig(max_steps=steps, lr=lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=warmup,
+                           schedule=self.schedule, decay_frac=self.decay_frac, weight_decay=self.weight_decay,
+                           grad_clip=self.grad_clip, batch_size=self.batch_size, seq_len=seq_len,
+                           tokens_per_step=self.tokens_per_step, eval_every=eval_every, save_every=self.save_every,
+                           log_every=self.log_every, early_stop_patience=self.early_stop, precision=self.precision,
+                           compile=compile or self.compile, fsdp=self.fsdp, device=self.device, seed=self.seed, **extra)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Sequence
 
 from chatforge import files
-from chatforge.cli import add_parser, leaf, subcommands
+from chatforge.commands import add_parser, leaf, subcommands
 from chatforge.errors import ChatforgeError
 
 KINDS = ("model", "wrong_passage", "invented")
@@ -334,7 +334,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-voted", default=None,
                    help="preferences.jsonl from `chatforge feedback export`: its questions are left out")
     p.add_argument("--seed", type=int, default=0, help="seed of the question sample and the prompts")
-    from chatforge.retrieval.fusion import add_arguments as add_retrieval_arguments
+    from chatforge.commands import add_retrieval as add_retrieval_arguments
 
     add_retrieval_arguments(p)
     leaf(p, run_make)

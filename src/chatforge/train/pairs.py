@@ -45,6 +45,9 @@ import torch.nn.functional as F
 
 from chatforge.data.chat_data import ShuffledBatches
 from chatforge.errors import ChatforgeError
+from chatforge.model.lora import LoraConfig, PreferenceLora
+from chatforge.options import group, option
+from chatforge.train.loop import LoopOptions
 
 
 
@@ -295,3 +298,37 @@ class ReplyLogProbs(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         return reply_token_logps(self.model, batch)
+
+
+ALIGN_METHODS = ("lora", "full")
+TRUNCATE = ("left", "drop")
+
+
+@dataclass
+class PreferenceOptions(LoopOptions):
+    """The options DPO and KTO share: how the model trains on rows of (prompt, reply) and
+    which of them are held out. Their configs add the loss's own."""
+    method: str = option("lora", "lora: low-rank adapters; full: all weights", choices=ALIGN_METHODS)
+    lora: LoraConfig = group(PreferenceLora, "lora")
+    lora_save: str = option("merged", "LoRA: merged = a plain model folder; adapter = that plus adapter.safetensors",
+                            choices=("merged", "adapter"))
+    max_length: int = option(1024, "most tokens the model reads at once, the prompt plus the longer reply (capped "
+                                   "at the model's context)")
+    truncate: str = option("left", "too-long rows: cut the prompt from the left, or drop them", choices=TRUNCATE)
+    val_fraction: float = option(0.1, "share of the questions (with all their rows) held out for validation "
+                                      "(0 = none)")
+    epochs: float = option(1.0, "passes over the training rows (ignored with --steps)")
+    lr: float | None = option(None, "peak learning rate (default: 5e-5 lora, 1e-6 full)")
+    tokens_per_step: int = option(0, "rows per optimizer step x --max-length (0 = one micro-batch a step; e.g. "
+                                     "4 x batch x max-length accumulates 4 micro-batches)")
+    eval_every: int = option(0, "steps between validations and checkpoints (0 = four times a run)")
+    log_every: int = option(1, "steps between metrics.jsonl lines")
+    compile: str = option("auto", "torch.compile: auto = off here (every batch has its own length, and each new "
+                                  "shape would compile again)", choices=("auto", "on", "off"))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ChatforgeError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.epochs <= 0 and not self.steps:
+            raise ChatforgeError(f"--epochs must be positive, got {self.epochs}")
+

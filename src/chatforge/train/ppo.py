@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge import files
-from chatforge.cli import leaf, option_defaults
+from chatforge.commands import leaf, option_defaults
 from chatforge.errors import ChatforgeError
 
 ALGOS = ("ppo", "grpo")
@@ -94,7 +94,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="documents (files or folders): each prompt gets the grounded prompt, as in chat and eval")
     p.add_argument("--context-tokens", type=int, default=None,
                    help="passage budget of a grounded prompt (default: the one eval uses)")
-    from chatforge.retrieval.fusion import add_arguments as add_retrieval_arguments
+    from chatforge.commands import add_retrieval as add_retrieval_arguments
 
     add_retrieval_arguments(p)
     p.add_argument("--eval-prompts", default=None,

@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from chatforge.cli import leaf
+from chatforge.commands import leaf
 from chatforge.errors import ChatforgeError
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from chatforge import files
-from chatforge.cli import leaf, subcommands, add_parser
+from chatforge.commands import leaf, subcommands, add_parser
 from chatforge.errors import ChatforgeError
 
 SCALE = 20.0          # cosine x 20 as logits (sentence-transformers' default for this loss)

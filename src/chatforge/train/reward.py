@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from chatforge import files
-from chatforge.cli import add_parser, leaf, option_defaults, subcommands
+from chatforge.commands import add_parser, leaf, option_defaults, subcommands
 from chatforge.errors import ChatforgeError
 
 HEAD_WEIGHTS, REWARD_CONFIG = "reward_head.safetensors", "reward.json"

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from chatforge import files
-from chatforge.cli import leaf, option_defaults
+from chatforge.commands import leaf, option_defaults
 from chatforge.errors import ChatforgeError
 
 METHODS = ("full", "lora", "freeze")
@@ -103,7 +103,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-top", type=int, default=2, help="freeze: number of top blocks that train")
     p.add_argument("--docs", nargs="*", default=None,
                    help="documents (files or folders) for grounded examples (default: the data folder's corpus.jsonl)")
-    from chatforge.retrieval.fusion import add_arguments as add_retrieval_arguments
+    from chatforge.commands import add_retrieval as add_retrieval_arguments
 
     add_retrieval_arguments(p)      # the passages of grounded examples are found as chat finds them
     p.add_argument("--grounded-fraction", type=float, default=0.3,

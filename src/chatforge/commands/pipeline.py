@@ -1,0 +1,3 @@
+"""`chatforge pipeline`: not moved yet; its parser still lives in `chatforge.pipeline`."""
+
+from chatforge.pipeline import configure  # noqa: F401

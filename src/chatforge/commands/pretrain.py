@@ -1,0 +1,3 @@
+"""`chatforge pretrain`: not moved yet; its parser still lives in `chatforge.train.pretrain`."""
+
+from chatforge.train.pretrain import configure  # noqa: F401

@@ -1,0 +1,80 @@
+"""What every training stage does around the loop, written once: the method's learning rate,
+the number of steps, adding LoRA, and saving the best model merged (or with its adapter).
+
+    params = recipe.prepare(model, cfg.method, cfg.lora)          # LoRA added, or every weight
+    steps = recipe.steps(cfg, cfg.epochs, source.batches_per_epoch, row_tokens)
+    save = recipe.save_fn(out, tok, base, cfg.method, cfg.lora_save, inner="model")
+
+A stage keeps what is its own (data, loss, batches, report); its config (`SFTConfig`,
+`DPOConfig`, ...) holds its options, `LoopOptions` the loop's and `LoraConfig` the adapters'.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from chatforge.errors import ChatforgeError
+from chatforge.model import folder as model_folder
+from chatforge.model.lora import LoraConfig, merged_state_dict, save_lora
+from chatforge.train.loop import LoopOptions
+
+
+def learning_rate(cfg: LoopOptions, defaults: dict[str, float], method: str) -> float:
+    """`--lr`, else the method's default (adapters start from zero and take a larger one)."""
+    return cfg.lr if cfg.lr is not None else defaults[method]
+
+
+def steps(cfg: LoopOptions, epochs: float, batches_per_epoch: int, row_tokens: int) -> int:
+    """`--steps`, else enough optimizer steps for `epochs` passes over the training batches."""
+    if cfg.steps:
+        return cfg.steps
+    if epochs <= 0:
+        raise ChatforgeError(f"--epochs must be positive, got {epochs}")
+    return max(1, math.ceil(epochs * batches_per_epoch / cfg.accumulation(row_tokens)))
+
+
+def prepare(model: nn.Module, method: str, lora: LoraConfig, seed: int, runs: int = 0) -> list[nn.Parameter]:
+    """Set `model` up for `method` ("lora": adapters added, the rest frozen; otherwise every
+    weight trains) and return the parameters to train. Seeded: LoRA's A matrices are random."""
+    torch.manual_seed(seed)
+    if method == "lora":
+        return lora.apply(model, runs)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_fn(out: Path, tokenizer, base: Path, method: str, lora_save: str = "merged", inner: str = ""):
+    """The loop's save function. At the top of `out` a plain model folder (adapters merged, and
+    with `lora_save="adapter"` the adapter beside it, its config naming `base`); in `last/` the
+    trained module's own weights, adapters unmerged, which `--resume` loads back. `inner` names
+    the GPT inside the trained module when the stage wraps it (DPO's `ReplyLogProbs`: "model")."""
+
+    def save(folder: Path, module: nn.Module, state: dict) -> None:
+        if Path(folder).resolve() != out.resolve():
+            if not inner:
+                model_folder.save_model(folder, module, tokenizer, state=state)
+            else:   # the wrapper's weights. Clones: a tied embedding appears twice and safetensors
+                    # refuses shared memory.
+                model_folder.save_weights(Path(folder) / model_folder.WEIGHTS, module,
+                                          {k: v.clone() for k, v in state.items()})
+            return
+        gpt = module.get_submodule(inner) if inner else module
+        plain = {k.removeprefix(inner + "."): v for k, v in state.items()} if inner else state
+        if method == "lora":
+            model_folder.save_model(folder, gpt, tokenizer, state=merged_state_dict(gpt, plain))
+            if lora_save == "adapter":
+                save_lora(gpt, folder, state=plain, base=str(Path(base).resolve()))
+        else:
+            model_folder.save_model(folder, gpt, tokenizer, state=plain)
+    return save
+
+
+def lora_report(method: str, lora: LoraConfig) -> dict:
+    """The adapters' settings for a stage's JSON record (empty for other methods)."""
+    if method != "lora":
+        return {}
+    return {"lora": {"lora_rank": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+                     "lora_targets": lora.targets, "lora_layers": lora.layers}}
