@@ -171,7 +171,7 @@ def llama(binary: Path, gguf: Path, slots: int, ctx: int) -> list[str]:
 
 
 def front(model: Path, docs: list[str], upstream: str | None, db: Path, slots: int) -> list[str]:
-    cmd = [str(bs.VENV_BIN / "chatforge"), "serve", "--model", str(model), "--port", str(bs.free_port()),
+    cmd = [sys.executable, "-m", "chatforge", "serve", "--model", str(model), "--port", str(bs.free_port()),
            "--db", str(db), "--retrieval", "bm25", "--log-level", "warning", "--threads", "1",
            "--max-batch", str(slots)]
     cmd += ["--docs", *docs] if docs else []
