@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -88,10 +89,15 @@ def build_prompts(model: Path, docs: list[str], questions: list[str], max_tokens
     return out, statistics.median(seconds)
 
 
+# The first whole word: a word and the space (or end of line) after it, what chatforge's reply
+# filter needs before it shows a word (infer/safety.py: a word is scrubbed whole).
+WHOLE_WORD = re.compile(r"\S\s")
+
+
 async def stream(client: httpx.AsyncClient, url: str, body: dict, chat: bool) -> dict:
     """One streamed request: TTFT, decode seconds, tokens, text, errors."""
-    r = {"start": time.perf_counter(), "first": None, "end": None, "text": "", "first_text": "", "usage": None,
-         "error": None}
+    r = {"start": time.perf_counter(), "first": None, "word": None, "end": None, "text": "", "first_text": "",
+         "usage": None, "error": None}
     parts = []
     try:
         for attempt in (0, 1):
@@ -121,6 +127,8 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict, chat: bool) ->
                         if r["first"] is None:
                             r["first"], r["first_text"] = time.perf_counter(), text
                         parts.append(text)
+                        if r["word"] is None and WHOLE_WORD.search("".join(parts)):
+                            r["word"] = time.perf_counter()
         finally:
             await resp.aclose()
     except httpx.HTTPError as e:
@@ -137,6 +145,7 @@ def figures(r: dict, count) -> dict:
     decode = r["end"] - r["first"] if r["first"] else 0
     after = count(r["text"]) - count(r["first_text"])
     return {"ttft_s": r["first"] - r["start"] if r["first"] else None, "tokens": tokens,
+            "first_word_s": r["word"] - r["start"] if r["word"] else None, "first_text": r["first_text"],
             "decode_tok_s": after / decode if decode > 0 and after > 0 else None,
             "prompt_tokens": (r["usage"] or {}).get("prompt_tokens"), "error": r["error"]}
 
@@ -171,7 +180,7 @@ def llama(binary: Path, gguf: Path, slots: int, ctx: int) -> list[str]:
 
 
 def front(model: Path, docs: list[str], upstream: str | None, db: Path, slots: int) -> list[str]:
-    cmd = [str(bs.VENV_BIN / "chatforge"), "serve", "--model", str(model), "--port", str(bs.free_port()),
+    cmd = [sys.executable, "-m", "chatforge", "serve", "--model", str(model), "--port", str(bs.free_port()),
            "--db", str(db), "--retrieval", "bm25", "--log-level", "warning", "--threads", "1",
            "--max-batch", str(slots)]
     cmd += ["--docs", *docs] if docs else []
@@ -211,7 +220,9 @@ def single_stream(args, binary, gguf, prompts, count, log_dir) -> dict:
     mismatch = [i for i, r in enumerate(rows["chatforge --upstream"]) if r["prompt_tokens"] not in (None, len(prompts[i]))]
     if mismatch:
         print(f"  note: questions {mismatch}: chatforge's prompt differs from the one rebuilt here", flush=True)
-    out = {name: {"ttft_s": med(r["ttft_s"] for r in rs), "decode_tok_s": med(r["decode_tok_s"] for r in rs),
+    out = {name: {"ttft_s": med(r["ttft_s"] for r in rs), "first_word_s": med(r["first_word_s"] for r in rs),
+                  "first_texts": [r["first_text"] for r in rs][:4],
+                  "decode_tok_s": med(r["decode_tok_s"] for r in rs),
                   "tokens": med(r["tokens"] for r in rs), "errors": sum(bool(r["error"]) for r in rs),
                   "error_examples": sorted({r["error"] for r in rs if r["error"]})[:2]}
            for name, rs in rows.items()}
@@ -409,6 +420,8 @@ def main() -> None:
               f"TTFT {bs.fmt(ours['ttft_s'], 3)} s vs {bs.fmt(theirs['ttft_s'], 3)} s + retrieval "
               f"{retrieval_s:.3f} s (target: at most that sum; {bs.fmt(single['ttft_over_llama_plus_retrieval_s'], 3)} s "
               f"over it; chatforge's clock to the engine's first token {bs.fmt(ours.get('engine_first_token_mean_s'), 3)} s); "
+              f"first whole word {bs.fmt(ours['first_word_s'], 3)} s vs {bs.fmt(theirs['first_word_s'], 3)} s; "
+              f"first texts {ours['first_texts']} vs {theirs['first_texts']}; "
               f"front CPU {bs.fmt(ours.get('front_cpu_ms_per_token'), 2)} ms/token; "
               f"errors {ours['errors']} / {theirs['errors']} {ours['error_examples'] + theirs['error_examples']}", flush=True)
     if args.vllm:

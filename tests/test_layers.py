@@ -24,7 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "chatforge"
 RANK = {"base": 0, "data": 1, "model": 2, "retrieval": 3, "infer": 4, "train": 5, "eval": 6,
         "serve": 7, "pipeline": 7, "cli": 8}
 BASE = {"errors", "files", "runtime", "options"}
-PIPELINE = {"pipeline", "continual", "stages"}
+PIPELINE = {"pipeline", "continual", "continual_engine", "stages"}
 PACKAGES = {"data", "model", "retrieval", "infer", "train", "eval", "serve"}
 GLUE = "chatforge.commands"     # its argparse helpers, for NOT_MOVED_YET only
 NOT_MOVED_YET = {

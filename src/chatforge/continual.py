@@ -47,7 +47,11 @@ ROUGE-L there at most align.max_rouge_drop below the served model's. The unseen 
 reported, never used to decide. Nothing is deleted: `--rollback` points the link back at the
 model the round started from, and `chatforge serve --model runs/NAME/assistant` picks either
 change up on SIGHUP or `POST /admin/reload` without dropping requests in flight (the weights: a
-server reads the answer settings, the retriever included, when it starts).
+server reads the answer settings, the retriever included, when it starts). With
+`chatforge serve --upstream` another engine holds the weights: the aligners (and the round's SFT)
+keep their LoRA adapter beside the merged model, and a promotion or rollback loads it on that
+engine with `--server URL` where it loads adapters at runtime (vLLM), else prints the commands
+that serve it (continual_engine.py).
 
 A round is named by what it learns from (the exported feedback, the extra pair files and the
 settings): running the pipeline again with nothing new reports the last round; new votes start
@@ -103,15 +107,20 @@ def read_round(round_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def rollback(run_dir: Path) -> Path:
-    """Serve the model the round that made the served one started from; returns it."""
+def rollback(run_dir: Path, server: str | None = None) -> Path:
+    """Serve the model the round that made the served one started from; returns it. With
+    `server` (a `chatforge serve --upstream`) its engine moves back too, else the commands that
+    do it are printed (`continual_engine.reach_engine`)."""
+    from chatforge.continual_engine import reach_engine
+
     current = served_model(run_dir)
     for round_dir in reversed(round_dirs(run_dir)):
         info = read_round(round_dir)
         if info.get("model") and Path(info["model"]).resolve() == current.resolve():
             previous = Path(info["previous"])
             point_at(run_dir, previous)
-            info.update(promoted=False, rolled_back=time.strftime("%Y-%m-%d %H:%M:%S"))
+            info.update(promoted=False, rolled_back=time.strftime("%Y-%m-%d %H:%M:%S"),
+                        engine_rollback=reach_engine(run_dir, previous, server))
             files.write_json(round_dir / ROUND_FILE, info)
             return previous
     raise ChatforgeError(f"{run_dir / LINK} serves {current}, which no round made: there is nothing to roll back to")
@@ -228,9 +237,16 @@ class AlignStep:
     kto_rows: Path
 
 
+def keep_adapter(opts: dict) -> dict:
+    """A LoRA step's options with its adapter kept beside the merged model (`--lora-save
+    adapter`): an engine in front of which chatforge serves loads that, not a whole new model
+    (continual_engine.py)."""
+    return {**opts, "lora_save": "adapter"} if opts.get("method", "lora") == "lora" and "lora_save" not in opts else opts
+
+
 def dpo_step(step: AlignStep) -> Path:
     new = step.round_dir / "dpo"
-    dpo_opts = {**step.settings["dpo"], **({"val_fraction": 0} if len(step.prefs) < 20 else {})}
+    dpo_opts = keep_adapter({**step.settings["dpo"], **({"val_fraction": 0} if len(step.prefs) < 20 else {})})
     step.runner.stage("dpo", ["dpo", "--base", str(step.start), "--prefs", str(step.pairs), "--out", str(new),
                               *to_flags(dpo_opts)], new)
     return new
@@ -262,7 +278,7 @@ def kto_step(step: AlignStep) -> Path:
     data = step.round_dir / "kto.jsonl"
     write_unpaired(data, rows)
     new = step.round_dir / "kto"
-    kto_opts = {**(step.settings.get("kto") or {}), **({"val_fraction": 0} if len(rows) < 40 else {})}
+    kto_opts = keep_adapter({**(step.settings.get("kto") or {}), **({"val_fraction": 0} if len(rows) < 40 else {})})
     step.runner.stage("kto", ["kto", "--base", str(step.start), "--data", str(data), "--out", str(new),
                               *to_flags(kto_opts)], new)
     return new
@@ -281,9 +297,10 @@ ALGOS = tuple(ALIGNERS)
 
 
 def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unseen: tuple[Path, Path] | None,
-              feedback: str | None, generated: bool, force: bool) -> dict:
+              feedback: str | None, generated: bool, force: bool, server: str | None = None) -> dict:
     """One round (see the module docstring); returns its round.json. `unseen` is the held-out
-    manual's (questions file, documents) as the pipeline measured it, or None."""
+    manual's (questions file, documents) as the pipeline measured it, or None. `server`: a
+    running `chatforge serve --upstream` whose engine gets a promoted model (continual_engine)."""
     from chatforge.commands.main import main as cli_main
     from chatforge.data.prefs import read_preferences, write_preferences
 
@@ -392,7 +409,7 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
         sft_data = round_dir / "sft-data"
         sft_data.mkdir(exist_ok=True)
         shutil.copyfile(corrections, sft_data / "qa_train.jsonl")
-        sft_opts = {**settings["sft"], "steps": None, "epochs": align["sft_epochs"], "grounded_fraction": 0.0,
+        sft_opts = {**keep_adapter({"method": "full", **settings["sft"]}), "steps": None, "epochs": align["sft_epochs"], "grounded_fraction": 0.0,
                     "grounded_only": False, "section_examples": None, "docs": None}
         runner.stage("sft", ["sft", "--base", str(previous), "--data", str(sft_data), "--out", str(round_dir / "sft"),
                              *to_flags(sft_opts)], round_dir / "sft")
@@ -486,4 +503,10 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
         print(f"kept {previous} ({'; '.join(why_not) or 'align.promote is never'}); the new model stays in {new}")
     print(f"a running `chatforge serve --model {run_dir / LINK}` picks it up on `kill -HUP PID` or "
           "POST /admin/reload")
+    if promoted:
+        # Through another engine (serve --upstream): load it there, or say how.
+        from chatforge.continual_engine import reach_engine
+
+        info["engine"] = reach_engine(run_dir, new, server)
+        files.write_json(round_dir / ROUND_FILE, info)
     return info

@@ -168,6 +168,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "when it does not lose (align.retriever: true)")
     parser.add_argument("--rollback", action="store_true",
                         help="serve the previous model again: point runs/NAME/assistant back, and stop")
+    parser.add_argument("--server", metavar="URL", default=None,
+                        help="a running `chatforge serve --upstream` (admin key in $CHATFORGE_ADMIN_KEY): the model a "
+                             "round promotes or --rollback brings back is loaded on its engine (continual_engine.py)")
     parser.epilog = ("example:\n  chatforge pipeline\n  chatforge pipeline --input examples/my_docs --name acme\n"
                      "  chatforge pipeline --base scratch --name from-scratch\n"
                      "  chatforge pipeline --config chatforge.yaml --until pretrain\n"
@@ -235,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rollback:
         from chatforge.continual import LINK, rollback
 
-        print(f"{run_dir / LINK} -> {rollback(run_dir)}")
+        print(f"{run_dir / LINK} -> {rollback(run_dir, args.server)}")
         return 0
     round_wanted = bool(args.feedback or args.generated_prefs or settings["align"].get("generated")
                         or settings["align"].get("prefs"))
@@ -379,7 +382,8 @@ def run(args: argparse.Namespace) -> int:
         from chatforge.continual import run_round
 
         held_out = (unseen_questions, unseen) if unseen is not None and (ev2 / "eval.json").is_file() else None
-        run_round(settings, run_dir, data, docs, held_out, args.feedback, args.generated_prefs, args.force)
+        run_round(settings, run_dir, data, docs, held_out, args.feedback, args.generated_prefs, args.force,
+                  args.server)
     # On the user's own documents, ask two of their own held-out questions.
     questions = first_questions(data / "qa_val.jsonl", 2) if user_inputs else cfg.get("demo_questions") or []
     # The model served: the link to the last promoted round's (runs/NAME/assistant), else sft.

@@ -39,6 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
 from starlette.concurrency import run_in_threadpool
@@ -54,7 +55,7 @@ from chatforge.infer.prompting import SystemPrompt
 from chatforge.infer.safety import ReplyFilter
 from chatforge.serve import openai_api as oa
 from chatforge.serve.http import SECURITY_HEADERS, host_name
-from chatforge.serve.upstream import UpstreamDone
+from chatforge.serve.upstream import UpstreamDone, UpstreamError
 
 log = logging.getLogger("chatforge.serve")
 disable_created_metrics()     # the *_created series only double the scrape
@@ -100,6 +101,15 @@ class Assistant:
     def context(self) -> int:
         upstream = getattr(self.scheduler, "context", None)      # an UpstreamClient's
         return upstream if upstream is not None else self.scheduler.engine.config.max_seq_len
+
+
+class UpstreamSwitch(BaseModel):
+    """POST /admin/upstream: the engine model new requests go to (null: the one it served at
+    first), and the PEFT adapter folder to load as that model first (a path the engine can read)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    adapter: str | None = Field(default=None, min_length=1, max_length=4096)
 
 
 class Metrics:
@@ -596,6 +606,41 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         metrics.reloads.inc()
         return {"status": "reloaded", "model": assistant.name, "seconds": round(time.perf_counter() - t0, 2)}
 
+    def upstream_client():
+        if not admin_key:
+            raise oa.ApiError(403, "admin endpoints need an admin key: start the server with --admin-key",
+                              code="admin_disabled")
+        client = assistant.scheduler
+        if not hasattr(client, "use_model"):
+            raise oa.ApiError(501, "this server generates with its own engine, not --upstream: reload its model "
+                                   "folder instead (POST /admin/reload)", code="not_upstream")
+        return client
+
+    @app.get("/admin/upstream", responses={403: {"description": "no admin key is set"},
+                                           501: {"description": "the server runs no --upstream"}})
+    async def upstream_status():
+        client = upstream_client()
+        try:
+            cards = await client.engine_models()
+        except UpstreamError as e:
+            raise oa.ApiError(e.status, e.message, code=e.code) from None
+        return {"url": client.url, "model": client.model, "base_model": client.base_model, "engine_models": cards}
+
+    @app.post("/admin/upstream", responses={403: {"description": "no admin key is set"},
+                                            501: {"description": "no --upstream, or it cannot load adapters"}})
+    async def upstream_switch(body: UpstreamSwitch):
+        """Load an adapter on the engine (optional) and send new requests to the engine model
+        `model` (null: the one it served at first); the requests in flight finish where they went."""
+        client = upstream_client()
+        if body.adapter and not body.model:
+            raise oa.ApiError(400, "an adapter needs the model name to load it as", "model")
+        try:
+            loaded = await client.load_adapter(body.model, body.adapter) if body.adapter else False
+            previous = await client.use_model(body.model)
+        except UpstreamError as e:
+            raise oa.ApiError(e.status, e.message, code=e.code) from None
+        return {"status": "switched", "model": client.model, "previous": previous, "loaded": loaded}
+
     # ------------------------------------------------------------------------------- feedback
 
     @app.post("/v1/feedback", response_model=oa.FeedbackResponse,
@@ -707,6 +752,9 @@ def swap_model(assistant: Assistant, reload: Callable[[], tuple[Scheduler, Any]]
     with _swap_lock:
         scheduler, tokenizer = reload()
         old = assistant.scheduler
+        if getattr(old, "switched", None) and hasattr(scheduler, "switched"):
+            # The engine model POST /admin/upstream moved to (the round's adapter) stays in use.
+            scheduler.model = scheduler.switched = old.switched
         assistant.scheduler, assistant.tokenizer = scheduler, tokenizer
     threading.Thread(target=_retire, args=(old,), name="chatforge-drain", daemon=True).start()
 
@@ -737,7 +785,7 @@ def _sse(obj: dict) -> str:
 def _route(path: str) -> str:
     """The metrics label of a path: known routes as they are, anything else as one label."""
     known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/feedback", "/health", "/metrics", "/",
-             "/admin/reload")
+             "/admin/reload", "/admin/upstream")
     if path in known or path.startswith("/static/"):
         return "/static" if path.startswith("/static/") else path
     return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"

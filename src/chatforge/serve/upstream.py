@@ -30,6 +30,13 @@ engine gets the request's own `stop` strings; chatforge cuts the streamed text a
 string, citation or control-token text itself (an engine that ignores `stop` is trimmed the
 same) and then closes the stream, which makes the engine stop generating.
 
+The round's adapters (`POST /admin/upstream`, `continual.reach_engine`). `load_adapter` has an
+engine that loads LoRA adapters at runtime (vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True:
+POST /v1/load_lora_adapter {"lora_name", "lora_path"}) load a PEFT folder under a new model name,
+and `use_model` sends the requests submitted from then on to it: each request's body names its
+model when it is sent, so the ones already streaming finish on the old name (the engine keeps
+both loaded). The model moved to outlives a reload (`serve/app.swap_model`).
+
 Failures become OpenAI-shaped errors (`UpstreamDone.status`): an engine that cannot be reached
 503, one silent for `timeout` seconds (connecting, before its first token or between two) 504,
 one that breaks off or answers an error 502 (its 400s, e.g. a context too long, stay 400; its
@@ -181,6 +188,8 @@ class UpstreamClient:
         self.url = url.rstrip("/").removesuffix("/v1")
         self.tokenizer, self.context, self.model, self.key = tokenizer, context, model, key
         self.timeout, self.max_batch, self.max_queue = timeout, max_batch, max_queue
+        self.base_model = model                     # what `use_model(None)` goes back to (set by `probe`)
+        self.switched: str | None = None            # the model `use_model` moved to (a reload keeps it)
         self.prompt_format: str | None = None       # "ids" or "text", found by `probe`
         self.running: set[UpstreamRequest] = set()
         self._waiting = 0
@@ -278,6 +287,61 @@ class UpstreamClient:
             self._failures += 1
             self._last_failure = (time.monotonic(), error.message)
 
+    # ------------------------------------------------------------------ adapters (the round)
+
+    async def engine_models(self) -> list[dict]:
+        """The model cards of the engine's GET /v1/models (vLLM lists its loaded adapters too,
+        each with `parent`, and `root`: the folder it was loaded from)."""
+        self._bind(asyncio.get_running_loop())
+        r = await self._send(self._http, "GET", "/v1/models", timeout=HEALTH_TIMEOUT_S * 10)
+        return [m for m in r.json().get("data", []) if isinstance(m, dict)]
+
+    async def load_adapter(self, name: str, path: str) -> bool:
+        """Have the engine load the PEFT adapter folder `path` as the model `name` (vLLM's
+        POST /v1/load_lora_adapter); False when it already serves `name`. An engine without that
+        endpoint (llama-server, Ollama, vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)
+        raises UpstreamError 501 `runtime_lora_unsupported`."""
+        if any(m.get("id") == name for m in await self.engine_models()):
+            return False     # loaded before (a rollback to it): in-flight requests may still use it
+        try:
+            r = await self._http.post(self.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+                                      timeout=max(self.timeout, 120.0))
+        except httpx.HTTPError as e:
+            raise self._transport_error(e) from None
+        # The route missing (404 / 405 without a word about the adapter) is an engine that cannot;
+        # vLLM's 404 for a path without an adapter names it, and is the adapter's fault.
+        if r.status_code == 405 or (r.status_code == 404 and not re.search(r"adapter|lora", r.text, re.I)):
+            raise UpstreamError(501, f"the upstream engine at {self.url} does not load LoRA adapters at runtime "
+                                     f"(POST /v1/load_lora_adapter answered {r.status_code}); vLLM does when started "
+                                     "with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
+                                "runtime_lora_unsupported")
+        if r.status_code != 200:
+            e = self._status_error(r.status_code, r.text)
+            # The engine's 4xx: the adapter (its path, its rank) was refused; a 400 to the admin.
+            raise UpstreamError(400 if r.status_code < 500 else e.status, f"the engine did not load the adapter {path}: {e.message}", "adapter_rejected")
+        log.info("upstream %s: loaded the adapter %s as %s", self.url, path, name)
+        return True
+
+    async def use_model(self, name: str | None) -> str | None:
+        """Send new requests to the engine's model `name` (None: the one it served at first);
+        requests already sent finish on the one they went to. Returns the model used before.
+        The engine must list `name` (GET /v1/models): a typo never reaches the users."""
+        cards = await self.engine_models()
+        if name is None:
+            if self.base_model is None:
+                async with self._ready:
+                    await self._probe(self._http)
+            name = self.base_model
+        ids = [m.get("id") for m in cards]
+        if name not in ids:
+            raise UpstreamError(400, f"the upstream engine at {self.url} does not serve {name!r} (it serves: "
+                                     f"{', '.join(map(str, ids)) or 'nothing'}); load the adapter first",
+                                "model_not_found")
+        previous, self.model = self.model, name
+        self.switched = None if name == self.base_model else name
+        log.info("upstream %s: new requests go to %s (was %s)", self.url, name, previous)
+        return previous
+
     # ------------------------------------------------------------------------------ the probe
 
     def check(self) -> str:
@@ -294,11 +358,17 @@ class UpstreamClient:
         """Find the engine's model id (unless given) and whether /v1/completions takes token ids."""
         if self.model is None:
             r = await self._send(http, "GET", "/v1/models")
-            ids = [m.get("id") for m in r.json().get("data", []) if isinstance(m, dict)]
+            cards = [m for m in r.json().get("data", []) if isinstance(m, dict)]
+            ids = [m.get("id") for m in cards]
+            # LoRA adapters an engine loaded (vLLM lists them with their `parent`) are not its model.
+            bases = [m.get("id") for m in cards if not m.get("parent")]
+            ids = bases if len(bases) == 1 else ids
             if len(ids) != 1:
                 raise UpstreamError(502, f"the engine at {self.url} serves {len(ids)} models ({', '.join(map(str, ids))}); "
                                          "choose one with --upstream-model", "upstream_model")
             self.model = ids[0]
+        if self.base_model is None:
+            self.base_model = self.model
         ids, _ = self.tokenizer.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
         body = {"model": self.model, "max_tokens": PROBE_TOKENS, "temperature": 0}
         try:

@@ -1,0 +1,279 @@
+"""The round reaches the engine (continual_engine.py, POST /admin/upstream).
+
+- The adapter an engine gets is exact: two rounds of LoRA (round 2 trained on round 1's merged
+  model) composed over the engine's base and loaded by the real peer (transformers + peft) on the
+  base's `--format hf` export give chatforge's logits of round 2's model within 1e-4.
+- A real `chatforge serve --upstream` process in front of a small real HTTP engine that speaks
+  vLLM's API (/v1/models with `root` and `parent`, streamed /v1/completions, /v1/load_lora_adapter)
+  and records what it is asked: the round's promotion loads the adapter there and moves new
+  requests to it while a streamed reply in flight finishes on the old model; `--rollback` moves
+  back (to the previous round's adapter, then to the engine's own model); an engine without
+  runtime loading is left as it is and the commands are printed; the admin endpoint keeps its key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi import Request
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _serve_fixtures import start_serve_process
+from _tiny_chat_model import CONVERSATIONS
+
+from chatforge.continual import LINK, point_at, rollback
+from chatforge.continual_engine import export_peft, reach_engine
+from chatforge.model.export import export_model
+from chatforge.model.folder import load_model, save_model
+from chatforge.model.lora import apply_lora, merged_state_dict, save_lora
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+ADMIN = "round-admin-key"
+
+
+def lora_round(model, tok, folder: Path, base: Path, seed: int) -> Path:
+    """What a round's `dpo --lora-save adapter` leaves: the merged model and its adapter (random
+    non-zero updates stand in for training: the composition is what is tested)."""
+    apply_lora(model, rank=2, alpha=4)
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.05
+    save_model(folder, model, tok, state=merged_state_dict(model))
+    save_lora(model, folder, base=str(base.resolve()))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """runs/NAME with `sft` (the engine's model), rounds 1 and 2 (each a LoRA over the model served
+    before it), their round.json, and `assistant` -> round 2's model; `export/sft-hf` the engine's."""
+    from chatforge.data.tokenizer import train_tokenizer
+    from chatforge.model.gpt import GPT, GPTConfig
+
+    run = tmp_path_factory.mktemp("runs") / "demo"
+    tok = train_tokenizer([f"{q}\n{a}" for q, a in CONVERSATIONS] * 20, 400, None)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, d_model=64, n_layer=2, n_head=2, n_kv_head=1, d_ff=128,
+                          max_seq_len=256))
+    sft = save_model(run / "sft", model, tok)
+    one = lora_round(model, tok, run / "rounds" / "1" / "dpo", sft, 1)
+    model, tok = load_model(one)
+    two = lora_round(model, tok, run / "rounds" / "2" / "dpo", one, 2)
+    for n, (new, previous) in enumerate([(one, sft), (two, one)], 1):
+        (run / "rounds" / str(n) / "round.json").write_text(json.dumps({"model": str(new), "previous": str(previous),
+                                                                       "promoted": True}))
+    point_at(run, two)
+    export_model(sft, "hf", run / "export" / "sft-hf")
+    return run
+
+
+def test_the_composed_adapter_on_the_engines_base_is_the_rounds_model(run_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    two = run_dir / "rounds" / "2" / "dpo"
+    folder, _, rank, base = export_peft(two, run_dir / "sft")
+    assert rank == 4 and base.resolve() == (run_dir / "sft").resolve()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "export" / "sft-hf")
+    theirs = peft.PeftModel.from_pretrained(hf, folder).eval()
+    ours, tok = load_model(two)
+    ids = torch.tensor([tok.render_chat([{"role": "user", "content": CONVERSATIONS[0][0]}],
+                                        add_generation_prompt=True)[0]])
+    with torch.no_grad():
+        expected, _ = ours.eval()(ids)
+        got = theirs(ids).logits
+    assert float((got - expected).abs().max()) < 1e-4
+    # And it is not the base: the adapter matters.
+    with torch.no_grad(), theirs.disable_adapter():
+        assert float((theirs(ids).logits - expected).abs().max()) > 1e-3
+
+
+class VllmLikeEngine:
+    """vLLM's endpoints the round uses, on loopback, recording every call. Its streamed reply names
+    the model that generates it, a word every `delay` seconds. `runtime_lora=False`: the load endpoint is
+    missing (404), as in vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING, llama-server and Ollama."""
+
+    WORDS = 8
+
+    def __init__(self, root: Path, runtime_lora: bool = True):
+        import uvicorn
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        from chatforge.serve.http import server_config
+
+        self.base, self.loras, self.loads, self.completions = "base-model", {}, [], []
+        self.delay = 0.05           # seconds between two words
+        app = FastAPI()
+
+        @app.get("/v1/models")
+        async def models():
+            cards = [{"id": self.base, "object": "model", "root": str(root), "parent": None}]
+            cards += [{"id": n, "object": "model", "root": p, "parent": self.base} for n, p in self.loras.items()]
+            return {"object": "list", "data": cards}
+
+        if runtime_lora:
+            @app.post("/v1/load_lora_adapter")
+            async def load(request: Request):
+                body = await request.json()
+                self.loads.append(body)
+                if not (Path(body["lora_path"]) / "adapter_config.json").is_file():
+                    return JSONResponse({"error": {"message": "No adapter found", "code": 404}}, status_code=404)
+                self.loras[body["lora_name"]] = body["lora_path"]
+                return "Success: LoRA adapter added successfully."
+
+        @app.post("/v1/completions")
+        async def complete(request: Request):
+            body = await request.json()
+            model = body.get("model")
+            if model != self.base and model not in self.loras:
+                return JSONResponse({"error": {"message": f"The model `{model}` does not exist."}}, status_code=404)
+            self.completions.append(model)
+            if not body.get("stream"):
+                return {"choices": [{"index": 0, "text": "ok", "finish_reason": "length"}]}
+
+            async def words():
+                for i in range(self.WORDS):
+                    text = f"{model} " if i == 0 else f"w{i} "
+                    yield "data: " + json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": None}]}) + "\n\n"
+                    await asyncio.sleep(self.delay)
+                yield "data: " + json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}) + "\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(words(), media_type="text/event-stream")
+
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", 0, log_level="critical"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def chat(url: str) -> str:
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 32, "stream": True}
+    text = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text += [c["delta"].get("content") or "" for c in chunk.get("choices", [])]
+    return "".join(text)
+
+
+@pytest.fixture()
+def front(run_dir, tmp_path):
+    """An engine, and `chatforge serve --upstream` on it (its own process, with an admin key)."""
+    started = []
+
+    def start(runtime_lora: bool = True):
+        engine = VllmLikeEngine(run_dir / "export" / "sft-hf", runtime_lora)
+        proc, url = start_serve_process(run_dir / LINK, tmp_path / "f.sqlite",
+                                        extra=("--upstream", engine.url, "--admin-key", ADMIN))
+        started.append((engine, proc))
+        return engine, url
+
+    yield start
+    for engine, proc in started:
+        proc.terminate()
+        proc.wait(30)
+        engine.stop()
+
+
+def test_promotion_and_rollback_move_the_engine_without_dropping_a_reply(run_dir, front, monkeypatch, capsys):
+    engine, url = front()
+    monkeypatch.setenv("CHATFORGE_ADMIN_KEY", ADMIN)
+    assert chat(url).startswith("base-model w1")
+    two = run_dir / "rounds" / "2" / "dpo"
+
+    # The promotion while a reply streams: it finishes on the base, the next goes to the adapter.
+    engine.delay = 0.5
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(chat, url)
+        deadline = time.time() + 10
+        while len(engine.completions) < 3 and time.time() < deadline:     # probe, first chat, this one
+            time.sleep(0.02)
+        result = reach_engine(run_dir, two, url)
+        assert not streaming.done()          # switched while the reply was streaming
+        in_flight = streaming.result()
+    engine.delay = 0.05
+    assert result["switched"] and result["rank"] == 4, result
+    name = result["adapter"]
+    assert name.startswith("demo-round2-dpo-")
+    assert engine.loads == [{"lora_name": name, "lora_path": str((two.parent / "dpo-peft").resolve())}]
+    assert in_flight.strip() == "base-model " + " ".join(f"w{i}" for i in range(1, VllmLikeEngine.WORDS))
+    assert chat(url).startswith(f"{name} w1")
+    out = capsys.readouterr().out
+    assert f"loaded {name}" in out and "the ones in flight finish on base-model" in out
+
+    # --rollback: back to round 1's model (its adapter over the same base), then to the engine's own.
+    assert rollback(run_dir, url).resolve() == (run_dir / "rounds" / "1" / "dpo").resolve()
+    info = json.loads((run_dir / "rounds" / "2" / "round.json").read_text())
+    one_name = info["engine_rollback"]["adapter"]
+    assert info["engine_rollback"]["switched"] and one_name.startswith("demo-round1-dpo-")
+    assert info["engine_rollback"]["rank"] == 2 and len(engine.loads) == 2
+    assert chat(url).startswith(f"{one_name} w1")
+    assert rollback(run_dir, url).resolve() == (run_dir / "sft").resolve()
+    assert chat(url).startswith("base-model w1") and len(engine.loads) == 2
+    # Promoted again: the engine holds that adapter already; it is used, not loaded twice.
+    point_at(run_dir, two)
+    assert reach_engine(run_dir, two, url)["switched"] and len(engine.loads) == 2
+    assert chat(url).startswith(f"{name} w1")
+    # A reload (SIGHUP / POST /admin/reload) keeps the engine model the round moved to.
+    r = httpx.post(url + "/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert chat(url).startswith(f"{name} w1")
+
+
+def test_admin_upstream_needs_the_admin_key_and_a_served_model(run_dir, front):
+    engine, url = front()
+    body = {"model": "not-loaded"}
+    assert httpx.post(url + "/admin/upstream", json=body, timeout=30).status_code == 401
+    assert httpx.post(url + "/admin/upstream", json=body, headers={"Authorization": "Bearer wrong"},
+                      timeout=30).status_code == 401
+    r = httpx.post(url + "/admin/upstream", json=body, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+    assert r.status_code == 400 and "does not serve 'not-loaded'" in r.json()["error"]["message"]
+    r = httpx.post(url + "/admin/upstream", json={"model": "x", "adapter": "/nowhere"},
+                   headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+    assert r.status_code == 400 and "did not load the adapter /nowhere" in r.json()["error"]["message"]
+    assert chat(url).startswith("base-model w1")
+
+
+def test_an_engine_without_runtime_loading_gets_the_commands(run_dir, front, monkeypatch, capsys):
+    engine, url = front(runtime_lora=False)
+    monkeypatch.setenv("CHATFORGE_ADMIN_KEY", ADMIN)
+    two = run_dir / "rounds" / "2" / "dpo"
+    result = reach_engine(run_dir, two, url)
+    assert not result["switched"] and "does not load LoRA adapters at runtime" in result["why_not"]
+    out = capsys.readouterr().out
+    assert f"chatforge export --model {two} --format gguf --quant q8_0" in out
+    assert "llama-server -m" in out and "ollama create" in out and "--enable-lora --max-lora-rank 4" in out
+    assert chat(url).startswith("base-model w1")        # nothing moved
+
+
+def test_without_a_server_the_round_prints_the_commands(run_dir, capsys):
+    two = run_dir / "rounds" / "2" / "dpo"
+    result = reach_engine(run_dir, two, None)
+    assert not result["switched"] and result["why_not"] == "no --server was given"
+    out = capsys.readouterr().out
+    assert str((two.parent / "dpo-peft").resolve()) in out and "/admin/upstream" in out
+    # Without the engine's word on its base, the chain ends at the first model without an adapter.
+    assert result["base"] == str((run_dir / "sft").resolve())
+    cmd = subprocess.run([sys.executable, "-m", "chatforge", "pipeline", "--help"], capture_output=True, text=True)
+    assert "--server URL" in cmd.stdout
