@@ -10,6 +10,7 @@ building their batch sources, because a source reads its own rank's slice of the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import time
 
@@ -147,3 +148,19 @@ def matmul_peak(device: torch.device, precision: str = "fp32", n: int = 1024, se
         sync()
         _PEAK[key] = 2 * n ** 3 * iters / (time.perf_counter() - start)
     return _PEAK[key]
+
+
+try:
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):       # not glibc: nothing to hand back this way
+    _malloc_trim = None
+
+
+def give_back_memory() -> None:
+    """Hand the C heap's free pages back to the system. Tensors of a few MB (a layer's weights,
+    a KV cache's per-layer blocks) come from glibc's heap, and what is freed stays resident there
+    until trimmed: after one 7,900-token prompt the server held 880 MB more than when idle, all of
+    it free, and quantizing the demo model in place left 270 MB of freed bf16 weights resident."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+

@@ -298,9 +298,9 @@ class Engine:
 
             self.model = quantize_model(self.model, quant, fuse=True, inplace=own)
         elif owned:
-            from chatforge.model.fuse import fuse_projections, pack_linears
+            from chatforge.model.fuse import prepare_for_decoding
 
-            pack_linears(fuse_projections(self.model))
+            prepare_for_decoding(self.model)
         self.quant = quant
         self.config = self.model.config
         self.tokenizer = tokenizer

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from chatforge.model.gpt import GPT, MLP, Attention
+from chatforge.runtime import give_back_memory
 
 
 def _cat_linears(layers: list[nn.Linear]) -> nn.Linear:
@@ -101,5 +102,17 @@ def pack_linears(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu":
                 setattr(parent, name, PackedLinear(child))
+    return model
+
+
+def prepare_for_decoding(model: nn.Module) -> nn.Module:
+    """`fuse_projections` then `pack_linears`, a block at a time (then the LM head), the freed
+    weights handed back to the system after each: done on the whole model at once, the freed
+    unfused weights stayed resident (glibc keeps freed blocks of a few MB in its heap)."""
+    for block in getattr(model, "layers", []):
+        pack_linears(fuse_projections(block))
+        give_back_memory()
+    pack_linears(model)
+    give_back_memory()
     return model
 

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from chatforge.errors import ChatforgeError
+from chatforge.runtime import give_back_memory
 
 MODES = ("int8", "int4")
 COMPUTE = torch.bfloat16      # the kernels' fast path
@@ -210,20 +211,26 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, fuse: bool
         # Copy the modules, not the tensors: every parameter and buffer maps to itself.
         memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
         clone = copy.deepcopy(model, memo)
-    if fuse:
-        from chatforge.model.fuse import fuse_projections
+    from chatforge.model.fuse import fuse_projections
 
-        fuse_projections(clone)     # new concatenated tensors; `model`'s are untouched
-    # The parents only: a list of every module would keep each replaced layer alive to the end.
-    for parent in [m for m in clone.modules() if any(isinstance(c, nn.Linear) for c in m.children())]:
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            if mode == "int4" and child.in_features % group_size == 0:
-                layer = Int4Linear(child, group_size)
-            else:
-                layer = Int8Linear(child)
-            setattr(parent, name, layer)
+    # A block at a time (then what is left: the LM head), each block's freed full-precision
+    # weights handed back before the next: fusing and quantizing the whole model at once kept
+    # them resident beside the codes (the int8 server's peak 787 MiB; a block at a time 5xx).
+    for root in [*getattr(clone, "layers", []), clone]:
+        if fuse and root is not clone:
+            fuse_projections(root)  # new concatenated tensors; `model`'s are untouched
+        # The parents only: a list of every module would keep each replaced layer alive to the end.
+        for parent in [m for m in root.modules() if any(isinstance(c, nn.Linear) for c in m.children())]:
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, nn.Linear):
+                    continue
+                if mode == "int4" and child.in_features % group_size == 0:
+                    layer = Int4Linear(child, group_size)
+                else:
+                    layer = Int8Linear(child)
+                setattr(parent, name, layer)
+        if inplace:
+            give_back_memory()
     clone.quantization = mode
     return clone.eval().requires_grad_(False)
 
