@@ -38,9 +38,9 @@ SERVER_DEPS = ["sse-starlette", "starlette-context", "pydantic-settings", "pytho
 
 
 def cache_dir() -> Path:
-    from chatforge.data.fetch import default_cache
+    from chatforge.files import cache_dir as chatforge_cache
 
-    return default_cache() / "bench"
+    return chatforge_cache("bench")
 
 
 # ---------------------------------------------------------------------------------------------
