@@ -66,7 +66,7 @@ def hf_model(gpt, dtype: torch.dtype):
 
 
 def hf_sample(hf, prompts: list[list[int]], n: int, new: int, threads: int, pad_id: int) -> int:
-    from bench_generate import hf_generate
+    from _generate_common import hf_generate
 
     return hf_generate(hf, prompts, new, threads, pad_id, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                        num_return_sequences=n, pad_token_id=pad_id).numel()

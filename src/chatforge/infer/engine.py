@@ -270,7 +270,7 @@ class Engine:
         and the model's own weights elsewhere; "float32" (or "fp32") keeps fp32 weights, whose
         output equals HF's fp32 `generate` (the parity tests pin it); None keeps the model's dtype.
         Decoding reads every weight once per token, so half-size weights are faster: the 135M
-        model decoded ~1.4x faster in bf16 at batch 1 (see benchmarks/bench_generate.py). A copy
+        model decoded ~1.4x faster in bf16 at batch 1 (see benchmarks/bench_generate_135m.py). A copy
         leaves the model passed in as it is and is taken here: weights the caller changes
         afterwards (training) are not seen, so make a new Engine then. Asking for bfloat16
         explicitly on a CPU without native bf16 instructions warns and keeps fp32: emulated bf16
