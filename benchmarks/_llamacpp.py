@@ -1,4 +1,4 @@
-"""llama.cpp for benchmarks/bench_generate.py: the demo assistant's GGUF files, timed decoding through
+"""llama.cpp for benchmarks/bench_generate_demo.py: the demo assistant's GGUF files, timed decoding through
 llama-cpp-python, and llama.cpp's two HTTP servers.
 
 - `gguf_file` finds OUT/QUANT/*.gguf (what `chatforge export --format gguf` writes) or exports it.
@@ -38,9 +38,9 @@ SERVER_DEPS = ["sse-starlette", "starlette-context", "pydantic-settings", "pytho
 
 
 def cache_dir() -> Path:
-    from chatforge.data.fetch import default_cache
+    from chatforge.files import cache_dir as chatforge_cache
 
-    return default_cache() / "bench"
+    return chatforge_cache("bench")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def python_server_cmd(gguf: Path, port: int, threads: int, n_ctx: int) -> list[s
 
 
 # ---------------------------------------------------------------------------------------------
-# The worker process of bench_generate's demo comparison (one engine per process)
+# The worker process of bench_generate_demo's comparison (one engine per process)
 
 RESULT = "@@ "          # a worker's answers on its stdout start with this
 
@@ -213,7 +213,7 @@ def status_kib(field: str) -> int:
 
 
 def worker_loop(spec: dict, load, handlers: dict | None = None) -> None:
-    """Run one engine for bench_generate's demo comparison, answering commands read from stdin
+    """Run one engine for bench_generate_demo's comparison, answering commands read from stdin
     (one JSON object a line) with one JSON line each on stdout (prefixed RESULT).
 
     `load()` builds the engine and returns (generate, info): `generate(ids, n)` times a greedy

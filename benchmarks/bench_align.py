@@ -75,9 +75,9 @@ LORA = dict(rank=8, alpha=16.0, dropout=0.0, targets=sft.DEFAULT_LORA_TARGETS.sp
 
 
 def default_gguf() -> str:
-    from chatforge.data.fetch import default_cache
+    from chatforge.files import cache_dir
 
-    return str(default_cache() / "sources" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return str(cache_dir("sources", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chatforge.data.fetch import default_cache
+from chatforge.files import cache_dir
 from chatforge.retrieval.dense import DenseIndex
 from chatforge.retrieval.embed import Embedder, _native_bf16
 from chatforge.retrieval.fusion import Retriever
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cache = Path(args.cache) if args.cache else default_cache()
+    cache = Path(args.cache) if args.cache else cache_dir()
     dirs = [cache / "sources" / s for s in DOC_SOURCES if (cache / "sources" / s).is_dir()]
     if not dirs:
         sys.exit(f"no fetched docs in {cache}/sources; run `chatforge data fetch` first")

@@ -40,12 +40,12 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_generate import _mean_time, memory_bandwidth  # noqa: E402
+from _generate_common import mean_time, memory_bandwidth  # noqa: E402
 
 
 def best_time(fn) -> float:
     """Seconds per call of `fn`: the best of 5 means over 10 calls in a row."""
-    return _mean_time(fn, 10, 5)
+    return mean_time(fn, 10, 5)
 
 
 def layer_shapes(cfg) -> list[tuple[int, int]]:

@@ -37,7 +37,7 @@ import time
 import types
 from pathlib import Path
 
-from chatforge.data.fetch import default_cache
+from chatforge.files import cache_dir
 from chatforge.eval.metrics import rouge_l
 from chatforge.eval.evaluate import _gold_docs, load_questions
 from chatforge.retrieval import index as retrieval
@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--before", default=BEFORE_REV, help="git revision of the 'before' variant")
     ap.add_argument("--misses", action="store_true", help="list the questions whose top passage is not from a gold doc")
     args = ap.parse_args()
-    cache = Path(args.cache).expanduser() if args.cache else default_cache()
+    cache = Path(args.cache).expanduser() if args.cache else cache_dir()
     before = module_at(args.before)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp_name:

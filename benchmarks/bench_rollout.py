@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -38,8 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
-DEFAULT_DOCS = [str(Path(os.environ.get("CHATFORGE_CACHE", Path.home() / ".cache" / "chatforge")) / "sources" / s)
-                for s in ("debian-faq", "python-faq", "perl-faq")]
+from chatforge.files import cache_dir  # noqa: E402
+
+DEFAULT_DOCS = [str(cache_dir("sources", s)) for s in ("debian-faq", "python-faq", "perl-faq")]
 
 
 def grounded_prompts(tok, data: Path, docs: list[str], n: int, budget: int) -> list[list[int]]:
@@ -66,7 +66,7 @@ def hf_model(gpt, dtype: torch.dtype):
 
 
 def hf_sample(hf, prompts: list[list[int]], n: int, new: int, threads: int, pad_id: int) -> int:
-    from bench_generate import hf_generate
+    from _generate_common import hf_generate
 
     return hf_generate(hf, prompts, new, threads, pad_id, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                        num_return_sequences=n, pad_token_id=pad_id).numel()

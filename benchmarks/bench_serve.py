@@ -129,9 +129,9 @@ QUESTIONS = [
 
 
 def cache_root() -> Path:
-    from chatforge.data.fetch import default_cache
+    from chatforge.files import cache_dir
 
-    return default_cache() / "bench" / "serve"
+    return cache_dir("bench", "serve")
 
 
 def gguf_path() -> Path:

@@ -20,9 +20,10 @@ import threading
 import time
 
 import httpx
+from bench_serve import cache_root
 
 src, name = sys.argv[1], sys.argv[2]
-model = os.path.expanduser("~/.cache/chatforge/bench/serve/smollm2-135m-instruct-chatforge")
+model = str(cache_root() / "smollm2-135m-instruct-chatforge")
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

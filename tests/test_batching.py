@@ -251,7 +251,7 @@ def test_a_request_that_fails_to_be_admitted_ends_alone(engine):
     cfg = GenerationConfig(max_new_tokens=12)
     first = scheduler.submit(PROMPTS[0], cfg)
     scheduler.step()                                          # running, one token out
-    real = engine._forward
+    real = engine.forward
     bad_prompt = PROMPTS[3]
 
     def broken(ids, *a, **kw):
@@ -261,13 +261,13 @@ def test_a_request_that_fails_to_be_admitted_ends_alone(engine):
             raise ValueError("Overflow when unpacking long long")
         return real(ids, *a, **kw)
 
-    engine._forward = broken
+    engine.forward = broken
     try:
         bad = scheduler.submit(bad_prompt, cfg)
         late = scheduler.submit(PROMPTS[2], cfg)
         scheduler.run_until_idle()
     finally:
-        engine._forward = real
+        engine.forward = real
     assert bad.result(timeout=0).finish_reason == "error" and "admission failed" in bad.result(timeout=0).error
     assert first.result(timeout=0).tokens == alone(engine, PROMPTS[0], cfg)[0]
     assert late.result(timeout=0).tokens == alone(engine, PROMPTS[2], cfg)[0]
@@ -335,14 +335,14 @@ def test_the_kv_cache_stays_within_its_budget(engine):
 def _count_prefills(engine, monkeypatch) -> list[tuple[int, int]]:
     """Record the (rows, tokens) shape of every prefill forward the engine runs."""
     shapes: list[tuple[int, int]] = []
-    real = engine._forward
+    real = engine.forward
 
     def spy(ids, *a, **kw):
         if ids.shape[1] > 1 or kw.get("take") is not None or (len(a) > 3 and a[3] is not None):
             shapes.append(tuple(ids.shape))
         return real(ids, *a, **kw)
 
-    monkeypatch.setattr(engine, "_forward", spy)
+    monkeypatch.setattr(engine, "forward", spy)
     return shapes
 
 

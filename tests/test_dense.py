@@ -4,13 +4,13 @@ the --retrieval modes, passage-level hit@k and `chatforge retriever train` on a 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from chatforge import files
 from chatforge.errors import ChatforgeError
 from chatforge.retrieval import Passage, PassageIndex
 from chatforge.retrieval.dense import DenseIndex, cache_folder
@@ -248,7 +248,7 @@ def test_retriever_train_moves_the_encoder(tmp_path: Path, model: Path):
 def test_fetched_minilm_finds_the_customer_worded_entry(tmp_path: Path):
     from chatforge.data.fetch import fetch
 
-    cache = Path(os.environ.get("CHATFORGE_CACHE", Path.home() / ".cache" / "chatforge"))
+    cache = files.cache_dir()
     assert fetch(["all-minilm-l6-v2"], cache)["all-minilm-l6-v2"].ok
     docs = make_docs(tmp_path / "docs")
     r = load_retriever([docs], tmp_path / "cache", "dense", cache / "sources" / "all-minilm-l6-v2")

@@ -17,6 +17,7 @@ import pytest
 
 from chatforge.data import fetch as F
 from chatforge.data.faq import extract_pairs
+from chatforge.files import cache_dir
 from chatforge.errors import ChatforgeError
 
 needs_dpkg = pytest.mark.skipif(not (shutil.which("dpkg-deb") and shutil.which("dpkg")),
@@ -286,9 +287,9 @@ def test_unknown_source_and_defaults(tmp_path, monkeypatch):
     assert "vader" not in F._resolve(None) and "git-faq" in F._resolve(None)
     assert F._resolve(["all"]) == list(F.SOURCES)
     monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path / "c"))
-    assert F.default_cache() == tmp_path / "c"
+    assert cache_dir() == tmp_path / "c" and cache_dir("sources", "vader") == tmp_path / "c" / "sources" / "vader"
     monkeypatch.delenv("CHATFORGE_CACHE")
-    assert F.default_cache() == Path.home() / ".cache" / "chatforge"
+    assert cache_dir() == Path.home() / ".cache" / "chatforge"
     assert F.source_dir(tmp_path, "git-faq") == tmp_path / "sources" / "git-faq"
 
 

@@ -163,6 +163,24 @@ def test_switches_default_off_and_old_config_files_still_load():
     assert GPT(cfg).hf_config()["model_type"] == "llama"
 
 
+def test_one_architecture_per_switch_setting_named_alike_on_export_and_import():
+    """model/architectures.py: what the switches export as is what importing that name gives."""
+    from chatforge.model.architectures import EXPORTED, architecture_of, from_gguf_name, from_hf_model_type
+
+    for arch in EXPORTED:
+        cfg = small_config(**arch.switches)
+        assert architecture_of(cfg) is arch
+        hf = GPT(cfg).hf_config()
+        assert (hf["model_type"], hf["architectures"]) == (arch.name, [arch.hf_class])
+        assert from_hf_model_type(hf["model_type"], "x") is arch and from_gguf_name(arch.gguf_name, "x") is arch
+    mistral = from_hf_model_type("mistral", "x")
+    assert mistral.switches == EXPORTED[0].switches and architecture_of(small_config(**mistral.switches)).name == "llama"
+    with pytest.raises(ChatforgeError, match="x: unsupported architecture 'gpt2'.*llama, mistral, qwen2, qwen3"):
+        from_hf_model_type("gpt2", "x")
+    with pytest.raises(ChatforgeError, match="x: unsupported architecture 'mistral'.*llama, qwen2, qwen3"):
+        from_gguf_name("mistral", "x")
+
+
 def test_switch_errors_are_clear():
     with pytest.raises(ChatforgeError, match="head size .* must be even"):
         small_config(head_size=7)

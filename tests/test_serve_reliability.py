@@ -49,17 +49,17 @@ class _Crawl:
         self.engine, self.seconds = scheduler.engine, seconds
 
     def __enter__(self):
-        self.real = real = self.engine._forward
+        self.real = real = self.engine.forward
 
         def crawl(*a, **kw):
             time.sleep(self.seconds)
             return real(*a, **kw)
 
-        self.engine._forward = crawl
+        self.engine.forward = crawl
         return self
 
     def __exit__(self, *exc):
-        self.engine._forward = self.real
+        self.engine.forward = self.real
 
 
 def _stream_in_background(url: str, body: dict) -> tuple[threading.Thread, dict]:
@@ -137,7 +137,7 @@ def test_lone_surrogates_are_400_everywhere(server):
 def test_a_request_fault_in_the_server_is_a_500_for_that_request_only(server):
     """A fault in the server's own code at admission (not the client's) is a 500 for that request."""
     scheduler = server.assistant.scheduler
-    real = scheduler.engine._forward
+    real = scheduler.engine.forward
     url = server.url + "/v1/completions"
     poison = "free plan free plan free plan free plan"
     poison_len = len(server.assistant.tokenizer.encode(poison))
@@ -148,7 +148,7 @@ def test_a_request_fault_in_the_server_is_a_500_for_that_request_only(server):
         time.sleep(0.05)
         return real(ids, *a, **kw)
 
-    scheduler.engine._forward = broken
+    scheduler.engine.forward = broken
     try:
         t, streamed = _stream_in_background(server.url + "/v1/chat/completions",
                                             ask("What does the free plan include?", max_tokens=40, stream=True))
@@ -159,7 +159,7 @@ def test_a_request_fault_in_the_server_is_a_500_for_that_request_only(server):
         assert _error(r, 500)["type"] == "server_error"
         t.join(60)
     finally:
-        scheduler.engine._forward = real
+        scheduler.engine.forward = real
     assert streamed["lines"][-1] == "data: [DONE]" and not any('"error"' in line for line in streamed["lines"])
 
 

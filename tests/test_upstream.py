@@ -32,6 +32,7 @@ from _serve_fixtures import serve, write_docs
 from _tiny_chat_model import CONTEXT, train_tiny_chat_model
 from fastapi import Request
 
+from chatforge.files import cache_dir
 from chatforge.infer.prompting import SystemPrompt
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -255,10 +256,14 @@ def test_llama_cpp_python_server_as_upstream(model_dir, docs_dir, gguf, referenc
         engine.stop()
 
 
+# Where benchmarks/_llamacpp.py builds llama-server: in the user's cache, taken at import, before
+# conftest gives each test a cache of its own.
+BUILT_LLAMA_SERVER = cache_dir("bench", "llama-server", "build", "bin", "llama-server")
+
+
 def llama_server() -> Path | None:
     """llama.cpp's own server: $CHATFORGE_LLAMA_SERVER, on PATH, or where benchmarks/_llamacpp.py builds it."""
-    for found in (os.environ.get("CHATFORGE_LLAMA_SERVER"), shutil.which("llama-server"),
-                  Path.home() / ".cache/chatforge/bench/llama-server/build/bin/llama-server"):
+    for found in (os.environ.get("CHATFORGE_LLAMA_SERVER"), shutil.which("llama-server"), BUILT_LLAMA_SERVER):
         if found and Path(found).is_file():
             return Path(found)
     return None

@@ -1,4 +1,5 @@
-"""Atomic file and folder writes: a crash never leaves a half-written output.
+"""Atomic file and folder writes: a crash never leaves a half-written output; and where
+chatforge's cache folder is (`cache_dir`).
 
 Everything chatforge writes for later stages goes through here: write to a temporary name in
 the same folder, fsync, then rename over the final name (rename is atomic on POSIX).
@@ -13,6 +14,15 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def cache_dir(*parts: str) -> Path:
+    """chatforge's cache folder, `$CHATFORGE_CACHE`, else `~/.cache/chatforge` (downloads, fetched
+    sources, passage indexes, benchmark files); with `parts`, that path inside it. Nothing is
+    created. Every default cache location is computed here, so the variable moves all of them."""
+    env = os.environ.get("CHATFORGE_CACHE")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "chatforge"
+    return root.joinpath(*parts)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -50,7 +50,7 @@ from chatforge.data.sources import Document, InputFile, iter_files, read_file
 from chatforge.data.transcripts import (BUILTIN, TranscriptRules, TranscriptStats, clean_conversation,
                                        format_transcripts, load_rules)
 from chatforge.errors import ChatforgeError
-from chatforge.files import atomic_dir
+from chatforge.files import atomic_dir, cache_dir
 
 # Fetched sources kept out of the default corpus (the project's brief): git-faq is held out
 # and vader is sentiment data for the classifier, not support text.
@@ -59,9 +59,7 @@ DEFAULT_EXCLUDED = ("git-faq", "vader")
 
 def default_cache(cache: str | os.PathLike | None = None) -> Path:
     """--cache, else the cache `chatforge data fetch` uses."""
-    from chatforge.data.fetch import default_cache as fetch_cache
-
-    return Path(cache).expanduser() if cache else fetch_cache()
+    return Path(cache).expanduser() if cache else cache_dir()
 
 
 def default_inputs(cache: str | os.PathLike | None = None) -> list[Path]:

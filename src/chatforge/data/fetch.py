@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Callable
 
 from chatforge.errors import ChatforgeError
-from chatforge.files import atomic_dir, write_json
+from chatforge.files import atomic_dir, cache_dir, write_json
 
 Log = Callable[[str], None]
 
@@ -377,10 +377,8 @@ class FetchResult:
     seconds: float = 0.0
 
 
-def default_cache() -> Path:
-    """$CHATFORGE_CACHE, else ~/.cache/chatforge."""
-    env = os.environ.get("CHATFORGE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "chatforge"
+# The old name of `files.cache_dir`, for the command glue (`run_fetch`) on its way to commands/.
+default_cache = cache_dir
 
 
 def source_dir(cache: Path, name: str) -> Path:
@@ -393,7 +391,7 @@ def model_file(name: str, cache: Path | None = None) -> Path:
     models = [n for n, s in SOURCES.items() if s.kind == "model"]
     if name not in models:
         raise ChatforgeError(f"{name!r} is not a model source; the model sources are {', '.join(models)}")
-    folder = source_dir(Path(cache) if cache is not None else default_cache(), name)
+    folder = source_dir(Path(cache) if cache is not None else cache_dir(), name)
     try:
         listed = json.loads((folder / "SOURCE.json").read_text(encoding="utf-8")).get("files", [])
     except (OSError, ValueError):
@@ -627,7 +625,7 @@ def fetch(names: list[str] | None = None, cache: Path | None = None, force: bool
     Raises ChatforgeError only for unknown source names.
     """
     wanted = _resolve(names)
-    cache = Path(cache) if cache is not None else default_cache()
+    cache = Path(cache) if cache is not None else cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     results: dict[str, FetchResult] = {}
     fetcher: _Fetcher | None = None

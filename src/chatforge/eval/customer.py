@@ -52,9 +52,7 @@ def customer_rows(cache: Path, out_dir: Path | None = None, model: str | None = 
 
 
 def main() -> None:     # python -m chatforge.eval.customer: the rows alone
-    from chatforge.data.fetch import default_cache
-
-    print(customer_rows(default_cache()) or "evalsets/ or the fetched git-faq is missing")
+    print(customer_rows(files.cache_dir()) or "evalsets/ or the fetched git-faq is missing")
 
 
 if __name__ == "__main__":

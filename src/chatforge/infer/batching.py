@@ -50,7 +50,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from chatforge.errors import ChatforgeError
-from chatforge.infer.engine import Engine, GenerationConfig, _TextStream
+from chatforge.infer.engine import Engine, GenerationConfig, TextStream
 from chatforge.infer.sampling import LogitsPipeline
 
 log = logging.getLogger("chatforge.batching")
@@ -312,11 +312,11 @@ class _Running:
         cfg = request.cfg
         self.request, self.cfg = request, cfg
         self.pipeline = LogitsPipeline(cfg, [list(request.prompt)], vocab_size, engine.device, for_beam=False)
-        self.stops = engine._stop_strings(cfg)
+        self.stops = engine.stop_matcher(cfg)
         self.generator = None
         if not cfg.greedy and cfg.seed is not None:
             self.generator = torch.Generator(device=engine.device).manual_seed(cfg.seed)
-        self.text = (_TextStream(engine.tokenizer, cfg.stop_strings, cfg.stop_after)
+        self.text = (TextStream(engine.tokenizer, cfg.stop_strings, cfg.stop_after)
                      if engine.tokenizer is not None else None)
         self.tokens: list[int] = []
         self.budget = min(cfg.max_new_tokens, engine.config.max_seq_len - len(request.prompt))
@@ -383,7 +383,7 @@ class Scheduler:
         if cfg.strategy == "beam" or cfg.num_return_sequences != 1:
             raise ChatforgeError("continuous batching runs greedy or sampled decoding with one sequence "
                                  "per request; use Engine.generate for beam search or n-best")
-        (prompt,) = self.engine._check_prompts([prompt_ids], cfg)
+        (prompt,) = self.engine.check_prompts([prompt_ids], cfg)
         worst = min(len(prompt) + cfg.max_new_tokens, self.engine.config.max_seq_len)
         if not self.cache.fits(1, worst):
             mb = self.cache.position_bytes / 2 ** 20
@@ -452,7 +452,7 @@ class Scheduler:
     def step(self) -> None:
         """Prefill up to `prefill_chunk` prompt tokens (admitting waiting requests as slots and
         the cache budget allow), then one decode step over the batch."""
-        with torch.inference_mode(), self.engine._thread_limit():
+        with torch.inference_mode(), self.engine.thread_limit():
             self._prefill()
             self._drop_finished()
             if self.running:
@@ -580,7 +580,7 @@ class Scheduler:
             ids = torch.tensor([p + [self.engine.pad_id] * (longest - len(p)) for p in prompts], device=device)
             positions = torch.arange(longest, device=device).unsqueeze(0)
             take = torch.tensor([len(p) - 1 for p in prompts], device=device)
-            logits = self.engine._forward(ids, self.cache, positions, None, take)             # (k, V)
+            logits = self.engine.forward(ids, self.cache, positions, None, take)              # (k, V)
         except Exception:                   # noqa: BLE001 - tried again one by one
             log.exception("prefilling %d prompts together failed; each is tried alone", k)
             self._set_active()
@@ -613,7 +613,7 @@ class Scheduler:
             self.cache.begin_prefill(slot, start, n)
             ids = torch.tensor([prompt[start:start + n]], device=self.engine.device)
             positions = torch.arange(start, start + n, device=self.engine.device).unsqueeze(0)
-            logits = self.engine._forward(ids, self.cache, positions, None)                 # (1, V)
+            logits = self.engine.forward(ids, self.cache, positions, None)                  # (1, V)
         except Exception as e:              # noqa: BLE001
             # The running rows are untouched (a request joins them once its prompt is in).
             self.cache.lengths[slot] = 0
@@ -655,7 +655,7 @@ class Scheduler:
         mask = self.cache.begin_decode(n)
         tokens = torch.tensor([[r.next_token] for r in self.running], device=self.engine.device)
         positions = torch.tensor([[self.cache.lengths[i]] for i in range(n)], device=self.engine.device)
-        logits = self.engine._forward(tokens, self.cache, positions, mask)                  # (n, V)
+        logits = self.engine.forward(tokens, self.cache, positions, mask)                   # (n, V)
         for i in range(n):
             self.cache.lengths[i] += 1
         self.steps += 1
@@ -733,7 +733,7 @@ class Scheduler:
         tail = run.text.finish() if run.text is not None and reason != "cancelled" else ""
         if tail:
             run.request._emit(Piece(tail, len(run.tokens)))
-        completion = self.engine._completion(run.tokens, reason, stop)
+        completion = self.engine.completion(run.tokens, reason, stop)
         run.request._emit(Done(completion.text or "", run.tokens, reason, len(run.request.prompt)))
 
     def _fail_all(self, message: str) -> None:

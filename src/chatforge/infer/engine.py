@@ -5,7 +5,10 @@ through one prefill and a token-by-token decode over a preallocated KV cache (`K
 greedy decoding, sampling (temperature, top-k, top-p, min-p, seeded) or beam search, and returns
 one `GenerationResult` per prompt. `Engine.stream(prompt_ids, cfg)` yields text pieces as they
 are generated. Everything that generates text (`chatforge generate`, `chat`, evaluation, the HTTP
-server, PPO rollouts) goes through this class.
+server, PPO rollouts) goes through this class. The continuous-batching scheduler
+(`infer/batching.py`) runs its own loop over the engine's step API: `forward` (one forward over a
+cache), `check_prompts`, `stop_matcher`, `completion`, the `thread_limit()` context, and
+`TextStream` for text pieces.
 
 The engine knows token ids, not prompts: chat formatting lives in `infer/chat.py`. A tokenizer
 (anything with `decode(ids) -> str`) is only used to fill `text`, to stream and to match stop
@@ -267,7 +270,7 @@ class Engine:
         and the model's own weights elsewhere; "float32" (or "fp32") keeps fp32 weights, whose
         output equals HF's fp32 `generate` (the parity tests pin it); None keeps the model's dtype.
         Decoding reads every weight once per token, so half-size weights are faster: the 135M
-        model decoded ~1.4x faster in bf16 at batch 1 (see benchmarks/bench_generate.py). A copy
+        model decoded ~1.4x faster in bf16 at batch 1 (see benchmarks/bench_generate_135m.py). A copy
         leaves the model passed in as it is and is taken here: weights the caller changes
         afterwards (training) are not seen, so make a new Engine then. Asking for bfloat16
         explicitly on a CPU without native bf16 instructions warns and keeps fp32: emulated bf16
@@ -321,10 +324,10 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig | None = None) -> list[GenerationResult]:
         """Complete every prompt (a list of token ids); one result per prompt, in order."""
         cfg = cfg or GenerationConfig()
-        prompts = self._check_prompts(prompts, cfg)
+        prompts = self.check_prompts(prompts, cfg)
         if not prompts:
             return []
-        with torch.inference_mode(), self._thread_limit():
+        with torch.inference_mode(), self.thread_limit():
             if cfg.strategy == "beam":
                 outs = self._beam_search(prompts, cfg)
             else:
@@ -343,12 +346,12 @@ class Engine:
         if cfg.strategy == "beam" or cfg.num_return_sequences != 1:
             raise ChatforgeError("streaming works with greedy or sample and one sequence; beam search "
                                  "only knows its best sequence at the end")
-        (prompt,) = self._check_prompts([prompt_ids], cfg)
-        text = _TextStream(self.tokenizer, cfg.stop_strings, cfg.stop_after)
+        (prompt,) = self.check_prompts([prompt_ids], cfg)
+        text = TextStream(self.tokenizer, cfg.stop_strings, cfg.stop_after)
         steps = self._decode_steps([prompt], cfg, _new_state(1))
         while True:
             # The limit holds while the engine works, not while the caller handles a piece.
-            with torch.inference_mode(), self._thread_limit():
+            with torch.inference_mode(), self.thread_limit():
                 step = next(steps, None)
             if step is None:
                 break
@@ -364,10 +367,13 @@ class Engine:
         if tail:
             yield tail
 
-    # --------------------------------------------------------------------------------- helpers
+    # -------------------------------------------------------------------------------- one step
+    # What a scheduler that batches requests itself (`infer/batching.py`) needs to drive the same
+    # model, weights, threads and stop rules as `generate`: one forward over its own cache, the
+    # prompt checks, the stop matcher and the finished completion.
 
     @contextlib.contextmanager
-    def _thread_limit(self) -> Iterator[None]:
+    def thread_limit(self) -> Iterator[None]:
         """Run with `self.threads` torch threads, then restore the caller's setting."""
         before = torch.get_num_threads()
         if self.threads is not None:
@@ -377,7 +383,9 @@ class Engine:
         finally:
             torch.set_num_threads(before)
 
-    def _check_prompts(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> list[list[int]]:
+    def check_prompts(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> list[list[int]]:
+        """`prompts` as lists of ints, each checked (not empty, ids in the vocabulary, shorter than
+        the context) or cut to fit when `cfg.truncate_prompt`; a bad prompt raises `ChatforgeError`."""
         ctx, vocab = self.config.max_seq_len, self.config.vocab_size
         out = []
         for i, p in enumerate(prompts):
@@ -395,42 +403,31 @@ class Engine:
             out.append(p)
         return out
 
-    def _new_tokens(self, batch_prompt_len: int, cfg: GenerationConfig) -> int:
-        return min(cfg.max_new_tokens, self.config.max_seq_len - batch_prompt_len)
-
-    def _forward(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor, mask,
-                 take: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of each row's last position (or of position `take[row]`), in fp32: (B, V)."""
+    def forward(self, ids: torch.Tensor, cache, positions: torch.Tensor, mask,
+                take: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward of the model over `ids` (B, T) at RoPE `positions`, writing keys and values
+        into `cache` (a `KVCache`, or any object with its `update`), with attention `mask` (None:
+        causal). Returns the logits of each row's last position (or of position `take[row]`), in
+        fp32: (B, V). Call it inside `torch.inference_mode()` and `thread_limit()`."""
         if take is None:
             logits, _ = self.model(ids, cache=cache, positions=positions, attn_mask=mask, last_only=True)
         else:
             logits, _ = self.model(ids, cache=cache, positions=positions, attn_mask=mask, take=take)
         return logits[:, -1, :].float()                                                       # (B, V)
 
-    def _prefill(self, batch: _Batch) -> tuple[torch.Tensor, KVCache]:
-        """Run the prompts once, then fan the cache out to `fan_out` rows per prompt."""
-        cache = KVCache.for_model(self.model, len(batch.rows), batch.total_len, self.cache_dtype)
-        logits = self._forward(batch.ids, cache, batch.positions, batch.prefill_mask)         # (P, V)
-        if batch.fan_out > 1:
-            cache.select_rows(batch.rows)
-            logits = logits[batch.rows]
-        return logits, cache
-
-    def _decode_step(self, tokens: torch.Tensor, cache: KVCache, batch: _Batch) -> torch.Tensor:
-        mask = None if batch.decode_mask is None else batch.decode_mask[..., :cache.pos + 1]
-        logits = self._forward(tokens, cache, batch.next_pos, mask)
-        batch.next_pos += 1
-        return logits
-
-    def _stop_strings(self, cfg: GenerationConfig) -> StopStrings | None:
+    def stop_matcher(self, cfg: GenerationConfig) -> StopStrings | None:
+        """What matches `cfg`'s stop strings and `stop_after` patterns against generated tokens
+        (None when it has neither); they need the engine's tokenizer."""
         if not cfg.stop_strings and not cfg.stop_after:
             return None
         if self.tokenizer is None:
             raise ChatforgeError("stop strings need a tokenizer: pass one to Engine(model, tokenizer)")
         return StopStrings(self.tokenizer, cfg.stop_strings, cfg.stop_after)
 
-    def _completion(self, tokens: list[int], reason: str, stop: int | str | re.Pattern | None,
-                    score=None) -> Completion:
+    def completion(self, tokens: list[int], reason: str, stop: int | str | re.Pattern | None,
+                   score=None) -> Completion:
+        """The `Completion` of generated `tokens` that ended for `reason` ("stop" or "length")
+        on `stop`: its text decoded and cut where a stop string or pattern says."""
         text = None
         if self.tokenizer is not None:
             text = self.tokenizer.decode(tokens)
@@ -439,6 +436,26 @@ class Engine:
             elif isinstance(stop, re.Pattern):
                 text = text[:first_stop(text, [], [stop])[0]]
         return Completion(tokens, text, reason, stop, score)
+
+    # --------------------------------------------------------------------------------- helpers
+
+    def _new_tokens(self, batch_prompt_len: int, cfg: GenerationConfig) -> int:
+        return min(cfg.max_new_tokens, self.config.max_seq_len - batch_prompt_len)
+
+    def _prefill(self, batch: _Batch) -> tuple[torch.Tensor, KVCache]:
+        """Run the prompts once, then fan the cache out to `fan_out` rows per prompt."""
+        cache = KVCache.for_model(self.model, len(batch.rows), batch.total_len, self.cache_dtype)
+        logits = self.forward(batch.ids, cache, batch.positions, batch.prefill_mask)          # (P, V)
+        if batch.fan_out > 1:
+            cache.select_rows(batch.rows)
+            logits = logits[batch.rows]
+        return logits, cache
+
+    def _decode_step(self, tokens: torch.Tensor, cache: KVCache, batch: _Batch) -> torch.Tensor:
+        mask = None if batch.decode_mask is None else batch.decode_mask[..., :cache.pos + 1]
+        logits = self.forward(tokens, cache, batch.next_pos, mask)
+        batch.next_pos += 1
+        return logits
 
     # ------------------------------------------------------------------- greedy and sampling
 
@@ -454,7 +471,7 @@ class Engine:
         R = len(batch.rows)
         histories = [list(prompts[r // fan]) for r in range(R)]
         pipeline = LogitsPipeline(cfg, histories, self.config.vocab_size, self.device, for_beam=False)
-        stops = self._stop_strings(cfg)
+        stops = self.stop_matcher(cfg)
         gen = None
         if not cfg.greedy and cfg.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
@@ -499,7 +516,7 @@ class Engine:
         state = _new_state(len(prompts) * fan)
         for _ in self._decode_steps(prompts, cfg, state):
             pass
-        comps = [self._completion(t, r, s) for t, r, s in zip(state["tokens"], state["reason"], state["stop"])]
+        comps = [self.completion(t, r, s) for t, r, s in zip(state["tokens"], state["reason"], state["stop"])]
         return [comps[i * fan:(i + 1) * fan] for i in range(len(prompts))]
 
     # --------------------------------------------------------------------------- beam search
@@ -518,7 +535,7 @@ class Engine:
         V, R = self.config.vocab_size, P * nb
         histories = [list(prompts[r // nb]) for r in range(R)]
         pipeline = LogitsPipeline(cfg, histories, V, self.device, for_beam=True)
-        stops = self._stop_strings(cfg)
+        stops = self.stop_matcher(cfg)
         stop_set = set(self.stop_ids)
         keep = max(2, 1 + len(self.stop_ids)) * nb
         lp = cfg.length_penalty
@@ -586,7 +603,7 @@ class Engine:
                 improvable[p] = improvable[p] and best > worst
             if all(not improvable[p] or (cfg.early_stopping is True and len(finished[p]) >= nb) for p in range(P)):
                 break
-        return [[self._completion(toks, reason, stop, score)
+        return [[self.completion(toks, reason, stop, score)
                  for score, toks, reason, stop in finished[p][:cfg.num_return_sequences]] for p in range(P)]
 
 
@@ -641,9 +658,11 @@ def _new_state(rows: int) -> dict[str, list]:
     return {"reason": ["length"] * rows, "stop": [None] * rows, "tokens": [[] for _ in range(rows)]}
 
 
-class _TextStream:
+class TextStream:
     """Turns tokens into text pieces that never end inside a UTF-8 character or a stop string, and
-    that end with the first match of a `stop_after` pattern.
+    that end with the first match of a `stop_after` pattern (`Engine.stream` and the scheduler's
+    requests use it): `push(token)` returns the text it releases, `finish()` the rest; `stopped`
+    is set once a stop string or pattern matched.
 
     Tokens since the last clean cut are decoded together; U+FFFD at the end means the bytes of a
     character are still incomplete, so that part waits.

@@ -239,23 +239,23 @@ def gguf_lora_tensors(adapter: Adapter, config, quant: str):
     import gguf
     import numpy as np
 
-    from chatforge.model.gguf_export import architecture_of, permute_qk
+    from chatforge.model.gguf_export import gguf_architecture, permute_qk
 
-    arch = architecture_of(config)
-    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), config.n_layer)
+    arch = gguf_architecture(config)
+    names = arch.gguf_tensor_names(config.n_layer)
     qtype = gguf.GGMLQuantizationType[quant.upper()]
     for name, (a, b) in adapter.modules.items():
         if name == "lm_head" and config.tie_embeddings:
             raise ChatforgeError("the adapter changes lm_head, which is tied to the token embedding")
         gname = names.get_name(f"{hf_module(name)}.weight", try_suffixes=(".weight",))
         if gname is None:
-            raise ChatforgeError(f"{name} has no GGUF name for the {arch} architecture; the adapter cannot be exported")
+            raise ChatforgeError(f"{name} has no GGUF name for the {arch.gguf_name} architecture; the adapter cannot be exported")
         a_np = a.to(torch.float32).numpy()
         b_np = b.to(torch.float32).numpy()
         # llama.cpp's llama files hold q/k rows permuted; B carries the rows of the update B A.
-        if arch == "llama" and gname.endswith("attn_q.weight"):
+        if arch.gguf_permuted_qk and gname.endswith("attn_q.weight"):
             b_np = permute_qk(b_np, config.n_head)
-        elif arch == "llama" and gname.endswith("attn_k.weight"):
+        elif arch.gguf_permuted_qk and gname.endswith("attn_k.weight"):
             b_np = permute_qk(b_np, config.n_kv_head)
         # PyTorch's (rows, cols) is GGML's ne = [cols, rows]: A is ne [in, r], B ne [r, out], as
         # llama.cpp checks them against the base weight's ne [in, out].
@@ -267,11 +267,11 @@ def write_gguf_lora(adapter: Adapter, config, path: Path, quant: str = "f32", na
     """Write the adapter as llama.cpp's LoRA GGUF `path`; returns the count of tensors per type."""
     import gguf
 
-    from chatforge.model.gguf_export import architecture_of, write_tensors
+    from chatforge.model.gguf_export import gguf_architecture, write_tensors
 
     if quant not in ADAPTER_QUANTS:
         raise ChatforgeError(f"--format gguf-lora stores the adapter as {', '.join(ADAPTER_QUANTS)}, not {quant}")
-    writer = gguf.GGUFWriter(str(path), architecture_of(config))
+    writer = gguf.GGUFWriter(str(path), gguf_architecture(config).gguf_name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_name(name)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

@@ -19,9 +19,6 @@ import torch
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
 
-# Architectures the readers understand (HF `model_type` / GGUF `general.architecture`).
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-
 
 @dataclass
 class Checkpoint:

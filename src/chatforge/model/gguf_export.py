@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from chatforge.errors import ChatforgeError
+from chatforge.model.architectures import Architecture, architecture_of
 from chatforge.model.gpt import GPT
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
@@ -53,19 +54,13 @@ _EMBEDDINGS = ("token_embd.weight", "output.weight")
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 
-def architecture(model: GPT) -> str:
-    """The GGUF architecture of `model`: qwen2 (q/k/v biases), qwen3 (q/k norms) or llama."""
-    return architecture_of(model.config)
-
-
-def architecture_of(c) -> str:
-    """The GGUF architecture of a model with the `GPTConfig` `c`."""
+def gguf_architecture(c) -> Architecture:
+    """The architecture a model with the `GPTConfig` `c` is written as (`.gguf_name`: qwen2 for
+    q/k/v biases, qwen3 for q/k norms, else llama); a mixture of experts has none."""
     if c.n_experts:
         raise ChatforgeError("a mixture-of-experts model cannot be exported (llama.cpp's llama files have no "
                              "chatforge-style router); export a dense model")
-    if c.qkv_bias and c.qk_norm:
-        raise ChatforgeError("a model with both qkv_bias and qk_norm matches no llama.cpp architecture")
-    return "qwen2" if c.qkv_bias else "qwen3" if c.qk_norm else "llama"
+    return architecture_of(c)
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -96,20 +91,20 @@ def gguf_tensors(model: GPT, quant: str) -> Iterator[tuple[str, np.ndarray, Any]
     """(GGUF name, stored data, GGML type) for every weight of `model`, in the model's order."""
     import gguf
 
-    arch = architecture(model)
     c = model.config
-    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), c.n_layer)
+    arch = gguf_architecture(c)
+    names = arch.gguf_tensor_names(c.n_layer)
     for hf_name, t in model.hf_state_dict().items():
         if hf_name == "lm_head.weight" and c.tie_embeddings:
             continue                           # llama.cpp uses token_embd when there is no output.weight
         gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            raise ChatforgeError(f"{hf_name} has no GGUF name for the {arch} architecture; the model cannot be "
-                                 "exported")
+            raise ChatforgeError(f"{hf_name} has no GGUF name for the {arch.gguf_name} architecture; the model "
+                                 "cannot be exported")
         w = t.detach().to(torch.float32).cpu().numpy()
-        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_q.bias")):
+        if arch.gguf_permuted_qk and gname.endswith(("attn_q.weight", "attn_q.bias")):
             w = permute_qk(w, c.n_head)
-        elif arch == "llama" and gname.endswith(("attn_k.weight", "attn_k.bias")):
+        elif arch.gguf_permuted_qk and gname.endswith(("attn_k.weight", "attn_k.bias")):
             w = permute_qk(w, c.n_kv_head)
         qtype = tensor_type(gname, w.shape, quant)
         yield gname, gguf.quants.quantize(np.ascontiguousarray(w), qtype), qtype
@@ -159,9 +154,8 @@ def write_gguf(model: GPT, tokenizer: Any, path: str | Path, quant: str = "f16",
 
     if quant not in QUANTS:
         raise ChatforgeError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(QUANTS)}")
-    arch = architecture(model)
     c = model.config
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), gguf_architecture(c).gguf_name)
     writer.add_type("model")
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[quant]])

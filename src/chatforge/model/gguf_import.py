@@ -35,12 +35,9 @@ import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPTConfig
+from chatforge.model.architectures import Architecture, from_gguf_name
 from chatforge.model.checkpoint import Checkpoint, check_state, context_length, expected_shapes
 
-# GGUF `general.architecture` values that map onto GPTConfig (Mistral 7B files say "llama").
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-# Architectures whose q/k rows llama.cpp's converter permutes (see the module docstring).
-PERMUTED_QK = ("llama",)
 
 
 def open_gguf(path: str | Path):
@@ -72,12 +69,10 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def config_from_gguf(reader, where: str, notes: list[str]) -> tuple[str, GPTConfig]:
+def config_from_gguf(reader, where: str, notes: list[str]) -> tuple[Architecture, GPTConfig]:
     """(architecture, GPTConfig) from a GGUF file's metadata."""
-    arch = _meta(reader, "general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ChatforgeError(f"{where}: unsupported architecture {arch!r} (general.architecture); chatforge "
-                             f"imports GGUF files of {', '.join(GGUF_ARCHITECTURES)} (Mistral's are llama)")
+    architecture = from_gguf_name(_meta(reader, "general.architecture"), where)
+    arch = architecture.gguf_name
 
     def need(key: str):
         value = _meta(reader, f"{arch}.{key}")
@@ -120,20 +115,19 @@ def config_from_gguf(reader, where: str, notes: list[str]) -> tuple[str, GPTConf
                                    _meta(reader, f"{arch}.attention.sliding_window"), notes),
         tie_embeddings="output.weight" not in tensor_names,
         head_size=head if d_model % int(n_head) or head != d_model // int(n_head) else None,
-        qkv_bias=arch == "qwen2",
-        qk_norm=arch == "qwen3")
-    return arch, config
+        **architecture.switches)
+    return architecture, config
 
 
 def read_gguf(reader, path: str | Path) -> Checkpoint:
     """The checkpoint in an opened GGUF file, dequantized to fp32."""
-    import gguf
     from gguf.quants import dequantize
 
     where = str(path)
     notes: list[str] = []
-    arch, config = config_from_gguf(reader, where, notes)
-    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), config.n_layer)
+    architecture, config = config_from_gguf(reader, where, notes)
+    arch = architecture.gguf_name
+    names = architecture.gguf_tensor_names(config.n_layer)
 
     def gguf_name(name: str) -> str:
         hf = name if name.startswith("lm_head") else f"model.{name}"
@@ -159,9 +153,9 @@ def read_gguf(reader, path: str | Path) -> Checkpoint:
         if w.shape != shape:
             raise ChatforgeError(f"{where}: {gname} holds {w.shape} values where its header says {shape}; "
                                  "the file is corrupt")
-        if arch in PERMUTED_QK and gname.endswith(("attn_q.weight", "attn_q.bias")):
+        if architecture.gguf_permuted_qk and gname.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute_qk(w, config.n_head)
-        elif arch in PERMUTED_QK and gname.endswith(("attn_k.weight", "attn_k.bias")):
+        elif architecture.gguf_permuted_qk and gname.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute_qk(w, config.n_kv_head)
         w = np.ascontiguousarray(w, dtype=np.float32)
         if not w.flags.writeable:

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.errors import ChatforgeError
+from chatforge.model.architectures import architecture_of
 
 
 @dataclass
@@ -392,20 +393,14 @@ class GPT(nn.Module):
 
     def hf_config(self) -> dict:
         """The matching HF config fields: `LlamaConfig`, or `Qwen2Config` with qkv_bias, or
-        `Qwen3Config` with qk_norm (the model's maths is then exactly that class's)."""
+        `Qwen3Config` with qk_norm (the model's maths is then exactly that class's;
+        `model/architectures.py` names it)."""
         c = self.config
-        if c.qkv_bias and c.qk_norm:
-            raise ChatforgeError("a model with both qkv_bias and qk_norm matches no HF model class")
+        arch = architecture_of(c)
         out = dict(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
                    num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
                    max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
                    tie_word_embeddings=c.tie_embeddings, hidden_act="silu")
         if c.head_size is not None or c.qk_norm:
             out["head_dim"] = c.head_dim          # Qwen3Config's default (128) is not d_model / n_head
-        if c.qkv_bias:
-            return {**out, "use_sliding_window": False, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
-        if c.qk_norm:
-            return {**out, "attention_bias": False, "use_sliding_window": False, "model_type": "qwen3",
-                    "architectures": ["Qwen3ForCausalLM"]}
-        return {**out, "attention_bias": False, "mlp_bias": False, "model_type": "llama",
-                "architectures": ["LlamaForCausalLM"]}
+        return arch.hf_config(out)

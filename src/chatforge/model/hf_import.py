@@ -25,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPTConfig
-from chatforge.model.checkpoint import ARCHITECTURES, Checkpoint, check_state, context_length
+from chatforge.model.architectures import from_hf_model_type
+from chatforge.model.checkpoint import Checkpoint, check_state, context_length
 
 INDEX = "model.safetensors.index.json"
 
@@ -60,10 +61,8 @@ def _sliding_window(cfg: dict, arch: str) -> int | None:
 
 def config_from_hf(cfg: dict, where: str, notes: list[str]) -> tuple[str, GPTConfig]:
     """(architecture, GPTConfig) from the fields of an HF config.json."""
-    arch = cfg.get("model_type")
-    if arch not in ARCHITECTURES:
-        raise ChatforgeError(f"{where}: unsupported architecture {arch!r} (model_type in config.json); "
-                             f"chatforge imports {', '.join(ARCHITECTURES)}")
+    architecture = from_hf_model_type(cfg.get("model_type"), where)
+    arch = architecture.name
 
     def need(key: str):
         if key not in cfg:
@@ -75,7 +74,7 @@ def config_from_hf(cfg: dict, where: str, notes: list[str]) -> tuple[str, GPTCon
     if cfg.get("mlp_bias"):
         raise ChatforgeError(f"{where}: MLP biases (mlp_bias) are not supported")
     # Qwen2 always has q/k/v biases; in the others `attention_bias` also adds one to o_proj.
-    if arch != "qwen2" and cfg.get("attention_bias"):
+    if not architecture.qkv_bias and cfg.get("attention_bias"):
         raise ChatforgeError(f"{where}: attention biases (attention_bias) are not supported for {arch}")
     d_model, n_head = int(need("hidden_size")), int(need("num_attention_heads"))
     head = cfg.get("head_dim")
@@ -89,7 +88,7 @@ def config_from_hf(cfg: dict, where: str, notes: list[str]) -> tuple[str, GPTCon
         d_ff=int(need("intermediate_size")), rope_theta=theta, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         max_seq_len=context_length(int(need("max_position_embeddings")), _sliding_window(cfg, arch), notes),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), head_size=head_size,
-        qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
+        **architecture.switches)
     return arch, config
 
 

@@ -24,7 +24,7 @@ import torch
 
 from chatforge import files
 from chatforge.errors import ChatforgeError
-from chatforge.model.checkpoint import ARCHITECTURES, Checkpoint, check_state  # noqa: F401 (the readers' names)
+from chatforge.model.checkpoint import Checkpoint, check_state  # noqa: F401 (the readers' names)
 from chatforge.model.gpt import GPT
 
 def fit_vocabulary(ckpt: Checkpoint, tokenizer_size: int) -> None:

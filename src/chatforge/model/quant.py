@@ -4,7 +4,7 @@
     qmodel = quantize_model(model, "int4", group_size=32)
 
 Decoding one token reads every weight once, so at batch 1 a decode step costs about the bytes of
-the weights (the engine's docstring and benchmarks/bench_generate.py measure it). Fewer bits per
+the weights (the engine's docstring and benchmarks/bench_generate_demo.py measure it). Fewer bits per
 weight make each step cheaper; activations stay in floating point ("weight-only"):
 
 - int8: one int8 per weight, one scale per output row (symmetric, absmax / 127), multiplied by

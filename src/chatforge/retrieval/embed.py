@@ -198,7 +198,7 @@ def _file_id(path: Path) -> dict:
 def resolve_model(name_or_path: str | os.PathLike | None = None, cache: str | os.PathLike | None = None) -> Path:
     """The folder of an embedding model: a path to a model folder, or the name of a fetched model
     source (default all-minilm-l6-v2) in chatforge's cache."""
-    from chatforge.data.fetch import default_cache, source_dir
+    from chatforge.data.fetch import source_dir
 
     name = str(name_or_path or DEFAULT_MODEL)
     path = Path(name).expanduser()
@@ -208,7 +208,7 @@ def resolve_model(name_or_path: str | os.PathLike | None = None, cache: str | os
         raise ChatforgeError(f"embedding model folder {path} does not exist; give a model folder or "
                              f"the fetched source name {DEFAULT_MODEL}")
     else:
-        folder = source_dir(Path(cache) if cache is not None else default_cache(), name)
+        folder = source_dir(Path(cache) if cache is not None else files.cache_dir(), name)
         if not folder.is_dir():
             raise ChatforgeError(f"the embedding model {name} is not fetched; run "
                                  f"`chatforge data fetch --sources {name}` (or pass a model folder)")

@@ -35,7 +35,6 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from chatforge import files
-from chatforge.data.fetch import default_cache
 from chatforge.data.sources import file_stats
 from chatforge.errors import ChatforgeError
 from chatforge.retrieval.passages import MAX_WORDS, Passage, read_passages
@@ -78,7 +77,7 @@ def fingerprint(paths: Sequence[Path], stem: bool = True) -> dict:
 
 def default_cache_dir() -> Path:
     """Where indexes are cached without `cache_dir`: CHATFORGE_CACHE/index (~/.cache/chatforge/index)."""
-    return default_cache() / INDEX_DIR
+    return files.cache_dir(INDEX_DIR)
 
 
 def _resolved(paths: Sequence[str | os.PathLike]) -> list[str]:

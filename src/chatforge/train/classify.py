@@ -114,9 +114,7 @@ def read_vader(path: str | Path) -> tuple[list[str], list[str]]:
 
 
 def default_vader_path() -> Path:
-    from chatforge.data.fetch import default_cache
-
-    return default_cache() / "sources" / "vader" / "sentiment.jsonl"
+    return files.cache_dir("sources", "vader", "sentiment.jsonl")
 
 
 def stratified_split(labels: Sequence[str], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -486,9 +484,7 @@ def feature_cache_dir(option: str) -> Path | None:
         return None
     if option:
         return Path(option)
-    from chatforge.data.fetch import default_cache
-
-    return default_cache() / "features"
+    return files.cache_dir("features")
 
 
 def train_classifier(base: str | Path, texts: Sequence[str], labels: Sequence[str], out: str | Path,
