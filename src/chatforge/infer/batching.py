@@ -39,7 +39,6 @@ through the `on_event` callback given to `submit`, called on the scheduler's thr
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import queue
 import threading
@@ -50,25 +49,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from chatforge.errors import ChatforgeError
+from chatforge.runtime import give_back_memory
 from chatforge.infer.engine import Engine, GenerationConfig, TextStream
 from chatforge.infer.sampling import LogitsPipeline
 
 log = logging.getLogger("chatforge.batching")
-
-try:
-    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-except (OSError, AttributeError):       # not glibc: nothing to hand back this way
-    _malloc_trim = None
-
-
-def give_back_memory() -> None:
-    """Hand the C heap's free pages back to the system. The cache's per-layer tensors are a few
-    MB each, so glibc serves them from its heap, and as the cache grows, each freed generation
-    stays there, too small for the next: after one 7,900-token prompt in 25% steps the server held
-    880 MB more than when idle, all of it free."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
 
 class QueueFull(ChatforgeError):
     """More requests are waiting than the scheduler accepts (a server answers 429)."""

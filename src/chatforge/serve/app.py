@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import hmac
 import json
@@ -47,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatforge.data.feedback_db import DatabaseUnavailable
 from chatforge.errors import ChatforgeError
+from chatforge.runtime import give_back_memory
 from chatforge.infer.batching import Done, Piece, QueueFull, Scheduler, ShuttingDown
 from chatforge.infer.answer import AnswerStream, checked_citation, is_refusal
 from chatforge.infer.turn import fit_prompt, refused_below_threshold
@@ -774,8 +774,7 @@ def release_memory() -> None:
     them otherwise: after the engine built its bf16 copy of the demo model, the dropped fp32
     weights still held 640 MB of the server's 1.27 GB (626 MB after a trim)."""
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    give_back_memory()
 
 
 def _sse(obj: dict) -> str:
