@@ -216,7 +216,7 @@ def test_evalsets_are_well_formed_and_their_gold_is_indexed():
 
 
 def test_retriever_train_moves_the_encoder(tmp_path: Path, model: Path):
-    from chatforge.train.retriever import run_train
+    from chatforge.train.retriever import run_retriever
 
     docs = make_docs(tmp_path / "docs")
     data = tmp_path / "data"
@@ -235,8 +235,8 @@ def test_retriever_train_moves_the_encoder(tmp_path: Path, model: Path):
                                                    "source": "docs/billing.md"}) + "\n")
     out = tmp_path / "retriever"
     before = Embedder.load(model, precision="fp32").encode(["How do I get my money back?"])
-    report = run_train(data, out, [str(docs)], str(model), steps=4, batch_size=4, lr=1e-3, max_tokens=32,
-                       val_fraction=0.2, threads=1, index_cache=str(tmp_path / "cache"))
+    report = run_retriever(data, out, docs=[str(docs)], base=str(model), steps=4, batch_size=4, lr=1e-3,
+                           max_tokens=32, val_fraction=0.2, threads=1, index_cache=str(tmp_path / "cache"))
     after = Embedder.load(out, precision="fp32").encode(["How do I get my money back?"])
     assert not np.allclose(before, after)
     assert report["steps"] == 4 and "qa_val" in report["before"] and "qa_val" in report["after"]
