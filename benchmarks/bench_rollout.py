@@ -85,15 +85,14 @@ def main() -> None:
 
     from chatforge.infer.engine import Engine, GenerationConfig
     from chatforge.model.folder import load_model
-    from chatforge.model.lora import apply_lora
+    from chatforge.model.lora import LoraConfig
     from chatforge.train.rollouts import refresh_weights
-    from chatforge.train.sft import DEFAULT_LORA_TARGETS, top_block_targets
 
     torch.manual_seed(0)
     policy, tok = load_model(args.model)
     prompts = grounded_prompts(tok, Path(args.data), args.docs, 8, args.context_tokens)
     # The demo run's adapters: rank 8 in the top 8 blocks.
-    apply_lora(policy, 8, 16.0, 0.0, top_block_targets(policy, DEFAULT_LORA_TARGETS.split(","), args.lora_layers))
+    LoraConfig(rank=8, alpha=16.0, dropout=0.0, layers=args.lora_layers).apply(policy)
     for name, p in policy.named_parameters():
         if "lora_B" in name:                 # a policy some steps into training: the adapters count
             torch.nn.init.normal_(p, std=1e-3)

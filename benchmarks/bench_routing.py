@@ -18,7 +18,7 @@ from pathlib import Path
 
 from chatforge.infer.plugin_builtins import CalculatorPlugin, HandoffPlugin, OrdersPlugin
 from chatforge.infer.plugins import IntentRouter, keyword_intent
-from chatforge.train.classify import accuracy, macro_f1
+from chatforge.train.baselines import accuracy, macro_f1
 
 ROOT = Path(__file__).resolve().parents[1]
 

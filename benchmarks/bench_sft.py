@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import tempfile
@@ -56,9 +55,8 @@ import torch
 from chatforge.data.chat_data import (PackedRows, ShuffledBatches, eval_batches, first_fit_decreasing,
                                       make_batch, pack, read_chat_records, tokenize_examples)
 from chatforge.model.folder import load_model
-from chatforge.model.lora import apply_lora
 from chatforge import runtime
-from chatforge.train import sft
+from chatforge.train import recipe, sft
 from chatforge.train.loop import evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,16 +118,12 @@ class Clock:
 def run_chatforge(folder: str, rows: PackedRows, val: list[dict], precision: str, compile_mode: str,
                   seed: int) -> dict:
     model, tok = load_model(folder)
-    o = sft.default_options()   # what `chatforge sft --method lora` runs with
-    o.update(method="lora", precision=precision, compile=compile_mode, seed=seed, log_every=1)
-    torch.manual_seed(seed)
-    targets = [t for t in o["lora_targets"].split(",") if t]
-    apply_lora(model, o["lora_rank"], o["lora_alpha"], o["lora_dropout"], targets)
-    params = [p for p in model.parameters() if p.requires_grad]
-    micro = o["batch_size"] * rows.ids.shape[1]
-    accum = max(1, math.ceil(o["tokens_per_step"] / micro))
-    steps = len(rows) // (o["batch_size"] * accum)
-    cfg = sft.loop_config(o, steps, rows.ids.shape[1], sft.DEFAULT_LR["lora"], eval_every=steps)
+    # What `chatforge sft --method lora` runs with.
+    o = sft.SFTConfig(method="lora", precision=precision, compile=compile_mode, seed=seed, log_every=1)
+    params = recipe.prepare(model, o.method, o.lora, seed)
+    accum = o.accumulation(rows.ids.shape[1])
+    steps = len(rows) // (o.batch_size * accum)
+    cfg = o.train_config(steps, rows.ids.shape[1], sft.DEFAULT_LR["lora"], eval_every=steps)
     clock = Clock()
 
     def fetch(index: torch.Tensor) -> dict:
@@ -142,7 +136,7 @@ def run_chatforge(folder: str, rows: PackedRows, val: list[dict], precision: str
         if clock.end is None:
             clock.end = time.perf_counter()
 
-    source = ShuffledBatches(len(rows), o["batch_size"], fetch, seed=seed)
+    source = ShuffledBatches(len(rows), o.batch_size, fetch, seed=seed)
     with tempfile.TemporaryDirectory() as out:
         result = train(model, source, sft.sft_loss, cfg, out, params=params, save_fn=save)
     r = clock.result()
@@ -180,7 +174,7 @@ def run_trl(hf_base, hf_tok, convs: list[list[dict]], val: list[dict], chatforge
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    o = sft.default_options()
+    o = sft.SFTConfig(method="lora")
     clock = Clock()
 
     class Timer(TrainerCallback):
@@ -193,14 +187,14 @@ def run_trl(hf_base, hf_tok, convs: list[list[dict]], val: list[dict], chatforge
     dataset = Dataset.from_list([{"prompt": [c[0]], "completion": [c[1]]} for c in convs])
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
-            output_dir=out, per_device_train_batch_size=o["batch_size"], num_train_epochs=1, max_length=seq_len,
+            output_dir=out, per_device_train_batch_size=o.batch_size, num_train_epochs=1, max_length=seq_len,
             gradient_checkpointing=not fastest, packing=fastest,
             bf16=precision == "bf16", use_cpu=True, seed=seed, data_seed=seed,
             learning_rate=sft.DEFAULT_LR["lora"], lr_scheduler_type="cosine", warmup_steps=0,
-            weight_decay=o["weight_decay"], adam_beta2=0.95, max_grad_norm=o["grad_clip"],
+            weight_decay=o.weight_decay, adam_beta2=0.95, max_grad_norm=o.grad_clip,
             report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
-        lora = LoraConfig(r=o["lora_rank"], lora_alpha=o["lora_alpha"], lora_dropout=o["lora_dropout"],
-                          target_modules=o["lora_targets"].split(","), task_type="CAUSAL_LM")
+        lora = LoraConfig(r=o.lora.rank, lora_alpha=o.lora.alpha, lora_dropout=o.lora.dropout,
+                          target_modules=o.lora.target_list(), task_type="CAUSAL_LM")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer = SFTTrainer(model=copy.deepcopy(hf_base), args=args, train_dataset=dataset,

@@ -14,10 +14,14 @@ from chatforge.commands.main import main
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.heads import ClassifierHead, RewardHead, ValueHead, hidden_states, layer_states, pool
 from chatforge.model.folder import save_model
-from chatforge.train.classify import (accuracy, bow_logreg, cached_features, cap_training, encode_texts,
-                                      length_groups, load_classifier, lora_layer_targets, macro_f1,
-                                      majority_baseline, model_fingerprint, pooled_features, predict, read_vader,
-                                      stratified_split, train_classifier, vader_label)
+from chatforge.data.labelled import read_vader, stratified_split, vader_label
+from chatforge.errors import ChatforgeError
+from chatforge.model.classifier import encode_texts, load_classifier, predict
+from chatforge.model.features import FEATURE_SALT, cached_features, pooled_features
+from chatforge.model.folder import model_fingerprint
+from chatforge.model.lora import LoraConfig
+from chatforge.train.baselines import accuracy, bow_logreg, macro_f1, majority_baseline
+from chatforge.train.classify import ClassifyConfig, cap_training, length_groups, train_classifier
 
 GOOD = ["works perfectly", "arrived quickly and works great", "is excellent, thank you", "solved my problem",
         "is fast and reliable", "made me very happy", "is the best purchase this year", "is wonderful"]
@@ -235,7 +239,7 @@ def test_feature_cache_computes_each_text_once(smol_like, tmp_path, capsys):
     model, tok = load_model(smol_like)
     texts = [r["text"] for r in reviews(30, seed=4)]
     ids, mask = encode_texts(tok, texts, 32)
-    specs, key = [(0, "mean"), (2, "last")], model_fingerprint(smol_like)
+    specs, key = [(0, "mean"), (2, "last")], model_fingerprint(smol_like, salt=FEATURE_SALT)
     fresh = pooled_features(model, ids, mask, specs)
     first = cached_features(model, ids[:20], mask[:20], specs, tmp_path, key)
     assert "computing features of" in capsys.readouterr().out
@@ -250,7 +254,7 @@ def test_feature_cache_computes_each_text_once(smol_like, tmp_path, capsys):
         assert torch.allclose(both[spec], fresh[spec][10:], atol=1e-6)
         assert torch.allclose(again[spec], fresh[spec], atol=1e-6)
     # Another model (other weights) does not hit these entries; an unreadable file is recomputed.
-    assert model_fingerprint(save_model(tmp_path / "other", tiny_gpt(tok.vocab_size, seed=4), tok)) != key
+    assert model_fingerprint(save_model(tmp_path / "other", tiny_gpt(tok.vocab_size, seed=4), tok), salt=FEATURE_SALT) != key
     for f in (tmp_path / key).glob("*/*.safetensors"):
         f.write_bytes(b"not safetensors")
     redone = cached_features(model, ids, mask, specs, tmp_path, key)
@@ -272,14 +276,36 @@ def test_cap_training_and_length_groups():
 
 
 def test_lora_targets_stay_below_the_layer():
+    """A classifier reading block L's output runs blocks 1..L only: adapters go there (LoraConfig's
+    targeting with runs=L), and --lora-layers N takes the top N of those."""
     model = tiny_gpt(50, n_layer=4)
-    assert lora_layer_targets(model, ["q_proj", "v_proj"], 0) == ["q_proj", "v_proj"]
-    chosen = lora_layer_targets(model, ["q_proj", "v_proj"], 2)
-    assert chosen == ["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj",
-                      "layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"]
-    assert lora_layer_targets(model, ["down_proj"], 3, top=1) == ["layers.2.mlp.down_proj"]
-    assert lora_layer_targets(model, ["down_proj"], 0, top=2) == ["layers.2.mlp.down_proj", "layers.3.mlp.down_proj"]
-    assert lora_layer_targets(model, ["down_proj"], 0, top=9) == ["down_proj"]  # every block
+
+    def names(targets: str, layer: int, top: int = 0) -> list[str]:
+        return LoraConfig(targets=targets, layers=top).module_names(model, runs=layer)
+
+    assert names("q_proj,v_proj", 0) == ["q_proj", "v_proj"]
+    assert names("q_proj,v_proj", 2) == ["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj",
+                                         "layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"]
+    assert names("down_proj", 3, top=1) == ["layers.2.mlp.down_proj"]
+    assert names("down_proj", 0, top=2) == ["layers.2.mlp.down_proj", "layers.3.mlp.down_proj"]
+    # More top blocks than run is an error naming the flag (it used to mean "all" silently).
+    with pytest.raises(ChatforgeError, match="--lora-layers must be between 1 and the 2 blocks"):
+        names("down_proj", 2, top=3)
+
+
+def test_config_defaults_and_checks():
+    from chatforge.options import build, defaults
+
+    d = defaults(ClassifyConfig)
+    assert d["method"] == "frozen" and d["batch_size"] == 64 and d["tokens_per_step"] == 0 and d["epochs"] == 10.0
+    assert d["lora_dropout"] == 0.05 and d["lr"] is None and d["pooling"] == "last" and d["compile"] == "auto"
+    assert "lora_save" not in d
+    with pytest.raises(ChatforgeError, match=r"--holdout must be in \(0, 1\)"):
+        build(ClassifyConfig, {"holdout": 1.0})
+    with pytest.raises(ChatforgeError, match="--lora-layers must be 0"):
+        build(ClassifyConfig, {"lora_layers": -1})
+    with pytest.raises(ChatforgeError, match="--pooling must be one of mean, last"):
+        build(ClassifyConfig, {"pooling": "max"})
 
 
 def test_max_train_keeps_the_held_out_set(base, tmp_path):

@@ -215,9 +215,8 @@ def test_evalsets_are_well_formed_and_their_gold_is_indexed():
                 assert gold_ids(company, q["source"]), q
 
 
-def test_retriever_train_moves_the_encoder(tmp_path: Path, model: Path):
-    from chatforge.train.retriever import run_train
-
+def retriever_data(tmp_path: Path) -> tuple[Path, Path]:
+    """(documents, data folder with qa_train / qa_val) for `retriever train`."""
     docs = make_docs(tmp_path / "docs")
     data = tmp_path / "data"
     data.mkdir()
@@ -233,15 +232,38 @@ def test_retriever_train_moves_the_encoder(tmp_path: Path, model: Path):
                                 "source": s}) + "\n")
     (data / "qa_val.jsonl").write_text(json.dumps({"question": "money back?", "answer": "refund",
                                                    "source": "docs/billing.md"}) + "\n")
+    return docs, data
+
+
+def test_retriever_train_moves_the_encoder(tmp_path: Path, model: Path):
+    from chatforge.train.retriever import run_retriever
+
+    docs, data = retriever_data(tmp_path)
     out = tmp_path / "retriever"
     before = Embedder.load(model, precision="fp32").encode(["How do I get my money back?"])
-    report = run_train(data, out, [str(docs)], str(model), steps=4, batch_size=4, lr=1e-3, max_tokens=32,
-                       val_fraction=0.2, threads=1, index_cache=str(tmp_path / "cache"))
+    report = run_retriever(data, out, docs=[str(docs)], base=str(model), steps=4, batch_size=4, lr=1e-3,
+                           max_tokens=32, val_fraction=0.2, threads=1, index_cache=str(tmp_path / "cache"))
     after = Embedder.load(out, precision="fp32").encode(["How do I get my money back?"])
     assert not np.allclose(before, after)
     assert report["steps"] == 4 and "qa_val" in report["before"] and "qa_val" in report["after"]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert json.loads((out / "retriever.json").read_text())["pairs"] == report["pairs"]
+
+
+def test_retriever_train_command(tmp_path: Path, model: Path, capsys):
+    """The command line: options from --config YAML and flags, the table printed, bad input exit 2."""
+    from chatforge.commands.main import main
+
+    docs, data = retriever_data(tmp_path)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"steps: 2\nbatch-size: 4\nmax_tokens: 32\nthreads: 1\nindex-cache: {tmp_path / 'cache'}\n")
+    assert main(["retriever", "train", "--data", str(data), "--docs", str(docs), "--base", str(model),
+                 "--config", str(cfg), "--lr", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "2 steps" in out and "qa_val" in out and f"--embedding-model {data.parent / 'retriever'}" in out
+    assert json.loads((data.parent / "retriever" / "retriever.json").read_text())["steps"] == 2
+    assert main(["retriever", "train", "--data", str(data), "--batch-size", "1"]) == 2
+    assert "--batch-size >= 2" in capsys.readouterr().err
 
 
 @pytest.mark.network

@@ -71,6 +71,21 @@ def test_bad_inputs_exit_2_with_what_to_fix(inputs, tmp_path, capsys):
     bad(capsys, args(inputs, out, "--steps", "2", "--resume"), "cannot resume")
 
 
+def test_config_checks_its_values_and_keeps_the_defaults():
+    from chatforge.errors import ChatforgeError
+    from chatforge.options import build, defaults
+    from chatforge.train.pretrain import PretrainConfig
+
+    d = defaults(PretrainConfig)
+    assert (d["lr"], d["steps"], d["eval_every"], d["preset"], d["max_tokens"]) == (1e-3, None, 100, "small", 1_500_000)
+    assert d["tokens_per_step"] == 8192 and d["tokenizer"] is None and d["init_from"] is None
+    with pytest.raises(ChatforgeError, match="--lr must be positive"):
+        build(PretrainConfig, {"lr": 0.0})
+    with pytest.raises(ChatforgeError, match="unknown preset 'huge'"):
+        PretrainConfig(preset="huge")
+    assert PretrainConfig(preset="huge", init_from="runs/x").init_from == "runs/x"  # its shapes win
+
+
 def test_checkpoint_problems_exit_2(inputs, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(args(inputs, run, "--steps", "2", "--eval-every", "2")) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import json
@@ -151,11 +152,26 @@ def test_freeze_leaves_lower_blocks_bit_identical(setup, tmp_path):
     assert not torch.equal(b["embed_tokens.weight"], t["embed_tokens.weight"])  # tied: the head trains
 
 
-def test_default_lora_targets_match_the_model_module():
+def test_config_keeps_the_flags_defaults_and_checks_its_values():
+    from chatforge.errors import ChatforgeError
     from chatforge.model.lora import DEFAULT_TARGETS
-    from chatforge.train.sft import DEFAULT_LORA_TARGETS
+    from chatforge.options import build, defaults
+    from chatforge.train.sft import SFTConfig
 
-    assert DEFAULT_LORA_TARGETS == ",".join(DEFAULT_TARGETS)
+    d = defaults(SFTConfig)
+    assert d["method"] == "full" and d["lr"] is None and d["eval_every"] == 0 and d["epochs"] == 3.0
+    assert d["lora_dropout"] == 0.05 and d["lora_targets"] == ",".join(DEFAULT_TARGETS) and d["lora_save"] == "merged"
+    assert d["retrieval"] == "auto" and d["embedding_model"] is None and d["docs"] is None
+    assert build(SFTConfig, {"lora_rank": 4, "docs": ["a"]}).lora.rank == 4
+    with pytest.raises(ChatforgeError, match=r"--missing-fraction must be in \[0, 1\], got 1.5"):
+        build(SFTConfig, {"missing_fraction": 1.5})
+    with pytest.raises(ChatforgeError, match="--epochs must be positive"):
+        SFTConfig(epochs=0)
+    assert SFTConfig(epochs=0, steps=5).steps == 5          # --steps overrides --epochs
+    with pytest.raises(ChatforgeError, match="--seq-len must be 0"):
+        SFTConfig(seq_len=8)
+    with pytest.raises(ChatforgeError, match="--method must be one of full, lora, freeze"):
+        run_sft("base", "data", method="qlora")
 
 
 def test_freeze_validates_top():
@@ -195,15 +211,14 @@ def test_cli_lora_adapter_with_grounded_examples(setup, tmp_path, capsys):
 
 
 def test_lora_in_top_blocks_only(setup):
-    from chatforge.model.lora import apply_lora, lora_modules
-    from chatforge.train.sft import top_block_targets
+    from chatforge.model.lora import LoraConfig, apply_lora, lora_modules
 
     model, _ = load_model(setup["base"])      # 3 blocks
-    names = top_block_targets(model, ["q_proj", "down_proj"], 1)
+    names = LoraConfig(targets="q_proj,down_proj", layers=1).module_names(model)
     assert names == ["layers.2.self_attn.q_proj", "layers.2.mlp.down_proj"]
-    assert top_block_targets(model, ["q_proj"], 0) == ["q_proj"]
+    assert LoraConfig(targets="q_proj", layers=0).module_names(model) == ["q_proj"]
     with pytest.raises(Exception, match="--lora-layers must be between 1 and"):
-        top_block_targets(model, ["q_proj"], 4)
+        LoraConfig(targets="q_proj", layers=4).module_names(model)
     apply_lora(model, 4, 8.0, 0.0, names)
     assert sorted(lora_modules(model)) == sorted(names)
     # Nothing below the adapted block needs a gradient: the backward pass stops at block 2.
@@ -216,13 +231,13 @@ def test_lora_in_top_blocks_only(setup):
 
 def test_grounded_only_drops_the_plain_copies(setup, tmp_path):
     from chatforge.retrieval import PassageIndex
-    from chatforge.train.sft import build_rows, default_options, read_records
+    from chatforge.train.sft import SFTConfig, build_rows, read_records
 
     tok = setup["tok"]
-    o = {**default_options(), "docs": [str(setup["docs"])], "grounded_fraction": 1.0}
+    o = SFTConfig(docs=[str(setup["docs"])], grounded_fraction=1.0)
     train_recs, val_recs = read_records(setup["data"], 0)
     _, _, both = build_rows(train_recs, val_recs, tok, 384, setup["data"], o)
-    rows, _, only = build_rows(train_recs, val_recs, tok, 384, setup["data"], {**o, "grounded_only": True})
+    rows, _, only = build_rows(train_recs, val_recs, tok, 384, setup["data"], dataclasses.replace(o, grounded_only=True))
     index = PassageIndex.load_or_build([setup["docs"]])
     documented = sum(1 for r in train_recs if r["source"] and index.matching_docs(r["source"]))
     assert documented > 0 and only["plain_dropped"] == documented and "plain_dropped" not in both

@@ -4,6 +4,7 @@ the number of steps, adding LoRA, and saving the best model merged (or with its 
     params = recipe.prepare(model, cfg.method, cfg.lora)          # LoRA added, or every weight
     steps = recipe.steps(cfg, cfg.epochs, source.batches_per_epoch, row_tokens)
     save = recipe.save_fn(out, tok, base, cfg.method, cfg.lora_save, inner="model")
+    save = recipe.head_save_fn(out, tok, backbone, cfg.method, head_only, "head.safetensors", "classifier.json", meta)
 
 A stage keeps what is its own (data, loss, batches, report); its config (`SFTConfig`,
 `DPOConfig`, ...) holds its options, `LoopOptions` the loop's and `LoraConfig` the adapters'.
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save as safetensors_bytes
 
+from chatforge import files
 from chatforge.errors import ChatforgeError
 from chatforge.model import folder as model_folder
 from chatforge.model.lora import LoraConfig, merged_state_dict, save_lora
@@ -69,6 +72,39 @@ def save_fn(out: Path, tokenizer, base: Path, method: str, lora_save: str = "mer
                 save_lora(gpt, folder, state=plain, base=str(Path(base).resolve()))
         else:
             model_folder.save_model(folder, gpt, tokenizer, state=plain)
+    return save
+
+
+def head_save_fn(out: Path, tokenizer, backbone: nn.Module, method: str, head_only: bool, head_file: str,
+                 config_file: str, meta: dict):
+    """The loop's save function of a stage that trains a head on a model's backbone (the
+    classifier; the reward model's head is saved the same way). At the top of `out`: the backbone
+    as a plain model folder (adapters merged with method "lora"), the head's weights in
+    `head_file` and `meta` (its keys that do not start with "_") in `config_file`; in `last/` the
+    trained module's own weights, which `--resume` loads back. With `head_only` the trained
+    module IS the head and the backbone never changes: it is written once. Otherwise the module
+    has `.backbone` and `.head`."""
+    backbone_saved = []
+
+    def save(folder: Path, module: nn.Module, state: dict) -> None:
+        folder = Path(folder)
+        if folder.resolve() != Path(out).resolve():
+            # Clones: a tied embedding appears twice in the state and safetensors refuses shared memory.
+            model_folder.save_weights(folder / model_folder.WEIGHTS, module, {k: v.clone() for k, v in state.items()})
+            return
+        if head_only:
+            head = state
+            if not backbone_saved:
+                model_folder.save_model(folder, backbone, tokenizer)
+                backbone_saved.append(True)
+        else:
+            head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+            body = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+            model_folder.save_model(folder, backbone, tokenizer,
+                                    state=merged_state_dict(backbone, body) if method == "lora" else body)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in head.items()}
+        files.write_bytes(folder / head_file, safetensors_bytes(tensors, metadata={"format": "pt"}))
+        files.write_json(folder / config_file, {k: v for k, v in meta.items() if not k.startswith("_")})
     return save
 
 

@@ -6,6 +6,7 @@
     chatforge chat --model runs/demo/sft --docs examples/my_docs --retrieval dense \\
         --embedding-model runs/demo/retriever
     chatforge retriever train --data runs/demo/data --feedback runs/demo/rounds/1/feedback/sft.jsonl
+    run_retriever("runs/demo/data", "runs/demo/retriever", docs=["examples/my_docs"], steps=200)   # Python
 
 Every FAQ is a ready set of (question, answer passage) pairs: `DATA/qa_train.jsonl`'s questions
 whose `source` is among the documents, each with its gold passage (the passage of its document
@@ -37,16 +38,28 @@ and hybrid retrieval (BM25 beside) with the base model and with the trained one,
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+from torch.nn import functional as F
+
 from chatforge import files
-from chatforge.commands import leaf, subcommands, add_parser
+from chatforge.data.chat_data import read_chat_records
 from chatforge.errors import ChatforgeError
+from chatforge.options import build, flatten, option
+from chatforge.retrieval import strip_citation
+from chatforge.retrieval.dense import DenseIndex, cache_folder
+from chatforge.retrieval.embed import PAD_MULTIPLE, Embedder, passage_text
+from chatforge.retrieval.fusion import Retriever
+from chatforge.retrieval.hits import load_questions, retrieval_hits
+from chatforge.retrieval.index import PassageIndex, _resolved, default_cache_dir
+from chatforge.retrieval.prompt import prompt_question
+from chatforge.train.loop import TrainConfig, train
+from chatforge.train.sft import document_paths
 
 SCALE = 20.0          # cosine x 20 as logits (sentence-transformers' default for this loss)
 # A feedback answer (no `source`) teaches the retriever only when it was copied from a passage:
@@ -75,9 +88,6 @@ def _copied_share(answer_grams: set, passage_text: str) -> float:
 def _question_and_answer(record: dict) -> tuple[str, str, bool]:
     """(question, answer, is a follow-up) of a chat record: the last user turn (the question alone
     when it is a grounded prompt, as the server stores it) and the last assistant turn."""
-    from chatforge.retrieval import strip_citation
-    from chatforge.retrieval.prompt import prompt_question
-
     msgs = [m for m in record.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), str)]
     users = [m["content"] for m in msgs if m.get("role") == "user"]
     answers = [m["content"] for m in msgs if m.get("role") == "assistant"]
@@ -114,8 +124,6 @@ def training_pairs(records: Sequence[dict], index: Any, hard_negatives: int = 1)
     answer was copied from a passage (`copied_passage`): a correction that copies no passage
     teaches the retriever nothing, and a guessed gold passage would teach it wrongly. A follow-up
     ("and how do I undo that?") is left out: its last turn alone does not say what it is about."""
-    from chatforge.retrieval.embed import passage_text
-
     out = []
     for r in records:
         q, a, follow_up = _question_and_answer(r)
@@ -182,9 +190,8 @@ class PairBatches:
 
 
 def make_batch(pairs: Sequence[dict], embedder: Any) -> dict:
-    """Tensors of B questions and their B positives followed by the B x h hard negatives."""
-    from chatforge.retrieval.embed import PAD_MULTIPLE   # few shapes: oneDNN keeps kernels per shape
-
+    """Tensors of B questions and their B positives followed by the B x h hard negatives, padded
+    to multiples of PAD_MULTIPLE (few shapes: oneDNN keeps kernels per shape)."""
     q_ids, q_mask = embedder.batch(embedder.token_ids([p["question"] for p in pairs]), PAD_MULTIPLE)
     texts = [p["positive"] for p in pairs] + [n for p in pairs for n in p["negatives"]]
     p_ids, p_mask = embedder.batch(embedder.token_ids(texts), PAD_MULTIPLE)
@@ -195,9 +202,6 @@ def contrastive_loss(model: Any, batch: dict) -> tuple:
     """In-batch negatives: question i's passage is column i among all the batch's passages
     (positives, then hard negatives); cross-entropy over SCALE x cosine. Also the share of
     questions whose own passage scores highest (`acc`)."""
-    import torch
-    from torch.nn import functional as F
-
     q = model.embed(batch["q_ids"], batch["q_mask"])                      # (B, C)
     p = model.embed(batch["p_ids"], batch["p_mask"])                      # (B + B h, C)
     logits = SCALE * q @ p.T                                              # (B, B + B h)
@@ -210,11 +214,6 @@ def contrastive_loss(model: Any, batch: dict) -> tuple:
 def dense_hits(embedder: Any, docs: Sequence[Path], questions: Sequence[dict], cache_dir: Any = None) -> dict:
     """hit@1/hit@3 of BM25, dense and hybrid retrieval with `embedder` over `docs` (vectors cached
     as usual)."""
-    from chatforge.retrieval.dense import DenseIndex, cache_folder
-    from chatforge.retrieval.fusion import Retriever
-    from chatforge.retrieval.hits import retrieval_hits
-    from chatforge.retrieval.index import PassageIndex, _resolved, default_cache_dir
-
     index = PassageIndex.load_or_build(docs, cache_dir)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     dense = DenseIndex.load_or_build(index.passages, embedder, cache_folder(root, _resolved(docs)), _resolved(docs))
@@ -223,8 +222,6 @@ def dense_hits(embedder: Any, docs: Sequence[Path], questions: Sequence[dict], c
 
 def _load_sets(data: Path, docs: Sequence[Path], questions: Sequence[str], eval_docs: Sequence[str]) -> dict:
     """{name: (docs, questions)}: qa_val against the training documents, then each --questions file."""
-    from chatforge.retrieval.hits import load_questions
-
     sets: dict[str, tuple] = {}
     if (data / "qa_val.jsonl").is_file():
         sets["qa_val"] = (list(docs), load_questions(data / "qa_val.jsonl"))
@@ -233,68 +230,90 @@ def _load_sets(data: Path, docs: Sequence[Path], questions: Sequence[str], eval_
     return sets
 
 
-def run_train(data: str | Path, out: str | Path, docs: Sequence[str] | None = None, base: str | None = None,
-              steps: int = 300, batch_size: int = 32, lr: float = 2e-5, hard_negatives: int = 1,
-              max_tokens: int = 128, val_fraction: float = 0.1, seed: int = 0, threads: int = 2,
-              questions: Sequence[str] = (), eval_docs: Sequence[str] = (), index_cache: str | None = None,
-              feedback: Sequence[str] = ()) -> dict:
+@dataclass
+class RetrieverConfig:
+    """`chatforge retriever train`'s options besides --data and --out. Its own loop settings
+    (AdamW with beta2 0.999, 10% warm-up, fp32 on CPU), not `LoopOptions`: an embedding model
+    fine-tunes with a few hundred small steps."""
+    docs: list[str] | None = option(None, "documents holding the answers (default: the inputs the data folder's "
+                                          "report.json lists)")
+    base: str | None = option(None, "embedding model to start from: a folder or a fetched source (default "
+                                    "all-minilm-l6-v2)")
+    steps: int = option(300, "optimizer steps")
+    batch_size: int = option(32, "questions a step (each one's passage is the others' negative)")
+    lr: float = option(2e-5, "peak learning rate")
+    hard_negatives: int = option(1, "BM25 hard negatives per question")
+    max_tokens: int = option(128, "tokens of a passage seen in training")
+    val_fraction: float = option(0.1, "share of the training questions held out for validation loss")
+    feedback: list[str] = option([], "corrected and up-voted replies to train on too (sft.jsonl of `chatforge "
+                                     "feedback export`): each answer copied from a passage teaches its question -> "
+                                     "that passage", metavar="FILE.jsonl")
+    questions: list[str] = option([], "more question files scored before and after (evalsets/*.jsonl)")
+    eval_docs: list[str] = option([], "documents for --questions (default: --docs)")
+    index_cache: str | None = option(None, "where passage indexes and vectors are cached")
+    threads: int = option(2, "CPU threads")
+    seed: int = option(0, "seed of the held-out split and the batches")
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 2 or self.hard_negatives < 0 or not 0 <= self.val_fraction < 1:
+            raise ChatforgeError("--steps >= 1, --batch-size >= 2, --hard-negatives >= 0, --val-fraction in [0, 1)")
+
+
+def run_retriever(data: str | Path, out: str | Path | None = None, config: RetrieverConfig | None = None,
+                  **options: Any) -> dict:
     """Fine-tune the embedding model `base` on `data`'s Q&A over `docs`, plus the corrected and
-    up-voted replies of the `feedback` files (sft.jsonl of `chatforge feedback export`); returns
-    the report (also `OUT/retriever.json`)."""
-    import torch
-
-    from chatforge.data.chat_data import read_chat_records
-    from chatforge.retrieval.embed import Embedder
-    from chatforge.retrieval.index import PassageIndex
-    from chatforge.train.loop import TrainConfig, train
-    from chatforge.train.sft import document_paths
-
-    data, out = Path(data), Path(out)
+    up-voted replies of the `feedback` files (sft.jsonl of `chatforge feedback export`), into
+    `out` (default: a `retriever` folder beside `data`); returns the report (also
+    `OUT/retriever.json`). `config` holds the options (default: `RetrieverConfig()`); `options`
+    change some by their flat names (`docs=[...]`, `steps=200`, ...)."""
+    o = build(RetrieverConfig, {**(flatten(config) if config else {}), **options}, "retriever train")
+    if not data:
+        raise ChatforgeError("pass --data DIR: the folder written by `chatforge data build`")
+    data = Path(data)
+    out = Path(out) if out else data.parent / "retriever"
     if not (data / "qa_train.jsonl").is_file():
         raise ChatforgeError(f"{data}/qa_train.jsonl does not exist; pass --data, a folder from `chatforge data build`")
-    if steps < 1 or batch_size < 2 or hard_negatives < 0 or not 0 <= val_fraction < 1:
-        raise ChatforgeError("--steps >= 1, --batch-size >= 2, --hard-negatives >= 0, --val-fraction in [0, 1)")
-    torch.set_num_threads(max(1, threads))
-    doc_paths = document_paths(data, list(docs) if docs else None)
+    torch.set_num_threads(max(1, o.threads))
+    doc_paths = document_paths(data, list(o.docs) if o.docs else None)
     if not doc_paths:
         raise ChatforgeError("no documents: pass --docs (or a --data folder whose report.json lists its inputs)")
-    index = PassageIndex.load_or_build(doc_paths, index_cache)
+    index = PassageIndex.load_or_build(doc_paths, o.index_cache)
     records = read_chat_records(data / "qa_train.jsonl")
-    pairs = training_pairs(records, index, hard_negatives)
+    pairs = training_pairs(records, index, o.hard_negatives)
     if len(pairs) < 4:
         raise ChatforgeError(f"only {len(pairs)} training pairs: qa_train.jsonl needs questions whose source is "
                              "among --docs")
     fed: list[dict] = []
     fed_records = 0
-    for path in feedback:
+    for path in o.feedback:
         if not Path(path).is_file():
             raise ChatforgeError(f"--feedback {path} does not exist: give sft.jsonl of `chatforge feedback export`")
         rows = [{k: v for k, v in r.items() if k != "source"} for r in read_chat_records(path)]
         fed_records += len(rows)
-        fed += training_pairs(rows, index, hard_negatives)
+        fed += training_pairs(rows, index, o.hard_negatives)
     # Held out by question: a question (asked twice in a FAQ) is on one side only.
     questions_seen = sorted({p["question"] for p in pairs})
-    random.Random(seed).shuffle(questions_seen)
-    held = set(questions_seen[:int(len(questions_seen) * val_fraction)])
+    random.Random(o.seed).shuffle(questions_seen)
+    held = set(questions_seen[:int(len(questions_seen) * o.val_fraction)])
     train_pairs = [p for p in pairs if p["question"] not in held] + fed   # feedback: all trained on
     val_pairs = [p for p in pairs if p["question"] in held]
 
-    before_model = Embedder.load(base)
-    sets = _load_sets(data, doc_paths, questions, eval_docs)
+    before_model = Embedder.load(o.base)
+    sets = _load_sets(data, doc_paths, o.questions, o.eval_docs)
     if fed:     # trained on, so not held out: shows what the feedback taught, never decides
         sets["feedback (trained on)"] = (doc_paths, [{"question": p["question"], "source": p["source"]} for p in fed])
     report: dict[str, Any] = {"base": str(before_model.folder), "pairs": len(train_pairs), "val_pairs": len(val_pairs),
                               "feedback": {"records": fed_records, "pairs": len(fed)},
-                              "documents": [str(p) for p in doc_paths], "before": {}, "after": {}}
+                              "documents": [str(p) for p in doc_paths], "out": str(out), "before": {}, "after": {}}
     for name, (d, qs) in sets.items():
-        report["before"][name] = dense_hits(before_model, d, qs, index_cache)
+        report["before"][name] = dense_hits(before_model, d, qs, o.index_cache)
 
-    embedder = Embedder.load(base, max_tokens=max_tokens, precision="fp32")
-    source = PairBatches(train_pairs, embedder, batch_size, seed)
-    val = [make_batch(val_pairs[i:i + batch_size], embedder) for i in range(0, len(val_pairs), batch_size)]
-    cfg = TrainConfig(max_steps=steps, lr=lr, warmup_steps=max(1, steps // 10), weight_decay=0.01,
-                      batch_size=batch_size, seq_len=max_tokens, eval_every=max(1, steps // 3),
-                      log_every=max(1, steps // 20), precision="fp32", compile="off", device="cpu", seed=seed,
+    embedder = Embedder.load(o.base, max_tokens=o.max_tokens, precision="fp32")
+    source = PairBatches(train_pairs, embedder, o.batch_size, o.seed)
+    val = [make_batch(val_pairs[i:i + o.batch_size], embedder) for i in range(0, len(val_pairs), o.batch_size)]
+    cfg = TrainConfig(max_steps=o.steps, lr=o.lr, warmup_steps=max(1, o.steps // 10), weight_decay=0.01,
+                      batch_size=o.batch_size, seq_len=o.max_tokens, eval_every=max(1, o.steps // 3),
+                      log_every=max(1, o.steps // 20), precision="fp32", compile="off", device="cpu", seed=o.seed,
                       beta2=0.999, min_lr_ratio=0.0)
 
     def save(folder: Path, model: Any, state: dict) -> None:
@@ -304,7 +323,7 @@ def run_train(data: str | Path, out: str | Path, docs: Sequence[str] | None = No
     result = train(embedder.encoder, source, contrastive_loss, cfg, out, val_batches=val or None, save_fn=save)
     after_model = Embedder.load(out)
     for name, (d, qs) in sets.items():
-        report["after"][name] = dense_hits(after_model, d, qs, index_cache)
+        report["after"][name] = dense_hits(after_model, d, qs, o.index_cache)
     report.update(steps=result.step, seconds=round(result.seconds, 1), val_loss=result.best_val_loss)
     files.write_json(out / "retriever.json", report)
     return report
@@ -324,53 +343,3 @@ def report_text(report: dict) -> str:
         lines.append(f"{name:<24}{f(b['bm25']['hit@3']):>12}{f(b['dense']['hit@1']):>20}{f(b['dense']['hit@3']):>8}"
                      f"{f(a['dense']['hit@1']):>13}{f(a['dense']['hit@3']):>8}{hybrid:>16}")
     return "\n".join(lines)
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    sub = subcommands(parser)
-    p = add_parser(sub, "train", "fine-tune the embedding model on the data folder's (question, passage) pairs",
-                   "chatforge retriever train --data runs/demo/data --out runs/demo/retriever")
-    p.add_argument("--data", default=None,
-                   help="data folder from `chatforge data build` (qa_train.jsonl; qa_val.jsonl is held out)")
-    p.add_argument("--docs", nargs="*", default=None,
-                   help="documents holding the answers (default: the inputs the data folder's report.json lists)")
-    p.add_argument("--out", default=None, help="output model folder (default: a `retriever` folder beside --data)")
-    p.add_argument("--base", default=None, help="embedding model to start from: a folder or a fetched source "
-                                                 "(default all-minilm-l6-v2)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="questions a step (each one's passage is the others' negative)")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
-    p.add_argument("--hard-negatives", type=int, default=1, help="BM25 hard negatives per question")
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens of a passage seen in training")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of the training questions held out for validation loss")
-    p.add_argument("--feedback", nargs="*", default=[], metavar="FILE.jsonl",
-                   help="corrected and up-voted replies to train on too (sft.jsonl of `chatforge feedback export`): "
-                        "each answer copied from a passage teaches its question -> that passage")
-    p.add_argument("--questions", nargs="*", default=[],
-                   help="more question files scored before and after (evalsets/*.jsonl)")
-    p.add_argument("--eval-docs", nargs="*", default=[], help="documents for --questions (default: --docs)")
-    p.add_argument("--index-cache", default=None, help="where passage indexes and vectors are cached")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the batches")
-    leaf(p, run)
-
-
-def run(args: argparse.Namespace) -> int:
-    if not args.data:
-        raise ChatforgeError("pass --data DIR: the folder written by `chatforge data build`")
-    out = args.out or str(Path(args.data).parent / "retriever")
-    report = run_train(args.data, out, args.docs, args.base, args.steps, args.batch_size, args.lr, args.hard_negatives,
-                       args.max_tokens, args.val_fraction, args.seed, args.threads, args.questions, args.eval_docs,
-                       args.index_cache, args.feedback)
-    if args.feedback:
-        fb = report["feedback"]
-        print(f"feedback: {fb['pairs']} of {fb['records']} replies copied from a passage, trained on")
-    print(f"{report['pairs']} training pairs ({report['val_pairs']} held out), {report['steps']} steps, "
-          f"{report['seconds']} s; dense retrieval before and after (BM25 beside):")
-    print(report_text(report))
-    print(f"wrote {out} (use it with --retrieval dense --embedding-model {out})")
-    sys.stdout.flush()
-    return 0
-

@@ -5,6 +5,11 @@
     chatforge sft ... --method freeze --freeze-top 2
     chatforge sft ... --resume                 # continue from runs/demo/sft/last/
 
+    run_sft(base, data, out, SFTConfig(method="lora"))   # from Python; or run_sft(..., method="lora")
+
+`SFTConfig` holds every option and its default (the command line, `commands/sft.py`, is
+generated from it; YAML keys and pipeline settings use the same flat names).
+
 Data: the data stage's `qa_train.jsonl` / `qa_val.jsonl` (FAQ pairs and multi-turn
 conversations, `{"messages": [...]}` or `{"prompt", "completion"}` lines), rendered in ChatML
 and packed several to a row with a block-diagonal mask (`--packing pack`, the default) or
@@ -42,137 +47,103 @@ qa_val, the best checkpoint kept, `last/` for `--resume`). `--out` ends up a mod
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from chatforge import files
-from chatforge.commands import leaf, option_defaults
+from chatforge.data.chat_data import PackedBatches, eval_batches, pack, read_chat_records, tokenize_examples
 from chatforge.errors import ChatforgeError
+from chatforge.infer.answer import AnswerSettings, fit_min_score
+from chatforge.infer.engine import Engine, GenerationConfig
+from chatforge.model.folder import load_model
+from chatforge.model.lora import LoraConfig
+from chatforge.options import build, flatten, group, option
+from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, GROUNDED_SYSTEM_PROMPT
+from chatforge.retrieval.examples import grounded_sft_examples, section_sft_examples
+from chatforge.retrieval.fusion import RetrievalOptions, load_retriever
+from chatforge.train import recipe
+from chatforge.train.loop import LoopOptions, train
 
 METHODS = ("full", "lora", "freeze")
 DEFAULT_LR = {"full": 3e-4, "lora": 1e-3, "freeze": 3e-4}
-# = model.lora.DEFAULT_TARGETS, spelled out so that `--help` does not import torch.
-DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-# Preference training (DPO, the reward model) keeps adapters' dropout off by default.
-NO_DROPOUT_HELP = ("LoRA: dropout on the adapters' input (default 0, as TRL's preference trainers disable "
-                   "dropout: it would make the scores of the two replies noisy; drawing its mask cost ~15%% of a step)")
-
-
-def add_lora_options(p: argparse.ArgumentParser, dropout: float | None = 0.0, save: bool = False,
-                     dropout_help: str = "LoRA: dropout on the adapters' input") -> None:
-    """The --lora-* options every command that trains adapters takes (sft, dpo, ppo, reward,
-    classify). `dropout=None` leaves --lora-dropout out; `save` adds --lora-save."""
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA: rank of each adapter")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA: the update is scaled by alpha / rank")
-    if dropout is not None:
-        p.add_argument("--lora-dropout", type=float, default=dropout, help=dropout_help)
-    p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS,
-                   help="LoRA: comma-separated names (suffixes) of the linear layers to adapt")
-    p.add_argument("--lora-layers", type=int, default=0,
-                   help="LoRA: adapt only the top N blocks (0 = all); the backward pass then stops below them")
-    if save:
-        p.add_argument("--lora-save", default="merged", choices=["merged", "adapter"],
-                       help="LoRA: merged = a plain model folder; adapter = that plus adapter.safetensors")
+MAX_SEQ_LEN = 32768     # --seq-len above the model's context extends it (RoPE), up to this
+MIN_CONTEXT_TOKENS = 64  # below this the context cannot hold a useful passage: no grounded copy
+FRACTIONS = ("grounded_fraction", "grounded_history", "missing_fraction", "hide_headings", "refusal_history",
+             "hard_missing")
 
 
 # ---------------------------------------------------------------------------------------------
 # Options
 
 
-def _set_default(p: argparse.ArgumentParser, dest: str, default: Any, help: str | None = None) -> None:
-    """Change the default (and help) of an option added by a shared helper."""
-    for action in p._actions:
-        if action.dest == dest:
-            action.default = default
-            if help is not None:
-                action.help = help
+@dataclass
+class SFTLora(LoraConfig):
+    """LoRA as SFT and the classifier train it: a little dropout on the adapters' input."""
+    dropout: float = option(0.05, "LoRA: dropout on the adapters' input")
 
 
-def add_options(p: argparse.ArgumentParser) -> None:
-    from chatforge.train.pretrain import add_loop_options
+@dataclass
+class SFTConfig(LoopOptions):
+    """`chatforge sft`'s options (the loop's: `LoopOptions`; the adapters': `lora`)."""
+    method: str = option("full", "full: all weights; lora: low-rank adapters; freeze: only the top blocks and the head",
+                         choices=METHODS)
+    lora: LoraConfig = group(SFTLora, "lora")
+    lora_save: str = option("merged", "LoRA: merged = a plain model folder; adapter = that plus adapter.safetensors",
+                            choices=("merged", "adapter"))
+    freeze_top: int = option(2, "freeze: number of top blocks that train")
+    docs: list[str] | None = option(None, "documents (files or folders) for grounded examples (default: the data "
+                                          "folder's corpus.jsonl)")
+    # The passages of grounded examples are found as chat finds them.
+    retrieval: RetrievalOptions = group(RetrievalOptions)
+    grounded_fraction: float = option(0.3, "share of single-turn Q&A pairs that also get a grounded copy (0 = none)")
+    grounded_history: float = option(0.3, "share of the grounded copies that come after an earlier turn of the "
+                                          "conversation (another question and its cited reply), as in chat: without "
+                                          "them a model copies its previous reply on the second question (0 = none)")
+    grounded_only: bool = option(False, "pairs whose source is among the documents are trained only in grounded form "
+                                        "(no plain copy without passages); other pairs (chat transcripts) stay plain")
+    context_tokens: int | None = option(None, "most tokens of retrieved passages in a grounded example (default: the "
+                                              "retrieval module's, the same budget eval uses)")
+    missing_fraction: float = option(0.15, "share of the grounded copies whose passages come from other documents "
+                                           "only and whose reply is the not-found sentence (0 = the model never "
+                                           "learns to refuse)")
+    hard_missing: float = option(0.0, "share of the not-found examples (--missing-fraction) whose passages are the "
+                                      "best of every document but the answer's own: on topic, yet not answering "
+                                      "(the others are from other documents only)")
+    hide_headings: float = option(0.0, "share of the grounded examples that show the answer's passage under its "
+                                       "document's name alone, not under a heading that repeats the question: "
+                                       "teaches answering from manuals, whose headings are not the customers' "
+                                       "questions")
+    refusal_history: float = option(0.0, "share of the earlier turns (--grounded-history) that are a not-found "
+                                         "reply, followed by a question the context answers: an earlier refusal "
+                                         "must not make the next one")
+    score_threshold: bool = option(False, "record in answer.json a retrieval-score threshold fitted on the Q&A: "
+                                          "below it chat, serve and eval reply not-found without asking the model "
+                                          "(off: the model decides)")
+    section_examples: int = option(0, "reading-comprehension examples made from the documents' named sections "
+                                      "(question about a section, reply copied from its passage); 10%% more go to "
+                                      "validation")
+    seq_len: int = option(0, "tokens per packed row (0 = the model's context; longer extends the context)")
+    packing: str = option("pack", "pack: several examples per row with a block-diagonal mask (least padding); "
+                                  "bucket: batches of similar length with plain causal attention (faster for long "
+                                  "rows)", choices=("pack", "bucket"))
+    truncate: str = option("left", "too-long examples: cut the prompt from the left, or drop them",
+                           choices=("left", "drop"))
+    epochs: float = option(3.0, "passes over the training rows (ignored with --steps)")
+    lr: float | None = option(None, "peak learning rate (default: 3e-4 full / freeze, 1e-3 lora)")
+    eval_every: int = option(0, "steps between validations and checkpoints (0 = once an epoch)")
 
-    p.add_argument("--base", default=None, help="model folder to start from (the output of `chatforge pretrain`)")
-    p.add_argument("--data", default=None, help="data folder from `chatforge data build` (qa_train.jsonl, qa_val.jsonl)")
-    p.add_argument("--out", default=None, help="output folder (default: an `sft` folder beside --base)")
-    p.add_argument("--method", default="full", choices=METHODS,
-                   help="full: all weights; lora: low-rank adapters; freeze: only the top blocks and the head")
-    add_lora_options(p, dropout=0.05, save=True)
-    p.add_argument("--freeze-top", type=int, default=2, help="freeze: number of top blocks that train")
-    p.add_argument("--docs", nargs="*", default=None,
-                   help="documents (files or folders) for grounded examples (default: the data folder's corpus.jsonl)")
-    from chatforge.commands import add_retrieval as add_retrieval_arguments
-
-    add_retrieval_arguments(p)      # the passages of grounded examples are found as chat finds them
-    p.add_argument("--grounded-fraction", type=float, default=0.3,
-                   help="share of single-turn Q&A pairs that also get a grounded copy (0 = none)")
-    p.add_argument("--grounded-history", type=float, default=0.3,
-                   help="share of the grounded copies that come after an earlier turn of the conversation "
-                        "(another question and its cited reply), as in chat: without them a model copies "
-                        "its previous reply on the second question (0 = none)")
-    p.add_argument("--grounded-only", action="store_true",
-                   help="pairs whose source is among the documents are trained only in grounded form "
-                        "(no plain copy without passages); other pairs (chat transcripts) stay plain")
-    p.add_argument("--context-tokens", type=int, default=None,
-                   help="most tokens of retrieved passages in a grounded example (default: the retrieval "
-                        "module's, the same budget eval uses)")
-    p.add_argument("--missing-fraction", type=float, default=0.15,
-                   help="share of the grounded copies whose passages come from other documents only and whose "
-                        "reply is the not-found sentence (0 = the model never learns to refuse)")
-    p.add_argument("--hard-missing", type=float, default=0.0,
-                   help="share of the not-found examples (--missing-fraction) whose passages are the best of "
-                        "every document but the answer's own: on topic, yet not answering (the others are "
-                        "from other documents only)")
-    p.add_argument("--hide-headings", type=float, default=0.0,
-                   help="share of the grounded examples that show the answer's passage under its document's "
-                        "name alone, not under a heading that repeats the question: teaches answering from "
-                        "manuals, whose headings are not the customers' questions")
-    p.add_argument("--refusal-history", type=float, default=0.0,
-                   help="share of the earlier turns (--grounded-history) that are a not-found reply, followed "
-                        "by a question the context answers: an earlier refusal must not make the next one")
-    p.add_argument("--score-threshold", action="store_true",
-                   help="record in answer.json a retrieval-score threshold fitted on the Q&A: below it chat, "
-                        "serve and eval reply not-found without asking the model (off: the model decides)")
-    p.add_argument("--section-examples", type=int, default=0,
-                   help="reading-comprehension examples made from the documents' named sections "
-                        "(question about a section, reply copied from its passage); 10%% more go to validation")
-    p.add_argument("--seq-len", type=int, default=0,
-                   help="tokens per packed row (0 = the model's context; longer extends the context)")
-    p.add_argument("--packing", default="pack", choices=["pack", "bucket"],
-                   help="pack: several examples per row with a block-diagonal mask (least padding); "
-                        "bucket: batches of similar length with plain causal attention (faster for long rows)")
-    p.add_argument("--truncate", default="left", choices=["left", "drop"],
-                   help="too-long examples: cut the prompt from the left, or drop them")
-    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training rows (ignored with --steps)")
-    add_loop_options(p, lr=None)
-    _set_default(p, "steps", None, "optimizer steps (overrides --epochs)")
-    _set_default(p, "lr", None, "peak learning rate (default: 3e-4 full / freeze, 1e-3 lora)")
-    _set_default(p, "eval_every", 0, "steps between validations and checkpoints (0 = once an epoch)")
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "example:\n  chatforge sft --base runs/demo/pretrain --data runs/demo/data --out runs/demo/sft"
-    add_options(parser)
-    leaf(parser, run)
-
-
-def default_options() -> dict[str, Any]:
-    return option_defaults(add_options)
-
-
-def loop_config(o: dict[str, Any], steps: int, seq_len: int, lr: float, eval_every: int):
-    """A `TrainConfig` from the shared loop options (as `add_loop_options` names them)."""
-    from chatforge.train.loop import TrainConfig
-
-    warmup = o["warmup"] if o["warmup"] is not None else min(200, max(1, steps // 20))
-    return TrainConfig(max_steps=steps, lr=lr, min_lr_ratio=o["min_lr_ratio"], warmup_steps=warmup,
-                       schedule=o["schedule"], decay_frac=o["decay_frac"], weight_decay=o["weight_decay"],
-                       grad_clip=o["grad_clip"], batch_size=o["batch_size"], seq_len=seq_len,
-                       tokens_per_step=o["tokens_per_step"], eval_every=eval_every, save_every=o["save_every"],
-                       log_every=o["log_every"], early_stop_patience=o["early_stop"], precision=o["precision"],
-                       compile=o["compile"], fsdp=o["fsdp"], device=o["device"], seed=o["seed"])
+    def __post_init__(self) -> None:
+        for name in FRACTIONS:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ChatforgeError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.epochs <= 0 and not self.steps:
+            raise ChatforgeError(f"--epochs must be positive, got {self.epochs}")
+        if self.seq_len and not 16 <= self.seq_len <= MAX_SEQ_LEN:
+            raise ChatforgeError(f"--seq-len must be 0 (the model's context) or between 16 and {MAX_SEQ_LEN}, "
+                                 f"got {self.seq_len}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +177,6 @@ def freeze_all_but_top(model, n_top: int) -> list:
 def read_records(data: Path, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, val) `{"messages", "source"}` records of a data folder; without qa_val.jsonl, a
     seeded 10% of qa_train.jsonl is held out."""
-    from chatforge.data.chat_data import read_chat_records
-
     if not data.is_dir():
         raise ChatforgeError(f"data folder {data} does not exist; run `chatforge data build --out {data}`")
     train = read_chat_records(data / "qa_train.jsonl")
@@ -235,10 +204,6 @@ def document_paths(data: Path, docs: list[str] | None) -> list[Path]:
     return [Path(p) for p in inputs if Path(p).exists()]
 
 
-MAX_SEQ_LEN = 32768     # --seq-len above the model's context extends it (RoPE), up to this
-MIN_CONTEXT_TOKENS = 64  # below this the context cannot hold a useful passage: no grounded copy
-
-
 def grounded_records(records: list[dict], index, fraction: float, seed: int, tokenizer, seq_len: int,
                      missing_fraction: float = 0.15, context_tokens: int | None = None,
                      history_fraction: float = 0.0, hide_heading: float = 0.0,
@@ -262,9 +227,6 @@ def grounded_records(records: list[dict], index, fraction: float, seed: int, tok
     saw refusals only after refusals went on refusing for the rest of a conversation.
     `hide_heading`: see `grounded_sft_examples`.
     """
-    from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, GROUNDED_SYSTEM_PROMPT
-    from chatforge.retrieval.examples import grounded_sft_examples
-
     context_tokens = context_tokens or DEFAULT_CONTEXT_TOKENS
     if fraction <= 0 or not records:
         return []
@@ -313,8 +275,6 @@ def refusal_threshold(index, records: list[dict], limit: int = 400) -> dict:
     best score with the documents holding its answer left out (a question the documents cannot
     answer). Returns {"min_score", "answerable", "unanswerable"} (the latter two: the shares the
     threshold refuses)."""
-    from chatforge.infer.answer import fit_min_score
-
     rng = random.Random(0)
     rows = [r for r in records if r["source"] and index.matching_docs(r["source"])]
     rows = rng.sample(rows, min(limit, len(rows)))
@@ -336,9 +296,6 @@ def section_records(index, n: int, seed: int, tokenizer, seq_len: int, hide_head
     """(validation, train) reading-comprehension examples (`section_sft_examples`): `n` for
     training and n / 10 (at least 1) for validation, from different passages, each fitting a row,
     none from `exclude_docs`."""
-    from chatforge.retrieval import GROUNDED_SYSTEM_PROMPT
-    from chatforge.retrieval.examples import section_sft_examples
-
     n_val = max(1, n // 10)
     max_words = 120
     # Room for the system prompt, the template, a question and a reply of max_words words.
@@ -352,35 +309,31 @@ def section_records(index, n: int, seed: int, tokenizer, seq_len: int, hide_head
     return examples[:n_val], examples[n_val:]
 
 
-def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, data: Path, o: dict):
+def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, data: Path, o: SFTConfig):
     """(train rows, val rows, grounded summary): the records plus grounded copies, tokenized and packed."""
-    from chatforge.data.chat_data import pack, tokenize_examples
-
-    doc_paths = document_paths(data, o["docs"]) if o["grounded_fraction"] > 0 else []
+    doc_paths = document_paths(data, o.docs) if o.grounded_fraction > 0 else []
     grounded = {"train": 0, "val": 0, "documents": [str(p) for p in doc_paths]}
     if doc_paths:
-        from chatforge.retrieval.fusion import load_retriever
-
-        index = load_retriever(doc_paths, mode=o["retrieval"], model=o["embedding_model"])
-        shape = {"context_tokens": o["context_tokens"], "history_fraction": o["grounded_history"],
-                 "missing_fraction": o["missing_fraction"], "hide_heading": o["hide_headings"],
-                 "refusal_history": o["refusal_history"], "hard_missing": o["hard_missing"]}
-        g_train = grounded_records(train_recs, index, o["grounded_fraction"], o["seed"], tok, seq_len, **shape)
-        g_val = grounded_records(val_recs, index, o["grounded_fraction"], o["seed"] + 1, tok, seq_len, **shape)
-        if o["section_examples"] > 0:
+        index = load_retriever(doc_paths, mode=o.retrieval.retrieval, model=o.retrieval.embedding_model)
+        shape = {"context_tokens": o.context_tokens, "history_fraction": o.grounded_history,
+                 "missing_fraction": o.missing_fraction, "hide_heading": o.hide_headings,
+                 "refusal_history": o.refusal_history, "hard_missing": o.hard_missing}
+        g_train = grounded_records(train_recs, index, o.grounded_fraction, o.seed, tok, seq_len, **shape)
+        g_val = grounded_records(val_recs, index, o.grounded_fraction, o.seed + 1, tok, seq_len, **shape)
+        if o.section_examples > 0:
             # The documents the Q&A pairs come from (FAQs) already teach through their pairs: the
             # sections teach the rest, the manuals, whose headings are not questions.
             with_pairs = {d for r in train_recs + val_recs if r["source"] for d in index.matching_docs(r["source"])}
-            s_val, s_train = section_records(index, o["section_examples"], o["seed"], tok, seq_len,
-                                             hide_heading=o["hide_headings"], exclude_docs=with_pairs)
+            s_val, s_train = section_records(index, o.section_examples, o.seed, tok, seq_len,
+                                             hide_heading=o.hide_headings, exclude_docs=with_pairs)
             g_train, g_val = g_train + s_train, g_val + s_val
             grounded["sections"] = len(s_train) + len(s_val)
         grounded.update(train=len(g_train), val=len(g_val), passages=len(index),
                         multi_turn=sum(len(e["messages"]) > 3 for e in g_train),
                         refusals=sum(e["missing"] for e in g_train), retrieval=getattr(index, "mode", "bm25"),
                         # Fitted only when asked for: 2 searches a Q&A pair, for nothing otherwise.
-                        min_score=refusal_threshold(index, train_recs + val_recs) if o["score_threshold"] else None)
-        if o["grounded_only"]:
+                        min_score=refusal_threshold(index, train_recs + val_recs) if o.score_threshold else None)
+        if o.grounded_only:
             # Pairs answered from the documents are learned only with their passages in front
             # of them: the plain copy would teach reciting the manual from memory instead.
             def plain(recs: list[dict]) -> list[dict]:
@@ -388,24 +341,22 @@ def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, 
             grounded["plain_dropped"] = len(train_recs) - len(plain(train_recs))
             train_recs, val_recs = plain(train_recs), plain(val_recs)
         train_recs, val_recs = train_recs + g_train, val_recs + g_val
-    elif o["docs"]:
-        raise ChatforgeError(f"none of the --docs paths exist: {', '.join(o['docs'])}")
-    elif o["section_examples"] > 0:
+    elif o.docs:
+        raise ChatforgeError(f"none of the --docs paths exist: {', '.join(o.docs)}")
+    elif o.section_examples > 0:
         raise ChatforgeError("--section-examples needs documents: give --docs or a data folder with report.json")
 
-    train_ex, train_stats = tokenize_examples((r["messages"] for r in train_recs), tok, seq_len, o["truncate"])
-    val_ex, val_stats = tokenize_examples((r["messages"] for r in val_recs), tok, seq_len, o["truncate"])
+    train_ex, train_stats = tokenize_examples((r["messages"] for r in train_recs), tok, seq_len, o.truncate)
+    val_ex, val_stats = tokenize_examples((r["messages"] for r in val_recs), tok, seq_len, o.truncate)
     if not val_ex:
         raise ChatforgeError(f"no validation example fits in {seq_len} tokens; raise --seq-len or check qa_val.jsonl")
-    bucket = o["batch_size"] if o["packing"] == "bucket" else 0
+    bucket = o.batch_size if o.packing == "bucket" else 0
     return (pack(train_ex, seq_len, tok.pad_id, train_stats, bucket),
             pack(val_ex, seq_len, tok.pad_id, val_stats, bucket), grounded)
 
 
 def reply_sample(model, tokenizer, messages: list[dict], max_new_tokens: int = 48) -> str:
     """The model's greedy reply to `messages` (the engine switches to eval; restore the mode)."""
-    from chatforge.infer.engine import Engine, GenerationConfig
-
     was_training = model.training
     prompt, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
     limit = model.config.max_seq_len - max_new_tokens
@@ -421,147 +372,80 @@ def reply_sample(model, tokenizer, messages: list[dict], max_new_tokens: int = 4
 # The stage
 
 
-def _prepare_model(model, method: str, o: dict) -> list:
-    """Set up `model` for `method` in place; return the parameters to train."""
-    from chatforge.model.lora import apply_lora
-
-    if method == "lora":
-        targets = [t.strip() for t in str(o["lora_targets"]).split(",") if t.strip()]
-        targets = top_block_targets(model, targets, o["lora_layers"])
-        apply_lora(model, o["lora_rank"], o["lora_alpha"], o["lora_dropout"], targets)
-    elif method == "freeze":
-        freeze_all_but_top(model, o["freeze_top"])
-    return [p for p in model.parameters() if p.requires_grad]
+def steps_and_epoch(o: SFTConfig, batches_per_epoch: int, seq_len: int) -> tuple[int, int]:
+    """(optimizer steps, steps an epoch). An epoch is a whole number of steps, so that validating
+    "once an epoch" (--eval-every 0) falls at the end of each (`recipe.steps` rounds the run as a
+    whole; the demo's figures were measured with this rounding)."""
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / o.accumulation(seq_len)))
+    return o.steps or max(1, math.ceil(o.epochs * steps_per_epoch)), steps_per_epoch
 
 
-def top_block_targets(model, targets: list[str], n_top: int) -> list[str]:
-    """`targets` (name suffixes) limited to the top `n_top` blocks, as full module names (0 = all).
-
-    Adapters only in the top blocks mean the backward pass stops there: nothing below needs a
-    gradient, so a step costs the forward plus the top blocks' backward."""
-    n_layer = len(model.layers)
-    if n_top == 0:
-        return targets
-    if not 1 <= n_top <= n_layer:
-        raise ChatforgeError(f"--lora-layers must be between 1 and the model's {n_layer} blocks (0 = all), got {n_top}")
-    top = tuple(f"layers.{i}." for i in range(n_layer - n_top, n_layer))
-    return [name for name, _ in model.named_modules()
-            if name.startswith(top) and any(name == t or name.endswith("." + t) for t in targets)]
-
-
-def _save_fn(method: str, out: Path, tokenizer, o: dict, base: Path):
-    """The loop's save function. LoRA: the best model is saved merged (a plain model folder,
-    plus the adapter with `--lora-save adapter`); `last/` keeps the wrapped weights for resume."""
-    from chatforge.model.lora import merged_state_dict, save_lora
-    from chatforge.model.folder import save_model
-
-    def save(folder: Path, model, state: dict) -> None:
-        if method != "lora" or Path(folder).resolve() != out.resolve():
-            save_model(folder, model, tokenizer, state=state)
-            return
-        save_model(folder, model, tokenizer, state=merged_state_dict(model, state))
-        if o["lora_save"] == "adapter":
-            save_lora(model, folder, state=state, base=str(base.resolve()))
-    return save
-
-
-def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, **options: Any) -> dict:
+def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, config: SFTConfig | None = None,
+            **options: Any) -> dict:
     """Fine-tune `base` on the chat data in `data` into `out`; returns the report (also `OUT/sft.json`).
 
-    `options` are the command's options by their Python names (`method="lora"`, `lora_rank=8`,
-    `steps=200`, ...); the rest take the command's defaults.
-    """
-    import torch
-
-    from chatforge.data.chat_data import PackedBatches, eval_batches
-    from chatforge.model.folder import load_model
-    from chatforge.train.loop import train
-
-    o = default_options()
-    unknown = set(options) - set(o)
-    if unknown:
-        raise ChatforgeError(f"unknown sft option(s) {sorted(unknown)}; valid: {', '.join(sorted(o))}")
-    o.update(options)
+    `config` holds the options (default: `SFTConfig()`); `options` change some by their flat
+    names (`method="lora"`, `lora_rank=8`, `steps=200`, ...)."""
+    o = build(SFTConfig, {**(flatten(config) if config else {}), **options}, "sft")
     if not base:
         raise ChatforgeError("pass --base DIR: the model folder to fine-tune (the output of `chatforge pretrain`)")
     if not data:
         raise ChatforgeError("pass --data DIR: the folder written by `chatforge data build`")
     base, data = Path(base), Path(data)
     out = Path(out) if out else base.parent / "sft"
-    method = o["method"]
-    if method not in METHODS:
-        raise ChatforgeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    for name in ("grounded_fraction", "grounded_history", "missing_fraction", "hide_headings", "refusal_history",
-                 "hard_missing"):
-        if not 0 <= o[name] <= 1:
-            raise ChatforgeError(f"--{name.replace('_', '-')} must be in [0, 1], got {o[name]}")
-    if o["epochs"] <= 0 and not o["steps"]:
-        raise ChatforgeError(f"--epochs must be positive, got {o['epochs']}")
 
     model, tok = load_model(base)
     model.train()
-    seq_len = o["seq_len"] or model.config.max_seq_len
+    seq_len = o.seq_len or model.config.max_seq_len
     if not 16 <= seq_len <= MAX_SEQ_LEN:
         raise ChatforgeError(f"--seq-len must be between 16 and {MAX_SEQ_LEN}, got {seq_len}")
     if seq_len > model.config.max_seq_len:
         print(f"extending the model's context from {model.config.max_seq_len} to {seq_len} tokens")
         model.extend_context(seq_len)
 
-    train_recs, val_recs = read_records(data, o["seed"])
+    train_recs, val_recs = read_records(data, o.seed)
     train_rows, val_rows, grounded = build_rows(train_recs, val_recs, tok, seq_len, data, o)
 
-    torch.manual_seed(o["seed"])  # LoRA's A matrices
-    params = _prepare_model(model, method, o)
-    source = PackedBatches(train_rows, o["batch_size"], seed=o["seed"])
-    micro_tokens = o["batch_size"] * seq_len
-    accum = max(1, math.ceil(o["tokens_per_step"] / micro_tokens)) if o["tokens_per_step"] else 1
-    steps_per_epoch = max(1, math.ceil(source.batches_per_epoch / accum))
-    steps = o["steps"] or max(1, math.ceil(o["epochs"] * steps_per_epoch))
-    lr = o["lr"] if o["lr"] is not None else DEFAULT_LR[method]
-    if o["packing"] == "bucket" and o["compile"] == "auto":
-        # Every bucket has its own length, and compiling each new shape cost more than it saved.
-        o["compile"] = "off"
-    cfg = loop_config(o, steps, seq_len, lr, o["eval_every"] or min(steps, steps_per_epoch))
+    params = recipe.prepare(model, o.method, o.lora, o.seed)
+    if o.method == "freeze":
+        params = freeze_all_but_top(model, o.freeze_top)
+    source = PackedBatches(train_rows, o.batch_size, seed=o.seed)
+    steps, steps_per_epoch = steps_and_epoch(o, source.batches_per_epoch, seq_len)
+    lr = recipe.learning_rate(o, DEFAULT_LR, o.method)
+    # Every bucket has its own length, and compiling each new shape cost more than it saved.
+    compile = "off" if o.packing == "bucket" and o.compile == "auto" else None
+    cfg = o.train_config(steps, seq_len, lr, o.eval_every or min(steps, steps_per_epoch), compile=compile)
     n_train = sum(p.numel() for p in params)
-    print(f"sft ({method}): {train_rows.n_examples} train / {val_rows.n_examples} val examples "
+    print(f"sft ({o.method}): {train_rows.n_examples} train / {val_rows.n_examples} val examples "
           f"({grounded['train']} + {grounded['val']} grounded) in {len(train_rows)} + {len(val_rows)} rows "
-          f"of up to {seq_len} tokens ({train_rows.stats['packing']}), padding {train_rows.padding_fraction:.1%}; truncated {train_rows.stats['truncated']}, "
-          f"dropped {train_rows.stats['dropped']}; training {n_train / 1e6:.2f}M of {model.num_params() / 1e6:.2f}M "
-          f"parameters for {steps} steps at lr {lr:g}")
+          f"of up to {seq_len} tokens ({train_rows.stats['packing']}), padding {train_rows.padding_fraction:.1%}; "
+          f"truncated {train_rows.stats['truncated']}, dropped {train_rows.stats['dropped']}; training "
+          f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.2f}M parameters for {steps} steps at lr {lr:g}")
 
     sample_messages = val_recs[0]["messages"]
     sample_messages = sample_messages[:max(i for i, m in enumerate(sample_messages) if m["role"] == "user") + 1]
     out.mkdir(parents=True, exist_ok=True)
-    result = train(model, source, sft_loss, cfg, out, val_batches=eval_batches(val_rows, o["batch_size"]),
+    result = train(model, source, sft_loss, cfg, out, val_batches=eval_batches(val_rows, o.batch_size),
                    sample_fn=lambda m: reply_sample(m, tok, sample_messages), tokenizer=tok,
-                   resume=o["resume"], params=params, save_fn=_save_fn(method, out, tok, o, base))
+                   resume=o.resume, params=params, save_fn=recipe.save_fn(out, tok, base, o.method, o.lora_save))
     report = {
-        "base": str(base), "data": str(data), "method": method, "steps": result.step, "lr": lr,
+        "base": str(base), "data": str(data), "method": o.method, "steps": result.step, "lr": lr,
         "trainable_parameters": n_train, "parameters": model.num_params(),
         "train": train_rows.stats, "val": val_rows.stats, "grounded": grounded,
         "val_loss": result.val_loss, "best_val_loss": result.best_val_loss,
         "best_val_ppl": math.exp(min(result.best_val_loss, 50)) if result.best_val_loss is not None else None,
         "seconds": round(result.seconds, 1), "interrupted": result.interrupted,
+        **recipe.lora_report(o.method, o.lora),
     }
-    if method == "lora":
-        report["lora"] = {k: o[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers",
-                                            "lora_save")}
-    if method == "freeze":
-        report["freeze_top"] = o["freeze_top"]
+    if o.method == "lora":
+        report["lora"]["lora_save"] = o.lora_save
+    if o.method == "freeze":
+        report["freeze_top"] = o.freeze_top
     files.write_json(out / "sft.json", report)
     # The settings the model was trained for, which chat, serve and eval read (`infer.answer`).
-    from chatforge.infer.answer import AnswerSettings
-    from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS
-
-    threshold = (grounded.get("min_score") or {}).get("min_score", 0.0) if o["score_threshold"] else 0.0
-    AnswerSettings(context_tokens=o["context_tokens"] or DEFAULT_CONTEXT_TOKENS, min_score=threshold,
+    threshold = (grounded.get("min_score") or {}).get("min_score", 0.0) if o.score_threshold else 0.0
+    AnswerSettings(context_tokens=o.context_tokens or DEFAULT_CONTEXT_TOKENS, min_score=threshold,
                    retrieval=grounded.get("retrieval") or "bm25").save(out)
     if result.best_val_loss is not None:
         print(f"validation loss {result.best_val_loss:.4f} (perplexity {report['best_val_ppl']:.2f}) -> {out}")
     return report
-
-
-def run(args: argparse.Namespace) -> int:
-    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("config", "base", "data", "out")}
-    report = run_sft(args.base, args.data, args.out, **options)
-    return 130 if report["interrupted"] else 0
