@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from chatforge.commands import data as data_command
 from chatforge.data import fetch as F
 from chatforge.data.faq import extract_pairs
 from chatforge.files import cache_dir
@@ -262,8 +263,8 @@ def test_failed_extraction_leaves_no_half_written_folder(tmp_path, git_doc, monk
 
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    F.configure_fetch(parser)
-    return F.run_fetch(parser.parse_args(argv))
+    data_command.configure_fetch(parser)
+    return data_command.run_fetch(parser.parse_args(argv))
 
 
 def test_cli_fails_only_when_nothing_is_available(tmp_path, monkeypatch, capsys):

@@ -28,12 +28,7 @@ PIPELINE = {"pipeline", "continual", "continual_engine", "stages"}
 PACKAGES = {"data", "model", "retrieval", "infer", "train", "eval", "serve"}
 GLUE = "chatforge.commands"     # its argparse helpers, for NOT_MOVED_YET only
 NOT_MOVED_YET = {
-    "chatforge.data.commands", "chatforge.data.tokenizer", "chatforge.data.feedback_commands",
-    "chatforge.model.commands", "chatforge.model.export",
-    "chatforge.infer.generate", "chatforge.infer.chat", "chatforge.infer.plugins",
-    "chatforge.train.make_pairs", "chatforge.train.reward",
-    "chatforge.train.ppo", "chatforge.eval.evaluate", "chatforge.serve.command", "chatforge.pipeline",
-    "chatforge.stages", "chatforge.continual", "chatforge.data.build", "chatforge.data.fetch",
+    "chatforge.train.make_pairs", "chatforge.train.reward", "chatforge.train.ppo",
 }
 
 

@@ -111,6 +111,35 @@ def test_settings_follow_the_base(tmp_path):
     assert s["run"]["base"] == "model.gguf" and "preset" not in s["pretrain"]
 
 
+def test_stages_run_through_the_command_line_they_are_handed(tmp_path, monkeypatch, capsys):
+    """The pipeline imports no command line: `run_pipeline` gets one (`commands/pipeline.py` hands
+    it `main`). A recording one shows the stages' command lines, the skip of an up-to-date stage,
+    and a failing stage stopping the run."""
+    from chatforge.errors import ChatforgeError
+    from chatforge.pipeline import run_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    docs, cache = ROOT / "examples" / "my_docs", tmp_path / "cache"
+    ran: list[list[str]] = []
+
+    def record(argv: list[str]) -> int:
+        ran.append(argv)
+        Path(argv[argv.index("--out") + 1] if "--out" in argv else argv[argv.index("--cache") + 1]).mkdir(
+            parents=True, exist_ok=True)
+        return 0
+
+    options = dict(input=[str(docs)], only_input=True, base="scratch", name="rec", cache=str(cache), until="build")
+    assert run_pipeline(record, **options) == 0
+    assert [a[:2] for a in ran] == [["data", "build"]]      # --only-input: nothing to fetch
+    assert ran[0][ran[0].index("--input") + 1] == str(docs) and ran[0][ran[0].index("--out") + 1] == "runs/rec/data"
+    assert run_pipeline(record, **options) == 0              # up to date: not run again
+    assert len(ran) == 1 and "== build: up to date" in capsys.readouterr().out
+    with pytest.raises(ChatforgeError, match="stage tokenizer failed \\(exit 2\\)"):
+        run_pipeline(lambda argv: 2, **{**options, "until": "tokenizer"})
+    with pytest.raises(ChatforgeError, match="--until must be one of"):
+        run_pipeline(record, **{**options, "until": "deploy"})
+
+
 def test_unknown_base_is_a_clear_error(tmp_path, capsys):
     assert main(["pipeline", "--base", str(tmp_path / "nope.gguf"), "--name", "x"]) == 2
     assert "neither a model source" in capsys.readouterr().err

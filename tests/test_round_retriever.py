@@ -222,7 +222,7 @@ def _step(tmp_path: Path, monkeypatch, poisoned: bool, steps: int, lr: float) ->
     s = _round_setup(tmp_path, poisoned)
     settings = _settings(tmp_path / "cache", lr)
     settings["retriever"]["steps"] = steps
-    result = continual.retriever_step(settings, Runner(s["round"], False), s["round"], s["data"], s["docs"],
+    result = continual.retriever_step(settings, Runner(s["round"], False, cli.main), s["round"], s["data"], s["docs"],
                                       s["unseen"], s["served"])
     assert result["base"] == str(s["run"] / "embedder") and result["mode"] == "hybrid"
     assert set(result["before"]) == {"qa_val", "unseen", "feedback (trained on)"}

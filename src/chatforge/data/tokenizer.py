@@ -11,7 +11,7 @@ What this file holds
   returns the system message it inserts when a conversation does not start with one.
 - `train_tokenizer(texts, vocab_size, out_dir)`: train a new one with HF `tokenizers`.
 - `tokens_per_byte(tok, texts)`: the compression figure reported after training.
-- `configure(parser)` / `run_train(args)`: the command.
+- `train_on_corpus(data, ...)`: `chatforge tokenizer train` (its options: `chatforge.commands.tokenizer`).
 
 chatforge's own tokenizer (`train_tokenizer`)
 - Byte-level BPE: text is UTF-8 bytes, each byte one of 256 base symbols, so every string is
@@ -54,17 +54,21 @@ loads it, and its `apply_chat_template` gives the same text and ids as `render_c
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from chatforge import files
-from chatforge.commands import add_parser, leaf, subcommands
 from chatforge.errors import ChatforgeError
 
 EOT = "<|endoftext|>"
@@ -134,8 +138,6 @@ class ChatTokenizer:
                  chat_template: str | None = None, bos_token: str | None = None,
                  eos_token: str | None = IM_END, pad_token: str | None = PAD,
                  unk_token: str | None = None, add_bos_token: bool = False) -> None:
-        from tokenizers import AddedToken
-
         def token_id(token: str | None) -> int | None:
             return None if token is None else tokenizer.token_to_id(token)
 
@@ -189,8 +191,6 @@ class ChatTokenizer:
     def load(cls, folder: str | os.PathLike) -> "ChatTokenizer":
         """Load a tokenizer folder: one written by `save` / `chatforge tokenizer train`, or a
         pretrained HF one (tokenizer.json + tokenizer_config.json) with a ChatML vocabulary."""
-        from tokenizers import Tokenizer
-
         folder = Path(folder)
         if not folder.is_dir():
             raise ChatforgeError(f"tokenizer folder {folder} does not exist; "
@@ -424,12 +424,6 @@ def _clip(text: str, n: int = 160) -> str:
 def _compile_template(template: str, special: dict[str, Any]) -> Callable[[list[dict[str, str]], bool], str]:
     """`render(messages, add_generation_prompt) -> text` for `template`, in a sandboxed Jinja
     environment set up like HF's (trim_blocks, lstrip_blocks, loop controls, raise_exception)."""
-    from datetime import datetime
-
-    from jinja2 import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     if not isinstance(template, str):
         raise ChatforgeError(f"the chat_template must be text, got {type(template).__name__}")
 
@@ -491,8 +485,6 @@ def _token_name(value: Any, field: str, path: Path) -> str | None:
 
 def _new_tokenizer() -> Any:
     """An untrained byte-level BPE tokenizer with chatforge's pre-tokenizer and decoder."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         *(pre_tokenizers.Split(Regex(p), behavior="isolated") for p in SPLIT_PATTERNS),
@@ -512,8 +504,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     times, so a small corpus can give fewer ids than asked for: `vocab_size` of the result is the
     real count. `out_dir=None` skips saving.
     """
-    from tokenizers import pre_tokenizers, trainers
-
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise ChatforgeError(f"vocab size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} "
                              f"special tokens), got {vocab_size}")
@@ -565,25 +555,7 @@ def _show_progress() -> bool:
     return os.environ.get("CHATFORGE_QUIET") != "1" and sys.stderr.isatty()
 
 
-# ---- the command -------------------------------------------------------------------------------
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    sub = subcommands(parser)
-    p = add_parser(sub, "train", "train a byte-level BPE tokenizer with a ChatML chat template on a built corpus",
-                   "chatforge tokenizer train --data runs/demo/data --vocab-size 8192 --out runs/demo/tokenizer")
-    p.add_argument("--data", default=None,
-                   help="folder written by `chatforge data build` (train.jsonl, val.jsonl, qa_train.jsonl)")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
-                   help="largest number of token ids, special tokens and the 256 bytes included")
-    p.add_argument("--out", default=None, help="output folder; None means a `tokenizer` folder beside --data")
-    p.add_argument("--min-frequency", type=int, default=2, help="a pair must occur this often to be merged")
-    p.add_argument("--max-bytes", type=int, default=0,
-                   help="train on at most this many bytes of text; 0 means all of it")
-    p.add_argument("--model-max-length", type=int, default=DEFAULT_MODEL_MAX_LENGTH,
-                   help="`model_max_length` written for HF transformers (the model's context length)")
-    leaf(p, run_train)
-
+# ---- training on a built corpus ------------------------------------------------------------
 
 def read_training_texts(data: Path) -> Iterator[str]:
     """The corpus documents, then every Q&A message as `role\\ncontent` (the text between special
@@ -627,30 +599,25 @@ def _capped(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
         yield t
 
 
-def run_train(args: argparse.Namespace) -> int:
-    if not args.data:
-        raise ChatforgeError("pass --data DIR: the folder written by `chatforge data build`")
-    data = Path(args.data)
+def train_on_corpus(data: str | os.PathLike, vocab_size: int = DEFAULT_VOCAB_SIZE, out: str | os.PathLike | None = None,
+                    min_frequency: int = 2, max_bytes: int = 0,
+                    model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> dict[str, Any]:
+    """`chatforge tokenizer train`: train on the folder `chatforge data build` wrote (`data`), save
+    to `out` (default: a `tokenizer` folder beside `data`), measure tokens per byte on val.jsonl.
+    Returns {"tokenizer", "out", "seconds", "tokens_per_byte" (nan without validation text)}."""
+    data = Path(data)
     if not (data / "train.jsonl").is_file():
         raise ChatforgeError(f"{data} has no train.jsonl; build the corpus first with "
                              f"`chatforge data build --out {data}`")
-    if args.max_bytes < 0:
-        raise ChatforgeError(f"--max-bytes must be 0 (no cap) or positive, got {args.max_bytes}")
-    out = Path(args.out) if args.out else data.parent / "tokenizer"
-
-    texts = _capped(read_training_texts(data), args.max_bytes)
+    if max_bytes < 0:
+        raise ChatforgeError(f"--max-bytes must be 0 (no cap) or positive, got {max_bytes}")
+    out = Path(out) if out else data.parent / "tokenizer"
     t0 = time.perf_counter()
-    tok = train_tokenizer(texts, args.vocab_size, out, min_frequency=args.min_frequency,
-                          model_max_length=args.model_max_length)
+    tok = train_tokenizer(_capped(read_training_texts(data), max_bytes), vocab_size, out,
+                          min_frequency=min_frequency, model_max_length=model_max_length)
     seconds = time.perf_counter() - t0
-
     val = data / "val.jsonl"
     tpb = float("nan")
     if val.is_file():
         tpb = tokens_per_byte(tok, (r["text"] for r in _read_jsonl(val) if isinstance(r.get("text"), str)))
-    note = "" if tok.vocab_size == args.vocab_size else \
-        f" (asked for {args.vocab_size}: the text has no more pairs seen {args.min_frequency}+ times)"
-    print(f"tokenizer: {tok.vocab_size} tokens{note}, trained in {seconds:.1f}s -> {out}")
-    print(f"validation: {tpb:.4f} tokens/byte ({1 / tpb:.2f} bytes/token)" if tpb == tpb else
-          "validation: no val.jsonl text, tokens/byte not measured")
-    return 0
+    return {"tokenizer": tok, "out": out, "seconds": seconds, "tokens_per_byte": tpb}

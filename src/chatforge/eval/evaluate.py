@@ -38,22 +38,35 @@ and those of its sibling stage folders). The metric table is printed too.
 With `--feedback-db FILE` (the database `chatforge serve --db` writes), eval.json also holds
 "user_satisfaction" (`chatforge.data.feedback.satisfaction_stats`: the share of thumbs up
 overall, per day, per document, the most down-voted questions) and the report a section on it.
-`evaluate(model_dir, out_dir, ...)` does the same from Python (the pipeline calls it).
+`evaluate(model_dir, out_dir, ...)` does the same from Python; the command's options are in
+`chatforge.commands.eval`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import torch
+from tqdm import tqdm
+
 from chatforge import files
-from chatforge.commands import leaf
+from chatforge.data.feedback import user_satisfaction
+from chatforge.data.shards import load_tokens
 from chatforge.errors import ChatforgeError
+from chatforge.eval.metrics import bleu, grounded_precision, hit_at_k, perplexity, rouge, rouge_l
 from chatforge.eval.report import METRICS, fmt, load_curves, metric_rows, write_report
+from chatforge.infer.answer import (AnswerSettings, answered_history, checked_citation, cited_name, copied_from,
+                                    is_refusal)
+from chatforge.infer.engine import Engine
+from chatforge.model.folder import load_model
+from chatforge.model.quant import quantize_model
+from chatforge.retrieval import CITATION_END, NOT_FOUND_REPLY, grounded_messages, strip_citation
+from chatforge.retrieval.fusion import load_retriever, search_turn
+from chatforge.retrieval.hits import hits_table, retrieval_hits
 
 GOLD_CANDIDATES = 20     # BM25 candidates searched for the passage closest to a reference
 PPL_SEQ_LEN = 1024       # longest perplexity window (the model's context when shorter)
@@ -125,13 +138,9 @@ def _sha12(path: Path) -> str:
 
 def val_tokens(data_dir: Path, model_dir: Path, tokenizer, max_tokens: int) -> Any:
     """The validation tokens: the shards built with this tokenizer if present, else val.jsonl encoded."""
-    import numpy as np
-
     tok_file = model_dir / "tokenizer.json"
     shards = data_dir / f"tokens-{_sha12(tok_file)}" if tok_file.is_file() else None
     if shards is not None and (shards / "val.bin").is_file() and (shards / "meta.json").is_file():
-        from chatforge.data.shards import load_tokens
-
         return load_tokens(shards, "val")
     path = data_dir / "val.jsonl"
     if not path.is_file():
@@ -167,10 +176,6 @@ class Answerer:
     """Greedy answers for many conversations at once, through the engine."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int, settings=None):
-        from chatforge.infer.answer import AnswerSettings
-        from chatforge.infer.engine import Engine
-        from chatforge.retrieval import CITATION_END
-
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.engine = Engine(model, tokenizer)
         # The model's answer settings' decoding (greedy unless it says otherwise, the same in chat
@@ -181,8 +186,6 @@ class Answerer:
         self.seen: dict[tuple[int, ...], str] = {}
 
     def answer(self, conversations: Sequence[list[dict]], desc: str = "generate") -> list[str]:
-        from tqdm import tqdm
-
         prompts = [self.tokenizer.render_chat(c, add_generation_prompt=True)[0] for c in conversations]
         # A prompt answered before in this evaluation keeps its answer (greedy decoding repeats it).
         replies: list[str] = [self.seen.get(tuple(p), "") for p in prompts]
@@ -199,8 +202,6 @@ class Answerer:
 
 
 def _scores(hyps: list[str], refs: list[str]) -> dict:
-    from chatforge.eval.metrics import bleu, rouge
-
     return {"bleu": bleu(hyps, refs), **rouge(hyps, refs)}
 
 
@@ -221,17 +222,10 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
     (`infer.answer`, MODEL/answer.json), as chat and serve use them.
     Returns the eval.json dict. See the module docstring for what is measured.
     """
-    from chatforge.infer.answer import AnswerSettings, answered_history, checked_citation
-
     settings = AnswerSettings.load(model_dir)
     k = settings.passages if k is None else k
     max_new_tokens = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
     context_tokens = settings.context_tokens if context_tokens is None else context_tokens
-    import torch
-
-    from chatforge.eval.metrics import hit_at_k, perplexity, rouge_l
-    from chatforge.retrieval import NOT_FOUND_REPLY, grounded_messages, strip_citation
-    from chatforge.model.folder import load_model
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     data_dir = Path(data) if data is not None else None
@@ -246,11 +240,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
     qs = load_questions(questions, max_questions) if questions is not None else []
     satisfaction = None
     if feedback_db is not None:   # read first: a bad path fails before the model loads
-        from chatforge.data.feedback import user_satisfaction
-
         satisfaction = user_satisfaction(feedback_db)
-    from chatforge.retrieval.fusion import load_retriever, search_turn
-
     embedding_model = embedding_model or settings.embedding_model_for(model_dir)   # answer.json's retriever
     index = load_retriever(list(docs), index_cache, retrieval_mode, embedding_model) if docs else None
     if min_score is None:      # the answer settings' threshold, for the scores it was fitted on
@@ -260,8 +250,6 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
     model, tokenizer = load_model(model_dir)
     if quant:
         # Perplexity and answers both come from the int8/int4 weights.
-        from chatforge.model.quant import quantize_model
-
         model = quantize_model(model, quant)
     ctx = model.config.max_seq_len
     results: dict[str, Any] = {"model": str(model_dir), "quantization": quant, "questions": len(qs),
@@ -377,9 +365,6 @@ def _second_turn(answerer, qs: list[dict], hits: list, answers: list[str], examp
     and the server keep them. ROUGE-L beside the same questions' first-turn score, and the share
     of second-turn answers closer to that earlier answer than to their reference: a model that
     repeats its previous reply (the demo assistant did, before SFT showed it earlier turns)."""
-    from chatforge.eval.metrics import rouge_l
-    from chatforge.retrieval import strip_citation
-
     rows = [i for i, q in enumerate(qs) if not q["history"]][:n]
     if len(rows) < 2:
         return None
@@ -410,9 +395,6 @@ def second_turn_line(turn: dict) -> str:
 
 def _grounded(answers: Sequence[str], passages: Sequence[Sequence[str]]) -> float | None:
     """Grounded precision of `answers` (citations stripped, "not in the documents" replies left out)."""
-    from chatforge.eval.metrics import grounded_precision
-    from chatforge.retrieval import NOT_FOUND_REPLY, strip_citation
-
     kept = [(strip_citation(a), ps) for a, ps in zip(answers, passages)
             if strip_citation(a).strip() != NOT_FOUND_REPLY]
     return grounded_precision([a for a, _ in kept], [ps for _, ps in kept])
@@ -439,8 +421,6 @@ def _gold_keys(index, q: dict, rouge_l) -> list[str] | None:
 def _refusals(qs: list[dict], answers: Sequence[str], in_context: Sequence[bool]) -> dict:
     """False refusals (answerable questions whose answer's passage was in the context, yet the reply
     says not found; also over all answerable questions) and refusals of unanswerable questions."""
-    from chatforge.infer.answer import is_refusal
-
     def share(rows: list[int]) -> float | None:
         return sum(is_refusal(answers[i]) for i in rows) / len(rows) if rows else None
 
@@ -455,8 +435,6 @@ def _citations(raw: Sequence[str], shown: Sequence[str], hits: Sequence, k: int)
     """Of the model's own cited replies: the share whose citation names a given passage exactly,
     and the share naming the passage the answer was copied from; and the source names shown to a
     user (after `checked_citation`) that no given passage has (0 by construction)."""
-    from chatforge.infer.answer import cited_name, copied_from, is_refusal
-
     cited = exact = right = invented = 0
     for r, s, h in zip(raw, shown, hits):
         names = {p.source for p in h[:k]}
@@ -481,9 +459,6 @@ def _after_refusal(answerer, qs: list[dict], hits: list, answers: list[str], exa
     server and `prompt` leave refused exchanges out of the model's prompt (`answered_history`), so
     the prompts equal the first turn's and the answers are reused (`Answerer`); a prompt path that
     kept the refusal would show here."""
-    from chatforge.infer.answer import is_refusal
-    from chatforge.retrieval import NOT_FOUND_REPLY
-
     rows = [i for i, q in enumerate(qs) if not q["history"] and q["answerable"]][:n]
     if not rows:
         return None
@@ -533,8 +508,6 @@ def _gold_docs(index, q: dict, rouge_l) -> list[str] | None:
 def mode_hits(index, qs: list[dict]) -> dict:
     """Passage-level hit@1/hit@3 (`retrieval.hits`) of the retrieval mode in use with BM25 alone beside;
     for questions with earlier turns also with the last message alone (what follow-ups gain)."""
-    from chatforge.retrieval.hits import retrieval_hits
-
     modes = list(dict.fromkeys(["bm25", getattr(index, "mode", "bm25")]))
     out = {"modes": retrieval_hits(index, qs, modes)}
     if any(q["history"] for q in qs):
@@ -544,8 +517,6 @@ def mode_hits(index, qs: list[dict]) -> dict:
 
 def mode_hits_text(hits: dict) -> str:
     """eval.json's "retrieval_hits" as lines of text (printed by `eval` and the pipeline)."""
-    from chatforge.retrieval.hits import hits_table
-
     lines = [hits_table(hits["modes"], "retrieval (passages)")]
     if hits.get("last_message_only"):
         lines.append(hits_table(hits["last_message_only"], "last message only"))
@@ -561,64 +532,3 @@ def format_table(results: dict) -> str:
 
 
 # --------------------------------------------------------------------------- the command
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("example:\n  chatforge eval --model runs/demo/sft --data runs/demo/data "
-                     "--docs examples/my_docs --out runs/demo/eval")
-    parser.add_argument("--model", metavar="DIR", default=None, help="model folder to evaluate (needed)")
-    parser.add_argument("--data", metavar="DIR", default=None,
-                        help="data folder (chatforge data build): val.jsonl for perplexity, qa_val.jsonl as questions")
-    parser.add_argument("--questions", metavar="FILE.jsonl", default=None,
-                        help='questions: {"question","answer"} or {"messages"} lines; without it, DATA/qa_val.jsonl')
-    parser.add_argument("--docs", metavar="PATH", nargs="+", default=None,
-                        help="documents to retrieve passages from (files or folders)")
-    parser.add_argument("--no-retrieval", action="store_true", default=False,
-                        help="the model answers without passages (hit@k and the extractive baseline still use --docs)")
-    parser.add_argument("--skip-bare", action="store_true", default=False,
-                        help="with retrieval: do not also answer every question without its passages "
-                             "(the no_retrieval baseline; it costs as much as the answers themselves)")
-    parser.add_argument("--max-questions", type=int, default=200, help="evaluate at most this many questions")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="longest answer, in tokens (default: the model's answer settings, answer.json)")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions generated together")
-    parser.add_argument("--k", type=int, default=None,
-                        help="passages put in the prompt (default: the model's answer settings)")
-    parser.add_argument("--min-score", type=float, default=None,
-                        help="reply not-found when the best passage scores below this (default: the model's "
-                             "answer settings; 0 = off: the model decides alone)")
-    parser.add_argument("--context-tokens", type=int, default=None,
-                        help="most tokens of retrieved passages in a prompt (default: the model's answer "
-                             "settings, SFT's budget; the model's context minus the answer when smaller)")
-    parser.add_argument("--max-ppl-batches", type=int, default=20, help="batches of 8 windows for perplexity")
-    parser.add_argument("--index-cache", metavar="DIR", default=None,
-                        help="where the passage index is cached; without it, $CHATFORGE_CACHE/index "
-                             "or ~/.cache/chatforge/index")
-    parser.add_argument("--feedback-db", metavar="FILE|URL", default=None,
-                        help="feedback database of `chatforge serve --db` (file or postgresql:// URL): adds user satisfaction to eval.json "
-                             "and the report")
-    parser.add_argument("--quant", choices=["int8", "int4"], default=None,
-                        help="evaluate the model with weight-only 8- or 4-bit linear layers")
-    parser.add_argument("--second-turn", type=int, default=10, metavar="N",
-                        help="with retrieval: also ask the first N questions as a conversation's second turn, "
-                             "after an earlier question and the model's answer to it (0 = off)")
-    parser.add_argument("--out", metavar="DIR", default=None, help="output folder; without it, MODEL/eval")
-    from chatforge.commands import add_retrieval as add_retrieval_arguments
-
-    add_retrieval_arguments(parser)
-    leaf(parser, run)
-
-
-def run(args: argparse.Namespace) -> int:
-    if not args.model:
-        raise ChatforgeError("--model is required: the model folder to evaluate (e.g. runs/demo/sft)")
-    if not args.data and not args.questions:
-        raise ChatforgeError("nothing to evaluate: give --data (validation text and Q&A) and/or --questions FILE.jsonl")
-    out = args.out or str(Path(args.model) / "eval")
-    evaluate(args.model, out, questions=args.questions, docs=args.docs, data=args.data,
-             retrieval=not args.no_retrieval, max_questions=args.max_questions,
-             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k=args.k,
-             index_cache=args.index_cache, max_ppl_batches=args.max_ppl_batches, context_tokens=args.context_tokens,
-             feedback_db=args.feedback_db, quant=args.quant, second_turn=args.second_turn, min_score=args.min_score,
-             bare=not args.skip_bare, retrieval_mode=args.retrieval, embedding_model=args.embedding_model)
-    sys.stdout.flush()
-    return 0

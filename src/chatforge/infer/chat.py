@@ -9,7 +9,7 @@ What this file holds
   oldest turns dropped when the context is full, optional retrieval (`--docs`), replies streamed
   through the safety filter (`infer/safety.py`). The HTTP server reuses it.
 - `converse(...)`: the read-reply loop, for a terminal and for pipes.
-- `configure(parser)` / `run(args)`: the command.
+- the command's options and its terminal: `chatforge.commands.chat`.
 
 In a terminal: a `you>` prompt, replies streamed as they are generated, `/help`, `/reset`,
 `/exit` (or Ctrl-D); Ctrl-C during a reply stops that reply only. When stdin is not a terminal
@@ -19,19 +19,17 @@ breaks become spaces), flushed per line; notes (sources, dropped turns, errors) 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
-import sys
 from typing import Callable, Iterable, Iterator, TextIO
 
-from chatforge.commands import leaf
 from chatforge.errors import ChatforgeError
 from chatforge.infer.answer import AnswerSettings, AnswerStream
-from chatforge.infer.plugins import add_plugin_options, runner_from_args
-from chatforge.infer.prompting import SystemPrompt, load_system_prompt
+from chatforge.infer.engine import Engine
+from chatforge.infer.plugin_builtins import DocsPlugin
+from chatforge.infer.plugins import PluginRunner
+from chatforge.infer.prompting import SystemPrompt
 from chatforge.infer.turn import MIN_CONTEXT_TOKENS, Prompt, _messages, fit_prompt, refused_below_threshold
-from chatforge.infer.safety import ACTIONS, DEFAULT_REFUSAL, ReplyFilter, load_blocked_terms
+from chatforge.infer.safety import ReplyFilter
 
 COMMANDS_HELP = """\
 Commands:
@@ -57,9 +55,6 @@ class ChatSession:
     def __init__(self, model, tokenizer, system: SystemPrompt | str | None = None, index=None,
                  gen_cfg=None, guard: ReplyFilter | None = None, engine=None, passages: int | None = None,
                  quant: str | None = None, tools=None, settings: AnswerSettings | None = None):
-        from chatforge.infer.engine import Engine
-        from chatforge.infer.plugins import PluginRunner
-
         # The answer settings the model was trained for (`infer/answer.py`): passages, their token
         # budget, decoding and the score threshold, the same as serve and eval use.
         self.settings = settings or AnswerSettings()
@@ -67,8 +62,6 @@ class ChatSession:
 
         if tools is None and index is not None:
             # Retrieval is the docs plugin: one code path with or without other plugins.
-            from chatforge.infer.plugin_builtins import DocsPlugin
-
             tools = PluginRunner([DocsPlugin(index, passages)])
         self.tools = tools
         self.index = tools.get("docs") if tools is not None else None
@@ -166,7 +159,8 @@ class ChatSession:
 
 # ---------------------------------------------------------------------------------- the loop
 
-def _style(color: bool) -> Callable[[str, str], str]:
+def style(color: bool) -> Callable[[str, str], str]:
+    """`paint(text, "dim" | "bold" | "cyan")`: ANSI styles when `color`, else the text as it is."""
     codes = {"dim": "2", "bold": "1", "cyan": "36"}
     return (lambda text, s: f"\x1b[{codes[s]}m{text}\x1b[0m") if color else (lambda text, s: text)
 
@@ -204,11 +198,11 @@ def converse(session: ChatSession, read: Callable[[], str | None], out: TextIO, 
     Scripted: one line on `out` per input line (empty for commands and errors), notes and
     errors on `notes`; exit code 2 if any turn failed.
     """
-    style = _style(color)
+    paint = style(color)
     failed = told_dropped = False
 
     def note(text: str) -> None:
-        notes.write((style(text, "dim") if interactive else text) + "\n")
+        notes.write((paint(text, "dim") if interactive else text) + "\n")
         notes.flush()
 
     def blank() -> None:                  # keeps output line N = input line N when scripted
@@ -236,7 +230,7 @@ def converse(session: ChatSession, read: Callable[[], str | None], out: TextIO, 
             blank()
             continue
         if interactive:
-            out.write(style("assistant> ", "cyan"))
+            out.write(paint("assistant> ", "cyan"))
             out.flush()
         error = None
         try:
@@ -248,7 +242,7 @@ def converse(session: ChatSession, read: Callable[[], str | None], out: TextIO, 
                     else:
                         out.write(piece.replace("\r", "").replace("\n", " "))
         except KeyboardInterrupt:
-            out.write(style(" [stopped]", "dim"))
+            out.write(paint(" [stopped]", "dim"))
         except ChatforgeError as e:
             error = f"error: {e}"
         out.write("\n")
@@ -268,104 +262,3 @@ def converse(session: ChatSession, read: Callable[[], str | None], out: TextIO, 
         if interactive:
             out.write("\n")
     return 2 if failed and not interactive else 0
-
-
-# ------------------------------------------------------------------------------- the command
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("example:\n  chatforge chat --model runs/demo/sft --system examples/system_prompt.md "
-                     "--docs examples/my_docs\n  printf 'hello\\n' | chatforge chat --model runs/demo/sft")
-    parser.add_argument("--model", metavar="DIR", default=None, help="model folder (the output of sft); required")
-    parser.add_argument("--system", metavar="FILE", default=None,
-                        help="system prompt: plain text, or Markdown sections (# Role, # Goal, # Do not, "
-                             "# Output format, # Examples); see examples/system_prompt.md")
-    parser.add_argument("--docs", metavar="PATH", nargs="+", default=None,
-                        help="files or folders to answer from: each question retrieves passages from them")
-    parser.add_argument("--no-retrieval", action="store_true", default=False,
-                        help="ignore --docs (e.g. one set in a --config file) and chat without retrieval")
-    parser.add_argument("--passages", type=int, default=None,
-                        help="passages retrieved per question with --docs (default: the model's answer settings, "
-                             "answer.json, as SFT trained it; else 3)")
-    from chatforge.commands import add_retrieval as add_retrieval_arguments
-
-    add_retrieval_arguments(parser)
-    parser.add_argument("--index-cache", metavar="DIR", default=None,
-                        help="where the passage index is cached "
-                             "(default: $CHATFORGE_CACHE/index or ~/.cache/chatforge/index)")
-    # Decoding defaults to the model's answer settings (answer.json; greedy without one), the
-    # decoding eval measured and serve uses: each flag overrides its part.
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="longest reply, in tokens (default: answer settings)")
-    parser.add_argument("--strategy", choices=("greedy", "sample", "beam"), default=None,
-                        help="decoding strategy (default: the model's answer settings, greedy without them)")
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (1 = off)")
-    parser.add_argument("--repetition-penalty", type=float, default=None,
-                        help="> 1 discourages repeating (1 = off; it also counts the passages, so it works against copying)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (replies become reproducible)")
-    parser.add_argument("--blocked-terms", metavar="FILE", default=None,
-                        help="terms never shown in a reply: one a line, /regex/ for a regular expression")
-    parser.add_argument("--blocked-action", choices=ACTIONS, default="mask",
-                        help="mask a blocked term with *s, or replace the whole reply with --refusal")
-    parser.add_argument("--refusal", default=DEFAULT_REFUSAL,
-                        help="the reply shown instead, with --blocked-action refuse")
-    parser.add_argument("--device", default="cpu", help="torch device to run the model on")
-    parser.add_argument("--quant", choices=["int8", "int4"], default=None,
-                        help="weight-only 8- or 4-bit linear layers (CPU): smaller, faster decoding")
-    add_plugin_options(parser)
-    parser.add_argument("--db", metavar="FILE|URL", default=None,
-                        help="feedback database where the handoff plugin opens its tickets: a SQLite file or "
-                             "a postgresql:// URL")
-    leaf(parser, run)
-
-
-def _use_color(stream: TextIO) -> bool:
-    return stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
-
-
-def run(args: argparse.Namespace) -> int:
-    if not args.model:
-        raise ChatforgeError("--model is required: the folder of a trained model (the output of sft)")
-    if args.passages is not None and args.passages < 1:
-        raise ChatforgeError(f"--passages must be at least 1, got {args.passages}")
-    # Cheap checks first, so a typo fails at once, before torch and the model load.
-    system = load_system_prompt(args.system) if args.system else None
-    blocked = load_blocked_terms(args.blocked_terms) if args.blocked_terms else []
-    guard = ReplyFilter(blocked, action=args.blocked_action, refusal=args.refusal)
-
-    settings = AnswerSettings.load(args.model).replace(passages=args.passages)
-    strategy = args.strategy or ("sample" if args.temperature else None)
-    if args.temperature == 0 and args.strategy is None:
-        strategy = "greedy"
-    gen_cfg = settings.generation(strategy=strategy, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature or None, top_k=args.top_k, top_p=args.top_p,
-                                  repetition_penalty=args.repetition_penalty, seed=args.seed)
-
-    from chatforge.model.folder import load_model
-
-    model, tokenizer = load_model(args.model, device=args.device)
-    index = None
-    if args.docs and not args.no_retrieval:
-        from chatforge.retrieval.fusion import from_args
-
-        index = from_args(args, args.docs, args.index_cache, settings.embedding_model_for(args.model))
-    store = None
-    if args.db:
-        from chatforge.data.feedback import FeedbackStore
-
-        store = FeedbackStore(args.db)
-    tools = runner_from_args(args, index, store)
-    session = ChatSession(model, tokenizer, system=system, gen_cfg=gen_cfg, guard=guard,
-                          quant=args.quant, tools=tools, settings=settings)
-
-    if not sys.stdin.isatty():
-        return converse(session, pipe_reader(sys.stdin), sys.stdout, sys.stderr, interactive=False)
-    color = _use_color(sys.stdout)
-    n_params = sum(p.numel() for p in model.parameters())
-    grounded = f", answering from {len(index)} passages" if index is not None else ""
-    if tools is not None:
-        grounded += f", plugins: {', '.join(tools.names)}"
-    print(_style(color)(f"chatforge chat: {args.model} ({n_params / 1e6:.1f}M parameters, "
-                        f"{session.context}-token context{grounded})", "bold"))
-    print("Type a message and press Enter; /help for commands, /exit or Ctrl-D to leave.\n")
-    return converse(session, tty_reader("you> ", sys.stdout), sys.stdout, sys.stdout, interactive=True, color=color)

@@ -50,7 +50,12 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Sequence
 
+import torch
+
 from chatforge.errors import ChatforgeError
+from chatforge.infer import plugin_builtins
+from chatforge.model.classifier import encode_texts, load_classifier, predict_logits
+
 # What a plugin is (its author's interface) lives in plugin_api.py, which the built-ins import
 # too; imported here under the names plugin authors have always used.
 from chatforge.infer.plugin_api import Fact, Plugin, PluginResult  # noqa: F401
@@ -253,10 +258,6 @@ class IntentRouter:
     A prediction below `min_probability` routes nothing (the rules still do)."""
 
     def __init__(self, folder, min_probability: float = 0.5, threads: int = 1):
-        import torch
-
-        from chatforge.model.classifier import load_classifier
-
         torch.set_num_threads(threads)
         self.model, self.tokenizer, self.meta = load_classifier(folder)
         self.labels = list(self.meta["labels"])
@@ -264,10 +265,6 @@ class IntentRouter:
         self._lock = threading.Lock()           # one forward at a time: the server calls from many threads
 
     def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
-        import torch
-
-        from chatforge.model.classifier import encode_texts, predict_logits
-
         if not texts:
             return []
         with self._lock:
@@ -284,8 +281,6 @@ class IntentRouter:
 # ------------------------------------------------------------------------------------------ loading
 
 def builtin_names() -> tuple[str, ...]:
-    from chatforge.infer import plugin_builtins
-
     return tuple(plugin_builtins.BUILTINS)
 
 
@@ -329,28 +324,26 @@ def load_plugins(names: Sequence[str], *, index=None, passages: int = 3, orders=
                  extra: Sequence[str] = ()) -> list[Any]:
     """The named plugins, in order: built-ins first looked up, then `chatforge.plugins` entry
     points; then each `module:Class` of `extra`. An unknown name is a ChatforgeError."""
-    from chatforge.infer import plugin_builtins as b
-
     found = []
     installed = None
     for name in names:
         if name == "docs":
             if index is None:
                 raise ChatforgeError("the docs plugin needs documents: give --docs PATH")
-            found.append(b.DocsPlugin(index, passages))
+            found.append(plugin_builtins.DocsPlugin(index, passages))
         elif name == "orders":
             if orders is None:
                 raise ChatforgeError("the orders plugin needs the order table: give --orders FILE "
                                      "(a .csv file, or a SQLite file as FILE or FILE:TABLE)")
-            found.append(b.OrdersPlugin(orders))
+            found.append(plugin_builtins.OrdersPlugin(orders))
         elif name == "calculator":
-            found.append(b.CalculatorPlugin())
+            found.append(plugin_builtins.CalculatorPlugin())
         elif name == "handoff":
-            found.append(b.HandoffPlugin(store))
+            found.append(plugin_builtins.HandoffPlugin(store))
         else:
             installed = entry_point_plugins() if installed is None else installed
             if name not in installed:
-                known = ", ".join([*b.BUILTINS, *sorted(installed)])
+                known = ", ".join([*plugin_builtins.BUILTINS, *sorted(installed)])
                 raise ChatforgeError(f"unknown plugin {name!r}; known: {known} (or --plugin module:Class)")
             try:
                 obj = installed[name].load()
@@ -361,35 +354,18 @@ def load_plugins(names: Sequence[str], *, index=None, passages: int = 3, orders=
     return found
 
 
-# ------------------------------------------------------------------------------- the commands' options
-
-def add_plugin_options(parser) -> None:
-    """`--plugins`, `--plugin`, `--orders`, `--router`, `--plugin-timeout` (chat and serve)."""
-    parser.add_argument("--plugins", metavar="NAMES", default=None,
-                        help="plugins to call before the model answers, comma-separated: docs, orders, calculator, "
-                             "handoff, or an installed `chatforge.plugins` entry point "
-                             "(default: docs when --docs is given)")
-    parser.add_argument("--plugin", metavar="MODULE:CLASS", action="append", default=[],
-                        help="also load this plugin class (repeatable)")
-    parser.add_argument("--orders", metavar="FILE", default=None,
-                        help="the orders plugin's table: a .csv file, or a SQLite file as FILE or FILE:TABLE")
-    parser.add_argument("--router", metavar="DIR", default=None,
-                        help="an intent classifier (`chatforge classify train` on {\"text\", \"label\"} lines "
-                             "labelled with plugin intents) that routes messages beside the plugins' own rules")
-    parser.add_argument("--plugin-timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help="seconds a plugin may take; a slower one is left out of that answer")
-
-
-def runner_from_args(args, index=None, store=None) -> PluginRunner | None:
-    """The PluginRunner the options ask for, or None (no plugins: a plain chat)."""
-    names = parse_names(args.plugins)
-    if args.plugins is None:
-        names = ["docs"] if index is not None else []
-    if not names and not args.plugin:
+def plugin_runner(names: str | Sequence[str] | None, extra: Sequence[str] = (), *, orders=None, router=None,
+                  timeout: float = DEFAULT_TIMEOUT, passages: int | None = 3, index=None,
+                  store=None) -> PluginRunner | None:
+    """The PluginRunner of chat's and serve's plugin options (`--plugins NAMES`, `--plugin
+    MODULE:CLASS`..., `--orders`, `--router`, `--plugin-timeout`), or None: no plugins, a plain
+    chat. `names=None` means docs when there is an `index`."""
+    chosen = parse_names(names)
+    if names is None:
+        chosen = ["docs"] if index is not None else []
+    if not chosen and not extra:
         return None
-    if args.plugin_timeout <= 0:
-        raise ChatforgeError(f"--plugin-timeout must be above 0, got {args.plugin_timeout}")
-    plugins = load_plugins(names, index=index, passages=args.passages, orders=args.orders, store=store,
-                           extra=args.plugin)
-    router = IntentRouter(args.router) if args.router else None
-    return PluginRunner(plugins, router=router, timeout=args.plugin_timeout)
+    if timeout <= 0:
+        raise ChatforgeError(f"--plugin-timeout must be above 0, got {timeout}")
+    plugins = load_plugins(chosen, index=index, passages=passages, orders=orders, store=store, extra=extra)
+    return PluginRunner(plugins, router=IntentRouter(router) if router else None, timeout=timeout)

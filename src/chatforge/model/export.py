@@ -1,4 +1,5 @@
-"""`chatforge export`: hand a model folder to transformers, llama.cpp and Ollama.
+"""`chatforge export`: hand a model folder to transformers, llama.cpp and Ollama (the command's
+options: `chatforge.commands.export`).
 
     chatforge export --model runs/demo/sft --format hf --out runs/demo/export/hf
     chatforge export --model runs/demo/sft --format gguf --quant q8_0 --out runs/demo/export/q8_0
@@ -31,15 +32,22 @@ an existing export folder there is replaced, any other existing folder is left a
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatforge.commands import leaf
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from chatforge import files
 from chatforge.errors import ChatforgeError
+from chatforge.model import adapter_export as ae
+from chatforge.model.folder import WEIGHTS, load_config, load_model, load_tokenizer
+from chatforge.model.gguf_export import QUANTS, modelfile, write_gguf
+from chatforge.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 FORMATS = ("hf", "gguf", "peft", "gguf-lora")
 ADAPTER_FORMATS = ("peft", "gguf-lora")
@@ -79,11 +87,6 @@ class ExportResult:
 
 def load_for_export(folder: str | Path):
     """(model in fp32, tokenizer, notes) of a model folder, refusing unmerged LoRA weights."""
-    from safetensors import safe_open
-
-    from chatforge.model.folder import WEIGHTS, load_model
-    from chatforge.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
     folder = Path(folder)
     notes = []
     weights = folder / WEIGHTS
@@ -105,11 +108,6 @@ def load_for_export(folder: str | Path):
 
 def export_hf(model, tokenizer, out: Path, quant: str = "f32") -> list[Path]:
     """Write the HF folder into `out` (an existing, empty folder); returns the files written."""
-    import torch
-    from safetensors.torch import save_file
-
-    from chatforge import files
-
     dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
     if quant not in dtypes:
         raise ChatforgeError(f"--format hf stores weights as {', '.join(HF_QUANTS)} (what transformers loads from "
@@ -143,9 +141,6 @@ def _token_id(tokenizer, token: str | None) -> int | None:
 
 def export_gguf(model, tokenizer, out: Path, quant: str, name: str, system: str | None) -> tuple[list[Path], dict]:
     """Write NAME-QUANT.gguf and its Modelfile into `out`; returns (files, stored type counts)."""
-    from chatforge import files
-    from chatforge.model.gguf_export import QUANTS, modelfile, write_gguf
-
     if quant not in QUANTS:
         raise ChatforgeError(f"unknown --quant {quant!r} for gguf; choose one of {', '.join(QUANTS)}")
     # The Modelfile first: a system message it cannot hold fails before minutes of quantizing.
@@ -173,8 +168,6 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
     """Export the model folder `model_dir` as `fmt` (hf, gguf, or its LoRA adapter alone: peft,
     gguf-lora) into the folder `out`. `base_export`: for the adapter formats, the base's own
     export (hf for peft, gguf for gguf-lora)."""
-    from chatforge import files
-
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     if fmt not in FORMATS:
@@ -223,11 +216,6 @@ def _check_name(name: str) -> None:
 def _export_adapter(model_dir: Path, fmt: str, out, quant: str, name: str | None, system: str | None,
                     base_export, t0: float) -> ExportResult:
     """--format peft / gguf-lora: the LoRA adapter saved beside the model, alone."""
-    from chatforge import files
-    from chatforge.model import adapter_export as ae
-    from chatforge.model.folder import load_config, load_tokenizer
-    from chatforge.model.gguf_export import modelfile
-
     name = name or model_dir.resolve().name
     _check_name(name)
     suffix = "" if fmt == "peft" else "-" + quant
@@ -283,53 +271,3 @@ def _export_adapter(model_dir: Path, fmt: str, out, quant: str, name: str | None
                  f"base: {adapter.base}")
     return ExportResult(out, fmt, quant, [out / p.name for p in written], time.perf_counter() - t0, notes, types,
                         usage)
-
-
-# ---- the command --------------------------------------------------------------------------------
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("example:\n"
-                     "  chatforge export --model runs/demo/sft --format hf --out runs/demo/export/hf\n"
-                     "  chatforge export --model runs/demo/sft --format gguf --quant q8_0 --out runs/demo/export/q8_0\n"
-                     "  chatforge export --model runs/demo/sft --format gguf --quant q4_0 --name acme \\\n"
-                     "      --system \"You are the support assistant of Acme.\"\n"
-                     "the LoRA adapter alone (sft --lora-save adapter), on its base exported once:\n"
-                     "  chatforge export --model runs/x/base --format hf --out runs/x/export/base-hf\n"
-                     "  chatforge export --model runs/x/sft --format peft --base-export runs/x/export/base-hf\n"
-                     "  chatforge export --model runs/x/base --format gguf --quant q8_0 --out runs/x/export/base-q8_0\n"
-                     "  chatforge export --model runs/x/sft --format gguf-lora --base-export runs/x/export/base-q8_0\n"
-                     "then: transformers AutoModelForCausalLM.from_pretrained(OUT); llama-cli -m OUT/NAME-QUANT.gguf;\n"
-                     "      cd OUT && ollama create NAME -f Modelfile")
-    parser.add_argument("--model", metavar="DIR", default=None, help="model folder to export (needed)")
-    parser.add_argument("--format", choices=FORMATS, default="gguf",
-                        help="hf: a transformers model folder; gguf: a llama.cpp file and an Ollama Modelfile; "
-                             "peft: the LoRA adapter alone in PEFT's format (transformers + peft, vLLM); gguf-lora: "
-                             "the adapter as llama.cpp's LoRA GGUF (llama.cpp --lora, Ollama ADAPTER)")
-    parser.add_argument("--quant", choices=sorted(set(HF_QUANTS) | {"q8_0", "q4_0", "q4_1"}), default=None,
-                        help="stored weight type; default f32 for hf, peft and gguf-lora (logits equal "
-                             "chatforge's), f16 for gguf; q8_0 / q4_0 / q4_1 are gguf only")
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="output folder (an earlier export there is replaced); default: MODEL-FORMAT[-QUANT] "
-                             "beside the model folder")
-    parser.add_argument("--name", default=None,
-                        help="model name: GGUF general.name and file name NAME-QUANT.gguf (gguf-lora: "
-                             "NAME-lora-QUANT.gguf; peft: the LoRA module name in the printed vLLM command); "
-                             "default: the model folder's name")
-    parser.add_argument("--system", metavar="TEXT", default=None,
-                        help="gguf, gguf-lora: the system message of the Ollama Modelfile; default: the chat "
-                             "template's default system message, if it has one")
-    parser.add_argument("--base-export", metavar="PATH", default=None,
-                        help="peft / gguf-lora: the export of the adapter's base (its --format hf folder for peft, "
-                             "recorded as base_model_name_or_path; its --format gguf folder or file for gguf-lora, "
-                             "the FROM of the Ollama Modelfile written then)")
-    leaf(parser, run)
-
-
-def run(args: argparse.Namespace) -> int:
-    if not args.model:
-        raise ChatforgeError("pass --model DIR: the model folder to export (e.g. runs/demo/sft)")
-    print(f"exporting {args.model} as {args.format} ...", flush=True)
-    result = export_model(args.model, args.format, args.out, args.quant, args.name, args.system, args.base_export)
-    print(result.summary())
-    return 0

@@ -10,7 +10,7 @@ context / sliding-window rule and the check that every tensor the config needs i
 right shape and nothing else is, is in `model/checkpoint.py`), `write_model`, which reconciles the vocabulary with the tokenizer and writes an ordinary
 model folder (`model.folder.save_model`) atomically: a failure leaves no output folder.
 
-The command is `chatforge model import` (model/commands.py).
+The command is `chatforge model import` (commands/model.py).
 """
 
 from __future__ import annotations
