@@ -458,6 +458,9 @@ def test_real_vllm_takes_the_rounds_adapter_while_a_reply_streams(tmp_path, monk
             print(f"vLLM refused the rank-10 adapter: {refused['why_not']}")
         assert "rank" in refused["why_not"], refused
         assert "--max-lora-rank 10" in capsys.readouterr().out
+        r = httpx.post(url + "/admin/upstream", json={"model": "x", "adapter": refused["peft"]},
+                       headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "adapter_rejected", r.text
         assert [reply(url, q) for q in questions] == own[two]
     finally:
         if front_proc is not None:
