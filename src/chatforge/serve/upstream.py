@@ -317,7 +317,9 @@ class UpstreamClient:
                                 "runtime_lora_unsupported")
         if r.status_code != 200:
             e = self._status_error(r.status_code, r.text)
-            # The engine's 4xx: the adapter (its path, its rank) was refused; a 400 to the admin.
+            # The engine's 4xx (vLLM: 404 for a path without an adapter) is the adapter's fault: a 400 to
+            # the admin. vLLM answers every other refusal (a rank above --max-lora-rank) with 500, which
+            # stays a 5xx: the engine's own reason is in the message.
             raise UpstreamError(400 if r.status_code < 500 else e.status, f"the engine did not load the adapter {path}: {e.message}", "adapter_rejected")
         log.info("upstream %s: loaded the adapter %s as %s", self.url, path, name)
         return True
