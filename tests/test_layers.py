@@ -8,9 +8,6 @@ hid before); only imports for type checkers (`if TYPE_CHECKING:`) do not. A modu
 (pipeline.py, continual.py, stages.py) sit side by side and import neither each other. A cycle
 between two modules is an error even when each import is lazy. argparse is imported only in
 `chatforge.commands` (the command line; every other module is a library).
-
-While the command lines move out of the domain modules, the modules in `NOT_MOVED_YET` may still
-import argparse and the helpers of `chatforge.commands` (`leaf`, ...); the list only shrinks.
 """
 
 from __future__ import annotations
@@ -26,10 +23,6 @@ RANK = {"base": 0, "data": 1, "model": 2, "retrieval": 3, "infer": 4, "train": 5
 BASE = {"errors", "files", "runtime", "options"}
 PIPELINE = {"pipeline", "continual", "continual_engine", "stages"}
 PACKAGES = {"data", "model", "retrieval", "infer", "train", "eval", "serve"}
-GLUE = "chatforge.commands"     # its argparse helpers, for NOT_MOVED_YET only
-NOT_MOVED_YET = {
-    "chatforge.train.make_pairs", "chatforge.train.reward", "chatforge.train.ppo",
-}
 
 
 def layer(module: str) -> str:
@@ -85,8 +78,7 @@ def upward(edges: dict[str, list[tuple[int, str]]]) -> list[str]:
         mine = layer(module)
         for line, target in targets:
             theirs = layer(target)
-            glue = module in NOT_MOVED_YET and (target == GLUE or target.startswith(GLUE + "."))
-            if glue or theirs == mine:
+            if theirs == mine:
                 continue
             if RANK[theirs] >= RANK[mine]:
                 bad.append(f"{module} (line {line}, layer {mine}) imports {target} (layer {theirs})")
@@ -134,7 +126,7 @@ def argparse_users(root: Path = SRC) -> list[str]:
     bad = []
     for path in sorted(root.rglob("*.py")):
         module = module_name(path)
-        if module.startswith("chatforge.commands") or module in NOT_MOVED_YET:
+        if module.startswith("chatforge.commands"):
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
         for node in ast.walk(tree):

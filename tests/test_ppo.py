@@ -6,6 +6,7 @@ SIGKILLed run resumed to the same weights (e2e)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.folder import load_model  # noqa: E402
 from chatforge.model.heads import hidden_states  # noqa: E402
 from chatforge.model.lora import apply_lora  # noqa: E402
+from chatforge.options import build, defaults  # noqa: E402
 from chatforge.train import ppo, reward, rollouts  # noqa: E402
 from chatforge.train.rl_losses import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss, gae,  # noqa: E402
                                        group_advantages, kl_estimate, masked_mean, token_rewards, whiten)
@@ -259,7 +261,7 @@ def rows(out: Path) -> list[dict]:
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_ppo_and_grpo_raise_a_simple_reward(tiny, prompts_file, tmp_path, monkeypatch, algo):
     _, tok = load_model(tiny)
-    monkeypatch.setattr(reward, "load_reward_model", lambda folder, device="cpu": HighIdsReward(tok, 8))
+    monkeypatch.setattr(ppo, "load_reward_model", lambda folder, device="cpu": HighIdsReward(tok, 8))
     out = tmp_path / algo
     # Full fine-tuning: the random tiny model's logits are nearly flat, and only its (tied) output
     # embedding moves them fast. A low KL target with a short horizon makes the coefficient react.
@@ -289,7 +291,7 @@ def test_rollout_source_resumes_mid_phase_exactly(tiny, prompts_file):
     from chatforge.infer.engine import Engine  # noqa: F401  (the source builds one)
 
     model, tok = load_model(tiny)
-    o = {**ppo.default_options(), **run_options(), "samples": 2, "kl_coef": 0.2, "algo": "ppo"}
+    o = build(ppo.PPOConfig, {**run_options(), "samples": 2, "kl_coef": 0.2, "algo": "ppo"}).rollout
 
     def source():
         m, _ = load_model(tiny)
@@ -310,10 +312,10 @@ def test_rollout_source_resumes_mid_phase_exactly(tiny, prompts_file):
         x, y = a.next_batch(), b.next_batch()
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert a.phase == b.phase == 2 and a.state_dict() == b.state_dict()
-    o["samples"] = 3                                           # another run's options
+    o = dataclasses.replace(o, samples=3)                      # another run's options
     with pytest.raises(ChatforgeError, match="--samples was 2; resume with the same options"):
         source().load_state_dict(state)
-    o["samples"] = 2
+    o = dataclasses.replace(o, samples=2)
     other = source()
     other.eval_prompts = other.eval_prompts[:1]                # another prompt set
     with pytest.raises(ChatforgeError, match="the prompts .* changed since the run was saved"):
@@ -334,6 +336,24 @@ def test_command_help_and_errors(tiny, prompts_file, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "ok?"}, {"answer": "no question"}])
     with pytest.raises(ChatforgeError, match="bad.jsonl:2"):
         ppo.read_prompts(bad)
+
+
+def test_config_defaults_and_checks(capsys):
+    d = defaults(ppo.PPOConfig)
+    assert (d["algo"], d["samples"], d["kl_coef"], d["phases"], d["schedule"], d["lora_rank"]) == \
+        ("ppo", None, None, 20, "constant", 8)
+    grpo = build(ppo.PPOConfig, {"algo": "grpo"}).rollout.resolved()       # the algorithm's defaults
+    assert (grpo.samples, grpo.kl_coef) == (4, 0.04)
+    assert build(ppo.PPOConfig, {"kl_coef": 0.5}).rollout.resolved().kl_coef == 0.5
+    for options, why in [({"minibatch": 32}, "--minibatch cannot exceed --rollout-prompts"),
+                         ({"lora_dropout": 0.1}, "no LoRA dropout"), ({"clip": 1.5}, "--clip must be in"),
+                         ({"phases": 0}, "--phases must be at least 1"), ({"holdout": 1.0}, "--holdout"),
+                         ({"kl_target": -1.0}, "--kl-target must be >= 0"), ({"rollout_dtype": "fp8"}, "fp32")]:
+        with pytest.raises(ChatforgeError, match=why):
+            build(ppo.PPOConfig, options)
+    with pytest.raises(SystemExit):             # the command has no --lora-dropout
+        main(["ppo", "--lora-dropout", "0.1"])
+    assert "unrecognized arguments: --lora-dropout" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

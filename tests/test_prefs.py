@@ -109,7 +109,7 @@ def company(tmp_path_factory):
 def make(company, out: Path, **kw):
     from chatforge.train.make_pairs import make_preferences
 
-    return make_preferences(company["model"], company["data"], [str(MY_DOCS)], out, **kw)
+    return make_preferences(company["model"], company["data"], [str(MY_DOCS)], out, **{"retrieval": "bm25", **kw})
 
 
 def fake_answers(monkeypatch, text: str) -> None:
@@ -182,6 +182,10 @@ def test_make_command_and_its_errors(company, tmp_path, capsys):
     assert "pass --model DIR" in capsys.readouterr().err
     assert main(["prefs", "make", "--data", str(tmp_path / "nowhere"), "--model", str(company["model"])]) == 2
     assert "qa_train.jsonl does not exist" in capsys.readouterr().err
+    with pytest.raises(ChatforgeError, match="--max-rouge in"):
+        make(company, out, max_rouge=0)
+    with pytest.raises(ChatforgeError, match=r"unknown prefs make option\(s\) \['kind'\]"):
+        make(company, out, kind="model")
     with pytest.raises(SystemExit):
         main(["prefs", "make", "--help"])
     assert "example:\n  chatforge prefs make --model" in capsys.readouterr().out

@@ -96,6 +96,22 @@ def test_head_alone_on_cached_features_and_full(base, prefs_file, tmp_path):
     reward.load_reward_model(tmp_path / "full")
 
 
+def test_config_defaults_and_checks(base, prefs_file):
+    from chatforge.options import build, defaults
+
+    d = defaults(reward.RewardConfig)
+    assert (d["method"], d["epochs"], d["holdout"], d["lr"], d["tokens_per_step"], d["lora_dropout"]) == \
+        ("lora", 2.0, 0.2, None, 0, 0.0)
+    assert build(reward.RewardConfig, {"method": "freeze"}).head_only
+    assert not build(reward.RewardConfig, {"method": "freeze", "freeze_top": 1}).head_only
+    for options, why in [({"holdout": 0}, "--holdout must be in"), ({"freeze_top": -1}, "--freeze-top"),
+                         ({"method": "adapter"}, "--method must be one of lora, full, freeze")]:
+        with pytest.raises(ChatforgeError, match=why):
+            build(reward.RewardConfig, options)
+    with pytest.raises(ChatforgeError, match="does not exist"):
+        reward.train_reward_model(base.parent / "nowhere", prefs_file)
+
+
 def test_loader_errors(base, tmp_path):
     with pytest.raises(ChatforgeError, match="not a reward model folder"):
         reward.load_reward_model(base)

@@ -35,24 +35,79 @@ options give the same file. Output: one pair a line in TRL's conversational form
 explicit prompt (what `chatforge feedback export` writes), plus `kind`, `source` (the answer's
 document), `origin` (invented pairs) and `rouge_l` (the rejected reply against the reference).
 The counts are printed and written to OUT with the suffix `.report.json`.
+
+Options: `PrefsConfig`; from Python, `make_preferences(model, data, docs, out, kinds=["model"], ...)`
+with the flags' names. The command is `chatforge.commands.prefs`.
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+from rouge_score import rouge_scorer
+from tqdm import tqdm
 
 from chatforge import files
-from chatforge.commands import add_parser, leaf, subcommands
+from chatforge.data.chat_data import read_chat_records
+from chatforge.data.feedback import normalize_question
+from chatforge.data.prefs import Preference, read_preferences, write_preferences
+from chatforge.data.tokenizer import ChatTokenizer
 from chatforge.errors import ChatforgeError
+from chatforge.infer.answer import is_refusal
+from chatforge.infer.engine import Engine, GenerationConfig
+from chatforge.model.folder import load_model
+from chatforge.options import build, flatten, group, option
+from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, NOT_FOUND_REPLY, cite, strip_citation
+from chatforge.retrieval.examples import grounded_sft_examples
+from chatforge.retrieval.fusion import RetrievalOptions, load_retriever
+from chatforge.train.sft import document_paths
 
 KINDS = ("model", "wrong_passage", "invented")
 MAX_REFERENCE_WORDS = 120       # an invented answer made from the reference: its opening sentences
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass
+class PrefsConfig:
+    """`chatforge prefs make`'s options (besides its inputs: the model, data, documents and output)."""
+    kinds: str = option(",".join(KINDS), "which pairs to make: model (the model's worse answer), wrong_passage (an "
+                                         "answer from another passage), invented (an answer where the documents "
+                                         "hold none)")
+    max_questions: int = option(0, "use a seeded sample of this many questions (0 = all)")
+    missing_fraction: float = option(0.2, "share of the questions asked without their documents (invented pairs)")
+    max_rouge: float = option(0.5, "a rejected reply must score below this ROUGE-L against the reference")
+    max_new_tokens: int = option(384, "longest model answer (a question's own limit is 1.5x its reference + 16); "
+                                      "longer ones are skipped")
+    batch_size: int = option(8, "prompts generated together")
+    k: int = option(3, "passages in each prompt")
+    context_tokens: int | None = option(None, "most tokens of passages in a prompt (default: retrieval's, 320; use "
+                                              "SFT's value)")
+    skip_voted: str | None = option(None, "preferences.jsonl from `chatforge feedback export`: its questions are "
+                                          "left out")
+    seed: int = option(0, "seed of the question sample and the prompts")
+    retriever: RetrievalOptions = group(RetrievalOptions)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kinds, str):      # Python callers may give a list
+            self.kinds = ",".join(self.kinds)
+        if not self.kind_list() or any(kind not in KINDS for kind in self.kind_list()):
+            raise ChatforgeError(f"--kinds must be a comma-separated subset of {','.join(KINDS)}, got {self.kinds}")
+        if not 0 <= self.missing_fraction <= 1 or not 0 < self.max_rouge <= 1:
+            raise ChatforgeError("--missing-fraction must be in [0, 1] and --max-rouge in (0, 1]")
+        if self.max_questions < 0 or self.batch_size < 1 or self.k < 1 or self.max_new_tokens < 1:
+            raise ChatforgeError("--max-questions must be >= 0; --batch-size, --k and --max-new-tokens >= 1")
+
+    def kind_list(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.kinds.split(",") if k.strip())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,8 +116,6 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 def rouge_l(hyp: str, ref: str) -> float:
     """ROUGE-L F1 (stemmed), as `chatforge eval` scores answers."""
-    from rouge_score import rouge_scorer
-
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(ref, hyp)["rougeL"].fmeasure
 
 
@@ -114,10 +167,6 @@ def generate_replies(model, tokenizer, conversations: Sequence[list[dict]], budg
     """(reply text, finished) of greedy answers, in input order; `finished` is false when the reply
     did not end within its own budget of new tokens. Prompts go in batches of similar budget and
     length, each batch generating up to its largest budget."""
-    from tqdm import tqdm
-
-    from chatforge.infer.engine import Engine, GenerationConfig
-
     engine = Engine(model, tokenizer)
     prompts = [tokenizer.render_chat(c, add_generation_prompt=True)[0] for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(prompts[i]), i))
@@ -143,30 +192,18 @@ def _answer(record: dict) -> str:
     return next(m["content"] for m in reversed(record["messages"]) if m["role"] == "assistant")
 
 
-def make_preferences(model_dir: str | Path | None, data: str | Path, docs: Sequence[str] | None, out: str | Path,
-                     kinds: Sequence[str] = KINDS, max_questions: int = 0, missing_fraction: float = 0.2,
-                     max_rouge: float = 0.5, max_new_tokens: int = 384, batch_size: int = 8, k: int = 3,
-                     context_tokens: int | None = None, skip_voted: str | Path | None = None, seed: int = 0,
-                     retrieval: str = "bm25", embedding_model: str | None = None) -> dict:
-    """Write generated preference pairs to `out` (see the module docstring); returns the counts."""
-    from chatforge.data.chat_data import read_chat_records
-    from chatforge.data.feedback import normalize_question
-    from chatforge.data.prefs import Preference, read_preferences, write_preferences
-    from chatforge.infer.answer import is_refusal
-    from chatforge.model.folder import load_model
-    from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, NOT_FOUND_REPLY, cite, strip_citation
-    from chatforge.retrieval.fusion import load_retriever
-    from chatforge.retrieval.examples import grounded_sft_examples
-    from chatforge.train.sft import document_paths
-
+def make_preferences(model_dir: str | Path | None, data: str | Path | None, docs: Sequence[str] | None,
+                     out: str | Path | None = None, config: PrefsConfig | None = None, **options: Any) -> dict:
+    """Write generated preference pairs to `out` (default: prefs.jsonl beside the data folder; see
+    the module docstring); returns the counts, with `out`. `config` holds the options (default:
+    `PrefsConfig()`); `options` change some by their flat names (`kinds="model"`, `seed=1`, ...)."""
+    o = build(PrefsConfig, {**(flatten(config) if config else {}), **options}, "prefs make")
     started = time.time()
-    kinds = tuple(kinds)
-    if not kinds or any(kind not in KINDS for kind in kinds):
-        raise ChatforgeError(f"--kinds must be a comma-separated subset of {','.join(KINDS)}, got {','.join(kinds)}")
-    if not 0 <= missing_fraction <= 1 or not 0 < max_rouge <= 1:
-        raise ChatforgeError("--missing-fraction must be in [0, 1] and --max-rouge in (0, 1]")
-    if max_questions < 0 or batch_size < 1 or k < 1 or max_new_tokens < 1:
-        raise ChatforgeError("--max-questions must be >= 0; --batch-size, --k and --max-new-tokens >= 1")
+    if not data:
+        raise ChatforgeError("pass --data DIR: the folder written by `chatforge data build`")
+    out = Path(out) if out else Path(data).parent / "prefs.jsonl"
+    kinds, max_questions, missing_fraction, max_rouge = o.kind_list(), o.max_questions, o.missing_fraction, o.max_rouge
+    max_new_tokens, batch_size, k, seed = o.max_new_tokens, o.batch_size, o.k, o.seed
     generate = "model" in kinds or "invented" in kinds
     if generate and not model_dir:
         raise ChatforgeError("pass --model DIR (the model whose answers become rejected replies), "
@@ -178,7 +215,7 @@ def make_preferences(model_dir: str | Path | None, data: str | Path, docs: Seque
     if not doc_paths:
         raise ChatforgeError("no documents to ground the answers in: pass --docs FILES_OR_FOLDERS "
                              "(or a --data folder whose report.json lists its inputs)")
-    index = load_retriever(doc_paths, mode=retrieval, model=embedding_model)
+    index = load_retriever(doc_paths, mode=o.retriever.retrieval, model=o.retriever.embedding_model)
     by_source: dict[str, list] = {}
     for passage in index.passages:
         by_source.setdefault(passage.source, []).append(passage)
@@ -187,16 +224,14 @@ def make_preferences(model_dir: str | Path | None, data: str | Path, docs: Seque
     if generate:
         model, tok = load_model(model_dir)
     else:
-        from chatforge.data.tokenizer import ChatTokenizer
-
         tok = ChatTokenizer.load(model_dir) if model_dir else None
-    budget = context_tokens or DEFAULT_CONTEXT_TOKENS
+    budget = o.context_tokens or DEFAULT_CONTEXT_TOKENS
     if model is not None:   # room for the question, the template and the answer within the context
         budget = max(64, min(budget, model.config.max_seq_len - max_new_tokens - 96))
 
     voted = set()
-    if skip_voted:
-        voted = {normalize_question(p.question) for p in read_preferences(skip_voted)}
+    if o.skip_voted:
+        voted = {normalize_question(p.question) for p in read_preferences(o.skip_voted)}
     counts = {"questions": 0, "answerable": 0, "not_in_documents": 0, "pairs": {kind: 0 for kind in kinds},
               "skipped": {"voted": 0, "no_grounded_example": 0}}
     usable = []
@@ -291,7 +326,6 @@ def make_preferences(model_dir: str | Path | None, data: str | Path, docs: Seque
     if not prefs:
         raise ChatforgeError(f"no preference pair could be made from {len(chosen_ids)} questions "
                              f"(skipped: {counts['skipped']}); give more Q&A or documents, or raise --max-rouge")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_preferences(out, prefs)
     counts["seconds"] = round(time.time() - started, 1)
@@ -300,62 +334,4 @@ def make_preferences(model_dir: str | Path | None, data: str | Path, docs: Seque
                          "missing_fraction": missing_fraction, "max_rouge": max_rouge, "max_new_tokens": max_new_tokens,
                          "k": k, "context_tokens": budget, "seed": seed}
     files.write_json(out.with_name(out.name + ".report.json"), counts)
-    return counts
-
-
-# ---------------------------------------------------------------------------------------------
-# The command
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    sub = subcommands(parser)
-    p = add_parser(sub, "make", "generate preference pairs from the data folder's Q&A and the documents",
-                   "chatforge prefs make --model runs/demo/sft --data runs/demo/data "
-                   "--docs ~/.cache/chatforge/sources/debian-faq --out runs/demo/prefs.jsonl")
-    p.add_argument("--model", default=None, help="model folder whose own answers become rejected replies")
-    p.add_argument("--data", default=None, help="data folder from `chatforge data build` (its qa_train.jsonl)")
-    p.add_argument("--docs", nargs="*", default=None,
-                   help="documents the answers are grounded in (default: the inputs the data folder's report.json lists)")
-    p.add_argument("--out", default=None, help="output JSONL file (default: prefs.jsonl in the data folder's parent)")
-    p.add_argument("--kinds", default=",".join(KINDS),
-                   help="which pairs to make: model (the model's worse answer), wrong_passage (an answer from "
-                        "another passage), invented (an answer where the documents hold none)")
-    p.add_argument("--max-questions", type=int, default=0, help="use a seeded sample of this many questions (0 = all)")
-    p.add_argument("--missing-fraction", type=float, default=0.2,
-                   help="share of the questions asked without their documents (invented pairs)")
-    p.add_argument("--max-rouge", type=float, default=0.5,
-                   help="a rejected reply must score below this ROUGE-L against the reference")
-    p.add_argument("--max-new-tokens", type=int, default=384,
-                   help="longest model answer (a question's own limit is 1.5x its reference + 16); longer ones are skipped")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
-    p.add_argument("--k", type=int, default=3, help="passages in each prompt")
-    p.add_argument("--context-tokens", type=int, default=None,
-                   help="most tokens of passages in a prompt (default: retrieval's, 320; use SFT's value)")
-    p.add_argument("--skip-voted", default=None,
-                   help="preferences.jsonl from `chatforge feedback export`: its questions are left out")
-    p.add_argument("--seed", type=int, default=0, help="seed of the question sample and the prompts")
-    from chatforge.commands import add_retrieval as add_retrieval_arguments
-
-    add_retrieval_arguments(p)
-    leaf(p, run_make)
-
-
-def run_make(args: argparse.Namespace) -> int:
-    if not args.data:
-        raise ChatforgeError("pass --data DIR: the folder written by `chatforge data build`")
-    out = Path(args.out) if args.out else Path(args.data).parent / "prefs.jsonl"
-    kinds = [k.strip() for k in str(args.kinds).split(",") if k.strip()]
-    counts = make_preferences(args.model, args.data, args.docs, out, kinds=kinds, max_questions=args.max_questions,
-                              missing_fraction=args.missing_fraction, max_rouge=args.max_rouge,
-                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k=args.k,
-                              context_tokens=args.context_tokens, skip_voted=args.skip_voted, seed=args.seed,
-                              retrieval=args.retrieval, embedding_model=args.embedding_model)
-    pairs = counts["pairs"]
-    print(f"{pairs['total']} pairs from {counts['questions']} questions ({counts['answerable']} answerable, "
-          f"{counts['not_in_documents']} asked without their documents): "
-          + ", ".join(f"{k} {v}" for k, v in pairs.items() if k != "total"))
-    if counts.get("invented_origin"):
-        print("invented replies: " + ", ".join(f"{k} {v}" for k, v in counts["invented_origin"].items()))
-    print("skipped: " + ", ".join(f"{k} {v}" for k, v in counts["skipped"].items()))
-    print(f"-> {out} ({counts['seconds']} s)")
-    return 0
+    return {**counts, "out": str(out)}

@@ -34,20 +34,38 @@ chance (0.5), overall and per `kind` when the pairs carry one (`chatforge prefs 
 
 Output folder: a model folder (the backbone, adapters merged) plus `reward_head.safetensors` and
 `reward.json` (format, max length, method, metrics), loaded by `load_reward_model`.
+
+Options: `RewardConfig`; from Python, `train_reward_model(base, prefs, out, method="freeze", ...)`
+with the flags' names. The commands are `chatforge.commands.reward`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from chatforge import files
-from chatforge.commands import add_parser, leaf, option_defaults, subcommands
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from chatforge import files, runtime
+from chatforge.data.chat_data import ShuffledBatches
+from chatforge.data.prefs import parse_preference, prompt_messages, read_preferences, split_by_question
 from chatforge.errors import ChatforgeError
+from chatforge.model.folder import load_model
+from chatforge.model.heads import RewardHead, hidden_states
+from chatforge.model.lora import LoraConfig, PreferenceLora
+from chatforge.options import build, flatten, group, option
+from chatforge.train import recipe
+from chatforge.train.loop import LoopOptions, train
+from chatforge.train.pairs import (TRUNCATE, PairBatches, encode_pairs, eval_pair_batches, length_batches,
+                                   make_pair_batch, reply_end_states)
 
 HEAD_WEIGHTS, REWARD_CONFIG = "reward_head.safetensors", "reward.json"
 FORMAT = "chatforge-reward"
@@ -62,99 +80,87 @@ HEAD_ONLY_LR = 1e-2
 
 def bradley_terry(chosen, rejected):
     """Per-pair loss -log sigmoid(chosen - rejected) of (B,) scores."""
-    import torch.nn.functional as F
-
     return -F.logsigmoid(chosen - rejected)
 
 
+class RewardModel(nn.Module):
+    """A GPT backbone and a `RewardHead`: a conversation ending in a reply -> one score."""
+
+    def __init__(self, backbone: nn.Module, tokenizer=None, max_length: int = 1024):
+        super().__init__()
+        self.backbone, self.tokenizer, self.max_length = backbone, tokenizer, max_length
+        self.head = RewardHead(backbone.config.d_model)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """(B, 2) scores of each pair's chosen and rejected reply, from a pair batch (`train/pairs.py`)."""
+        return self.head(self.reply_states(batch))
+
+    def reply_states(self, batch: dict) -> torch.Tensor:
+        """(B, 2, C) final hidden states at each reply's last token."""
+        return reply_end_states(self.backbone, batch)
+
+    @torch.no_grad()
+    def score_ids(self, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
+        """(N,) float32 scores of conversations given as token ids, as `render_chat(messages)`
+        gives them, ending with the reply's `<|im_end|>` (the newline `render_chat` puts after it
+        is dropped; when the last token is not `<|im_end|>`, as in an engine rollout's prompt +
+        completion tokens, it is appended). Sequences longer than `max_length` keep their last
+        `max_length` tokens. Runs in eval mode on the model's device."""
+        if self.tokenizer is None:
+            raise ChatforgeError("this reward model has no tokenizer; load it with load_reward_model(folder)")
+        end, newline = self.tokenizer.im_end_id, self.tokenizer.encode("\n")
+        rows = []
+        for seq in sequences:
+            seq = [int(t) for t in seq]
+            if len(seq) > len(newline) and seq[-len(newline):] == newline and seq[-len(newline) - 1] == end:
+                seq = seq[:-len(newline)]
+            elif not seq or seq[-1] != end:
+                seq.append(end)
+            rows.append(seq[-self.max_length:])
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        out = torch.zeros(len(rows), dtype=torch.float32)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))   # batches of similar length
+        for start in range(0, len(order), batch_size):
+            group = order[start:start + batch_size]
+            T = max(len(rows[i]) for i in group)
+            ids = torch.full((len(group), T), self.tokenizer.pad_id, dtype=torch.long)
+            for b, i in enumerate(group):
+                ids[b, :len(rows[i])] = torch.tensor(rows[i])
+            # Right padding and causal attention: no real token sees the padding after it.
+            hidden = hidden_states(self.backbone, ids.to(device))
+            last = torch.tensor([len(rows[i]) - 1 for i in group], device=device)
+            out[group] = self.head(hidden[torch.arange(len(group), device=device), last]).float().cpu()
+        self.train(was_training)
+        return out
+
+    def score(self, conversations: Sequence, batch_size: int = 16) -> torch.Tensor:
+        """(N,) float32 scores. Each item is a conversation ending with the assistant's reply
+        (a list of {"role", "content"}), or a (prompt, reply) pair: prompt a string (one user
+        turn) or messages, reply a string."""
+        if self.tokenizer is None:
+            raise ChatforgeError("this reward model has no tokenizer; load it with load_reward_model(folder)")
+        rendered = []
+        for item in conversations:
+            if isinstance(item, tuple):
+                prompt, reply = item
+                prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+                item = [*prompt, {"role": "assistant", "content": reply}]
+            if not item or item[-1].get("role") != "assistant":
+                raise ChatforgeError("a conversation to score must end with the assistant's reply")
+            rendered.append(self.tokenizer.render_chat(item)[0])
+        return self.score_ids(rendered, batch_size)
+
+
 def _reward_model_class():
-    """`RewardModel`, defined on first use so that `--help` does not import torch."""
-    import torch
-    import torch.nn as nn
-
-    from chatforge.model.heads import RewardHead, hidden_states
-    from chatforge.train.pairs import reply_end_states
-
-    class RewardModel(nn.Module):
-        """A GPT backbone and a `RewardHead`: a conversation ending in a reply -> one score."""
-
-        def __init__(self, backbone: nn.Module, tokenizer=None, max_length: int = 1024):
-            super().__init__()
-            self.backbone, self.tokenizer, self.max_length = backbone, tokenizer, max_length
-            self.head = RewardHead(backbone.config.d_model)
-
-        def forward(self, batch: dict) -> torch.Tensor:
-            """(B, 2) scores of each pair's chosen and rejected reply, from a pair batch (`train/pairs.py`)."""
-            return self.head(self.reply_states(batch))
-
-        def reply_states(self, batch: dict) -> torch.Tensor:
-            """(B, 2, C) final hidden states at each reply's last token."""
-            return reply_end_states(self.backbone, batch)
-
-        @torch.no_grad()
-        def score_ids(self, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
-            """(N,) float32 scores of conversations given as token ids, as `render_chat(messages)`
-            gives them, ending with the reply's `<|im_end|>` (the newline `render_chat` puts after it
-            is dropped; when the last token is not `<|im_end|>`, as in an engine rollout's prompt +
-            completion tokens, it is appended). Sequences longer than `max_length` keep their last
-            `max_length` tokens. Runs in eval mode on the model's device."""
-            if self.tokenizer is None:
-                raise ChatforgeError("this reward model has no tokenizer; load it with load_reward_model(folder)")
-            end, newline = self.tokenizer.im_end_id, self.tokenizer.encode("\n")
-            rows = []
-            for seq in sequences:
-                seq = [int(t) for t in seq]
-                if len(seq) > len(newline) and seq[-len(newline):] == newline and seq[-len(newline) - 1] == end:
-                    seq = seq[:-len(newline)]
-                elif not seq or seq[-1] != end:
-                    seq.append(end)
-                rows.append(seq[-self.max_length:])
-            was_training = self.training
-            self.eval()
-            device = next(self.parameters()).device
-            out = torch.zeros(len(rows), dtype=torch.float32)
-            order = sorted(range(len(rows)), key=lambda i: len(rows[i]))   # batches of similar length
-            for start in range(0, len(order), batch_size):
-                group = order[start:start + batch_size]
-                T = max(len(rows[i]) for i in group)
-                ids = torch.full((len(group), T), self.tokenizer.pad_id, dtype=torch.long)
-                for b, i in enumerate(group):
-                    ids[b, :len(rows[i])] = torch.tensor(rows[i])
-                # Right padding and causal attention: no real token sees the padding after it.
-                hidden = hidden_states(self.backbone, ids.to(device))
-                last = torch.tensor([len(rows[i]) - 1 for i in group], device=device)
-                out[group] = self.head(hidden[torch.arange(len(group), device=device), last]).float().cpu()
-            self.train(was_training)
-            return out
-
-        def score(self, conversations: Sequence, batch_size: int = 16) -> torch.Tensor:
-            """(N,) float32 scores. Each item is a conversation ending with the assistant's reply
-            (a list of {"role", "content"}), or a (prompt, reply) pair: prompt a string (one user
-            turn) or messages, reply a string."""
-            if self.tokenizer is None:
-                raise ChatforgeError("this reward model has no tokenizer; load it with load_reward_model(folder)")
-            rendered = []
-            for item in conversations:
-                if isinstance(item, tuple):
-                    prompt, reply = item
-                    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-                    item = [*prompt, {"role": "assistant", "content": reply}]
-                if not item or item[-1].get("role") != "assistant":
-                    raise ChatforgeError("a conversation to score must end with the assistant's reply")
-                rendered.append(self.tokenizer.render_chat(item)[0])
-            return self.score_ids(rendered, batch_size)
-
+    """`RewardModel` (it was defined on first use while `--help` had to avoid torch)."""
     return RewardModel
 
 
 def load_reward_model(folder: str | Path, device: str = "cpu"):
     """The `RewardModel` saved in `folder` by `chatforge reward train`, in eval mode on `device`.
     Reads safetensors and JSON only."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from chatforge.model.folder import load_model
-
     folder = Path(folder)
     if not (folder / REWARD_CONFIG).is_file():
         raise ChatforgeError(f"{folder} is not a reward model folder ({REWARD_CONFIG} is missing); "
@@ -166,7 +172,7 @@ def load_reward_model(folder: str | Path, device: str = "cpu"):
     if meta.get("format") != FORMAT:
         raise ChatforgeError(f"{folder / REWARD_CONFIG} is not a chatforge reward model (format {meta.get('format')!r})")
     backbone, tok = load_model(folder)
-    model = _reward_model_class()(backbone, tok, int(meta.get("max_length", 1024)))
+    model = RewardModel(backbone, tok, int(meta.get("max_length", 1024)))
     try:
         model.head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
@@ -225,35 +231,6 @@ def format_report(report: dict) -> str:
 # Training
 
 
-def _save_fn(out: Path, tokenizer, meta: dict, method: str):
-    """At the top of `out` a reward model folder; in `last/` the trained module's own weights."""
-    from chatforge.model import folder as model_folder
-    from chatforge.model.lora import merged_state_dict
-    from safetensors.torch import save as safetensors_bytes
-
-    backbone_saved = []   # head-only training never changes the backbone: write it once
-
-    def save(folder: Path, module, state: dict) -> None:
-        if Path(folder).resolve() != out.resolve():
-            model_folder.save_weights(Path(folder) / model_folder.WEIGHTS, module, {k: v.clone() for k, v in state.items()})
-            return
-        if meta["head_only"]:
-            head = state
-            if not backbone_saved:
-                model_folder.save_model(folder, meta["_backbone"], tokenizer)
-                backbone_saved.append(True)
-        else:
-            head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-            backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-            if method == "lora":
-                backbone = merged_state_dict(module.backbone, backbone)
-            model_folder.save_model(folder, module.backbone, tokenizer, state=backbone)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in head.items()}
-        files.write_bytes(Path(folder) / HEAD_WEIGHTS, safetensors_bytes(tensors, metadata={"format": "pt"}))
-        files.write_json(Path(folder) / REWARD_CONFIG, {k: v for k, v in meta.items() if not k.startswith("_")})
-    return save
-
-
 def freeze_below_top(backbone, n_top: int) -> None:
     """Only the top `n_top` blocks and the final norm of `backbone` stay trainable (0: none)."""
     n_layer = len(backbone.layers)
@@ -269,109 +246,140 @@ def freeze_below_top(backbone, n_top: int) -> None:
 
 def backbone_features(model, examples, batch_size: int, pad_id: int, device, precision: str):
     """(N, 2, C) float32 hidden states at each pair's reply ends, from the fixed backbone."""
-    import torch
-
-    from chatforge import runtime
-    from chatforge.train.pairs import length_batches, make_pair_batch
-
     out = torch.zeros(len(examples), 2, model.backbone.config.d_model)
     model.eval().to(device)
     with torch.no_grad(), runtime.autocast(device, precision):
-        for group in length_batches(examples, batch_size):
-            batch = make_pair_batch([examples[i] for i in group], pad_id)
-            out[group] = model.reply_states({k: v.to(device) for k, v in batch.items()}).float().cpu()
+        for rows in length_batches(examples, batch_size):
+            batch = make_pair_batch([examples[i] for i in rows], pad_id)
+            out[rows] = model.reply_states({k: v.to(device) for k, v in batch.items()}).float().cpu()
     return out
 
 
 def pair_scores(model, examples, batch_size: int, pad_id: int, device, precision: str = "fp32"):
     """(N, 2) float32 scores of each pair's chosen and rejected reply, in the order of `examples`."""
-    import torch
-
-    from chatforge import runtime
-    from chatforge.train.pairs import length_batches, make_pair_batch
-
     out = torch.zeros(len(examples), 2)
     model.eval().to(device)
     with torch.no_grad(), runtime.autocast(device, precision):
-        for group in length_batches(examples, batch_size):
-            batch = make_pair_batch([examples[i] for i in group], pad_id)
-            out[group] = model({k: v.to(device) for k, v in batch.items()}).float().cpu()
+        for rows in length_batches(examples, batch_size):
+            batch = make_pair_batch([examples[i] for i in rows], pad_id)
+            out[rows] = model({k: v.to(device) for k, v in batch.items()}).float().cpu()
     return out
 
 
-def train_reward_model(base: str | Path, prefs: str | Path, out: str | Path, **options: Any) -> dict:
-    """Train a reward model on `base` from the pairs in `prefs` into `out`; returns the report."""
-    import time
+@dataclass
+class RewardConfig(LoopOptions):
+    """`chatforge reward train`'s options (the loop's: `LoopOptions`, some defaults changed)."""
+    method: str = option("lora", "lora: adapters + head; full: every weight; freeze: the top --freeze-top blocks "
+                                 "+ head", choices=METHODS)
+    freeze_top: int = option(0, "freeze: blocks that train (0 = the head alone, on features computed once)")
+    lora: LoraConfig = group(PreferenceLora, "lora")
+    max_length: int = option(1024, "most tokens read at once, the prompt plus the longer reply (capped at the "
+                                   "model's context)")
+    truncate: str = option("left", "too-long pairs: cut the prompt from the left, or drop them", choices=TRUNCATE)
+    holdout: float = option(0.2, "share of the questions held out for the report")
+    val_fraction: float = option(0.1, "share of the other questions used for validation")
+    epochs: float = option(2.0, "passes over the training pairs (ignored with --steps)")
+    lr: float | None = option(None, "peak learning rate (default: 5e-4 lora, 1e-5 full, 1e-4 freeze, 1e-2 head alone)")
+    batch_size: int = option(8, "pairs per batch")
+    tokens_per_step: int = option(0, "0 = one batch a step")
+    eval_every: int = option(0, "steps between validations (0 = four times a run)")
+    log_every: int = option(1, "steps between metrics.jsonl lines")
+    compile: str = option("auto", "torch.compile: auto = off here (batches change length)",
+                          choices=("auto", "on", "off"))
 
-    import torch
+    def __post_init__(self) -> None:
+        if not 0 < self.holdout < 1 or not 0 <= self.val_fraction < 1:
+            raise ChatforgeError("--holdout must be in (0, 1) and --val-fraction in [0, 1)")
+        if self.freeze_top < 0:
+            raise ChatforgeError(f"--freeze-top must be 0 (the head alone) or more blocks, got {self.freeze_top}")
+        if self.epochs <= 0 and not self.steps:
+            raise ChatforgeError(f"--epochs must be positive, got {self.epochs}")
 
-    from chatforge.data.chat_data import ShuffledBatches
-    from chatforge.data.prefs import read_preferences, split_by_question
-    from chatforge.model.folder import load_model
-    from chatforge.model.lora import apply_lora
-    from chatforge import runtime
-    from chatforge.train.loop import train
-    from chatforge.train.pairs import PairBatches, encode_pairs, eval_pair_batches
-    from chatforge.train.sft import loop_config, top_block_targets
+    @property
+    def head_only(self) -> bool:
+        """The backbone fixed: the head alone trains, on features computed once."""
+        return self.method == "freeze" and self.freeze_top == 0
 
+
+def reward_folder_writer(meta: dict, head_only: bool):
+    """`recipe.save_fn`'s `extra` for a reward model: the head's weights and `reward.json` beside
+    the model folder (the trained module is the `RewardModel`, or its head alone)."""
+
+    def write(folder: Path, state: dict) -> None:
+        head = state if head_only else {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in head.items()}
+        files.write_bytes(folder / HEAD_WEIGHTS, safetensors_bytes(tensors, metadata={"format": "pt"}))
+        files.write_json(folder / REWARD_CONFIG, meta)
+    return write
+
+
+def train_reward_model(base: str | Path, prefs: str | Path, out: str | Path | None = None,
+                       config: RewardConfig | None = None, **options: Any) -> dict:
+    """Train a reward model on `base` from the pairs in `prefs` into `out` (default: a `reward`
+    folder beside `base`); returns the report. `config` holds the options (default:
+    `RewardConfig()`); `options` change some by their flat names (`method="freeze"`, ...)."""
     started = time.time()
-    o = {**default_train_options(), **options}
-    out = Path(out)
-    if o["method"] not in METHODS:
-        raise ChatforgeError(f"--method must be one of {', '.join(METHODS)}, got {o['method']!r}")
-    if not 0 < o["holdout"] < 1 or not 0 <= o["val_fraction"] < 1:
-        raise ChatforgeError("--holdout must be in (0, 1) and --val-fraction in [0, 1)")
+    o = build(RewardConfig, {**(flatten(config) if config else {}), **options}, "reward")
+    if not base:
+        raise ChatforgeError("pass --base DIR: the model folder whose backbone to use (e.g. runs/demo/sft)")
+    if not Path(base).is_dir():
+        raise ChatforgeError(f"model folder {base} does not exist")
+    if not prefs:
+        raise ChatforgeError("pass --prefs FILE.jsonl: pairs from `chatforge prefs make` or "
+                             "`chatforge feedback export`")
+    out = Path(out) if out else Path(base).parent / "reward"
     pairs = read_preferences(prefs)
-    rest, held_idx = split_by_question(pairs, o["holdout"], o["seed"])
-    fit_local, val_local = split_by_question([pairs[i] for i in rest], o["val_fraction"], o["seed"] + 1)
+    rest, held_idx = split_by_question(pairs, o.holdout, o.seed)
+    fit_local, val_local = split_by_question([pairs[i] for i in rest], o.val_fraction, o.seed + 1)
     fit_idx, val_idx = [rest[i] for i in fit_local], [rest[i] for i in val_local]
 
     backbone, tok = load_model(base)
-    max_length = min(o["max_length"], backbone.config.max_seq_len)
-    encoded, stats = encode_pairs(pairs, tok, max_length, o["truncate"])
+    max_length = min(o.max_length, backbone.config.max_seq_len)
+    encoded, stats = encode_pairs(pairs, tok, max_length, o.truncate)
     fit_idx, val_idx, held_idx = ([i for i in idx if encoded[i] is not None] for idx in (fit_idx, val_idx, held_idx))
     if not fit_idx or not held_idx:
         raise ChatforgeError(f"{prefs}: {len(pairs)} pairs ({stats.dropped} too long for --max-length {max_length}) "
                              "are too few to split into training and held-out questions; give more pairs")
-    device = runtime.pick_device(o["device"])
-    precision = runtime.resolve_precision(o["precision"], device)
-    head_only = o["method"] == "freeze" and o["freeze_top"] == 0
+    device = runtime.pick_device(o.device)
+    precision = runtime.resolve_precision(o.precision, device)
+    head_only = o.head_only
 
-    torch.manual_seed(o["seed"])
-    model = _reward_model_class()(backbone, tok, max_length)
+    torch.manual_seed(o.seed)   # the head's weights, then LoRA's A matrices (no reseed between them)
+    model = RewardModel(backbone, tok, max_length)
     feature_start = time.time()
     if head_only:
         freeze_below_top(backbone, 0)
-        feats = backbone_features(model, [e for e in encoded if e is not None], o["batch_size"], tok.pad_id, device, precision)
+        feats = backbone_features(model, [e for e in encoded if e is not None], o.batch_size, tok.pad_id, device,
+                                  precision)
         row = {i: j for j, i in enumerate(i for i, e in enumerate(encoded) if e is not None)}
         fit = torch.tensor([row[i] for i in fit_idx])
-        source = ShuffledBatches(len(fit), o["batch_size"], lambda index: {"features": feats[fit[index]]}, seed=o["seed"])
+        source = ShuffledBatches(len(fit), o.batch_size, lambda index: {"features": feats[fit[index]]}, seed=o.seed)
         val_batches = [{"features": feats[[row[i] for i in val_idx]]}] if val_idx else None
         trained = model.head
     else:
-        if o["method"] == "lora":
-            targets = [t.strip() for t in str(o["lora_targets"]).split(",") if t.strip()]
-            apply_lora(backbone, o["lora_rank"], o["lora_alpha"], o["lora_dropout"],
-                       top_block_targets(backbone, targets, o["lora_layers"]))
-        elif o["method"] == "freeze":
-            freeze_below_top(backbone, o["freeze_top"])
-        source = PairBatches([encoded[i] for i in fit_idx], o["batch_size"], tok.pad_id, seed=o["seed"])
-        val_batches = eval_pair_batches([encoded[i] for i in val_idx], o["batch_size"], tok.pad_id) if val_idx else None
+        if o.method == "lora":
+            o.lora.apply(backbone)
+        elif o.method == "freeze":
+            freeze_below_top(backbone, o.freeze_top)
+        source = PairBatches([encoded[i] for i in fit_idx], o.batch_size, tok.pad_id, seed=o.seed)
+        val_batches = eval_pair_batches([encoded[i] for i in val_idx], o.batch_size, tok.pad_id) if val_idx else None
         trained = model
     feature_seconds = time.time() - feature_start
-    steps = o["steps"] or max(1, math.ceil(o["epochs"] * source.batches_per_epoch))
-    lr = o["lr"] if o["lr"] is not None else HEAD_ONLY_LR if head_only else DEFAULT_LR[o["method"]]
-    loop_options = {**o, "compile": "off" if o["compile"] == "auto" else o["compile"]}
-    cfg = loop_config(loop_options, steps, max_length, lr, o["eval_every"] or max(1, steps // 4))
-    meta = {"format": FORMAT, "version": 1, "max_length": max_length, "base": str(base), "method": o["method"],
-            "head_only": head_only, "pooling": "last token of the reply (<|im_end|>)", "_backbone": backbone}
+    steps = recipe.steps(o, o.epochs, source.batches_per_epoch, max_length)
+    lr = recipe.learning_rate(o, {**DEFAULT_LR, "head": HEAD_ONLY_LR}, "head" if head_only else o.method)
+    cfg = o.train_config(steps, max_length, lr, o.eval_every or max(1, steps // 4),
+                         compile="off" if o.compile == "auto" else o.compile)
+    meta = {"format": FORMAT, "version": 1, "max_length": max_length, "base": str(base), "method": o.method,
+            "head_only": head_only, "pooling": "last token of the reply (<|im_end|>)"}
     params = [p for p in trained.parameters() if p.requires_grad]
-    print(f"reward ({o['method']}{', head only' if head_only else ''}): {len(fit_idx)} train / {len(val_idx)} val / "
+    print(f"reward ({o.method}{', head only' if head_only else ''}): {len(fit_idx)} train / {len(val_idx)} val / "
           f"{len(held_idx)} held-out pairs (truncated {stats.truncated}, dropped {stats.dropped}), training "
           f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters for {steps} steps at lr {lr:g}")
     out.mkdir(parents=True, exist_ok=True)
+    save = recipe.save_fn(out, tok, Path(base), o.method, inner="" if head_only else "backbone",
+                          extra=reward_folder_writer(meta, head_only), fixed=backbone if head_only else None)
     result = train(trained, source, reward_loss, cfg, out, val_batches=val_batches, tokenizer=tok,
-                   resume=o["resume"], params=params, save_fn=_save_fn(out, tok, meta, o["method"]))
+                   resume=o.resume, params=params, save_fn=save)
 
     eval_start = time.time()
     best = load_reward_model(out, str(device))
@@ -379,100 +387,25 @@ def train_reward_model(base: str | Path, prefs: str | Path, out: str | Path, **o
         with torch.no_grad():
             scores = best.head(feats[[row[i] for i in held_idx]].to(device)).float().cpu()
     else:
-        scores = pair_scores(best, [encoded[i] for i in held_idx], o["batch_size"], tok.pad_id, device, precision)
+        scores = pair_scores(best, [encoded[i] for i in held_idx], o.batch_size, tok.pad_id, device, precision)
     chosen, rejected = scores[:, 0].tolist(), scores[:, 1].tolist()
     metrics = held_out_report(chosen, rejected, [pairs[i] for i in held_idx])
-    report = {"base": str(base), "prefs": str(prefs), "method": o["method"], "head_only": head_only,
+    report = {"base": str(base), "prefs": str(prefs), "method": o.method, "head_only": head_only,
               "precision": precision, "pairs": stats.to_dict(),
               "split": {"train": len(fit_idx), "val": len(val_idx), "held_out": len(held_idx)},
               "steps": result.step, "lr": lr, "best_val_loss": result.best_val_loss, "held_out": metrics,
               "seconds": {"features": round(feature_seconds, 1), "train": round(result.seconds, 1),
                           "evaluation": round(time.time() - eval_start, 1), "total": round(time.time() - started, 1)},
-              "interrupted": result.interrupted}
-    meta["metrics"] = metrics
-    files.write_json(out / REWARD_CONFIG, {k: v for k, v in meta.items() if not k.startswith("_")})
+              "interrupted": result.interrupted, "out": str(out)}
+    files.write_json(out / REWARD_CONFIG, {**meta, "metrics": metrics})
     files.write_json(out / "reward_report.json", report)
     print(format_report(metrics))
     return report
 
 
-# ---------------------------------------------------------------------------------------------
-# The commands
-
-
-def add_train_options(p: argparse.ArgumentParser) -> None:
-    from chatforge.train.pretrain import add_loop_options
-    from chatforge.train.sft import NO_DROPOUT_HELP, _set_default, add_lora_options
-
-    p.add_argument("--base", default=None, help="model folder whose backbone to use (e.g. runs/demo/sft)")
-    p.add_argument("--prefs", default=None, help="preference pairs: JSONL of {\"prompt\", \"chosen\", \"rejected\"}")
-    p.add_argument("--out", default=None, help="output folder (default: a `reward` folder beside --base)")
-    p.add_argument("--method", default="lora", choices=METHODS,
-                   help="lora: adapters + head; full: every weight; freeze: the top --freeze-top blocks + head")
-    p.add_argument("--freeze-top", type=int, default=0,
-                   help="freeze: blocks that train (0 = the head alone, on features computed once)")
-    add_lora_options(p, dropout=0.0, dropout_help=NO_DROPOUT_HELP)
-    p.add_argument("--max-length", type=int, default=1024,
-                   help="most tokens read at once, the prompt plus the longer reply (capped at the model's context)")
-    p.add_argument("--truncate", default="left", choices=["left", "drop"],
-                   help="too-long pairs: cut the prompt from the left, or drop them")
-    p.add_argument("--holdout", type=float, default=0.2, help="share of the questions held out for the report")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the other questions used for validation")
-    p.add_argument("--epochs", type=float, default=2.0, help="passes over the training pairs (ignored with --steps)")
-    add_loop_options(p, lr=None)
-    _set_default(p, "steps", None, "optimizer steps (overrides --epochs)")
-    _set_default(p, "lr", None, "peak learning rate (default: 5e-4 lora, 1e-5 full, 1e-4 freeze, 1e-2 head alone)")
-    _set_default(p, "batch_size", 8, "pairs per batch")
-    _set_default(p, "tokens_per_step", 0, "0 = one batch a step")
-    _set_default(p, "eval_every", 0, "steps between validations (0 = four times a run)")
-    _set_default(p, "log_every", 1, "steps between metrics.jsonl lines")
-    _set_default(p, "compile", "auto", "torch.compile: auto = off here (batches change length)")
-
-
-def default_train_options() -> dict:
-    return option_defaults(add_train_options)
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    sub = subcommands(parser)
-    p = add_parser(sub, "train", "train a reward model (a scalar head on the backbone) on preference pairs",
-                   "chatforge reward train --base runs/demo/sft --prefs runs/demo/prefs.jsonl --out runs/demo/reward")
-    add_train_options(p)
-    leaf(p, run_train)
-    p = add_parser(sub, "score", "score replies with a reward model (higher is better)",
-                   'chatforge reward score --model runs/demo/reward --prompt "How do I remove a package?" '
-                   '--response "Run apt remove NAME." --response "I do not know."\n'
-                   "  chatforge reward score --model runs/demo/reward --input runs/demo/prefs.jsonl")
-    p.add_argument("--model", default=None, help="reward model folder written by `chatforge reward train`")
-    p.add_argument("--prompt", default=None, help="the user's question (one user turn)")
-    p.add_argument("--response", action="append", default=None, help="a reply to score (repeatable)")
-    p.add_argument("--input", default=None,
-                   help='JSONL of {"prompt", "response"} lines (each scored) or preference pairs '
-                        '(both replies scored, pair accuracy printed)')
-    p.add_argument("--out", default=None, help="write the scored lines here as JSONL (default: print them)")
-    p.add_argument("--batch-size", type=int, default=16, help="conversations per forward pass")
-    leaf(p, run_score)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    if not args.base:
-        raise ChatforgeError("pass --base DIR: the model folder whose backbone to use (e.g. runs/demo/sft)")
-    if not Path(args.base).is_dir():
-        raise ChatforgeError(f"model folder {args.base} does not exist")
-    if not args.prefs:
-        raise ChatforgeError("pass --prefs FILE.jsonl: pairs from `chatforge prefs make` or `chatforge feedback export`")
-    out = Path(args.out) if args.out else Path(args.base).parent / "reward"
-    known = default_train_options()    # built once, not once per option
-    options = {k: v for k, v in vars(args).items() if k in known and k not in ("base", "prefs", "out")}
-    report = train_reward_model(args.base, args.prefs, out, **options)
-    print(f"reward model -> {out}")
-    return 130 if report["interrupted"] else 0
-
-
-def _read_score_input(path: str) -> tuple[list[dict], list[tuple], int]:
-    """(records, items to score, pairs): a pair line gives two items, a {"prompt","response"} line one."""
-    from chatforge.data.prefs import parse_preference, prompt_messages
-
+def read_score_input(path: str) -> tuple[list[dict], list[tuple], int]:
+    """(records, items to score, pairs) of a `reward score --input` file: a pair line gives two
+    items (chosen, then rejected), a {"prompt", "response"} line one."""
     records, items, n_pairs = [], [], 0
     for lineno, obj in files.iter_jsonl(path):
         try:
@@ -492,40 +425,3 @@ def _read_score_input(path: str) -> tuple[list[dict], list[tuple], int]:
     if n_pairs and n_pairs != len(records):
         raise ChatforgeError(f"{path} mixes preference pairs and single responses; score them in separate files")
     return records, items, n_pairs
-
-
-def run_score(args: argparse.Namespace) -> int:
-    if not args.model:
-        raise ChatforgeError("pass --model DIR: a folder written by `chatforge reward train`")
-    if args.input and (args.prompt or args.response):
-        raise ChatforgeError("give either --input FILE or --prompt with --response, not both")
-    if args.input:
-        records, items, n_pairs = _read_score_input(args.input)
-    elif args.prompt and args.response:
-        records = [{"prompt": args.prompt, "response": r} for r in args.response]
-        items, n_pairs = [(args.prompt, r) for r in args.response], 0
-    else:
-        raise ChatforgeError("pass --prompt TEXT with one or more --response TEXT, or --input FILE.jsonl")
-    if args.batch_size < 1:
-        raise ChatforgeError(f"--batch-size must be at least 1, got {args.batch_size}")
-    scores = load_reward_model(args.model).score(items, args.batch_size).tolist()
-    if n_pairs:
-        for rec, c, r in zip(records, scores[0::2], scores[1::2]):
-            rec.update(score_chosen=round(c, 4), score_rejected=round(r, 4))
-    else:
-        for rec, s in zip(records, scores):
-            rec["score"] = round(s, 4)
-    lines = [json.dumps(rec, ensure_ascii=False) for rec in records]
-    if args.out:
-        with files.atomic_open(args.out) as f:
-            f.writelines(line + "\n" for line in lines)
-    elif n_pairs:
-        sys.stdout.writelines(line + "\n" for line in lines)
-    else:
-        for rec in records:
-            print(f"{rec['score']:>9.4f}\t{rec['response']}")
-    if n_pairs:
-        print(f"pair accuracy {pair_accuracy(scores[0::2], scores[1::2]):.3f} on {n_pairs} pairs "
-              f"(longer reply wins: {pair_accuracy([len(i[1]) for i in items[0::2]], [len(i[1]) for i in items[1::2]]):.3f}, "
-              "chance 0.500)", file=sys.stderr if not args.out else sys.stdout)
-    return 0

@@ -2,7 +2,7 @@
 measured by the policy, its value head and the reference; the training loop's batch source.
 
     source = Rollouts(PolicyValue(gpt, value_head=True), tokenizer, reward_model, prompt_ids,
-                      eval_prompt_ids, options, device, precision, rollout_model)
+                      eval_prompt_ids, RolloutConfig(algo="ppo"), device, precision, rollout_model)
     batch = source.next_batch()          # a minibatch of the current phase (a new phase when spent)
     logps, values, entropy = policy(batch)
 
@@ -37,6 +37,9 @@ the same two-pass layout as DPO's pairs), then the LM head on reply positions on
 The reference: with LoRA, the policy itself with its adapters switched off (`adapters_off`: no
 second copy in memory); otherwise a frozen copy the caller passes.
 
+Options: `RolloutConfig`, the part of `chatforge ppo`'s config (`train/ppo.py`) that concerns
+sampling, scoring and advantages; `samples` and `kl_coef` left unset take the algorithm's default.
+
 State (`state_dict`, JSON): the phase counter, the KL coefficient, the score normalisation, the
 held-out evaluations and, mid-phase, the phase's replies and per-token numbers (float32 values
 round-trip exactly through JSON), so `--resume` from any checkpoint continues exactly.
@@ -45,21 +48,81 @@ round-trip exactly through JSON), so `--resume` from any checkpoint continues ex
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import random
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chatforge import runtime
 from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import Engine, GenerationConfig
 from chatforge.model.heads import ValueHead, hidden_states
 from chatforge.model.lora import lora_modules, lora_state_dict, merged_state_dict
-from chatforge import runtime
-from chatforge.train.rl_losses import AdaptiveKLController, gae, group_advantages, kl_estimate, token_rewards, whiten
+from chatforge.options import option
+from chatforge.train.rl_losses import (AdaptiveKLController, gae, group_advantages, kl_estimate, token_rewards,
+                                       whiten)
+
+ALGOS = ("ppo", "grpo")
+DEFAULT_KL_COEF = {"ppo": 0.2, "grpo": 0.04}   # TRL's PPO and the GRPO paper's starting values
+DEFAULT_SAMPLES = {"ppo": 1, "grpo": 4}
+
+
+@dataclass
+class RolloutConfig:
+    """The options of sampling, scoring and advantages: what `Rollouts` reads (a group of
+    `PPOConfig`, so its flags are `chatforge ppo`'s `--algo`, `--samples`, ...)."""
+    algo: str = option("ppo", "ppo: value head + GAE; grpo: advantages relative to each prompt's group of samples",
+                       choices=ALGOS)
+    rollout_prompts: int = option(16, "prompts sampled in each phase")
+    samples: int | None = option(None, "replies per prompt (default: 1 ppo, 4 grpo)")
+    minibatch: int = option(4, "prompts (with all their replies) per optimizer step")
+    epochs: int = option(2, "passes over each phase's replies")
+    max_new_tokens: int = option(64, "longest reply")
+    temperature: float = option(1.0, "sampling temperature; log-probabilities are taken at the same temperature")
+    gamma: float = option(1.0, "discount (ppo)")
+    lam: float = option(0.95, "GAE lambda (ppo)")
+    kl_coef: float | None = option(None, "starting KL coefficient beta (default: 0.2 ppo, 0.04 grpo)")
+    kl_target: float = option(6.0, "target KL to the reference per reply, in nats; beta adapts towards it "
+                                   "(0 = fixed beta)")
+    kl_horizon: int = option(1000, "replies over which beta may change by 20%% (Ziegler et al. used 10000 on far "
+                                   "longer runs)")
+    eval_every: int = option(5, "phases between held-out evaluations")
+    eval_samples: int = option(4, "sampled replies per held-out prompt (besides the greedy one)")
+    seed: int = option(1337, "seed of the prompt order, sampling, adapters and the loop")
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ChatforgeError(msg)
+
+        need(self.algo in ALGOS, f"--algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
+        for name in ("rollout_prompts", "samples", "minibatch", "epochs", "max_new_tokens", "eval_every",
+                     "eval_samples", "kl_horizon"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        need(self.algo != "grpo" or self.n_samples >= 2,
+             "--algo grpo compares the replies to one prompt: give --samples 2 or more")
+        need(self.minibatch <= self.rollout_prompts, "--minibatch cannot exceed --rollout-prompts")
+        need(self.temperature > 0, f"--temperature must be positive (sampling), got {self.temperature}")
+        need(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "--gamma must be in (0, 1] and --lam in [0, 1]")
+        need((self.kl_coef is None or self.kl_coef >= 0) and self.kl_target >= 0,
+             "--kl-coef and --kl-target must be >= 0")
+
+    @property
+    def n_samples(self) -> int:
+        """`samples`, or the algorithm's default."""
+        return self.samples if self.samples is not None else DEFAULT_SAMPLES[self.algo]
+
+    def resolved(self) -> "RolloutConfig":
+        """A copy with `samples` and `kl_coef` set (the algorithm's defaults where unset)."""
+        return dataclasses.replace(self, samples=self.n_samples,
+                                   kl_coef=self.kl_coef if self.kl_coef is not None else DEFAULT_KL_COEF[self.algo])
 
 
 class _PromptCache:
@@ -186,8 +249,9 @@ class Rollouts:
     run resumed from any checkpoint continues exactly as it would have."""
 
     def __init__(self, policy, tokenizer, reward_model, prompts: list[list[int]], eval_prompts: list[list[int]],
-                 o: dict, device, precision: str, rollout_model, reference=None):
-        self.policy, self.tok, self.rm, self.o = policy, tokenizer, reward_model, o
+                 config: RolloutConfig, device, precision: str, rollout_model, reference=None):
+        o = self.config = config.resolved()   # samples and kl_coef set
+        self.policy, self.tok, self.rm = policy, tokenizer, reward_model
         self.prompts, self.eval_prompts = prompts, eval_prompts
         self.device, self.precision, self.reference = device, precision, reference
         self.rollout_model = rollout_model
@@ -197,10 +261,10 @@ class Rollouts:
             # Replies are scored as the token ids the policy sampled, which only the same vocabulary reads.
             raise ChatforgeError("the reward model's tokenizer differs from the policy's; train the reward model "
                                  "on the policy's model (`chatforge reward train --base POLICY_DIR ...`)")
-        self.kl = AdaptiveKLController(o["kl_coef"], o["kl_target"] or None, o["kl_horizon"])
+        self.kl = AdaptiveKLController(o.kl_coef, o.kl_target or None, o.kl_horizon)
         self.phase, self.position, self.data, self.score_norm, self.heldout = 0, 0, None, None, []
         self._plan: tuple[int | None, list[list[int]]] = (None, [])
-        self.steps_per_phase = o["epochs"] * math.ceil(o["rollout_prompts"] / o["minibatch"])
+        self.steps_per_phase = o.epochs * math.ceil(o.rollout_prompts / o.minibatch)
 
     # -- the loop's interface
 
@@ -218,14 +282,18 @@ class Rollouts:
         mid_phase = self.data is not None and self.position < len(self.plan)
         return {"phase": self.phase, "position": self.position, "kl_coef": self.kl.coef,
                 "score_norm": self.score_norm, "heldout": self.heldout, "data": self.data if mid_phase else None,
-                "setup": {k: self.o[k] for k in self.SETUP}, "prompts": self.prompts_digest()}
+                "setup": self.setup(), "prompts": self.prompts_digest()}
+
+    def setup(self) -> dict:
+        return {k: getattr(self.config, k) for k in self.SETUP}
 
     def prompts_digest(self) -> str:
         """A digest of the training and held-out prompts' token ids: a resumed run must see the same."""
         return hashlib.sha256(json.dumps([self.prompts, self.eval_prompts]).encode()).hexdigest()
 
     def load_state_dict(self, state: dict) -> None:
-        changed = [k for k in self.SETUP if state.get("setup", {}).get(k, self.o[k]) != self.o[k]]
+        setup = self.setup()
+        changed = [k for k in self.SETUP if state.get("setup", {}).get(k, setup[k]) != setup[k]]
         if changed:
             raise ChatforgeError("cannot resume: " + ", ".join(f"--{k.replace('_', '-')} was {state['setup'][k]}"
                                                               for k in changed) + "; resume with the same options")
@@ -243,9 +311,9 @@ class Rollouts:
         return self._plan[1]
 
     def _make_plan(self) -> list[list[int]]:
-        rng = random.Random(f"{self.o['seed']}-plan-{self.phase}")
-        B, m, out = len(self.data["prompts"]), self.o["minibatch"], []
-        for _ in range(self.o["epochs"]):
+        rng = random.Random(f"{self.config.seed}-plan-{self.phase}")
+        B, m, out = len(self.data["prompts"]), self.config.minibatch, []
+        for _ in range(self.config.epochs):
             order = rng.sample(range(B), B)
             out += [order[i:i + m] for i in range(0, B, m)]
         return out
@@ -258,8 +326,8 @@ class Rollouts:
     def sample(self, prompts: list[list[int]], n: int, seed: int | None) -> list[list[int]]:
         """n replies to each prompt, sample-major; each ends with its stop token when it stopped."""
         greedy = seed is None
-        cfg = GenerationConfig(strategy="greedy" if greedy else "sample", max_new_tokens=self.o["max_new_tokens"],
-                               temperature=self.o["temperature"], num_return_sequences=n, seed=seed)
+        cfg = GenerationConfig(strategy="greedy" if greedy else "sample", max_new_tokens=self.config.max_new_tokens,
+                               temperature=self.config.temperature, num_return_sequences=n, seed=seed)
         results = self.engine.generate(prompts, cfg)
         return [c.tokens + ([c.stop] if isinstance(c.stop, int) else []) for s in range(n) for c in
                 [r.completions[s] for r in results]]
@@ -277,17 +345,17 @@ class Rollouts:
         was_training = self.policy.training
         self.policy.eval()
         with torch.no_grad(), runtime.autocast(self.device, self.precision):
-            for start in range(0, B, self.o["minibatch"]):
-                group = range(start, min(B, start + self.o["minibatch"]))
+            for start in range(0, B, self.config.minibatch):
+                group = range(start, min(B, start + self.config.minibatch))
                 rows = [s * B + b for s in range(n) for b in group]
                 batch = collate([prompts[b] for b in group], [responses[r] for r in rows], self.tok.pad_id)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 logps, values, _ = self.policy(batch)
                 if self.reference is not None:
-                    ref = response_forward(self.reference, batch, self.o["temperature"])[0]
+                    ref = response_forward(self.reference, batch, self.config.temperature)[0]
                 else:
                     with adapters_off(self.policy.model):
-                        ref = response_forward(self.policy.model, batch, self.o["temperature"])[0]
+                        ref = response_forward(self.policy.model, batch, self.config.temperature)[0]
                 for i, r in enumerate(rows):
                     k = len(responses[r])
                     out["logps"][r], out["ref_logps"][r] = logps[i, :k].cpu(), ref[i, :k].cpu()
@@ -297,17 +365,17 @@ class Rollouts:
 
     def rollout(self) -> None:
         """Sample, score and measure the next phase's replies; compute their advantages."""
-        o, k = self.o, self.phase
-        if self.eval_prompts and k % o["eval_every"] == 0:
+        o, k = self.config, self.phase
+        if self.eval_prompts and k % o.eval_every == 0:
             self.heldout.append(self.evaluate(step=k * self.steps_per_phase))
-        count, P = o["rollout_prompts"], len(self.prompts)
+        count, P = o.rollout_prompts, len(self.prompts)
         picks = []
         for i in range(k * count, (k + 1) * count):    # a seeded shuffle of all prompts per pass
-            picks.append(random.Random(f"{o['seed']}-prompts-{i // P}").sample(range(P), P)[i % P])
+            picks.append(random.Random(f"{o.seed}-prompts-{i // P}").sample(range(P), P)[i % P])
         prompts = [self.prompts[i] for i in picks]
         self.refresh_engine()
-        n = o["samples"]
-        responses = self.sample(prompts, n, seed=o["seed"] * 100003 + k)
+        n = o.samples
+        responses = self.sample(prompts, n, seed=o.seed * 100003 + k)
         scores = self.score(prompts, responses)
         m = self.measure(prompts, responses)
         batch = collate(prompts, responses, self.tok.pad_id)
@@ -321,13 +389,13 @@ class Rollouts:
         logps, ref, values = padded(m["logps"]), padded(m["ref_logps"]), padded(m["values"])
         seq_kl = (kl_estimate(logps, ref, "k1") * mask).sum(1)
         coef = self.kl.coef
-        if o["algo"] == "ppo":
+        if o.algo == "ppo":
             if self.score_norm is None:     # the SFT policy's replies set the scale, once
                 std = float(scores.std()) if len(scores) > 1 else 0.0
                 self.score_norm = [float(scores.mean()), std if std > 1e-6 else 1.0]
             mean, std = self.score_norm
             rewards = token_rewards((scores - mean) / std, logps, ref, mask, coef)
-            advantages, returns = gae(rewards, values, mask, o["gamma"], o["lam"])
+            advantages, returns = gae(rewards, values, mask, o.gamma, o.lam)
             advantages = whiten(advantages, mask)
         else:
             group = group_advantages(scores.view(n, count).T).T.reshape(-1)     # sample-major like the rows
@@ -366,7 +434,7 @@ class Rollouts:
         to each held-out prompt, the sampled replies' KL to the reference, lengths and distinct shares."""
         self.refresh_engine()
         prompts, row = self.eval_prompts, {"phase": self.phase, "step": step}
-        for kind, seed, n in (("greedy", None, 1), ("sampled", self.o["seed"], self.o["eval_samples"])):
+        for kind, seed, n in (("greedy", None, 1), ("sampled", self.config.seed, self.config.eval_samples)):
             responses = self.sample(prompts, n, seed)
             row[f"reward_{kind}"] = round(float(self.score(prompts, responses).mean()), 4)
             row[f"length_{kind}"] = round(sum(len(r) - (bool(r) and r[-1] in self.engine.stop_ids)
