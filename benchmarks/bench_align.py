@@ -63,15 +63,16 @@ from bench_sft import load, load_hf, logit_gap  # noqa: E402  (the SFT benchmark
 
 from chatforge.data.prefs import read_preferences  # noqa: E402
 from chatforge.model.folder import load_model  # noqa: E402
-from chatforge.model.lora import apply_lora  # noqa: E402
+from chatforge.model.lora import LoraConfig as ChatforgeLora  # noqa: E402
+from chatforge.options import build  # noqa: E402
 from chatforge import runtime  # noqa: E402
-from chatforge.train import dpo, reward, sft  # noqa: E402
+from chatforge.train import dpo, reward  # noqa: E402
 from chatforge.train.loop import train  # noqa: E402
 from chatforge.train.pairs import PairBatches, ReplyLogProbs, encode_pairs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_LENGTH = 1024
-LORA = dict(rank=8, alpha=16.0, dropout=0.0, targets=sft.DEFAULT_LORA_TARGETS.split(","))
+LORA = ChatforgeLora(rank=8, alpha=16.0, dropout=0.0)     # every default target: q/k/v/o/gate/up/down
 
 
 def default_gguf() -> str:
@@ -91,7 +92,8 @@ def benchmark_pairs(path: Path, data: Path, tok, n: int) -> list:
 
         print(f"{path} is missing: making wrong_passage pairs from {data}", flush=True)
         path = Path(tempfile.mkdtemp()) / "prefs.jsonl"
-        make_preferences(None, data, None, path, kinds=["wrong_passage"], max_questions=4 * n, context_tokens=512)
+        make_preferences(None, data, None, path, kinds=["wrong_passage"], max_questions=4 * n, context_tokens=512,
+                         retrieval="bm25")
     out = []
     for pref in read_preferences(path):
         (example,), stats = encode_pairs([pref], tok, MAX_LENGTH, truncate="drop")
@@ -118,21 +120,23 @@ def run_chatforge(folder: str, prefs, batch_size: int, precision: str, stage: st
     examples, _ = encode_pairs(prefs, tok, MAX_LENGTH)
     ref_s = 0.0
     if stage == "dpo":
-        o = dpo.default_options()
+        config = dpo.DPOConfig
         ref = dpo.reference_logps(model, examples, batch_size, tok.pad_id, cpu, precision)
         ref_s = time.process_time() - start_cpu
         module, loss_fn, lr = ReplyLogProbs(model), dpo.make_loss_fn(0.1, "sigmoid"), dpo.DEFAULT_LR["lora"]
     else:
-        o, ref = reward.default_train_options(), None
+        config, ref = reward.RewardConfig, None
         torch.manual_seed(seed)
-        module = reward._reward_model_class()(model, tok, MAX_LENGTH)
+        module = reward.RewardModel(model, tok, MAX_LENGTH)
         loss_fn, lr = reward.reward_loss, reward.DEFAULT_LR["lora"]
     torch.manual_seed(seed)
-    apply_lora(model, LORA["rank"], LORA["alpha"], LORA["dropout"], LORA["targets"])
-    o.update(precision=precision, compile="off", seed=seed, log_every=1, batch_size=batch_size)
+    LORA.apply(model)
+    # What the command runs with, but for these settings.
+    o = build(config, {"precision": precision, "compile": "off", "seed": seed, "log_every": 1,
+                       "batch_size": batch_size})
     source = PairBatches(examples, batch_size, tok.pad_id, seed=seed, ref=ref)
     steps = source.batches_per_epoch
-    cfg = sft.loop_config(o, steps, MAX_LENGTH, lr, eval_every=steps)
+    cfg = o.train_config(steps, MAX_LENGTH, lr, eval_every=steps)
     end: list[tuple[float, float]] = []
 
     def save(folder, m, state) -> None:   # the loop saves `last/` right after the final step
@@ -152,8 +156,8 @@ def run_chatforge(folder: str, prefs, batch_size: int, precision: str, stage: st
 def lora_config(task_type: str):
     from peft import LoraConfig
 
-    return LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                      target_modules=LORA["targets"], task_type=task_type)
+    return LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
+                      target_modules=LORA.target_list(), task_type=task_type)
 
 
 def run_trl(hf_base, hf_tok, prefs, batch_size: int, precision: str, stage: str, checkpointing: bool,

@@ -333,6 +333,11 @@ def test_command_help_and_errors(tiny, prompts_file, tmp_path, capsys):
     assert main(["ppo", "--policy", str(tiny), "--reward", "x", "--prompts", str(prompts_file), "--algo", "grpo",
                  "--samples", "1"]) == 2
     assert "give --samples 2 or more" in capsys.readouterr().err
+    settings = tmp_path / "ppo.yaml"                            # YAML keys are the flat names
+    settings.write_text("algo: grpo\nsamples: 1\nlora-rank: 4\n")
+    assert main(["ppo", "--config", str(settings), "--policy", str(tiny), "--reward", "x", "--prompts",
+                 str(prompts_file)]) == 2
+    assert "give --samples 2 or more" in capsys.readouterr().err
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "ok?"}, {"answer": "no question"}])
     with pytest.raises(ChatforgeError, match="bad.jsonl:2"):
         ppo.read_prompts(bad)
