@@ -49,46 +49,31 @@ def prepare(model: nn.Module, method: str, lora: LoraConfig, seed: int, runs: in
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def save_fn(out: Path, tokenizer, base: Path, method: str, lora_save: str = "merged", inner: str = "",
-            extra=None, fixed: nn.Module | None = None):
+def save_fn(out: Path, tokenizer, base: Path, method: str, lora_save: str = "merged", inner: str = ""):
     """The loop's save function. At the top of `out` a plain model folder (adapters merged, and
     with `lora_save="adapter"` the adapter beside it, its config naming `base`); in `last/` the
     trained module's own weights, adapters unmerged, which `--resume` loads back. `inner` names
     the GPT inside the trained module when the stage wraps it (DPO's `ReplyLogProbs`: "model";
-    weights outside it, such as PPO's value head, stay in `last/` only).
-
-    A stage that adds files of its own to the model folder (the reward model's head and
-    `reward.json`) passes `extra(folder, state)`, called after the model is written. `fixed`: the
-    GPT, when the trained module is only a head on its fixed features (`reward --freeze-top 0`):
-    the model folder is written from it once, and `last/` holds the head alone."""
-    wrapped = bool(inner) or fixed is not None
-    written: list[bool] = []
+    weights outside it, such as PPO's value head, stay in `last/` only)."""
 
     def save(folder: Path, module: nn.Module, state: dict) -> None:
         if Path(folder).resolve() != out.resolve():
-            if not wrapped:
+            if not inner:
                 model_folder.save_model(folder, module, tokenizer, state=state)
             else:   # the wrapper's weights. Clones: a tied embedding appears twice and safetensors
                     # refuses shared memory.
                 model_folder.save_weights(Path(folder) / model_folder.WEIGHTS, module,
                                           {k: v.clone() for k, v in state.items()})
             return
-        if fixed is not None:
-            if not written:      # it never changes
-                model_folder.save_model(folder, fixed, tokenizer)
-                written.append(True)
+        gpt = module.get_submodule(inner) if inner else module
+        plain = {k.removeprefix(inner + "."): v for k, v in state.items() if k.startswith(inner + ".")} \
+            if inner else state
+        if method == "lora":
+            model_folder.save_model(folder, gpt, tokenizer, state=merged_state_dict(gpt, plain))
+            if lora_save == "adapter":
+                save_lora(gpt, folder, state=plain, base=str(Path(base).resolve()))
         else:
-            gpt = module.get_submodule(inner) if inner else module
-            plain = {k.removeprefix(inner + "."): v for k, v in state.items()
-                     if k.startswith(inner + ".")} if inner else state
-            if method == "lora":
-                model_folder.save_model(folder, gpt, tokenizer, state=merged_state_dict(gpt, plain))
-                if lora_save == "adapter":
-                    save_lora(gpt, folder, state=plain, base=str(Path(base).resolve()))
-            else:
-                model_folder.save_model(folder, gpt, tokenizer, state=plain)
-        if extra is not None:
-            extra(Path(folder), state)
+            model_folder.save_model(folder, gpt, tokenizer, state=plain)
     return save
 
 

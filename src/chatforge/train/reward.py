@@ -52,7 +52,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 
 from chatforge import files, runtime
 from chatforge.data.chat_data import ShuffledBatches
@@ -301,18 +300,6 @@ class RewardConfig(LoopOptions):
         return self.method == "freeze" and self.freeze_top == 0
 
 
-def reward_folder_writer(meta: dict, head_only: bool):
-    """`recipe.save_fn`'s `extra` for a reward model: the head's weights and `reward.json` beside
-    the model folder (the trained module is the `RewardModel`, or its head alone)."""
-
-    def write(folder: Path, state: dict) -> None:
-        head = state if head_only else {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-        tensors = {k: v.detach().contiguous().cpu() for k, v in head.items()}
-        files.write_bytes(folder / HEAD_WEIGHTS, safetensors_bytes(tensors, metadata={"format": "pt"}))
-        files.write_json(folder / REWARD_CONFIG, meta)
-    return write
-
-
 def train_reward_model(base: str | Path, prefs: str | Path, out: str | Path | None = None,
                        config: RewardConfig | None = None, **options: Any) -> dict:
     """Train a reward model on `base` from the pairs in `prefs` into `out` (default: a `reward`
@@ -376,8 +363,7 @@ def train_reward_model(base: str | Path, prefs: str | Path, out: str | Path | No
           f"{len(held_idx)} held-out pairs (truncated {stats.truncated}, dropped {stats.dropped}), training "
           f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters for {steps} steps at lr {lr:g}")
     out.mkdir(parents=True, exist_ok=True)
-    save = recipe.save_fn(out, tok, Path(base), o.method, inner="" if head_only else "backbone",
-                          extra=reward_folder_writer(meta, head_only), fixed=backbone if head_only else None)
+    save = recipe.head_save_fn(out, tok, backbone, o.method, head_only, HEAD_WEIGHTS, REWARD_CONFIG, meta)
     result = train(trained, source, reward_loss, cfg, out, val_batches=val_batches, tokenizer=tok,
                    resume=o.resume, params=params, save_fn=save)
 
