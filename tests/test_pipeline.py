@@ -374,4 +374,12 @@ def test_round_errors(tmp_path, capsys):
         continual.check_settings({"algo": "rlhf", "promote": "better"})
     with pytest.raises(Exception, match="unknown key"):
         continual.check_settings({"algo": "dpo", "promote": "better", "colour": 1})
+    # The aligner's own section is checked against its config (ALIGNERS) before the round runs.
+    continual.check_aligner_section({"align": {"algo": "kto"}, "kto": {"beta": 0.2, "lora_rank": 4}})
+    with pytest.raises(Exception, match=r"unknown kto section's option\(s\) \['betta'\]"):
+        continual.check_aligner_section({"align": {"algo": "kto"}, "kto": {"betta": 0.2}})
+    with pytest.raises(Exception, match="--loss must be one of sigmoid, ipo, hinge"):
+        continual.check_aligner_section({"align": {"algo": "dpo"}, "dpo": {"loss": "nope"}})
+    with pytest.raises(Exception, match="batch-size must be at least 2"):
+        continual.check_aligner_section({"align": {"algo": "kto"}, "kto": {"batch_size": 1}})
     assert not run.exists()

@@ -74,7 +74,11 @@ from chatforge import files
 from chatforge.data.feedback import FeedbackStore, export_training_data
 from chatforge.data.feedback_db import is_url, redact
 from chatforge.errors import ChatforgeError
+from chatforge.options import build
 from chatforge.stages import RunCommand, Runner, to_flags
+from chatforge.train.dpo import DPOConfig
+from chatforge.train.kto import KTOConfig
+from chatforge.train.ppo import PPOConfig
 
 LINK = "assistant"          # runs/NAME/assistant -> the served model folder
 ROUND_FILE = "round.json"
@@ -151,6 +155,13 @@ def check_settings(align: dict) -> None:
         raise ChatforgeError(f"align.promote must be one of {', '.join(PROMOTE)}, got {align['promote']!r}")
     if not isinstance(align.get("retriever", False), bool):
         raise ChatforgeError(f"align.retriever must be true or false, got {align['retriever']!r}")
+
+
+def check_aligner_section(settings: dict) -> None:
+    """The round's aligner's settings section (e.g. `kto:`) checked against its config before
+    anything runs: an unknown key or a bad value fails now, not twenty minutes into the round."""
+    algo = settings["align"]["algo"]
+    build(ALIGNERS[algo].config, settings.get(algo) or {}, f"{algo} section's")
 
 
 def served_embedding_model(model: Path) -> str | None:
@@ -287,13 +298,14 @@ def kto_step(step: AlignStep) -> Path:
 
 @dataclass(frozen=True)
 class Aligner:
+    config: type                       # its command's options: the settings section of its name
     run: Callable[[AlignStep], Path]   # runs the step's command, returns the new model's folder
     thumbs: bool = False               # learns from every rated reply (kto.jsonl): needs no pairs
 
 
-# The round's alignment methods: align.algo (--align) names one. A new method is one entry here
-# (its command's options are the settings section of its name).
-ALIGNERS = {"dpo": Aligner(dpo_step), "ppo": Aligner(ppo_step), "kto": Aligner(kto_step, thumbs=True)}
+# The round's alignment methods: align.algo (--align) names one. A new method is one entry here.
+ALIGNERS = {"dpo": Aligner(DPOConfig, dpo_step), "ppo": Aligner(PPOConfig, ppo_step),
+            "kto": Aligner(KTOConfig, kto_step, thumbs=True)}
 ALGOS = tuple(ALIGNERS)
 
 
@@ -308,6 +320,7 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
 
     align = settings["align"]
     check_settings(align)
+    check_aligner_section(settings)
     extra = [Path(p) for p in (align.get("prefs") or [])]
     for p in extra:
         if not p.is_file():
