@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from chatforge.commands.main import main
-from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.model.heads import ClassifierHead, RewardHead, ValueHead, hidden_states, layer_states, pool
-from chatforge.model.folder import save_model
+from chatforge.data.chat_data import length_groups
 from chatforge.data.labelled import read_vader, stratified_split, vader_label
 from chatforge.errors import ChatforgeError
 from chatforge.model.classifier import encode_texts, load_classifier, predict
 from chatforge.model.features import FEATURE_SALT, cached_features, pooled_features
-from chatforge.model.folder import model_fingerprint
+from chatforge.model.folder import model_fingerprint, save_model
+from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.model.heads import ClassifierHead, RewardHead, ValueHead, hidden_states, layer_states, pool
 from chatforge.model.lora import LoraConfig
 from chatforge.train.baselines import accuracy, bow_logreg, macro_f1, majority_baseline
-from chatforge.train.classify import ClassifyConfig, cap_training, length_groups, train_classifier
+from chatforge.train.classify import ClassifyConfig, cap_training, train_classifier
 
 GOOD = ["works perfectly", "arrived quickly and works great", "is excellent, thank you", "solved my problem",
         "is fast and reliable", "made me very happy", "is the best purchase this year", "is wonderful"]
@@ -169,8 +169,9 @@ def tiny_gpt(vocab: int, seed: int = 0, n_layer: int = 3) -> GPT:
 def smol_like(tmp_path_factory):
     """A model folder shaped like an imported SmolLM2: a pretrained HF tokenizer with no pad token
     (padding uses eos `<|im_end|>`, id 2) and a 3-layer backbone."""
-    from chatforge.data.tokenizer import ChatTokenizer
     from test_tokenizer import pretrained_folder
+
+    from chatforge.data.tokenizer import ChatTokenizer
 
     root = tmp_path_factory.mktemp("smol_like")
     tok = ChatTokenizer.load(pretrained_folder(root / "hf"))

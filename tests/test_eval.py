@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_retrieval import ACCOUNTS, BILLING, NETWORK, QA, make_docs
 
 from chatforge.commands import main as cli
 from chatforge.errors import ChatforgeError
 from chatforge.eval.evaluate import evaluate, load_questions
-from test_retrieval import ACCOUNTS, BILLING, NETWORK, QA, make_docs
 
 KEYS = ("perplexity", "bleu", "rouge1", "rouge2", "rougeL", "hit@1", "hit@3")
 
@@ -19,8 +19,8 @@ KEYS = ("perplexity", "bleu", "rouge1", "rouge2", "rougeL", "hit@1", "hit@3")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     from chatforge.data.tokenizer import train_tokenizer
-    from chatforge.model.gpt import GPT, preset
     from chatforge.model.folder import save_model
+    from chatforge.model.gpt import GPT, preset
 
     root = tmp_path_factory.mktemp("eval")
     docs = make_docs(root / "docs")
@@ -162,7 +162,7 @@ def test_compare_two_evaluations(setup):
     real) reward model's win-rate: the same answers tie at 0.5, other answers are counted."""
     from chatforge.eval.compare import compare, format_comparison
     from chatforge.model.folder import load_model
-    from chatforge.train.reward import _reward_model_class
+    from chatforge.train.reward import RewardModel
 
     a, b = setup["root"] / "cmp-a", setup["root"] / "cmp-b"
     for out, new in ((a, "6"), (b, "12")):
@@ -170,7 +170,7 @@ def test_compare_two_evaluations(setup):
                          str(setup["docs"]), "--max-new-tokens", new, "--max-ppl-batches", "1", "--out", str(out)]) == 0
     backbone, tok = load_model(setup["model"])
     torch.manual_seed(0)
-    judge = _reward_model_class()(backbone, tok, 256).eval()
+    judge = RewardModel(backbone, tok, 256).eval()
     same = compare(a, a, judge)
     assert same["questions"] == 4 and same["win"]["win_rate"] == 0.5 and same["win"]["same_answer"] == 4
     assert all(row["change"] == 0 for row in same["metrics"].values())

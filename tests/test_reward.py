@@ -51,7 +51,7 @@ def test_bradley_terry_and_accuracy_on_hand_values():
 def test_pair_rows_score_what_a_single_conversation_scores(base):
     backbone, tok = load_model(base)
     torch.manual_seed(0)
-    model = reward._reward_model_class()(backbone, tok).eval()
+    model = reward.RewardModel(backbone, tok).eval()
     prefs = [parse_preference(p) for p in synthetic_pairs(5)]
     examples, _ = encode_pairs(prefs, tok, 200)
     with torch.no_grad():

@@ -14,11 +14,12 @@ import torch
 
 from chatforge.commands.main import main
 from chatforge.data.chat_data import eval_batches, pack, tokenize_examples
-from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.folder import load_model
+from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.train.loop import TrainConfig, evaluate, train
 from chatforge.train.pretrain import RandomWindows, lm_loss
-from chatforge.train.sft import freeze_all_but_top, run_sft, sft_loss
+from chatforge.train.recipe import freeze_below_top
+from chatforge.train.sft import run_sft, sft_loss
 
 MODULES = ["json", "textwrap", "shutil", "string", "difflib", "heapq", "functools", "pathlib", "csv", "random"]
 
@@ -176,13 +177,13 @@ def test_config_keeps_the_flags_defaults_and_checks_its_values():
 
 def test_freeze_validates_top():
     model = GPT(GPTConfig(vocab_size=32, max_seq_len=16, d_model=16, n_layer=2, n_head=2, n_kv_head=1, d_ff=32))
-    params = freeze_all_but_top(model, 1)
+    params = freeze_below_top(model, 1, keep=(model.lm_head,), least=1)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters() if n.startswith(("layers.1.", "norm.", "embed_tokens"))}
     assert len(params) == len(trainable)
     from chatforge.errors import ChatforgeError
     with pytest.raises(ChatforgeError, match="freeze-top"):
-        freeze_all_but_top(model, 3)
+        freeze_below_top(model, 3, keep=(model.lm_head,), least=1)
 
 
 @pytest.mark.e2e

@@ -66,19 +66,26 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from chatforge import files
+from chatforge.continual_engine import reach_engine
 from chatforge.data.feedback import FeedbackStore, export_training_data
 from chatforge.data.feedback_db import is_url, redact
+from chatforge.data.prefs import read_preferences, write_preferences
+from chatforge.data.unpaired import Unpaired, read_unpaired, write_unpaired
 from chatforge.errors import ChatforgeError
+from chatforge.eval.compare import compare, format_comparison
+from chatforge.infer.answer import ANSWER_FILE, AnswerSettings
 from chatforge.options import build
+from chatforge.retrieval.fusion import auto_mode
 from chatforge.stages import RunCommand, Runner, to_flags
 from chatforge.train.dpo import DPOConfig
 from chatforge.train.kto import KTOConfig
 from chatforge.train.ppo import PPOConfig
+from chatforge.train.reward import load_reward_model
 
 LINK = "assistant"          # runs/NAME/assistant -> the served model folder
 ROUND_FILE = "round.json"
@@ -116,8 +123,6 @@ def rollback(run_dir: Path, server: str | None = None) -> Path:
     """Serve the model the round that made the served one started from; returns it. With
     `server` (a `chatforge serve --upstream`) its engine moves back too, else the commands that
     do it are printed (`continual_engine.reach_engine`)."""
-    from chatforge.continual_engine import reach_engine
-
     current = served_model(run_dir)
     for round_dir in reversed(round_dirs(run_dir)):
         info = read_round(round_dir)
@@ -166,16 +171,12 @@ def check_aligner_section(settings: dict) -> None:
 
 def served_embedding_model(model: Path) -> str | None:
     """The embedding model retrieval uses with `model` (its answer.json's), None = the default."""
-    from chatforge.infer.answer import AnswerSettings
-
     return AnswerSettings.load(model).embedding_model_for(model)
 
 
 def retrieval_mode(settings: dict, embedding_model: str | None) -> str:
     """The mode the round's evaluations retrieve in: their `--retrieval`, where auto is the best
     mode when `embedding_model` (None: the default one) can be loaded, else BM25."""
-    from chatforge.retrieval.fusion import auto_mode
-
     mode = str(settings.get("eval", {}).get("retrieval") or "auto")
     return auto_mode(embedding_model) if mode == "auto" else mode
 
@@ -219,10 +220,6 @@ def retriever_step(settings: dict, runner: Runner, round_dir: Path, data: Path, 
 def record_answer_settings(previous: Path, new: Path, embedding_model: str | None) -> None:
     """Give the round's model the served model's answer settings (DPO and PPO write none; the
     prompt shape is unchanged) with `embedding_model`, a folder stored relative to `new`."""
-    from dataclasses import replace
-
-    from chatforge.infer.answer import ANSWER_FILE, AnswerSettings
-
     if embedding_model is None and not (previous / ANSWER_FILE).is_file():
         return
     value = embedding_model
@@ -279,8 +276,6 @@ def ppo_step(step: AlignStep) -> Path:
 def kto_step(step: AlignStep) -> Path:
     """`chatforge kto` on the feedback's rows plus the generated and extra pairs, unpaired (the
     feedback's own pairs are its thumbs and corrections, already rows)."""
-    from chatforge.data.unpaired import Unpaired, read_unpaired, write_unpaired
-
     rows = read_unpaired(step.kto_rows) if _count_lines(step.kto_rows) else []
     for p in step.other_prefs:
         rows += [Unpaired(p.prompt, p.chosen, True), Unpaired(p.prompt, p.rejected, False)]
@@ -316,8 +311,6 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
     manual's (questions file, documents) as the pipeline measured it, or None. `run_command(argv)`
     runs a stage's `chatforge` command line (`chatforge.stages.Runner`). `server`: a running
     `chatforge serve --upstream` whose engine gets a promoted model (continual_engine)."""
-    from chatforge.data.prefs import read_preferences, write_preferences
-
     align = settings["align"]
     check_settings(align)
     check_aligner_section(settings)
@@ -466,12 +459,8 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
                             *to_flags(settings["eval"])], round_dir / name)
         comparisons[name] = (before, round_dir / name)
 
-    from chatforge.eval.compare import compare, format_comparison
-
     judge = None
     if reward_dir is not None:
-        from chatforge.train.reward import load_reward_model
-
         judge = load_reward_model(reward_dir)
     results = {name: compare(b, a, judge) for name, (b, a) in comparisons.items()}
     reward_accuracy = None
@@ -520,7 +509,6 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
           "POST /admin/reload")
     if promoted:
         # Through another engine (serve --upstream): load it there, or say how.
-        from chatforge.continual_engine import reach_engine
 
         info["engine"] = reach_engine(run_dir, new, server)
         files.write_json(round_dir / ROUND_FILE, info)

@@ -39,7 +39,20 @@ import shlex
 import shutil
 from pathlib import Path
 
+import torch
+
 from chatforge.errors import ChatforgeError
+from chatforge.model.adapter_export import (
+    PEFT_WEIGHTS,
+    Adapter,
+    check_against_base,
+    no_adapter_message,
+    read_adapter,
+    write_peft,
+)
+from chatforge.model.export import MARKER
+from chatforge.model.folder import load_config
+from chatforge.model.lora import ADAPTER_CONFIG, read_adapter_config
 
 PEFT_SUFFIX = "-peft"
 MAX_CHAIN = 16        # adapters composed at most (a rank each round adds)
@@ -50,9 +63,6 @@ def adapter_folders(model: Path, engine_base: Path | None) -> list[Path]:
     """The model folders from `model` down to the engine's base, each a LoRA over the next; the
     last one's base is `engine_base` (None: the first folder without an adapter). Raises
     ChatforgeError saying why the chain does not lead there."""
-    from chatforge.model.adapter_export import no_adapter_message
-    from chatforge.model.lora import ADAPTER_CONFIG, read_adapter_config
-
     chain, folder = [], Path(model)
     while True:
         if not (folder / ADAPTER_CONFIG).is_file():
@@ -78,10 +88,6 @@ def compose(adapters: list) -> object:
     """One adapter doing what `adapters` (model first, its base's next, ...) do together:
     per module the updates add up, so A stacks the scaled A's and B the B's (rank: their sum,
     scaling 1). A module one of them does not adapt gets zero rows there."""
-    import torch
-
-    from chatforge.model.adapter_export import Adapter
-
     if len(adapters) == 1:
         return adapters[0]
     names = list(dict.fromkeys(n for a in adapters for n in a.modules))
@@ -108,9 +114,6 @@ def export_peft(model: Path, engine_base: Path | None) -> tuple[Path, str, int, 
     """Write `model`'s adapter over the engine's base (composed, see the module docstring) in
     PEFT's format to `model-peft/`; returns (that folder, a digest of its weights, its rank, the
     base it applies to)."""
-    from chatforge.model.adapter_export import PEFT_WEIGHTS, check_against_base, read_adapter, write_peft
-    from chatforge.model.folder import load_config
-
     config = load_config(model)
     adapters = []
     for folder in adapter_folders(model, engine_base):
@@ -144,7 +147,7 @@ class Server:
     """The admin API of a running `chatforge serve --upstream` (`serve/app.py`)."""
 
     def __init__(self, url: str, key: str | None):
-        import httpx
+        import httpx  # lazy: httpx is not a core dependency; only --server needs it
 
         if not url.startswith(("http://", "https://")):
             raise ChatforgeError(f"--server must be the URL of a running chatforge serve, e.g. http://127.0.0.1:8000, "
@@ -153,7 +156,7 @@ class Server:
         self.http = httpx.Client(headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=300.0)
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
-        import httpx
+        import httpx  # lazy: not a core dependency (see __init__)
 
         try:
             r = self.http.request(method, self.url + path, json=body)
@@ -179,8 +182,6 @@ class ServerRefused(ChatforgeError):
 def engine_base(status: dict) -> Path | None:
     """The chatforge folder the engine serves, from its base model card's `root` (vLLM: the
     folder it loaded) when that is a `chatforge export --format hf` folder this machine can read."""
-    from chatforge.model.export import MARKER
-
     for card in status.get("engine_models") or []:
         root = card.get("root") if not card.get("parent") else None
         marker = Path(root) / MARKER if isinstance(root, str) and root else None
@@ -243,7 +244,7 @@ def commands(run_dir: Path, model: Path, result: dict, server: str | None, statu
                                     else model.name)
     lines = []
     if not made_by_round(run_dir, model):
-        lines += [f"# a `chatforge serve --upstream` started on this engine: back to the engine's own model",
+        lines += ["# a `chatforge serve --upstream` started on this engine: back to the engine's own model",
                   f"curl -X POST {srv}/admin/upstream {auth}-H 'Content-Type: application/json' -d '{{\"model\": null}}'"]
     elif result.get("peft"):
         body = json.dumps({"model": result["adapter"], "adapter": str(Path(result["peft"]).resolve())})

@@ -15,6 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
+
+from chatforge.errors import ChatforgeError
+
 
 def cache_dir(*parts: str) -> Path:
     """chatforge's cache folder, `$CHATFORGE_CACHE`, else `~/.cache/chatforge` (downloads, fetched
@@ -85,8 +89,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def iter_jsonl(path: str | os.PathLike, missing_hint: str = "") -> Iterator[tuple[int, Any]]:
     """(line number, parsed object) for every non-blank line; a bad line is a ChatforgeError
     naming the file and line, so callers only check the shape of each object."""
-    from chatforge.errors import ChatforgeError
-
     path = Path(path)
     if not path.is_file():
         raise ChatforgeError(f"{path} does not exist" + (f"; {missing_hint}" if missing_hint else ""))
@@ -102,10 +104,6 @@ def iter_jsonl(path: str | os.PathLike, missing_hint: str = "") -> Iterator[tupl
 
 def read_yaml_mapping(path: str | os.PathLike, expected: str) -> dict:
     """A YAML file that must hold a mapping; `expected` says what the mapping should contain."""
-    import yaml
-
-    from chatforge.errors import ChatforgeError
-
     p = Path(path)
     if not p.is_file():
         raise ChatforgeError(f"config file {path} does not exist")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -232,7 +231,7 @@ def run_pipeline(run_command: RunCommand, options: PipelineOptions | None = None
     cfg = settings["run"]
     name = opts.name or cfg["name"]
     run_dir = Path(cfg["runs_dir"]) / name
-    cache = opts.cache or os.environ.get("CHATFORGE_CACHE") or str(Path.home() / ".cache" / "chatforge")
+    cache = opts.cache or str(files.cache_dir())
     user_inputs = [Path(p) for p in (opts.input or [])]
     for p in user_inputs:
         if not p.exists():

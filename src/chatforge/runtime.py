@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import os
+import shutil
 import time
 
 import torch
+import torch.distributed as dist
 
 from chatforge.errors import ChatforgeError
 
@@ -35,8 +38,6 @@ def pick_device(name: str = "auto") -> torch.device:
 def init_distributed() -> tuple[int, int]:
     """(rank, world_size). Under torchrun (WORLD_SIZE > 1) start the process group once:
     nccl between GPUs, gloo on CPU."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
@@ -49,8 +50,6 @@ def init_distributed() -> tuple[int, int]:
 
 
 def is_distributed() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -58,7 +57,6 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few numbers over all ranks (identity when not distributed)."""
     if not is_distributed():
         return values
-    import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -105,12 +103,8 @@ def resolve_compile(mode: str, device: torch.device, micro_steps: int) -> bool:
     if micro_steps < COMPILE_MIN_MICRO_STEPS or not hasattr(torch, "compile"):
         return False
     if device.type == "cpu":
-        import shutil
-
         return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
     if device.type == "cuda":
-        import importlib.util
-
         return importlib.util.find_spec("triton") is not None
     return False
 

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 from chatforge import options as typed
 from chatforge.errors import ChatforgeError
+from chatforge.files import read_yaml_mapping
+from chatforge.retrieval.fusion import RetrievalOptions
 
 _LEAVES: dict[tuple[str, ...], argparse.ArgumentParser] = {}
 
@@ -66,8 +68,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help: str, example: s
 
 
 def _apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
-    from chatforge.files import read_yaml_mapping
-
     data = read_yaml_mapping(path, "a mapping of option: value")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     defaults = {}
@@ -118,8 +118,6 @@ def add_config(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...]
 
 def add_retrieval(parser: argparse.ArgumentParser) -> None:
     """`--retrieval` and `--embedding-model`, for a command whose settings are not a config class."""
-    from chatforge.retrieval.fusion import RetrievalOptions
-
     add_config(parser, RetrievalOptions)
 
 

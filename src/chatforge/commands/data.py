@@ -17,7 +17,6 @@ from chatforge.commands import add_parser, leaf, subcommands
 from chatforge.data.build import DEFAULT_EXCLUDED, build, default_cache, default_inputs, format_summary
 from chatforge.data.clean import FilterConfig
 from chatforge.data.fetch import SOURCES, fetch, source_dir, summary_table
-from chatforge.data.fetch import default_cache as fetch_cache
 from chatforge.data.transcripts import BUILTIN
 from chatforge.errors import ChatforgeError
 
@@ -50,7 +49,7 @@ def configure_fetch(parser: argparse.ArgumentParser) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    cache = Path(args.cache).expanduser() if args.cache else fetch_cache()
+    cache = default_cache(args.cache)
     if args.list:
         width = max(len(n) for n in SOURCES)
         for s in SOURCES.values():

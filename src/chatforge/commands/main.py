@@ -17,6 +17,7 @@ import argparse
 import importlib
 import sys
 
+from chatforge import __version__
 from chatforge.commands import _LEAVES, HelpFormatter, _apply_yaml, _find_config, subcommands
 from chatforge.errors import ChatforgeError
 
@@ -50,7 +51,6 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                     "Run `chatforge COMMAND --help` for a command's options and an example.",
         epilog="example:\n  chatforge pipeline            # the whole path on the default data\n"
                "  chatforge pipeline --input my_docs/   # on your own folder")
-    from chatforge import __version__
     parser.add_argument("--version", action="version", version=f"chatforge {__version__}")
     sub = subcommands(parser)
     chosen = next((a for a in argv if not a.startswith("-")), None)

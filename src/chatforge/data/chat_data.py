@@ -24,6 +24,8 @@
    `load_state_dict()`): rows shuffled per epoch from a seed, with a cursor so that `--resume`
    continues with the very next batch. Its base `ShuffledBatches` serves any indexable data
    (the classifier uses it too). `eval_batches(rows, batch_size)` for validation.
+   `length_groups(lengths, batch_size)` batches unpacked texts of similar length (the classifier,
+   the preference and KTO stages).
 
 A batch is a dict of tensors, named as the pretraining batches are: `input_ids` (B, T),
 `labels` (B, T) with -100 where nothing is scored, and the `GPT.forward` keywords `positions`
@@ -33,9 +35,10 @@ A batch is a dict of tensors, named as the pretraining batches are: `input_ids` 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -205,6 +208,17 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
             bins.append([i])
             room.append(capacity - n)
     return bins
+
+
+def length_groups(lengths: Sequence[int], batch_size: int, seed: int = 0) -> list[list[int]]:
+    """Positions 0..n-1 in batches of `batch_size` texts of similar length (sorted by length, ties
+    in a seeded random order, then cut), so that a batch cut to its longest text pads little.
+    On the vader sentences (SmolLM2 tokenizer, batch 16) random batches hold 1.97x the real
+    tokens, these 1.002x. The training loop's source shuffles the batches each epoch."""
+    tiebreak = list(range(len(lengths)))
+    random.Random(seed).shuffle(tiebreak)
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], tiebreak[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def pack(examples: list[Example], seq_len: int, pad_id: int, stats: TokenizeStats | None = None,

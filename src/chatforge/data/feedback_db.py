@@ -238,7 +238,7 @@ class PostgresDatabase:
         self.path = None
         self.where = redact(url)
         try:
-            import psycopg
+            import psycopg  # lazy: the optional `postgres` extra, needed only for --db postgresql://
             from psycopg_pool import ConnectionPool
         except ImportError:
             raise ChatforgeError(f"--db {self.where} needs the PostgreSQL driver: pip install 'chatforge[postgres]'"
@@ -306,7 +306,7 @@ class PostgresDatabase:
     def write(self, work: Callable[[_PgConnection], object]):
         """Run `work(connection)` in one transaction and commit before returning its result."""
         psycopg = self._psycopg
-        from psycopg_pool import PoolTimeout
+        from psycopg_pool import PoolTimeout  # lazy: the optional `postgres` extra
 
         try:
             with self._pool.connection() as conn, conn.transaction():
@@ -320,8 +320,8 @@ class PostgresDatabase:
             raise DatabaseUnavailable(self._explain(e)) from None
 
     def read(self, sql: str, params: Iterable = ()) -> list[dict]:
-        from psycopg.rows import dict_row
-        from psycopg_pool import PoolTimeout
+        from psycopg.rows import dict_row  # lazy: the optional `postgres` extra
+        from psycopg_pool import PoolTimeout  # lazy: the optional `postgres` extra
 
         try:
             with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:

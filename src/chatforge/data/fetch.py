@@ -376,10 +376,6 @@ class FetchResult:
     seconds: float = 0.0
 
 
-# The old name of `files.cache_dir`, for the command glue (`run_fetch`) on its way to commands/.
-default_cache = cache_dir
-
-
 def source_dir(cache: Path, name: str) -> Path:
     """Where source `name` lives in the cache."""
     return Path(cache) / "sources" / name

@@ -45,6 +45,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
 from chatforge.data.tokenizer import DEFAULT_MODEL_MAX_LENGTH, LLAMA_CPP_PRE, SPLIT_PATTERNS, ChatTokenizer
 from chatforge.errors import ChatforgeError
 
@@ -65,8 +67,6 @@ USER_DEFINED = 4
 
 
 def _byte_level(use_regex: bool) -> Any:
-    from tokenizers import pre_tokenizers
-
     return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=use_regex)
 
 
@@ -75,15 +75,11 @@ def _gpt2() -> Any:
 
 
 def _digits_gpt2() -> Any:
-    from tokenizers import pre_tokenizers
-
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level(use_regex=True)])
 
 
 def _splits(*patterns: str) -> Callable[[], Any]:
     def build() -> Any:
-        from tokenizers import Regex, pre_tokenizers
-
         return pre_tokenizers.Sequence([*(pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns),
                                         _byte_level(use_regex=False)])
     return build
@@ -142,8 +138,6 @@ def llama_cpp_pre_name(tokenizer: Any) -> str:
 
 def _serialized(pre_tokenizer: Any) -> Any:
     """The tokenizer.json form of an HF pre-tokenizer object."""
-    from tokenizers import Tokenizer, models
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizer
     return json.loads(tok.to_str())["pre_tokenizer"]
@@ -198,8 +192,6 @@ def tokenizer_from_gguf(reader: Any) -> ChatTokenizer:
 
 def hf_tokenizer_from_gguf(reader: Any) -> Any:
     """The HF `tokenizers.Tokenizer` the GGUF metadata describes (byte-level BPE only)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-
     meta = _Metadata(reader)
     model = meta.get("tokenizer.ggml.model")
     if model is None:
@@ -253,8 +245,6 @@ def hf_tokenizer_from_gguf(reader: Any) -> Any:
 def _post_processor(meta: "_Metadata", tokens: list[str], pre: PreTokenizer) -> Any:
     """BOS / EOS added by `tokenizer(text)` when the file asks for it (as llama.cpp adds them);
     otherwise byte-level offsets only. chatforge's own encode never adds them."""
-    from tokenizers import processors
-
     defaults = {"bos": pre.add_bos, "eos": False}
     add = [(key, meta.get(f"tokenizer.ggml.{key}_token_id")) for key in ("bos", "eos")
            if meta.get(f"tokenizer.ggml.add_{key}_token", defaults[key])]

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Sequence
 
 from chatforge import files
+from chatforge.data.feedback import normalize_question
 from chatforge.errors import ChatforgeError
 
 ROLES = ("system", "user", "assistant")
@@ -182,8 +183,6 @@ def split_by_question(prefs: Sequence[Preference], fraction: float, seed: int = 
     is never measured on a question seen in training. At least one question goes to each side
     when there are two or more.
     """
-    from chatforge.data.feedback import normalize_question
-
     if not 0 <= fraction < 1:
         raise ChatforgeError(f"the held-out fraction must be in [0, 1), got {fraction}")
     groups: dict[str, list[int]] = {}

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from chatforge import files
+from chatforge.data.tokenizer import ChatTokenizer
 from chatforge.errors import ChatforgeError
 
 SPLITS = ("train", "val")
@@ -119,8 +120,6 @@ def build_shards(data_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
         if meta.get("fingerprint") == fp and sizes_ok:
             return out
     if tokenizer is None:
-        from chatforge.data.tokenizer import ChatTokenizer
-
         tokenizer = ChatTokenizer.load(tokenizer_dir)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32)
     inputs = _inputs(data_dir)

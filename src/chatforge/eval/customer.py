@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from chatforge import files
+from chatforge.retrieval.fusion import auto_mode, load_retriever
+from chatforge.retrieval.hits import hits_table, load_questions, retrieval_hits
 
 ROOT = Path(__file__).resolve().parents[3]         # the repository (evalsets/ and examples/ live there)
 SETS = {"customer-gitfaq": ("git-faq",), "customer-company": ("my_docs",), "followups": ("git-faq", "my_docs")}
@@ -25,9 +27,6 @@ SETS = {"customer-gitfaq": ("git-faq",), "customer-company": ("my_docs",), "foll
 def customer_rows(cache: Path, out_dir: Path | None = None, model: str | None = None,
                   root: Path = ROOT) -> str | None:
     """The table of hit@1 / hit@3 per set and mode (None when the sets or documents are missing)."""
-    from chatforge.retrieval.fusion import auto_mode, load_retriever
-    from chatforge.retrieval.hits import hits_table, load_questions, retrieval_hits
-
     where = {"git-faq": Path(cache) / "sources" / "git-faq", "my_docs": root / "examples" / "my_docs"}
     if not (root / "evalsets").is_dir() or not all(p.is_dir() for p in where.values()):
         return None

@@ -13,7 +13,14 @@ Scales follow the libraries that define them, so figures compare with published 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Collection, Iterable, Sequence
+
+import numpy as np
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from rouge_score import rouge_scorer
 
 from chatforge.errors import ChatforgeError
 
@@ -25,8 +32,6 @@ def _check_pairs(hyps: Sequence[str], refs: Sequence[str]) -> None:
 
 def bleu(hyps: Sequence[str], refs: Sequence[str]) -> float:
     """Corpus BLEU (0-100) of `hyps` against one reference each; 0.0 for no pairs."""
-    import sacrebleu
-
     _check_pairs(hyps, refs)
     if not hyps:
         return 0.0
@@ -35,8 +40,6 @@ def bleu(hyps: Sequence[str], refs: Sequence[str]) -> float:
 
 def rouge(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F1 (0-1, stemmed) over the pairs: {"rouge1", "rouge2", "rougeL"}."""
-    from rouge_score import rouge_scorer
-
     _check_pairs(hyps, refs)
     keys = ("rouge1", "rouge2", "rougeL")
     if not hyps:
@@ -80,8 +83,6 @@ GROUNDING_N = 4   # word n-gram size of grounded precision: long enough that cha
 
 
 def _words(text: str) -> list[str]:
-    import re
-
     return re.findall(r"\w+", text.lower())
 
 
@@ -124,9 +125,6 @@ def grounded_precision(answers: Sequence[str], passages: Sequence[Sequence[str]]
 
 def _windows(tokens: Any, seq_len: int, batch_size: int, max_batches: int | None) -> Iterable[Any]:
     """Batches (B, seq_len + 1) of non-overlapping windows, spread evenly over `tokens`."""
-    import numpy as np
-    import torch
-
     n = (len(tokens) - 1) // seq_len
     if n < 1:
         raise ChatforgeError(f"only {len(tokens)} validation tokens: need more than seq_len={seq_len} "
@@ -151,10 +149,6 @@ def perplexity(model: Any, data: Any, seq_len: int | None = None, max_batches: i
     the next token). The mean is over every predicted token. `seq_len` defaults to the model's
     context (`model.config.max_seq_len`).
     """
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
     ctx = getattr(getattr(model, "config", None), "max_seq_len", None)
     seq_len = seq_len or ctx
     if seq_len is None:

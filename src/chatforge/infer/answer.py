@@ -40,6 +40,7 @@ from typing import Sequence
 
 from chatforge import files
 from chatforge.errors import ChatforgeError
+from chatforge.infer.engine import GenerationConfig
 from chatforge.retrieval import DEFAULT_CONTEXT_TOKENS, NOT_FOUND_REPLY, strip_citation
 
 ANSWER_FILE = "answer.json"
@@ -132,8 +133,6 @@ class AnswerSettings:
 
     def generation(self, **overrides):
         """The `GenerationConfig` these settings mean (`overrides` win; None ignored)."""
-        from chatforge.infer.engine import GenerationConfig
-
         cfg = {"strategy": self.strategy, "max_new_tokens": self.max_new_tokens,
                "repetition_penalty": self.repetition_penalty}
         cfg.update({k: v for k, v in overrides.items() if v is not None})

@@ -28,8 +28,8 @@ from chatforge.infer.engine import Engine
 from chatforge.infer.plugin_builtins import DocsPlugin
 from chatforge.infer.plugins import PluginRunner
 from chatforge.infer.prompting import SystemPrompt
-from chatforge.infer.turn import MIN_CONTEXT_TOKENS, Prompt, _messages, fit_prompt, refused_below_threshold
 from chatforge.infer.safety import ReplyFilter
+from chatforge.infer.turn import MIN_CONTEXT_TOKENS, Prompt, _messages, fit_prompt, refused_below_threshold
 
 COMMANDS_HELP = """\
 Commands:
@@ -168,7 +168,7 @@ def style(color: bool) -> Callable[[str, str], str]:
 def tty_reader(prompt: str, out: TextIO) -> Callable[[], str | None]:
     """Read a line from the terminal; None on Ctrl-D. Ctrl-C at the prompt clears the line."""
     with contextlib.suppress(ImportError):
-        import readline  # noqa: F401  (line editing and history for input())
+        import readline  # noqa: F401  lazy: importing it changes input() (line editing, history); only the chat wants that
 
     def read() -> str | None:
         while True:

@@ -39,6 +39,9 @@ import torch.nn.functional as F
 
 from chatforge.errors import ChatforgeError
 from chatforge.infer.sampling import LogitsPipeline, StopStrings, first_stop
+from chatforge.model.fuse import prepare_for_decoding
+from chatforge.model.quant import quantize_model
+from chatforge.runtime import bf16_supported
 
 STRATEGIES = ("greedy", "sample", "beam")
 MIN_TEMPERATURE = 1e-5       # sampling below this temperature is greedy decoding
@@ -297,12 +300,8 @@ class Engine:
         # for oneDNN. A model used as it was given is left alone: its owner may train or refresh it.
         owned = own or self.model is not given
         if quant:
-            from chatforge.model.quant import quantize_model
-
             self.model = quantize_model(self.model, quant, fuse=True, inplace=own)
         elif owned:
-            from chatforge.model.fuse import prepare_for_decoding
-
             prepare_for_decoding(self.model)
         self.quant = quant
         self.config = self.model.config
@@ -612,8 +611,6 @@ def weights_dtype(dtype: torch.dtype | str | None, current: torch.dtype = torch.
     """The dtype an engine given weights in `current` on `device` generates in, for its `dtype`
     argument ("auto": bfloat16 where the device computes it natively, else `current`). A server
     loads its model straight in it (`load_model(dtype=)`)."""
-    from chatforge.runtime import bf16_supported
-
     device = torch.device(device)
     if dtype == "auto":
         native = current == torch.float32 and bf16_supported(device)

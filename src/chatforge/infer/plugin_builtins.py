@@ -25,6 +25,7 @@ from pathlib import Path
 
 from chatforge.errors import ChatforgeError
 from chatforge.infer.plugin_api import Fact, Plugin, PluginResult
+from chatforge.retrieval.fusion import search_turn
 
 BUILTINS = ("docs", "orders", "calculator", "handoff")
 
@@ -41,8 +42,6 @@ class DocsPlugin(Plugin):
         return True                   # retrieval runs on every question, as it did before plugins
 
     def run(self, message: str, conversation: list[dict]) -> PluginResult:
-        from chatforge.retrieval.fusion import search_turn
-
         return PluginResult(passages=search_turn(self.index, message, self.k, conversation))
 
 

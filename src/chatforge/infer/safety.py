@@ -33,6 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatforge.data.clean import scrub_pii
 from chatforge.errors import ChatforgeError
 
 ACTIONS = ("mask", "refuse")
@@ -49,8 +50,6 @@ _ONE_WORD = re.compile(r"(\\b)?(\w|\\[^\s\w\\ ])+(\\b)?")
 
 
 def _scrub(text: str) -> tuple[str, Counter]:
-    from chatforge.data.clean import scrub_pii  # imported late: the data stage pulls in ftfy
-
     return scrub_pii(text)
 
 

@@ -19,8 +19,11 @@ from typing import Sequence
 
 from chatforge.errors import ChatforgeError
 from chatforge.infer.answer import answered_history, below_min_score
+from chatforge.infer.plugins import with_facts
 from chatforge.infer.prompting import SystemPrompt
 from chatforge.infer.safety import ReplyFilter
+from chatforge.retrieval import CITATION_END, NOT_FOUND_REPLY, grounded_messages
+from chatforge.retrieval.fusion import search_turn
 
 MIN_CONTEXT_TOKENS = 16   # below this a retrieved context is not worth sending
 
@@ -42,7 +45,6 @@ class Prompt:
         """`cfg` for this prompt: a grounded reply ends with its first citation (`CITATION_END`)."""
         if not self.grounded:
             return cfg
-        from chatforge.retrieval import CITATION_END
 
         return replace(cfg, stop_after=(*cfg.stop_after, CITATION_END))
 
@@ -54,15 +56,12 @@ class Prompt:
 
 def _messages(system: SystemPrompt | None, index, user_text: str, history: list[dict], passages: list,
               context_tokens: int, tokenizer, facts: Sequence = ()) -> list[dict]:
-    from chatforge.infer.plugins import with_facts
-
     examples = system.examples if system else []
     text = system.text if system and system.text else None
     if index is None:
         head = [{"role": "system", "content": text}] if text else []
         question = f"{with_facts('', facts)}Question: {user_text}" if facts else user_text
         return [*head, *examples, *history, {"role": "user", "content": question}]
-    from chatforge.retrieval import grounded_messages
 
     # system=None gives retrieval's grounded system prompt, the one grounded SFT teaches. Refused
     # exchanges are left out of what the model sees (`answered_history`).
@@ -97,8 +96,6 @@ def fit_prompt(tokenizer, system: SystemPrompt | None, index, history: list[dict
         index = tools.get("docs")               # the grounded format comes with the docs plugin
         passages, facts = found.passages, found.facts
     else:
-        from chatforge.retrieval.fusion import search_turn   # earlier user turns help a follow-up
-
         passages = search_turn(index, user_text, k, history) if index is not None else []
     fixed = len(render(_messages(system, index, "", [], [], MIN_CONTEXT_TOKENS, tokenizer)))
     room = (budget - fixed) * 2 // 3
@@ -134,7 +131,6 @@ def refused_below_threshold(prompt: Prompt, min_score: float) -> Prompt:
     retrieved passage answers (and no plugin brought facts): the model is not asked."""
     if not prompt.grounded or prompt.reply is not None or prompt.facts or not below_min_score(prompt.passages, min_score):
         return prompt
-    from chatforge.retrieval import NOT_FOUND_REPLY
 
     return replace(prompt, ids=[], passages=[], reply=NOT_FOUND_REPLY)
 

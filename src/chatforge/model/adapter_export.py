@@ -46,10 +46,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from chatforge import files
 from chatforge.errors import ChatforgeError
+from chatforge.model.folder import WEIGHTS, load_config
+from chatforge.model.gguf_export import gguf_architecture, permute_qk, write_tensors
+from chatforge.model.gpt import GPT
+from chatforge.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
 
 ADAPTER_QUANTS = ("f32", "f16", "bf16")
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -81,12 +89,6 @@ def no_adapter_message(folder: Path) -> str:
 def read_adapter(folder: str | Path, config) -> Adapter:
     """The adapter saved in the model folder `folder`, checked against the model's `config`
     (a `GPTConfig`): every adapted module exists there with those shapes."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from chatforge.model.gpt import GPT
-    from chatforge.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
-
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG).is_file() and not (folder / ADAPTER_WEIGHTS).is_file():
         raise ChatforgeError(no_adapter_message(folder))
@@ -135,10 +137,6 @@ def read_adapter(folder: str | Path, config) -> Adapter:
 def check_against_base(adapter: Adapter, folder: Path) -> None:
     """Refuse an adapter that does not turn its base into the model saved in `folder` (see the
     module docstring); note it when the base folder is gone and cannot be checked."""
-    from safetensors import safe_open
-
-    from chatforge.model.folder import WEIGHTS, load_config
-
     if adapter.base is None:
         adapter.notes.append("the adapter does not name its base folder; make sure the base you export is the model "
                              "it was trained on")
@@ -216,8 +214,6 @@ _DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 def write_peft(adapter: Adapter, config, out: Path, quant: str = "f32", base_name: str | None = None) -> list[Path]:
     """Write PEFT's adapter folder into `out`; returns the files written."""
-    from safetensors.torch import save_file
-
     if quant not in ADAPTER_QUANTS:
         raise ChatforgeError(f"--format peft stores the adapter as {', '.join(ADAPTER_QUANTS)}, not {quant}")
     dtype = _DTYPES[quant]
@@ -236,11 +232,6 @@ def write_peft(adapter: Adapter, config, out: Path, quant: str = "f32", base_nam
 
 def gguf_lora_tensors(adapter: Adapter, config, quant: str):
     """(GGUF name, data, GGML type) of every adapter tensor: `<base tensor>.lora_a` / `.lora_b`."""
-    import gguf
-    import numpy as np
-
-    from chatforge.model.gguf_export import gguf_architecture, permute_qk
-
     arch = gguf_architecture(config)
     names = arch.gguf_tensor_names(config.n_layer)
     qtype = gguf.GGMLQuantizationType[quant.upper()]
@@ -265,10 +256,6 @@ def gguf_lora_tensors(adapter: Adapter, config, quant: str):
 
 def write_gguf_lora(adapter: Adapter, config, path: Path, quant: str = "f32", name: str = "adapter") -> Counter:
     """Write the adapter as llama.cpp's LoRA GGUF `path`; returns the count of tensors per type."""
-    import gguf
-
-    from chatforge.model.gguf_export import gguf_architecture, write_tensors
-
     if quant not in ADAPTER_QUANTS:
         raise ChatforgeError(f"--format gguf-lora stores the adapter as {', '.join(ADAPTER_QUANTS)}, not {quant}")
     writer = gguf.GGUFWriter(str(path), gguf_architecture(config).gguf_name)

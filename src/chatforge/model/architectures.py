@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import gguf
+
 from chatforge.errors import ChatforgeError
 
 
@@ -39,8 +41,6 @@ class Architecture:
 
     def gguf_tensor_names(self, n_layer: int):
         """The `gguf` package's map from HF tensor names to this architecture's GGUF names."""
-        import gguf
-
         arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.gguf_name)
         return gguf.get_tensor_name_map(arch, n_layer)
 

@@ -22,9 +22,12 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from chatforge import files
 from chatforge.errors import ChatforgeError
+from chatforge.model.folder import load_model
 from chatforge.model.heads import ClassifierHead, hidden_states, pool
 
 HEAD_WEIGHTS, CLASSIFIER_CONFIG = "head.safetensors", "classifier.json"
@@ -86,9 +89,6 @@ def predict_logits(model: nn.Module, data: dict, batch_size: int = 64, precision
 
 def load_head(folder: str | Path, head: nn.Module) -> None:
     """Load `head.safetensors` from a classifier folder into `head` (a `ClassifierHead`)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(folder) / HEAD_WEIGHTS
     try:
         head.load_state_dict(load_file(str(path)))
@@ -98,8 +98,6 @@ def load_head(folder: str | Path, head: nn.Module) -> None:
 
 def load_classifier(folder: str | Path) -> tuple[TextClassifier, object, dict]:
     """(TextClassifier in eval mode, tokenizer, classifier.json) from a folder `classify train` wrote."""
-    from chatforge.model.folder import load_model
-
     folder = Path(folder)
     if not (folder / CLASSIFIER_CONFIG).is_file():
         raise ChatforgeError(f"{folder} is not a classifier folder ({CLASSIFIER_CONFIG} is missing); "

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from chatforge import files
+from chatforge.data.tokenizer import ChatTokenizer
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig, rope_tables
 
@@ -131,8 +132,6 @@ def load_weights(path: Path, model: torch.nn.Module, device: str | torch.device 
 
 
 def load_tokenizer(folder: str | Path):
-    from chatforge.data.tokenizer import ChatTokenizer
-
     return ChatTokenizer.load(folder)
 
 

@@ -32,13 +32,16 @@ split llama.cpp does not know (it would tokenize differently there).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
+import gguf
 import numpy as np
 import torch
 
+from chatforge.data.gguf_tokenizer import llama_cpp_pre_name
 from chatforge.errors import ChatforgeError
 from chatforge.model.architectures import Architecture, architecture_of
 from chatforge.model.gpt import GPT
@@ -73,8 +76,6 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> Any:
     """The GGML type a tensor is stored in for `quant` (see the module docstring)."""
-    import gguf
-
     Q = gguf.GGMLQuantizationType
     if len(shape) == 1:
         return Q.F32
@@ -89,8 +90,6 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> Any:
 
 def gguf_tensors(model: GPT, quant: str) -> Iterator[tuple[str, np.ndarray, Any]]:
     """(GGUF name, stored data, GGML type) for every weight of `model`, in the model's order."""
-    import gguf
-
     c = model.config
     arch = gguf_architecture(c)
     names = arch.gguf_tensor_names(c.n_layer)
@@ -112,10 +111,6 @@ def gguf_tensors(model: GPT, quant: str) -> Iterator[tuple[str, np.ndarray, Any]
 
 def add_tokenizer(writer: Any, tokenizer: Any) -> None:
     """Write `tokenizer` (a ChatTokenizer) as llama.cpp's tokenizer metadata."""
-    import json
-
-    from chatforge.data.gguf_tokenizer import llama_cpp_pre_name
-
     hf = tokenizer.hf_tokenizer
     pre = llama_cpp_pre_name(hf)
     spec = json.loads(hf.to_str())
@@ -150,8 +145,6 @@ def write_gguf(model: GPT, tokenizer: Any, path: str | Path, quant: str = "f16",
     """Write `model` (fp32 weights) and `tokenizer` as the GGUF v3 file `path`, weights stored as
     `quant`. Returns the count of tensors per stored type. `path` is written in place: callers
     write into a temporary folder (model/export.py does)."""
-    import gguf
-
     if quant not in QUANTS:
         raise ChatforgeError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(QUANTS)}")
     c = model.config

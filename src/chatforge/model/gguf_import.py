@@ -30,20 +30,19 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from gguf.quants import dequantize
 
 from chatforge.errors import ChatforgeError
-from chatforge.model.gpt import GPTConfig
 from chatforge.model.architectures import Architecture, from_gguf_name
 from chatforge.model.checkpoint import Checkpoint, check_state, context_length, expected_shapes
-
+from chatforge.model.gpt import GPTConfig
 
 
 def open_gguf(path: str | Path):
     """A `gguf.GGUFReader` on `path` (memory-mapped), with clear errors for a bad file."""
-    import gguf
-
     path = Path(path)
     if not path.is_file():
         raise ChatforgeError(f"{path} does not exist; pass a .gguf file or a Hugging Face model folder")
@@ -121,8 +120,6 @@ def config_from_gguf(reader, where: str, notes: list[str]) -> tuple[Architecture
 
 def read_gguf(reader, path: str | Path) -> Checkpoint:
     """The checkpoint in an opened GGUF file, dequantized to fp32."""
-    from gguf.quants import dequantize
-
     where = str(path)
     notes: list[str] = []
     architecture, config = config_from_gguf(reader, where, notes)

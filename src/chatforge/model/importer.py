@@ -23,9 +23,15 @@ from typing import Callable
 import torch
 
 from chatforge import files
+from chatforge.data.gguf_tokenizer import tokenizer_from_gguf
+from chatforge.data.tokenizer import ChatTokenizer
 from chatforge.errors import ChatforgeError
 from chatforge.model.checkpoint import Checkpoint, check_state  # noqa: F401 (the readers' names)
+from chatforge.model.folder import save_model
+from chatforge.model.gguf_import import open_gguf, read_gguf
 from chatforge.model.gpt import GPT
+from chatforge.model.hf_import import read_hf_folder
+
 
 def fit_vocabulary(ckpt: Checkpoint, tokenizer_size: int) -> None:
     """Make the embedding match the tokenizer. Checkpoints often pad the embedding beyond the
@@ -60,8 +66,6 @@ def _check_out(src: Path, out: Path) -> None:
 def write_model(ckpt: Checkpoint, tokenizer, out: str | Path) -> Path:
     """Write `ckpt` with `tokenizer` (a `ChatTokenizer`) as the model folder `out`, atomically:
     it appears complete or not at all (an existing model folder there is replaced)."""
-    from chatforge.model.folder import save_model
-
     out = Path(out)
     _check_out(ckpt.source, out)
     fit_vocabulary(ckpt, tokenizer.vocab_size)
@@ -100,21 +104,14 @@ def read_checkpoint(src: str | Path) -> tuple[Checkpoint, Callable[[], object]]:
     if not src.exists():
         raise ChatforgeError(f"{src} does not exist; pass a .gguf file or a Hugging Face model folder")
     if src.is_dir():
-        from chatforge.model.hf_import import read_hf_folder
-
         def hf_tokenizer():
-            from chatforge.data.tokenizer import ChatTokenizer
-
             return ChatTokenizer.load(src)
 
         return read_hf_folder(src), hf_tokenizer
-    from chatforge.model.gguf_import import open_gguf, read_gguf
 
     reader = open_gguf(src)
 
     def gguf_tokenizer():
-        from chatforge.data.gguf_tokenizer import tokenizer_from_gguf
-
         return tokenizer_from_gguf(reader)
 
     return read_gguf(reader, src), gguf_tokenizer

@@ -33,6 +33,8 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from chatforge import files
 from chatforge.errors import ChatforgeError
@@ -326,8 +328,6 @@ def save_lora(model: nn.Module, out: str | Path, state: dict[str, torch.Tensor] 
     The tensors come from `state` (a full state dict of the wrapped model) or the model itself;
     `extra` keys (e.g. `base="runs/demo/pretrain"`) are stored in the config for the reader.
     """
-    from safetensors.torch import save
-
     cfg: AdapterConfig | None = getattr(model, "lora_config", None)
     if cfg is None or not lora_modules(model):
         raise ChatforgeError("the model has no LoRA adapters to save")
@@ -351,9 +351,6 @@ def read_adapter_config(folder: str | Path) -> dict:
 
 def load_lora(model: nn.Module, path: str | Path) -> nn.Module:
     """Add the adapter saved in folder `path` to `model` (wrapping it if needed) and load its weights."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(path)
     if folder.is_file():  # accept the safetensors file itself
         folder = folder.parent

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from chatforge.errors import ChatforgeError
+from chatforge.model.fuse import fuse_projections
 from chatforge.runtime import give_back_memory
 
 MODES = ("int8", "int4")
@@ -211,7 +212,6 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, fuse: bool
         # Copy the modules, not the tensors: every parameter and buffer maps to itself.
         memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
         clone = copy.deepcopy(model, memo)
-    from chatforge.model.fuse import fuse_projections
 
     # A block at a time (then what is left: the LM head), each block's freed full-precision
     # weights handed back before the next: fusing and quantizing the whole model at once kept

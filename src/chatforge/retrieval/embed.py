@@ -26,6 +26,7 @@ limit), with attention through `scaled_dot_product_attention`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -35,10 +36,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
+from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from chatforge import files
+from chatforge.data.fetch import source_dir
 from chatforge.errors import ChatforgeError
 
 DEFAULT_MODEL = "all-minilm-l6-v2"     # the fetched model source used when none is named
@@ -198,8 +203,6 @@ def _file_id(path: Path) -> dict:
 def resolve_model(name_or_path: str | os.PathLike | None = None, cache: str | os.PathLike | None = None) -> Path:
     """The folder of an embedding model: a path to a model folder, or the name of a fetched model
     source (default all-minilm-l6-v2) in chatforge's cache."""
-    from chatforge.data.fetch import source_dir
-
     name = str(name_or_path or DEFAULT_MODEL)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -242,8 +245,6 @@ class Embedder:
         if self.precision == "fp32":
             return self.encoder
         if self._inference is None:
-            import copy
-
             self._inference = copy.deepcopy(self.encoder).to(torch.bfloat16).eval()
         return self._inference
 
@@ -254,9 +255,6 @@ class Embedder:
     @classmethod
     def load(cls, name_or_path: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
              max_tokens: int = DEFAULT_MAX_TOKENS, precision: str = "auto") -> "Embedder":
-        from safetensors.torch import load_file
-        from tokenizers import Tokenizer
-
         folder = resolve_model(name_or_path, cache)
         config = EncoderConfig.from_dict(files.read_json(folder / "config.json"))
         pooling = folder / "1_Pooling" / "config.json"
@@ -320,7 +318,6 @@ class Embedder:
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
         steps = range(0, len(order), batch_size)
         if progress:
-            from tqdm import tqdm
             steps = tqdm(steps, desc="embed passages", unit="batch", disable=None)
         for start in steps:
             rows = order[start:start + batch_size]
@@ -334,8 +331,6 @@ class Embedder:
         """Write the encoder's files into `folder` (each atomically; other files stay): safetensors
         weights under HF names (`state`, default the encoder's), config.json, and the tokenizer,
         pooling and licence files of the folder it was loaded from."""
-        from safetensors.torch import save
-
         folder = Path(folder)
         state = state if state is not None else self.encoder.state_dict()
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}

@@ -40,9 +40,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
+import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.options import option
+from chatforge.retrieval.dense import DenseIndex, cache_folder, default_batch_size
+from chatforge.retrieval.embed import DEFAULT_MAX_TOKENS, Embedder, resolve_model
 from chatforge.retrieval.index import PassageIndex, _resolved, default_cache_dir
 from chatforge.retrieval.passages import Passage
 
@@ -155,10 +158,6 @@ def load_retriever(paths: Sequence[str | os.PathLike], cache_dir: str | os.PathL
     index = PassageIndex.load_or_build(paths, cache_dir)
     if mode == "bm25":
         return Retriever(index, None, mode, history_weight)
-    import torch
-
-    from chatforge.retrieval.dense import DenseIndex, cache_folder, default_batch_size
-    from chatforge.retrieval.embed import DEFAULT_MAX_TOKENS, Embedder
 
     if threads:
         torch.set_num_threads(threads)
@@ -172,8 +171,6 @@ def load_retriever(paths: Sequence[str | os.PathLike], cache_dir: str | os.PathL
 
 def auto_mode(model: str | os.PathLike | None = None) -> str:
     """BEST_MODE when the embedding model can be loaded, else "bm25" (saying so on stderr)."""
-    from chatforge.retrieval.embed import resolve_model
-
     try:
         resolve_model(model)
     except ChatforgeError as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from chatforge import files
 from chatforge.errors import ChatforgeError
 
 
@@ -90,8 +91,6 @@ def load_questions(path: str | Path) -> list[dict]:
     """Questions for hit@k from a JSONL file: `{"question", "source"[, "history"]}` lines (evalsets/)
     or chat records `{"messages": [...], "source"}` (the data folder's qa_val.jsonl: the first user
     turn is the question). Lines without a question are skipped; a malformed line is an error."""
-    from chatforge import files
-
     out = []
     for lineno, obj in files.iter_jsonl(path, 'expected {"question", "source"} or {"messages", "source"} lines'):
         if not isinstance(obj, dict):

@@ -47,13 +47,15 @@ _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
 @functools.lru_cache(maxsize=None)
 def _stopwords() -> frozenset[str]:
-    from bm25s.stopwords import STOPWORDS_EN
+    from bm25s.stopwords import (
+        STOPWORDS_EN,  # lazy: bm25s costs ~0.2 s; chatforge.retrieval is imported with retrieval off
+    )
     return frozenset(STOPWORDS_EN)
 
 
 @functools.lru_cache(maxsize=1)
 def _stemmer() -> Callable[[str], str]:
-    from nltk.stem.porter import PorterStemmer   # nltk comes with rouge-score
+    from nltk.stem.porter import PorterStemmer  # lazy: ~1.4 s to import; nltk comes with rouge-score
     return functools.lru_cache(maxsize=200_000)(PorterStemmer().stem)
 
 
@@ -98,7 +100,7 @@ def _prune(root: Path) -> None:
 
 def _bm25(docs: list[list[str]]) -> Any | None:
     """A bm25s index of tokenised `docs` (None when no doc has a term: bm25s cannot index that)."""
-    import bm25s
+    import bm25s  # lazy: ~0.2 s, only when an index is built (see _stopwords)
 
     if not any(docs):
         return None
@@ -194,7 +196,7 @@ class PassageIndex:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "PassageIndex":
-        import bm25s
+        import bm25s  # lazy: ~0.2 s, only when an index is loaded (see _stopwords)
 
         folder = Path(folder)
         meta = files.read_json(folder / "meta.json")

@@ -21,16 +21,15 @@ nothing leaks a traceback or a path.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import hmac
 import json
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,21 +37,30 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               disable_created_metrics, generate_latest)
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatforge.data.feedback_db import DatabaseUnavailable
 from chatforge.errors import ChatforgeError
-from chatforge.runtime import give_back_memory
-from chatforge.infer.batching import Done, Piece, QueueFull, Scheduler, ShuttingDown
 from chatforge.infer.answer import AnswerStream, checked_citation, is_refusal
-from chatforge.infer.turn import fit_prompt, refused_below_threshold
+from chatforge.infer.batching import Done, Piece, QueueFull, Scheduler, ShuttingDown
 from chatforge.infer.engine import GenerationConfig
+from chatforge.infer.plugin_builtins import DocsPlugin
+from chatforge.infer.plugins import PluginRunner
 from chatforge.infer.prompting import SystemPrompt
 from chatforge.infer.safety import ReplyFilter
+from chatforge.infer.turn import fit_prompt, refused_below_threshold
+from chatforge.runtime import give_back_memory
 from chatforge.serve import openai_api as oa
 from chatforge.serve.http import SECURITY_HEADERS, host_name
 from chatforge.serve.upstream import UpstreamDone, UpstreamError
@@ -92,8 +100,6 @@ class Assistant:
     def __post_init__(self):
         if self.tools is None and self.index is not None:
             # Retrieval is the docs plugin: one code path with or without other plugins.
-            from chatforge.infer.plugin_builtins import DocsPlugin
-            from chatforge.infer.plugins import PluginRunner
 
             self.tools = PluginRunner([DocsPlugin(self.index, self.passages)])
 

@@ -36,10 +36,22 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import torch
+import uvicorn
+
+from chatforge.data.feedback import FeedbackStore
 from chatforge.errors import ChatforgeError
+from chatforge.infer.answer import AnswerSettings
+from chatforge.infer.batching import Scheduler
+from chatforge.infer.engine import Engine, weights_dtype
 from chatforge.infer.plugins import plugin_runner
 from chatforge.infer.prompting import load_system_prompt
 from chatforge.infer.safety import ReplyFilter, load_blocked_terms
+from chatforge.model.folder import load_config, load_model, load_tokenizer
+from chatforge.retrieval.fusion import from_args
+from chatforge.serve.app import Assistant, create_app, release_memory, swap_model
+from chatforge.serve.http import LOOPBACK_NAMES, server_config
+from chatforge.serve.upstream import UpstreamClient, UpstreamError
 
 
 def _check_port(host: str, port: int) -> None:
@@ -66,7 +78,6 @@ def kv_cache_bytes(mb: int | None, engine, max_batch: int) -> int:
     """The KV-cache budget: `mb` MiB, or by default a quarter of the machine's memory, at most what
     `max_batch` requests at the model's full context take."""
     cfg = engine.config
-    import torch
 
     position = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * torch.empty((), dtype=engine.cache_dtype).element_size()
     need = max_batch * cfg.max_seq_len * position
@@ -111,7 +122,6 @@ def run(args: Any) -> int:
     """Serve until stopped. `args`: the parsed options of `chatforge serve` (`chatforge.commands.serve`)."""
     if not args.model:
         raise ChatforgeError("--model is required: the folder of a trained model (the output of sft)")
-    from chatforge.infer.answer import AnswerSettings
 
     settings = AnswerSettings.load(args.model)
     args.passages = settings.passages if args.passages is None else args.passages
@@ -154,15 +164,6 @@ def run(args: Any) -> int:
         print(f"warning: listening on {args.host} without an API key: anyone who reaches this port can use "
               "the model and read its sources; set CHATFORGE_API_KEY", file=sys.stderr)
 
-    import uvicorn
-
-    from chatforge.data.feedback import FeedbackStore
-    from chatforge.infer.batching import Scheduler
-    from chatforge.infer.engine import Engine, weights_dtype
-    from chatforge.model.folder import load_model
-    from chatforge.serve.app import Assistant, create_app, release_memory, swap_model
-    from chatforge.serve.http import LOOPBACK_NAMES, server_config
-
     model_dir = Path(args.model)
     store = None
     if not args.no_feedback:
@@ -170,9 +171,6 @@ def run(args: Any) -> int:
 
     def load_upstream() -> tuple[object, object]:
         """The model folder's tokenizer and context, generation by the engine at --upstream."""
-        from chatforge.model.folder import load_config, load_tokenizer
-        from chatforge.serve.upstream import UpstreamClient
-
         tokenizer = load_tokenizer(model_dir)
         return UpstreamClient(args.upstream, tokenizer, load_config(model_dir).max_seq_len, model=args.upstream_model,
                               key=upstream_key, timeout=args.upstream_timeout, max_batch=args.max_batch,
@@ -197,8 +195,6 @@ def run(args: Any) -> int:
 
     scheduler, tokenizer = load()
     if args.upstream:
-        from chatforge.serve.upstream import UpstreamError
-
         try:
             print(f"chatforge serve: generating with {scheduler.check()}", flush=True)
         except UpstreamError as e:
@@ -206,8 +202,6 @@ def run(args: Any) -> int:
             print(f"warning: {e.message}; requests are answered 503 until it answers", file=sys.stderr, flush=True)
     index = None
     if args.docs:
-        from chatforge.retrieval.fusion import from_args
-
         index = from_args(args, args.docs, args.index_cache, settings.embedding_model_for(model_dir))
     tools = plugin_runner(args.plugins, args.plugin, orders=args.orders, router=args.router,
                           timeout=args.plugin_timeout, passages=args.passages, index=index, store=store)

@@ -18,6 +18,9 @@ import asyncio
 import logging
 from typing import Any
 
+import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
 log = logging.getLogger("chatforge.serve")
 
 # The chat page loads its own script and style sheet only and talks to its own origin: nothing
@@ -46,8 +49,6 @@ def host_name(header: bytes | None) -> str | None:
 def deadline_protocol(seconds: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class with a deadline of `seconds` on receiving each request
     (headers and body); a connection past it is closed."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
-
     class RequestDeadline(AutoHTTPProtocol):   # type: ignore[misc, valid-type]
         _timer: asyncio.TimerHandle | None = None
 
@@ -89,7 +90,5 @@ def server_config(app: Any, host: str, port: int, request_read_timeout: float = 
     """The uvicorn config `chatforge serve` runs with: each request must arrive whole within
     `request_read_timeout` seconds, an idle kept-alive connection closes after `keep_alive`
     seconds, and beyond `max_connections` open connections new requests get 503."""
-    import uvicorn
-
     return uvicorn.Config(app, host=host, port=port, http=deadline_protocol(request_read_timeout),
                           timeout_keep_alive=keep_alive, limit_concurrency=max_connections, **kw)

@@ -41,7 +41,6 @@ the replies). The output is a model folder, `metrics.jsonl`, `last/` for `--resu
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,15 +50,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge import files, runtime
+from chatforge.data.chat_data import ShuffledBatches, length_groups
 from chatforge.data.prefs import split_by_question
 from chatforge.data.unpaired import read_unpaired
 from chatforge.errors import ChatforgeError
 from chatforge.model.folder import load_model
+from chatforge.model.heads import hidden_states
 from chatforge.options import build, flatten, option
 from chatforge.train import dpo, recipe
 from chatforge.train.loop import train
-from chatforge.train.pairs import (PairExample, PairStats, PreferenceOptions, PrefixCache, common_prefix, encode_all,
-                                   make_pair_batch, reply_attention_mask, reply_span, side_sums)
+from chatforge.train.pairs import (
+    PairExample,
+    PairStats,
+    PreferenceOptions,
+    PrefixCache,
+    common_prefix,
+    encode_all,
+    make_pair_batch,
+    reply_attention_mask,
+    reply_span,
+    side_sums,
+)
 
 DEFAULT_LR = dpo.DEFAULT_LR
 # TRL's KTOConfig defaults.
@@ -127,8 +138,6 @@ def kto_token_logps(model: nn.Module, batch: dict) -> torch.Tensor:
     them: rows 0..B-1 the completions, B..2B-1 the mismatched ones. The prompt runs once; the
     mismatched completions run after the others without gradients (z is detached: their
     backward would only compute zeros)."""
-    from chatforge.model.heads import hidden_states
-
 
     prompt_ids, reply_ids, prompt_len = batch["prompt_ids"], batch["reply_ids"], batch["prompt_len"]
     (B, P), R = prompt_ids.shape, reply_ids.shape[1]
@@ -209,8 +218,6 @@ def encode_rows(rows: Sequence, tokenizer, max_length: int,
 def kto_groups(examples: Sequence[KTOExample], batch_size: int, seed: int = 0) -> list[list[int]]:
     """Batches of rows of similar length; a last batch of one row joins the one before (alone,
     its mismatched completion would be its own)."""
-    from chatforge.train.classify import length_groups
-
     groups = length_groups([e.length for e in examples], batch_size, seed)
     if len(groups) > 1 and len(groups[-1]) == 1:
         groups[-2] += groups.pop()
@@ -240,8 +247,6 @@ class KTOBatches:
 
     def __init__(self, examples: Sequence[KTOExample], groups: list[list[int]], pairs: list[list[PairExample]],
                  pad_id: int, seed: int = 0, ref: list[list[torch.Tensor]] | None = None, shuffle: bool = True):
-        from chatforge.data.chat_data import ShuffledBatches
-
         def fetch(index: torch.Tensor) -> dict:
             g = int(index[0])
             return make_kto_batch([examples[i] for i in groups[g]], pairs[g], pad_id, None if ref is None else ref[g])

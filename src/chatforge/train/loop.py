@@ -52,6 +52,7 @@ fit one GPU; it also runs on CPU with gloo (slowly; it is for correctness there)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -63,13 +64,14 @@ from typing import Any, Callable, ClassVar, Iterable, Protocol
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from chatforge import files
+from chatforge import files, runtime
 from chatforge.errors import ChatforgeError
-from chatforge.options import option
 from chatforge.model import folder as model_folder
-from chatforge import runtime
+from chatforge.options import option
 from chatforge.train import checkpoint
+from chatforge.train.progress import Logger
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -263,7 +265,7 @@ def make_optimizer(model: nn.Module, train_names: set[str], cfg: TrainConfig,
 def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device, compiled: bool) -> nn.Module:
     """compile, then DDP or FSDP when distributed."""
     if cfg.fsdp and runtime.is_distributed():
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # lazy: ~0.55 s, only multi-process FSDP runs
 
         # One FSDP unit per block (gathered just in time), then the root (embeddings, head).
         for block in getattr(model, "layers", []):
@@ -272,16 +274,12 @@ def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device, compiled: bo
     if compiled:
         model = torch.compile(model)
     if runtime.is_distributed() and not cfg.fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
 
 
 def _grad_sync(wrapped: nn.Module, raw: nn.Module, cfg: TrainConfig, on: bool):
     """A context in which backward all-reduces gradients only if `on` (the last micro-step)."""
-    import contextlib
-
     if cfg.fsdp and runtime.is_distributed():
         raw.set_requires_gradient_sync(on)
         return contextlib.nullcontext()
@@ -293,6 +291,7 @@ def _grad_sync(wrapped: nn.Module, raw: nn.Module, cfg: TrainConfig, on: bool):
 def _full_state(raw: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[dict, dict]:
     """(model state, optimizer state), full and on CPU; under FSDP every rank must call this."""
     if cfg.fsdp and runtime.is_distributed():
+        # lazy: ~0.8 s to import, only multi-process FSDP runs
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         return get_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -301,6 +300,7 @@ def _full_state(raw: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConf
 
 def _load_optimizer(raw: nn.Module, optimizer: torch.optim.Optimizer, state: dict, cfg: TrainConfig) -> None:
     if cfg.fsdp and runtime.is_distributed():
+        # lazy: ~0.8 s to import, only multi-process FSDP runs
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(raw, optimizer, state, options=StateDictOptions(full_state_dict=True))
@@ -396,8 +396,6 @@ def train(model: nn.Module, train_source: BatchSource, loss_fn: LossFn, cfg: Tra
           params: Iterable[nn.Parameter] | None = None,
           save_fn: Callable[[Path, nn.Module, dict], None] | None = None) -> TrainResult:
     """Train `model` for `cfg.max_steps` optimizer steps; see the module docstring."""
-    from chatforge.train.progress import Logger
-
     out_dir = Path(out_dir)
     rank, world = runtime.init_distributed()
     master = rank == 0

@@ -43,12 +43,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chatforge.data.chat_data import ShuffledBatches
+from chatforge.data.chat_data import ShuffledBatches, length_groups
 from chatforge.errors import ChatforgeError
+from chatforge.model.heads import hidden_states
 from chatforge.model.lora import LoraConfig, PreferenceLora
 from chatforge.options import group, option
 from chatforge.train.loop import LoopOptions
-
 
 
 @dataclass
@@ -172,8 +172,6 @@ def make_pair_batch(examples: Sequence[PairExample], pad_id: int,
 
 def length_batches(examples: Sequence[PairExample], batch_size: int, seed: int = 0) -> list[list[int]]:
     """Indices in batches of pairs of similar length (ties in a seeded order)."""
-    from chatforge.train.classify import length_groups
-
     return length_groups([e.length for e in examples], batch_size, seed)
 
 
@@ -234,8 +232,6 @@ def reply_attention_mask(prompt_len: torch.Tensor, P: int, R: int, times: int = 
 def two_pass_states(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt states (B, P, C), reply states (2B, R, C)): the GPT's final, normalised hidden states
     of the two passes (see the module docstring)."""
-    from chatforge.model.heads import hidden_states
-
     prompt_ids, reply_ids, prompt_len = batch["prompt_ids"], batch["reply_ids"], batch["prompt_len"]
     (B, P), R = prompt_ids.shape, reply_ids.shape[1]
     cache = PrefixCache()

@@ -11,6 +11,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from chatforge import files
+
+try:  # TensorBoard is optional at run time: metrics.jsonl has everything.
+    from torch.utils.tensorboard import SummaryWriter
+except ImportError:
+    SummaryWriter = None
+
 
 class Logger:
     def __init__(self, out_dir: Path, master: bool, total: int, start: int = 0,
@@ -24,12 +31,7 @@ class Logger:
         self.path = out_dir / "metrics.jsonl"
         self._truncate(start)
         self.file = open(self.path, "a", encoding="utf-8")
-        try:  # TensorBoard is optional at run time: metrics.jsonl has everything.
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start + 1 if start else None)
-        except ImportError:
-            self.tb = None
+        self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start + 1 if start else None) if SummaryWriter else None
         self.bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None, dynamic_ncols=True)
         self.t_last, self.tokens_last = time.perf_counter(), 0
         self.rate = 0.0
@@ -45,7 +47,6 @@ class Logger:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-        from chatforge import files
 
         files.write_text(self.path, "".join(f"{line}\n" for line in kept))
 

@@ -49,6 +49,22 @@ def prepare(model: nn.Module, method: str, lora: LoraConfig, seed: int, runs: in
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def freeze_below_top(model: nn.Module, n_top: int, keep: tuple[nn.Module, ...] = (), least: int = 0) -> list[nn.Parameter]:
+    """The `--method freeze` of SFT and the reward model: every parameter of `model` (a GPT) frozen
+    but the top `n_top` blocks with the final norm (none of them for 0) and the `keep` modules (SFT's
+    LM head). Returns the trainable parameters; `least` is the smallest --freeze-top accepted."""
+    n_layer = len(model.layers)
+    if not least <= n_top <= n_layer:
+        raise ChatforgeError(f"--freeze-top must be between {least} and the model's {n_layer} blocks, got {n_top}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in [*model.layers[n_layer - n_top:], model.norm] if n_top else []:
+        module.requires_grad_(True)
+    for module in keep:
+        module.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def save_fn(out: Path, tokenizer, base: Path, method: str, lora_save: str = "merged", inner: str = ""):
     """The loop's save function. At the top of `out` a plain model folder (adapters merged, and
     with `lora_save="adapter"` the adapter beside it, its config naming `base`); in `last/` the

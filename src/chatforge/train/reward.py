@@ -63,8 +63,15 @@ from chatforge.model.lora import LoraConfig, PreferenceLora
 from chatforge.options import build, flatten, group, option
 from chatforge.train import recipe
 from chatforge.train.loop import LoopOptions, train
-from chatforge.train.pairs import (TRUNCATE, PairBatches, encode_pairs, eval_pair_batches, length_batches,
-                                   make_pair_batch, reply_end_states)
+from chatforge.train.pairs import (
+    TRUNCATE,
+    PairBatches,
+    encode_pairs,
+    eval_pair_batches,
+    length_batches,
+    make_pair_batch,
+    reply_end_states,
+)
 
 HEAD_WEIGHTS, REWARD_CONFIG = "reward_head.safetensors", "reward.json"
 FORMAT = "chatforge-reward"
@@ -152,11 +159,6 @@ class RewardModel(nn.Module):
         return self.score_ids(rendered, batch_size)
 
 
-def _reward_model_class():
-    """`RewardModel` (it was defined on first use while `--help` had to avoid torch)."""
-    return RewardModel
-
-
 def load_reward_model(folder: str | Path, device: str = "cpu"):
     """The `RewardModel` saved in `folder` by `chatforge reward train`, in eval mode on `device`.
     Reads safetensors and JSON only."""
@@ -228,19 +230,6 @@ def format_report(report: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Training
-
-
-def freeze_below_top(backbone, n_top: int) -> None:
-    """Only the top `n_top` blocks and the final norm of `backbone` stay trainable (0: none)."""
-    n_layer = len(backbone.layers)
-    if not 0 <= n_top <= n_layer:
-        raise ChatforgeError(f"--freeze-top must be between 0 (the head alone) and the model's {n_layer} blocks, got {n_top}")
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    if n_top:
-        for module in [*backbone.layers[n_layer - n_top:], backbone.norm]:
-            for p in module.parameters():
-                p.requires_grad_(True)
 
 
 def backbone_features(model, examples, batch_size: int, pad_id: int, device, precision: str):
@@ -335,7 +324,7 @@ def train_reward_model(base: str | Path, prefs: str | Path, out: str | Path | No
     model = RewardModel(backbone, tok, max_length)
     feature_start = time.time()
     if head_only:
-        freeze_below_top(backbone, 0)
+        recipe.freeze_below_top(backbone, 0)
         feats = backbone_features(model, [e for e in encoded if e is not None], o.batch_size, tok.pad_id, device,
                                   precision)
         row = {i: j for j, i in enumerate(i for i, e in enumerate(encoded) if e is not None)}
@@ -347,7 +336,7 @@ def train_reward_model(base: str | Path, prefs: str | Path, out: str | Path | No
         if o.method == "lora":
             o.lora.apply(backbone)
         elif o.method == "freeze":
-            freeze_below_top(backbone, o.freeze_top)
+            recipe.freeze_below_top(backbone, o.freeze_top)
         source = PairBatches([encoded[i] for i in fit_idx], o.batch_size, tok.pad_id, seed=o.seed)
         val_batches = eval_pair_batches([encoded[i] for i in val_idx], o.batch_size, tok.pad_id) if val_idx else None
         trained = model

@@ -157,23 +157,6 @@ def sft_loss(model, batch: dict):
     return loss, (batch["labels"] != -100).sum()
 
 
-def freeze_all_but_top(model, n_top: int) -> list:
-    """Freeze every parameter except the top `n_top` blocks, the final norm and the LM head.
-
-    Returns the trainable parameters. With tied embeddings the head's matrix is the embedding
-    (one tensor), so it stays trainable as the head (see the module docstring).
-    """
-    n_layer = len(model.layers)
-    if not 1 <= n_top <= n_layer:
-        raise ChatforgeError(f"--freeze-top must be between 1 and the model's {n_layer} blocks, got {n_top}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in [*model.layers[n_layer - n_top:], model.norm, model.lm_head]:
-        for p in module.parameters():
-            p.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def read_records(data: Path, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, val) `{"messages", "source"}` records of a data folder; without qa_val.jsonl, a
     seeded 10% of qa_train.jsonl is held out."""
@@ -408,7 +391,8 @@ def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, c
 
     params = recipe.prepare(model, o.method, o.lora, o.seed)
     if o.method == "freeze":
-        params = freeze_all_but_top(model, o.freeze_top)
+        # the LM head trains too: with tied embeddings it is the embedding matrix (see the module docstring)
+        params = recipe.freeze_below_top(model, o.freeze_top, keep=(model.lm_head,), least=1)
     source = PackedBatches(train_rows, o.batch_size, seed=o.seed)
     steps, steps_per_epoch = steps_and_epoch(o, source.batches_per_epoch, seq_len)
     lr = recipe.learning_rate(o, DEFAULT_LR, o.method)
