@@ -47,9 +47,8 @@ _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
 @functools.lru_cache(maxsize=None)
 def _stopwords() -> frozenset[str]:
-    from bm25s.stopwords import (
-        STOPWORDS_EN,  # lazy: bm25s costs ~0.2 s; chatforge.retrieval is imported with retrieval off
-    )
+    # lazy: bm25s costs ~0.2 s, and chatforge.retrieval is imported by every chat even with retrieval off
+    from bm25s.stopwords import STOPWORDS_EN
     return frozenset(STOPWORDS_EN)
 
 
