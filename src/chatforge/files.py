@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -100,6 +100,21 @@ def iter_jsonl(path: str | os.PathLike, missing_hint: str = "") -> Iterator[tupl
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ChatforgeError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete the line") from None
+
+
+def read_parsed(path: str | os.PathLike, parse: Callable[[Any], Any], what: str, hint: str) -> list:
+    """`parse(object)` of every non-blank line of a JSONL file: a ValueError from `parse` is a
+    ChatforgeError naming file:line, and a file without a line is one naming `what` it should hold
+    and `hint` (how to make one)."""
+    out = []
+    for lineno, obj in iter_jsonl(path, hint):
+        try:
+            out.append(parse(obj))
+        except ValueError as e:
+            raise ChatforgeError(f"{path}:{lineno}: {e}") from None
+    if not out:
+        raise ChatforgeError(f"{path} holds no {what}; {hint}")
+    return out
 
 
 def read_yaml_mapping(path: str | os.PathLike, expected: str) -> dict:

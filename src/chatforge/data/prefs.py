@@ -153,16 +153,8 @@ def parse_preference(obj: object) -> Preference:
 
 def read_preferences(path: str | Path) -> list[Preference]:
     """Every pair of a preference JSONL file (see the module docstring); blank lines are skipped."""
-    out = []
     hint = "export user feedback with `chatforge feedback export` or generate pairs with `chatforge prefs make`"
-    for lineno, obj in files.iter_jsonl(path, hint):
-        try:
-            out.append(parse_preference(obj))
-        except ValueError as e:
-            raise ChatforgeError(f"{path}:{lineno}: {e}") from None
-    if not out:
-        raise ChatforgeError(f"{path} holds no preference pairs; {hint}")
-    return out
+    return files.read_parsed(path, parse_preference, "preference pairs", hint)
 
 
 def write_preferences(path: str | Path, prefs: Sequence[Preference]) -> None:

@@ -28,7 +28,6 @@ from typing import Sequence
 
 from chatforge import files
 from chatforge.data.prefs import Preference, _messages, _reply, parse_preference, prompt_messages
-from chatforge.errors import ChatforgeError
 
 
 @dataclass
@@ -77,16 +76,8 @@ def parse_unpaired(obj: object) -> list[Unpaired]:
 
 def read_unpaired(path: str | Path) -> list[Unpaired]:
     """Every row of a KTO JSONL file (see the module docstring); blank lines are skipped."""
-    out: list[Unpaired] = []
     hint = "export thumbs with `chatforge feedback export` (kto.jsonl), or give preference pairs"
-    for lineno, obj in files.iter_jsonl(path, hint):
-        try:
-            out += parse_unpaired(obj)
-        except ValueError as e:
-            raise ChatforgeError(f"{path}:{lineno}: {e}") from None
-    if not out:
-        raise ChatforgeError(f"{path} holds no rows; {hint}")
-    return out
+    return [row for rows in files.read_parsed(path, parse_unpaired, "rows", hint) for row in rows]   # a pair gives two
 
 
 def write_unpaired(path: str | Path, rows: Sequence[Unpaired]) -> None:

@@ -69,8 +69,18 @@ from chatforge.model.folder import load_model, model_fingerprint
 from chatforge.options import build, flatten, option
 from chatforge.train import recipe
 from chatforge.train.loop import train
-from chatforge.train.pairs import (PairBatches, PreferenceOptions, ReplyLogProbs, encode_pairs, eval_pair_batches,
-                                   length_batches, make_pair_batch, reply_token_logps, side_counts, side_sums)
+from chatforge.train.pairs import (
+    PairBatches,
+    PreferenceOptions,
+    ReplyLogProbs,
+    encode_pairs,
+    eval_pair_batches,
+    length_batches,
+    make_pair_batch,
+    reply_token_logps,
+    side_counts,
+    side_sums,
+)
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 DEFAULT_LR = {"lora": 5e-5, "full": 1e-6}
@@ -208,16 +218,19 @@ class DPOConfig(PreferenceOptions):
 # The stage
 
 
-def best_validation(out: Path) -> dict:
-    """The metrics of the validation with the lowest loss in `OUT/metrics.jsonl` (the saved model's)."""
-    best: dict = {}
-    path = out / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if "val_loss" in row and (not best or row["val_loss"] < best["val_loss"]):
-                best = row
-    return best
+def cached_reference(out: Path, base: Path, model, examples: list, batch_size: int, pad_id: int, device,
+                     precision: str, stage: str) -> torch.Tensor:
+    """The reference log-probabilities of `examples` (`reference_logps`), from `OUT/REFERENCE_FILE`
+    when it was computed for the same base, examples and precision, else computed and saved there.
+    Called before anything is trained or added: the model as loaded IS the reference."""
+    fingerprint = reference_fingerprint(base, examples, precision)
+    ref = load_reference(out / REFERENCE_FILE, fingerprint)
+    if ref is None:
+        ref = reference_logps(model, examples, batch_size, pad_id, device, precision)
+        save_reference(out / REFERENCE_FILE, ref, fingerprint)
+    else:
+        print(f"{stage}: reference log-probabilities from {out / REFERENCE_FILE}")
+    return ref
 
 
 def run_dpo(base: str | Path, prefs: str | Path, out: str | Path | None = None, config: DPOConfig | None = None,
@@ -248,14 +261,7 @@ def run_dpo(base: str | Path, prefs: str | Path, out: str | Path | None = None, 
     device = runtime.pick_device(o.device)
     precision = runtime.resolve_precision(o.precision, device)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = reference_fingerprint(base, train_ex + val_ex, precision)
-    ref = load_reference(out / REFERENCE_FILE, fingerprint)
-    if ref is None:
-        # The model exactly as loaded: nothing is trained or added yet, so it IS the reference.
-        ref = reference_logps(model, train_ex + val_ex, o.batch_size, tok.pad_id, device, precision)
-        save_reference(out / REFERENCE_FILE, ref, fingerprint)
-    else:
-        print(f"dpo: reference log-probabilities from {out / REFERENCE_FILE}")
+    ref = cached_reference(out, base, model, train_ex + val_ex, o.batch_size, tok.pad_id, device, precision, "dpo")
     ref_train, ref_val = ref[:len(train_ex)], ref[len(train_ex):]
 
     recipe.prepare(model, o.method, o.lora, o.seed)
@@ -273,13 +279,10 @@ def run_dpo(base: str | Path, prefs: str | Path, out: str | Path | None = None, 
           f"{model.num_params() / 1e6:.2f}M parameters for {steps} steps at lr {lr:g}")
     result = train(policy, source, loss_fn, cfg, out, val_batches=val_batches, tokenizer=tok, resume=o.resume,
                    params=params, save_fn=recipe.save_fn(out, tok, base, o.method, o.lora_save, inner="model"))
-    best = best_validation(out)
     report = {"base": str(base), "prefs": str(prefs), "method": o.method, "loss": o.loss, "beta": o.beta,
               "lr": lr, "steps": result.step, "max_length": max_length, "pairs": stats.to_dict(),
               "train_pairs": len(train_ex), "val_pairs": len(val_ex), "trainable_parameters": n_train,
-              "validation": {k.removeprefix("val_"): v for k, v in best.items() if k.startswith("val_")},
-              "best_step": best.get("step"), "seconds": round(result.seconds, 1), "interrupted": result.interrupted,
-              **recipe.lora_report(o.method, o.lora)}
+              **recipe.run_summary(out, result), **recipe.lora_report(o.method, o.lora)}
     files.write_json(out / "dpo.json", report)
     if report["validation"]:
         v = report["validation"]

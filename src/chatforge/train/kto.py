@@ -318,14 +318,7 @@ def run_kto(base: str | Path, data: str | Path, out: str | Path | None = None, c
     device = runtime.pick_device(o.device)
     precision = runtime.resolve_precision(o.precision, device)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = dpo.reference_fingerprint(base, flat, precision)
-    ref = dpo.load_reference(out / dpo.REFERENCE_FILE, fingerprint)
-    if ref is None:
-        # The model exactly as loaded: nothing is trained or added yet, so it IS the reference.
-        ref = dpo.reference_logps(model, flat, o.batch_size, tok.pad_id, device, precision)
-        dpo.save_reference(out / dpo.REFERENCE_FILE, ref, fingerprint)
-    else:
-        print(f"kto: reference log-probabilities from {out / dpo.REFERENCE_FILE}")
+    ref = dpo.cached_reference(out, base, model, flat, o.batch_size, tok.pad_id, device, precision, "kto")
     ref_groups, start = [], 0
     for g in pairs + val_pairs:
         ref_groups.append(ref[start:start + len(g)])
@@ -349,15 +342,12 @@ def run_kto(base: str | Path, data: str | Path, out: str | Path | None = None, c
           f"for {steps} steps at lr {lr:g}")
     result = train(policy, source, loss_fn, cfg, out, val_batches=val_batches, tokenizer=tok, resume=o.resume,
                    params=params, save_fn=recipe.save_fn(out, tok, base, o.method, o.lora_save, inner="model"))
-    best = dpo.best_validation(out)
     report = {"base": str(base), "data": str(data), "method": o.method, "beta": o.beta,
               "desirable_weight": o.desirable_weight, "undesirable_weight": o.undesirable_weight,
               "lr": lr, "steps": result.step, "max_length": max_length, "rows": stats.to_dict(),
               "train_rows": len(train_ex), "train_desirable": n_desirable, "val_rows": len(val_ex),
               "trainable_parameters": n_train,
-              "validation": {k.removeprefix("val_"): v for k, v in best.items() if k.startswith("val_")},
-              "best_step": best.get("step"), "seconds": round(result.seconds, 1), "interrupted": result.interrupted,
-              **recipe.lora_report(o.method, o.lora)}
+              **recipe.run_summary(out, result), **recipe.lora_report(o.method, o.lora)}
     files.write_json(out / "kto.json", report)
     if report["validation"]:
         v = report["validation"]

@@ -170,15 +170,7 @@ def parse_prompt(obj: object) -> list[dict]:
 
 def read_prompts(path: str | Path) -> list[list[dict]]:
     """Every prompt of a JSONL file (blank lines skipped); a bad line names file:line."""
-    out = []
-    for lineno, obj in files.iter_jsonl(path, 'write one {"question": "..."} a line'):
-        try:
-            out.append(parse_prompt(obj))
-        except ValueError as e:
-            raise ChatforgeError(f"{path}:{lineno}: {e}") from None
-    if not out:
-        raise ChatforgeError(f'{path} holds no prompts; write one {{"question": "..."}} a line')
-    return out
+    return files.read_parsed(path, parse_prompt, "prompts", 'write one {"question": "..."} a line')
 
 
 def ground(prompts: list[list[dict]], index, tokenizer, budget: int, k: int = 3) -> list[list[dict]]:

@@ -12,6 +12,7 @@ A stage keeps what is its own (data, loss, batches, report); its config (`SFTCon
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -124,6 +125,26 @@ def head_save_fn(out: Path, tokenizer, backbone: nn.Module, method: str, head_on
         files.write_bytes(folder / head_file, safetensors_bytes(tensors, metadata={"format": "pt"}))
         files.write_json(folder / config_file, {k: v for k, v in meta.items() if not k.startswith("_")})
     return save
+
+
+def best_validation(out: Path) -> dict:
+    """The metrics of the validation with the lowest loss in `OUT/metrics.jsonl` (the saved model's)."""
+    best: dict = {}
+    path = out / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if "val_loss" in row and (not best or row["val_loss"] < best["val_loss"]):
+                best = row
+    return best
+
+
+def run_summary(out: Path, result) -> dict:
+    """The end of a stage's report: the best validation's metrics (without `val_`) and step, the
+    seconds the loop took and whether it was interrupted (`result`: what `loop.train` returned)."""
+    best = best_validation(out)
+    return {"validation": {k.removeprefix("val_"): v for k, v in best.items() if k.startswith("val_")},
+            "best_step": best.get("step"), "seconds": round(result.seconds, 1), "interrupted": result.interrupted}
 
 
 def lora_report(method: str, lora: LoraConfig) -> dict:
