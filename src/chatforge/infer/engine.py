@@ -37,11 +37,11 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from chatforge import runtime
 from chatforge.errors import ChatforgeError
 from chatforge.infer.sampling import LogitsPipeline, StopStrings, first_stop
 from chatforge.model.fuse import prepare_for_decoding
 from chatforge.model.quant import quantize_model
-from chatforge.runtime import bf16_supported
 
 STRATEGIES = ("greedy", "sample", "beam")
 MIN_TEMPERATURE = 1e-5       # sampling below this temperature is greedy decoding
@@ -613,7 +613,7 @@ def weights_dtype(dtype: torch.dtype | str | None, current: torch.dtype = torch.
     loads its model straight in it (`load_model(dtype=)`)."""
     device = torch.device(device)
     if dtype == "auto":
-        native = current == torch.float32 and bf16_supported(device)
+        native = current == torch.float32 and runtime.bf16_supported(device)
         return torch.bfloat16 if native else current
     if dtype is None:
         return current
@@ -624,7 +624,7 @@ def weights_dtype(dtype: torch.dtype | str | None, current: torch.dtype = torch.
             raise ChatforgeError(f"unknown dtype {dtype!r}; choose auto or one of {', '.join(names)}")
         dtype = names[dtype]
     if dtype != current and device.type == "cpu" and dtype != torch.float32:
-        if not (dtype == torch.bfloat16 and bf16_supported(device)):
+        if not (dtype == torch.bfloat16 and runtime.bf16_supported(device)):
             warnings.warn(f"this CPU has no native {dtype} matrix products; generating in {current}")
             return current
     return dtype
