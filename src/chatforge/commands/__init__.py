@@ -20,7 +20,6 @@ from typing import Any, Callable
 from chatforge import options as typed
 from chatforge.errors import ChatforgeError
 from chatforge.files import read_yaml_mapping
-from chatforge.retrieval.fusion import RetrievalOptions
 
 _LEAVES: dict[tuple[str, ...], argparse.ArgumentParser] = {}
 
@@ -118,6 +117,9 @@ def add_config(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...]
 
 def add_retrieval(parser: argparse.ArgumentParser) -> None:
     """`--retrieval` and `--embedding-model`, for a command whose settings are not a config class."""
+    # lazy: retrieval.fusion brings torch (~2.5 s), and `chatforge --help` imports this package alone (0.07 s)
+    from chatforge.retrieval.fusion import RetrievalOptions
+
     add_config(parser, RetrievalOptions)
 
 
