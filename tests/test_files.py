@@ -61,3 +61,24 @@ def test_written_files_have_ordinary_permissions(tmp_path):
     # Not mkstemp's private 0600: other users and tools may read what chatforge writes.
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_read_parsed_names_the_bad_line_and_an_empty_file(tmp_path):
+    """`files.read_parsed` (preference pairs, KTO rows, PPO prompts): items in order, blank lines
+    skipped, the parser's ValueError as file:line, and a file with no line says what it should hold."""
+    from chatforge.errors import ChatforgeError
+
+    def parse(obj):
+        if not isinstance(obj.get("n"), int):
+            raise ValueError('"n" must be an integer')
+        return obj["n"] * 2
+
+    p = tmp_path / "items.jsonl"
+    p.write_text('{"n": 1}\n\n{"n": 4}\n', encoding="utf-8")
+    assert files.read_parsed(p, parse, "numbers", "write one {\"n\": 1} a line") == [2, 8]
+    p.write_text('{"n": 1}\n{"n": "x"}\n', encoding="utf-8")
+    with pytest.raises(ChatforgeError, match=r"items.jsonl:2: \"n\" must be an integer"):
+        files.read_parsed(p, parse, "numbers", "hint")
+    p.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(ChatforgeError, match=r"items.jsonl holds no numbers; write one"):
+        files.read_parsed(p, parse, "numbers", "write one {\"n\": 1} a line")
