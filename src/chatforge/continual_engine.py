@@ -39,6 +39,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+import httpx
 import torch
 
 from chatforge.errors import ChatforgeError
@@ -147,7 +148,6 @@ class Server:
     """The admin API of a running `chatforge serve --upstream` (`serve/app.py`)."""
 
     def __init__(self, url: str, key: str | None):
-        import httpx  # lazy: httpx is not a core dependency; only --server needs it
 
         if not url.startswith(("http://", "https://")):
             raise ChatforgeError(f"--server must be the URL of a running chatforge serve, e.g. http://127.0.0.1:8000, "
@@ -156,7 +156,6 @@ class Server:
         self.http = httpx.Client(headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=300.0)
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
-        import httpx  # lazy: not a core dependency (see __init__)
 
         try:
             r = self.http.request(method, self.url + path, json=body)
