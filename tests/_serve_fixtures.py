@@ -51,15 +51,12 @@ def serve(model_dir: Path, db: Path | None = None, docs: Path | None = None, api
     to `create_app`, `http_kw` to `serve.http.server_config`, `scheduler_kw` to `Scheduler`. With
     `upstream` (a URL) the engine there generates (`serve.upstream.UpstreamClient`, given
     `upstream_kw`) and `model_dir` gives the tokenizer and context only."""
-    import uvicorn
-
     from chatforge.data.feedback import FeedbackStore
     from chatforge.infer.batching import Scheduler
     from chatforge.infer.engine import Engine
     from chatforge.retrieval import PassageIndex
     from chatforge.model.folder import load_model
     from chatforge.serve.app import Assistant, create_app
-    from chatforge.serve.http import server_config
 
     def load():
         if upstream is not None:
@@ -78,7 +75,18 @@ def serve(model_dir: Path, db: Path | None = None, docs: Path | None = None, api
     assistant = Assistant(scheduler, tok, "tiny", index=index, store=FeedbackStore(db) if db else None,
                           **assistant_kw)
     app = create_app(assistant, api_key=api_key, reload=load if reloadable else None, **(app_kw or {}))
-    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, log_level="warning", **(http_kw or {})))
+    url, server, thread = run_in_thread(app, **(http_kw or {}))
+    return Running(url, app, assistant, server, thread)
+
+
+def run_in_thread(app, log_level: str = "warning", **http_kw) -> tuple[str, object, threading.Thread]:
+    """(url, uvicorn server, thread) of `app` served on a free loopback port in a daemon thread;
+    stop it with `server.should_exit = True` and `thread.join()`."""
+    import uvicorn
+
+    from chatforge.serve.http import server_config
+
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, log_level=log_level, **http_kw))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -86,8 +94,7 @@ def serve(model_dir: Path, db: Path | None = None, docs: Path | None = None, api
         if time.time() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return Running(f"http://127.0.0.1:{port}", app, assistant, server, thread)
+    return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", server, thread
 
 
 def start_serve_process(model_dir: Path, db: str | Path, timeout: float = 90,

@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from fastapi import Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _serve_fixtures import start_serve_process
+from _serve_fixtures import run_in_thread, start_serve_process
 from _tiny_chat_model import CONVERSATIONS
 
 from chatforge.continual import LINK, point_at, rollback
@@ -110,11 +109,9 @@ class VllmLikeEngine:
     WORDS = 8
 
     def __init__(self, root: Path, runtime_lora: bool = True):
-        import uvicorn
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse, StreamingResponse
 
-        from chatforge.serve.http import server_config
 
         self.base, self.loras, self.loads, self.completions = "base-model", {}, [], []
         self.delay = 0.05           # seconds between two words
@@ -156,12 +153,7 @@ class VllmLikeEngine:
 
             return StreamingResponse(words(), media_type="text/event-stream")
 
-        self.server = uvicorn.Server(server_config(app, "127.0.0.1", 0, log_level="critical"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+        self.url, self.server, self.thread = run_in_thread(app, log_level="critical")
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from _serve_fixtures import serve, write_docs
+from _serve_fixtures import run_in_thread, serve, write_docs
 from _tiny_chat_model import CONTEXT, train_tiny_chat_model
 from fastapi import Request
 
@@ -350,11 +350,9 @@ class Engine:
     WORDS = ["Open", " the", " sign", "-in", " page", " and", " choose", " Forgot", " password", "."]
 
     def __init__(self):
-        import uvicorn
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse, StreamingResponse
 
-        from chatforge.serve.http import server_config
 
         self.mode, self.closed, self.sent = "slow", 0, []
         app = FastAPI()
@@ -404,12 +402,7 @@ class Engine:
 
             return StreamingResponse(words(), media_type="text/event-stream")
 
-        self.server = uvicorn.Server(server_config(app, "127.0.0.1", 0, log_level="critical"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+        self.url, self.server, self.thread = run_in_thread(app, log_level="critical")
 
     def stop(self) -> None:
         self.server.should_exit = True
