@@ -215,6 +215,11 @@ dpo:
   steps: 2
   batch-size: 2
   max-length: 512
+kto:
+  lora-layers: 1
+  steps: 2
+  batch-size: 2
+  max-length: 512
 ppo:
   phases: 1
   rollout-prompts: 2
