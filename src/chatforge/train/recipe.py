@@ -66,6 +66,17 @@ def freeze_below_top(model: nn.Module, n_top: int, keep: tuple[nn.Module, ...] =
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _save_resume_weights(folder: Path, module: nn.Module, state: dict) -> None:
+    """`last/`: the trained module's own weights, which `--resume` loads back. Clones: a tied
+    embedding appears twice in the state and safetensors refuses shared memory."""
+    model_folder.save_weights(Path(folder) / model_folder.WEIGHTS, module, {k: v.clone() for k, v in state.items()})
+
+
+def _save_plain_model(folder: Path, gpt: nn.Module, tokenizer, state: dict, method: str) -> None:
+    """A plain model folder of `gpt` with `state`, LoRA adapters merged into the weights."""
+    model_folder.save_model(folder, gpt, tokenizer, state=merged_state_dict(gpt, state) if method == "lora" else state)
+
+
 def save_fn(out: Path, tokenizer, base: Path, method: str, lora_save: str = "merged", inner: str = ""):
     """The loop's save function. At the top of `out` a plain model folder (adapters merged, and
     with `lora_save="adapter"` the adapter beside it, its config naming `base`); in `last/` the
@@ -77,20 +88,15 @@ def save_fn(out: Path, tokenizer, base: Path, method: str, lora_save: str = "mer
         if Path(folder).resolve() != out.resolve():
             if not inner:
                 model_folder.save_model(folder, module, tokenizer, state=state)
-            else:   # the wrapper's weights. Clones: a tied embedding appears twice and safetensors
-                    # refuses shared memory.
-                model_folder.save_weights(Path(folder) / model_folder.WEIGHTS, module,
-                                          {k: v.clone() for k, v in state.items()})
+            else:
+                _save_resume_weights(folder, module, state)
             return
         gpt = module.get_submodule(inner) if inner else module
         plain = {k.removeprefix(inner + "."): v for k, v in state.items() if k.startswith(inner + ".")} \
             if inner else state
-        if method == "lora":
-            model_folder.save_model(folder, gpt, tokenizer, state=merged_state_dict(gpt, plain))
-            if lora_save == "adapter":
-                save_lora(gpt, folder, state=plain, base=str(Path(base).resolve()))
-        else:
-            model_folder.save_model(folder, gpt, tokenizer, state=plain)
+        _save_plain_model(folder, gpt, tokenizer, plain, method)
+        if method == "lora" and lora_save == "adapter":
+            save_lora(gpt, folder, state=plain, base=str(Path(base).resolve()))
     return save
 
 
@@ -108,8 +114,7 @@ def head_save_fn(out: Path, tokenizer, backbone: nn.Module, method: str, head_on
     def save(folder: Path, module: nn.Module, state: dict) -> None:
         folder = Path(folder)
         if folder.resolve() != Path(out).resolve():
-            # Clones: a tied embedding appears twice in the state and safetensors refuses shared memory.
-            model_folder.save_weights(folder / model_folder.WEIGHTS, module, {k: v.clone() for k, v in state.items()})
+            _save_resume_weights(folder, module, state)
             return
         if head_only:
             head = state
@@ -119,8 +124,7 @@ def head_save_fn(out: Path, tokenizer, backbone: nn.Module, method: str, head_on
         else:
             head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
             body = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-            model_folder.save_model(folder, backbone, tokenizer,
-                                    state=merged_state_dict(backbone, body) if method == "lora" else body)
+            _save_plain_model(folder, backbone, tokenizer, body, method)
         tensors = {k: v.detach().contiguous().cpu() for k, v in head.items()}
         files.write_bytes(folder / head_file, safetensors_bytes(tensors, metadata={"format": "pt"}))
         files.write_json(folder / config_file, {k: v for k, v in meta.items() if not k.startswith("_")})
