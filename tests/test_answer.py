@@ -6,7 +6,7 @@ import pytest
 
 from chatforge.errors import ChatforgeError
 from chatforge.infer.answer import (AnswerSettings, checked_citation, cited_name, copied_from, fit_min_score,
-                                    is_refusal)
+                                    fit_refusal_bias, is_refusal)
 from chatforge.retrieval import NOT_FOUND_REPLY, Passage
 
 PASSAGES = [
@@ -35,6 +35,41 @@ def test_bad_settings_are_clear_errors(tmp_path):
     (tmp_path / "answer.json").write_text("{not json")
     with pytest.raises(ChatforgeError, match="not readable JSON"):
         AnswerSettings.load(tmp_path)
+
+
+def test_fit_refusal_bias():
+    # Margins of answerable examples: refused greedily when above the bias.
+    margins = [-3.0, -2.0, -1.0, 0.3, 0.6, 1.1] + [-4.0] * 14        # 3 of 20 refused at bias 0
+    assert fit_refusal_bias(margins, 0.15) == 0.0                     # within budget already: no bias
+    assert fit_refusal_bias(margins, 0.10) == 0.5                     # 2 of 20: above 0.5 only 0.6, 1.1
+    assert fit_refusal_bias(margins, 0.0) == 1.25                     # none: past the largest margin
+    assert fit_refusal_bias(margins, 1.0) == 0.0 and fit_refusal_bias([], 0.02) == 0.0
+    assert fit_refusal_bias([100.0], 0.0) == 8.0                      # capped: a model that always refuses
+    with pytest.raises(ChatforgeError, match="refusal_bias"):
+        AnswerSettings(refusal_bias=-1)
+    with pytest.raises(ChatforgeError, match="refusal_bias"):
+        AnswerSettings(refusal_bias=9)
+
+
+def test_refusal_bias_applies_to_grounded_prompts_only(tmp_path):
+    from chatforge.data.tokenizer import train_tokenizer
+    from chatforge.infer.turn import Prompt
+    from chatforge.retrieval import NOT_FOUND_REPLY as reply
+
+    tok = train_tokenizer([reply, "How do I restore a folder? Open the console."] * 20, 400, None)
+    settings = AnswerSettings(refusal_bias=2.0)
+    ((token, bias),) = settings.refusal_logit_bias(tok)
+    assert bias == -2.0
+    # The refusal's first token: the one the model writes first after the assistant's opening.
+    head = tok.render_chat([{"role": "user", "content": "?"}], add_generation_prompt=True)[0]
+    full = tok.render_chat([{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}])[0]
+    assert token == full[len(head)] and tok.decode([token]).strip() and reply.startswith(tok.decode([token]).strip())
+    assert AnswerSettings().refusal_logit_bias(tok) == ()
+    cfg = settings.generation()
+    assert cfg.first_token_bias == ()                           # not on every prompt: only grounded ones
+    grounded = Prompt([1], [], [], 0, grounded=True).generation(cfg, settings.refusal_logit_bias(tok))
+    plain = Prompt([1], [], [], 0, grounded=False).generation(cfg, settings.refusal_logit_bias(tok))
+    assert grounded.first_token_bias == ((token, -2.0),) and plain.first_token_bias == ()
 
 
 def test_refusals():

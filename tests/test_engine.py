@@ -319,13 +319,38 @@ def test_sampling_degenerate_cases_equal_greedy(model):
         assert [r.tokens for r in engine.generate(PROMPTS, cfg)] == [r.tokens for r in greedy]
 
 
+def test_first_token_bias_moves_the_first_token_only(model):
+    """The refusal bias's mechanism: a bias on the greedy first token changes that choice, and is
+    not applied to any later step (the same token may come back later, unpenalised), in the
+    engine and in the continuously batched scheduler the server runs."""
+    from chatforge.infer.batching import Scheduler
+    engine = Engine(model, stop_ids=[], dtype="float32")
+    prompt = PROMPTS[0]
+    plain = engine.generate([prompt], GenerationConfig(max_new_tokens=12))[0].tokens
+    first = plain[0]
+    biased_cfg = GenerationConfig(max_new_tokens=12, first_token_bias=((first, -100.0),))
+    biased = engine.generate([prompt], biased_cfg)[0].tokens
+    assert biased[0] != first
+    # The rest is the greedy continuation of the new first token: no bias after step 0.
+    rest = engine.generate([list(prompt) + [biased[0]]], GenerationConfig(max_new_tokens=11))[0].tokens
+    assert biased[1:] == rest
+    assert engine.generate([prompt], GenerationConfig(max_new_tokens=12, first_token_bias=((first, 0.0),)))[0].tokens == plain
+    scheduler = Scheduler(engine, max_batch=2).start()
+    try:
+        served = scheduler.submit(list(prompt), biased_cfg).result(timeout=60)
+    finally:
+        scheduler.stop()
+    assert served.tokens == biased
+
+
 # -------------------------------------------------------------------------- limits and errors
 
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=1.5), dict(top_p=0.0), dict(num_beams=0),
                                  dict(max_new_tokens=0), dict(strategy="nucleus"), dict(top_k=-1),
                                  dict(min_p=2.0), dict(repetition_penalty=0.0), dict(early_stopping="sometimes"),
                                  dict(strategy="beam", num_beams=2, num_return_sequences=3),
-                                 dict(num_return_sequences=2), dict(stop_strings=[""])])
+                                 dict(num_return_sequences=2), dict(stop_strings=[""]),
+                                 dict(first_token_bias=((1, float("nan")),)), dict(first_token_bias=((-1, 1.0),))])
 def test_bad_settings_are_clear_errors(bad):
     with pytest.raises(ChatforgeError):
         GenerationConfig(**bad)

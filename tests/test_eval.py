@@ -200,7 +200,7 @@ def test_refusals_citations_and_the_answer_settings(setup, monkeypatch):
     qs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     refused_answerable = QA[0][0]
 
-    def stub(self, convs, desc):
+    def stub(self, convs, desc, grounded=True):
         out = []
         for c in convs:
             user = c[-1]["content"]
@@ -234,5 +234,23 @@ def test_refusals_citations_and_the_answer_settings(setup, monkeypatch):
         assert res["answering"]["refusals_answerable"] == 1.0
         assert res["answering"]["model_alone"]["refusals_answerable"] == 0.25
         assert eval_run.answering_line(res).startswith("false refusals")
+        # The answer settings' refusal bias reaches the grounded decoding, not the plain one, and
+        # --refusal-bias overrides it (0 = off).
+        AnswerSettings(passages=2, max_new_tokens=8, refusal_bias=1.5).save(setup["model"])
+        seen = {}
+        real_init = eval_run.Answerer.__init__
+
+        def spy(self, *args, **kwargs):
+            real_init(self, *args, **kwargs)
+            seen["cfg"], seen["plain"] = self.cfg, self.plain_cfg
+        monkeypatch.setattr(eval_run.Answerer, "__init__", spy)
+        res = evaluate(setup["model"], setup["root"] / "out-sets3", questions=qs, docs=[setup["docs"]],
+                       second_turn=0, verbose=False)
+        assert res["answering"]["refusal_bias"] == 1.5 and "refusal bias 1.50" in eval_run.answering_line(res)
+        ((token, bias),) = seen["cfg"].first_token_bias
+        assert bias == -1.5 and seen["plain"].first_token_bias == ()
+        res = evaluate(setup["model"], setup["root"] / "out-sets4", questions=qs, docs=[setup["docs"]],
+                       second_turn=0, verbose=False, refusal_bias=0.0)
+        assert res["answering"]["refusal_bias"] == 0.0 and seen["cfg"].first_token_bias == ()
     finally:
         (setup["model"] / "answer.json").unlink()

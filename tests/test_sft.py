@@ -209,6 +209,30 @@ def test_cli_lora_adapter_with_grounded_examples(setup, tmp_path, capsys):
     assert torch.allclose(merged(x)[0], with_adapter(x)[0], atol=1e-5)
     assert (out / "last" / "state.json").is_file()
     assert math.isfinite(report["best_val_loss"])
+    # The refusal bias, fitted on the held-out grounded examples and recorded for chat, serve, eval.
+    fit = report["refusal"]
+    assert fit["examples"] > 0 and fit["answerable"] + fit["not_found"] == fit["examples"]
+    assert json.loads((out / "answer.json").read_text())["refusal_bias"] == fit["refusal_bias"]
+    after, before = fit["answerable_refused"]["after"], fit["answerable_refused"]["before"]
+    assert after <= before and (after <= fit["budget"] or fit["refusal_bias"] == 8.0)
+
+
+def test_refusal_margin_is_what_greedy_decoding_decides(setup, tmp_path):
+    """A reply starts with the refusal's first token exactly when its margin is above the bias."""
+    from chatforge.infer.answer import refusal_margin, refusal_token
+    from chatforge.infer.engine import Engine, GenerationConfig
+
+    model, tok = load_model(setup["base"])
+    model.eval()
+    token = refusal_token(tok)
+    messages = [{"role": "user", "content": "Context:\n[1] (source: json) Serialize obj.\n\nQuestion: What is json?"}]
+    margin = refusal_margin(model, tok, messages, token)
+    ids = tok.render_chat(messages, add_generation_prompt=True)[0]
+    engine = Engine(model, tok, stop_ids=[], dtype="float32")
+    for bias in (margin - 0.5, margin + 0.5):
+        cfg = GenerationConfig(max_new_tokens=1, first_token_bias=((token, -bias),))
+        first = engine.generate([ids], cfg)[0].tokens[0]
+        assert (first == token) == (margin > bias)
 
 
 def test_lora_in_top_blocks_only(setup):
@@ -237,8 +261,8 @@ def test_grounded_only_drops_the_plain_copies(setup, tmp_path):
     tok = setup["tok"]
     o = SFTConfig(docs=[str(setup["docs"])], grounded_fraction=1.0)
     train_recs, val_recs = read_records(setup["data"], 0)
-    _, _, both = build_rows(train_recs, val_recs, tok, 384, setup["data"], o)
-    rows, _, only = build_rows(train_recs, val_recs, tok, 384, setup["data"], dataclasses.replace(o, grounded_only=True))
+    _, _, both, _ = build_rows(train_recs, val_recs, tok, 384, setup["data"], o)
+    rows, _, only, _ = build_rows(train_recs, val_recs, tok, 384, setup["data"], dataclasses.replace(o, grounded_only=True))
     index = PassageIndex.load_or_build([setup["docs"]])
     documented = sum(1 for r in train_recs if r["source"] and index.matching_docs(r["source"]))
     assert documented > 0 and only["plain_dropped"] == documented and "plain_dropped" not in both

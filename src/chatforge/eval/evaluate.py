@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -181,11 +182,15 @@ class Answerer:
         # The model's answer settings' decoding (greedy unless it says otherwise, the same in chat
         # and serve). truncate_prompt: a prompt longer than the context loses its oldest tokens
         # instead of failing. An answer ends with its citation (`infer.turn.Prompt.generation`).
+        # The refusal bias goes on grounded prompts only (the not-found reply is theirs).
         settings = settings or AnswerSettings()
-        self.cfg = settings.generation(max_new_tokens=max_new_tokens, truncate_prompt=True, stop_after=(CITATION_END,))
+        self.plain_cfg = settings.generation(max_new_tokens=max_new_tokens, truncate_prompt=True,
+                                             stop_after=(CITATION_END,))
+        self.cfg = replace(self.plain_cfg, first_token_bias=settings.refusal_logit_bias(tokenizer))
         self.seen: dict[tuple[int, ...], str] = {}
 
-    def answer(self, conversations: Sequence[list[dict]], desc: str = "generate") -> list[str]:
+    def answer(self, conversations: Sequence[list[dict]], desc: str = "generate", grounded: bool = True) -> list[str]:
+        cfg = self.cfg if grounded else self.plain_cfg
         prompts = [self.tokenizer.render_chat(c, add_generation_prompt=True)[0] for c in conversations]
         # A prompt answered before in this evaluation keeps its answer (greedy decoding repeats it).
         replies: list[str] = [self.seen.get(tuple(p), "") for p in prompts]
@@ -194,7 +199,7 @@ class Answerer:
         order = sorted(todo, key=lambda i: len(prompts[i]))
         for start in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", disable=None):
             rows = order[start:start + self.batch_size]
-            for i, result in zip(rows, self.engine.generate([prompts[i] for i in rows], self.cfg)):
+            for i, result in zip(rows, self.engine.generate([prompts[i] for i in rows], cfg)):
                 replies[i] = (result.text or "").strip()
         if self.cfg.strategy == "greedy":
             self.seen.update((tuple(prompts[i]), replies[i]) for i in todo)
@@ -214,15 +219,16 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
              max_ppl_batches: int = 20, seq_len: int | None = None, context_tokens: int | None = None,
              feedback_db: str | Path | None = None, quant: str | None = None, second_turn: int = 10,
              min_score: float | None = None, bare: bool = True, verbose: bool = True,
-             retrieval_mode: str = "auto", embedding_model: str | None = None) -> dict:
+             retrieval_mode: str = "auto", embedding_model: str | None = None,
+             refusal_bias: float | None = None) -> dict:
     """Evaluate a model folder; write eval.json, examples.jsonl and report.html into `out_dir`.
 
     `bare=False` skips the no-retrieval baseline (the model answering without passages).
-    `k`, `max_new_tokens`, `context_tokens` and `min_score` default to the model's answer settings
+    `k`, `max_new_tokens`, `context_tokens`, `min_score` and `refusal_bias` default to the model's answer settings
     (`infer.answer`, MODEL/answer.json), as chat and serve use them.
     Returns the eval.json dict. See the module docstring for what is measured.
     """
-    settings = AnswerSettings.load(model_dir)
+    settings = AnswerSettings.load(model_dir).replace(refusal_bias=refusal_bias)
     k = settings.passages if k is None else k
     max_new_tokens = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
     context_tokens = settings.context_tokens if context_tokens is None else context_tokens
@@ -294,7 +300,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                 answers = [NOT_FOUND_REPLY if min_score and (not h or h[0].score < min_score)
                            else checked_citation(a, h[:k]) for a, h in zip(raw, hits)]
                 if bare:
-                    plain_answers = answerer.answer(plain, "answer (no retrieval)")
+                    plain_answers = answerer.answer(plain, "answer (no retrieval)", grounded=False)
                     baselines["no_retrieval"] = {"perplexity": None, **_scores(_at(plain_answers, ok), refs),
                                                  "hit@1": None, "hit@3": None,
                                                  "grounded": _grounded(_at(plain_answers, ok), _at(given, ok))}
@@ -303,6 +309,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                 results["grounded"] = _grounded(_at(answers, ok), _at(given, ok))
                 in_context = [g is not None and any(key in g for key in r[:k]) for r, g in zip(retrieved, gold)]
                 results["answering"] = {**_refusals(qs, answers, in_context), "min_score": min_score,
+                                        "refusal_bias": settings.refusal_bias,
                                         "model_alone": _refusals(qs, raw, in_context),
                                         **_citations(raw, answers, hits, k)}
                 for e, a, r, g, prompt in zip(examples, answers, raw, given, grounded):
@@ -320,10 +327,10 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                     results["after_refusal"] = _after_refusal(answerer, qs, hits, raw, examples, second_turn,
                                                               prompt_for)
             else:
-                answers = answerer.answer(plain, "answer (no retrieval)")
+                answers = answerer.answer(plain, "answer (no retrieval)", grounded=False)
             results.update(hit if retrieval else {"hit@1": None, "hit@3": None})
         else:
-            answers = answerer.answer(plain, "answer")
+            answers = answerer.answer(plain, "answer", grounded=False)
             results.update({"hit@1": None, "hit@3": None})
         for e, a in zip(examples, answers):
             e["answer"] = a
@@ -482,6 +489,8 @@ def answering_line(results: dict) -> str | None:
              + (f"; score threshold {a['min_score']:.2f} (model alone: false refusals "
                 f"{pct(a['model_alone']['false_refusals'])}, refused unanswerable "
                 f"{pct(a['model_alone']['refusals_unanswerable'])})" if a.get("min_score") else ""),
+             *([f"refusal bias {a['refusal_bias']:.2f} (fitted by SFT; `--refusal-bias 0` measures without it)"]
+               if a.get("refusal_bias") else []),
              f"citations: {a['cited']} cited replies, {pct(a['citation_exact'])} name a given passage exactly, "
              f"{pct(a['citation_copied'])} the one copied from; invented names shown: {a['invented_names_shown']}"]
     turn = results.get("after_refusal")

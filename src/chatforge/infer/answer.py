@@ -19,7 +19,15 @@ Knowing when nothing answers. The model says NOT_FOUND_REPLY when its context la
 (grounded SFT teaches it). A second, independent signal is the retrieval score: when even the
 best passage scores below `min_score`, no passage is likely to hold the answer and the reply is
 NOT_FOUND_REPLY without asking the model. `min_score` is fitted on the company's own Q&A when it
-helps (see `fit_min_score`) and 0 (off) otherwise.
+helps (see `fit_min_score`) and 0 (off) otherwise. A third is the weight the model gives the
+refusal: the not-found reply's first token decides it (greedy), so `refusal_bias` logits taken
+from that token when the answer starts make the model refuse only when it prefers the refusal by
+that margin. SFT fits it on its held-out grounded examples (`fit_refusal_bias`): the smallest
+bias that refuses at most a budget of those the context answers. A small model refuses answerable
+manual questions with the passage in front of it (the demo assistant: 10.7% of the unseen manual's
+answerable questions); the bias trades some of those refusals against refusing fewer questions
+no document answers, and the operator sets the budget. An upstream engine (vLLM, llama.cpp) is
+not sent the bias: their `logit_bias` holds for every token of a reply, not the first.
 
 Citations a customer can trust. A grounded reply ends with "(source: NAME)". A small model may
 misspell NAME or splice two passages' names; `checked_citation` keeps a citation only when it
@@ -38,6 +46,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from chatforge import files
 from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import GenerationConfig
@@ -49,6 +59,8 @@ _REFUSAL = re.compile(r"^\W*(i (could ?not|couldn't|can ?not|can't) find|(that|t
                       r"the (documentation|context) does not (say|contain|cover|mention))", re.I)
 _CITED = re.compile(r"\((?i:source):\s*([^()]*(?:\([^()]*\)[^()]*)*)\)\s*$")
 _WORD = re.compile(r"\w+")
+MAX_REFUSAL_BIAS = 8.0       # logits: beyond this the model would never refuse
+REFUSAL_BIAS_STEP = 0.25
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,7 @@ class AnswerSettings:
     max_new_tokens: int = 512           # a copied passage may be a few hundred tokens long
     min_score: float = 0.0              # best retrieval score below which the reply is a refusal (0 = off)
     retrieval: str = "bm25"             # the retrieval mode min_score was fitted on (scores differ by mode)
+    refusal_bias: float = 0.0           # logits taken from the not-found reply's first token at the answer's start
     # The embedding model dense/hybrid retrieval uses with this model (the continual-learning
     # round records the retriever it trained): a folder relative to the model folder, an absolute
     # folder, or a fetched source name; None = the default (all-minilm-l6-v2).
@@ -79,6 +92,9 @@ class AnswerSettings:
         if self.max_new_tokens < 1 or self.min_score < 0 or self.repetition_penalty <= 0:
             raise ChatforgeError("answer settings: max_new_tokens must be at least 1, min_score at least 0 "
                                  "and repetition_penalty above 0")
+        if not (isinstance(self.refusal_bias, (int, float)) and 0 <= self.refusal_bias <= MAX_REFUSAL_BIAS):
+            raise ChatforgeError(f"answer settings: refusal_bias must be from 0 (off) to {MAX_REFUSAL_BIAS}, "
+                                 f"got {self.refusal_bias!r}")
         if self.embedding_model is not None and (not isinstance(self.embedding_model, str)
                                                  or not self.embedding_model.strip()):
             raise ChatforgeError("answer settings: embedding_model must be a folder (relative to the model "
@@ -126,6 +142,11 @@ class AnswerSettings:
         """These settings with the given fields changed (None values are ignored: "not told otherwise")."""
         return AnswerSettings(**{**asdict(self), **{k: v for k, v in changes.items() if v is not None}})
 
+    def refusal_logit_bias(self, tokenizer) -> tuple[tuple[int, float], ...]:
+        """The refusal bias as `GenerationConfig.first_token_bias` for a grounded prompt of this
+        tokenizer's model; () when it is off."""
+        return ((refusal_token(tokenizer), -float(self.refusal_bias)),) if self.refusal_bias else ()
+
     def threshold(self, mode: str | None) -> float:
         """`min_score` for retrieval in `mode` (a `Retriever`'s mode; None or a plain index: BM25),
         0 (off) when the threshold was fitted on another mode's scores."""
@@ -139,6 +160,45 @@ class AnswerSettings:
         if cfg["strategy"] == "sample":      # the settings' temperature and top-p, unless told otherwise
             cfg = {"temperature": self.temperature, "top_p": self.top_p, **cfg}
         return GenerationConfig(**cfg)
+
+
+def refusal_token(tokenizer) -> int:
+    """The first token of NOT_FOUND_REPLY as the model writes it after the chat template's
+    assistant opening (the token whose logit decides a greedy refusal)."""
+    probe = [{"role": "user", "content": "?"}]
+    head = tokenizer.render_chat(probe, add_generation_prompt=True)[0]
+    full = tokenizer.render_chat([*probe, {"role": "assistant", "content": NOT_FOUND_REPLY}],
+                                 add_generation_prompt=False)[0]
+    if len(full) <= len(head) or full[:len(head)] != head:
+        raise ChatforgeError("the chat template does not render a reply after its generation prompt, "
+                             "so the refusal's first token is unknown; set refusal_bias to 0")
+    return full[len(head)]
+
+
+@torch.no_grad()
+def refusal_margin(model, tokenizer, messages: Sequence[dict], token: int | None = None) -> float:
+    """How strongly `model` starts the not-found reply after `messages` (a grounded prompt, without
+    the reply): the refusal's first-token logit minus the best other token's. A greedy answer is a
+    refusal when this is above the refusal bias."""
+    token = refusal_token(tokenizer) if token is None else token
+    ids = tokenizer.render_chat(list(messages), add_generation_prompt=True)[0]
+    logits = model(torch.tensor([ids], device=next(model.parameters()).device))
+    logits = (logits[0] if isinstance(logits, tuple) else logits)[0, -1].float()
+    refusal = logits[token].item()
+    logits[token] = float("-inf")
+    return refusal - logits.max().item()
+
+
+def fit_refusal_bias(margins: Sequence[float], budget: float) -> float:
+    """The smallest bias (0 to MAX_REFUSAL_BIAS, in steps of REFUSAL_BIAS_STEP) at which at most
+    `budget` of the answerable examples are refused. `margins`: each answerable example's first
+    refusal-token logit minus the best other token's (refused greedily when > the bias)."""
+    if not margins or budget >= 1:
+        return 0.0
+    bias = 0.0
+    while bias < MAX_REFUSAL_BIAS and sum(m > bias for m in margins) > budget * len(margins):
+        bias = round(bias + REFUSAL_BIAS_STEP, 6)
+    return bias
 
 
 def is_refusal(reply: str) -> bool:

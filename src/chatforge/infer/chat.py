@@ -67,6 +67,7 @@ class ChatSession:
         self.index = tools.get("docs") if tools is not None else None
         self.tokenizer, self.k = tokenizer, passages
         self.gen_cfg = gen_cfg or self.settings.generation()
+        self.refusal_bias = self.settings.refusal_logit_bias(tokenizer)
         self.guard = guard or ReplyFilter()
         if engine is None:
             # A new <|im_start|> means the model began another turn: its reply is over.
@@ -105,7 +106,7 @@ class ChatSession:
         if prompt.reply is not None:
             pieces: Iterable[str] = [prompt.reply]
         else:
-            pieces = self._generate(prompt.ids, prompt.generation(self.gen_cfg))
+            pieces = self._generate(prompt.ids, prompt.generation(self.gen_cfg, self.refusal_bias))
             if prompt.grounded:
                 pieces = self._checked(pieces, prompt)
         try:

@@ -69,10 +69,15 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()   # the text is cut before the first one that appears
     stop_after: tuple[str, ...] = ()     # regexes: the text ends with the first match (kept), e.g. a citation
     truncate_prompt: bool = False        # drop the oldest prompt tokens instead of failing
+    # (token id, bias) pairs added to the logits of the first generated token only: the answer
+    # settings' refusal bias makes the first token of the not-found reply less likely when the
+    # answer starts (`infer.answer`), and nowhere later in the reply.
+    first_token_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         self.stop_strings = tuple(self.stop_strings or ())
         self.stop_after = tuple(self.stop_after or ())
+        self.first_token_bias = tuple(tuple(pair) for pair in (self.first_token_bias or ()))
         self.validate()
 
     def validate(self) -> None:
@@ -110,6 +115,9 @@ class GenerationConfig:
         # torch.Generator.manual_seed takes these; a larger seed raised inside the decode loop.
         need(self.seed is None or (isinstance(self.seed, int) and -(2 ** 63) <= self.seed < 2 ** 64),
              f"seed must be an integer from -2**63 to 2**64-1, got {self.seed!r}")
+        need(all(len(pair) == 2 and isinstance(pair[0], int) and pair[0] >= 0
+                 and isinstance(pair[1], (int, float)) and math.isfinite(pair[1]) for pair in self.first_token_bias),
+             f"first_token_bias must be (token id >= 0, finite bias) pairs, got {self.first_token_bias!r}")
         for pattern in self.stop_after:
             try:
                 empty = re.compile(pattern).fullmatch("") is not None

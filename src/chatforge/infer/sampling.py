@@ -11,6 +11,8 @@ same input), so settings carry over from HF recipes:
 - `frequency_penalty` and `presence_penalty` have the OpenAI API's meaning: a token's logit is
   lowered by frequency_penalty times the number of times it was generated so far, plus
   presence_penalty once it was generated at all (the prompt does not count).
+- `first_token_bias` (no HF namesake; OpenAI's `logit_bias` for the first token only): the bias is
+  added to those tokens' logits when the first token is chosen, before the penalties.
 `LogitsPipeline` holds the per-row state (which tokens were seen, the histories) across steps.
 """
 
@@ -86,11 +88,18 @@ class LogitsPipeline:
         self.counts = None
         if getattr(cfg, "frequency_penalty", 0.0) or getattr(cfg, "presence_penalty", 0.0):
             self.counts = torch.zeros(len(histories), vocab_size, device=device)
-        self.active = self.seen is not None or bool(self.ngram) or self.counts is not None
+        self.first_bias = tuple(getattr(cfg, "first_token_bias", ()) or ())
+        self.steps = 0                                               # tokens appended so far
+        self.active = self.seen is not None or bool(self.ngram) or self.counts is not None or bool(self.first_bias)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return logits
+        if self.first_bias and self.steps == 0:
+            logits = logits.clone()
+            for token, bias in self.first_bias:
+                if token < logits.shape[-1]:
+                    logits[..., token] += bias
         if self.seen is not None:
             logits = repetition_penalty(logits, self.seen, self.cfg.repetition_penalty)
         if self.ngram:
@@ -117,6 +126,7 @@ class LogitsPipeline:
 
     def append(self, tokens: list[int], done: list[bool]) -> None:
         """Record each row's new token (rows that are done are left alone)."""
+        self.steps += 1
         if self.seen is not None:
             self.seen.scatter_(1, torch.tensor(tokens, device=self.seen.device).unsqueeze(1), True)
         if self.histories is not None:
@@ -129,6 +139,7 @@ class LogitsPipeline:
 
     def reorder(self, rows: torch.Tensor, tokens: list[int]) -> None:
         """Beam search: row i continues row rows[i] with tokens[i]."""
+        self.steps += 1
         if self.seen is not None:
             self.seen = self.seen[rows]
             self.seen.scatter_(1, torch.tensor(tokens, device=self.seen.device).unsqueeze(1), True)

@@ -41,12 +41,14 @@ class Prompt:
     reply_plugin: str | None = None
     grounded: bool = False         # in the grounded format: the reply ends with its citation
 
-    def generation(self, cfg):
-        """`cfg` for this prompt: a grounded reply ends with its first citation (`CITATION_END`)."""
+    def generation(self, cfg, refusal_bias: tuple = ()):
+        """`cfg` for this prompt: a grounded reply ends with its first citation (`CITATION_END`),
+        and starts under the answer settings' refusal bias (`AnswerSettings.refusal_logit_bias`)."""
         if not self.grounded:
             return cfg
 
-        return replace(cfg, stop_after=(*cfg.stop_after, CITATION_END))
+        return replace(cfg, stop_after=(*cfg.stop_after, CITATION_END),
+                       first_token_bias=tuple(refusal_bias) or cfg.first_token_bias)
 
     def sources(self) -> list[dict]:
         """What the answer used, as the server's `sources` items: passages (plugin "docs"), then facts."""

@@ -96,6 +96,7 @@ class Assistant:
     request_timeout: float = 600.0                 # seconds a request may wait and generate in all
     context_tokens: int | None = None              # passages' token budget (the answer settings: SFT's)
     min_score: float = 0.0                         # retrieval score below which the reply is not-found (0 = off)
+    refusal_bias: tuple = ()                       # first-token bias of grounded replies (the answer settings')
 
     def __post_init__(self):
         if self.tools is None and self.index is not None:
@@ -442,7 +443,7 @@ def create_app(assistant: Assistant, api_key: str | None = None, max_body_bytes:
         sources = prompt.sources()
         rid, created = oa.new_id("chatcmpl"), oa.now()
         # A plugin's direct reply (e.g. the hand-off) is not generated: it is the whole answer.
-        job = _Canned(prompt.reply) if prompt.reply is not None else _Job(assistant, prompt.ids, prompt.generation(cfg))
+        job = _Canned(prompt.reply) if prompt.reply is not None else _Job(assistant, prompt.ids, prompt.generation(cfg, assistant.refusal_bias))
         record = dict(message_id=rid, conversation_id=conversation, model=assistant.name,
                       messages=[m.model_dump(exclude_none=True) for m in body.messages],
                       prompt_messages=prompt.messages, sources=sources)

@@ -211,7 +211,9 @@ def run(args: Any) -> int:
                           default_temperature=args.temperature,
                           default_repetition_penalty=args.repetition_penalty, request_timeout=args.request_timeout,
                           context_tokens=settings.context_tokens,
-                          min_score=settings.threshold(getattr(index, "mode", None)))
+                          min_score=settings.threshold(getattr(index, "mode", None)),
+                          refusal_bias=(settings.refusal_logit_bias(tokenizer) if index is not None and not args.upstream
+                                        else ()))   # an upstream engine takes no first-token bias
     allowed_hosts = None
     if _is_loopback(args.host) and not api_key:
         # Keyless on loopback: only a page the user opened by a loopback name may call it.

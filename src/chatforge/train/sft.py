@@ -56,7 +56,8 @@ from typing import Any, Iterable
 from chatforge import files
 from chatforge.data.chat_data import PackedBatches, eval_batches, pack, read_chat_records, tokenize_examples
 from chatforge.errors import ChatforgeError
-from chatforge.infer.answer import AnswerSettings, fit_min_score
+from chatforge.infer.answer import (AnswerSettings, fit_min_score, fit_refusal_bias, refusal_margin,
+                                    refusal_token)
 from chatforge.infer.engine import Engine, GenerationConfig
 from chatforge.model.folder import load_model
 from chatforge.model.lora import LoraConfig
@@ -72,7 +73,7 @@ DEFAULT_LR = {"full": 3e-4, "lora": 1e-3, "freeze": 3e-4}
 MAX_SEQ_LEN = 32768     # --seq-len above the model's context extends it (RoPE), up to this
 MIN_CONTEXT_TOKENS = 64  # below this the context cannot hold a useful passage: no grounded copy
 FRACTIONS = ("grounded_fraction", "grounded_history", "missing_fraction", "hide_headings", "refusal_history",
-             "hard_missing")
+             "hard_missing", "refusal_budget")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +123,9 @@ class SFTConfig(LoopOptions):
     score_threshold: bool = option(False, "record in answer.json a retrieval-score threshold fitted on the Q&A: "
                                           "below it chat, serve and eval reply not-found without asking the model "
                                           "(off: the model decides)")
+    refusal_budget: float = option(0.02, "record in answer.json the smallest refusal bias (logits taken from the "
+                                         "not-found reply's first token) at which at most this share of the "
+                                         "held-out grounded examples the context answers are refused (1 = no bias)")
     section_examples: int = option(0, "reading-comprehension examples made from the documents' named sections "
                                       "(question about a section, reply copied from its passage); 10%% more go to "
                                       "validation")
@@ -293,9 +297,12 @@ def section_records(index, n: int, seed: int, tokenizer, seq_len: int, hide_head
 
 
 def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, data: Path, o: SFTConfig):
-    """(train rows, val rows, grounded summary): the records plus grounded copies, tokenized and packed."""
+    """(train rows, val rows, grounded summary, held-out grounded examples): the records plus
+    grounded copies, tokenized and packed; the last are the validation side's grounded examples
+    (the refusal bias is fitted on them)."""
     doc_paths = document_paths(data, o.docs) if o.grounded_fraction > 0 else []
     grounded = {"train": 0, "val": 0, "documents": [str(p) for p in doc_paths]}
+    g_val: list[dict] = []
     if doc_paths:
         index = load_retriever(doc_paths, mode=o.retrieval.retrieval, model=o.retrieval.embedding_model)
         shape = {"context_tokens": o.context_tokens, "history_fraction": o.grounded_history,
@@ -335,7 +342,29 @@ def build_rows(train_recs: list[dict], val_recs: list[dict], tok, seq_len: int, 
         raise ChatforgeError(f"no validation example fits in {seq_len} tokens; raise --seq-len or check qa_val.jsonl")
     bucket = o.batch_size if o.packing == "bucket" else 0
     return (pack(train_ex, seq_len, tok.pad_id, train_stats, bucket),
-            pack(val_ex, seq_len, tok.pad_id, val_stats, bucket), grounded)
+            pack(val_ex, seq_len, tok.pad_id, val_stats, bucket), grounded, g_val)
+
+
+def fit_refusal(model_dir: Path, examples: list[dict], budget: float) -> dict:
+    """The refusal bias for the model saved in `model_dir`, fitted on held-out grounded
+    `examples`: the smallest at which at most `budget` of those the context answers are refused
+    (`infer.answer.fit_refusal_bias`). Also the shares refused before and after, of those and of the
+    not-found examples (whose passages do not hold the answer)."""
+    if budget >= 1 or not examples:
+        return {"refusal_bias": 0.0, "budget": budget, "examples": len(examples)}
+    model, tok = load_model(model_dir)
+    model.eval()
+    token = refusal_token(tok)
+    margins = [(refusal_margin(model, tok, e["messages"][:-1], token), bool(e["missing"])) for e in examples]
+    answerable = [m for m, missing in margins if not missing]
+    unanswerable = [m for m, missing in margins if missing]
+    bias = fit_refusal_bias(answerable, budget)
+    share = (lambda xs, b: round(sum(m > b for m in xs) / len(xs), 4) if xs else None)
+    return {"refusal_bias": bias, "budget": budget, "examples": len(examples),
+            "answerable": len(answerable), "answerable_refused": {"before": share(answerable, 0.0),
+                                                                  "after": share(answerable, bias)},
+            "not_found": len(unanswerable), "not_found_refused": {"before": share(unanswerable, 0.0),
+                                                                  "after": share(unanswerable, bias)}}
 
 
 def reply_sample(model, tokenizer, messages: list[dict], max_new_tokens: int = 48) -> str:
@@ -387,7 +416,7 @@ def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, c
         model.extend_context(seq_len)
 
     train_recs, val_recs = read_records(data, o.seed)
-    train_rows, val_rows, grounded = build_rows(train_recs, val_recs, tok, seq_len, data, o)
+    train_rows, val_rows, grounded, held_out = build_rows(train_recs, val_recs, tok, seq_len, data, o)
 
     params = recipe.prepare(model, o.method, o.lora, o.seed)
     if o.method == "freeze":
@@ -425,11 +454,21 @@ def run_sft(base: str | Path, data: str | Path, out: str | Path | None = None, c
         report["lora"]["lora_save"] = o.lora_save
     if o.method == "freeze":
         report["freeze_top"] = o.freeze_top
+    # Fitted on the saved (best) model, which is what chat, serve and eval load.
+    report["refusal"] = fit_refusal(out, held_out, o.refusal_budget)
     files.write_json(out / "sft.json", report)
     # The settings the model was trained for, which chat, serve and eval read (`infer.answer`).
     threshold = (grounded.get("min_score") or {}).get("min_score", 0.0) if o.score_threshold else 0.0
     AnswerSettings(context_tokens=o.context_tokens or DEFAULT_CONTEXT_TOKENS, min_score=threshold,
-                   retrieval=grounded.get("retrieval") or "bm25").save(out)
+                   retrieval=grounded.get("retrieval") or "bm25",
+                   refusal_bias=report["refusal"]["refusal_bias"]).save(out)
+    fit = report["refusal"]
+    if fit.get("answerable"):
+        print(f"refusal bias {fit['refusal_bias']:.2f} (budget {fit['budget']:.0%}): held-out grounded examples "
+              f"the context answers refused {fit['answerable_refused']['before']:.1%} -> "
+              f"{fit['answerable_refused']['after']:.1%} of {fit['answerable']}, not-found ones "
+              + (f"{fit['not_found_refused']['before']:.1%} -> {fit['not_found_refused']['after']:.1%} "
+                 f"of {fit['not_found']}" if fit["not_found"] else "none held out"))
     if result.best_val_loss is not None:
         print(f"validation loss {result.best_val_loss:.4f} (perplexity {report['best_val_ppl']:.2f}) -> {out}")
     return report
