@@ -7,9 +7,10 @@ What it measures
   tokenizer (`DATA/tokens-<hash>/val.bin`) when present, else `DATA/val.jsonl` tokenized here.
 - for each question (`--questions FILE.jsonl`, default `DATA/qa_val.jsonl`; lines are
   `{"question", "answer"[, "source"]}` or `{"messages": [...][, "source"]}`, where the last
-  assistant message is the reference and earlier turns are history): a greedy answer, batched
-  through the engine, grounded in the top `--k` passages of `--docs` (the prompt format of
-  `chatforge.retrieval`), scored with BLEU and ROUGE-1/2/L F1 after the answer's
+  assistant message is the reference and earlier turns are history): a greedy answer,
+  continuously batched through the server's scheduler, grounded in the top `--k` passages of
+  `--docs` (the prompt format of `chatforge.retrieval`) and decoded with the model's answer
+  settings (its refusal bias included), scored with BLEU and ROUGE-1/2/L F1 after the answer's
   "(source: ...)" citation is removed.
 - with documents, retrieval hit@1 / hit@3: a top passage comes from the document holding the
   reference answer, which is the question's `source` field, or, without one, the document of the
