@@ -236,6 +236,15 @@ def test_grounded_turns_keep_the_plain_question(loaded, tmp_path):
     plain = _session(loaded, engine=StubEngine(["Hi."]))
     list(plain.reply("hello"))
     assert plain.engine.configs[0].stop_after == ()
+    # The answer settings' refusal bias reaches a grounded reply's decoding, and only that.
+    from chatforge.infer.answer import AnswerSettings, refusal_token
+    settings = AnswerSettings(refusal_bias=1.25)
+    biased = _session(loaded, index=index, engine=StubEngine(["Within ten days."]), settings=settings)
+    list(biased.reply("When are refunds paid?"))
+    assert biased.engine.configs[0].first_token_bias == ((refusal_token(loaded[1]), -1.25),)
+    plain = _session(loaded, engine=StubEngine(["Hi."]), settings=settings)
+    list(plain.reply("hello"))
+    assert plain.engine.configs[0].first_token_bias == ()
 
 
 # ---------------------------------------------------------------------------------- converse

@@ -125,6 +125,20 @@ def test_grounded_answers_carry_their_sources(grounded):
     assert chunks[0].model_extra["sources"][0]["source"].startswith("docs/billing.md")
 
 
+def test_the_refusal_bias_reaches_grounded_decoding(grounded, monkeypatch):
+    """`serve` hands the answer settings' refusal bias to a grounded reply's generation."""
+    submitted = []
+    real = grounded.assistant.scheduler.submit
+
+    def spy(ids, cfg=None, on_event=None):
+        submitted.append(cfg)
+        return real(ids, cfg, on_event)
+    monkeypatch.setattr(grounded.assistant.scheduler, "submit", spy)
+    monkeypatch.setattr(grounded.assistant, "refusal_bias", ((5, -0.75),))
+    client(grounded).chat.completions.create(**ask("How do I reset my password?", max_tokens=4))
+    assert submitted and submitted[-1].first_token_bias == ((5, -0.75),)
+
+
 # ------------------------------------------------------------------------------------ feedback
 
 def test_feedback_is_stored_with_a_snapshot(grounded):

@@ -115,6 +115,13 @@ def add_config(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...]
         target.add_argument(f.flag, **kw)
 
 
+def add_refusal_bias(parser: argparse.ArgumentParser) -> None:
+    """`--refusal-bias`, which chat, serve and eval take over the model's answer settings."""
+    parser.add_argument("--refusal-bias", type=float, default=None, metavar="LOGITS",
+                        help="logits taken from the not-found reply's first token when a grounded answer starts "
+                             "(default: the model's answer settings, fitted by SFT; 0 = off, more = fewer refusals)")
+
+
 def add_retrieval(parser: argparse.ArgumentParser) -> None:
     """`--retrieval` and `--embedding-model`, for a command whose settings are not a config class."""
     # lazy: retrieval.fusion brings torch (~2.5 s), and `chatforge --help` imports this package alone (0.07 s)

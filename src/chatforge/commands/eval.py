@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from chatforge.commands import add_retrieval, leaf
+from chatforge.commands import add_refusal_bias, add_retrieval, leaf
 from chatforge.errors import ChatforgeError
 from chatforge.eval.evaluate import evaluate
 
@@ -48,9 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "and the report")
     parser.add_argument("--quant", choices=["int8", "int4"], default=None,
                         help="evaluate the model with weight-only 8- or 4-bit linear layers")
-    parser.add_argument("--refusal-bias", type=float, default=None, metavar="LOGITS",
-                        help="logits taken from the not-found reply's first token when an answer starts "
-                             "(default: the model's answer settings, fitted by SFT; 0 = off)")
+    add_refusal_bias(parser)
     parser.add_argument("--second-turn", type=int, default=10, metavar="N",
                         help="with retrieval: also ask the first N questions as a conversation's second turn, "
                              "after an earlier question and the model's answer to it (0 = off)")

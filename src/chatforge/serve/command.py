@@ -123,7 +123,7 @@ def run(args: Any) -> int:
     if not args.model:
         raise ChatforgeError("--model is required: the folder of a trained model (the output of sft)")
 
-    settings = AnswerSettings.load(args.model)
+    settings = AnswerSettings.load(args.model).replace(refusal_bias=getattr(args, "refusal_bias", None))
     args.passages = settings.passages if args.passages is None else args.passages
     if args.max_tokens is None:
         args.max_tokens = min(settings.max_new_tokens, args.max_tokens_limit)
