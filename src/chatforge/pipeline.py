@@ -113,6 +113,9 @@ PRETRAINED: dict[str, dict] = {
     # an earlier turn, half of them refusals (so ~5% of the examples showed an answered earlier
     # turn), 0.481 against 0.901 first; with these shares 0.789 against 0.869, validation ROUGE-L
     # 0.700 against 0.694 and grounded precision 0.965 against 0.946 (the same run otherwise).
+    # 100 steps instead of 80 (one trial, +280 s): validation ROUGE-L 0.703 against 0.708 and
+    # grounded 0.946 against 0.960, so not taken (the unseen git FAQ rose to 0.946 from 0.873, the
+    # manual's false refusals to 5.4% from 3.6%; recipes are chosen on validation).
     # Answers from any manual (evalsets/manual-git.jsonl): a FAQ entry's heading is its question,
     # so a model trained on FAQ pairs alone copies when a heading matches and refuses otherwise
     # (ROUGE-L 0.148 against 0.403 extractive on unseen help pages). 40% of the examples show the
