@@ -201,12 +201,8 @@ class Answerer:
         replies: list[str] = [self.seen.get(tuple(p), "") for p in prompts]
         todo = [i for i, p in enumerate(prompts) if tuple(p) not in self.seen]
         if todo:
-            # The cache holds `batch_size` answers of the longest prompt in these (no more).
-            c = self.engine.config
-            position = 2 * c.n_layer * c.n_kv_head * c.head_dim * torch.empty((), dtype=self.engine.cache_dtype).element_size()
-            longest = min(c.max_seq_len, max(len(prompts[i]) for i in todo) + cfg.max_new_tokens)
-            scheduler = Scheduler(self.engine, max_batch=self.batch_size, max_queue=len(todo),
-                                  kv_cache_bytes=self.batch_size * longest * position)
+            # Its cache grows with the answers being decoded (the budget is only a ceiling).
+            scheduler = Scheduler(self.engine, max_batch=self.batch_size, max_queue=len(todo))
             with tqdm(total=len(todo), desc=desc, unit="answer", disable=None) as bar:
                 def finished(event) -> None:
                     if isinstance(event, Done):
