@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge import files
-from chatforge.continual import LINK, rollback, run_round
+from chatforge.continual import ALIGNERS, LINK, rollback, run_round
 from chatforge.data.faq import extract_pairs
 from chatforge.data.fetch import SOURCES, model_file
 from chatforge.errors import ChatforgeError
@@ -91,9 +91,7 @@ DEFAULTS: dict[str, dict] = {
               "sft_epochs": 2, "promote": "better", "max_rouge_drop": 0.02, "retriever": False},
     "prefs": {},
     "reward": {},
-    "dpo": {},
-    "ppo": {},
-    "kto": {},
+    **{name: {} for name in ALIGNERS},           # each aligner's options (continual.ALIGNERS)
     # `retriever train` in the round (align.retriever): a CPU-sized run (README, the round).
     "retriever": {"steps": 60, "batch_size": 16},
 }
@@ -184,7 +182,7 @@ class PipelineOptions:
                                           "make`), alone or added to --feedback's")
     align: str | None = option(None, "the round's alignment: dpo (default), ppo against the round's reward model, "
                                      "or kto on every thumb up and down (continual.ALIGNERS)",
-                               choices=("dpo", "ppo", "kto"))
+                               choices=tuple(ALIGNERS))
     train_retriever: bool = option(False, "the round also retrains the retriever on the Q&A and the corrected "
                                           "answers, kept when it does not lose (align.retriever: true)")
     rollback: bool = option(False, "serve the previous model again: point runs/NAME/assistant back, and stop")
