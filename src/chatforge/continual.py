@@ -509,7 +509,6 @@ def run_round(settings: dict, run_dir: Path, data: Path, docs: list[Path], unsee
           "POST /admin/reload")
     if promoted:
         # Through another engine (serve --upstream): load it there, or say how.
-
         info["engine"] = reach_engine(run_dir, new, server)
         files.write_json(round_dir / ROUND_FILE, info)
     return info

@@ -148,7 +148,6 @@ class Server:
     """The admin API of a running `chatforge serve --upstream` (`serve/app.py`)."""
 
     def __init__(self, url: str, key: str | None):
-
         if not url.startswith(("http://", "https://")):
             raise ChatforgeError(f"--server must be the URL of a running chatforge serve, e.g. http://127.0.0.1:8000, "
                                  f"got {url!r}")
@@ -156,7 +155,6 @@ class Server:
         self.http = httpx.Client(headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=300.0)
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
-
         try:
             r = self.http.request(method, self.url + path, json=body)
         except httpx.HTTPError as e:

@@ -45,7 +45,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from chatforge.data import fetch
 from chatforge.data.clean import FILTERS, PII_TYPES, FilterConfig, check_quality, normalize, scrub_pii
 from chatforge.data.dedup import ExactDedup, NearDedup, normalize_key
 from chatforge.data.sources import Document, InputFile, iter_files, read_file

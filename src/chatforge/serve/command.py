@@ -78,7 +78,6 @@ def kv_cache_bytes(mb: int | None, engine, max_batch: int) -> int:
     """The KV-cache budget: `mb` MiB, or by default a quarter of the machine's memory, at most what
     `max_batch` requests at the model's full context take."""
     cfg = engine.config
-
     position = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * torch.empty((), dtype=engine.cache_dtype).element_size()
     need = max_batch * cfg.max_seq_len * position
     if mb is not None:
