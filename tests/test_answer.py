@@ -70,6 +70,11 @@ def test_refusal_bias_applies_to_grounded_prompts_only(tmp_path):
     grounded = Prompt([1], [], [], 0, grounded=True).generation(cfg, settings.refusal_logit_bias(tok))
     plain = Prompt([1], [], [], 0, grounded=False).generation(cfg, settings.refusal_logit_bias(tok))
     assert grounded.first_token_bias == ((token, -2.0),) and plain.first_token_bias == ()
+    # A grounded reply's citation can only name what the prompt gave it: passages, then facts.
+    from chatforge.infer.plugin_api import Fact
+    given = Prompt([1], [], PASSAGES, 0, facts=[Fact("order 7: shipped", "orders"), Fact("x", "two\nlines")],
+                   grounded=True).generation(cfg)
+    assert given.cite_names == (*(p.source for p in PASSAGES), "orders") and plain.cite_names == ()
 
 
 def test_refusals():

@@ -1,7 +1,7 @@
 """The scheduler (infer/batching.py) drives the engine through its public step API only.
 
-`Engine.forward`, `check_prompts`, `stop_matcher`, `completion`, `thread_limit()` and `TextStream`
-are what a second decode loop needs; anything private to infer/engine.py may change without
+`Engine.forward`, `check_prompts`, `logits_pipeline`, `stop_matcher`, `completion`, `thread_limit()`
+and `TextStream` are what a second decode loop needs; anything private to infer/engine.py may change without
 notice. This walks batching.py's syntax tree for a private name of the engine module: one
 imported from it, or an attribute of an engine (`engine._x`, `self.engine._x`, `Engine._x`),
 or any `._x` that names a private member of `Engine` and nothing of batching.py's own.

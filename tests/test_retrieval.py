@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from chatforge.retrieval import (GROUNDED_SYSTEM_PROMPT, MAX_WORDS, NOT_FOUND_REPLY, Passage, PassageIndex,
-                                 format_context, grounded_messages, split_passages, strip_citation)
+                                 context_sources, format_context, grounded_messages, split_passages,
+                                 strip_citation)
 from chatforge.retrieval.examples import grounded_sft_examples, section_sft_examples
 from chatforge.retrieval.passages import markup_headings
 
@@ -306,6 +307,10 @@ def test_prompt_format_and_budget():
     assert user.startswith("Context:\n[1] (source: billing.md > Refunds) Refunds are possible")
     assert "\n[2] (source: network.md) Port 8443 must be open." in user
     assert user.endswith("\n\nQuestion: How do refunds work?")
+    # What a reply may cite, read back from the prompt (eval constrains citations with it).
+    named = [*passages, Passage("Version 2 (beta) ships in May.", "news.md > Releases (2024) > v2", doc="news.md")]
+    assert context_sources(grounded_messages("When?", named)[1]["content"]) == [p.source for p in named]
+    assert context_sources("Context:\n(none)\n\nQuestion: [1] (source: x) y") == []
 
     for budget in (40, 80, 120):
         block = format_context(passages, max_context_tokens=budget)

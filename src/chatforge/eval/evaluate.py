@@ -67,7 +67,7 @@ from chatforge.infer.batching import Done, Scheduler
 from chatforge.infer.engine import Engine
 from chatforge.model.folder import load_model
 from chatforge.model.quant import quantize_model
-from chatforge.retrieval import CITATION_END, NOT_FOUND_REPLY, grounded_messages, strip_citation
+from chatforge.retrieval import CITATION_END, NOT_FOUND_REPLY, context_sources, grounded_messages, strip_citation
 from chatforge.retrieval.fusion import load_retriever, search_turn
 from chatforge.retrieval.hits import hits_table, retrieval_hits
 
@@ -207,7 +207,10 @@ class Answerer:
                 def finished(event) -> None:
                     if isinstance(event, Done):
                         bar.update(1)
-                requests = [(i, scheduler.submit(prompts[i], cfg, on_event=finished)) for i in todo]
+                # A grounded answer's citation can only name a passage in its context, as in chat
+                # and the server (`Prompt.generation`).
+                requests = [(i, scheduler.submit(prompts[i], self._for(cfg, conversations[i]) if grounded else cfg,
+                                                 on_event=finished)) for i in todo]
                 scheduler.run_until_idle()         # on this thread: no server loop to start or stop
             for i, request in requests:
                 done = request.outcome
@@ -217,6 +220,12 @@ class Answerer:
         if self.cfg.strategy == "greedy":
             self.seen.update((tuple(prompts[i]), replies[i]) for i in todo)
         return replies
+
+
+    @staticmethod
+    def _for(cfg, conversation: list[dict]):
+        names = tuple(context_sources(conversation[-1]["content"]))
+        return replace(cfg, cite_names=names) if names else cfg
 
 
 def _scores(hyps: list[str], refs: list[str]) -> dict:

@@ -51,7 +51,6 @@ import torch
 from chatforge.errors import ChatforgeError
 from chatforge.runtime import give_back_memory
 from chatforge.infer.engine import Engine, GenerationConfig, TextStream
-from chatforge.infer.sampling import LogitsPipeline
 
 log = logging.getLogger("chatforge.batching")
 
@@ -293,10 +292,10 @@ class SlotCache:
 class _Running:
     """A request in the batch: its slot's sampling state and its text so far."""
 
-    def __init__(self, request: Request, engine: Engine, vocab_size: int):
+    def __init__(self, request: Request, engine: Engine):
         cfg = request.cfg
         self.request, self.cfg = request, cfg
-        self.pipeline = LogitsPipeline(cfg, [list(request.prompt)], vocab_size, engine.device, for_beam=False)
+        self.pipeline = engine.logits_pipeline(cfg, [list(request.prompt)], for_beam=False)
         self.stops = engine.stop_matcher(cfg)
         self.generator = None
         if not cfg.greedy and cfg.seed is not None:
@@ -483,7 +482,7 @@ class Scheduler:
 
     def _start(self, request: Request) -> _Running | None:
         try:
-            return _Running(request, self.engine, self.engine.config.vocab_size)
+            return _Running(request, self.engine)
         except Exception as e:              # noqa: BLE001 - one request's failure is its own
             self._failed(request, e)
             return None

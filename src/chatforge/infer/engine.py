@@ -73,9 +73,13 @@ class GenerationConfig:
     # settings' refusal bias makes the first token of the not-found reply less likely when the
     # answer starts (`infer.answer`), and nowhere later in the reply.
     first_token_bias: tuple[tuple[int, float], ...] = ()
+    # The names a "(source:" in the reply may go on with: the given passages' (a grounded prompt's,
+    # `infer.turn.Prompt.generation`); () = any text. See `sampling.CitationConstraint`.
+    cite_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.stop_strings = tuple(self.stop_strings or ())
+        self.cite_names = tuple(self.cite_names or ())
         self.stop_after = tuple(self.stop_after or ())
         self.first_token_bias = tuple(tuple(pair) for pair in (self.first_token_bias or ()))
         self.validate()
@@ -118,6 +122,8 @@ class GenerationConfig:
         need(all(len(pair) == 2 and isinstance(pair[0], int) and pair[0] >= 0
                  and isinstance(pair[1], (int, float)) and math.isfinite(pair[1]) for pair in self.first_token_bias),
              f"first_token_bias must be (token id >= 0, finite bias) pairs, got {self.first_token_bias!r}")
+        need(all(isinstance(n, str) and n.strip() and "\n" not in n for n in self.cite_names),
+             f"cite_names must be non-empty one-line names, got {self.cite_names!r}")
         for pattern in self.stop_after:
             try:
                 empty = re.compile(pattern).fullmatch("") is not None
@@ -422,6 +428,13 @@ class Engine:
             logits, _ = self.model(ids, cache=cache, positions=positions, attn_mask=mask, take=take)
         return logits[:, -1, :].float()                                                       # (B, V)
 
+    def logits_pipeline(self, cfg: GenerationConfig, histories: list[list[int]], for_beam: bool) -> LogitsPipeline:
+        """The logits processors `cfg` asks for, one row per history (a citation constraint needs
+        the engine's tokenizer)."""
+        if cfg.cite_names and self.tokenizer is None:
+            raise ChatforgeError("cite_names needs a tokenizer: pass one to Engine(model, tokenizer)")
+        return LogitsPipeline(cfg, histories, self.config.vocab_size, self.device, for_beam, self.tokenizer)
+
     def stop_matcher(self, cfg: GenerationConfig) -> StopStrings | None:
         """What matches `cfg`'s stop strings and `stop_after` patterns against generated tokens
         (None when it has neither); they need the engine's tokenizer."""
@@ -477,7 +490,7 @@ class Engine:
         batch = _Batch(prompts, fan, new_tokens, self.pad_id, self.device)
         R = len(batch.rows)
         histories = [list(prompts[r // fan]) for r in range(R)]
-        pipeline = LogitsPipeline(cfg, histories, self.config.vocab_size, self.device, for_beam=False)
+        pipeline = self.logits_pipeline(cfg, histories, for_beam=False)
         stops = self.stop_matcher(cfg)
         gen = None
         if not cfg.greedy and cfg.seed is not None:
@@ -541,7 +554,7 @@ class Engine:
         batch = _Batch(prompts, nb, new_tokens, self.pad_id, self.device)
         V, R = self.config.vocab_size, P * nb
         histories = [list(prompts[r // nb]) for r in range(R)]
-        pipeline = LogitsPipeline(cfg, histories, V, self.device, for_beam=True)
+        pipeline = self.logits_pipeline(cfg, histories, for_beam=True)
         stops = self.stop_matcher(cfg)
         stop_set = set(self.stop_ids)
         keep = max(2, 1 + len(self.stop_ids)) * nb

@@ -13,12 +13,16 @@ same input), so settings carry over from HF recipes:
   presence_penalty once it was generated at all (the prompt does not count).
 - `first_token_bias` (no HF namesake; OpenAI's `logit_bias` for the first token only): the bias is
   added to those tokens' logits when the first token is chosen, before the penalties.
+- `cite_names` (no HF namesake; a constraint like llama.cpp's grammars, for one pattern): once the
+  reply has written "(source:", only tokens that keep it on the way to " NAME)" for one of the
+  names are allowed (`CitationConstraint`).
 `LogitsPipeline` holds the per-row state (which tokens were seen, the histories) across steps.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -76,7 +80,7 @@ class LogitsPipeline:
     """
 
     def __init__(self, cfg: "GenerationConfig", histories: list[list[int]], vocab_size: int,
-                 device: torch.device, for_beam: bool):
+                 device: torch.device, for_beam: bool, tokenizer=None):
         self.cfg = cfg
         self.ngram = cfg.no_repeat_ngram_size
         self.histories = histories if self.ngram else None          # only n-gram blocking needs them
@@ -90,7 +94,13 @@ class LogitsPipeline:
             self.counts = torch.zeros(len(histories), vocab_size, device=device)
         self.first_bias = tuple(getattr(cfg, "first_token_bias", ()) or ())
         self.steps = 0                                               # tokens appended so far
-        self.active = self.seen is not None or bool(self.ngram) or self.counts is not None or bool(self.first_bias)
+        self.cites = None
+        if getattr(cfg, "cite_names", ()):
+            if tokenizer is None:
+                raise ValueError("cite_names needs the tokenizer (token ids -> text)")
+            self.cites = [CitationConstraint(tokenizer, cfg.cite_names) for _ in histories]
+        self.active = (self.seen is not None or bool(self.ngram) or self.counts is not None or bool(self.first_bias)
+                       or self.cites is not None)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.active:
@@ -110,6 +120,15 @@ class LogitsPipeline:
         if self.counts is not None:
             logits = logits - self.counts * self.cfg.frequency_penalty \
                 - (self.counts > 0).to(logits.dtype) * self.cfg.presence_penalty
+        if self.cites is not None:
+            for r, cite in enumerate(self.cites):
+                allowed, banned = cite.allowed(), cite.banned()
+                if allowed:
+                    keep = torch.full_like(logits[r], NEG_INF)
+                    keep[allowed] = 0.0
+                    logits[r] = logits[r] + keep
+                elif banned:
+                    logits[r, banned] = NEG_INF
         return logits
 
     def warp(self, logits: torch.Tensor) -> torch.Tensor:
@@ -136,6 +155,10 @@ class LogitsPipeline:
         if self.counts is not None:
             live = torch.tensor([not d for d in done], dtype=self.counts.dtype, device=self.counts.device)
             self.counts.scatter_add_(1, torch.tensor(tokens, device=self.counts.device).unsqueeze(1), live.unsqueeze(1))
+        if self.cites is not None:
+            for cite, t, d in zip(self.cites, tokens, done):
+                if not d:
+                    cite.push(t)
 
     def reorder(self, rows: torch.Tensor, tokens: list[int]) -> None:
         """Beam search: row i continues row rows[i] with tokens[i]."""
@@ -150,6 +173,114 @@ class LogitsPipeline:
         if self.histories is not None:
             src = rows.tolist()
             self.histories = [self.histories[s] + [t] for s, t in zip(src, tokens)]
+        if self.cites is not None:
+            self.cites = [self.cites[s].copy() for s in rows.tolist()]
+            for cite, t in zip(self.cites, tokens):
+                cite.push(t)
+
+
+class TokenPieces:
+    """A tokenizer's tokens as text, for constraints on what a reply may spell: `texts[id]`, the ids
+    of each text (`by_text`), the longest text's length. A token's text is what it adds after
+    another token ("a" + id, minus "a"): decoded alone, a SentencePiece-style token loses its
+    leading space. Built once per tokenizer (`of`); a 49k vocabulary takes about a second."""
+
+    _made: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, tokenizer) -> "TokenPieces":
+        if tokenizer not in cls._made:
+            cls._made[tokenizer] = cls(tokenizer)
+        return cls._made[tokenizer]
+
+    def __init__(self, tokenizer):
+        anchor = tokenizer.encode("a")
+        base = len(tokenizer.decode(anchor))
+        self.texts = [tokenizer.decode([*anchor, i])[base:] for i in range(tokenizer.vocab_size)]
+        self.by_text: dict[str, list[int]] = {}
+        for i, t in enumerate(self.texts):
+            if t and "\ufffd" not in t:     # part of a character: no name can be spelt with it here
+                self.by_text.setdefault(t, []).append(i)
+        self.longest = max(map(len, self.by_text), default=1)
+        self._starting: dict[tuple[str, bool], list[int]] = {}
+
+    def spelling(self, text: str) -> set[int]:
+        """The ids whose text is a non-empty prefix of `text` (the tokens that go on spelling it)."""
+        ids: set[int] = set()
+        for n in range(1, min(len(text), self.longest) + 1):
+            ids.update(self.by_text.get(text[:n], ()))
+        return ids
+
+    def starting(self, text: str, lstrip: bool) -> list[int]:
+        """The ids whose text, lower-cased (and left-stripped with `lstrip`), starts with `text`."""
+        key = (text, lstrip)
+        if key not in self._starting:
+            self._starting[key] = [i for i, t in enumerate(self.texts)
+                                   if (t.lstrip() if lstrip else t).lower().startswith(text)]
+        return self._starting[key]
+
+
+class CitationConstraint:
+    """One row's citation constraint (a grounded reply's, `GenerationConfig.cite_names`).
+
+    - After the reply writes "(source:", the next tokens must spell " NAME)" for one of `names`
+      (the given passages' names). A small model copying a long name slips (cuts a heading at its
+      first "?", splices two names into one no passage has); decoding restricted to the names
+      cannot. The model still chooses which name. A token that carries the citation past the
+      trigger already off every name leaves that citation unconstrained.
+    - A reply cannot open with its citation: while nothing but the start of "(sou" is written,
+      the tokens that would complete it are banned. The demo assistant answered a FAQ entry that
+      begins "(portions of this answer contributed by ...)" with "(source: ...)" alone.
+
+    `push(token)` records a generated token; `allowed()` is the ids the next token may be, or None;
+    `banned()` the ids it may not be, or None.
+    """
+
+    TRIGGER = "(source:"
+    OPENING = "(sou"
+
+    def __init__(self, tokenizer, names: Sequence[str]):
+        self.pieces = TokenPieces.of(tokenizer)
+        self.targets = tuple(f" {n})" for n in names)
+        self.tail = ""                      # the last characters generated (to see the trigger)
+        self.written: str | None = None     # the citation since the trigger; None outside one
+        self.opening: str | None = ""       # the reply so far while it may still open a citation
+
+    def copy(self) -> "CitationConstraint":
+        other = object.__new__(CitationConstraint)
+        other.__dict__.update(self.__dict__)
+        return other
+
+    def push(self, token: int) -> None:
+        piece = self.pieces.texts[token] if 0 <= token < len(self.pieces.texts) else ""
+        if self.opening is not None:
+            so_far = (self.opening + piece if self.opening else piece.lstrip()).lower()
+            self.opening = so_far if self.OPENING.startswith(so_far) else None
+        if self.written is None:
+            self.tail = (self.tail + piece)[-(len(self.TRIGGER) + self.pieces.longest):]
+            at = self.tail.lower().rfind(self.TRIGGER)
+            if at < 0:
+                return                      # (a trigger empties the tail: any one found is new)
+            self.written, self.tail = self.tail[at + len(self.TRIGGER):], ""
+        else:
+            self.written += piece
+        if any(self.written.startswith(t) for t in self.targets) \
+                or not any(t.startswith(self.written) for t in self.targets):
+            self.written = None             # the citation is complete, or off every name
+
+    def allowed(self) -> list[int] | None:
+        if self.written is None:
+            return None
+        ids: set[int] = set()
+        for target in self.targets:
+            if target.startswith(self.written):
+                ids |= self.pieces.spelling(target[len(self.written):])
+        return sorted(ids) or None
+
+    def banned(self) -> list[int] | None:
+        if self.opening is None:
+            return None
+        return self.pieces.starting(self.OPENING[len(self.opening):], lstrip=not self.opening) or None
 
 
 class StopStrings:

@@ -43,11 +43,14 @@ class Prompt:
 
     def generation(self, cfg, refusal_bias: tuple = ()):
         """`cfg` for this prompt: a grounded reply ends with its first citation (`CITATION_END`),
-        and starts under the answer settings' refusal bias (`AnswerSettings.refusal_logit_bias`)."""
+        which can only name a passage or fact it was given (`GenerationConfig.cite_names`), and
+        starts under the answer settings' refusal bias (`AnswerSettings.refusal_logit_bias`)."""
         if not self.grounded:
             return cfg
 
-        return replace(cfg, stop_after=(*cfg.stop_after, CITATION_END),
+        names = tuple(dict.fromkeys(n for n in [*(p.source for p in self.passages), *(f.source for f in self.facts)]
+                                    if n.strip() and "\n" not in n))
+        return replace(cfg, stop_after=(*cfg.stop_after, CITATION_END), cite_names=names or cfg.cite_names,
                        first_token_bias=tuple(refusal_bias) or cfg.first_token_bias)
 
     def sources(self) -> list[dict]:

@@ -20,8 +20,8 @@ each question. The package holds, one concern a module:
 from chatforge.retrieval.index import PassageIndex, fingerprint, terms
 from chatforge.retrieval.passages import MAX_WORDS, Passage, read_passages, source_name, split_passages
 from chatforge.retrieval.prompt import (CITATION_END, DEFAULT_CONTEXT_TOKENS, GROUNDED_SYSTEM_PROMPT, NOT_FOUND_REPLY,
-                                        cite, format_context, grounded_messages, strip_citation)
+                                        cite, context_sources, format_context, grounded_messages, strip_citation)
 
 __all__ = ["CITATION_END", "DEFAULT_CONTEXT_TOKENS", "GROUNDED_SYSTEM_PROMPT", "MAX_WORDS", "NOT_FOUND_REPLY",
-           "Passage", "PassageIndex", "cite", "fingerprint", "format_context", "grounded_messages",
+           "Passage", "PassageIndex", "cite", "context_sources", "fingerprint", "format_context", "grounded_messages",
            "read_passages", "source_name", "split_passages", "strip_citation", "terms"]

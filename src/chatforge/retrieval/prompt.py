@@ -113,6 +113,16 @@ def prompt_question(user_content: str) -> str:
     return user_content.strip()
 
 
+_CONTEXT_LINE = re.compile(r"(?m)^\[\d+\] \(source: ([^()\n]*(?:\([^()\n]*\)[^()\n]*)*)\) ")
+
+
+def context_sources(user_content: str) -> list[str]:
+    """The passages' NAMEs in a grounded user turn's context block, in order (what a reply to it
+    may cite; nested parentheses one level deep, as citations are parsed)."""
+    context = user_content.rpartition("\n\nQuestion: ")[0] if user_content.startswith("Context:") else ""
+    return list(dict.fromkeys(m.group(1) for m in _CONTEXT_LINE.finditer(context) if m.group(1).strip()))
+
+
 def cite(answer: str, source: str) -> str:
     """`answer` with its citation: "ANSWER (source: NAME)"."""
     return f"{answer.strip()} (source: {source})"
