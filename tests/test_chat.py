@@ -242,6 +242,13 @@ def test_grounded_turns_keep_the_plain_question(loaded, tmp_path):
     biased = _session(loaded, index=index, engine=StubEngine(["Within ten days."]), settings=settings)
     list(biased.reply("When are refunds paid?"))
     assert biased.engine.configs[0].first_token_bias == ((refusal_token(loaded[1]), -1.25),)
+    # So do its loop guard (part of the settings' decoding, as `chatforge chat` builds it) and the
+    # names its citation may spell (the passages it was given).
+    guarded = _session(loaded, system="Answer from the context.", index=index, settings=settings,
+                       engine=StubEngine(["Within ten days."]), gen_cfg=settings.generation(max_new_tokens=40))
+    list(guarded.reply("When are refunds paid?"))
+    assert guarded.engine.configs[0].reply_no_repeat_ngram_size == settings.reply_no_repeat_ngram_size == 24
+    assert guarded.engine.configs[0].cite_names == tuple(dict.fromkeys(guarded.last_sources)) != ()
     plain = _session(loaded, engine=StubEngine(["Hi."]), settings=settings)
     list(plain.reply("hello"))
     assert plain.engine.configs[0].first_token_bias == ()

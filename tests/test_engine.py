@@ -455,6 +455,49 @@ def test_citation_constraint_follows_beams(citing):
     assert all("aq > Billing)".startswith(texts[t]) for t in torch.nonzero(logits[1].isfinite()).flatten().tolist())
 
 
+def test_reply_ngrams_repeat_only_as_often_as_the_prompt():
+    """A reply may repeat an n-gram as often as its prompt holds it (a copied passage's repeated
+    lines), not more: a loop over its own words is cut at its second turn. Beam rows copy it."""
+    prompt = [9, 1, 2, 3, 9, 1, 2, 3, 9]                 # "1 2 3" twice
+    reply = sampling.ReplyNgrams(prompt, 3)
+    for t in [1, 2, 3, 1, 2]:
+        assert 3 not in reply.banned() or reply.reply[-2:] != [1, 2]
+        reply.push(t)
+    assert reply.banned() == []                          # "1 2 3" a second time: the prompt has it twice
+    reply.push(3)
+    reply.push(1)
+    reply.push(2)
+    assert reply.banned() == [3]                         # a third time: no
+    loop = sampling.ReplyNgrams(prompt, 3)
+    for t in [5, 6, 7, 5, 6]:
+        loop.push(t)
+    assert loop.banned() == [7]                          # "5 6 7" is the reply's own: once only
+    twin = loop.copy()
+    twin.push(8)
+    assert loop.banned() == [7] and twin.reply[-1] == 8 and loop.reply[-1] == 6
+    cfg = GenerationConfig(reply_no_repeat_ngram_size=3)
+    pipeline = sampling.LogitsPipeline(cfg, [list(prompt)], VOCAB, torch.device("cpu"), for_beam=False)
+    for t in [5, 6, 7, 5, 6]:
+        pipeline.append([t], [False])
+    logits = pipeline(torch.zeros(1, VOCAB))
+    assert torch.isinf(logits[0, 7]) and torch.isinf(logits).sum() == 1
+
+
+def test_reply_ngram_block_ends_a_loop(model):
+    """The tiny random model loops greedily; with the block no 4-gram of its reply repeats unless
+    the prompt has it twice, and a reply that does not loop is unchanged."""
+    engine = Engine(model, stop_ids=[], dtype="float32")
+    prompt = PROMPTS[0]
+    plain = engine.generate([prompt], GenerationConfig(max_new_tokens=40))[0].tokens
+    grams = [tuple(plain[i:i + 4]) for i in range(len(plain) - 3)]
+    assert len(set(grams)) < len(grams)                  # it loops
+    blocked = engine.generate([prompt], GenerationConfig(max_new_tokens=40, reply_no_repeat_ngram_size=4))[0].tokens
+    grams = [tuple(blocked[i:i + 4]) for i in range(len(blocked) - 3)]
+    assert all(grams.count(g) <= max(1, sum(tuple(prompt[i:i + 4]) == g for i in range(len(prompt) - 3)))
+               for g in grams)
+    assert blocked[:len(plain)] != plain
+
+
 # -------------------------------------------------------------------------- limits and errors
 
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=1.5), dict(top_p=0.0), dict(num_beams=0),

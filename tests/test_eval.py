@@ -236,7 +236,7 @@ def test_refusals_citations_and_the_answer_settings(setup, monkeypatch):
         assert eval_run.answering_line(res).startswith("false refusals")
         # The answer settings' refusal bias reaches the grounded decoding, not the plain one, and
         # --refusal-bias overrides it (0 = off).
-        AnswerSettings(passages=2, max_new_tokens=8, refusal_bias=1.5).save(setup["model"])
+        AnswerSettings(passages=2, max_new_tokens=8, refusal_bias=1.5, reply_no_repeat_ngram_size=7).save(setup["model"])
         seen = {}
         real_init = eval_run.Answerer.__init__
 
@@ -249,8 +249,10 @@ def test_refusals_citations_and_the_answer_settings(setup, monkeypatch):
         assert res["answering"]["refusal_bias"] == 1.5 and "refusal bias 1.50" in eval_run.answering_line(res)
         ((token, bias),) = seen["cfg"].first_token_bias
         assert bias == -1.5 and seen["plain"].first_token_bias == ()
+        assert res["answering"]["reply_ngram"] == seen["cfg"].reply_no_repeat_ngram_size == 7
         res = evaluate(setup["model"], setup["root"] / "out-sets4", questions=qs, docs=[setup["docs"]],
-                       second_turn=0, verbose=False, refusal_bias=0.0)
+                       second_turn=0, verbose=False, refusal_bias=0.0, reply_ngram=0)
         assert res["answering"]["refusal_bias"] == 0.0 and seen["cfg"].first_token_bias == ()
+        assert res["answering"]["reply_ngram"] == seen["cfg"].reply_no_repeat_ngram_size == 0
     finally:
         (setup["model"] / "answer.json").unlink()

@@ -126,7 +126,7 @@ def test_grounded_answers_carry_their_sources(grounded):
 
 
 def test_the_refusal_bias_reaches_grounded_decoding(grounded, monkeypatch):
-    """`serve` hands the answer settings' refusal bias to a grounded reply's generation."""
+    """`serve` hands the answer settings' refusal bias and loop guard to a grounded reply's generation."""
     submitted = []
     real = grounded.assistant.scheduler.submit
 
@@ -135,8 +135,12 @@ def test_the_refusal_bias_reaches_grounded_decoding(grounded, monkeypatch):
         return real(ids, cfg, on_event)
     monkeypatch.setattr(grounded.assistant.scheduler, "submit", spy)
     monkeypatch.setattr(grounded.assistant, "refusal_bias", ((5, -0.75),))
+    monkeypatch.setattr(grounded.assistant, "reply_ngram", 24)
     client(grounded).chat.completions.create(**ask("How do I reset my password?", max_tokens=4))
     assert submitted and submitted[-1].first_token_bias == ((5, -0.75),)
+    # The answer settings' loop guard too, and the citation may only spell a passage it was given.
+    assert submitted[-1].reply_no_repeat_ngram_size == 24
+    assert submitted[-1].cite_names and all(n.startswith("docs/") for n in submitted[-1].cite_names)
 
 
 # ------------------------------------------------------------------------------------ feedback

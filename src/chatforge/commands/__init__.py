@@ -115,11 +115,15 @@ def add_config(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...]
         target.add_argument(f.flag, **kw)
 
 
-def add_refusal_bias(parser: argparse.ArgumentParser) -> None:
-    """`--refusal-bias`, which chat, serve and eval take over the model's answer settings."""
+def add_answer_overrides(parser: argparse.ArgumentParser) -> None:
+    """`--refusal-bias` and `--reply-ngram`, which chat, serve and eval take over the model's
+    answer settings (`infer.answer.AnswerSettings`)."""
     parser.add_argument("--refusal-bias", type=float, default=None, metavar="LOGITS",
                         help="logits taken from the not-found reply's first token when a grounded answer starts "
                              "(default: the model's answer settings, fitted by SFT; 0 = off, more = fewer refusals)")
+    parser.add_argument("--reply-ngram", type=int, default=None, metavar="TOKENS",
+                        help="a reply may repeat a run of this many tokens only as often as its prompt holds it, "
+                             "which ends loops (default: the model's answer settings, 24; 0 = off)")
 
 
 def add_retrieval(parser: argparse.ArgumentParser) -> None:

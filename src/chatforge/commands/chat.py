@@ -12,7 +12,7 @@ import os
 import sys
 from typing import TextIO
 
-from chatforge.commands import add_refusal_bias, add_retrieval, leaf
+from chatforge.commands import add_answer_overrides, add_retrieval, leaf
 from chatforge.data.feedback import FeedbackStore
 from chatforge.errors import ChatforgeError
 from chatforge.infer.answer import AnswerSettings
@@ -39,7 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passages", type=int, default=None,
                         help="passages retrieved per question with --docs (default: the model's answer settings, "
                              "answer.json, as SFT trained it; else 3)")
-    add_refusal_bias(parser)
+    add_answer_overrides(parser)
     add_retrieval(parser)
     parser.add_argument("--index-cache", metavar="DIR", default=None,
                         help="where the passage index is cached "
@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     blocked = load_blocked_terms(args.blocked_terms) if args.blocked_terms else []
     guard = ReplyFilter(blocked, action=args.blocked_action, refusal=args.refusal)
 
-    settings = AnswerSettings.load(args.model).replace(passages=args.passages, refusal_bias=args.refusal_bias)
+    settings = AnswerSettings.load(args.model).replace(passages=args.passages, refusal_bias=args.refusal_bias,
+                                                       reply_no_repeat_ngram_size=args.reply_ngram)
     strategy = args.strategy or ("sample" if args.temperature else None)
     if args.temperature == 0 and args.strategy is None:
         strategy = "greedy"

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from chatforge.commands import add_refusal_bias, add_retrieval, leaf
+from chatforge.commands import add_answer_overrides, add_retrieval, leaf
 from chatforge.errors import ChatforgeError
 from chatforge.eval.evaluate import evaluate
 
@@ -48,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "and the report")
     parser.add_argument("--quant", choices=["int8", "int4"], default=None,
                         help="evaluate the model with weight-only 8- or 4-bit linear layers")
-    add_refusal_bias(parser)
+    add_answer_overrides(parser)
     parser.add_argument("--second-turn", type=int, default=10, metavar="N",
                         help="with retrieval: also ask the first N questions as a conversation's second turn, "
                              "after an earlier question and the model's answer to it (0 = off)")
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, k=args.k,
              index_cache=args.index_cache, max_ppl_batches=args.max_ppl_batches, context_tokens=args.context_tokens,
              feedback_db=args.feedback_db, quant=args.quant, second_turn=args.second_turn, min_score=args.min_score,
-             refusal_bias=args.refusal_bias,
+             refusal_bias=args.refusal_bias, reply_ngram=args.reply_ngram,
              bare=not args.skip_bare, retrieval_mode=args.retrieval, embedding_model=args.embedding_model)
     sys.stdout.flush()
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from chatforge.commands import add_refusal_bias, add_retrieval, leaf
+from chatforge.commands import add_answer_overrides, add_retrieval, leaf
 from chatforge.commands.chat import add_plugin_options
 from chatforge.infer.safety import ACTIONS, DEFAULT_REFUSAL
 from chatforge.serve.command import run
@@ -87,7 +87,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="longest user message in characters; longer ones get a 400 (the page shows a counter)")
     parser.add_argument("--passages", type=int, default=None,
                         help="passages retrieved per question with --docs (default: the answer settings', else 3)")
-    add_refusal_bias(parser)
+    add_answer_overrides(parser)
     parser.add_argument("--index-cache", metavar="DIR", default=None, help="where the passage index is cached")
     add_retrieval(parser)
     parser.add_argument("--threads", type=int, default=None,

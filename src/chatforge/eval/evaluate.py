@@ -242,15 +242,16 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
              feedback_db: str | Path | None = None, quant: str | None = None, second_turn: int = 10,
              min_score: float | None = None, bare: bool = True, verbose: bool = True,
              retrieval_mode: str = "auto", embedding_model: str | None = None,
-             refusal_bias: float | None = None) -> dict:
+             refusal_bias: float | None = None, reply_ngram: int | None = None) -> dict:
     """Evaluate a model folder; write eval.json, examples.jsonl and report.html into `out_dir`.
 
     `bare=False` skips the no-retrieval baseline (the model answering without passages).
-    `k`, `max_new_tokens`, `context_tokens`, `min_score` and `refusal_bias` default to the model's answer settings
+    `k`, `max_new_tokens`, `context_tokens`, `min_score`, `refusal_bias` and `reply_ngram` (its
+    `reply_no_repeat_ngram_size`) default to the model's answer settings
     (`infer.answer`, MODEL/answer.json), as chat and serve use them.
     Returns the eval.json dict. See the module docstring for what is measured.
     """
-    settings = AnswerSettings.load(model_dir).replace(refusal_bias=refusal_bias)
+    settings = AnswerSettings.load(model_dir).replace(refusal_bias=refusal_bias, reply_no_repeat_ngram_size=reply_ngram)
     k = settings.passages if k is None else k
     max_new_tokens = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
     context_tokens = settings.context_tokens if context_tokens is None else context_tokens
@@ -332,6 +333,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
                 in_context = [g is not None and any(key in g for key in r[:k]) for r, g in zip(retrieved, gold)]
                 results["answering"] = {**_refusals(qs, answers, in_context), "min_score": min_score,
                                         "refusal_bias": settings.refusal_bias,
+                                        "reply_ngram": settings.reply_no_repeat_ngram_size,
                                         "model_alone": _refusals(qs, raw, in_context),
                                         **_citations(raw, answers, hits, k)}
                 for e, a, r, g, prompt in zip(examples, answers, raw, given, grounded):

@@ -77,6 +77,11 @@ class AnswerSettings:
     min_score: float = 0.0              # best retrieval score below which the reply is a refusal (0 = off)
     retrieval: str = "bm25"             # the retrieval mode min_score was fitted on (scores differ by mode)
     refusal_bias: float = 0.0           # logits taken from the not-found reply's first token at the answer's start
+    # A reply may repeat a run of this many tokens only as often as its prompt holds it (0 = off):
+    # it ends loops ("... with the system credential.helper configuration. Most systems ... with
+    # the system credential.helper ...") and lets a copied passage's own repeats through. 24 was
+    # chosen on the demo's validation Q&A: 12 and 16 cut legitimate repeats in copied code.
+    reply_no_repeat_ngram_size: int = 24
     # The embedding model dense/hybrid retrieval uses with this model (the continual-learning
     # round records the retriever it trained): a folder relative to the model folder, an absolute
     # folder, or a fetched source name; None = the default (all-minilm-l6-v2).
@@ -89,6 +94,9 @@ class AnswerSettings:
             raise ChatforgeError(f"answer settings: passages must be at least 1, got {self.passages}")
         if self.strategy not in ("greedy", "sample", "beam"):
             raise ChatforgeError(f"answer settings: strategy must be greedy, sample or beam, got {self.strategy!r}")
+        if not (isinstance(self.reply_no_repeat_ngram_size, int) and self.reply_no_repeat_ngram_size >= 0):
+            raise ChatforgeError("answer settings: reply_no_repeat_ngram_size must be a whole number of tokens, "
+                                 f"0 (off) or more, got {self.reply_no_repeat_ngram_size!r}")
         if self.max_new_tokens < 1 or self.min_score < 0 or self.repetition_penalty <= 0:
             raise ChatforgeError("answer settings: max_new_tokens must be at least 1, min_score at least 0 "
                                  "and repetition_penalty above 0")
@@ -155,7 +163,8 @@ class AnswerSettings:
     def generation(self, **overrides):
         """The `GenerationConfig` these settings mean (`overrides` win; None ignored)."""
         cfg = {"strategy": self.strategy, "max_new_tokens": self.max_new_tokens,
-               "repetition_penalty": self.repetition_penalty}
+               "repetition_penalty": self.repetition_penalty,
+               "reply_no_repeat_ngram_size": self.reply_no_repeat_ngram_size}
         cfg.update({k: v for k, v in overrides.items() if v is not None})
         if cfg["strategy"] == "sample":      # the settings' temperature and top-p, unless told otherwise
             cfg = {"temperature": self.temperature, "top_p": self.top_p, **cfg}

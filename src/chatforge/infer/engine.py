@@ -76,6 +76,10 @@ class GenerationConfig:
     # The names a "(source:" in the reply may go on with: the given passages' (a grounded prompt's,
     # `infer.turn.Prompt.generation`); () = any text. See `sampling.CitationConstraint`.
     cite_names: tuple[str, ...] = ()
+    # A token that would repeat an n-gram of the reply itself is banned; the prompt does not count,
+    # so a grounded reply may still copy its passages (HF's no_repeat_ngram_size, over prompt and
+    # reply, forbids exactly that). 0 = off.
+    reply_no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
         self.stop_strings = tuple(self.stop_strings or ())
@@ -122,6 +126,8 @@ class GenerationConfig:
         need(all(len(pair) == 2 and isinstance(pair[0], int) and pair[0] >= 0
                  and isinstance(pair[1], (int, float)) and math.isfinite(pair[1]) for pair in self.first_token_bias),
              f"first_token_bias must be (token id >= 0, finite bias) pairs, got {self.first_token_bias!r}")
+        need(isinstance(self.reply_no_repeat_ngram_size, int) and self.reply_no_repeat_ngram_size >= 0,
+             f"reply_no_repeat_ngram_size must be >= 0 (0 = off), got {self.reply_no_repeat_ngram_size}")
         need(all(isinstance(n, str) and n.strip() and "\n" not in n for n in self.cite_names),
              f"cite_names must be non-empty one-line names, got {self.cite_names!r}")
         for pattern in self.stop_after:

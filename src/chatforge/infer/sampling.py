@@ -13,6 +13,8 @@ same input), so settings carry over from HF recipes:
   presence_penalty once it was generated at all (the prompt does not count).
 - `first_token_bias` (no HF namesake; OpenAI's `logit_bias` for the first token only): the bias is
   added to those tokens' logits when the first token is chosen, before the penalties.
+- `reply_no_repeat_ngram_size` (no HF namesake): `no_repeat_ngram` over the reply alone, where an
+  n-gram may come as often as the prompt holds it (`ReplyNgrams`).
 - `cite_names` (no HF namesake; a constraint like llama.cpp's grammars, for one pattern): once the
   reply has written "(source:", only tokens that keep it on the way to " NAME)" for one of the
   names are allowed (`CitationConstraint`).
@@ -94,13 +96,15 @@ class LogitsPipeline:
             self.counts = torch.zeros(len(histories), vocab_size, device=device)
         self.first_bias = tuple(getattr(cfg, "first_token_bias", ()) or ())
         self.steps = 0                                               # tokens appended so far
+        self.reply_ngram = getattr(cfg, "reply_no_repeat_ngram_size", 0)
+        self.replies = [ReplyNgrams(h, self.reply_ngram) for h in histories] if self.reply_ngram else None
         self.cites = None
         if getattr(cfg, "cite_names", ()):
             if tokenizer is None:
                 raise ValueError("cite_names needs the tokenizer (token ids -> text)")
             self.cites = [CitationConstraint(tokenizer, cfg.cite_names) for _ in histories]
         self.active = (self.seen is not None or bool(self.ngram) or self.counts is not None or bool(self.first_bias)
-                       or self.cites is not None)
+                       or self.cites is not None or self.replies is not None)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.active:
@@ -120,6 +124,11 @@ class LogitsPipeline:
         if self.counts is not None:
             logits = logits - self.counts * self.cfg.frequency_penalty \
                 - (self.counts > 0).to(logits.dtype) * self.cfg.presence_penalty
+        if self.replies is not None:
+            for r, reply in enumerate(self.replies):
+                banned = reply.banned()
+                if banned:
+                    logits[r, banned] = NEG_INF
         if self.cites is not None:
             for r, cite in enumerate(self.cites):
                 allowed, banned = cite.allowed(), cite.banned()
@@ -155,6 +164,10 @@ class LogitsPipeline:
         if self.counts is not None:
             live = torch.tensor([not d for d in done], dtype=self.counts.dtype, device=self.counts.device)
             self.counts.scatter_add_(1, torch.tensor(tokens, device=self.counts.device).unsqueeze(1), live.unsqueeze(1))
+        if self.replies is not None:
+            for reply, t, d in zip(self.replies, tokens, done):
+                if not d:
+                    reply.push(t)
         if self.cites is not None:
             for cite, t, d in zip(self.cites, tokens, done):
                 if not d:
@@ -173,10 +186,50 @@ class LogitsPipeline:
         if self.histories is not None:
             src = rows.tolist()
             self.histories = [self.histories[s] + [t] for s, t in zip(src, tokens)]
+        if self.replies is not None:
+            self.replies = [self.replies[s].copy() for s in rows.tolist()]
+            for reply, t in zip(self.replies, tokens):
+                reply.push(t)
         if self.cites is not None:
             self.cites = [self.cites[s].copy() for s in rows.tolist()]
             for cite, t in zip(self.cites, tokens):
                 cite.push(t)
+
+
+class ReplyNgrams:
+    """One row's `reply_no_repeat_ngram_size`: a token is banned when the n-gram it completes is in
+    the reply already as often as in the prompt (at least once). A grounded reply copies its
+    passages, repeated lines and all; a reply that loops over its own words ("... integrate with
+    the system credential.helper configuration. Most systems provide ... integrate with the
+    system credential.helper ...", the demo assistant on the unseen git FAQ) is stopped at the
+    second turn of the loop."""
+
+    def __init__(self, prompt: Sequence[int], n: int):
+        self.n, self.reply = n, []
+        self.prompt: dict[tuple[int, ...], dict[int, int]] = {}
+        for i in range(len(prompt) - n + 1):
+            nxt = self.prompt.setdefault(tuple(prompt[i:i + n - 1]), {})
+            nxt[prompt[i + n - 1]] = nxt.get(prompt[i + n - 1], 0) + 1
+        self.seen: dict[tuple[int, ...], dict[int, int]] = {}
+
+    def copy(self) -> ReplyNgrams:
+        other = object.__new__(ReplyNgrams)
+        other.n, other.prompt, other.reply = self.n, self.prompt, list(self.reply)
+        other.seen = {k: dict(v) for k, v in self.seen.items()}
+        return other
+
+    def push(self, token: int) -> None:
+        self.reply.append(token)
+        if len(self.reply) >= self.n:
+            nxt = self.seen.setdefault(tuple(self.reply[-self.n:-1]), {})
+            nxt[token] = nxt.get(token, 0) + 1
+
+    def banned(self) -> list[int]:
+        if len(self.reply) < self.n - 1:
+            return []
+        prefix = tuple(self.reply[len(self.reply) - self.n + 1:])
+        allowed = self.prompt.get(prefix, {})
+        return [t for t, c in self.seen.get(prefix, {}).items() if c >= allowed.get(t, 0)]
 
 
 class TokenPieces:
@@ -185,10 +238,10 @@ class TokenPieces:
     another token ("a" + id, minus "a"): decoded alone, a SentencePiece-style token loses its
     leading space. Built once per tokenizer (`of`); a 49k vocabulary takes about a second."""
 
-    _made: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    _made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
-    def of(cls, tokenizer) -> "TokenPieces":
+    def of(cls, tokenizer) -> TokenPieces:
         if tokenizer not in cls._made:
             cls._made[tokenizer] = cls(tokenizer)
         return cls._made[tokenizer]
@@ -246,7 +299,7 @@ class CitationConstraint:
         self.written: str | None = None     # the citation since the trigger; None outside one
         self.opening: str | None = ""       # the reply so far while it may still open a citation
 
-    def copy(self) -> "CitationConstraint":
+    def copy(self) -> CitationConstraint:
         other = object.__new__(CitationConstraint)
         other.__dict__.update(self.__dict__)
         return other

@@ -97,6 +97,7 @@ class Assistant:
     context_tokens: int | None = None              # passages' token budget (the answer settings: SFT's)
     min_score: float = 0.0                         # retrieval score below which the reply is not-found (0 = off)
     refusal_bias: tuple = ()                       # first-token bias of grounded replies (the answer settings')
+    reply_ngram: int = 0                           # the answer settings' reply_no_repeat_ngram_size (0 = off)
 
     def __post_init__(self):
         if self.tools is None and self.index is not None:
@@ -203,7 +204,7 @@ def _generation(req: oa._Sampling, max_tokens: int | None, assistant: Assistant)
             strategy="greedy" if temperature == 0 else "sample", temperature=temperature or 1.0,
             top_p=req.top_p or 1.0, max_new_tokens=max_tokens or assistant.default_max_tokens,
             stop_strings=tuple(stop), seed=req.seed, frequency_penalty=req.frequency_penalty or 0.0,
-            presence_penalty=req.presence_penalty or 0.0)
+            presence_penalty=req.presence_penalty or 0.0, reply_no_repeat_ngram_size=assistant.reply_ngram)
     except ChatforgeError as e:            # a value the checks above let through (e.g. NaN)
         raise oa.ApiError(400, str(e)) from None
 

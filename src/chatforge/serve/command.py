@@ -122,7 +122,8 @@ def run(args: Any) -> int:
     if not args.model:
         raise ChatforgeError("--model is required: the folder of a trained model (the output of sft)")
 
-    settings = AnswerSettings.load(args.model).replace(refusal_bias=getattr(args, "refusal_bias", None))
+    settings = AnswerSettings.load(args.model).replace(refusal_bias=getattr(args, "refusal_bias", None),
+                                                       reply_no_repeat_ngram_size=getattr(args, "reply_ngram", None))
     args.passages = settings.passages if args.passages is None else args.passages
     if args.max_tokens is None:
         args.max_tokens = min(settings.max_new_tokens, args.max_tokens_limit)
@@ -212,7 +213,8 @@ def run(args: Any) -> int:
                           context_tokens=settings.context_tokens,
                           min_score=settings.threshold(getattr(index, "mode", None)),
                           refusal_bias=(settings.refusal_logit_bias(tokenizer) if index is not None and not args.upstream
-                                        else ()))   # an upstream engine takes no first-token bias
+                                        else ()),   # an upstream engine takes no first-token bias
+                          reply_ngram=0 if args.upstream else settings.reply_no_repeat_ngram_size)
     allowed_hosts = None
     if _is_loopback(args.host) and not api_key:
         # Keyless on loopback: only a page the user opened by a loopback name may call it.
