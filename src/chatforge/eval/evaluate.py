@@ -221,7 +221,6 @@ class Answerer:
             self.seen.update((tuple(prompts[i]), replies[i]) for i in todo)
         return replies
 
-
     @staticmethod
     def _for(cfg, conversation: list[dict]):
         names = tuple(context_sources(conversation[-1]["content"]))

@@ -437,8 +437,6 @@ class Engine:
     def logits_pipeline(self, cfg: GenerationConfig, histories: list[list[int]], for_beam: bool) -> LogitsPipeline:
         """The logits processors `cfg` asks for, one row per history (a citation constraint needs
         the engine's tokenizer)."""
-        if cfg.cite_names and self.tokenizer is None:
-            raise ChatforgeError("cite_names needs a tokenizer: pass one to Engine(model, tokenizer)")
         return LogitsPipeline(cfg, histories, self.config.vocab_size, self.device, for_beam, self.tokenizer)
 
     def stop_matcher(self, cfg: GenerationConfig) -> StopStrings | None:
