@@ -281,7 +281,8 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
         model = quantize_model(model, quant)
     ctx = model.config.max_seq_len
     results: dict[str, Any] = {"model": str(model_dir), "quantization": quant, "questions": len(qs),
-                               "retrieval": bool(index is not None and retrieval), "perplexity": None}
+                               "retrieval": bool(index is not None and retrieval),
+                               "embedding_model": getattr(index, "embedding_model", None), "perplexity": None}
     if data_dir is not None:
         # Windows of at most PPL_SEQ_LEN: a pretrained model's 8k context would cost minutes per batch.
         n = seq_len or min(ctx, PPL_SEQ_LEN)

@@ -45,7 +45,8 @@ import torch
 from chatforge.errors import ChatforgeError
 from chatforge.options import option
 from chatforge.retrieval.dense import DenseIndex, cache_folder, default_batch_size
-from chatforge.retrieval.embed import DEFAULT_MAX_TOKENS, Embedder, resolve_model
+from chatforge.retrieval.embed import (DEFAULT_MAX_TOKENS, DEFAULT_MODEL, LARGE_MODEL_MAX_PASSAGES, Embedder,
+                                       default_model, resolve_model)
 from chatforge.retrieval.index import PassageIndex, _resolved, default_cache_dir
 from chatforge.retrieval.passages import Passage
 
@@ -102,6 +103,12 @@ class Retriever:
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def embedding_model(self) -> str | None:
+        """The name of the embedding model's folder (None without the dense index)."""
+        folder = getattr(getattr(self.dense, "embedder", None), "folder", None)
+        return Path(folder).name if folder is not None else None
+
     def _queries(self, query: str, history: Sequence[str]) -> tuple[list[str], list[float]]:
         earlier = [h for h in history if h and h.strip()]
         if earlier and self.history_weight > 0:
@@ -149,8 +156,9 @@ def load_retriever(paths: Sequence[str | os.PathLike], cache_dir: str | os.PathL
                    history_weight: float = HISTORY_WEIGHT, max_tokens: int | None = None,
                    threads: int | None = None) -> Retriever:
     """The passage index of `paths` (cached, `PassageIndex.load_or_build`) searched in `mode`;
-    for "dense" and "hybrid" with the embedding `model` (a folder or a fetched source name,
-    default all-minilm-l6-v2), its passage vectors cached beside the index."""
+    for "dense" and "hybrid" with the embedding `model` (a folder or a fetched source name;
+    default `embed.default_model`: all-mpnet-base-v2 for up to 2,000 passages when fetched, else
+    all-minilm-l6-v2), its passage vectors cached beside the index."""
     if mode == "auto":
         mode = auto_mode(model)
     if mode not in MODES:
@@ -161,6 +169,11 @@ def load_retriever(paths: Sequence[str | os.PathLike], cache_dir: str | os.PathL
 
     if threads:
         torch.set_num_threads(threads)
+    if model is None:
+        model = default_model(len(index))
+        if model != DEFAULT_MODEL:
+            print(f"dense retrieval: {model} for {len(index):,} passages (at most {LARGE_MODEL_MAX_PASSAGES:,}; "
+                  f"{DEFAULT_MODEL} above; --embedding-model to choose)", file=sys.stderr)
     embedder = Embedder.load(model, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     resolved = _resolved(paths)
@@ -194,7 +207,8 @@ class RetrievalOptions:
     embedding_model: str | None = option(None, "embedding model for dense/hybrid retrieval: a model folder (e.g. "
                                                "one `chatforge retriever train` wrote) or a fetched source; default: "
                                                "the one the model's answer.json names (a retriever the "
-                                               "continual-learning round kept), else all-minilm-l6-v2",
+                                               "continual-learning round kept), else all-mpnet-base-v2 for up to "
+                                               "2,000 passages when fetched, all-minilm-l6-v2 beyond",
                                          metavar="NAME|DIR")
 
 

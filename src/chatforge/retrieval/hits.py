@@ -6,7 +6,8 @@
 
 A question's `source` (a string or a list of them) names its gold: a passage as retrieval cites
 it ("DOC > TITLE > SECTION", the evaluation sets in evalsets/ do so), or a document id (any
-passage of the document counts, as `eval.evaluate._gold_docs` scores). A source naming nothing
+passage of the document counts, as `eval.evaluate._gold_docs` scores; with a "section", as the
+manual's questions give, any passage of that section). A source naming nothing
 indexed leaves the question out. Follow-ups (`history`) are searched with their earlier user
 turns, and, for comparison, with the last message alone (`last_message_only`).
 """
@@ -20,8 +21,9 @@ from chatforge import files
 from chatforge.errors import ChatforgeError
 
 
-def gold_ids(index: Any, source: str | Sequence[str] | None) -> set[int] | None:
-    """The ids of the passages `source` names (see the module docstring), None when none."""
+def gold_ids(index: Any, source: str | Sequence[str] | None, section: str | None = None) -> set[int] | None:
+    """The ids of the passages `source` names (see the module docstring), None when none; with a
+    `section` (a manual's questions name one), only its passages of those."""
     if not source:
         return None
     names = [source] if isinstance(source, str) else list(source)
@@ -44,6 +46,8 @@ def gold_ids(index: Any, source: str | Sequence[str] | None) -> set[int] | None:
             out.update(i for d in docs for i in by_name.get(f"{d} > {rest}", ()))
         else:
             out.update(p.id for d in docs for p in index.doc_passages(d))
+    if section:
+        out = {i for i in out if index.passages[i].section.strip().lower() == section.strip().lower()}
     return out or None
 
 
@@ -59,7 +63,7 @@ def retrieval_hits(retriever: Any, questions: Sequence[dict], modes: Sequence[st
     returns them). With `last_message_only`, follow-ups are searched without their history.
     """
     out: dict[str, dict] = {}
-    golds = [gold_ids(retriever, q.get("source")) for q in questions]
+    golds = [gold_ids(retriever, q.get("source"), q.get("section")) for q in questions]
     scored = [(q, g) for q, g in zip(questions, golds) if g]
     for mode in modes:
         counts = {k: 0 for k in ks}
@@ -96,7 +100,8 @@ def load_questions(path: str | Path) -> list[dict]:
         if not isinstance(obj, dict):
             raise ChatforgeError(f"{path}:{lineno}: expected a JSON object")
         if isinstance(obj.get("question"), str):
-            out.append({"question": obj["question"], "source": obj.get("source"), "history": obj.get("history") or []})
+            out.append({"question": obj["question"], "source": obj.get("source"), "history": obj.get("history") or [],
+                        "section": obj.get("section"), "style": obj.get("style")})
         elif isinstance(obj.get("messages"), list):
             users = [m for m in obj["messages"] if isinstance(m, dict) and m.get("role") == "user"]
             if users and isinstance(users[0].get("content"), str):
