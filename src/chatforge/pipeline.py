@@ -269,8 +269,11 @@ def run_pipeline(run_command: RunCommand, options: PipelineOptions | None = None
     if not opts.only_input:
         wanted += [d for s in evalsets for d in s.get("docs", []) if d in SOURCES and d not in wanted]
     wanted += [model_source] if model_source else []
-    # The embedding model of dense retrieval (every retrieving stage's --retrieval auto uses it).
-    wanted += [] if opts.only_input or cfg.get("embedding_model") is False else ["all-minilm-l6-v2"]
+    # The embedding models of dense retrieval (every retrieving stage's --retrieval auto uses them):
+    # all-mpnet-base-v2 for a document set of up to 2,000 passages, all-MiniLM-L6-v2 beyond
+    # (`retrieval.embed.default_model`).
+    wanted += [] if opts.only_input or cfg.get("embedding_model") is False else ["all-minilm-l6-v2",
+                                                                                  "all-mpnet-base-v2"]
     if wanted:
         runner.stage("fetch", ["data", "fetch", "--cache", cache, "--sources", ",".join(wanted),
                                *to_flags(settings["fetch"])], Path(cache), always=True)

