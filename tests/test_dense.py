@@ -314,9 +314,11 @@ def retriever_data(tmp_path: Path) -> tuple[Path, Path]:
     return docs, data
 
 
-def test_retriever_train_moves_the_encoder(tmp_path: Path, model: Path):
+@pytest.mark.parametrize("model_type", ["bert", "mpnet"])
+def test_retriever_train_moves_the_encoder(tmp_path: Path, model_type: str):
     from chatforge.train.retriever import run_retriever
 
+    model = tiny_model(tmp_path / "tiny-embed", WORDS, model_type=model_type)
     docs, data = retriever_data(tmp_path)
     out = tmp_path / "retriever"
     before = Embedder.load(model, precision="fp32").encode(["How do I get my money back?"])
@@ -327,6 +329,7 @@ def test_retriever_train_moves_the_encoder(tmp_path: Path, model: Path):
     assert report["steps"] == 4 and "qa_val" in report["before"] and "qa_val" in report["after"]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert json.loads((out / "retriever.json").read_text())["pairs"] == report["pairs"]
+    assert json.loads((out / "config.json").read_text())["model_type"] == model_type
 
 
 def test_retriever_train_command(tmp_path: Path, model: Path, capsys):

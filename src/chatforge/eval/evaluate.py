@@ -542,7 +542,7 @@ def mode_hits(index, qs: list[dict]) -> dict:
     """Passage-level hit@1/hit@3 (`retrieval.hits`) of the retrieval mode in use with BM25 alone beside;
     for questions with earlier turns also with the last message alone (what follow-ups gain)."""
     modes = list(dict.fromkeys(["bm25", getattr(index, "mode", "bm25")]))
-    out = {"modes": retrieval_hits(index, qs, modes)}
+    out = {"modes": retrieval_hits(index, qs, modes), "embedding_model": getattr(index, "embedding_model", None)}
     if any(q["history"] for q in qs):
         out["last_message_only"] = retrieval_hits(index, qs, modes, last_message_only=True)
     return out
@@ -550,7 +550,8 @@ def mode_hits(index, qs: list[dict]) -> dict:
 
 def mode_hits_text(hits: dict) -> str:
     """eval.json's "retrieval_hits" as lines of text (printed by `eval` and the pipeline)."""
-    lines = [hits_table(hits["modes"], "retrieval (passages)")]
+    model = hits.get("embedding_model")
+    lines = [hits_table(hits["modes"], f"retrieval (passages{', ' + model if model else ''})")]
     if hits.get("last_message_only"):
         lines.append(hits_table(hits["last_message_only"], "last message only"))
     return "\n".join(lines)
