@@ -14,7 +14,6 @@ Hit@k is on passages (`retrieval.hits`). The pipeline prints these rows at the e
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +57,8 @@ def customer_rows(cache: Path, out_dir: Path | None = None, model: str | None = 
     return "\n".join(lines) if lines else None
 
 
-def main(argv: list[str] | None = None) -> None:     # python -m chatforge.eval.customer: the rows alone
-    ap = argparse.ArgumentParser(prog="python -m chatforge.eval.customer",
-                                 description="hit@k of BM25, dense and hybrid retrieval on the hand-written sets")
-    ap.add_argument("--embedding-model", default=None, metavar="NAME|DIR",
-                    help="embedding model (default: the size rule's, `retrieval.embed.default_model`)")
-    args = ap.parse_args(argv)
-    print(customer_rows(files.cache_dir(), model=args.embedding_model) or "evalsets/ or the fetched git-faq is missing")
-
+def main() -> None:     # python -m chatforge.eval.customer: the rows alone
+    print(customer_rows(files.cache_dir()) or "evalsets/ or the fetched git-faq is missing")
 
 if __name__ == "__main__":
     main()
