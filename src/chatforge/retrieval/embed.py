@@ -180,7 +180,15 @@ class _LayerList(nn.Module):
         self.layer = nn.ModuleList(_Layer(c) for _ in range(c.num_hidden_layers))
 
 
-class BertEncoder(nn.Module):
+class _SentenceEncoder(nn.Module):
+    """An encoder whose sentence vector is the mean of its token states (both models here)."""
+
+    def embed(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit-length sentence vectors (B, C): the mean of the real tokens' states."""
+        return mean_pool(self(ids, attention_mask), attention_mask)
+
+
+class BertEncoder(_SentenceEncoder):
     """BERT without its pooler; parameter names equal HF `BertModel`'s."""
 
     def __init__(self, config: EncoderConfig):
@@ -196,10 +204,6 @@ class BertEncoder(nn.Module):
         for layer in self.encoder.layer:
             x = layer(x, mask)
         return x
-
-    def embed(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unit-length sentence vectors (B, C): the mean of the real tokens' states."""
-        return mean_pool(self(ids, attention_mask), attention_mask)
 
 
 class _MPNetSelfAttention(nn.Module):
@@ -272,7 +276,7 @@ def relative_buckets(T: int, buckets: int = 32, max_distance: int = 128) -> torc
     return out + torch.where(n < exact, n, large.clamp(max=half - 1))
 
 
-class MPNetEncoder(nn.Module):
+class MPNetEncoder(_SentenceEncoder):
     """MPNet without its pooler; parameter names equal HF `MPNetModel`'s."""
 
     def __init__(self, config: EncoderConfig):
@@ -293,10 +297,6 @@ class MPNetEncoder(nn.Module):
         for layer in self.encoder.layer:
             x = layer(x, bias)
         return x
-
-    def embed(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unit-length sentence vectors (B, C): the mean of the real tokens' states."""
-        return mean_pool(self(ids, attention_mask), attention_mask)
 
 
 ENCODERS = {"bert": BertEncoder, "mpnet": MPNetEncoder}
