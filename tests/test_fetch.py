@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import zipfile
 import os
 import shutil
 import subprocess
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
