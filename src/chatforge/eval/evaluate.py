@@ -376,7 +376,7 @@ def evaluate(model_dir: str | Path, out_dir: str | Path, questions: str | Path |
     if verbose:
         print(format_table(results))
         if results.get("retrieval_hits"):
-            print(mode_hits_text(results["retrieval_hits"]))
+            print(mode_hits_text(results["retrieval_hits"], results["embedding_model"]))
         if results.get("second_turn"):
             print(second_turn_line(results["second_turn"]))
         if answering_line(results):
@@ -542,15 +542,15 @@ def mode_hits(index, qs: list[dict]) -> dict:
     """Passage-level hit@1/hit@3 (`retrieval.hits`) of the retrieval mode in use with BM25 alone beside;
     for questions with earlier turns also with the last message alone (what follow-ups gain)."""
     modes = list(dict.fromkeys(["bm25", getattr(index, "mode", "bm25")]))
-    out = {"modes": retrieval_hits(index, qs, modes), "embedding_model": getattr(index, "embedding_model", None)}
+    out = {"modes": retrieval_hits(index, qs, modes)}
     if any(q["history"] for q in qs):
         out["last_message_only"] = retrieval_hits(index, qs, modes, last_message_only=True)
     return out
 
 
-def mode_hits_text(hits: dict) -> str:
-    """eval.json's "retrieval_hits" as lines of text (printed by `eval` and the pipeline)."""
-    model = hits.get("embedding_model")
+def mode_hits_text(hits: dict, model: str | None = None) -> str:
+    """eval.json's "retrieval_hits" as lines of text (printed by `eval`); `model`: the embedding
+    model, named in the title."""
     lines = [hits_table(hits["modes"], f"retrieval (passages{', ' + model if model else ''})")]
     if hits.get("last_message_only"):
         lines.append(hits_table(hits["last_message_only"], "last message only"))

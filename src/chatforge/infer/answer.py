@@ -84,7 +84,8 @@ class AnswerSettings:
     reply_no_repeat_ngram_size: int = 24
     # The embedding model dense/hybrid retrieval uses with this model (the continual-learning
     # round records the retriever it trained): a folder relative to the model folder, an absolute
-    # folder, or a fetched source name; None = the default (all-minilm-l6-v2).
+    # folder, or a fetched source name; None = the default (`retrieval.embed.default_model`:
+    # all-mpnet-base-v2 up to 2,000 passages when fetched, else all-minilm-l6-v2).
     embedding_model: str | None = None
 
     def __post_init__(self) -> None:

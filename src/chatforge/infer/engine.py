@@ -76,9 +76,9 @@ class GenerationConfig:
     # The names a "(source:" in the reply may go on with: the given passages' (a grounded prompt's,
     # `infer.turn.Prompt.generation`); () = any text. See `sampling.CitationConstraint`.
     cite_names: tuple[str, ...] = ()
-    # A token that would repeat an n-gram of the reply itself is banned; the prompt does not count,
-    # so a grounded reply may still copy its passages (HF's no_repeat_ngram_size, over prompt and
-    # reply, forbids exactly that). 0 = off.
+    # A token is banned when the n-gram it completes is already in the reply as often as the prompt
+    # holds it (at least once), so a grounded reply may still copy its passages, their repeats
+    # included (HF's no_repeat_ngram_size, over prompt and reply, forbids exactly that). 0 = off.
     reply_no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
